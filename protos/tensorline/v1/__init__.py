@@ -1,0 +1,9 @@
+"""Generated protocol buffers and gRPC stubs of the tensorline v1 wire protocol.
+
+The modules beside this file are generated from ``tensorline.proto`` by ``grpc_tools.protoc``
+and committed; ``tests/protos/test_stub_drift.py`` fails when they drift from the .proto source.
+Regenerate with ``python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos
+--grpc_python_out=protos protos/tensorline/v1/tensorline.proto``.
+"""
+
+PROTOCOL_VERSION = "v1"

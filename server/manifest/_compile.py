@@ -1,0 +1,274 @@
+"""Manifest validation and compilation into an ``ExecutionPlan``.
+
+Every problem is collected before anything is reported, so a user fixes a manifest in one round:
+unknown fields (with a "did you mean"), duplicate ids, unknown node types (listing the known
+ones), bad params (node id + field path), bad runtime hints, connections to missing nodes or
+ports, ports fed twice, and cycles (with the cycle path).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tensorline.server._errors import RequestInvalid, Violation
+from tensorline.server.manifest._model import (
+    CONNECTION_FIELDS,
+    MANIFEST_FIELDS,
+    NODE_FIELDS,
+    ConnectionDecl,
+    ManifestDecl,
+    NodeDecl,
+)
+from tensorline.server.manifest._plan import ExecutionPlan, NodeSpec, Source
+from tensorline.server.nodes import NodeEntry, NodeRegistry, Port, UnknownNodeType
+from tensorline.server.selector import Selector, normalize_hint
+
+
+def _loc(prefix: str, loc: Sequence[int | str]) -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _pydantic_violations(
+    prefix: str, error: ValidationError, known: Sequence[str], who: str = ""
+) -> list[Violation]:
+    out = []
+    for err in error.errors():
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden" and loc:
+            name = str(loc[-1])
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            desc = f"unknown field '{name}'{hint}"
+        else:
+            desc = err["msg"]
+        out.append(Violation(_loc(prefix, loc), f"{who}{desc}"))
+    return out
+
+
+def _validate(model: type[BaseModel], data: Any, prefix: str, known: Sequence[str],
+              out: list[Violation], who: str = "") -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        out.extend(_pydantic_violations(prefix, exc, known, who))
+        return None
+
+
+def parse_manifest_json(text: str) -> dict[str, Any]:
+    """The manifest JSON object; RequestInvalid when it is not valid JSON or not an object."""
+    if not text.strip():
+        raise RequestInvalid([Violation("manifest_json", "empty manifest")], "invalid manifest")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestInvalid(
+            [Violation("manifest_json",
+                       f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")],
+            "invalid manifest",
+        ) from None
+    if not isinstance(data, dict):
+        raise RequestInvalid(
+            [Violation("manifest_json", f"must be a JSON object, got {type(data).__name__}")],
+            "invalid manifest",
+        )
+    return data
+
+
+def compile_manifest(
+    data: Mapping[str, Any], registry: NodeRegistry, selector: Selector
+) -> ExecutionPlan:
+    """Validate a manifest completely and compile it. Raises RequestInvalid with every problem,
+    or PermissionDenied when the trust policy refuses a node's runtime hint."""
+    problems: list[Violation] = []
+    manifest = _validate(ManifestDecl, data, "", MANIFEST_FIELDS, problems)
+    if manifest is None:
+        raise RequestInvalid(problems, "invalid manifest")
+
+    decls: dict[str, tuple[int, NodeDecl, NodeEntry | None]] = {}
+    for index, raw in enumerate(manifest.nodes):
+        prefix = f"nodes[{index}]"
+        decl = _validate(NodeDecl, raw, prefix, NODE_FIELDS, problems)
+        if decl is None:
+            continue
+        if decl.id in decls:
+            first = decls[decl.id][0]
+            problems.append(Violation(f"{prefix}.id", f"duplicate node id '{decl.id}' "
+                                                      f"(first used by nodes[{first}])"))
+            continue
+        entry: NodeEntry | None = None
+        try:
+            entry = registry.get(decl.node_type)
+        except UnknownNodeType as exc:
+            problems.append(Violation(f"{prefix}.node_type", f"node '{decl.id}': {exc.message}"))
+        try:
+            normalize_hint(decl.runtime_hint)
+        except ValueError as exc:
+            problems.append(Violation(f"{prefix}.runtime_hint", f"node '{decl.id}': {exc}"))
+        decls[decl.id] = (index, decl, entry)
+
+    params: dict[str, Any] = {}
+    for node_id, (index, decl, entry) in decls.items():
+        if entry is None:
+            continue
+        model = entry.cls.Params
+        value = _validate(model, decl.params, f"nodes[{index}].params",
+                          tuple(model.model_fields), problems, who=f"node '{node_id}': ")
+        if value is not None:
+            params[node_id] = value
+
+    wiring: dict[str, dict[str, list[Source]]] = {nid: {} for nid in decls}
+    consumed: set[tuple[str, str]] = set()
+    for index, raw in enumerate(manifest.connections):
+        prefix = f"connections[{index}]"
+        conn = _validate(ConnectionDecl, raw, prefix, CONNECTION_FIELDS, problems)
+        if conn is None:
+            continue
+        ok = True
+        for side, node_id in (("from", conn.from_), ("to", conn.to)):
+            if node_id not in decls:
+                close = difflib.get_close_matches(node_id, list(decls), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(Violation(f"{prefix}.{side}", f"no node '{node_id}'{hint}"))
+                ok = False
+        if not ok:
+            continue
+        src_entry, dst_entry = decls[conn.from_][2], decls[conn.to][2]
+        if src_entry is None or dst_entry is None:
+            continue  # unknown type already reported
+        src_port = _resolve_port(src_entry.cls.outputs, conn.from_port, conn.from_, "output",
+                                 f"{prefix}.from_port", problems)
+        dst_port = _resolve_port(dst_entry.cls.inputs, conn.to_port, conn.to, "input",
+                                 f"{prefix}.to_port", problems)
+        if src_port is None or dst_port is None:
+            continue
+        sources = wiring[conn.to].setdefault(dst_port.name, [])
+        if sources and not dst_port.many:
+            problems.append(Violation(
+                prefix, f"input port '{dst_port.name}' of node '{conn.to}' is already fed by "
+                        f"'{sources[0].node_id}' and accepts one connection"))
+            continue
+        sources.append(Source(conn.from_, src_port.name))
+        consumed.add((conn.from_, src_port.name))
+
+    cycle = _find_cycle({nid: [s.node_id for srcs in ports.values() for s in srcs]
+                         for nid, ports in wiring.items()})
+    if cycle:
+        problems.append(Violation("connections", "cycle: " + " -> ".join(cycle)))
+
+    if problems:
+        raise RequestInvalid(problems, "invalid manifest")
+
+    nodes: dict[str, NodeSpec] = {}
+    for node_id, (_, decl, entry) in decls.items():
+        assert entry is not None
+        node_params = params[node_id]
+        nodes[node_id] = NodeSpec(
+            node_id=node_id,
+            entry=entry,
+            params=node_params,
+            params_key=node_params.model_dump_json(),
+            decision=selector.decide(node_id, entry, decl.runtime_hint),
+            timeout_s=decl.timeout_s or entry.cls.traits.timeout_s,
+            wiring={port: tuple(srcs) for port, srcs in wiring[node_id].items()},
+        )
+    return _build_plan(manifest, nodes, consumed)
+
+
+def _resolve_port(ports: Sequence[Port], name: str | None, node_id: str, side: str,
+                  field: str, problems: list[Violation]) -> Port | None:
+    names = [p.name for p in ports]
+    if name is None:
+        if len(ports) == 1:
+            return ports[0]
+        problems.append(Violation(field, f"node '{node_id}' has {len(ports)} {side} ports "
+                                         f"({', '.join(names) or 'none'}); name one"))
+        return None
+    for port in ports:
+        if port.name == name:
+            return port
+    problems.append(Violation(field, f"node '{node_id}' has no {side} port '{name}' "
+                                     f"({side} ports: {', '.join(names) or 'none'})"))
+    return None
+
+
+def _find_cycle(deps: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """A cycle in the dependency graph as a path (first node repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in deps.get(node, ()):
+            if state.get(dep) == 1:
+                path = stack[stack.index(dep):] + [dep]
+                return list(reversed(path))  # data-flow order: producer -> consumer
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in deps:
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def _build_plan(manifest: ManifestDecl, nodes: dict[str, NodeSpec],
+                consumed: set[tuple[str, str]]) -> ExecutionPlan:
+    order: list[str] = []
+    done: set[str] = set()
+
+    def visit(node_id: str) -> None:
+        if node_id in done:
+            return
+        done.add(node_id)
+        for sources in nodes[node_id].wiring.values():
+            for src in sources:
+                visit(src.node_id)
+        order.append(node_id)
+
+    for node_id in nodes:
+        visit(node_id)
+
+    external: list[tuple[str, str]] = []
+    required: set[tuple[str, str]] = set()
+    sinks: list[tuple[str, str]] = []
+    dependents: dict[str, list[str]] = {nid: [] for nid in nodes}
+    for node_id in order:
+        spec = nodes[node_id]
+        for port in spec.entry.cls.inputs:
+            if port.name in spec.wiring:
+                for src in spec.wiring[port.name]:
+                    if node_id not in dependents[src.node_id]:
+                        dependents[src.node_id].append(node_id)
+            else:
+                external.append((node_id, port.name))
+                if port.required:
+                    required.add((node_id, port.name))
+        for port in spec.entry.cls.outputs:
+            if (node_id, port.name) not in consumed:
+                sinks.append((node_id, port.name))
+    return ExecutionPlan(
+        name=str(manifest.metadata.get("name", "")),
+        nodes=nodes,
+        order=tuple(order),
+        external_inputs=tuple(external),
+        required_inputs=frozenset(required),
+        sinks=tuple(sinks),
+        dependents={k: tuple(v) for k, v in dependents.items()},
+        metadata=dict(manifest.metadata),
+    )

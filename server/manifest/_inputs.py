@@ -1,0 +1,92 @@
+"""Binding request inputs to a plan's external input ports, with every problem reported."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tensorline.client._codec import PortItem
+from tensorline.client._values import Tagged, kind_of
+from tensorline.server._errors import RequestInvalid, Violation
+from tensorline.server.manifest._plan import ExecutionPlan
+from tensorline.server.nodes import Port
+
+BoundInputs = dict[tuple[str, str], Any]
+
+
+def port_accepts(port: Port, value: Any) -> bool:
+    return port.kind == "any" or kind_of(value) == port.kind
+
+
+def resolve_input_port(plan: ExecutionPlan, node_id: str, port_name: str,
+                       field: str) -> tuple[Port | None, Violation | None]:
+    """The external input port addressed by (node_id, port_name) or the violation explaining why
+    there is none. An empty port name means the node's only external input port."""
+    spec = plan.nodes.get(node_id)
+    if spec is None:
+        return None, Violation(f"{field}.node_id",
+                               f"no node '{node_id}' in the manifest (nodes: {', '.join(plan.nodes)})")
+    external = [p for p in spec.entry.cls.inputs if p.name not in spec.wiring]
+    if not port_name:
+        if len(external) == 1:
+            return external[0], None
+        names = ", ".join(p.name for p in external) or "none"
+        return None, Violation(f"{field}.port", f"node '{node_id}' has {len(external)} inputs "
+                                                f"fed by the request ({names}); name the port")
+    port = spec.input_ports.get(port_name)
+    if port is None:
+        names = ", ".join(spec.input_ports) or "none"
+        return None, Violation(f"{field}.port",
+                               f"node '{node_id}' has no input port '{port_name}' (inputs: {names})")
+    if port_name in spec.wiring:
+        src = spec.wiring[port_name][0]
+        return None, Violation(field, f"input port '{port_name}' of node '{node_id}' is fed by "
+                                      f"node '{src.node_id}', not by the request")
+    return port, None
+
+
+def check_value_kind(port: Port, node_id: str, value: Any, field: str) -> Violation | None:
+    if port_accepts(port, value):
+        return None
+    return Violation(f"{field}.value", f"node '{node_id}' port '{port.name}' takes {port.kind}, "
+                                       f"got {kind_of(value)}")
+
+
+def bind_inputs(plan: ExecutionPlan, items: Sequence[PortItem],
+                prior: Sequence[Violation] = ()) -> BoundInputs:
+    """Map request inputs to (node, port). Raises RequestInvalid listing every problem, including
+    the codec's ``prior`` ones (bad tensor bytes etc.)."""
+    problems = list(prior)
+    bound: BoundInputs = {}
+    for index, item in enumerate(items):
+        field = f"inputs[{index}]"
+        port, problem = resolve_input_port(plan, item.node_id, item.port, field)
+        if port is None:
+            assert problem is not None
+            problems.append(problem)
+            continue
+        if item.value is None:
+            continue  # undecodable: the codec already reported it
+        value = item.value.value if isinstance(item.value, Tagged) else item.value
+        problem = check_value_kind(port, item.node_id, value, field)
+        if problem:
+            problems.append(problem)
+            continue
+        key = (item.node_id, port.name)
+        if port.many:
+            bound.setdefault(key, []).append(value)
+        elif key in bound:
+            problems.append(Violation(field, f"a second value for node '{item.node_id}' "
+                                             f"port '{port.name}'"))
+        else:
+            bound[key] = value
+    present = {(n, p) for n, p in bound} | {
+        (item.node_id, item.port) for item in items if item.value is None}
+    for node_id, port_name in plan.external_inputs:
+        if (node_id, port_name) in plan.required_inputs and (node_id, port_name) not in present:
+            problems.append(Violation("inputs", f"missing input for node '{node_id}' "
+                                                f"port '{port_name}'"))
+    if problems:
+        limit_only = all(v.kind == "limit" for v in problems)
+        raise RequestInvalid(problems, "request exceeds limits" if limit_only else "invalid inputs")
+    return bound

@@ -1,0 +1,52 @@
+"""Node SDK and registry: write a node by subclassing ``Node``.
+
+    from tensorline.server.nodes import Node, NodeParams, Port
+
+    class Gain(Node):
+        \"\"\"Multiply by a gain.\"\"\"
+
+        class Params(NodeParams):
+            gain: float = 1.0
+
+        inputs = (Port("in", kind="tensor"),)
+        outputs = (Port("out", kind="tensor"),)
+
+        def process(self, inputs):
+            return inputs["in"] * self.params.gain
+"""
+
+from tensorline.client._values import Audio, Json, Tagged
+from tensorline.server.nodes._node import (
+    Isolation,
+    NodeContext,
+    Node,
+    NodeParams,
+    NodeTraits,
+    NoParams,
+    Port,
+    PortKind,
+)
+from tensorline.server.nodes._registry import (
+    ENTRY_POINT_GROUP,
+    NodeEntry,
+    NodeRegistry,
+    UnknownNodeType,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Audio",
+    "Isolation",
+    "Json",
+    "NoParams",
+    "Node",
+    "NodeContext",
+    "NodeEntry",
+    "NodeParams",
+    "NodeRegistry",
+    "NodeTraits",
+    "Port",
+    "PortKind",
+    "Tagged",
+    "UnknownNodeType",
+]

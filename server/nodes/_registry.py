@@ -1,0 +1,157 @@
+"""The node registry: built-in nodes, operator-configured modules and the ``tensorline.nodes``
+entry point group, each node with the trust the operator gave its module."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import json
+import logging
+import pkgutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
+
+from tensorline.server.nodes._node import Node, is_async, overrides
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "tensorline.nodes"
+BUILTIN_MODULE = "tensorline.server.nodes.builtin"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    """A registered node class and what the runtimes need to know about it, computed once."""
+
+    cls: type[Node]
+    module: str
+    trusted: bool
+    async_process: bool
+    async_initialize: bool
+    async_cleanup: bool
+    has_initialize: bool
+    has_cleanup: bool
+
+    @property
+    def node_type(self) -> str:
+        return self.cls.node_type
+
+    @classmethod
+    def of(cls, node_cls: type[Node], module: str, trusted: bool) -> NodeEntry:
+        return cls(
+            cls=node_cls,
+            module=module,
+            trusted=trusted,
+            async_process=is_async(node_cls, "process"),
+            async_initialize=is_async(node_cls, "initialize"),
+            async_cleanup=is_async(node_cls, "cleanup"),
+            has_initialize=overrides(node_cls, "initialize"),
+            has_cleanup=overrides(node_cls, "cleanup"),
+        )
+
+    def params_schema_json(self) -> str:
+        return json.dumps(self.cls.Params.model_json_schema(), sort_keys=True)
+
+
+class UnknownNodeType(KeyError):
+    def __init__(self, node_type: str, known: Iterable[str]) -> None:
+        known = sorted(known)
+        close = difflib.get_close_matches(node_type, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        super().__init__(f"unknown node type '{node_type}'{hint}; known types: {', '.join(known)}")
+        self.message = self.args[0]
+
+
+class NodeRegistry:
+    """Maps node type names to registered classes."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, NodeEntry] = {}
+
+    def register(self, node_cls: type[Node], *, trusted: bool = True, module: str = "") -> None:
+        module = module or node_cls.__module__
+        existing = self._entries.get(node_cls.node_type)
+        if existing is not None and existing.cls is not node_cls:
+            raise ValueError(
+                f"node type '{node_cls.node_type}' from {module} clashes with the one from "
+                f"{existing.module}"
+            )
+        self._entries[node_cls.node_type] = NodeEntry.of(node_cls, module, trusted)
+
+    def load_module(self, name: str, *, trusted: bool = True) -> list[str]:
+        """Import ``name`` (and its submodules, for a package) and register its nodes."""
+        module = importlib.import_module(name)
+        added = []
+        for node_cls in _nodes_of(module):
+            self.register(node_cls, trusted=trusted, module=name)
+            added.append(node_cls.node_type)
+        log.info("loaded %d node(s) from %s (%s)", len(added), name,
+                 "trusted" if trusted else "untrusted")
+        return added
+
+    def load_entry_points(self, *, untrusted: frozenset[str] = frozenset()) -> None:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.value == BUILTIN_MODULE:
+                continue
+            self.load_module(ep.value, trusted=ep.value not in untrusted)
+
+    def get(self, node_type: str) -> NodeEntry:
+        try:
+            return self._entries[node_type]
+        except KeyError:
+            raise UnknownNodeType(node_type, self._entries) from None
+
+    def __contains__(self, node_type: object) -> bool:
+        return node_type in self._entries
+
+    def __iter__(self) -> Iterator[NodeEntry]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.node_type))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @classmethod
+    def default(
+        cls,
+        *,
+        modules: Iterable[str] = (),
+        untrusted_modules: Iterable[str] = (),
+        entry_points: bool = True,
+    ) -> NodeRegistry:
+        """Built-ins, then entry points, then the operator's trusted and untrusted modules."""
+        registry = cls()
+        untrusted = frozenset(untrusted_modules)
+        registry.load_module(BUILTIN_MODULE, trusted=True)
+        if entry_points:
+            registry.load_entry_points(untrusted=untrusted)
+        for name in modules:
+            registry.load_module(name, trusted=name not in untrusted)
+        for name in untrusted:
+            registry.load_module(name, trusted=False)
+        return registry
+
+
+def _nodes_of(module: ModuleType) -> list[type[Node]]:
+    declared: Any = getattr(module, "TENSORLINE_NODES", None)
+    if declared is not None:
+        return list(declared)
+    modules = [module]
+    if hasattr(module, "__path__"):
+        for info in pkgutil.walk_packages(module.__path__, module.__name__ + "."):
+            modules.append(importlib.import_module(info.name))
+    found: dict[str, type[Node]] = {}
+    for mod in modules:
+        for _, obj in inspect.getmembers(mod, inspect.isclass):
+            if (
+                issubclass(obj, Node)
+                and obj is not Node
+                and obj.__module__.startswith(module.__name__)
+                and not inspect.isabstract(obj)
+                and not obj.__name__.startswith("_")
+            ):
+                found[obj.node_type] = obj
+    return list(found.values())

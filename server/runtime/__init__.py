@@ -1,0 +1,22 @@
+"""Runtimes execute node instances: in-process (lowest latency) or in sandboxed workers.
+
+They never decide where a node runs; ``tensorline.server.selector`` does.
+"""
+
+from tensorline.server.runtime._base import (
+    ExecutionScope,
+    LayerStatus,
+    NodeInstance,
+    Runtime,
+)
+from tensorline.server.runtime._inprocess import InProcessInstance, InProcessRuntime, node_failed
+
+__all__ = [
+    "ExecutionScope",
+    "InProcessInstance",
+    "InProcessRuntime",
+    "LayerStatus",
+    "NodeInstance",
+    "Runtime",
+    "node_failed",
+]

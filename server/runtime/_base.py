@@ -1,0 +1,74 @@
+"""The runtime interface: where a node instance lives and how it is called.
+
+The executor talks only to this interface; the selector decides which implementation serves a
+node. A runtime creates (or reuses, for reusable nodes) an initialized instance in ``acquire``,
+calls it through ``NodeInstance.process`` and finishes it in ``release``, which always runs its
+cleanup for a non-reusable instance, also after errors and cancellation.
+
+Errors a runtime raises: ``NodeFailed`` for the node's own exceptions, ``SandboxFailure`` when the
+isolation itself failed (worker crash, limit hit), ``DeadlineExceeded`` for node timeouts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tensorline.server.manifest import NodeSpec
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStatus:
+    """One isolation layer and whether it is in force (for logs and GetServerInfo)."""
+
+    name: str
+    active: bool
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class ExecutionScope:
+    """Identity of one execution (a unary call or a streaming session)."""
+
+    execution_id: str
+    request_id: str = ""
+    # Absolute loop time by which the execution must end (None = no deadline).
+    deadline: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NodeInstance(ABC):
+    """An initialized node, ready to process."""
+
+    spec: NodeSpec
+
+    @abstractmethod
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        """Run the node once; returns what the node's ``process`` returned."""
+
+
+class Runtime(ABC):
+    name: ClassVar[str]
+
+    async def start(self) -> None:
+        """Prepare (e.g. start workers) before requests arrive."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Stop everything; idempotent, awaits every task it started."""
+
+    @abstractmethod
+    async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> NodeInstance:
+        """An initialized instance for ``spec`` (fresh, or warm for reusable nodes)."""
+
+    @abstractmethod
+    async def release(self, instance: NodeInstance) -> None:
+        """Return a warm instance or clean up a fresh one (deferred while it still runs)."""
+
+    def layers(self) -> list[LayerStatus]:
+        return []
+
+    def healthy(self) -> bool:
+        return True

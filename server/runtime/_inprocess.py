@@ -1,0 +1,201 @@
+"""The in-process runtime: nodes run in the server's own interpreter, lowest latency.
+
+Async node methods run on the event loop; sync ones in a thread pool, never on the loop. A sync
+``process`` that is still running when its execution is abandoned (deadline, cancel) cannot be
+interrupted: its context's ``cancelled`` event is set and its cleanup runs when it returns.
+Reusable nodes are kept warm, one shared instance per (type, params), in an LRU of bounded size
+whose eviction runs the instance's cleanup once nobody uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from tensorline.server._errors import NodeFailed
+from tensorline.server.manifest import NodeSpec
+from tensorline.server.nodes import Node, NodeContext, NodeEntry
+from tensorline.server.runtime._base import ExecutionScope, NodeInstance, Runtime
+
+log = logging.getLogger(__name__)
+
+
+def node_failed(spec: NodeSpec, exc: BaseException, sequence: int | None = None) -> NodeFailed:
+    return NodeFailed(spec.node_id, type(exc).__name__, str(exc), sequence)
+
+
+class InProcessInstance(NodeInstance):
+    def __init__(self, spec: NodeSpec, node: Node, runtime: InProcessRuntime) -> None:
+        self.spec = spec
+        self.node = node
+        self._runtime = runtime
+        self.entry: NodeEntry = spec.entry
+        self.users = 0
+        # Sync calls still running in the thread pool; cleanup waits for them.
+        self.running: set[concurrent.futures.Future[Any]] = set()
+        self.evicted = False
+
+    async def call(self, name: str, is_async: bool, *args: Any) -> Any:
+        method: Callable[..., Any] = getattr(self.node, name)
+        if is_async:
+            return await method(*args)
+        future = self._runtime.pool.submit(method, *args)
+        self.running.add(future)
+        future.add_done_callback(self.running.discard)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.node.context.cancelled.set()
+            raise
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        try:
+            return await self.call("process", self.entry.async_process, inputs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise node_failed(self.spec, exc) from exc
+
+    async def initialize(self) -> None:
+        if self.entry.has_initialize:
+            try:
+                await self.call("initialize", self.entry.async_initialize)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise node_failed(self.spec, exc) from exc
+
+    async def cleanup(self) -> None:
+        """Run the node's cleanup once every sync call of it has returned."""
+        if not self.entry.has_cleanup:
+            return
+        pending = [asyncio.wrap_future(f) for f in list(self.running)]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            await self.call("cleanup", self.entry.async_cleanup)
+        except Exception:
+            log.exception("cleanup of node %s (%s) failed", self.spec.node_id,
+                          self.spec.node_type)
+
+
+class InProcessRuntime(Runtime):
+    name: ClassVar[str] = "inprocess"
+
+    def __init__(self, *, threads: int = 8, warm_capacity: int = 32) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="tensorline-node"
+        )
+        self._warm_capacity = warm_capacity
+        self._warm: OrderedDict[str, asyncio.Task[InProcessInstance]] = OrderedDict()
+        # Cleanups that outlive their request (deferred while a sync call still runs).
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
+        if spec.entry.cls.reusable:
+            return await self._acquire_warm(spec, scope)
+        instance = self._create(spec, scope)
+        try:
+            await instance.initialize()
+        except BaseException:
+            await self._finish(instance)
+            raise
+        return instance
+
+    def _create(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
+        context = NodeContext(node_id=spec.node_id, execution_id=scope.execution_id,
+                              runtime=self.name)
+        try:
+            node = spec.entry.cls(spec.params, context)
+        except Exception as exc:
+            raise node_failed(spec, exc) from exc
+        return InProcessInstance(spec, node, self)
+
+    async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
+        key = spec.warm_key
+        task = self._warm.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            # One initialization per key, however many requests arrive at once; shielded so a
+            # cancelled first caller does not abort it for everybody else.
+            task = asyncio.ensure_future(self._init_warm(spec, scope))
+            self._warm[key] = task
+            self._evict()
+        self._warm.move_to_end(key)
+        try:
+            instance = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if self._warm.get(key) is task:
+                del self._warm[key]
+            raise
+        instance.users += 1
+        return instance
+
+    async def _init_warm(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
+        instance = self._create(spec, scope)
+        try:
+            await instance.initialize()
+        except BaseException:
+            await instance.cleanup()
+            raise
+        log.info("warm instance of %s ready (%s)", spec.node_type, spec.params_key)
+        return instance
+
+    def _evict(self) -> None:
+        while len(self._warm) > self._warm_capacity:
+            _, task = self._warm.popitem(last=False)
+            self._retire(task)
+
+    def _retire(self, task: asyncio.Task[InProcessInstance]) -> None:
+        if not task.done():
+            task.add_done_callback(lambda t: self._retire(t))
+            return
+        if task.cancelled() or task.exception() is not None:
+            return
+        instance = task.result()
+        instance.evicted = True
+        if instance.users == 0:
+            self._spawn(instance.cleanup())
+
+    async def release(self, instance: NodeInstance) -> None:
+        assert isinstance(instance, InProcessInstance)
+        if instance.spec.entry.cls.reusable:
+            instance.users -= 1
+            if instance.evicted and instance.users == 0:
+                self._spawn(instance.cleanup())
+            return
+        await self._finish(instance)
+
+    async def _finish(self, instance: InProcessInstance) -> None:
+        if instance.running:
+            # A sync call is still running (abandoned by a deadline/cancel): clean up after it,
+            # without holding the caller.
+            self._spawn(instance.cleanup())
+            return
+        await asyncio.shield(self._spawn(instance.cleanup()))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._warm.values()):
+            self._retire(task)
+        self._warm.clear()
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def warm_instances(self) -> int:
+        return len(self._warm)
