@@ -1,0 +1,65 @@
+"""tensorline client: run pipelines on a tensorline server from Python.
+
+    from tensorline.client import Client
+
+    with Client("localhost:50051") as client:
+        result = client.execute("pipeline.yaml", inputs={"src": samples})
+"""
+
+from tensorline.client._client import (
+    AsyncClient,
+    Client,
+    ClientConfig,
+    ExecuteResult,
+    ExecutionMetrics,
+    NodeMetrics,
+    load_manifest,
+    manifest_json,
+)
+from tensorline.client._codec import PortItem
+from tensorline.client._exceptions import (
+    AuthenticationError,
+    CancelledError,
+    DeadlineExceededError,
+    FieldViolation,
+    InvalidRequestError,
+    LimitExceededError,
+    NodeError,
+    PermissionDeniedError,
+    RequestError,
+    SandboxError,
+    ServerError,
+    TensorlineError,
+    TransportError,
+    from_rpc_error,
+)
+from tensorline.client._values import Audio, Json, Tagged
+
+__all__ = [
+    "AsyncClient",
+    "Audio",
+    "AuthenticationError",
+    "CancelledError",
+    "Client",
+    "ClientConfig",
+    "DeadlineExceededError",
+    "ExecuteResult",
+    "ExecutionMetrics",
+    "FieldViolation",
+    "InvalidRequestError",
+    "Json",
+    "LimitExceededError",
+    "NodeError",
+    "NodeMetrics",
+    "PermissionDeniedError",
+    "PortItem",
+    "RequestError",
+    "SandboxError",
+    "ServerError",
+    "Tagged",
+    "TensorlineError",
+    "TransportError",
+    "from_rpc_error",
+    "load_manifest",
+    "manifest_json",
+]

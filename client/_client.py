@@ -1,0 +1,356 @@
+"""The Python client: ``AsyncClient`` (grpc.aio) and ``Client`` (blocking), one configuration.
+
+    async with AsyncClient("localhost:50051") as client:
+        result = await client.execute(manifest, inputs={"src": samples})
+        print(result.outputs["scale"], result.metrics.nodes)
+
+Inputs are keyed ``"node"`` or ``"node:port"``. Outputs are keyed by node id when the node
+returned one output, else ``"node:port"``. Arrays are sent little-endian and C-contiguous (the
+client converts big-endian and strided arrays); received arrays are read-only views over the
+response buffer (no copy): ``np.array(x)`` for a writable copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from tensorline.client._codec import (
+    DecodedExecuteResponse,
+    PortItem,
+    decode_execute_response,
+    encode_execute_request,
+)
+from tensorline.client._exceptions import TensorlineError, TransportError, from_rpc_error
+from tensorline.v1 import tensorline_pb2 as pb
+
+SERVICE = "/tensorline.v1.PipelineService/"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+ManifestLike = Mapping[str, Any] | str | os.PathLike[str]
+InputsLike = Mapping[str, Any] | Sequence[PortItem] | None
+
+
+def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a manifest file (.json, .yaml or .yml)."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a manifest must be a mapping")
+    return data
+
+
+def manifest_json(manifest: ManifestLike) -> str:
+    """The JSON text of a manifest given as a mapping, JSON/YAML text or a file path."""
+    if isinstance(manifest, Mapping):
+        return json.dumps(manifest, separators=(",", ":"))
+    if isinstance(manifest, os.PathLike):
+        return json.dumps(load_manifest(manifest), separators=(",", ":"))
+    text = manifest.strip()
+    if text.startswith("{"):
+        return text
+    data = yaml.safe_load(text)
+    if isinstance(data, dict):
+        return json.dumps(data, separators=(",", ":"))
+    raise ValueError("manifest text is neither a JSON object nor a YAML mapping")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    node_id, _, port = key.partition(":")
+    return node_id, port
+
+
+def port_items(inputs: InputsLike) -> list[PortItem]:
+    if inputs is None:
+        return []
+    if isinstance(inputs, Mapping):
+        items = []
+        for key, value in inputs.items():
+            node_id, port = split_key(key)
+            items.append(PortItem(node_id, port, value))
+        return items
+    return list(inputs)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMetrics:
+    node_id: str
+    node_type: str
+    runtime: str
+    selection_reason: str
+    wall_ms: float
+    fallback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionMetrics:
+    total_ms: float
+    nodes: list[NodeMetrics]
+    plan_cached: bool
+
+    @classmethod
+    def from_proto(cls, metrics: pb.ExecutionMetrics) -> ExecutionMetrics:
+        return cls(
+            total_ms=metrics.total_ms,
+            nodes=[NodeMetrics(m.node_id, m.node_type, m.runtime, m.selection_reason, m.wall_ms,
+                               m.fallback) for m in metrics.nodes],
+            plan_cached=metrics.plan_cached,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteResult:
+    outputs: dict[str, Any]
+    metrics: ExecutionMetrics
+    items: list[PortItem] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.outputs[key]
+
+    @classmethod
+    def from_response(cls, response: DecodedExecuteResponse) -> ExecuteResult:
+        counts: dict[str, int] = {}
+        for item in response.outputs:
+            counts[item.node_id] = counts.get(item.node_id, 0) + 1
+        outputs = {
+            (item.node_id if counts[item.node_id] == 1 else f"{item.node_id}:{item.port}"):
+                item.value
+            for item in response.outputs
+        }
+        return cls(outputs, ExecutionMetrics.from_proto(response.metrics), response.outputs)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Connection settings shared by both clients."""
+
+    target: str
+    token: str | None = None
+    # TLS: server CA (PEM) and, for mutual TLS, the client certificate chain and key (PEM).
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    tls: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Retry calls refused with UNAVAILABLE (draining replica, balancer failover).
+    retry_unavailable: bool = True
+    timeout: float | None = None
+    extra_options: tuple[tuple[str, Any], ...] = ()
+
+    def options(self) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+        if self.retry_unavailable:
+            options += [
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", json.dumps({"methodConfig": [{
+                    "name": [{"service": "tensorline.v1.PipelineService"}],
+                    "retryPolicy": {
+                        "maxAttempts": 5,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }]})),
+                # Calls are retried only while their request fits the retry buffer.
+                ("grpc.per_rpc_retry_buffer_size", 4 * 1024 * 1024),
+            ]
+        return [*options, *self.extra_options]
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.tls or self.root_certificates or self.certificate_chain):
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+    def metadata(self, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
+        metadata = [("x-request-id", request_id or uuid.uuid4().hex)]
+        if self.token:
+            metadata.append(("authorization", f"Bearer {self.token}"))
+        return tuple(metadata)
+
+
+class _Calls:
+    """Builds the method callables on a channel (the same for sync and aio channels)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.execute = channel.unary_unary(
+            SERVICE + "ExecutePipeline",
+            request_serializer=None,
+            response_deserializer=decode_execute_response,
+        )
+        self.list_nodes = channel.unary_unary(
+            SERVICE + "ListNodes",
+            request_serializer=pb.ListNodesRequest.SerializeToString,
+            response_deserializer=pb.ListNodesResponse.FromString,
+        )
+        self.server_info = channel.unary_unary(
+            SERVICE + "GetServerInfo",
+            request_serializer=pb.GetServerInfoRequest.SerializeToString,
+            response_deserializer=pb.ServerInfo.FromString,
+        )
+
+
+def _encode_request(manifest: ManifestLike, inputs: InputsLike) -> bytes:
+    try:
+        return encode_execute_request(manifest_json(manifest), port_items(inputs))
+    except (TypeError, ValueError) as exc:
+        raise TensorlineError(f"cannot encode the request: {exc}") from exc
+
+
+class AsyncClient:
+    """asyncio client. Use as ``async with AsyncClient(target) as client``."""
+
+    def __init__(self, target: str, **config: Any) -> None:
+        self.config = ClientConfig(target, **config)
+        credentials = self.config.credentials()
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=self.config.options())
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, self.config.options())
+        self._calls = _Calls(self._channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.config.timeout
+
+    async def execute(self, manifest: ManifestLike, inputs: InputsLike = None, *,
+                      timeout: float | None = None,
+                      request_id: str | None = None) -> ExecuteResult:
+        request = _encode_request(manifest, inputs)
+        try:
+            response = await self._calls.execute(
+                request, timeout=self._timeout(timeout), metadata=self.config.metadata(request_id))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return ExecuteResult.from_response(response)
+
+    async def list_nodes(self) -> list[pb.NodeInfo]:
+        try:
+            response = await self._calls.list_nodes(
+                pb.ListNodesRequest(), timeout=self._timeout(None),
+                metadata=self.config.metadata())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return list(response.nodes)
+
+    async def server_info(self) -> pb.ServerInfo:
+        try:
+            return await self._calls.server_info(  # type: ignore[no-any-return]
+                pb.GetServerInfoRequest(), timeout=self._timeout(None),
+                metadata=self.config.metadata())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """The gRPC health status name (SERVING, NOT_SERVING, ...)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                     timeout=timeout, metadata=self.config.metadata())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+class Client:
+    """Blocking client with the same methods as ``AsyncClient``."""
+
+    def __init__(self, target: str, **config: Any) -> None:
+        self.config = ClientConfig(target, **config)
+        credentials = self.config.credentials()
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self.config.options())
+        else:
+            self._channel = grpc.secure_channel(target, credentials, self.config.options())
+        self._calls = _Calls(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.config.timeout
+
+    def execute(self, manifest: ManifestLike, inputs: InputsLike = None, *,
+                timeout: float | None = None, request_id: str | None = None) -> ExecuteResult:
+        request = _encode_request(manifest, inputs)
+        try:
+            response = self._calls.execute(request, timeout=self._timeout(timeout),
+                                           metadata=self.config.metadata(request_id))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return ExecuteResult.from_response(response)
+
+    def list_nodes(self) -> list[pb.NodeInfo]:
+        try:
+            response = self._calls.list_nodes(pb.ListNodesRequest(), timeout=self._timeout(None),
+                                              metadata=self.config.metadata())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return list(response.nodes)
+
+    def server_info(self) -> pb.ServerInfo:
+        try:
+            return self._calls.server_info(  # type: ignore[no-any-return]
+                pb.GetServerInfoRequest(), timeout=self._timeout(None),
+                metadata=self.config.metadata())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
+                               metadata=self.config.metadata())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ClientConfig",
+    "ExecuteResult",
+    "ExecutionMetrics",
+    "NodeMetrics",
+    "TransportError",
+    "load_manifest",
+    "manifest_json",
+]

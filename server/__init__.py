@@ -1,0 +1,39 @@
+"""tensorline server: runs pipelines of Python nodes over tensors, in-process or sandboxed.
+
+    server, port = await create_server(Settings(port=0))
+    await server.start()
+    ...
+    await server.stop()
+"""
+
+from tensorline.server._errors import (
+    DeadlineExceeded,
+    LimitExceeded,
+    NodeFailed,
+    PermissionDenied,
+    RequestInvalid,
+    SandboxFailure,
+    ServiceUnavailable,
+    TensorlineServerError,
+)
+from tensorline.server._settings import Settings
+from tensorline.server._version import __version__
+from tensorline.server.executor import PipelineEngine
+from tensorline.server.service import TensorlineServer, create_server, serve
+
+__all__ = [
+    "DeadlineExceeded",
+    "LimitExceeded",
+    "NodeFailed",
+    "PermissionDenied",
+    "PipelineEngine",
+    "RequestInvalid",
+    "SandboxFailure",
+    "ServiceUnavailable",
+    "Settings",
+    "TensorlineServer",
+    "TensorlineServerError",
+    "__version__",
+    "create_server",
+    "serve",
+]

@@ -1,0 +1,82 @@
+"""Server settings: one pydantic-settings model read from ``TENSORLINE_*`` environment
+variables, an optional YAML/JSON config file, and ``tensorline serve`` flags (highest first:
+flags > environment > file > defaults)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Environment: ``TENSORLINE_<FIELD>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="TENSORLINE_", extra="forbid",
+                                      validate_default=True)
+
+    host: str = Field("0.0.0.0", description="address to bind")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = ephemeral)")
+    instance_id: str = Field(default_factory=_default_instance_id,
+                             description="replica id reported by GetServerInfo")
+
+    max_message_bytes: int = Field(256 * MiB, gt=0,
+                                   description="gRPC send/receive message limit")
+    max_tensor_bytes: int = Field(192 * MiB, gt=0, description="largest single tensor accepted")
+    plan_cache_size: int = Field(256, ge=0, description="compiled manifests kept")
+    warm_instances: int = Field(32, ge=0,
+                                description="warm reusable node instances kept (LRU)")
+    node_threads: int = Field(8, ge=1, description="threads running sync in-process nodes")
+
+    node_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra trusted node modules (comma-separated)")
+    untrusted_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="node modules that always run sandboxed")
+    load_entry_points: bool = Field(True, description="load the tensorline.nodes entry points")
+
+    runtime: Literal["inprocess", "sandbox", "auto"] | None = Field(
+        None, description="TENSORLINE_RUNTIME: runtime override for nodes without a hint")
+    enable_fallback: bool = Field(True, description="TENSORLINE_ENABLE_FALLBACK: retry "
+                                                    "sandbox failures in-process (trusted only)")
+
+    grace_s: float = Field(10.0, ge=0, description="drain grace period on SIGTERM")
+    reflection: bool = Field(True, description="serve gRPC reflection")
+    log_level: str = Field("INFO", description="logging level")
+
+    @field_validator("node_modules", "untrusted_modules", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() or None if isinstance(value, str) else value
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Defaults < config file < environment < ``overrides`` (CLI flags; None = not given)."""
+        file_values: dict[str, Any] = {}
+        path = config_file or os.environ.get("TENSORLINE_CONFIG")
+        if path:
+            loaded = yaml.safe_load(Path(path).read_text())
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {path} must hold a mapping")
+            file_values = loaded
+        given = {k: v for k, v in overrides.items() if v is not None}
+        env_values = cls().model_dump(exclude_unset=True)
+        return cls.model_validate({**file_values, **env_values, **given})

@@ -1,0 +1,108 @@
+"""The pipeline engine: the server's core without the gRPC layer.
+
+It owns the registry, the selector, the plan cache, the runtimes and the executor, so that the
+service (and tests, and the CLI's local ``validate``) drive pipelines through one object.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tensorline.client._codec import PortItem, Violation
+from tensorline.server._errors import RequestInvalid
+from tensorline.server.executor._executor import ExecutionResult, Executor
+from tensorline.server.manifest import (
+    ExecutionPlan,
+    PlanCache,
+    bind_inputs,
+    compile_manifest,
+    parse_manifest_json,
+)
+from tensorline.server.nodes import NodeRegistry
+from tensorline.server.runtime import ExecutionScope, InProcessRuntime, Runtime
+from tensorline.server.selector import INPROCESS, Selector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PlanLookup:
+    plan: ExecutionPlan
+    cached: bool
+
+
+class PipelineEngine:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        selector: Selector,
+        runtimes: Mapping[str, Runtime],
+        *,
+        plan_cache_size: int = 256,
+    ) -> None:
+        if INPROCESS not in runtimes:
+            raise ValueError("the in-process runtime is required")
+        self.registry = registry
+        self.selector = selector
+        self.runtimes = dict(runtimes)
+        self.plans = PlanCache(plan_cache_size)
+        self.executor = Executor(self.runtimes, selector)
+        self._started = False
+        self._closed = False
+
+    @classmethod
+    def local(cls, registry: NodeRegistry | None = None) -> PipelineEngine:
+        """An engine with only the in-process runtime (for validation and tools)."""
+        return cls(registry or NodeRegistry.default(), Selector(), {INPROCESS: InProcessRuntime()})
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for runtime in self.runtimes.values():
+            await runtime.start()
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for runtime in self.runtimes.values():
+            try:
+                await runtime.shutdown()
+            except Exception:
+                log.exception("shutting down the %s runtime failed", runtime.name)
+
+    def plan_for(self, manifest_json: str) -> PlanLookup:
+        """The compiled plan of a manifest; compiled and validated once per distinct text."""
+        plan = self.plans.get(manifest_json)
+        if plan is not None:
+            return PlanLookup(plan, True)
+        plan = compile_manifest(parse_manifest_json(manifest_json), self.registry, self.selector)
+        self.plans.put(manifest_json, plan)
+        return PlanLookup(plan, False)
+
+    async def execute(
+        self,
+        manifest_json: str,
+        inputs: Sequence[PortItem],
+        *,
+        prior: Sequence[Violation] = (),
+        scope: ExecutionScope | None = None,
+    ) -> tuple[ExecutionResult, bool]:
+        """Run a manifest once. Returns the result and whether the plan came from the cache."""
+        try:
+            lookup = self.plan_for(manifest_json)
+        except RequestInvalid as exc:
+            if not prior:
+                raise
+            raise RequestInvalid([*prior, *exc.violations], "invalid request") from None
+        bound = bind_inputs(lookup.plan, inputs, prior)
+        scope = scope or ExecutionScope(execution_id=uuid.uuid4().hex)
+        result = await self.executor.run(lookup.plan, bound, scope)
+        return result, lookup.cached
+
+    def healthy(self) -> bool:
+        return not self._closed and all(r.healthy() for r in self.runtimes.values())

@@ -1,0 +1,185 @@
+"""The DAG executor: runs a compiled plan over bound inputs on asyncio.
+
+A node starts as soon as every node it depends on has finished; independent branches run
+concurrently. When exactly one node is runnable and nothing else runs (a chain, the common case)
+it is awaited inline: no task per node on the hot path. Fan-out hands the same object to every
+consumer (inputs are read-only by contract, so nothing is copied). The first node failure
+cancels the others; every started node is released (cleanup) before the error propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tensorline.client._codec import PortItem
+from tensorline.client._values import Tagged, kind_of
+from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
+from tensorline.server.manifest import BoundInputs, ExecutionPlan, NodeSpec
+from tensorline.server.runtime import ExecutionScope, Runtime
+from tensorline.server.selector import INPROCESS, RuntimeDecision, Selector
+
+
+@dataclass(slots=True)
+class NodeReport:
+    """What happened to one node: where it ran, why, how long it took."""
+
+    node_id: str
+    node_type: str
+    runtime: str
+    reason: str
+    wall_ms: float = 0.0
+    fallback: str = ""
+
+
+@dataclass(slots=True)
+class ExecutionResult:
+    outputs: list[PortItem]
+    reports: list[NodeReport]
+
+
+def normalize_outputs(spec: NodeSpec, raw: Any) -> dict[str, Any]:
+    """The node's return value as {output port: value}, checked against the declared ports."""
+    ports = spec.entry.cls.outputs
+    if isinstance(raw, Mapping):
+        produced = dict(raw)
+    elif len(ports) == 1:
+        produced = {ports[0].name: raw}
+    else:
+        raise NodeFailed(spec.node_id, "TypeError",
+                         f"a node with {len(ports)} outputs must return a mapping of port -> value")
+    declared = {p.name: p for p in ports}
+    unknown = set(produced) - set(declared)
+    if unknown:
+        raise NodeFailed(spec.node_id, "TypeError",
+                         f"returned unknown output port(s) {sorted(unknown)}; "
+                         f"declared: {sorted(declared)}")
+    out: dict[str, Any] = {}
+    for name, port in declared.items():
+        if name not in produced or produced[name] is None:
+            raise NodeFailed(spec.node_id, "TypeError", f"produced no value for output '{name}'")
+        value = produced[name]
+        if port.kind == "tensor" and isinstance(value, int | float | complex | bool | np.generic):
+            value = np.asarray(value)
+        try:
+            kind = kind_of(value)
+        except TypeError as exc:
+            raise NodeFailed(spec.node_id, "TypeError", f"output '{name}': {exc}") from None
+        if port.kind != "any" and kind != port.kind:
+            bare = value.value if isinstance(value, Tagged) else value
+            raise NodeFailed(spec.node_id, "TypeError",
+                             f"output '{name}' is declared {port.kind} but the node returned "
+                             f"{kind} ({type(bare).__name__})")
+        out[name] = value
+    return out
+
+
+class Executor:
+    def __init__(self, runtimes: Mapping[str, Runtime], selector: Selector) -> None:
+        self._runtimes = runtimes
+        self._selector = selector
+
+    async def run(self, plan: ExecutionPlan, inputs: BoundInputs,
+                  scope: ExecutionScope) -> ExecutionResult:
+        produced: dict[tuple[str, str], Any] = {}
+        reports: dict[str, NodeReport] = {}
+        waiting = {nid: len({s.node_id for srcs in spec.wiring.values() for s in srcs})
+                   for nid, spec in plan.nodes.items()}
+        ready = [nid for nid in plan.order if waiting[nid] == 0]
+        running: dict[asyncio.Task[dict[str, Any]], str] = {}
+
+        def finished(node_id: str, outputs: dict[str, Any]) -> None:
+            for port, value in outputs.items():
+                produced[(node_id, port)] = value
+            for dependent in plan.dependents[node_id]:
+                waiting[dependent] -= 1
+                if waiting[dependent] == 0:
+                    ready.append(dependent)
+
+        def start(node_id: str) -> Any:
+            spec = plan.nodes[node_id]
+            report = reports[node_id] = NodeReport(node_id, spec.node_type,
+                                                   spec.decision.runtime, spec.decision.reason)
+            return self._run_node(spec, self._gather(spec, inputs, produced), scope, report)
+
+        try:
+            async with asyncio.timeout_at(scope.deadline):
+                while ready or running:
+                    if len(ready) == 1 and not running:
+                        node_id = ready.pop()
+                        finished(node_id, await start(node_id))
+                        continue
+                    for node_id in ready:
+                        running[asyncio.ensure_future(start(node_id))] = node_id
+                    ready.clear()
+                    done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        node_id = running.pop(task)
+                        finished(node_id, task.result())
+        except TimeoutError:
+            active = sorted(running.values()) or sorted(
+                r.node_id for r in reports.values() if not r.wall_ms)
+            raise DeadlineExceeded(
+                "deadline exceeded" + (f" while running node(s) {', '.join(active)}"
+                                       if active else "")) from None
+        finally:
+            if running:
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+        outputs = [PortItem(node_id, port, produced[(node_id, port)])
+                   for node_id, port in plan.sinks]
+        return ExecutionResult(outputs, [reports[nid] for nid in plan.order if nid in reports])
+
+    @staticmethod
+    def _gather(spec: NodeSpec, inputs: BoundInputs,
+                produced: Mapping[tuple[str, str], Any]) -> dict[str, Any]:
+        node_inputs: dict[str, Any] = {}
+        for port in spec.entry.cls.inputs:
+            sources = spec.wiring.get(port.name)
+            if sources:
+                values = [produced[(s.node_id, s.port)] for s in sources]
+                node_inputs[port.name] = values if port.many else values[0]
+            elif (spec.node_id, port.name) in inputs:
+                node_inputs[port.name] = inputs[(spec.node_id, port.name)]
+        return node_inputs
+
+    async def _run_node(self, spec: NodeSpec, node_inputs: dict[str, Any],
+                        scope: ExecutionScope, report: NodeReport) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            try:
+                raw = await self._call(spec, spec.decision, node_inputs, scope)
+            except SandboxFailure as failure:
+                retry = self._selector.fallback(spec.node_id, spec.entry, spec.decision,
+                                                failure.cause)
+                if retry is None:
+                    raise
+                report.runtime, report.reason = retry.runtime, retry.reason
+                report.fallback = failure.cause
+                raw = await self._call(spec, retry, node_inputs, scope)
+            return normalize_outputs(spec, raw)
+        finally:
+            report.wall_ms = (time.perf_counter() - started) * 1000.0
+
+    async def _call(self, spec: NodeSpec, decision: RuntimeDecision,
+                    node_inputs: dict[str, Any], scope: ExecutionScope) -> Any:
+        runtime = self._runtimes.get(decision.runtime) or self._runtimes[INPROCESS]
+        instance = await runtime.acquire(spec, scope)
+        try:
+            if spec.timeout_s is None:
+                return await instance.process(node_inputs)
+            try:
+                async with asyncio.timeout(spec.timeout_s):
+                    return await instance.process(node_inputs)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"node '{spec.node_id}' exceeded its timeout of {spec.timeout_s:g} s"
+                ) from None
+        finally:
+            await runtime.release(instance)

@@ -1,0 +1,23 @@
+"""The gRPC surface: service methods, error translation and the server factory."""
+
+from tensorline.server.service._server import (
+    TensorlineServer,
+    build_engine,
+    create_server,
+    grpc_options,
+    serve,
+)
+from tensorline.server.service._service import SERVICE_NAME, PipelineService
+from tensorline.server.service._status import status_code_of, to_status
+
+__all__ = [
+    "SERVICE_NAME",
+    "PipelineService",
+    "TensorlineServer",
+    "build_engine",
+    "create_server",
+    "grpc_options",
+    "serve",
+    "status_code_of",
+    "to_status",
+]

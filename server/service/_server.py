@@ -1,0 +1,129 @@
+"""Server assembly and lifecycle: build the engine and the gRPC server, bind, drain, stop.
+
+``create_server`` binds (port 0 = ephemeral) and returns ``(server, port)`` so tests run a real
+server in-process. ``stop`` is idempotent: health goes NOT_SERVING first so balancers stop
+sending, in-flight calls get the grace period, then the runtimes shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tensorline.server._settings import Settings
+from tensorline.server.executor import PipelineEngine
+from tensorline.server.nodes import NodeRegistry
+from tensorline.server.runtime import InProcessRuntime, Runtime
+from tensorline.server.selector import INPROCESS, Selector
+from tensorline.server.service._service import SERVICE_NAME, PipelineService
+
+log = logging.getLogger(__name__)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> PipelineEngine:
+    registry = registry or NodeRegistry.default(
+        modules=settings.node_modules,
+        untrusted_modules=settings.untrusted_modules,
+        entry_points=settings.load_entry_points,
+    )
+    runtimes: dict[str, Runtime] = {
+        INPROCESS: InProcessRuntime(threads=settings.node_threads,
+                                    warm_capacity=settings.warm_instances),
+    }
+    selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
+                        sandbox_available="sandbox" in runtimes)
+    return PipelineEngine(registry, selector, runtimes, plan_cache_size=settings.plan_cache_size)
+
+
+class TensorlineServer:
+    """A running tensorline server: gRPC server + health + engine."""
+
+    def __init__(self, settings: Settings, engine: PipelineEngine, server: grpc.aio.Server,
+                 health_servicer: health.aio.HealthServicer, port: int) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.grpc = server
+        self.health = health_servicer
+        self.port = port
+        self._stopping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.grpc.start()
+        await self._set_health(serving=True)
+        log.info("tensorline serving on port %d (instance %s)", self.port,
+                 self.settings.instance_id)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; safe to call more than once (later calls wait for the first)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(
+                self.settings.grace_s if grace is None else grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        await self.engine.shutdown()
+        log.info("tensorline stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc.wait_for_termination()
+
+
+async def create_server(
+    settings: Settings | None = None,
+    *,
+    registry: NodeRegistry | None = None,
+    engine: PipelineEngine | None = None,
+) -> tuple[TensorlineServer, int]:
+    """Build and bind a server (not started). Returns the server and its bound port."""
+    settings = settings or Settings()
+    engine = engine or build_engine(settings, registry)
+    server = grpc.aio.server(options=grpc_options(settings))
+    service = PipelineService(engine, settings)
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+    port = server.add_insecure_port(f"{host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    return TensorlineServer(settings, engine, server, health_servicer, port), port
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain within ``settings.grace_s`` and return."""
+    server, port = await create_server(settings)
+    await server.start()
+    print(f"tensorline listening on {settings.host}:{port}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining (grace %.1f s)", settings.grace_s)
+    await server.stop()

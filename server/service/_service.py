@@ -1,0 +1,141 @@
+"""The gRPC service: decodes requests with the codec, runs them on the engine, translates errors.
+
+Methods are registered through a generic handler (not the generated servicer base) so that the
+bulk-data messages use the codec's zero-copy (de)serializers; the small messages use the
+generated classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from functools import partial
+from typing import Any
+
+import grpc
+
+from tensorline.client._codec import (
+    DecodedExecuteRequest,
+    Limits,
+    decode_execute_request,
+    encode_execute_response,
+)
+from tensorline.server._settings import Settings
+from tensorline.server._version import __version__
+from tensorline.server.executor import NodeReport, PipelineEngine
+from tensorline.server.runtime import ExecutionScope
+from tensorline.server.service._status import translate_errors
+from tensorline.v1 import PROTOCOL_VERSION
+from tensorline.v1 import tensorline_pb2 as pb
+
+SERVICE_NAME = "tensorline.v1.PipelineService"
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def node_metrics(report: NodeReport) -> pb.NodeMetrics:
+    return pb.NodeMetrics(node_id=report.node_id, node_type=report.node_type,
+                          runtime=report.runtime, selection_reason=report.reason,
+                          wall_ms=report.wall_ms, fallback=report.fallback)
+
+
+def request_id_of(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)
+    return uuid.uuid4().hex
+
+
+def scope_for(context: Context, execution_id: str) -> ExecutionScope:
+    remaining = context.time_remaining()
+    deadline = None
+    if remaining is not None:
+        deadline = asyncio.get_running_loop().time() + remaining
+    return ExecutionScope(execution_id=execution_id, request_id=request_id_of(context),
+                          deadline=deadline)
+
+
+class PipelineService:
+    def __init__(self, engine: PipelineEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._catalogue: pb.ListNodesResponse | None = None
+
+    @translate_errors
+    async def execute_pipeline(self, request: DecodedExecuteRequest, context: Context) -> bytes:
+        started = time.perf_counter()
+        scope = scope_for(context, uuid.uuid4().hex)
+        result, cached = await self.engine.execute(
+            request.manifest_json, request.inputs, prior=request.violations, scope=scope)
+        metrics = pb.ExecutionMetrics(
+            total_ms=(time.perf_counter() - started) * 1000.0,
+            nodes=[node_metrics(r) for r in result.reports],
+            plan_cached=cached,
+        )
+        return encode_execute_response(result.outputs, metrics)
+
+    @translate_errors
+    async def list_nodes(self, request: pb.ListNodesRequest, context: Context) -> pb.ListNodesResponse:
+        if self._catalogue is None:
+            self._catalogue = catalogue(self.engine)
+        return self._catalogue
+
+    @translate_errors
+    async def get_server_info(self, request: pb.GetServerInfoRequest,
+                              context: Context) -> pb.ServerInfo:
+        layers = [pb.SandboxLayer(name=layer.name, active=layer.active, detail=layer.detail)
+                  for runtime in self.engine.runtimes.values() for layer in runtime.layers()]
+        return pb.ServerInfo(
+            server_version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            instance_id=self.settings.instance_id,
+            max_message_bytes=self.settings.max_message_bytes,
+            max_tensor_bytes=self.settings.max_tensor_bytes,
+            sandbox_layers=layers,
+            runtimes=sorted(self.engine.runtimes),
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        limits = Limits(max_tensor_bytes=self.settings.max_tensor_bytes)
+        methods = {
+            "ExecutePipeline": grpc.unary_unary_rpc_method_handler(
+                self.execute_pipeline,
+                request_deserializer=partial(decode_execute_request, limits=limits),
+                # The handler returns the encoded bytes: no serializer.
+                response_serializer=None,
+            ),
+            "ListNodes": grpc.unary_unary_rpc_method_handler(
+                self.list_nodes,
+                request_deserializer=pb.ListNodesRequest.FromString,
+                response_serializer=pb.ListNodesResponse.SerializeToString,
+            ),
+            "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+                self.get_server_info,
+                request_deserializer=pb.GetServerInfoRequest.FromString,
+                response_serializer=pb.ServerInfo.SerializeToString,
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+def catalogue(engine: PipelineEngine) -> pb.ListNodesResponse:
+    nodes = []
+    for entry in engine.registry:
+        cls = entry.cls
+        allowed = ["sandbox"] if not entry.trusted else sorted(engine.runtimes)
+        nodes.append(pb.NodeInfo(
+            node_type=entry.node_type,
+            description=cls.description,
+            params_schema_json=entry.params_schema_json(),
+            inputs=[pb.PortInfo(name=p.name, kind=p.kind, description=p.description,
+                                required=p.required) for p in cls.inputs],
+            outputs=[pb.PortInfo(name=p.name, kind=p.kind, description=p.description)
+                     for p in cls.outputs],
+            allowed_runtimes=allowed,
+            module=entry.module,
+            streaming=bool(getattr(cls, "streaming", False)),
+            reusable=cls.reusable,
+            trusted=entry.trusted,
+        ))
+    return pb.ListNodesResponse(nodes=nodes)

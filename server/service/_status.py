@@ -1,0 +1,112 @@
+"""Error translation at the service boundary: the one place where server exceptions become gRPC
+statuses with google.rpc rich details (BadRequest field violations, ErrorInfo, RetryInfo)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tensorline.server._errors import (
+    DeadlineExceeded,
+    LimitExceeded,
+    NodeFailed,
+    PermissionDenied,
+    RequestInvalid,
+    SandboxFailure,
+    ServiceUnavailable,
+    TensorlineServerError,
+    Violation,
+)
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "tensorline.dev"
+
+_CODES: list[tuple[type[TensorlineServerError], grpc.StatusCode]] = [
+    (RequestInvalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (NodeFailed, grpc.StatusCode.UNKNOWN),
+    (SandboxFailure, grpc.StatusCode.ABORTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ServiceUnavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_code_of(error: TensorlineServerError) -> grpc.StatusCode:
+    if isinstance(error, RequestInvalid) and any(v.kind == "limit" for v in error.violations):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    for cls, code in _CODES:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _error_metadata(error: TensorlineServerError) -> dict[str, str]:
+    if isinstance(error, NodeFailed):
+        meta = {"node_id": error.node_id, "exception_type": error.exc_type}
+        if error.sequence is not None:
+            meta["sequence"] = str(error.sequence)
+        return meta
+    if isinstance(error, SandboxFailure):
+        return {"node_id": error.node_id, "cause": error.cause, "during": error.during}
+    return {}
+
+
+def to_status(error: TensorlineServerError) -> status_pb2.Status:
+    code = status_code_of(error)
+    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN,
+                                                 metadata=_error_metadata(error)))]
+    violations: list[Violation] = list(getattr(error, "violations", []))
+    if violations:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations
+        ])))
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        seconds = int(retry_after)
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+            seconds=seconds, nanos=int((retry_after - seconds) * 1e9)))))
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message,
+                             details=details)
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: TensorlineServerError) -> None:
+    await context.abort_with_status(rpc_status.to_status(to_status(error)))
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def translate_errors(method: Handler) -> Handler:
+    """Wrap a unary handler: server errors -> rich statuses, anything else -> INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await method(self, request, context)
+        except TensorlineServerError as error:
+            log.info("%s: %s", method.__name__, error.message)
+            await abort(context, error)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("%s: internal error", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see server log)")
+
+    return wrapper  # type: ignore[return-value]
