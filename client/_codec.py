@@ -215,8 +215,8 @@ def as_wire_array(array: npt.ArrayLike) -> npt.NDArray[Any]:
 
 def _encode_tensor(array: npt.ArrayLike) -> Pieces:
     arr = as_wire_array(array)
-    head = pb.Tensor(dtype=wire_dtype(arr.dtype), shape=arr.shape).SerializeToString()
-    data = memoryview(arr.reshape(-1).view(np.uint8))
+    head = pb.Tensor(dtype=wire_dtype(arr.dtype), shape=arr.shape).SerializeToString()  # type: ignore[arg-type]
+    data = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     if data.nbytes == 0:
         return [head]
     return [head, _tag(3, _LEN), _varint_bytes(data.nbytes), data]
@@ -358,7 +358,8 @@ def _decode_audio(
         return None
     if samples.ndim not in (1, 2):
         out.append(
-            Violation(f"{path}.samples.shape", f"audio must be (frames,) or (frames, channels), got {list(samples.shape)}")
+            Violation(f"{path}.samples.shape",
+                      f"audio must be (frames,) or (frames, channels), got {list(samples.shape)}")
         )
         return None
     return Audio(samples, sample_rate)

@@ -209,7 +209,7 @@ def _find_cycle(deps: Mapping[str, Sequence[str]]) -> list[str] | None:
         stack.append(node)
         for dep in deps.get(node, ()):
             if state.get(dep) == 1:
-                path = stack[stack.index(dep):] + [dep]
+                path = [*stack[stack.index(dep):], dep]
                 return list(reversed(path))  # data-flow order: producer -> consumer
             if dep not in state:
                 found = visit(dep)

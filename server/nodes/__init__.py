@@ -18,8 +18,8 @@
 from tensorline.client._values import Audio, Json, Tagged
 from tensorline.server.nodes._node import (
     Isolation,
-    NodeContext,
     Node,
+    NodeContext,
     NodeParams,
     NodeTraits,
     NoParams,

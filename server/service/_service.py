@@ -31,7 +31,7 @@ from tensorline.v1 import tensorline_pb2 as pb
 
 SERVICE_NAME = "tensorline.v1.PipelineService"
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context = Any  # grpc.aio.ServicerContext (grpc ships no type information)
 
 
 def node_metrics(report: NodeReport) -> pb.NodeMetrics:

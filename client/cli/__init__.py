@@ -1,0 +1,5 @@
+"""The ``tensorline`` command line (typer)."""
+
+from tensorline.client.cli._app import app, main
+
+__all__ = ["app", "main"]

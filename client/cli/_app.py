@@ -1,0 +1,279 @@
+"""The ``tensorline`` command line: serve, run, stream, validate, nodes, health, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tensorline.client._client import AsyncClient, Client, ExecuteResult, load_manifest
+from tensorline.client._exceptions import TensorlineError
+from tensorline.client._values import Audio
+from tensorline.client.cli._io import describe, parse_assignment, read_input, write_outputs
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="tensorline: run pipelines of Python nodes over tensors.")
+console = Console()
+errors = Console(stderr=True)
+
+ServerOpt = Annotated[str, typer.Option("--server", "-s", envvar="TENSORLINE_SERVER",
+                                        help="server address host:port")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="TENSORLINE_TOKEN",
+                                              help="bearer token")]
+TlsOpt = Annotated[bool, typer.Option("--tls", help="use TLS with the system roots")]
+CaOpt = Annotated[Path | None, typer.Option("--tls-ca", help="CA certificate (PEM) to trust")]
+CertOpt = Annotated[Path | None, typer.Option("--tls-cert", help="client certificate (mTLS)")]
+KeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="client private key (mTLS)")]
+
+
+def _connection(token: str | None, tls: bool, ca: Path | None, cert: Path | None,
+                key: Path | None) -> dict[str, Any]:
+    return {
+        "token": token,
+        "tls": tls,
+        "root_certificates": ca.read_bytes() if ca else None,
+        "certificate_chain": cert.read_bytes() if cert else None,
+        "private_key": key.read_bytes() if key else None,
+    }
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _report_error(exc: TensorlineError) -> typer.Exit:
+    errors.print(f"[red]{type(exc).__name__}[/red] ({exc.code.name if exc.code else '-'}): "
+                 f"{exc.message}", highlight=False)
+    for violation in exc.violations:
+        errors.print(f"  - {violation.field}: {violation.description}", highlight=False)
+    return typer.Exit(1)
+
+
+def print_result(result: ExecuteResult) -> None:
+    outputs = Table(title="outputs")
+    outputs.add_column("output")
+    outputs.add_column("value")
+    for key, value in result.outputs.items():
+        outputs.add_row(key, describe(value))
+    console.print(outputs)
+    metrics = Table(title=f"metrics (total {result.metrics.total_ms:.2f} ms, "
+                          f"plan cached: {result.metrics.plan_cached})")
+    for column in ("node", "type", "runtime", "wall ms", "why"):
+        metrics.add_column(column)
+    for node in result.metrics.nodes:
+        why = node.selection_reason + (f" [fallback: {node.fallback}]" if node.fallback else "")
+        metrics.add_row(node.node_id, node.node_type, node.runtime, f"{node.wall_ms:.3f}", why)
+    console.print(metrics)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="port (0 = ephemeral)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON settings file")] = None,
+    node_module: Annotated[list[str] | None, typer.Option(
+        "--node-module", help="extra trusted node module (repeatable)")] = None,
+    untrusted_module: Annotated[list[str] | None, typer.Option(
+        "--untrusted-module", help="node module that always runs sandboxed (repeatable)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING")] = None,
+) -> None:
+    """Start the gRPC server (drains on SIGTERM/SIGINT)."""
+    import logging
+
+    from tensorline.server import Settings
+    from tensorline.server import serve as run_server
+
+    settings = Settings.load(config, host=host, port=port, node_modules=node_module or None,
+                             untrusted_modules=untrusted_module or None, log_level=log_level)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_server(settings))
+
+
+@app.command()
+def run(
+    manifest: Annotated[Path, typer.Argument(help="manifest file (.yaml/.yml/.json)")],
+    server: ServerOpt = "localhost:50051",
+    input: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="NODE[:PORT]=FILE (.npy, .wav, .json, .txt, other=bytes)")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="write outputs to FILE.npz or a directory")] = None,
+    timeout: Annotated[float | None, typer.Option(help="deadline in seconds")] = None,
+    token: TokenOpt = None, tls: TlsOpt = False, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
+    tls_key: KeyOpt = None,
+) -> None:
+    """Run a manifest once against a server and print (or save) every output."""
+    try:
+        inputs = {key: read_input(path) for key, path in map(parse_assignment, input or [])}
+        data = load_manifest(manifest)
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    try:
+        with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
+            result = client.execute(data, inputs, timeout=timeout)
+    except TensorlineError as exc:
+        raise _report_error(exc) from None
+    print_result(result)
+    if output:
+        write_outputs(output, result.outputs)
+        console.print(f"wrote {output}")
+
+
+@app.command()
+def validate(
+    manifest: Annotated[Path, typer.Argument(help="manifest file (.yaml/.yml/.json)")],
+    node_module: Annotated[list[str] | None, typer.Option(
+        "--node-module", help="extra node module to know (repeatable)")] = None,
+) -> None:
+    """Check a manifest against the local node catalogue; report every problem at once."""
+    from tensorline.server import RequestInvalid, TensorlineServerError
+    from tensorline.server.manifest import compile_manifest
+    from tensorline.server.nodes import NodeRegistry
+    from tensorline.server.selector import Selector
+
+    try:
+        data = load_manifest(manifest)
+    except (OSError, ValueError) as exc:
+        raise _fail(f"{manifest}: {exc}") from None
+    registry = NodeRegistry.default(modules=node_module or ())
+    try:
+        plan = compile_manifest(data, registry, Selector(sandbox_available=True))
+    except RequestInvalid as exc:
+        errors.print(f"[red]{manifest}: {len(exc.violations)} problem(s)[/red]")
+        for v in exc.violations:
+            errors.print(f"  - {v.field}: {v.description}", highlight=False)
+        raise typer.Exit(1) from None
+    except TensorlineServerError as exc:
+        raise _fail(exc.message) from None
+    console.print(f"[green]{manifest}: valid[/green] ({len(plan.nodes)} nodes; inputs: "
+                  f"{', '.join(f'{n}:{p}' for n, p in plan.external_inputs) or 'none'}; "
+                  f"outputs: {', '.join(f'{n}:{p}' for n, p in plan.sinks)})", highlight=False)
+
+
+@app.command()
+def nodes(
+    server: Annotated[str | None, typer.Option("--server", "-s",
+                                               help="ask a server instead of the local catalogue")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (with params schemas)")] = False,
+    token: TokenOpt = None, tls: TlsOpt = False, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
+    tls_key: KeyOpt = None,
+) -> None:
+    """List the node catalogue: types, parameters (JSON schema) and ports."""
+    if server:
+        try:
+            with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
+                infos = client.list_nodes()
+        except TensorlineError as exc:
+            raise _report_error(exc) from None
+    else:
+        from tensorline.server.executor import PipelineEngine
+        from tensorline.server.service._service import catalogue
+
+        infos = list(catalogue(PipelineEngine.local()).nodes)
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+
+        listing = []
+        for info in infos:
+            entry = MessageToDict(info, preserving_proto_field_name=True)
+            entry["params_schema"] = json.loads(entry.pop("params_schema_json", "{}"))
+            listing.append(entry)
+        console.print_json(json.dumps(listing))
+        return
+    table = Table(title=f"{len(infos)} node types")
+    for column in ("type", "inputs", "outputs", "params", "description"):
+        table.add_column(column)
+    for info in infos:
+        schema = json.loads(info.params_schema_json or "{}")
+        params = ", ".join(f"{k}: {v.get('type', v.get('anyOf', '?') and 'any')}"
+                           for k, v in schema.get("properties", {}).items())
+        table.add_row(
+            info.node_type,
+            ", ".join(f"{p.name}:{p.kind}" for p in info.inputs),
+            ", ".join(f"{p.name}:{p.kind}" for p in info.outputs),
+            params or "-",
+            info.description,
+        )
+    console.print(table)
+
+
+@app.command()
+def health(
+    server: ServerOpt = "localhost:50051",
+    service: Annotated[str, typer.Option(help="service name ('' = whole server)")] = "",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for an answer")] = 5.0,
+    token: TokenOpt = None, tls: TlsOpt = False, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
+    tls_key: KeyOpt = None,
+) -> None:
+    """Exit 0 when the server's gRPC health is SERVING, 1 otherwise (container/k8s probe)."""
+    try:
+        with Client(server, retry_unavailable=False,
+                    **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
+            status = client.health(service, timeout=timeout)
+    except TensorlineError as exc:
+        errors.print(f"{server}: {exc.message}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"{server}: {status}")
+    raise typer.Exit(0 if status == "SERVING" else 1)
+
+
+DEMO_MANIFEST: dict[str, Any] = {
+    "version": "v1",
+    "metadata": {"name": "demo"},
+    "nodes": [
+        {"id": "mic", "node_type": "AudioResample", "params": {"target_rate": 16000}},
+        {"id": "features", "node_type": "PassThrough"},
+        {"id": "double", "node_type": "Scale", "params": {"factor": 2}},
+        {"id": "triple", "node_type": "Scale", "params": {"factor": 3}},
+        {"id": "mix", "node_type": "Add"},
+        {"id": "norm", "node_type": "Normalize"},
+    ],
+    "connections": [
+        {"from": "features", "to": "double"},
+        {"from": "features", "to": "triple"},
+        {"from": "double", "to": "mix"},
+        {"from": "triple", "to": "mix"},
+        {"from": "mix", "to": "norm"},
+    ],
+}
+
+
+async def _demo() -> ExecuteResult:
+    from tensorline.server import Settings, create_server
+
+    server, port = await create_server(Settings(host="127.0.0.1", port=0))
+    await server.start()
+    try:
+        console.print(f"started a tensorline server on 127.0.0.1:{port}")
+        t = np.arange(48000) / 48000
+        tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype(np.int16)
+        features = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            result = await client.execute(
+                DEMO_MANIFEST, {"mic": Audio(tone, 48000), "features": features})
+    finally:
+        await server.stop(grace=1.0)
+    return result
+
+
+@app.command()
+def demo() -> None:
+    """Start a server on an ephemeral port, run a demo pipeline through it and print the result."""
+    console.print_json(json.dumps(DEMO_MANIFEST))
+    try:
+        result = asyncio.run(_demo())
+    except TensorlineError as exc:
+        raise _report_error(exc) from None
+    print_result(result)
+
+
+def main() -> None:
+    sys.exit(app())
