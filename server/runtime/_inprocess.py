@@ -173,6 +173,8 @@ class InProcessRuntime(Runtime):
         await self._finish(instance)
 
     async def _finish(self, instance: InProcessInstance) -> None:
+        if not instance.entry.has_cleanup:
+            return
         if instance.running:
             # A sync call is still running (abandoned by a deadline/cancel): clean up after it,
             # without holding the caller.

@@ -8,6 +8,7 @@ generated classes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from functools import partial
@@ -61,11 +62,17 @@ class PipelineService:
         self.engine = engine
         self.settings = settings
         self._catalogue: pb.ListNodesResponse | None = None
+        # Execution ids: unique per server without paying for uuid4 on every call.
+        self._ids = itertools.count(1)
+        self._id_prefix = uuid.uuid4().hex[:8]
+
+    def next_execution_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     @translate_errors
     async def execute_pipeline(self, request: DecodedExecuteRequest, context: Context) -> bytes:
         started = time.perf_counter()
-        scope = scope_for(context, uuid.uuid4().hex)
+        scope = scope_for(context, self.next_execution_id())
         result, cached = await self.engine.execute(
             request.manifest_json, request.inputs, prior=request.violations, scope=scope)
         metrics = pb.ExecutionMetrics(

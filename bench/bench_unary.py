@@ -1,0 +1,198 @@
+"""ExecutePipeline (one-node PassThrough) versus a bare grpc.aio echo of the same bytes.
+
+Both servers run in their own processes; this process is the load generator. Rounds alternate
+(echo, tensorline, echo, tensorline, ...) so drift on a noisy machine hits both alike; the
+report gives medians over all calls and the ratios tensorline / echo.
+
+    python bench/bench_unary.py                # full run
+    python bench/bench_unary.py --quick        # fewer calls
+    python bench/bench_unary.py --runtime sandbox   # PassThrough in a sandboxed worker
+
+Both clients encode the same ExecuteRequest per call with the tensorline codec and parse the
+reply (zero-copy) so client-side work is identical; only the server differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tensorline.client._codec import (
+    PortItem,
+    decode_execute_request,
+    decode_execute_response,
+    encode_execute_request,
+)
+
+MiB = 1024 * 1024
+LIMIT = 512 * MiB
+OPTIONS = [("grpc.max_send_message_length", LIMIT), ("grpc.max_receive_message_length", LIMIT)]
+
+ECHO_SERVER = """
+import asyncio, sys, grpc
+LIMIT = 512 * 1024 * 1024
+async def main():
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", LIMIT),
+                                      ("grpc.max_receive_message_length", LIMIT)])
+    async def echo(request, context):
+        return request
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+TENSORLINE_SERVER = """
+import asyncio, sys
+from tensorline.server import Settings, create_server
+async def main():
+    server, port = await create_server(Settings(host="127.0.0.1", port=0,
+        max_message_bytes=512 * 1024 * 1024, max_tensor_bytes=256 * 1024 * 1024))
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+def start(code: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError("server process exited before reporting its port")
+    return proc, int(line)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+Call = Callable[[], Awaitable[Any]]
+
+
+async def latencies(call: Call, count: int) -> list[float]:
+    out = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+async def throughput(call: Call, total: int, concurrency: int) -> float:
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total / (time.perf_counter() - started)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runtime", default="inprocess", choices=["inprocess", "sandbox"])
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    scale = 0.3 if args.quick else 1.0
+
+    echo_proc, echo_port = start(ECHO_SERVER)
+    tl_proc, tl_port = start(TENSORLINE_SERVER)
+    manifest = json.dumps({"nodes": [{"id": "p", "node_type": "PassThrough",
+                                      "runtime_hint": args.runtime}]})
+    results: dict[str, Any] = {"runtime": args.runtime, "latency": {}, "throughput": {}}
+    try:
+        echo_ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
+        tl_ch = grpc.aio.insecure_channel(f"127.0.0.1:{tl_port}", options=OPTIONS)
+        echo_rpc = echo_ch.unary_unary("/bench.Echo/Echo", request_serializer=None,
+                                       response_deserializer=decode_execute_request)
+        tl_rpc = tl_ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
+                                   request_serializer=None,
+                                   response_deserializer=decode_execute_response)
+
+        def calls(array: np.ndarray[Any, Any]) -> tuple[Call, Call]:
+            items = [PortItem("p", "", array)]
+
+            async def echo() -> Any:
+                return await echo_rpc(encode_execute_request(manifest, items))
+
+            async def tensorline() -> Any:
+                return await tl_rpc(encode_execute_request(manifest, items))
+
+            return echo, tensorline
+
+        # Check the pipeline works and is bit-exact before measuring.
+        probe = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+        reply = await calls(probe)[1]()
+        assert np.array_equal(reply.outputs[0].value, probe), "PassThrough is not bit-exact"
+
+        sizes = [("1 KiB", 1024, 400), ("1 MiB", MiB, 60), ("64 MiB", 64 * MiB, 4)]
+        print(f"runtime={args.runtime}  rounds={args.rounds}  (p50/p99 in ms; ratio = "
+              "tensorline / echo)")
+        print(f"{'payload':>8} {'echo p50':>9} {'tl p50':>9} {'ratio':>6} "
+              f"{'echo p99':>9} {'tl p99':>9} {'ratio':>6}")
+        for label, nbytes, count in sizes:
+            array = np.ones(nbytes // 4, dtype=np.float32)
+            echo, tensorline = calls(array)
+            await echo()
+            await tensorline()
+            samples: dict[str, list[float]] = {"echo": [], "tl": []}
+            n = max(2, int(count * scale))
+            for _ in range(args.rounds):
+                samples["echo"] += await latencies(echo, n)
+                samples["tl"] += await latencies(tensorline, n)
+            e50, t50 = statistics.median(samples["echo"]), statistics.median(samples["tl"])
+            e99, t99 = percentile(samples["echo"], 0.99), percentile(samples["tl"], 0.99)
+            results["latency"][label] = {"echo_p50_ms": e50 * 1e3, "tl_p50_ms": t50 * 1e3,
+                                         "p50_ratio": t50 / e50, "echo_p99_ms": e99 * 1e3,
+                                         "tl_p99_ms": t99 * 1e3, "p99_ratio": t99 / e99}
+            print(f"{label:>8} {e50 * 1e3:9.3f} {t50 * 1e3:9.3f} {t50 / e50:6.2f} "
+                  f"{e99 * 1e3:9.3f} {t99 * 1e3:9.3f} {t99 / e99:6.2f}")
+
+        echo, tensorline = calls(np.ones(256, dtype=np.float32))
+        total = int(3000 * scale)
+        rates: dict[str, list[float]] = {"echo": [], "tl": []}
+        for _ in range(args.rounds):
+            rates["echo"].append(await throughput(echo, total, 32))
+            rates["tl"].append(await throughput(tensorline, total, 32))
+        er, tr = statistics.median(rates["echo"]), statistics.median(rates["tl"])
+        results["throughput"] = {"echo_calls_s": er, "tl_calls_s": tr, "ratio": tr / er}
+        print(f"1 KiB at concurrency 32: echo {er:,.0f} calls/s, tensorline {tr:,.0f} calls/s, "
+              f"ratio {tr / er:.2f}")
+        await echo_ch.close()
+        await tl_ch.close()
+    finally:
+        for proc in (echo_proc, tl_proc):
+            proc.terminate()
+            proc.wait(10)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
