@@ -111,13 +111,7 @@ async def throughput(call: Call, total: int, concurrency: int) -> float:
     return total / (time.perf_counter() - started)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--runtime", default="inprocess", choices=["inprocess", "sandbox"])
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+async def main(args: argparse.Namespace) -> dict[str, Any]:
     scale = 0.3 if args.quick else 1.0
 
     echo_proc, echo_port = start(ECHO_SERVER)
@@ -189,10 +183,17 @@ async def main() -> None:
         for proc in (echo_proc, tl_proc):
             proc.terminate()
             proc.wait(10)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+    return results
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runtime", default="inprocess", choices=["inprocess", "sandbox"])
+    parser.add_argument("--json", help="also write the figures to this file")
+    arguments = parser.parse_args()
+    figures = asyncio.run(main(arguments))
+    if arguments.json:
+        with open(arguments.json, "w") as handle:
+            json.dump(figures, handle, indent=2)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -51,11 +51,37 @@ class Settings(BaseSettings):
     enable_fallback: bool = Field(True, description="TENSORLINE_ENABLE_FALLBACK: retry "
                                                     "sandbox failures in-process (trusted only)")
 
-    grace_s: float = Field(10.0, ge=0, description="drain grace period on SIGTERM")
-    reflection: bool = Field(True, description="serve gRPC reflection")
-    log_level: str = Field("INFO", description="logging level")
+    max_concurrent_executions: int = Field(
+        256, ge=0, description="unary executions in progress before RESOURCE_EXHAUSTED (0 = no limit)")
+    max_concurrent_streams: int = Field(
+        256, ge=0, description="streaming sessions open before RESOURCE_EXHAUSTED (0 = no limit)")
 
-    @field_validator("node_modules", "untrusted_modules", mode="before")
+    auth_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted bearer tokens (comma-separated); empty = no auth")
+    tls_cert_file: Path | None = Field(None, description="server certificate chain (PEM)")
+    tls_key_file: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA (PEM) for client certificates: set = mutual TLS required")
+
+    metrics_host: str = Field("0.0.0.0", description="address of the Prometheus endpoint")
+    metrics_port: int | None = Field(None, ge=0, le=65535,
+                                     description="Prometheus /metrics port (unset = off, 0 = ephemeral)")
+    log_level: str = Field("INFO", description="logging level")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+
+    grace_s: float = Field(10.0, ge=0, description="drain grace period on SIGTERM")
+    drain_delay_s: float = Field(
+        0.0, ge=0, description="seconds between health NOT_SERVING and refusing new calls "
+                               "(lets balancers notice first)")
+    keepalive_time_s: float = Field(30.0, gt=0, description="HTTP/2 keepalive ping interval")
+    keepalive_timeout_s: float = Field(10.0, gt=0, description="keepalive ping timeout")
+    max_connection_age_s: float | None = Field(
+        300.0, gt=0, description="close connections after this age so clients rebalance")
+    max_connection_age_grace_s: float = Field(
+        30.0, ge=0, description="time in-flight calls get after max connection age")
+    reflection: bool = Field(True, description="serve gRPC reflection")
+
+    @field_validator("node_modules", "untrusted_modules", "auth_tokens", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -66,6 +92,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() or None if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("mutual TLS (tls_client_ca_file) needs tls_cert_file/tls_key_file")
+        return self
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:

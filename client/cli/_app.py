@@ -83,18 +83,38 @@ def serve(
         "--node-module", help="extra trusted node module (repeatable)")] = None,
     untrusted_module: Annotated[list[str] | None, typer.Option(
         "--untrusted-module", help="node module that always runs sandboxed (repeatable)")] = None,
+    auth_token: Annotated[list[str] | None, typer.Option(
+        "--auth-token", help="accepted bearer token (repeatable); none = no auth")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(
+        help="CA for client certificates (enables mutual TLS)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0 = ephemeral)")] = None,
+    max_concurrent_executions: Annotated[int | None, typer.Option(help="0 = no limit")] = None,
+    max_concurrent_streams: Annotated[int | None, typer.Option(help="0 = no limit")] = None,
+    grace: Annotated[float | None, typer.Option(help="drain grace period in seconds")] = None,
+    instance_id: Annotated[str | None, typer.Option(help="replica id for GetServerInfo")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json")] = None,
 ) -> None:
-    """Start the gRPC server (drains on SIGTERM/SIGINT)."""
-    import logging
+    """Start the gRPC server (drains on SIGTERM/SIGINT). Every option also reads TENSORLINE_*."""
+    from pydantic import ValidationError
 
     from tensorline.server import Settings
     from tensorline.server import serve as run_server
+    from tensorline.server._logging import configure_logging
 
-    settings = Settings.load(config, host=host, port=port, node_modules=node_module or None,
-                             untrusted_modules=untrusted_module or None, log_level=log_level)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.load(
+            config, host=host, port=port, node_modules=node_module or None,
+            untrusted_modules=untrusted_module or None, auth_tokens=auth_token or None,
+            tls_cert_file=tls_cert, tls_key_file=tls_key, tls_client_ca_file=tls_client_ca,
+            metrics_port=metrics_port, max_concurrent_executions=max_concurrent_executions,
+            max_concurrent_streams=max_concurrent_streams, grace_s=grace,
+            instance_id=instance_id, log_level=log_level, log_format=log_format)
+    except (ValidationError, OSError, ValueError) as exc:
+        raise _fail(f"invalid settings: {exc}", code=2) from None
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(run_server(settings))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,10 +79,15 @@ def normalize_outputs(spec: NodeSpec, raw: Any) -> dict[str, Any]:
     return out
 
 
+NodeObserver = Callable[[NodeReport, bool], None]
+
+
 class Executor:
     def __init__(self, runtimes: Mapping[str, Runtime], selector: Selector) -> None:
         self._runtimes = runtimes
         self._selector = selector
+        # Told about every finished node run (report, failed): metrics hook.
+        self.observer: NodeObserver | None = None
 
     async def run(self, plan: ExecutionPlan, inputs: BoundInputs,
                   scope: ExecutionScope) -> ExecutionResult:
@@ -152,6 +157,7 @@ class Executor:
     async def _run_node(self, spec: NodeSpec, node_inputs: dict[str, Any],
                         scope: ExecutionScope, report: NodeReport) -> dict[str, Any]:
         started = time.perf_counter()
+        failed = True
         try:
             try:
                 raw = await self._call(spec, spec.decision, node_inputs, scope)
@@ -163,9 +169,13 @@ class Executor:
                 report.runtime, report.reason = retry.runtime, retry.reason
                 report.fallback = failure.cause
                 raw = await self._call(spec, retry, node_inputs, scope)
-            return normalize_outputs(spec, raw)
+            outputs = normalize_outputs(spec, raw)
+            failed = False
+            return outputs
         finally:
             report.wall_ms = (time.perf_counter() - started) * 1000.0
+            if self.observer is not None:
+                self.observer(report, failed)
 
     async def _call(self, spec: NodeSpec, decision: RuntimeDecision,
                     node_inputs: dict[str, Any], scope: ExecutionScope) -> Any:

@@ -72,3 +72,7 @@ class Runtime(ABC):
 
     def healthy(self) -> bool:
         return True
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics endpoint, e.g. {"worker_restarts": 3, "workers": 2}."""
+        return {}

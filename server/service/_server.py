@@ -21,17 +21,40 @@ from tensorline.server.executor import PipelineEngine
 from tensorline.server.nodes import NodeRegistry
 from tensorline.server.runtime import InProcessRuntime, Runtime
 from tensorline.server.selector import INPROCESS, Selector
+from tensorline.server.service._auth import BearerTokenInterceptor
 from tensorline.server.service._service import SERVICE_NAME, PipelineService
+from tensorline.server.service._telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
+    if settings.max_connection_age_s is not None:
+        # Behind an L4 balancer one HTTP/2 connection pins a client to one replica: closing
+        # connections after an age makes clients reconnect and spread again.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> PipelineEngine:
@@ -53,18 +76,29 @@ class TensorlineServer:
     """A running tensorline server: gRPC server + health + engine."""
 
     def __init__(self, settings: Settings, engine: PipelineEngine, server: grpc.aio.Server,
-                 health_servicer: health.aio.HealthServicer, port: int) -> None:
+                 health_servicer: Any, port: int, telemetry: Telemetry) -> None:
         self.settings = settings
         self.engine = engine
         self.grpc = server
         self.health = health_servicer
         self.port = port
+        self.telemetry = telemetry
+        self.metrics_port: int | None = None
+        self.draining = False
         self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.engine.start()
         await self.grpc.start()
-        await self._set_health(serving=True)
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.telemetry.serve_http(self.settings.metrics_host,
+                                                          self.settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host,
+                     self.metrics_port)
+        for layer in (layer for r in self.engine.runtimes.values() for layer in r.layers()):
+            log.info("sandbox layer %s: %s%s", layer.name, "active" if layer.active else "absent",
+                     f" ({layer.detail})" if layer.detail else "")
+        await self._set_health(serving=self.engine.healthy())
         log.info("tensorline serving on port %d (instance %s)", self.port,
                  self.settings.instance_id)
 
@@ -82,9 +116,14 @@ class TensorlineServer:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, grace: float) -> None:
+        self.draining = True
         await self.health.enter_graceful_shutdown()
+        if self.settings.drain_delay_s:
+            await asyncio.sleep(self.settings.drain_delay_s)
+        # Refuses new calls at once; in-flight calls get `grace` seconds, then are cancelled.
         await self.grpc.stop(grace)
         await self.engine.shutdown()
+        self.telemetry.close()
         log.info("tensorline stopped")
 
     async def wait_for_termination(self) -> None:
@@ -100,8 +139,11 @@ async def create_server(
     """Build and bind a server (not started). Returns the server and its bound port."""
     settings = settings or Settings()
     engine = engine or build_engine(settings, registry)
-    server = grpc.aio.server(options=grpc_options(settings))
-    service = PipelineService(engine, settings)
+    telemetry = Telemetry(engine)
+    engine.executor.observer = telemetry.observe_node
+    interceptors = [BearerTokenInterceptor(settings.auth_tokens)] if settings.auth_tokens else []
+    server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
+    service = PipelineService(engine, settings, telemetry)
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -109,17 +151,22 @@ async def create_server(
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
-    port = server.add_insecure_port(f"{host}:{settings.port}")
+    credentials = server_credentials(settings)
+    address = f"{host}:{settings.port}"
+    port = (server.add_insecure_port(address) if credentials is None
+            else server.add_secure_port(address, credentials))
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
-    return TensorlineServer(settings, engine, server, health_servicer, port), port
+    return TensorlineServer(settings, engine, server, health_servicer, port, telemetry), port
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain within ``settings.grace_s`` and return."""
     server, port = await create_server(settings)
     await server.start()
-    print(f"tensorline listening on {settings.host}:{port}", flush=True)
+    scheme = "tls" if settings.tls_cert_file else "plaintext"
+    print(f"tensorline listening on {settings.host}:{port} ({scheme}, instance "
+          f"{settings.instance_id})", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,3 +174,4 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("signal received: draining (grace %.1f s)", settings.grace_s)
     await server.stop()
+    log.info("drained; exiting")

@@ -22,11 +22,14 @@ from tensorline.client._codec import (
     decode_execute_request,
     encode_execute_response,
 )
+from tensorline.server._logging import request_id_var
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
 from tensorline.server.executor import NodeReport, PipelineEngine
 from tensorline.server.runtime import ExecutionScope
+from tensorline.server.service._admission import Admission
 from tensorline.server.service._status import translate_errors
+from tensorline.server.service._telemetry import Telemetry
 from tensorline.v1 import PROTOCOL_VERSION
 from tensorline.v1 import tensorline_pb2 as pb
 
@@ -41,26 +44,23 @@ def node_metrics(report: NodeReport) -> pb.NodeMetrics:
                           wall_ms=report.wall_ms, fallback=report.fallback)
 
 
-def request_id_of(context: Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id":
-            return str(value)
-    return uuid.uuid4().hex
-
-
 def scope_for(context: Context, execution_id: str) -> ExecutionScope:
     remaining = context.time_remaining()
     deadline = None
     if remaining is not None:
         deadline = asyncio.get_running_loop().time() + remaining
-    return ExecutionScope(execution_id=execution_id, request_id=request_id_of(context),
+    return ExecutionScope(execution_id=execution_id, request_id=request_id_var.get(),
                           deadline=deadline)
 
 
 class PipelineService:
-    def __init__(self, engine: PipelineEngine, settings: Settings) -> None:
+    def __init__(self, engine: PipelineEngine, settings: Settings,
+                 telemetry: Telemetry | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.telemetry = telemetry
+        self.admission = Admission(settings.max_concurrent_executions,
+                                   settings.max_concurrent_streams)
         self._catalogue: pb.ListNodesResponse | None = None
         # Execution ids: unique per server without paying for uuid4 on every call.
         self._ids = itertools.count(1)
@@ -69,12 +69,19 @@ class PipelineService:
     def next_execution_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"
 
-    @translate_errors
+    @translate_errors("ExecutePipeline")
     async def execute_pipeline(self, request: DecodedExecuteRequest, context: Context) -> bytes:
         started = time.perf_counter()
         scope = scope_for(context, self.next_execution_id())
-        result, cached = await self.engine.execute(
-            request.manifest_json, request.inputs, prior=request.violations, scope=scope)
+        with self.admission.execution():
+            if self.telemetry is not None:
+                self.telemetry.inflight_executions.inc()
+            try:
+                result, cached = await self.engine.execute(
+                    request.manifest_json, request.inputs, prior=request.violations, scope=scope)
+            finally:
+                if self.telemetry is not None:
+                    self.telemetry.inflight_executions.dec()
         metrics = pb.ExecutionMetrics(
             total_ms=(time.perf_counter() - started) * 1000.0,
             nodes=[node_metrics(r) for r in result.reports],
@@ -82,13 +89,13 @@ class PipelineService:
         )
         return encode_execute_response(result.outputs, metrics)
 
-    @translate_errors
+    @translate_errors("ListNodes")
     async def list_nodes(self, request: pb.ListNodesRequest, context: Context) -> pb.ListNodesResponse:
         if self._catalogue is None:
             self._catalogue = catalogue(self.engine)
         return self._catalogue
 
-    @translate_errors
+    @translate_errors("GetServerInfo")
     async def get_server_info(self, request: pb.GetServerInfoRequest,
                               context: Context) -> pb.ServerInfo:
         layers = [pb.SandboxLayer(name=layer.name, active=layer.active, detail=layer.detail)
@@ -99,6 +106,8 @@ class PipelineService:
             instance_id=self.settings.instance_id,
             max_message_bytes=self.settings.max_message_bytes,
             max_tensor_bytes=self.settings.max_tensor_bytes,
+            max_concurrent_executions=self.settings.max_concurrent_executions,
+            max_concurrent_streams=self.settings.max_concurrent_streams,
             sandbox_layers=layers,
             runtimes=sorted(self.engine.runtimes),
         )

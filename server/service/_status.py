@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -25,6 +27,7 @@ from tensorline.server._errors import (
     TensorlineServerError,
     Violation,
 )
+from tensorline.server._logging import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +96,51 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: TensorlineSe
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
-def translate_errors(method: Handler) -> Handler:
-    """Wrap a unary handler: server errors -> rich statuses, anything else -> INTERNAL."""
+class RequestObserver(Protocol):
+    def observe_request(self, method: str, code: str, seconds: float) -> None: ...
 
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await method(self, request, context)
-        except TensorlineServerError as error:
-            log.info("%s: %s", method.__name__, error.message)
-            await abort(context, error)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception:
-            log.exception("%s: internal error", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see server log)")
 
-    return wrapper  # type: ignore[return-value]
+def translate_errors(name: str) -> Callable[[Handler], Handler]:
+    """Wrap a unary handler of RPC ``name``: server errors -> rich statuses, anything else ->
+    INTERNAL; sets the request id for logging and reports method/status/latency to the
+    service's ``telemetry`` (when it has one)."""
+
+    def decorate(method: Handler) -> Handler:
+        @functools.wraps(method)
+        async def wrapper(self: Any, request: Any, context: Any) -> Any:
+            request_id_var.set(request_id_of(context))
+            telemetry: RequestObserver | None = getattr(self, "telemetry", None)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await method(self, request, context)
+            except TensorlineServerError as error:
+                code = status_code_of(error).name
+                log.info("%s: %s", name, error.message)
+                await abort(context, error)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = "ABORTED_BY_HANDLER"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                log.exception("%s: internal error", name)
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    "internal server error (see server log)")
+            finally:
+                if telemetry is not None:
+                    telemetry.observe_request(name, code, time.perf_counter() - started)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def request_id_of(context: Any) -> str:
+    """The caller's ``x-request-id`` metadata, or a fresh id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return str(value)
+    return uuid.uuid4().hex
