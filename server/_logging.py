@@ -16,10 +16,19 @@ from typing import Any
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
-class RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
+_base_factory = logging.getLogRecordFactory()
+
+
+def _record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _base_factory(*args, **kwargs)
+    record.request_id = request_id_var.get()
+    return record
+
+
+# Every record gets the request id, whichever handler (ours, pytest's, an embedding app's)
+# formats it.
+if getattr(_base_factory, "__name__", "") != "_record_with_request_id":
+    logging.setLogRecordFactory(_record_with_request_id)
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,7 +57,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
             root.removeHandler(handler)
     handler = logging.StreamHandler()
     handler._tensorline = True  # type: ignore[attr-defined]
-    handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -82,6 +82,9 @@ class PipelineEngine:
             return PlanLookup(plan, True)
         plan = compile_manifest(parse_manifest_json(manifest_json), self.registry, self.selector)
         self.plans.put(manifest_json, plan)
+        for spec in plan.nodes.values():
+            log.info("plan %r: node %s (%s) runs %s: %s", plan.name, spec.node_id, spec.node_type,
+                     spec.decision.runtime, spec.decision.reason)
         return PlanLookup(plan, False)
 
     async def execute(

@@ -1,0 +1,61 @@
+"""Load shedding and graceful drain of unary calls on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from tensorline.client import AsyncClient, LimitExceededError, TransportError
+from tests.nodes import basic
+
+SLOW = {"nodes": [{"id": "slow", "node_type": "SlowAsync", "params": {"seconds": 0.5}}]}
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.005)
+
+
+async def test_calls_beyond_the_limit_are_shed_with_a_retry_hint(
+        server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(max_concurrent_executions=1)
+    basic.EVENTS.pop("slow", None)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        first = asyncio.ensure_future(client.execute(SLOW, {"slow": np.ones(1)}))
+        await wait_for(lambda: "process" in basic.EVENTS.get("slow", []))
+        with pytest.raises(LimitExceededError) as info:
+            await client.execute({"nodes": [{"id": "p", "node_type": "PassThrough"}]},
+                                 {"p": np.ones(1)})
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+        assert "limit 1" in info.value.message
+        result = await first
+        np.testing.assert_array_equal(result["slow"], np.ones(1))
+
+
+async def test_drain_finishes_in_flight_calls_and_refuses_new_ones(
+        server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(grace_s=10.0)
+    basic.EVENTS.pop("slow", None)
+    target = f"127.0.0.1:{server.port}"
+    async with AsyncClient(target) as client:
+        in_flight = asyncio.ensure_future(client.execute(SLOW, {"slow": np.arange(3)}))
+        await wait_for(lambda: "process" in basic.EVENTS.get("slow", []))
+        stopping = asyncio.ensure_future(server.stop())
+        await wait_for(lambda: server.draining)
+        result = await in_flight
+        np.testing.assert_array_equal(result["slow"], np.arange(3))
+        await stopping
+    async with AsyncClient(target, retry_unavailable=False, timeout=5) as late:
+        with pytest.raises(TransportError):
+            await late.server_info()
+    assert basic.EVENTS["slow"][-1] == "cleanup"

@@ -1,0 +1,72 @@
+"""Health transitions, the Prometheus endpoint and request ids in logs, on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tensorline.client import AsyncClient, NodeError
+
+MANIFEST = {"nodes": [{"id": "p", "node_type": "PassThrough"}]}
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_metrics_endpoint_counts_requests_and_nodes(
+        server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(metrics_port=0, metrics_host="127.0.0.1")
+    assert server.metrics_port
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        for _ in range(3):
+            await client.execute(MANIFEST, {"p": np.ones(4)})
+        with pytest.raises(NodeError):
+            await client.execute({"nodes": [{"id": "f", "node_type": "Fail"}]}, {"f": np.ones(1)})
+    samples = await asyncio.to_thread(scrape, server.metrics_port)
+    assert samples[("tensorline_requests_total",
+                    (("code", "OK"), ("method", "ExecutePipeline")))] == 3
+    assert samples[("tensorline_requests_total",
+                    (("code", "UNKNOWN"), ("method", "ExecutePipeline")))] == 1
+    assert samples[("tensorline_node_executions_total",
+                    (("node_type", "PassThrough"), ("runtime", "inprocess")))] == 3
+    assert samples[("tensorline_node_errors_total",
+                    (("node_type", "Fail"), ("runtime", "inprocess")))] == 1
+    assert samples[("tensorline_request_duration_seconds_count",
+                    (("method", "ExecutePipeline"),))] == 4
+    assert samples[("tensorline_inflight_executions", ())] == 0
+
+
+async def test_health_goes_not_serving_when_draining(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory()
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        assert await client.health() == "SERVING"
+        assert await client.health("tensorline.v1.PipelineService") == "SERVING"
+        await server.health.enter_graceful_shutdown()
+        assert await client.health() == "NOT_SERVING"
+
+
+async def test_request_id_on_every_log_line_of_a_request(
+        server_factory: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+    server = await server_factory()
+    caplog.set_level(logging.INFO, logger="tensorline")
+    manifest = {"metadata": {"name": "logged"}, "nodes": [{"id": "x", "node_type": "Scale"}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        await client.execute(manifest, {"x": np.ones(2)}, request_id="req-42")
+    decisions = [r for r in caplog.records if "plan 'logged'" in r.getMessage()]
+    assert decisions, "the selector's decision was not logged"
+    assert all(getattr(r, "request_id", None) == "req-42" for r in decisions)
+    assert "inprocess" in decisions[0].getMessage()
