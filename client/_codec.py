@@ -210,7 +210,8 @@ def as_wire_array(array: npt.ArrayLike) -> npt.NDArray[Any]:
     wire_dtype(arr.dtype)  # raise early with the list of supported dtypes
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr)
+    # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
 def _encode_tensor(array: npt.ArrayLike) -> Pieces:
