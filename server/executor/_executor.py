@@ -20,7 +20,7 @@ import numpy as np
 from tensorline.client._codec import PortItem
 from tensorline.client._values import Tagged, kind_of
 from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
-from tensorline.server.manifest import BoundInputs, ExecutionPlan, NodeSpec
+from tensorline.server.manifest import BoundInputs, ExecutionPlan, NodeSpec, value_for_port
 from tensorline.server.runtime import ExecutionScope, Runtime
 from tensorline.server.selector import INPROCESS, RuntimeDecision, Selector
 
@@ -148,7 +148,7 @@ class Executor:
         for port in spec.entry.cls.inputs:
             sources = spec.wiring.get(port.name)
             if sources:
-                values = [produced[(s.node_id, s.port)] for s in sources]
+                values = [value_for_port(port, produced[(s.node_id, s.port)]) for s in sources]
                 node_inputs[port.name] = values if port.many else values[0]
             elif (spec.node_id, port.name) in inputs:
                 node_inputs[port.name] = inputs[(spec.node_id, port.name)]

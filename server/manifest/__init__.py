@@ -7,6 +7,7 @@ from tensorline.server.manifest._inputs import (
     check_value_kind,
     port_accepts,
     resolve_input_port,
+    value_for_port,
 )
 from tensorline.server.manifest._model import ConnectionDecl, ManifestDecl, NodeDecl
 from tensorline.server.manifest._plan import ExecutionPlan, NodeSpec, PlanCache, Source
@@ -26,4 +27,5 @@ __all__ = [
     "parse_manifest_json",
     "port_accepts",
     "resolve_input_port",
+    "value_for_port",
 ]

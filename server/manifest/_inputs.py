@@ -18,6 +18,14 @@ def port_accepts(port: Port, value: Any) -> bool:
     return port.kind == "any" or kind_of(value) == port.kind
 
 
+def value_for_port(port: Port, value: Any) -> Any:
+    """What a node receives on ``port``: the value as sent (metadata included) on an "any" port,
+    the bare value (without its ``Tagged`` metadata) on a typed port."""
+    if port.kind != "any" and isinstance(value, Tagged):
+        return value.value
+    return value
+
+
 def resolve_input_port(plan: ExecutionPlan, node_id: str, port_name: str,
                        field: str) -> tuple[Port | None, Violation | None]:
     """The external input port addressed by (node_id, port_name) or the violation explaining why
@@ -67,7 +75,7 @@ def bind_inputs(plan: ExecutionPlan, items: Sequence[PortItem],
             continue
         if item.value is None:
             continue  # undecodable: the codec already reported it
-        value = item.value.value if isinstance(item.value, Tagged) else item.value
+        value = value_for_port(port, item.value)
         problem = check_value_kind(port, item.node_id, value, field)
         if problem:
             problems.append(problem)
