@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import DecodeError
 
 from tensorline.client._values import Audio, Json, Tagged
 from tensorline.v1 import tensorline_pb2 as pb
@@ -270,7 +271,11 @@ def _decode_tensor(
             )
         )
         return None
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=data_start).reshape(shape)
+    try:
+        return np.frombuffer(buf, dtype=dtype, count=count, offset=data_start).reshape(shape)
+    except ValueError as exc:  # more dimensions than numpy supports, or an absurd zero-size shape
+        out.append(Violation(f"{path}.shape", f"unsupported shape {shape}: {exc}"))
+        return None
 
 
 # --- values --------------------------------------------------------------------------------------
@@ -327,7 +332,11 @@ def _decode_value(
         elif number == 5:
             kind, value = "binary", buf[a:b]
         elif number == 15:
-            entry = pb.Value.MetadataEntry.FromString(buf[a:b])
+            try:
+                entry = pb.Value.MetadataEntry.FromString(buf[a:b])
+            except DecodeError as exc:
+                out.append(Violation(f"{path}.metadata", f"malformed metadata entry: {exc}"))
+                continue
             metadata[entry.key] = entry.value
     if not kind:
         out.append(Violation(path, "value has no content (set one of tensor/audio/text/json/binary)"))
