@@ -66,6 +66,8 @@ def bind_inputs(plan: ExecutionPlan, items: Sequence[PortItem],
     the codec's ``prior`` ones (bad tensor bytes etc.)."""
     problems = list(prior)
     bound: BoundInputs = {}
+    # Ports whose value the codec could not decode (already reported): not "missing" as well.
+    undecodable: set[tuple[str, str]] = set()
     for index, item in enumerate(items):
         field = f"inputs[{index}]"
         port, problem = resolve_input_port(plan, item.node_id, item.port, field)
@@ -74,7 +76,8 @@ def bind_inputs(plan: ExecutionPlan, items: Sequence[PortItem],
             problems.append(problem)
             continue
         if item.value is None:
-            continue  # undecodable: the codec already reported it
+            undecodable.add((item.node_id, port.name))
+            continue
         value = value_for_port(port, item.value)
         problem = check_value_kind(port, item.node_id, value, field)
         if problem:
@@ -88,8 +91,7 @@ def bind_inputs(plan: ExecutionPlan, items: Sequence[PortItem],
                                              f"port '{port.name}'"))
         else:
             bound[key] = value
-    present = {(n, p) for n, p in bound} | {
-        (item.node_id, item.port) for item in items if item.value is None}
+    present = set(bound) | undecodable
     for node_id, port_name in plan.external_inputs:
         if (node_id, port_name) in plan.required_inputs and (node_id, port_name) not in present:
             problems.append(Violation("inputs", f"missing input for node '{node_id}' "
