@@ -1,0 +1,127 @@
+"""Test nodes for the spine suite: rendezvous (concurrency), probes (sharing), odd failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tensorline.server.nodes import Node, NodeParams, Port
+
+# Rendezvous name -> event, created on the loop that first asks for it.
+_EVENTS: dict[str, asyncio.Event] = {}
+# Probe node id -> the object it received.
+SEEN: dict[str, Any] = {}
+SEEN_LOCK = threading.Lock()
+
+
+def rendezvous_event(name: str) -> asyncio.Event:
+    return _EVENTS.setdefault(name, asyncio.Event())
+
+
+def reset() -> None:
+    _EVENTS.clear()
+    with SEEN_LOCK:
+        SEEN.clear()
+
+
+class RendezvousParams(NodeParams):
+    name: str
+    wait_for: str
+
+
+class Rendezvous(Node):
+    """Set this node's event, then wait for another node's: finishes only if both run at once."""
+
+    Params = RendezvousParams
+    params: RendezvousParams
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        rendezvous_event(self.params.name).set()
+        await rendezvous_event(self.params.wait_for).wait()
+        return inputs["in"]
+
+
+class Probe(Node):
+    """Record the object received (by node id) and return it unchanged."""
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        with SEEN_LOCK:
+            SEEN[self.context.node_id] = inputs["in"]
+        return inputs["in"]
+
+
+class SyncProbe(Node):
+    """Record the thread that ran process (sync nodes must not run on the event loop)."""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        with SEEN_LOCK:
+            SEEN[self.context.node_id] = threading.current_thread().name
+        return inputs["in"]
+
+
+class Triple(Node):
+    """Three outputs from one input: x, 2x, 3x."""
+
+    inputs = (Port("in", kind="tensor"),)
+    outputs = (Port("x", kind="tensor"), Port("twice", kind="tensor"), Port("thrice", kind="tensor"))
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        x = inputs["in"]
+        return {"x": x, "twice": x * 2, "thrice": x * 3}
+
+
+class OptionalBias(Node):
+    """x + bias, where the 'bias' input is optional."""
+
+    inputs = (Port("x", kind="tensor"), Port("bias", kind="tensor", required=False))
+    outputs = (Port("out", kind="tensor"),)
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["x"] + inputs.get("bias", 0)
+
+
+class TextOnly(Node):
+    """Upper-case text."""
+
+    inputs = (Port("in", kind="text"),)
+    outputs = (Port("out", kind="text"),)
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return str(inputs["in"]).upper()
+
+
+class FailInit(Node):
+    """Raise from initialize (RuntimeError)."""
+
+    def initialize(self) -> None:
+        raise RuntimeError("cannot load the model")
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+
+class WrongOutput(Node):
+    """Return a Python set, which no wire kind can carry."""
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return {1, 2, 3}
+
+
+class KeyFail(Node):
+    """Raise KeyError from a sync process."""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        raise KeyError("missing-thing")
+
+
+class FloatOut(Node):
+    """Return a Python float on a tensor port (becomes a 0-d array)."""
+
+    outputs = (Port("out", kind="tensor"),)
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return float(np.asarray(inputs["in"]).sum())
