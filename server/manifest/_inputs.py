@@ -38,6 +38,11 @@ def resolve_input_port(plan: ExecutionPlan, node_id: str, port_name: str,
     if not port_name:
         if len(external) == 1:
             return external[0], None
+        if not external and spec.wiring:
+            fed = ", ".join(f"'{name}' by node '{srcs[0].node_id}'"
+                            for name, srcs in spec.wiring.items())
+            return None, Violation(field, f"node '{node_id}' takes no input from the request: "
+                                          f"its input ports are fed by other nodes ({fed})")
         names = ", ".join(p.name for p in external) or "none"
         return None, Violation(f"{field}.port", f"node '{node_id}' has {len(external)} inputs "
                                                 f"fed by the request ({names}); name the port")
