@@ -125,3 +125,28 @@ class FloatOut(Node):
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         return float(np.asarray(inputs["in"]).sum())
+
+
+class WarmParams(NodeParams):
+    name: str = "model"
+
+
+class WarmModel(Node):
+    """A reusable node that records initialize/cleanup under 'warm:<name>' (see basic.EVENTS)."""
+
+    Params = WarmParams
+    params: WarmParams
+    reusable = True
+
+    async def initialize(self) -> None:
+        from tests.nodes.basic import record
+
+        record(f"warm:{self.params.name}", "initialize")
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+    def cleanup(self) -> None:
+        from tests.nodes.basic import record
+
+        record(f"warm:{self.params.name}", "cleanup")

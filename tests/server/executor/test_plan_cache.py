@@ -1,0 +1,105 @@
+"""The plan cache and warm reusable instances, through a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tensorline.client import AsyncClient
+from tests.nodes.basic import EVENTS, EVENTS_LOCK, CountingModel
+
+
+def events(key: str) -> list[str]:
+    with EVENTS_LOCK:
+        return list(EVENTS.get(key, []))
+
+
+async def wait_for(key: str, event: str, count: int = 1) -> None:
+    async with asyncio.timeout(10):
+        # Cleanups of evicted instances run in background tasks (and may use threads): poll.
+        while events(key).count(event) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+def warm(name: str) -> dict[str, Any]:
+    return {"version": "v1", "nodes": [{"id": "m", "node_type": "WarmModel",
+                                        "params": {"name": name}}]}
+
+
+async def test_second_identical_request_uses_the_cached_plan(client: AsyncClient) -> None:
+    manifest = {"version": "v1", "nodes": [{"id": "s", "node_type": "Scale",
+                                            "params": {"factor": 2}}]}
+    first = await client.execute(manifest, {"s": np.ones(1)})
+    second = await client.execute(manifest, {"s": np.full(1, 4.0)})
+    assert first.metrics.plan_cached is False
+    assert second.metrics.plan_cached is True
+    np.testing.assert_array_equal(second["s"], [8.0])
+    other = await client.execute({**manifest, "metadata": {"name": "other"}}, {"s": np.ones(1)})
+    assert other.metrics.plan_cached is False
+
+
+async def test_invalid_manifest_is_not_cached(client: AsyncClient) -> None:
+    from tensorline.client import InvalidRequestError
+
+    manifest = {"version": "v1", "nodes": [{"id": "s", "node_type": "Nope"}]}
+    for _ in range(2):
+        try:
+            await client.execute(manifest, {"s": np.ones(1)})
+        except InvalidRequestError as exc:
+            assert exc.violations[0].field == "nodes[0].node_type"
+        else:
+            raise AssertionError("an invalid manifest ran")
+
+
+async def test_plan_cache_disabled(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(plan_cache_size=0)
+    manifest = {"version": "v1", "nodes": [{"id": "p", "node_type": "PassThrough"}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        for _ in range(2):
+            result = await client.execute(manifest, {"p": np.ones(1)})
+            assert result.metrics.plan_cached is False
+
+
+async def test_reusable_node_is_initialized_once(client: AsyncClient) -> None:
+    manifest = {"version": "v1", "nodes": [{"id": "model", "node_type": "CountingModel"}]}
+    before = CountingModel.initializations
+    results = [await client.execute(manifest, {"model": np.zeros(1)}) for _ in range(3)]
+    # Concurrent first use of another manifest with the same node (same type and params).
+    other = {"version": "v1", "nodes": [{"id": "again", "node_type": "CountingModel"}]}
+    results += await asyncio.gather(*(client.execute(other, {"again": np.zeros(1)})
+                                      for _ in range(4)))
+    assert CountingModel.initializations - before == 1
+    assert {int(r.outputs.get("model", r.outputs.get("again"))) for r in results} == {
+        CountingModel.initializations}
+
+
+async def test_concurrent_first_requests_share_one_initialization(
+        server_factory: Callable[..., Any]) -> None:
+    server = await server_factory()
+    name = uuid.uuid4().hex
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        await asyncio.gather(*(client.execute(warm(name), {"m": np.zeros(1)}) for _ in range(5)))
+    assert events(f"warm:{name}") == ["initialize"]
+
+
+async def test_lru_eviction_runs_cleanup(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(warm_instances=1)
+    a, b = f"a-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        await client.execute(warm(a), {"m": np.zeros(1)})
+        await client.execute(warm(a), {"m": np.zeros(1)})
+        assert events(f"warm:{a}") == ["initialize"]
+        await client.execute(warm(b), {"m": np.zeros(1)})  # evicts a
+        await wait_for(f"warm:{a}", "cleanup")
+        assert events(f"warm:{a}") == ["initialize", "cleanup"]
+        assert events(f"warm:{b}") == ["initialize"]
+        await client.execute(warm(a), {"m": np.zeros(1)})  # a again: loaded anew, b evicted
+        await wait_for(f"warm:{b}", "cleanup")
+        assert events(f"warm:{a}") == ["initialize", "cleanup", "initialize"]
+    await server.stop(grace=0.5)
+    # Shutdown cleans up what is still warm.
+    assert events(f"warm:{a}") == ["initialize", "cleanup", "initialize", "cleanup"]
