@@ -53,7 +53,8 @@ HEAVY_LIBRARIES: tuple[str, ...] = (
 )
 # Short names only match as whole words ("pil" must not match "compile").
 _SHORT = frozenset({"jax", "cv2", "pil"})
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# Word boundaries in CamelCase, acronyms included: "PILResize" -> "PIL_Resize".
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _WORD = re.compile(r"[a-z0-9]+")
 
 MEMORY_THRESHOLD_MB = 4096
