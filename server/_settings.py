@@ -91,7 +91,12 @@ class Settings(BaseSettings):
     @field_validator("runtime", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() or None if isinstance(value, str) else value
+        """Case-insensitive, with the hint aliases the selector accepts (cpython, rust_python...)."""
+        if not isinstance(value, str):
+            return value
+        from tensorline.server.selector import normalize_hint
+
+        return normalize_hint(value)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
