@@ -10,6 +10,7 @@ cancels the others; every started node is released (cleanup) before the error pr
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from tensorline.client._codec import PortItem
-from tensorline.client._values import Tagged, kind_of
+from tensorline.client._codec import PortItem, wire_dtype
+from tensorline.client._values import Audio, Json, Tagged, kind_of
 from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
 from tensorline.server.manifest import BoundInputs, ExecutionPlan, NodeSpec, value_for_port
 from tensorline.server.runtime import ExecutionScope, Runtime
@@ -75,8 +76,40 @@ def normalize_outputs(spec: NodeSpec, raw: Any) -> dict[str, Any]:
             raise NodeFailed(spec.node_id, "TypeError",
                              f"output '{name}' is declared {port.kind} but the node returned "
                              f"{kind} ({type(bare).__name__})")
+        problem = wire_problem(value)
+        if problem is not None:
+            raise NodeFailed(spec.node_id, "ValueError",
+                             f"output '{name}' cannot be sent: {problem}")
         out[name] = value
     return out
+
+
+def wire_problem(value: Any) -> str | None:
+    """Why a value of a known kind cannot be encoded on the wire, or None when it can.
+
+    Checked here so that a node's bad output (an unsupported dtype, a non-finite float in JSON,
+    a lone surrogate in text) is that node's error, not an INTERNAL failure of the encoder."""
+    if isinstance(value, Tagged):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.metadata.items()):
+            return "metadata keys and values must be strings"
+        value = value.value
+    try:
+        if isinstance(value, np.ndarray | np.generic):
+            wire_dtype(value.dtype)
+        elif isinstance(value, Audio):
+            samples = np.asarray(value.samples)
+            wire_dtype(samples.dtype)
+            if samples.ndim not in (1, 2):
+                return f"audio samples must be (frames,) or (frames, channels), got {samples.shape}"
+            if int(value.sample_rate) <= 0:
+                return f"audio sample_rate must be positive, got {value.sample_rate}"
+        elif isinstance(value, Json):
+            json.dumps(value.value, allow_nan=False)
+        elif isinstance(value, str):
+            value.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        return str(exc)
+    return None
 
 
 NodeObserver = Callable[[NodeReport, bool], None]
