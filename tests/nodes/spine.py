@@ -150,3 +150,28 @@ class WarmModel(Node):
         from tests.nodes.basic import record
 
         record(f"warm:{self.params.name}", "cleanup")
+
+
+class BadOutputParams(NodeParams):
+    what: str
+
+
+class BadOutput(Node):
+    """Return a value of a known kind that cannot travel on the wire (chosen by 'what')."""
+
+    Params = BadOutputParams
+    params: BadOutputParams
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        from tensorline.server.nodes import Audio, Json, Tagged
+
+        return {
+            "strings": np.array(["a", "b"]),
+            "float128": np.zeros(2, dtype=np.longdouble),
+            "audio_rate": Audio(np.zeros(4, dtype=np.int16), 0),
+            "audio_shape": Audio(np.zeros((2, 2, 2), dtype=np.int16), 8000),
+            "json_nan": Json({"x": float("nan")}),
+            "json_object": Json({"x": object()}),
+            "surrogate": "\ud800",
+            "metadata": Tagged(np.zeros(1), {"k": 1}),  # type: ignore[dict-item]
+        }[self.params.what]

@@ -74,6 +74,27 @@ async def test_other_node_failures_are_node_errors_not_internal(
     assert text in caught.value.message
 
 
+@pytest.mark.parametrize(("what", "text"), [
+    ("strings", "cannot travel on the wire"),
+    ("float128", "cannot travel on the wire"),
+    ("audio_rate", "sample_rate must be positive"),
+    ("audio_shape", "(frames,) or (frames, channels)"),
+    ("json_nan", "Out of range float values"),
+    ("json_object", "not JSON serializable"),
+    ("surrogate", "surrogates not allowed"),
+    ("metadata", "metadata keys and values must be strings"),
+])
+async def test_unencodable_output_is_the_nodes_error(client: AsyncClient, what: str,
+                                                     text: str) -> None:
+    with pytest.raises(NodeError) as caught:
+        await client.execute(one_node("bad", "BadOutput", params={"what": what}),
+                             {"bad": np.zeros(1)})
+    assert caught.value.code == grpc.StatusCode.UNKNOWN
+    assert caught.value.node_id == "bad"
+    assert "output 'out' cannot be sent" in caught.value.message
+    assert text in caught.value.message
+
+
 async def test_failure_cancels_and_cleans_up_the_other_branch(client: AsyncClient) -> None:
     slow = unique("slow")
     manifest = {"version": "v1", "nodes": [

@@ -113,6 +113,8 @@ async def test_calculator_default_operation_from_params(client: AsyncClient) -> 
     ({"operation": "add", "operands": [1]}, "ValueError", "at least two numbers"),
     ({"operation": "add", "operands": [1, "2"]}, "ValueError", "at least two numbers"),
     ([1, 2], "ValueError", "expected a JSON object"),
+    # An overflowing result (inf) cannot be JSON: the node's error, not INTERNAL.
+    ({"operation": "multiply", "operands": [1e308, 10]}, "ValueError", "Out of range float"),
 ])
 async def test_calculator_errors_are_node_errors(client: AsyncClient, request_value: Any,
                                                  exception_type: str, text: str) -> None:
