@@ -1,0 +1,118 @@
+"""The gRPC surface: server info, catalogue, health, reflection, request ids, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from tensorline.client import AsyncClient, Client, TransportError
+from tensorline.server import TensorlineServer, __version__
+from tests.nodes import spine
+
+
+async def test_server_info(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(instance_id="replica-7", max_message_bytes=123_456_789,
+                                  max_tensor_bytes=99_999)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        info = await client.server_info()
+    assert info.server_version == __version__
+    assert info.protocol_version == "v1"
+    assert info.instance_id == "replica-7"
+    assert info.max_message_bytes == 123_456_789
+    assert info.max_tensor_bytes == 99_999
+    assert list(info.runtimes) == ["inprocess"]
+
+
+async def test_catalogue_has_test_nodes_with_ports_and_schemas(client: AsyncClient) -> None:
+    import json
+
+    nodes = {n.node_type: n for n in await client.list_nodes()}
+    split = nodes["Split"]
+    assert split.module == "tests.nodes.basic"
+    assert [(p.name, p.kind) for p in split.outputs] == [("first", "tensor"),
+                                                         ("second", "tensor")]
+    assert nodes["CountingModel"].reusable is True
+    assert nodes["Split"].reusable is False
+    slow_schema = json.loads(nodes["SlowAsync"].params_schema_json)
+    assert slow_schema["properties"]["seconds"]["minimum"] == 0
+    optional = {p.name: p.required for p in nodes["OptionalBias"].inputs}
+    assert optional == {"x": True, "bias": False}
+    assert nodes["Fail"].description == "Raise ValueError(message) from process."
+
+
+async def test_health_and_blocking_client(target: str) -> None:
+    async with AsyncClient(target) as client:
+        assert await client.health() == "SERVING"
+        assert await client.health("tensorline.v1.PipelineService") == "SERVING"
+
+    def blocking() -> tuple[str, int, Any]:
+        with Client(target) as client:
+            result = client.execute({"version": "v1", "nodes": [
+                {"id": "s", "node_type": "Scale", "params": {"factor": 4}}]}, {"s": np.ones(2)})
+            return client.health(), len(client.list_nodes()), result["s"]
+
+    status, count, scaled = await asyncio.to_thread(blocking)
+    assert status == "SERVING"
+    assert count >= 8
+    np.testing.assert_array_equal(scaled, [4.0, 4.0])
+
+
+async def test_reflection_lists_the_services(target: str) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+        async def requests() -> Any:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        names: set[str] = set()
+        async for response in stub.ServerReflectionInfo(requests()):
+            names |= {s.name for s in response.list_services_response.service}
+    assert {"tensorline.v1.PipelineService", "grpc.health.v1.Health"} <= names
+
+
+async def test_drain_finishes_in_flight_calls_and_refuses_new_ones(
+        server_factory: Callable[..., Any]) -> None:
+    server: TensorlineServer = await server_factory()
+    target = f"127.0.0.1:{server.port}"
+    started, go = f"started-{uuid.uuid4().hex}", f"go-{uuid.uuid4().hex}"
+    manifest = {"version": "v1", "nodes": [
+        {"id": "gate", "node_type": "Rendezvous", "params": {"name": started, "wait_for": go}}]}
+    async with AsyncClient(target) as client:
+        in_flight = asyncio.ensure_future(client.execute(manifest, {"gate": np.arange(3)}))
+        async with asyncio.timeout(10):
+            await spine.rendezvous_event(started).wait()
+        stopping = asyncio.ensure_future(server.stop(grace=30))
+
+
+        async def serving() -> bool:
+            try:
+                return await client.health() == "SERVING"
+            except TransportError:  # the server already refuses new calls
+                return False
+
+        async with asyncio.timeout(10):
+            while await serving():  # noqa: ASYNC110 (polls the server, not local state)
+                await asyncio.sleep(0.01)
+        spine.rendezvous_event(go).set()
+        result = await in_flight
+        np.testing.assert_array_equal(result["gate"], np.arange(3))
+        await stopping
+    async with AsyncClient(target, retry_unavailable=False) as late:
+        with pytest.raises(TransportError):
+            await late.execute(manifest, {"gate": np.zeros(1)}, timeout=5)
+    assert server.engine.healthy() is False
+    await server.stop()  # idempotent
+
+
+async def test_request_id_metadata_is_accepted(client: AsyncClient) -> None:
+    result = await client.execute({"version": "v1", "nodes": [
+        {"id": "p", "node_type": "PassThrough"}]}, {"p": "x"}, request_id="req-123")
+    assert result["p"] == "x"
