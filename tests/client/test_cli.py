@@ -215,7 +215,7 @@ def test_serve_applies_flags_over_environment_over_config_file(tmp_path: Path) -
         line = process.stdout.readline()
         assert line.startswith("tensorline listening on 127.0.0.1:"), (
             line + (process.stderr.read() if process.poll() is not None and process.stderr else ""))
-        port = int(line.rsplit(":", 1)[1])
+        port = int(line.removeprefix("tensorline listening on 127.0.0.1:").split()[0])
         assert port > 2  # the --port flag beats the environment and the file
 
         async def info() -> Any:

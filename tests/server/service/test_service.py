@@ -1,19 +1,16 @@
-"""The gRPC surface: server info, catalogue, health, reflection, request ids, draining."""
+"""The gRPC surface: server info, catalogue, health, reflection, request ids."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import numpy as np
-import pytest
 
-from tensorline.client import AsyncClient, Client, TransportError
-from tensorline.server import TensorlineServer, __version__
-from tests.nodes import spine
+from tensorline.client import AsyncClient, Client
+from tensorline.server import __version__
 
 
 async def test_server_info(server_factory: Callable[..., Any]) -> None:
@@ -76,40 +73,6 @@ async def test_reflection_lists_the_services(target: str) -> None:
         async for response in stub.ServerReflectionInfo(requests()):
             names |= {s.name for s in response.list_services_response.service}
     assert {"tensorline.v1.PipelineService", "grpc.health.v1.Health"} <= names
-
-
-async def test_drain_finishes_in_flight_calls_and_refuses_new_ones(
-        server_factory: Callable[..., Any]) -> None:
-    server: TensorlineServer = await server_factory()
-    target = f"127.0.0.1:{server.port}"
-    started, go = f"started-{uuid.uuid4().hex}", f"go-{uuid.uuid4().hex}"
-    manifest = {"version": "v1", "nodes": [
-        {"id": "gate", "node_type": "Rendezvous", "params": {"name": started, "wait_for": go}}]}
-    async with AsyncClient(target) as client:
-        in_flight = asyncio.ensure_future(client.execute(manifest, {"gate": np.arange(3)}))
-        async with asyncio.timeout(10):
-            await spine.rendezvous_event(started).wait()
-        stopping = asyncio.ensure_future(server.stop(grace=30))
-
-
-        async def serving() -> bool:
-            try:
-                return await client.health() == "SERVING"
-            except TransportError:  # the server already refuses new calls
-                return False
-
-        async with asyncio.timeout(10):
-            while await serving():  # noqa: ASYNC110 (polls the server, not local state)
-                await asyncio.sleep(0.01)
-        spine.rendezvous_event(go).set()
-        result = await in_flight
-        np.testing.assert_array_equal(result["gate"], np.arange(3))
-        await stopping
-    async with AsyncClient(target, retry_unavailable=False) as late:
-        with pytest.raises(TransportError):
-            await late.execute(manifest, {"gate": np.zeros(1)}, timeout=5)
-    assert server.engine.healthy() is False
-    await server.stop()  # idempotent
 
 
 async def test_request_id_metadata_is_accepted(client: AsyncClient) -> None:
