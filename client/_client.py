@@ -57,7 +57,12 @@ def manifest_json(manifest: ManifestLike) -> str:
     text = manifest.strip()
     if text.startswith("{"):
         return text
-    data = yaml.safe_load(text)
+    if "\n" not in text and text.lower().endswith((".json", ".yaml", ".yml")):
+        return json.dumps(load_manifest(text), separators=(",", ":"))  # a file name
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"manifest text is not valid YAML: {exc}") from None
     if isinstance(data, dict):
         return json.dumps(data, separators=(",", ":"))
     raise ValueError("manifest text is neither a JSON object nor a YAML mapping")
