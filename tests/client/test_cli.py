@@ -235,3 +235,40 @@ def test_serve_applies_flags_over_environment_over_config_file(tmp_path: Path) -
         for stream in (process.stdout, process.stderr):
             if stream:
                 stream.close()
+
+
+async def test_run_with_wav_audio(target: str, tmp_path: Path) -> None:
+    import wave
+
+    source = tmp_path / "tone.wav"
+    tone = (np.sin(np.arange(4410) * 2 * np.pi * 440 / 44100) * 12000).astype("<i2")
+    with wave.open(str(source), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(44100)
+        wav.writeframes(tone.tobytes())
+    manifest = tmp_path / "resample.json"
+    manifest.write_text(json.dumps({"version": "v1", "nodes": [
+        {"id": "res", "node_type": "AudioResample", "params": {"target_rate": 16000}}]}))
+    npz, folder = tmp_path / "out.npz", tmp_path / "out"
+    for out in (npz, folder):
+        result = await cli("run", str(manifest), "-s", target, "-i", f"res={source}",
+                           "-o", str(out))
+        assert result.exit_code == 0, result.output
+        assert "audio int16 [1600] @ 16000 Hz" in result.stdout
+    with np.load(npz) as saved:
+        assert saved["res"].dtype == np.int16
+        assert saved["res"].shape == (1600,)
+        assert int(saved["res.sample_rate"]) == 16000
+    with wave.open(str(folder / "res.wav"), "rb") as wav:
+        assert (wav.getframerate(), wav.getsampwidth(), wav.getnframes()) == (16000, 2, 1600)
+
+
+async def test_run_timeout_is_reported(target: str, workdir: Path) -> None:
+    manifest = workdir / "slow.json"
+    manifest.write_text(json.dumps({"version": "v1", "nodes": [
+        {"id": "slow", "node_type": "SlowAsync", "params": {"seconds": 60}}]}))
+    result = await cli("run", str(manifest), "-s", target, "-i", f"slow={workdir / 'x.npy'}",
+                       "--timeout", "0.3")
+    assert result.exit_code == 1
+    assert "DeadlineExceededError (DEADLINE_EXCEEDED)" in result.stderr
