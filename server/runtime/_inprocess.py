@@ -45,12 +45,23 @@ class InProcessInstance(NodeInstance):
             return await method(*args)
         future = self._runtime.pool.submit(method, *args)
         self.running.add(future)
-        future.add_done_callback(self.running.discard)
+        future.add_done_callback(self._call_done)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             self.node.context.cancelled.set()
+            self._reset_cancelled()  # the abandoned call may have finished already
             raise
+
+    def _call_done(self, future: concurrent.futures.Future[Any]) -> None:
+        self.running.discard(future)
+        self._reset_cancelled()
+
+    def _reset_cancelled(self) -> None:
+        """A warm instance outlives its requests: once no abandoned sync call is left running,
+        clear ``cancelled`` so the next request does not see an old request's cancellation."""
+        if self.entry.cls.reusable and not self.running:
+            self.node.context.cancelled.clear()
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         try:
