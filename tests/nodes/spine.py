@@ -175,3 +175,19 @@ class BadOutput(Node):
             "surrogate": "\ud800",
             "metadata": Tagged(np.zeros(1), {"k": 1}),  # type: ignore[dict-item]
         }[self.params.what]
+
+
+class WarmSlowSync(Node):
+    """Reusable; busy-waits (cooperatively) for the number of seconds given as its input and
+    returns whether its context said "cancelled" when it finished."""
+
+    reusable = True
+    outputs = (Port("out", kind="tensor"),)
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        import time
+
+        end = time.monotonic() + float(inputs["in"])
+        while time.monotonic() < end and not self.context.cancelled.is_set():
+            time.sleep(0.01)
+        return np.asarray(self.context.cancelled.is_set())

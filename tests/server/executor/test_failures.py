@@ -206,3 +206,26 @@ async def test_unreachable_server_is_transport_error(
             await client.execute(one_node("p", "PassThrough"), {"p": np.zeros(1)}, timeout=5)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert isinstance(caught.value, TensorlineError)
+
+
+async def test_node_timeout_stops_a_sync_node(client: AsyncClient) -> None:
+    node_id = unique("timed-sync")
+    manifest = one_node(node_id, "SlowSync", params={"seconds": 60}, timeout_s=0.2)
+    with pytest.raises(DeadlineExceededError, match="exceeded its timeout"):
+        await client.execute(manifest, {node_id: np.zeros(1)})
+    await wait_for_event(node_id, "cleanup")
+
+
+async def test_cancellation_of_a_warm_instance_does_not_stick(client: AsyncClient) -> None:
+    """A reusable node abandoned by a deadline must not see "cancelled" in later requests."""
+    manifest = one_node("warm", "WarmSlowSync")
+    with pytest.raises(DeadlineExceededError):
+        await client.execute(manifest, {"warm": np.asarray(60.0)}, timeout=0.3)
+    async with asyncio.timeout(10):
+        while True:  # the abandoned call notices the cancellation, then the flag must clear
+            result = await client.execute(manifest, {"warm": np.asarray(0.0)})
+            if not bool(result["warm"]):
+                break
+            await asyncio.sleep(0.01)
+    result = await client.execute(manifest, {"warm": np.asarray(0.05)})
+    assert not bool(result["warm"])
