@@ -176,7 +176,8 @@ class Normalize(Node):
 
     def process(self, inputs: Mapping[str, Any]) -> Any:
         array = inputs["in"]
-        out_dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float64
+        # Floating and complex tensors keep their dtype (complex must not lose its imaginary part).
+        out_dtype = array.dtype if np.issubdtype(array.dtype, np.inexact) else np.float64
         data = array.astype(out_dtype, copy=False)
         mean = self.params.mean if self.params.mean is not None else data.mean()
         std = self.params.std if self.params.std is not None else data.std() + self.params.epsilon
