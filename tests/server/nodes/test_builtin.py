@@ -175,6 +175,14 @@ async def test_normalize_computed_and_given(client: AsyncClient) -> None:
     np.testing.assert_array_equal(constant, np.zeros(3))
 
 
+async def test_normalize_keeps_complex_values(client: AsyncClient) -> None:
+    x = np.array([1 + 1j, 2 - 1j, 3 + 0j], dtype=np.complex64)
+    out = await run(client, "Normalize", x)
+    assert out.dtype == np.complex64
+    np.testing.assert_allclose(out, (x - x.mean()) / (x.std() + 1e-8), rtol=1e-5)
+    assert np.any(out.imag != 0)
+
+
 @pytest.mark.parametrize(("source", "target"), [
     (44100, 16000), (48000, 16000), (16000, 44100), (8000, 22050), (22050, 22050),
 ])
