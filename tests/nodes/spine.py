@@ -95,13 +95,35 @@ class TextOnly(Node):
 
 
 class FailInit(Node):
-    """Raise from initialize (RuntimeError)."""
+    """Raise from initialize (RuntimeError); cleanup is recorded (basic.EVENTS by node id)."""
 
     def initialize(self) -> None:
         raise RuntimeError("cannot load the model")
 
     def process(self, inputs: Mapping[str, Any]) -> Any:
         return inputs["in"]
+
+    def cleanup(self) -> None:
+        from tests.nodes.basic import record
+
+        record(self.context.node_id, "cleanup")
+
+
+class FailProcess(Node):
+    """Raise from a sync process; initialize and cleanup are recorded (basic.EVENTS)."""
+
+    async def initialize(self) -> None:
+        from tests.nodes.basic import record
+
+        record(self.context.node_id, "initialize")
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        raise OSError("disk on fire")
+
+    async def cleanup(self) -> None:
+        from tests.nodes.basic import record
+
+        record(self.context.node_id, "cleanup")
 
 
 class WrongOutput(Node):

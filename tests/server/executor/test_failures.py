@@ -229,3 +229,16 @@ async def test_cancellation_of_a_warm_instance_does_not_stick(client: AsyncClien
             await asyncio.sleep(0.01)
     result = await client.execute(manifest, {"warm": np.asarray(0.05)})
     assert not bool(result["warm"])
+
+
+@pytest.mark.parametrize(("node_type", "expected"), [
+    ("FailProcess", ["initialize", "cleanup"]),
+    ("FailInit", ["cleanup"]),
+])
+async def test_cleanup_runs_after_a_node_error(client: AsyncClient, node_type: str,
+                                               expected: list[str]) -> None:
+    node_id = unique(node_type)
+    with pytest.raises(NodeError):
+        await client.execute(one_node(node_id, node_type), {node_id: np.zeros(1)})
+    # The error is returned only after the node was cleaned up: no polling needed.
+    assert events(node_id) == expected
