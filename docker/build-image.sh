@@ -60,4 +60,6 @@ podman "${podman_global[@]}" build \
     --file "$repo/docker/Dockerfile" \
     --tag "$tag" \
     "$repo"
+# The builder stage is left behind as a dangling image: drop it.
+podman image prune --force --filter label=org.tensorline.stage=builder >/dev/null
 echo "build-image: built $tag in $((SECONDS - start)) s"

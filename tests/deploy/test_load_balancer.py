@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorline.client import AsyncClient, TensorlineError
 
+from tensorline.client import AsyncClient, TensorlineError
 from tests.support.nginx import NginxBalancer, nginx_binary
 from tests.support.processes import ServerProcess, running_servers
 
