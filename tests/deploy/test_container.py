@@ -102,6 +102,9 @@ def test_image_builds_runs_serves_and_drains(image: str, container_name: str,
     podman(
         "run", "--detach", "--name", container_name, "--network", "host", *ULIMITS,
         "--shm-size", f"{SHM_MB}m",
+        # The hardening of docker/k8s/deployment.yaml and docker-compose.yml: read-only root
+        # (podman mounts a tmpfs on /tmp), no capabilities, no privilege escalation.
+        "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         "--env", f"TENSORLINE_PORT={port}",
         "--env", "TENSORLINE_INSTANCE_ID=container-test",
         "--env", "TENSORLINE_GRACE_S=20",
@@ -120,6 +123,8 @@ def test_image_builds_runs_serves_and_drains(image: str, container_name: str,
 
     # 2. It runs as the non-root user, with the /dev/shm size it was given.
     assert podman("exec", container_name, "id", "-u").stdout.strip() == IMAGE_UID
+    assert podman("inspect", "--format", "{{.Config.User}}", container_name
+                  ).stdout.strip().startswith(IMAGE_UID)
     shm_kb = int(podman("exec", container_name, "df", "-k", "--output=size", "/dev/shm")
                  .stdout.split()[-1])
     assert shm_kb == SHM_MB * 1024
