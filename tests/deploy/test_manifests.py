@@ -83,13 +83,14 @@ def test_deployment_probes_shm_drain_and_security() -> None:
     assert volume["emptyDir"]["medium"] == "Memory"
     assert volume["emptyDir"]["sizeLimit"]
 
-    # Drain: preStop + the server's grace fit inside terminationGracePeriodSeconds, and liveness
-    # does not kill a draining pod before that.
-    grace = float(env["TENSORLINE_GRACE_S"])
-    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
-    pre_stop_s = float(pre_stop[1]) if pre_stop[0] == "sleep" else 0.0
+    # Drain: the delay before refusing calls plus the server's grace fit inside
+    # terminationGracePeriodSeconds, and liveness does not kill a draining pod before that.
+    grace = float(env["TENSORLINE_GRACE_S"]) + float(env.get("TENSORLINE_DRAIN_DELAY_S", 0))
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+    if pre_stop and pre_stop[0] == "sleep":
+        grace += float(pre_stop[1])
     termination = pod["terminationGracePeriodSeconds"]
-    assert pre_stop_s + grace < termination <= pre_stop_s + grace + 15
+    assert grace < termination <= grace + 15
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > termination
 
