@@ -130,6 +130,8 @@ class Executor:
                    for nid, spec in plan.nodes.items()}
         ready = [nid for nid in plan.order if waiting[nid] == 0]
         running: dict[asyncio.Task[dict[str, Any]], str] = {}
+        # The node awaited inline (no task), for the deadline message.
+        inline: str | None = None
 
         def finished(node_id: str, outputs: dict[str, Any]) -> None:
             for port, value in outputs.items():
@@ -149,8 +151,9 @@ class Executor:
             async with asyncio.timeout_at(scope.deadline):
                 while ready or running:
                     if len(ready) == 1 and not running:
-                        node_id = ready.pop()
-                        finished(node_id, await start(node_id))
+                        inline = ready.pop()
+                        finished(inline, await start(inline))
+                        inline = None
                         continue
                     for node_id in ready:
                         running[asyncio.ensure_future(start(node_id))] = node_id
@@ -160,8 +163,7 @@ class Executor:
                         node_id = running.pop(task)
                         finished(node_id, task.result())
         except TimeoutError:
-            active = sorted(running.values()) or sorted(
-                r.node_id for r in reports.values() if not r.wall_ms)
+            active = sorted(running.values()) or ([inline] if inline else [])
             raise DeadlineExceeded(
                 "deadline exceeded" + (f" while running node(s) {', '.join(active)}"
                                        if active else "")) from None
