@@ -291,9 +291,11 @@ def encode_value(value: Any) -> Pieces:
     if isinstance(value, np.ndarray | np.generic):
         pieces = _len_field(1, _encode_tensor(value))
     elif isinstance(value, Audio):
-        audio = [*_len_field(1, _encode_tensor(value.samples))]
-        if value.sample_rate:
-            audio += [_tag(2, _VARINT), _varint_bytes(int(value.sample_rate))]
+        rate = int(value.sample_rate)
+        if not 0 < rate < 2**31:  # an int32 on the wire, and never zero or negative
+            raise ValueError(f"audio sample_rate must be in 1..{2**31 - 1}, got {rate}")
+        audio = [*_len_field(1, _encode_tensor(value.samples)), _tag(2, _VARINT),
+                 _varint_bytes(rate)]
         pieces = _len_field(2, audio)
     elif isinstance(value, str):
         pieces = [pb.Value(text=value).SerializeToString()]
