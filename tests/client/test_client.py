@@ -58,3 +58,11 @@ async def test_unsendable_inputs_raise_before_sending(client: AsyncClient, value
 async def test_bad_manifest_text_raises_tensorline_error(client: AsyncClient) -> None:
     with pytest.raises(TensorlineError, match="not valid YAML"):
         await client.execute("nodes: [", {"s": np.ones(1)})
+
+
+@pytest.mark.parametrize("rate", [0, -5, 2**31])
+async def test_bad_sample_rate_is_refused_clearly(client: AsyncClient, rate: int) -> None:
+    from tensorline.client import Audio
+
+    with pytest.raises(TensorlineError, match=r"audio sample_rate must be in 1\.\.2147483647"):
+        await client.execute(MANIFEST, {"s": Audio(np.zeros(4, dtype=np.int16), rate)})
