@@ -42,19 +42,6 @@ async def test_second_identical_request_uses_the_cached_plan(client: AsyncClient
     assert other.metrics.plan_cached is False
 
 
-async def test_invalid_manifest_is_not_cached(client: AsyncClient) -> None:
-    from tensorline.client import InvalidRequestError
-
-    manifest = {"version": "v1", "nodes": [{"id": "s", "node_type": "Nope"}]}
-    for _ in range(2):
-        try:
-            await client.execute(manifest, {"s": np.ones(1)})
-        except InvalidRequestError as exc:
-            assert exc.violations[0].field == "nodes[0].node_type"
-        else:
-            raise AssertionError("an invalid manifest ran")
-
-
 async def test_plan_cache_disabled(server_factory: Callable[..., Any]) -> None:
     server = await server_factory(plan_cache_size=0)
     manifest = {"version": "v1", "nodes": [{"id": "p", "node_type": "PassThrough"}]}

@@ -73,9 +73,3 @@ async def test_reflection_lists_the_services(target: str) -> None:
         async for response in stub.ServerReflectionInfo(requests()):
             names |= {s.name for s in response.list_services_response.service}
     assert {"tensorline.v1.PipelineService", "grpc.health.v1.Health"} <= names
-
-
-async def test_request_id_metadata_is_accepted(client: AsyncClient) -> None:
-    result = await client.execute({"version": "v1", "nodes": [
-        {"id": "p", "node_type": "PassThrough"}]}, {"p": "x"}, request_id="req-123")
-    assert result["p"] == "x"
