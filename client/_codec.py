@@ -238,6 +238,8 @@ def _decode_tensor(
             while pos < b:
                 dim, pos = _read_varint(buf, pos)
                 shape.append(_to_int64(dim))
+            if pos != b:
+                raise MalformedMessage("packed shape ends inside a varint")
         elif number == 2 and wire_type == _VARINT:
             shape.append(_to_int64(a))
         elif number == 3 and wire_type == _LEN:
