@@ -190,3 +190,17 @@ def test_crafted_edge_cases_yield_violations() -> None:
         decoded = decode_execute_request(request(value))
         assert len(decoded.violations) == 1, value
         assert decoded.violations[0].field.startswith("inputs[0].value"), decoded.violations
+
+
+def test_packed_shape_ending_inside_a_varint_is_malformed() -> None:
+    """The last shape byte says "more follows": the decoder must not read the next field."""
+    from tensorline.client._codec import _varint_bytes
+
+    data = b"\x00" * 3330  # 0x82 followed by the data tag 0x1a would read as 3330
+    tensor = b"\x08\x06" + b"\x12\x01\x82" + b"\x1a" + _varint_bytes(len(data)) + data
+    value = b"\x0a" + _varint_bytes(len(tensor)) + tensor
+    port_value = b"\x0a\x01n" + b"\x1a" + _varint_bytes(len(value)) + value
+    raw = b"\x12" + _varint_bytes(len(port_value)) + port_value
+    decoded = decode_execute_request(raw)
+    assert [v.field for v in decoded.violations] == ["request"]
+    assert "packed shape ends inside a varint" in decoded.violations[0].description
