@@ -213,3 +213,24 @@ class WarmSlowSync(Node):
         while time.monotonic() < end and not self.context.cancelled.is_set():
             time.sleep(0.01)
         return np.asarray(self.context.cancelled.is_set())
+
+
+_BARRIERS: dict[str, threading.Barrier] = {}
+
+
+class BarrierParams(NodeParams):
+    name: str
+    parties: int = 2
+
+
+class SyncRendezvous(Node):
+    """Sync: wait (in its thread) until `parties` nodes reach the named barrier (10 s at most)."""
+
+    Params = BarrierParams
+    params: BarrierParams
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        with SEEN_LOCK:
+            barrier = _BARRIERS.setdefault(self.params.name, threading.Barrier(self.params.parties))
+        barrier.wait(timeout=10)
+        return inputs["in"]

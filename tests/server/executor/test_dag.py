@@ -182,3 +182,18 @@ async def test_json_manifest_text_and_yaml_text_are_accepted(client: AsyncClient
     json_text = '{"version": "v1", "nodes": [{"id": "s", "node_type": "Scale"}]}'
     result = await client.execute(json_text, {"s": np.ones(2)})
     np.testing.assert_array_equal(result["s"], [1.0, 1.0])
+
+
+async def test_sync_branches_run_in_parallel_threads(client: AsyncClient) -> None:
+    """Three sync nodes meet at one thread barrier: only possible if all run at the same time."""
+    name = f"barrier-{uuid.uuid4().hex}"
+    branches = ["x", "y", "z"]
+    manifest = {
+        "version": "v1",
+        "nodes": [node("src", "PassThrough"),
+                  *(node(b, "SyncRendezvous", params={"name": name, "parties": 3})
+                    for b in branches)],
+        "connections": [edge("src", b) for b in branches],
+    }
+    result = await client.execute(manifest, {"src": np.arange(2)}, timeout=30)
+    assert set(result.outputs) == set(branches)
