@@ -44,7 +44,7 @@ async def test_deadline_names_the_node_running_inline(engine: PipelineEngine) ->
                     [{"from": "p", "to": slow}])
     with pytest.raises(DeadlineExceeded) as caught:
         await engine.execute(text, [PortItem("p", "", np.zeros(1))],
-                             scope=scope_with_deadline(0.2))
+                             scope=scope_with_deadline(0.5))
     assert caught.value.message == f"deadline exceeded while running node(s) {slow}"
     # The executor returns only after the node was released: cleanup already ran.
     with EVENTS_LOCK:
@@ -58,7 +58,7 @@ async def test_deadline_names_every_running_branch(engine: PipelineEngine) -> No
                     [{"from": "p", "to": "a"}, {"from": "p", "to": "b"}])
     with pytest.raises(DeadlineExceeded, match=r"while running node\(s\) a, b$"):
         await engine.execute(text, [PortItem("p", "", np.zeros(1))],
-                             scope=scope_with_deadline(0.2))
+                             scope=scope_with_deadline(0.5))
 
 
 async def test_plan_lookup_caches_by_manifest_text(engine: PipelineEngine) -> None:

@@ -128,7 +128,7 @@ async def test_request_deadline_stops_the_node(client: AsyncClient, node_type: s
     node_id = unique(node_type)
     with pytest.raises(DeadlineExceededError) as caught:
         await client.execute(one_node(node_id, node_type, params={"seconds": 60}),
-                             {node_id: np.zeros(1)}, timeout=0.5)
+                             {node_id: np.zeros(1)}, timeout=1.0)
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     await wait_for_event(node_id, "cleanup")
     assert events(node_id)[-1] == "cleanup"
@@ -187,7 +187,7 @@ async def test_blocking_client_deadline(target: str) -> None:
     def call() -> None:
         with Client(target) as client:
             client.execute(one_node(node_id, "SlowSync", params={"seconds": 60}),
-                           {node_id: np.zeros(1)}, timeout=0.3)
+                           {node_id: np.zeros(1)}, timeout=1.0)
 
     with pytest.raises(DeadlineExceededError):
         await asyncio.to_thread(call)
