@@ -269,7 +269,10 @@ DEMO_MANIFEST: dict[str, Any] = {
 async def _demo() -> ExecuteResult:
     from tensorline.server import Settings, create_server
 
-    server, port = await create_server(Settings(host="127.0.0.1", port=0))
+    # Self-contained: the operator's TENSORLINE_* auth/TLS settings are not the demo's.
+    server, port = await create_server(Settings(
+        host="127.0.0.1", port=0, auth_tokens=[], tls_cert_file=None, tls_key_file=None,
+        tls_client_ca_file=None))
     await server.start()
     try:
         console.print(f"started a tensorline server on 127.0.0.1:{port}")
