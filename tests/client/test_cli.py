@@ -192,7 +192,8 @@ async def test_health_not_serving_while_draining(server_factory: Any) -> None:
 
 
 async def test_demo_runs_end_to_end() -> None:
-    result = await cli("demo")
+    # The operator's server settings in the environment must not break the self-contained demo.
+    result = await cli("demo", env={"TENSORLINE_AUTH_TOKENS": "secret"})
     assert result.exit_code == 0, result.output
     assert "started a tensorline server on 127.0.0.1:" in result.stdout
     for text in ("mic", "audio int16", "16000 Hz", "norm", "tensor float32 [3, 4]", "plan cached"):
