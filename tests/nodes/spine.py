@@ -234,3 +234,86 @@ class SyncRendezvous(Node):
             barrier = _BARRIERS.setdefault(self.params.name, threading.Barrier(self.params.parties))
         barrier.wait(timeout=10)
         return inputs["in"]
+
+
+class ContractParams(NodeParams):
+    how: str
+
+
+class ContractBreaker(Node):
+    """Two outputs ('a' tensor, 'b' text); breaks the output contract as 'how' says."""
+
+    Params = ContractParams
+    params: ContractParams
+    outputs = (Port("a", kind="tensor"), Port("b", kind="text"))
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        x = inputs["in"]
+        return {
+            "bare": x,
+            "unknown": {"a": x, "b": "ok", "c": x},
+            "missing": {"a": x},
+            "none": {"a": x, "b": None},
+            "kind": {"a": "not a tensor", "b": "ok"},
+            "fine": {"a": x, "b": "ok"},
+        }[self.params.how]
+
+
+class BadConstructor(Node):
+    """Raise from __init__."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise LookupError("no such device")
+
+
+_FLAKY_FAILURES: dict[str, int] = {}
+
+
+class FlakyWarmParams(NodeParams):
+    name: str
+    failures: int = 1
+
+
+class FlakyWarm(Node):
+    """Reusable; initialize fails the first `failures` times for its name, then succeeds.
+    Lifecycle recorded in basic.EVENTS under 'flaky:<name>'."""
+
+    Params = FlakyWarmParams
+    params: FlakyWarmParams
+    reusable = True
+
+    async def initialize(self) -> None:
+        from tests.nodes.basic import record
+
+        key = self.params.name
+        record(f"flaky:{key}", "initialize")
+        _FLAKY_FAILURES[key] = _FLAKY_FAILURES.get(key, 0) + 1
+        if _FLAKY_FAILURES[key] <= self.params.failures:
+            raise ConnectionError("model server not ready")
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+    async def cleanup(self) -> None:
+        from tests.nodes.basic import record
+
+        record(f"flaky:{self.params.name}", "cleanup")
+
+
+class WarmGate(Node):
+    """Reusable; process waits for rendezvous event '<name>:go' after setting '<name>:in'.
+    Lifecycle recorded in basic.EVENTS under 'gate:<name>'."""
+
+    Params = WarmParams
+    params: WarmParams
+    reusable = True
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        rendezvous_event(f"{self.params.name}:in").set()
+        await rendezvous_event(f"{self.params.name}:go").wait()
+        return inputs["in"]
+
+    async def cleanup(self) -> None:
+        from tests.nodes.basic import record
+
+        record(f"gate:{self.params.name}", "cleanup")

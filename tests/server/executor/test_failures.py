@@ -242,3 +242,30 @@ async def test_cleanup_runs_after_a_node_error(client: AsyncClient, node_type: s
         await client.execute(one_node(node_id, node_type), {node_id: np.zeros(1)})
     # The error is returned only after the node was cleaned up: no polling needed.
     assert events(node_id) == expected
+
+
+@pytest.mark.parametrize(("how", "text"), [
+    ("bare", "a node with 2 outputs must return a mapping of port -> value"),
+    ("unknown", "returned unknown output port(s) ['c']; declared: ['a', 'b']"),
+    ("missing", "produced no value for output 'b'"),
+    ("none", "produced no value for output 'b'"),
+    ("kind", "output 'a' is declared tensor but the node returned text (str)"),
+])
+async def test_output_contract_violations_are_node_errors(client: AsyncClient, how: str,
+                                                          text: str) -> None:
+    manifest = one_node("breaker", "ContractBreaker", params={"how": how})
+    with pytest.raises(NodeError) as caught:
+        await client.execute(manifest, {"breaker": np.zeros(1)})
+    assert caught.value.exception_type == "TypeError"
+    assert caught.value.node_id == "breaker"
+    assert text in caught.value.message
+    fine = await client.execute(one_node("breaker", "ContractBreaker", params={"how": "fine"}),
+                                {"breaker": np.zeros(1)})
+    assert set(fine.outputs) == {"breaker:a", "breaker:b"}
+
+
+async def test_constructor_failure_is_a_node_error(client: AsyncClient) -> None:
+    with pytest.raises(NodeError) as caught:
+        await client.execute(one_node("ctor", "BadConstructor"), {"ctor": np.zeros(1)})
+    assert caught.value.exception_type == "LookupError"
+    assert "no such device" in caught.value.message

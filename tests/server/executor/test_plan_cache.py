@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pytest
 
 from tensorline.client import AsyncClient
 from tests.nodes.basic import EVENTS, EVENTS_LOCK, CountingModel
@@ -90,3 +91,39 @@ async def test_lru_eviction_runs_cleanup(server_factory: Callable[..., Any]) -> 
     await server.stop(grace=0.5)
     # Shutdown cleans up what is still warm.
     assert events(f"warm:{a}") == ["initialize", "cleanup", "initialize", "cleanup"]
+
+
+async def test_failed_warm_initialization_is_retried(client: AsyncClient) -> None:
+    from tensorline.client import NodeError
+
+    name = uuid.uuid4().hex
+    manifest = {"version": "v1", "nodes": [{"id": "m", "node_type": "FlakyWarm",
+                                            "params": {"name": name}}]}
+    with pytest.raises(NodeError) as caught:
+        await client.execute(manifest, {"m": np.zeros(1)})
+    assert caught.value.exception_type == "ConnectionError"
+    # A failed initialization is not kept: the next request initializes again, and succeeds.
+    result = await client.execute(manifest, {"m": np.arange(2)})
+    np.testing.assert_array_equal(result["m"], np.arange(2))
+    await client.execute(manifest, {"m": np.arange(2)})
+    assert events(f"flaky:{name}") == ["initialize", "cleanup", "initialize"]
+
+
+async def test_eviction_waits_for_requests_using_the_instance(
+        server_factory: Callable[..., Any]) -> None:
+    from tests.nodes import spine
+
+    server = await server_factory(warm_instances=1)
+    gate, other = f"gate-{uuid.uuid4().hex}", f"other-{uuid.uuid4().hex}"
+    manifest = {"version": "v1", "nodes": [{"id": "g", "node_type": "WarmGate",
+                                            "params": {"name": gate}}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        in_use = asyncio.ensure_future(client.execute(manifest, {"g": np.arange(3)}))
+        async with asyncio.timeout(10):
+            await spine.rendezvous_event(f"{gate}:in").wait()
+        await client.execute(warm(other), {"m": np.zeros(1)})  # evicts the gate's instance
+        assert events(f"gate:{gate}") == []  # still in use: not cleaned up under its feet
+        spine.rendezvous_event(f"{gate}:go").set()
+        result = await in_use
+        np.testing.assert_array_equal(result["g"], np.arange(3))
+        await wait_for(f"gate:{gate}", "cleanup")
