@@ -186,6 +186,11 @@ def test_crafted_edge_cases_yield_violations() -> None:
         pb.Value(),
         pb.Value(audio=pb.Audio(samples=pb.Tensor(dtype=pb.DTYPE_INT16, shape=[1], data=b"ab"))),
         pb.Value(json="{not json"),
+        pb.Value(audio=pb.Audio(sample_rate=8000)),
+        pb.Value(audio=pb.Audio(sample_rate=8000, samples=pb.Tensor(
+            dtype=pb.DTYPE_INT16, shape=[1, 1, 1], data=b"ab"))),
+        pb.Value(audio=pb.Audio(sample_rate=-3, samples=pb.Tensor(
+            dtype=pb.DTYPE_INT16, shape=[1], data=b"ab"))),
     ):
         decoded = decode_execute_request(request(value))
         assert len(decoded.violations) == 1, value
@@ -204,3 +209,16 @@ def test_packed_shape_ending_inside_a_varint_is_malformed() -> None:
     decoded = decode_execute_request(raw)
     assert [v.field for v in decoded.violations] == ["request"]
     assert "packed shape ends inside a varint" in decoded.violations[0].description
+
+
+def test_unpacked_shape_is_accepted() -> None:
+    """proto3 parsers must accept a repeated scalar sent unpacked (one tag per element)."""
+    from tensorline.client._codec import _varint_bytes
+
+    data = np.arange(6, dtype="<i2").tobytes()
+    tensor = b"\x08\x03" + b"\x10\x02" + b"\x10\x03" + b"\x1a" + _varint_bytes(len(data)) + data
+    value = b"\x0a" + _varint_bytes(len(tensor)) + tensor
+    port_value = b"\x0a\x01n" + b"\x1a" + _varint_bytes(len(value)) + value
+    decoded = decode_execute_request(b"\x12" + _varint_bytes(len(port_value)) + port_value)
+    assert decoded.violations == []
+    np.testing.assert_array_equal(decoded.inputs[0].value, np.arange(6, dtype=np.int16).reshape(2, 3))
