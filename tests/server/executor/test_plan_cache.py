@@ -127,3 +127,17 @@ async def test_eviction_waits_for_requests_using_the_instance(
         result = await in_use
         np.testing.assert_array_equal(result["g"], np.arange(3))
         await wait_for(f"gate:{gate}", "cleanup")
+
+
+async def test_plan_cache_evicts_least_recently_used(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(plan_cache_size=2)
+    manifests = [{"version": "v1", "nodes": [{"id": "s", "node_type": "Scale",
+                                              "params": {"factor": f}}]} for f in (1, 2, 3)]
+    cached = []
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        for index in (0, 1, 0, 2, 0, 1):  # 2 evicts 1 (0 was used more recently); 1 comes back
+            result = await client.execute(manifests[index], {"s": np.ones(1)})
+            cached.append(result.metrics.plan_cached)
+            np.testing.assert_array_equal(result["s"], [index + 1.0])
+    assert cached == [False, False, True, False, True, False]
+    assert len(server.engine.plans) == 2
