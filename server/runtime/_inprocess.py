@@ -38,6 +38,10 @@ class InProcessInstance(NodeInstance):
         # Sync calls still running in the thread pool; cleanup waits for them.
         self.running: set[concurrent.futures.Future[Any]] = set()
         self.evicted = False
+        # Warm instances: the initialization task that made this instance (it counts the callers
+        # still waiting for it), and whether its cleanup was started (exactly once).
+        self.warm_task: asyncio.Task[InProcessInstance] | None = None
+        self.retired = False
 
     async def call(self, name: str, is_async: bool, *args: Any) -> Any:
         method: Callable[..., Any] = getattr(self.node, name)
@@ -105,6 +109,9 @@ class InProcessRuntime(Runtime):
         self._warm: OrderedDict[str, asyncio.Task[InProcessInstance]] = OrderedDict()
         # Cleanups that outlive their request (deferred while a sync call still runs).
         self._background: set[asyncio.Task[None]] = set()
+        # Callers waiting for each warm initialization task: an instance evicted while it
+        # initializes must not be cleaned up before they had their turn.
+        self._waiters: dict[asyncio.Task[InProcessInstance], int] = {}
         self._closed = False
 
     async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
@@ -137,16 +144,23 @@ class InProcessRuntime(Runtime):
             self._warm[key] = task
             self._evict()
         self._warm.move_to_end(key)
+        self._waiters[task] = self._waiters.get(task, 0) + 1
         try:
             instance = await asyncio.shield(task)
+            instance.warm_task = task
+            instance.users += 1
+            return instance
         except asyncio.CancelledError:
             raise
         except Exception:
             if self._warm.get(key) is task:
                 del self._warm[key]
             raise
-        instance.users += 1
-        return instance
+        finally:
+            self._waiters[task] -= 1
+            if not self._waiters[task]:
+                del self._waiters[task]
+            self._retire_if_idle(task)
 
     async def _init_warm(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
         instance = self._create(spec, scope)
@@ -169,17 +183,25 @@ class InProcessRuntime(Runtime):
             return
         if task.cancelled() or task.exception() is not None:
             return
+        task.result().evicted = True
+        self._retire_if_idle(task)
+
+    def _retire_if_idle(self, task: asyncio.Task[InProcessInstance]) -> None:
+        """Clean up an evicted warm instance once nobody uses or awaits it; exactly once."""
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            return
         instance = task.result()
-        instance.evicted = True
-        if instance.users == 0:
+        if (instance.evicted and not instance.retired and instance.users == 0
+                and not self._waiters.get(task)):
+            instance.retired = True
             self._spawn(instance.cleanup())
 
     async def release(self, instance: NodeInstance) -> None:
         assert isinstance(instance, InProcessInstance)
         if instance.spec.entry.cls.reusable:
             instance.users -= 1
-            if instance.evicted and instance.users == 0:
-                self._spawn(instance.cleanup())
+            if instance.warm_task is not None:
+                self._retire_if_idle(instance.warm_task)
             return
         await self._finish(instance)
 
