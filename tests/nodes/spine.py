@@ -317,3 +317,30 @@ class WarmGate(Node):
         from tests.nodes.basic import record
 
         record(f"gate:{self.params.name}", "cleanup")
+
+
+class SlowInitWarm(Node):
+    """Reusable; initialize waits for rendezvous '<name>:init-go' after setting '<name>:init-in'.
+    Lifecycle recorded in basic.EVENTS under 'slowinit:<name>'."""
+
+    Params = WarmParams
+    params: WarmParams
+    reusable = True
+
+    async def initialize(self) -> None:
+        from tests.nodes.basic import record
+
+        rendezvous_event(f"{self.params.name}:init-in").set()
+        await rendezvous_event(f"{self.params.name}:init-go").wait()
+        record(f"slowinit:{self.params.name}", "initialize")
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        from tests.nodes.basic import record
+
+        record(f"slowinit:{self.params.name}", "process")
+        return inputs["in"]
+
+    async def cleanup(self) -> None:
+        from tests.nodes.basic import record
+
+        record(f"slowinit:{self.params.name}", "cleanup")

@@ -141,3 +141,49 @@ async def test_plan_cache_evicts_least_recently_used(server_factory: Callable[..
             np.testing.assert_array_equal(result["s"], [index + 1.0])
     assert cached == [False, False, True, False, True, False]
     assert len(server.engine.plans) == 2
+
+
+async def test_instance_evicted_while_initializing_is_not_cleaned_up_under_its_waiter(
+        server_factory: Callable[..., Any]) -> None:
+    from tests.nodes import spine
+
+    server = await server_factory(warm_instances=1)
+    slow, other = f"slow-{uuid.uuid4().hex}", f"other-{uuid.uuid4().hex}"
+    manifest = {"version": "v1", "nodes": [{"id": "m", "node_type": "SlowInitWarm",
+                                            "params": {"name": slow}}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        waiting = asyncio.ensure_future(client.execute(manifest, {"m": np.arange(2)}))
+        async with asyncio.timeout(10):
+            await spine.rendezvous_event(f"{slow}:init-in").wait()
+        await client.execute(warm(other), {"m": np.zeros(1)})  # evicts the initializing one
+        spine.rendezvous_event(f"{slow}:init-go").set()
+        result = await waiting
+        np.testing.assert_array_equal(result["m"], np.arange(2))
+        await wait_for(f"slowinit:{slow}", "cleanup")
+    assert events(f"slowinit:{slow}") == ["initialize", "process", "cleanup"]
+
+
+async def test_evicted_initializing_instance_is_cleaned_up_when_its_waiter_left(
+        server_factory: Callable[..., Any]) -> None:
+    from tests.nodes import spine
+
+    server = await server_factory(warm_instances=1)
+    slow, other = f"slow-{uuid.uuid4().hex}", f"other-{uuid.uuid4().hex}"
+    manifest = {"version": "v1", "nodes": [{"id": "m", "node_type": "SlowInitWarm",
+                                            "params": {"name": slow}}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        waiting = asyncio.ensure_future(client.execute(manifest, {"m": np.arange(2)}))
+        async with asyncio.timeout(10):
+            await spine.rendezvous_event(f"{slow}:init-in").wait()
+        await client.execute(warm(other), {"m": np.zeros(1)})  # evicts the initializing one
+        waiting.cancel()  # the only caller goes away while the initialization goes on
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        runtime = server.engine.runtimes["inprocess"]
+        async with asyncio.timeout(10):
+            while runtime._waiters:  # noqa: ASYNC110 (the server has seen the cancellation)
+                await asyncio.sleep(0.005)
+        spine.rendezvous_event(f"{slow}:init-go").set()
+        await wait_for(f"slowinit:{slow}", "cleanup")
+    await server.stop(grace=0.5)
+    assert events(f"slowinit:{slow}") == ["initialize", "cleanup"]
