@@ -21,7 +21,8 @@ from tests.support.processes import REPO_ROOT, free_port
 
 DOCKER = REPO_ROOT / "docker"
 K8S = DOCKER / "k8s"
-NOT_SETTINGS = {"TENSORLINE_CONFIG"}  # the config file path, read by Settings.load
+# Not server settings: the config file path (read by Settings.load) and compose's published port.
+NOT_SETTINGS = {"TENSORLINE_CONFIG", "TENSORLINE_LB_PORT"}
 
 
 def k8s_documents() -> list[dict[str, Any]]:
