@@ -48,8 +48,8 @@ def dockerfile() -> str:
 
 
 def image_uid() -> int:
-    match = re.search(r"^ARG UID=(\d+)$", dockerfile(), re.MULTILINE)
-    assert match, "Dockerfile declares ARG UID"
+    match = re.search(r"^ARG APP_UID=(\d+)$", dockerfile(), re.MULTILINE)
+    assert match, "Dockerfile declares ARG APP_UID"
     return int(match[1])
 
 
@@ -149,7 +149,7 @@ def test_dockerfile_contract() -> None:
     assert re.search(r"^FROM \$\{BASE_IMAGE\} AS builder$", text, re.MULTILINE)
     assert re.search(r"^FROM \$\{BASE_IMAGE\} AS runtime$", text, re.MULTILINE)
     assert "COPY --from=builder /opt/tensorline /opt/tensorline" in text
-    assert re.search(r"^USER \$\{UID\}:\$\{UID\}$", text, re.MULTILINE)
+    assert re.search(r"^USER \$\{APP_UID\}:\$\{APP_UID\}$", text, re.MULTILINE)
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.MULTILINE)
     assert re.search(r"CMD tensorline health --server \"127\.0\.0\.1:\$\{TENSORLINE_PORT\}\"",
                      text)
