@@ -14,12 +14,8 @@ Cleans up its container and image; keeps the base image as a cache for the next 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,51 +24,13 @@ import numpy as np
 import pytest
 
 from tensorline.client import Client
+from tests.support.containers import ULIMITS, podman
 from tests.support.processes import REPO_ROOT, free_port, tensorline_command, wait_until
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-BASE_IMAGE = os.environ.get("TENSORLINE_TEST_BASE_IMAGE", "localhost/debian-py:bookworm")
-PODMAN_GLOBAL = ["--runtime", "runc", "--cgroup-manager=cgroupfs"]
-ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 IMAGE_UID = "10001"
 SHM_MB = 256
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1500)]
-
-
-def _require(tool: str) -> None:
-    if shutil.which(tool) is None:
-        message = f"{tool} is not installed (apt-get install -y podman runc debootstrap)"
-        if IN_CI:
-            pytest.fail(f"{message}; .ci/run should have installed it")
-        pytest.skip(message)
-
-
-def podman(*args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[
-        str]:
-    return subprocess.run(["podman", *PODMAN_GLOBAL, *args], capture_output=True, text=True,
-                          check=check, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    _require("podman")
-    if podman("image", "exists", BASE_IMAGE, check=False).returncode != 0:
-        _require("debootstrap")
-    tag = f"localhost/tensorline-test:{uuid.uuid4().hex[:10]}"
-    log = tmp_path_factory.mktemp("build") / "build.log"
-    env = {**os.environ, "PYTHON": sys.executable, "BASE_IMAGE": BASE_IMAGE}
-    started = time.monotonic()
-    with log.open("w") as out:
-        result = subprocess.run([str(REPO_ROOT / "docker" / "build-image.sh"), tag], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                timeout=1200, check=False)
-    print(f"image {tag} built in {time.monotonic() - started:.0f} s (log {log})")
-    try:
-        assert result.returncode == 0, log.read_text()[-6000:]
-        yield tag
-    finally:
-        podman("rmi", "--force", tag, check=False)
 
 
 @pytest.fixture
@@ -92,7 +50,7 @@ def running(name: str) -> str | None:
     return f"container is {state.stdout.strip()}: {logs.stdout[-3000:]}{logs.stderr[-3000:]}"
 
 
-def test_image_builds_runs_serves_and_drains(image: str, container_name: str,
+def test_image_builds_runs_serves_and_drains(tensorline_image: str, container_name: str,
                                              tmp_path: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -113,7 +71,7 @@ def test_image_builds_runs_serves_and_drains(image: str, container_name: str,
         "--volume", f"{shared}:/shared",
         "--env", "PYTHONPATH=/opt/tensorline-tests",
         "--env", "TENSORLINE_NODE_MODULES=tests.support.nodes",
-        image,
+        tensorline_image,
     )
 
     # 1. The image's own HEALTHCHECK command passes (gRPC health SERVING).

@@ -21,7 +21,8 @@ from tests.support.processes import REPO_ROOT, free_port
 
 DOCKER = REPO_ROOT / "docker"
 K8S = DOCKER / "k8s"
-NOT_SETTINGS = {"TENSORLINE_CONFIG"}  # the config file path, read by Settings.load
+# Not server settings: the config file path (read by Settings.load) and compose's published port.
+NOT_SETTINGS = {"TENSORLINE_CONFIG", "TENSORLINE_LB_PORT"}
 
 
 def k8s_documents() -> list[dict[str, Any]]:
@@ -47,8 +48,8 @@ def dockerfile() -> str:
 
 
 def image_uid() -> int:
-    match = re.search(r"^ARG UID=(\d+)$", dockerfile(), re.MULTILINE)
-    assert match, "Dockerfile declares ARG UID"
+    match = re.search(r"^ARG APP_UID=(\d+)$", dockerfile(), re.MULTILINE)
+    assert match, "Dockerfile declares ARG APP_UID"
     return int(match[1])
 
 
@@ -148,7 +149,7 @@ def test_dockerfile_contract() -> None:
     assert re.search(r"^FROM \$\{BASE_IMAGE\} AS builder$", text, re.MULTILINE)
     assert re.search(r"^FROM \$\{BASE_IMAGE\} AS runtime$", text, re.MULTILINE)
     assert "COPY --from=builder /opt/tensorline /opt/tensorline" in text
-    assert re.search(r"^USER \$\{UID\}:\$\{UID\}$", text, re.MULTILINE)
+    assert re.search(r"^USER \$\{APP_UID\}:\$\{APP_UID\}$", text, re.MULTILINE)
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.MULTILINE)
     assert re.search(r"CMD tensorline health --server \"127\.0\.0\.1:\$\{TENSORLINE_PORT\}\"",
                      text)
