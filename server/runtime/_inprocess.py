@@ -225,9 +225,15 @@ class InProcessRuntime(Runtime):
         if self._closed:
             return
         self._closed = True
+        # Initializations still running are stopped (their instance is cleaned up on the way out)
+        # rather than left to finish after the pool is gone.
+        initializing = [task for task in self._warm.values() if not task.done()]
+        for task in initializing:
+            task.cancel()
         for task in list(self._warm.values()):
             self._retire(task)
         self._warm.clear()
+        await asyncio.gather(*initializing, return_exceptions=True)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
