@@ -187,3 +187,24 @@ async def test_evicted_initializing_instance_is_cleaned_up_when_its_waiter_left(
         await wait_for(f"slowinit:{slow}", "cleanup")
     await server.stop(grace=0.5)
     assert events(f"slowinit:{slow}") == ["initialize", "cleanup"]
+
+
+async def test_shutdown_stops_a_warm_initialization_and_cleans_up(
+        server_factory: Callable[..., Any]) -> None:
+    from tensorline.client import TensorlineError
+    from tests.nodes import spine
+
+    server = await server_factory()
+    slow = f"slow-{uuid.uuid4().hex}"
+    manifest = {"version": "v1", "nodes": [{"id": "m", "node_type": "SlowInitWarm",
+                                            "params": {"name": slow}}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
+        waiting = asyncio.ensure_future(client.execute(manifest, {"m": np.arange(2)}))
+        async with asyncio.timeout(10):
+            await spine.rendezvous_event(f"{slow}:init-in").wait()
+        await server.stop(grace=0.2)
+        with pytest.raises(TensorlineError):
+            await waiting
+    # The initialization never finished (nothing set init-go): stopping cancelled it, and the
+    # instance was cleaned up before stop() returned.
+    assert events(f"slowinit:{slow}") == ["cleanup"]
