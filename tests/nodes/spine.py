@@ -344,3 +344,16 @@ class SlowInitWarm(Node):
         from tests.nodes.basic import record
 
         record(f"slowinit:{self.params.name}", "cleanup")
+
+
+class Views(Node):
+    """Strided, transposed and big-endian outputs: the server must encode them correctly."""
+
+    inputs = (Port("in", kind="tensor"),)
+    outputs = (Port("strided", kind="tensor"), Port("transposed", kind="tensor"),
+               Port("bigendian", kind="tensor"), Port("scalar", kind="tensor"))
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        x = inputs["in"]
+        return {"strided": x[:, ::2], "transposed": x.T,
+                "bigendian": x.astype(x.dtype.newbyteorder(">")), "scalar": x[0, 0]}

@@ -197,3 +197,14 @@ async def test_sync_branches_run_in_parallel_threads(client: AsyncClient) -> Non
     }
     result = await client.execute(manifest, {"src": np.arange(2)}, timeout=30)
     assert set(result.outputs) == set(branches)
+
+
+async def test_non_contiguous_and_big_endian_node_outputs(client: AsyncClient) -> None:
+    x = np.arange(12, dtype=np.int32).reshape(3, 4)
+    result = await client.execute({"version": "v1", "nodes": [node("v", "Views")]}, {"v": x})
+    np.testing.assert_array_equal(result["v:strided"], x[:, ::2])
+    np.testing.assert_array_equal(result["v:transposed"], x.T)
+    np.testing.assert_array_equal(result["v:bigendian"], x)
+    assert result["v:bigendian"].dtype == np.dtype("<i4")
+    assert result["v:scalar"].shape == ()
+    assert int(result["v:scalar"]) == 0
