@@ -208,3 +208,21 @@ async def test_non_contiguous_and_big_endian_node_outputs(client: AsyncClient) -
     assert result["v:bigendian"].dtype == np.dtype("<i4")
     assert result["v:scalar"].shape == ()
     assert int(result["v:scalar"]) == 0
+
+
+async def test_concurrent_requests_do_not_mix(client: AsyncClient) -> None:
+    import asyncio
+
+    manifest = {
+        "version": "v1",
+        "nodes": [node("split", "Split"), node("a", "Scale", params={"factor": 2}),
+                  node("b", "SyncProbe"), node("join", "Concat")],
+        "connections": [edge("split", "a", from_port="first"),
+                        edge("split", "b", from_port="second"),
+                        edge("a", "join", to_port="a"), edge("b", "join", to_port="b")],
+    }
+    arrays = [np.full(4, float(i)) for i in range(40)]
+    results = await asyncio.gather(*(client.execute(manifest, {"split": x}) for x in arrays))
+    for x, result in zip(arrays, results, strict=True):
+        np.testing.assert_array_equal(result["join"], [x[0] * 2] * 2 + [x[0]] * 2)
+    spine.SEEN.pop("b", None)
