@@ -43,7 +43,10 @@ class Scale(Node):
         array = inputs["in"]
         factor = self.params.factor
         if np.issubdtype(array.dtype, np.integer) and float(factor).is_integer():
-            return array * array.dtype.type(int(factor))
+            info = np.iinfo(array.dtype)
+            if info.min <= int(factor) <= info.max:
+                return array * array.dtype.type(int(factor))
+            return array * factor  # a whole factor the dtype cannot hold (-1 for uint8): float64
         if np.issubdtype(array.dtype, np.inexact):
             return array * array.dtype.type(factor)
         return array * factor
