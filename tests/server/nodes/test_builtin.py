@@ -53,6 +53,9 @@ async def test_passthrough(client: AsyncClient) -> None:
     (np.array([1, 2], dtype=np.int16), 0.5, [0.5, 1.0], np.float64),
     (np.array([1 + 1j], dtype=np.complex64), -1, [-1 - 1j], np.complex64),
     (np.array([True, False]), 2, [2.0, 0.0], np.float64),
+    # Whole factors the integer dtype cannot hold fall back to float64 instead of failing.
+    (np.array([1, 2], dtype=np.uint8), -1, [-1.0, -2.0], np.float64),
+    (np.array([1, -2], dtype=np.int8), 200, [200.0, -400.0], np.float64),
 ])
 async def test_scale(client: AsyncClient, value: np.ndarray, factor: float,
                      expected: list[Any], dtype: Any) -> None:
