@@ -530,3 +530,128 @@ def encode_stream_item(number: int, sequence: int, node_id: str, port: str, valu
 def scan_top_level(raw: bytes) -> Iterator[tuple[int, int, int, int]]:
     """The top-level fields of a message: (number, wire type, a, b) as in ``_fields``."""
     return _fields(raw, 0, len(raw))
+
+
+# StreamRequest / StreamResponse -------------------------------------------------------------------
+#
+# Data chunks and results carry tensors, so they are framed and scanned by hand like PortValue:
+# a received chunk's arrays are views over the received message (no copy) and a result's arrays
+# go out as memoryviews joined once. Control messages (init, close, cancel, ready, event, closed)
+# are small and use the generated classes.
+
+
+@dataclass(slots=True)
+class DecodedStreamRequest:
+    """One client message of a stream: ``kind`` is init, data, close, cancel or "" (invalid)."""
+
+    kind: str = ""
+    init: pb.StreamInit | None = None
+    chunk: DecodedStreamChunk | None = None
+    cancel_reason: str = ""
+    violations: list[Violation] = field(default_factory=list)
+    size: int = 0
+
+
+def decode_stream_request(raw: bytes, limits: Limits = Limits()) -> DecodedStreamRequest:
+    """Decode a ``StreamRequest``; never raises (problems become ``violations``)."""
+    request = DecodedStreamRequest(size=len(raw))
+    try:
+        for number, wire_type, a, b in scan_top_level(raw):
+            if wire_type != _LEN:
+                continue
+            if number == 1:
+                request.kind, request.init = "init", pb.StreamInit.FromString(raw[a:b])
+            elif number == 2:
+                request.kind = "data"
+                request.chunk = decode_stream_chunk(raw, a, b, limits, request.violations)
+            elif number == 3:
+                request.kind = "close"
+            elif number == 4:
+                request.kind = "cancel"
+                request.cancel_reason = pb.StreamCancel.FromString(raw[a:b]).reason
+    except (MalformedMessage, UnicodeDecodeError, ValueError) as exc:
+        request.violations.append(Violation("request", f"malformed StreamRequest: {exc}"))
+    if not request.kind and not request.violations:
+        request.violations.append(Violation("request", "empty StreamRequest (set init, data, "
+                                                       "close or cancel)"))
+    return request
+
+
+def encode_stream_init(manifest_json: str, queue_size: int = 0) -> bytes:
+    return pb.StreamRequest(init=pb.StreamInit(manifest_json=manifest_json,
+                                               queue_size=queue_size)).SerializeToString()
+
+
+def encode_stream_chunk(sequence: int, node_id: str, port: str, value: Any) -> bytes:
+    return join(encode_stream_item(2, sequence, node_id, port, value))
+
+
+def encode_stream_close() -> bytes:
+    return pb.StreamRequest(close=pb.StreamClose()).SerializeToString()
+
+
+def encode_stream_cancel(reason: str = "") -> bytes:
+    return pb.StreamRequest(cancel=pb.StreamCancel(reason=reason)).SerializeToString()
+
+
+@dataclass(slots=True)
+class StreamItem:
+    """A result of a stream: ``value`` produced by ``node_id``/``port`` from input ``sequence``
+    (-1 when it was produced at end of stream, e.g. a flush)."""
+
+    sequence: int
+    node_id: str
+    port: str
+    value: Any
+
+
+def encode_stream_results(items: list[StreamItem]) -> bytes:
+    """One ``StreamResponse`` carrying ``items``: a single result, or a ``StreamResults`` batch."""
+    if len(items) == 1:
+        item = items[0]
+        return join(encode_stream_item(2, item.sequence, item.node_id, item.port, item.value))
+    pieces: Pieces = []
+    for item in items:
+        pieces += encode_stream_item(1, item.sequence, item.node_id, item.port, item.value)
+    return join(_len_field(5, pieces))
+
+
+@dataclass(slots=True)
+class DecodedStreamResponse:
+    """One server message of a stream: ``kind`` is ready, results, event or closed."""
+
+    kind: str = ""
+    results: list[StreamItem] = field(default_factory=list)
+    ready: pb.StreamReady | None = None
+    event: pb.StreamEvent | None = None
+    closed: pb.StreamClosed | None = None
+
+
+def _decode_stream_result(raw: bytes, start: int, end: int, problems: list[Violation]) -> StreamItem:
+    chunk = decode_stream_chunk(raw, start, end, Limits(), problems)
+    return StreamItem(chunk.sequence, chunk.item.node_id, chunk.item.port, chunk.item.value)
+
+
+def decode_stream_response(raw: bytes) -> DecodedStreamResponse:
+    response = DecodedStreamResponse()
+    problems: list[Violation] = []
+    for number, wire_type, a, b in scan_top_level(raw):
+        if wire_type != _LEN:
+            continue
+        if number == 1:
+            response.kind, response.ready = "ready", pb.StreamReady.FromString(raw[a:b])
+        elif number == 2:
+            response.kind = "results"
+            response.results.append(_decode_stream_result(raw, a, b, problems))
+        elif number == 3:
+            response.kind, response.event = "event", pb.StreamEvent.FromString(raw[a:b])
+        elif number == 4:
+            response.kind, response.closed = "closed", pb.StreamClosed.FromString(raw[a:b])
+        elif number == 5:
+            response.kind = "results"
+            for inner, inner_type, c, d in _fields(raw, a, b):
+                if inner == 1 and inner_type == _LEN:
+                    response.results.append(_decode_stream_result(raw, c, d, problems))
+    if problems:
+        raise MalformedMessage("; ".join(f"{p.field}: {p.description}" for p in problems))
+    return response

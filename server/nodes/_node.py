@@ -96,6 +96,8 @@ class Node:
     outputs: ClassVar[tuple[Port, ...]] = (Port("out"),)
     traits: ClassVar[NodeTraits] = NodeTraits()
     reusable: ClassVar[bool] = False
+    # True for ``StreamingNode`` subclasses (generators over a stream; see ``_streaming``).
+    streaming: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
