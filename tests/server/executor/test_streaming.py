@@ -363,13 +363,13 @@ async def test_backpressure_slow_node_bounded_memory(server_factory: Any) -> Non
 async def test_64_mib_chunks(server_factory: Any) -> None:
     server = await server_factory()
     big = np.arange(16 * 1024 * 1024, dtype=np.float32)  # 64 MiB
-    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
-        async with client.stream(chain("PassThrough", "PassThrough")) as s:
-            await s.send("n0", big)
-            big[0] = -5.0
-            await s.send("n0", big)
-            first = await s.__anext__()
-            second = await s.__anext__()
-            await s.close()
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client, \
+            client.stream(chain("PassThrough", "PassThrough")) as s:
+        await s.send("n0", big)
+        big[0] = -5.0
+        await s.send("n0", big)
+        first = await s.__anext__()
+        second = await s.__anext__()
+        await s.close()
     assert first.value.shape == big.shape and first.value[0] == 0.0 and second.value[0] == -5.0
     assert np.array_equal(second.value[1:], big[1:])
