@@ -600,15 +600,19 @@ class StreamSession:
 
     # --- ending ---
 
+    async def stop_nodes(self) -> None:
+        """Stop every stage at once (nothing more reaches the outbox); nodes stay acquired."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def aclose(self) -> None:
         """Stop at once and release every node (its cleanup runs); idempotent."""
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.stop_nodes()
         acquired, self._acquired = self._acquired, []
         for runtime, instance in acquired:
             try:

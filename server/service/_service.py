@@ -118,7 +118,7 @@ class PipelineService:
         from tensorline.server.service._stream import StreamHandler
 
         limits = Limits(max_tensor_bytes=self.settings.max_tensor_bytes)
-        stream = StreamHandler(self.engine, self.settings)
+        stream = StreamHandler(self.engine, self.settings, self.admission, self.telemetry)
         methods = {
             "ExecutePipeline": grpc.unary_unary_rpc_method_handler(
                 self.execute_pipeline,

@@ -21,6 +21,7 @@ Errors become statuses only through ``_status.translate_errors``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -35,6 +36,7 @@ from tensorline.server._errors import (
     DeadlineExceeded,
     RequestInvalid,
     SessionCancelled,
+    TensorlineServerError,
     Violation,
 )
 from tensorline.server._settings import Settings
@@ -47,8 +49,10 @@ from tensorline.server.executor import (
     StreamSession,
 )
 from tensorline.server.executor._streaming import size_of
+from tensorline.server.service._admission import Admission
 from tensorline.server.service._service import scope_for
 from tensorline.server.service._status import translate_errors
+from tensorline.server.service._telemetry import Telemetry
 from tensorline.v1 import tensorline_pb2 as pb
 
 Context = Any  # grpc.aio.ServicerContext
@@ -86,32 +90,79 @@ def _control(item: Any, plan_cached: bool) -> bytes:
     return response.SerializeToString()
 
 
-async def _write(session: StreamSession, context: Context, plan_cached: bool) -> None:
-    """Drain the outbox into responses until the closing message has gone out."""
-    results: list[StreamItem] = []
-    while True:
-        for item in await session.outbox.get_batch():
-            if type(item) is StreamItem:
-                if size_of(item.value) > COALESCE_BYTES:
-                    if results:
-                        await context.write(encode_stream_results(results))
+# Outbox marker: everything queued before it has been written; the writer ends.
+_DRAIN: Any = object()
+
+
+class _Writer:
+    """Drains the outbox into responses until the closing message has gone out.
+
+    It is never cancelled in the middle of a write: grpc would still have that message in
+    flight and refuse the error status sent after it (TOO_MANY_OPERATIONS). ``stop`` lets a
+    write in progress finish, then ends the loop."""
+
+    def __init__(self, session: StreamSession, context: Context, plan_cached: bool) -> None:
+        self._session = session
+        self._context = context
+        self._plan_cached = plan_cached
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+
+    async def _send(self, data: bytes) -> None:
+        if self._stopping:
+            raise asyncio.CancelledError
+        self._idle.clear()
+        try:
+            await self._context.write(data)
+        finally:
+            self._idle.set()
+
+    async def stop(self, task: asyncio.Task[None], *, drain: bool = False,
+                   grace: float = 2.0) -> None:
+        """End the writer; with ``drain``, after it wrote everything queued so far."""
+        if drain and not task.done():
+            self._session.outbox.force_put(_DRAIN)
+            # A client that stopped reading can hold a write forever: bounded wait.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), grace)
+        self._stopping = True
+        if not task.done() and not self._idle.is_set():
+            # A client that stopped reading can hold a write forever: bounded wait.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def run(self) -> None:
+        results: list[StreamItem] = []
+        send = self._send
+        outbox = self._session.outbox
+        while True:
+            for item in await outbox.get_batch():
+                if type(item) is StreamItem:
+                    if size_of(item.value) > COALESCE_BYTES:
+                        if results:
+                            await send(encode_stream_results(results))
+                            results = []
+                        await send(encode_stream_results([item]))
+                        continue
+                    results.append(item)
+                    if len(results) >= COALESCE_COUNT:
+                        await send(encode_stream_results(results))
                         results = []
-                    await context.write(encode_stream_results([item]))
                     continue
-                results.append(item)
-                if len(results) >= COALESCE_COUNT:
-                    await context.write(encode_stream_results(results))
+                if results:
+                    await send(encode_stream_results(results))
                     results = []
-                continue
+                if item is _DRAIN:
+                    return
+                await send(_control(item, self._plan_cached))
+                if isinstance(item, SessionClosed):
+                    return
             if results:
-                await context.write(encode_stream_results(results))
+                await send(encode_stream_results(results))
                 results = []
-            await context.write(_control(item, plan_cached))
-            if isinstance(item, SessionClosed):
-                return
-        if results:
-            await context.write(encode_stream_results(results))
-            results = []
 
 
 def _invalid(request: DecodedStreamRequest) -> RequestInvalid:
@@ -142,13 +193,42 @@ async def _read(session: StreamSession, context: Context) -> str:
                                  "invalid stream message")
 
 
+_CLEANUPS: set[asyncio.Task[None]] = set()
+
+
+async def _cleanup(session: StreamSession, tasks: list[asyncio.Task[Any]], writing: _Writer,
+                   writer: asyncio.Task[None], drain: bool) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if drain:
+        # Results and events produced before a failure reach the client before its status.
+        await session.stop_nodes()
+    await writing.stop(writer, drain=drain)
+    await session.aclose()
+
+
 class StreamHandler:
-    def __init__(self, engine: PipelineEngine, settings: Settings) -> None:
+    def __init__(self, engine: PipelineEngine, settings: Settings, admission: Admission,
+                 telemetry: Telemetry | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.admission = admission
+        # Read by translate_errors (request counts and latencies by status).
+        self.telemetry = telemetry
 
-    @translate_errors
+    @translate_errors("StreamPipeline")
     async def stream_pipeline(self, requests: Any, context: Context) -> None:
+        with self.admission.stream():
+            if self.telemetry is not None:
+                self.telemetry.inflight_streams.inc()
+            try:
+                await self._session(context)
+            finally:
+                if self.telemetry is not None:
+                    self.telemetry.inflight_streams.dec()
+
+    async def _session(self, context: Context) -> None:
         first: Any = await context.read()
         if first is grpc.aio.EOF:
             raise RequestInvalid([Violation("init", "the stream ended before its init message")],
@@ -165,10 +245,11 @@ class StreamHandler:
             queue_size=first.init.queue_size or self.settings.stream_queue_size,
             buffer_bytes=self.settings.stream_buffer_bytes)
         tasks: list[asyncio.Task[Any]] = []
+        writing = _Writer(session, context, lookup.cached)
+        writer = asyncio.ensure_future(writing.run())
+        drain = False
         try:
             async with asyncio.timeout_at(scope.deadline):
-                writer = asyncio.ensure_future(_write(session, context, lookup.cached))
-                tasks.append(writer)
                 starting = asyncio.ensure_future(session.start())
                 tasks.append(starting)
                 # The writer can only fail (client gone); watch it while nodes initialize.
@@ -191,8 +272,15 @@ class StreamHandler:
                                                    + (f": {reason}" if reason else ""))
         except TimeoutError:
             raise DeadlineExceeded("deadline exceeded during the stream session") from None
+        except (SessionCancelled, DeadlineExceeded):
+            raise
+        except TensorlineServerError:
+            drain = True
+            raise
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await session.aclose()
+            # Shielded: grpc may cancel this handler again (deadline, disconnect) while it
+            # cleans up, and every node must still be released.
+            cleanup = asyncio.ensure_future(_cleanup(session, tasks, writing, writer, drain))
+            _CLEANUPS.add(cleanup)
+            cleanup.add_done_callback(_CLEANUPS.discard)
+            await asyncio.shield(cleanup)
