@@ -167,9 +167,14 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int
         raise MalformedMessage("field runs past the end of its message")
 
 
+# Varints below 2**14 (tags, lengths of small messages, dtypes, dimensions) come precomputed.
+_SMALL_VARINTS: tuple[bytes, ...] = tuple(
+    bytes((v,)) if v < 0x80 else bytes(((v & 0x7F) | 0x80, v >> 7)) for v in range(1 << 14))
+
+
 def _varint_bytes(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
+    if 0 <= value < 16384:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -195,11 +200,25 @@ Pieces = list[bytes | memoryview]
 
 
 def _length(pieces: Pieces) -> int:
-    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+    # memoryview pieces are byte-format (cast to "B"), so len() is their size in bytes.
+    return sum(map(len, pieces))
+
+
+_LEN_TAGS: dict[int, bytes] = {}
 
 
 def _len_field(number: int, pieces: Pieces) -> Pieces:
-    return [_tag(number, _LEN), _varint_bytes(_length(pieces)), *pieces]
+    tag = _LEN_TAGS.get(number)
+    if tag is None:
+        tag = _LEN_TAGS[number] = _tag(number, _LEN)
+    return [tag, _varint_bytes(_length(pieces)), *pieces]
+
+
+def _string_field(tag: bytes, text: str) -> Pieces:
+    if not text:
+        return []
+    data = text.encode("utf-8")
+    return [tag, _varint_bytes(len(data)), data]
 
 
 # --- tensors -------------------------------------------------------------------------------------
@@ -216,12 +235,22 @@ def as_wire_array(array: npt.ArrayLike) -> npt.NDArray[Any]:
 
 
 def _encode_tensor(array: npt.ArrayLike) -> Pieces:
-    arr = as_wire_array(array)
-    head = pb.Tensor(dtype=wire_dtype(arr.dtype), shape=arr.shape).SerializeToString()  # type: ignore[arg-type]
-    data = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    if data.nbytes == 0:
-        return [head]
-    return [head, _tag(3, _LEN), _varint_bytes(data.nbytes), data]
+    # Framed by hand (dtype = field 1, packed shape = field 2, data = field 3): building a
+    # pb.Tensor for the header costs more than the rest of a small chunk's encoding.
+    arr = array if type(array) is np.ndarray and array.flags.c_contiguous else None
+    wire = _DTYPE_TO_WIRE.get(arr.dtype) if arr is not None else None  # type: ignore[union-attr]
+    if arr is None or wire is None:
+        arr = as_wire_array(array)
+        wire = wire_dtype(arr.dtype)
+    pieces: Pieces = [b"\x08", _SMALL_VARINTS[wire]]
+    shape = arr.shape
+    if shape:
+        dims = b"".join([_varint_bytes(d) for d in shape])
+        pieces += [b"\x12", _varint_bytes(len(dims)), dims]
+    if arr.nbytes:
+        data = memoryview(arr.reshape(-1)).cast("B") if arr.ndim != 1 else memoryview(arr).cast("B")
+        pieces += [b"\x1a", _varint_bytes(len(data)), data]
+    return pieces
 
 
 def _decode_tensor(
@@ -493,10 +522,88 @@ class DecodedStreamChunk:
     item: PortItem
 
 
+def _len_at(raw: bytes, pos: int) -> tuple[int, int]:
+    length = raw[pos]
+    if length < 0x80:
+        return length, pos + 1
+    return _read_varint(raw, pos)
+
+
+def _fast_stream_chunk(raw: bytes, start: int, end: int,
+                       limits: Limits) -> DecodedStreamChunk | None:
+    """The common case, a chunk carrying one plain tensor, scanned inline (a third of the
+    general walk's time for small chunks). None when anything is unusual: the general decoder
+    then handles (and reports) it."""
+    sequence = 0
+    node_id = port = ""
+    value_start = -1
+    pos = start
+    while pos < end:
+        key = raw[pos]
+        pos += 1
+        if key == 0x08:
+            sequence, pos = _read_varint(raw, pos)
+            continue
+        if key not in (0x12, 0x1A, 0x22):
+            return None
+        length, pos = _len_at(raw, pos)
+        field_start, pos = pos, pos + length
+        if pos > end:
+            return None
+        if key == 0x12:
+            node_id = raw[field_start:pos].decode("utf-8")
+        elif key == 0x1A:
+            port = raw[field_start:pos].decode("utf-8")
+        else:
+            value_start = field_start
+    if value_start < 0 or pos != end or raw[value_start] != 0x0A:
+        return None
+    length, tensor_start = _len_at(raw, value_start + 1)
+    if tensor_start + length != end:  # the value holds more than its tensor (metadata...)
+        return None
+    dtype_wire = 0
+    shape: list[int] = []
+    data_start = data_end = tensor_start
+    pos = tensor_start
+    while pos < end:
+        key = raw[pos]
+        pos += 1
+        if key == 0x08:
+            dtype_wire, pos = _read_varint(raw, pos)
+        elif key == 0x12:
+            length, pos = _len_at(raw, pos)
+            dims_end = pos + length
+            while pos < dims_end:
+                dim, pos = _read_varint(raw, pos)
+                shape.append(dim)
+        elif key == 0x1A:
+            length, pos = _len_at(raw, pos)
+            data_start, data_end = pos, pos + length
+            pos = data_end
+        else:
+            return None
+    dtype = _WIRE_TO_DTYPE.get(dtype_wire)
+    if dtype is None or pos != end or any(d >= (1 << 63) for d in shape):
+        return None
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    if nbytes != data_end - data_start or (limits.max_tensor_bytes
+                                          and nbytes > limits.max_tensor_bytes):
+        return None
+    value = np.frombuffer(raw, dtype=dtype, count=count, offset=data_start).reshape(shape)
+    return DecodedStreamChunk(_to_int64(sequence), PortItem(node_id, port, value))
+
+
 def decode_stream_chunk(
     raw: bytes, start: int, end: int, limits: Limits, out: list[Violation]
 ) -> DecodedStreamChunk:
     """Decode a ``StreamChunk`` body found at raw[start:end]."""
+    try:
+        fast = _fast_stream_chunk(raw, start, end, limits)
+    except (MalformedMessage, IndexError, UnicodeDecodeError):
+        fast = None
+    if fast is not None:
+        return fast
     sequence = 0
     node_id = port = ""
     value: Any = None
@@ -522,8 +629,9 @@ def encode_stream_item(number: int, sequence: int, node_id: str, port: str, valu
     """A StreamChunk/StreamResult body (they share field numbers) as field ``number``."""
     head: Pieces = []
     if sequence:
-        head += [_tag(1, _VARINT), _varint_bytes(sequence & ((1 << 64) - 1))]
-    head.append(pb.StreamResult(node_id=node_id, port=port).SerializeToString())
+        head += [b"\x08", _varint_bytes(sequence & ((1 << 64) - 1))]
+    head += _string_field(b"\x12", node_id)
+    head += _string_field(b"\x1a", port)
     return _len_field(number, [*head, *_len_field(4, encode_value(value))])
 
 
