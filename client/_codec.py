@@ -248,7 +248,8 @@ def _encode_tensor(array: npt.ArrayLike) -> Pieces:
         dims = b"".join([_varint_bytes(d) for d in shape])
         pieces += [b"\x12", _varint_bytes(len(dims)), dims]
     if arr.nbytes:
-        data = memoryview(arr.reshape(-1)).cast("B") if arr.ndim != 1 else memoryview(arr).cast("B")
+        flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
+        data = memoryview(flat).cast("B")
         pieces += [b"\x1a", _varint_bytes(len(data)), data]
     return pieces
 
