@@ -126,7 +126,7 @@ class FailAt(Node):
         return value
 
 
-class FailInit(Node):
+class BrokenModel(Node):
     """Fails while initializing (a model that cannot load)."""
 
     def initialize(self) -> None:

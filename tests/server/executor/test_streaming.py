@@ -263,7 +263,7 @@ async def test_invalid_manifest_fails_before_ready_like_unary(client: AsyncClien
 async def test_init_failure_names_the_node_before_ready(client: AsyncClient) -> None:
     events = []
     with pytest.raises(NodeError) as caught:
-        async with client.stream(chain("PassThrough", "FailInit"), on_event=events.append):
+        async with client.stream(chain("PassThrough", "BrokenModel"), on_event=events.append):
             pass
     assert caught.value.node_id == "n1"
     assert "model file not found" in caught.value.message
