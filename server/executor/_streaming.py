@@ -40,6 +40,7 @@ when every stage is done ``run`` queues the final metrics. ``aclose`` stops ever
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections import deque
@@ -328,11 +329,21 @@ class StreamSession:
         self._started = time.perf_counter()
         self.chunks_received = 0
         self.results_sent = 0
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        scope.extra["on_event"] = self._node_event
 
     # --- opening ---
 
     def event(self, node_id: str, kind: str, message: str = "", progress: float = 0.0) -> None:
         self.outbox.force_put(SessionEvent(node_id, kind, message, progress))
+
+    def _node_event(self, node_id: str, kind: str, message: str, progress: float) -> None:
+        # Sync node code reports from a worker thread; channels belong to the loop.
+        if threading.get_ident() == self._loop_thread:
+            self.event(node_id, kind, message, progress)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.event, node_id, kind, message, progress)
 
     async def start(self) -> list[NodeReport]:
         """Initialize every node (concurrently), wire the stages and queue Ready.

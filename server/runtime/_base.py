@@ -36,6 +36,8 @@ class ExecutionScope:
     request_id: str = ""
     # Absolute loop time by which the execution must end (None = no deadline).
     deadline: float | None = None
+    # "on_event": (node_id, kind, message, progress) -> None, callable from any thread; a
+    # runtime hands it to the node's context (``NodeContext.report``) for streaming sessions.
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import inspect
 import logging
 import threading
@@ -279,6 +280,10 @@ class InProcessRuntime(Runtime):
     def _create(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
         context = NodeContext(node_id=spec.node_id, execution_id=scope.execution_id,
                               runtime=self.name)
+        report = scope.extra.get("on_event")
+        if report is not None and not spec.entry.cls.reusable:
+            # Not for warm instances: they outlive the session that created them.
+            context.on_event = functools.partial(report, spec.node_id)
         try:
             node = spec.entry.cls(spec.params, context)
         except Exception as exc:

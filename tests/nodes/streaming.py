@@ -167,3 +167,14 @@ class Pair(Node):
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         return np.stack([inputs["a"], inputs["b"]])
+
+
+class LoadingModel(Node):
+    """Reports model-loading progress from a sync initialize (a worker thread)."""
+
+    def initialize(self) -> None:
+        for step in (1, 2, 3):
+            self.context.report(f"loading shard {step}/3", progress=step / 3, kind="loading")
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]

@@ -314,6 +314,17 @@ async def test_events_are_separate_from_data(client: AsyncClient) -> None:
     assert {e.kind for e in s.events} == {"initializing", "ready"}
 
 
+async def test_nodes_report_progress_as_events(client: AsyncClient) -> None:
+    async with client.stream(chain("LoadingModel")) as s:
+        loading = [(e.kind, e.message, round(e.progress, 2)) for e in s.events
+                   if e.kind == "loading"]
+        kinds = [e.kind for e in s.events]
+        await s.close()
+    assert loading == [("loading", f"loading shard {i}/3", round(i / 3, 2)) for i in (1, 2, 3)]
+    # Reported during initialization, so before the node's "ready" (and before Ready).
+    assert kinds.index("ready") > max(i for i, k in enumerate(kinds) if k == "loading")
+
+
 # --- backpressure, memory and big chunks --------------------------------------------------------
 
 
@@ -373,3 +384,15 @@ async def test_64_mib_chunks(server_factory: Any) -> None:
         await s.close()
     assert first.value.shape == big.shape and first.value[0] == 0.0 and second.value[0] == -5.0
     assert np.array_equal(second.value[1:], big[1:])
+
+
+# --- streaming nodes in a unary call ------------------------------------------------------------
+
+
+async def test_streaming_nodes_run_over_one_chunk_in_unary_calls(client: AsyncClient) -> None:
+    for manifest in (chain(("Expander", {"copies": 2})), chain("SyncCounter")):
+        with pytest.raises(NodeError) as caught:  # async and sync generators alike
+            await client.execute(manifest, {"n0": scalar(4)})
+        assert "produced 2 outputs" in caught.value.message
+    single = await client.execute(chain(("Expander", {"copies": 1})), {"n0": scalar(4)})
+    assert single["n0"].tolist() == [4.0]
