@@ -22,10 +22,11 @@ runs once per arriving value. A node with several slots (several ports, or a ``m
 several connections, or client-fed ports) joins by sequence number: it runs once per sequence
 for which every slot holds a value, pairing values of the same sequence on one slot first in,
 first out (so a 1->N expander feeding both sides of a join pairs up). Optional client-fed ports
-are not slots: the latest value sent to one is passed with every later input set. Sequences that
-never complete (a filter on one branch) wait in a buffer bounded to ``4 x queue_size + 64``
-sequences per node, past which the session fails with ``LimitExceeded``; whatever is still
-incomplete at the end of the stream is reported as an ``unjoined`` event, never silently lost.
+are not slots: the latest value sent to one is passed with every input set formed after it
+(it travels through the inbox, in order with the data). Sequences that never complete (a filter
+on one branch) wait in a buffer bounded to ``4 x queue_size + 64`` sequences per node, past which
+the session fails with ``LimitExceeded``; whatever is still incomplete at the end of the stream
+is reported as an ``unjoined`` event, never silently lost.
 
 Sequences. An ordinary node's outputs carry the sequence of its input set; a streaming node's
 carry the sequence of the chunk it pulled last, or ``-1`` after its input ended (a flush), or
@@ -77,6 +78,9 @@ DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
 BATCH = 64
 # Inbox item whose slot is _EOS: one producer of the node has finished.
 _EOS = -1
+# Inbox item whose slot is _STICKY carries (port, value) for an optional client-fed port; it
+# travels through the inbox so it applies from its place in the stream on.
+_STICKY = -2
 
 
 def size_of(value: Any) -> int:
@@ -289,7 +293,7 @@ class _Stage:
     # Producers that must signal end of stream before the node's input has ended.
     producers: int = 0
     slots: list[_Slot] = field(default_factory=list)
-    # Client-fed port -> slot index (-1 for optional ports, passed as sticky values).
+    # Client-fed port -> slot index (_STICKY for optional ports, passed as sticky values).
     external: dict[str, int] = field(default_factory=dict)
     join: _Join | None = None
     # Output port -> [(consumer inbox, slot)]; sink ports also go to the outbox.
@@ -304,6 +308,10 @@ class _Stage:
         if join is None:
             info = self.slots[0]
             return {info.port: [value] if info.many else value}
+        if slot == _STICKY:
+            port, latest = value
+            join.sticky[port] = latest
+            return None
         return join.add(slot, sequence, value)
 
 
@@ -418,7 +426,7 @@ class StreamSession:
                     stage.external[port.name] = len(stage.slots)
                     stage.slots.append(_Slot(port.name, port.many))
                 else:
-                    stage.external[port.name] = -1
+                    stage.external[port.name] = _STICKY
                     optional.append(port.name)
             stage.producers = len(upstream) + (1 if fed_by_client else 0)
             if len(stage.slots) != 1 or optional:
@@ -441,11 +449,7 @@ class StreamSession:
         if problem is not None:
             raise RequestInvalid([problem], f"invalid chunk (sequence {sequence})")
         self.chunks_received += 1
-        if slot < 0:
-            assert stage.join is not None
-            stage.join.sticky[port_info.name] = value
-            return
-        item = (slot, sequence, value)
+        item = (slot, sequence, (port_info.name, value) if slot == _STICKY else value)
         size = size_of(value)
         if not stage.inbox.try_put(item, size):
             await stage.inbox.put(item, size)

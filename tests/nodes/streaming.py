@@ -178,3 +178,13 @@ class LoadingModel(Node):
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         return inputs["in"]
+
+
+class Gain(Node):
+    """'in' times the optional 'gain' (default 1): the client sets 'gain' now and then."""
+
+    inputs = (Port("in", kind="tensor"), Port("gain", kind="tensor", required=False))
+    outputs = (Port("out", kind="tensor"),)
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"] * inputs.get("gain", 1)

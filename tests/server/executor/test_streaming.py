@@ -15,6 +15,7 @@ from tensorline.client import (
     AsyncClient,
     DeadlineExceededError,
     InvalidRequestError,
+    LimitExceededError,
     NodeError,
     StreamOutput,
 )
@@ -211,6 +212,48 @@ async def test_join_by_sequence(client: AsyncClient) -> None:
     got = {o.sequence: o.value[:, 0].tolist() for o in outputs}
     assert got == {0: [0, 100], 1: [1, 101], 2: [2, 102], 3: [3, 103]}
     assert [o.sequence for o in outputs] == [0, 1, 3, 2]  # in completion order
+
+
+async def test_optional_client_inputs_are_sticky_from_their_place_in_the_stream(
+        client: AsyncClient) -> None:
+    async with client.stream({"nodes": [{"id": "g", "node_type": "Gain"}]}) as s:
+        await s.send("g:in", scalar(1))
+        await s.send("g:gain", scalar(10))
+        await s.send("g:in", scalar(2))
+        await s.send("g:in", scalar(3))
+        await s.send("g:gain", scalar(100))
+        await s.send("g:in", scalar(4))
+        await s.close()
+        outputs = await collect(s)
+    assert [float(o.value[0]) for o in outputs] == [1, 20, 30, 400]
+
+
+async def test_unjoined_values_are_reported_not_lost(client: AsyncClient) -> None:
+    manifest = {"nodes": [{"id": "src", "node_type": "PassThrough"},
+                          {"id": "even", "node_type": "Filter"},
+                          {"id": "pair", "node_type": "Pair"}],
+                "connections": [{"from": "src", "to": "even"},
+                                {"from": "even", "to": "pair", "to_port": "a"},
+                                {"from": "src", "to": "pair", "to_port": "b"}]}
+    async with client.stream(manifest) as s:
+        for i in range(10):
+            await s.send("src", scalar(i))
+        await s.close()
+        outputs = await collect(s)
+    assert [o.sequence for o in outputs] == [0, 2, 4, 6, 8]
+    unjoined = [e for e in s.events if e.kind == "unjoined"]
+    assert len(unjoined) == 1 and unjoined[0].node_id == "pair"
+    assert unjoined[0].message.startswith("5 input value(s)")
+
+
+async def test_join_buffer_is_bounded(client: AsyncClient) -> None:
+    manifest = {"nodes": [{"id": "p", "node_type": "Pair"}]}
+    with pytest.raises(LimitExceededError) as caught:
+        async with client.stream(manifest, queue_size=1) as s:
+            for i in range(1000):  # 'a' only: no sequence ever completes
+                await s.send("p:a", scalar(i), sequence=i)
+            await collect(s)
+    assert "waiting for values on its other inputs" in caught.value.message
 
 
 async def test_fan_out_and_fan_in_join(client: AsyncClient) -> None:
