@@ -33,10 +33,19 @@ from tensorline.client._exceptions import (
     TransportError,
     from_rpc_error,
 )
+from tensorline.client._stream import (
+    AsyncStream,
+    Stream,
+    StreamEvent,
+    StreamMetrics,
+    StreamNodeMetrics,
+    StreamOutput,
+)
 from tensorline.client._values import Audio, Json, Tagged
 
 __all__ = [
     "AsyncClient",
+    "AsyncStream",
     "Audio",
     "AuthenticationError",
     "CancelledError",
@@ -56,6 +65,11 @@ __all__ = [
     "RequestError",
     "SandboxError",
     "ServerError",
+    "Stream",
+    "StreamEvent",
+    "StreamMetrics",
+    "StreamNodeMetrics",
+    "StreamOutput",
     "Tagged",
     "TensorlineError",
     "TransportError",

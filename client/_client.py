@@ -12,13 +12,14 @@ response buffer (no copy): ``np.array(x)`` for a writable copy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import yaml
@@ -31,6 +32,9 @@ from tensorline.client._codec import (
 )
 from tensorline.client._exceptions import TensorlineError, TransportError, from_rpc_error
 from tensorline.v1 import tensorline_pb2 as pb
+
+if TYPE_CHECKING:
+    from tensorline.client._stream import AsyncStream, Stream, StreamEvent
 
 SERVICE = "/tensorline.v1.PipelineService/"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -256,6 +260,20 @@ class AsyncClient:
             raise from_rpc_error(error) from None
         return ExecuteResult.from_response(response)
 
+    def stream(self, manifest: ManifestLike, *, queue_size: int = 0,
+               timeout: float | None = None, request_id: str | None = None,
+               on_event: Callable[[StreamEvent], Any] | None = None,
+               max_buffered: int = 0) -> AsyncStream:
+        """A StreamPipeline session, used as ``async with client.stream(manifest) as s``
+        (see ``tensorline.client._stream``). ``queue_size`` overrides the server's per-node
+        buffer; ``timeout`` is the deadline of the whole session."""
+        from tensorline.client._stream import AsyncStream
+
+        return AsyncStream(self._channel, manifest_json(manifest), queue_size=queue_size,
+                           timeout=self._timeout(timeout),
+                           metadata=self.config.metadata(request_id), on_event=on_event,
+                           max_buffered=max_buffered)
+
     async def list_nodes(self) -> list[pb.NodeInfo]:
         try:
             response = await self._calls.list_nodes(
@@ -319,6 +337,17 @@ class Client:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return ExecuteResult.from_response(response)
+
+    def stream(self, manifest: ManifestLike, **options: Any) -> Stream:
+        """A blocking StreamPipeline session: ``with client.stream(manifest) as s``; the same
+        options as ``AsyncClient.stream``. It runs on a private event loop thread and channel."""
+        from tensorline.client._stream import Stream
+
+        config = {f.name: getattr(self.config, f.name)
+                  for f in dataclasses.fields(self.config) if f.name != "target"}
+        if options.get("timeout") is None:
+            options["timeout"] = self.config.timeout
+        return Stream(self.config.target, config, manifest_json(manifest), **options)
 
     def list_nodes(self) -> list[pb.NodeInfo]:
         try:

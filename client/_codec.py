@@ -167,9 +167,14 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int
         raise MalformedMessage("field runs past the end of its message")
 
 
+# Varints below 2**14 (tags, lengths of small messages, dtypes, dimensions) come precomputed.
+_SMALL_VARINTS: tuple[bytes, ...] = tuple(
+    bytes((v,)) if v < 0x80 else bytes(((v & 0x7F) | 0x80, v >> 7)) for v in range(1 << 14))
+
+
 def _varint_bytes(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
+    if 0 <= value < 16384:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -195,11 +200,25 @@ Pieces = list[bytes | memoryview]
 
 
 def _length(pieces: Pieces) -> int:
-    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+    # memoryview pieces are byte-format (cast to "B"), so len() is their size in bytes.
+    return sum(map(len, pieces))
+
+
+_LEN_TAGS: dict[int, bytes] = {}
 
 
 def _len_field(number: int, pieces: Pieces) -> Pieces:
-    return [_tag(number, _LEN), _varint_bytes(_length(pieces)), *pieces]
+    tag = _LEN_TAGS.get(number)
+    if tag is None:
+        tag = _LEN_TAGS[number] = _tag(number, _LEN)
+    return [tag, _varint_bytes(_length(pieces)), *pieces]
+
+
+def _string_field(tag: bytes, text: str) -> Pieces:
+    if not text:
+        return []
+    data = text.encode("utf-8")
+    return [tag, _varint_bytes(len(data)), data]
 
 
 # --- tensors -------------------------------------------------------------------------------------
@@ -216,12 +235,23 @@ def as_wire_array(array: npt.ArrayLike) -> npt.NDArray[Any]:
 
 
 def _encode_tensor(array: npt.ArrayLike) -> Pieces:
-    arr = as_wire_array(array)
-    head = pb.Tensor(dtype=wire_dtype(arr.dtype), shape=arr.shape).SerializeToString()  # type: ignore[arg-type]
-    data = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    if data.nbytes == 0:
-        return [head]
-    return [head, _tag(3, _LEN), _varint_bytes(data.nbytes), data]
+    # Framed by hand (dtype = field 1, packed shape = field 2, data = field 3): building a
+    # pb.Tensor for the header costs more than the rest of a small chunk's encoding.
+    arr = array if type(array) is np.ndarray and array.flags.c_contiguous else None
+    wire = _DTYPE_TO_WIRE.get(arr.dtype) if arr is not None else None  # type: ignore[union-attr]
+    if arr is None or wire is None:
+        arr = as_wire_array(array)
+        wire = wire_dtype(arr.dtype)
+    pieces: Pieces = [b"\x08", _SMALL_VARINTS[wire]]
+    shape = arr.shape
+    if shape:
+        dims = b"".join([_varint_bytes(d) for d in shape])
+        pieces += [b"\x12", _varint_bytes(len(dims)), dims]
+    if arr.nbytes:
+        flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
+        data = memoryview(flat).cast("B")
+        pieces += [b"\x1a", _varint_bytes(len(data)), data]
+    return pieces
 
 
 def _decode_tensor(
@@ -493,10 +523,88 @@ class DecodedStreamChunk:
     item: PortItem
 
 
+def _len_at(raw: bytes, pos: int) -> tuple[int, int]:
+    length = raw[pos]
+    if length < 0x80:
+        return length, pos + 1
+    return _read_varint(raw, pos)
+
+
+def _fast_stream_chunk(raw: bytes, start: int, end: int,
+                       limits: Limits) -> DecodedStreamChunk | None:
+    """The common case, a chunk carrying one plain tensor, scanned inline (a third of the
+    general walk's time for small chunks). None when anything is unusual: the general decoder
+    then handles (and reports) it."""
+    sequence = 0
+    node_id = port = ""
+    value_start = -1
+    pos = start
+    while pos < end:
+        key = raw[pos]
+        pos += 1
+        if key == 0x08:
+            sequence, pos = _read_varint(raw, pos)
+            continue
+        if key not in (0x12, 0x1A, 0x22):
+            return None
+        length, pos = _len_at(raw, pos)
+        field_start, pos = pos, pos + length
+        if pos > end:
+            return None
+        if key == 0x12:
+            node_id = raw[field_start:pos].decode("utf-8")
+        elif key == 0x1A:
+            port = raw[field_start:pos].decode("utf-8")
+        else:
+            value_start = field_start
+    if value_start < 0 or pos != end or raw[value_start] != 0x0A:
+        return None
+    length, tensor_start = _len_at(raw, value_start + 1)
+    if tensor_start + length != end:  # the value holds more than its tensor (metadata...)
+        return None
+    dtype_wire = 0
+    shape: list[int] = []
+    data_start = data_end = tensor_start
+    pos = tensor_start
+    while pos < end:
+        key = raw[pos]
+        pos += 1
+        if key == 0x08:
+            dtype_wire, pos = _read_varint(raw, pos)
+        elif key == 0x12:
+            length, pos = _len_at(raw, pos)
+            dims_end = pos + length
+            while pos < dims_end:
+                dim, pos = _read_varint(raw, pos)
+                shape.append(dim)
+        elif key == 0x1A:
+            length, pos = _len_at(raw, pos)
+            data_start, data_end = pos, pos + length
+            pos = data_end
+        else:
+            return None
+    dtype = _WIRE_TO_DTYPE.get(dtype_wire)
+    if dtype is None or pos != end or any(d >= (1 << 63) for d in shape):
+        return None
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    if nbytes != data_end - data_start or (limits.max_tensor_bytes
+                                          and nbytes > limits.max_tensor_bytes):
+        return None
+    value = np.frombuffer(raw, dtype=dtype, count=count, offset=data_start).reshape(shape)
+    return DecodedStreamChunk(_to_int64(sequence), PortItem(node_id, port, value))
+
+
 def decode_stream_chunk(
     raw: bytes, start: int, end: int, limits: Limits, out: list[Violation]
 ) -> DecodedStreamChunk:
     """Decode a ``StreamChunk`` body found at raw[start:end]."""
+    try:
+        fast = _fast_stream_chunk(raw, start, end, limits)
+    except (MalformedMessage, IndexError, UnicodeDecodeError):
+        fast = None
+    if fast is not None:
+        return fast
     sequence = 0
     node_id = port = ""
     value: Any = None
@@ -522,11 +630,137 @@ def encode_stream_item(number: int, sequence: int, node_id: str, port: str, valu
     """A StreamChunk/StreamResult body (they share field numbers) as field ``number``."""
     head: Pieces = []
     if sequence:
-        head += [_tag(1, _VARINT), _varint_bytes(sequence & ((1 << 64) - 1))]
-    head.append(pb.StreamResult(node_id=node_id, port=port).SerializeToString())
+        head += [b"\x08", _varint_bytes(sequence & ((1 << 64) - 1))]
+    head += _string_field(b"\x12", node_id)
+    head += _string_field(b"\x1a", port)
     return _len_field(number, [*head, *_len_field(4, encode_value(value))])
 
 
 def scan_top_level(raw: bytes) -> Iterator[tuple[int, int, int, int]]:
     """The top-level fields of a message: (number, wire type, a, b) as in ``_fields``."""
     return _fields(raw, 0, len(raw))
+
+
+# StreamRequest / StreamResponse -------------------------------------------------------------------
+#
+# Data chunks and results carry tensors, so they are framed and scanned by hand like PortValue:
+# a received chunk's arrays are views over the received message (no copy) and a result's arrays
+# go out as memoryviews joined once. Control messages (init, close, cancel, ready, event, closed)
+# are small and use the generated classes.
+
+
+@dataclass(slots=True)
+class DecodedStreamRequest:
+    """One client message of a stream: ``kind`` is init, data, close, cancel or "" (invalid)."""
+
+    kind: str = ""
+    init: pb.StreamInit | None = None
+    chunk: DecodedStreamChunk | None = None
+    cancel_reason: str = ""
+    violations: list[Violation] = field(default_factory=list)
+    size: int = 0
+
+
+def decode_stream_request(raw: bytes, limits: Limits = Limits()) -> DecodedStreamRequest:
+    """Decode a ``StreamRequest``; never raises (problems become ``violations``)."""
+    request = DecodedStreamRequest(size=len(raw))
+    try:
+        for number, wire_type, a, b in scan_top_level(raw):
+            if wire_type != _LEN:
+                continue
+            if number == 1:
+                request.kind, request.init = "init", pb.StreamInit.FromString(raw[a:b])
+            elif number == 2:
+                request.kind = "data"
+                request.chunk = decode_stream_chunk(raw, a, b, limits, request.violations)
+            elif number == 3:
+                request.kind = "close"
+            elif number == 4:
+                request.kind = "cancel"
+                request.cancel_reason = pb.StreamCancel.FromString(raw[a:b]).reason
+    except (MalformedMessage, UnicodeDecodeError, ValueError) as exc:
+        request.violations.append(Violation("request", f"malformed StreamRequest: {exc}"))
+    if not request.kind and not request.violations:
+        request.violations.append(Violation("request", "empty StreamRequest (set init, data, "
+                                                       "close or cancel)"))
+    return request
+
+
+def encode_stream_init(manifest_json: str, queue_size: int = 0) -> bytes:
+    return pb.StreamRequest(init=pb.StreamInit(manifest_json=manifest_json,
+                                               queue_size=queue_size)).SerializeToString()
+
+
+def encode_stream_chunk(sequence: int, node_id: str, port: str, value: Any) -> bytes:
+    return join(encode_stream_item(2, sequence, node_id, port, value))
+
+
+def encode_stream_close() -> bytes:
+    return pb.StreamRequest(close=pb.StreamClose()).SerializeToString()
+
+
+def encode_stream_cancel(reason: str = "") -> bytes:
+    return pb.StreamRequest(cancel=pb.StreamCancel(reason=reason)).SerializeToString()
+
+
+@dataclass(slots=True)
+class StreamItem:
+    """A result of a stream: ``value`` produced by ``node_id``/``port`` from input ``sequence``
+    (-1 when it was produced at end of stream, e.g. a flush)."""
+
+    sequence: int
+    node_id: str
+    port: str
+    value: Any
+
+
+def encode_stream_results(items: list[StreamItem]) -> bytes:
+    """One ``StreamResponse`` carrying ``items``: a single result, or a ``StreamResults`` batch."""
+    if len(items) == 1:
+        item = items[0]
+        return join(encode_stream_item(2, item.sequence, item.node_id, item.port, item.value))
+    pieces: Pieces = []
+    for item in items:
+        pieces += encode_stream_item(1, item.sequence, item.node_id, item.port, item.value)
+    return join(_len_field(5, pieces))
+
+
+@dataclass(slots=True)
+class DecodedStreamResponse:
+    """One server message of a stream: ``kind`` is ready, results, event or closed."""
+
+    kind: str = ""
+    results: list[StreamItem] = field(default_factory=list)
+    ready: pb.StreamReady | None = None
+    event: pb.StreamEvent | None = None
+    closed: pb.StreamClosed | None = None
+
+
+def _decode_stream_result(raw: bytes, start: int, end: int, problems: list[Violation]) -> StreamItem:
+    chunk = decode_stream_chunk(raw, start, end, Limits(), problems)
+    return StreamItem(chunk.sequence, chunk.item.node_id, chunk.item.port, chunk.item.value)
+
+
+def decode_stream_response(raw: bytes) -> DecodedStreamResponse:
+    response = DecodedStreamResponse()
+    problems: list[Violation] = []
+    for number, wire_type, a, b in scan_top_level(raw):
+        if wire_type != _LEN:
+            continue
+        if number == 1:
+            response.kind, response.ready = "ready", pb.StreamReady.FromString(raw[a:b])
+        elif number == 2:
+            response.kind = "results"
+            response.results.append(_decode_stream_result(raw, a, b, problems))
+        elif number == 3:
+            response.kind, response.event = "event", pb.StreamEvent.FromString(raw[a:b])
+        elif number == 4:
+            response.kind, response.closed = "closed", pb.StreamClosed.FromString(raw[a:b])
+        elif number == 5:
+            response.kind = "results"
+            for inner, inner_type, c, d in _fields(raw, a, b):
+                if inner == 1 and inner_type == _LEN:
+                    response.results.append(_decode_stream_result(raw, c, d, problems))
+    if problems:
+        raise MalformedMessage("; ".join(f"{p.field}: {p.description}" for p in problems))
+    return response

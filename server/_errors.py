@@ -8,6 +8,7 @@
     ├── NodeFailed            UNKNOWN            a node's own exception (names node + exception)
     ├── SandboxFailure        ABORTED            the worker hosting a node died or hit a limit
     ├── DeadlineExceeded      DEADLINE_EXCEEDED  request deadline or node timeout
+    ├── SessionCancelled      CANCELLED          the client cancelled its stream (StreamCancel)
     └── ServiceUnavailable    UNAVAILABLE        draining / shutting down
 
 Anything else escaping a handler is a server bug and becomes INTERNAL.
@@ -27,6 +28,7 @@ __all__ = [
     "RequestInvalid",
     "SandboxFailure",
     "ServiceUnavailable",
+    "SessionCancelled",
     "TensorlineServerError",
     "Violation",
 ]
@@ -101,6 +103,12 @@ class SandboxFailure(TensorlineServerError):
 
 class DeadlineExceeded(TensorlineServerError):
     reason = "DEADLINE_EXCEEDED"
+
+
+class SessionCancelled(TensorlineServerError):
+    """The client cancelled its streaming session; everything stopped, no metrics."""
+
+    reason = "CANCELLED"
 
 
 class ServiceUnavailable(TensorlineServerError):

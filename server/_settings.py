@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     warm_instances: int = Field(32, ge=0,
                                 description="warm reusable node instances kept (LRU)")
     node_threads: int = Field(8, ge=1, description="threads running sync in-process nodes")
+    stream_queue_size: int = Field(16, ge=1, description="StreamPipeline: values buffered per "
+                                                         "node before its producers wait")
+    stream_buffer_bytes: int = Field(64 * MiB, gt=0, description="StreamPipeline: bytes "
+                                                                 "buffered per node inbox")
 
     node_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="extra trusted node modules (comma-separated)")

@@ -13,7 +13,7 @@ from tensorline.server import Settings, TensorlineServer, create_server
 from tensorline.server.nodes import NodeRegistry
 
 # Test node modules live in tests/nodes; importable by workers too (the repo root is on sys.path).
-TEST_NODE_MODULES = ("tests.nodes.basic", "tests.nodes.spine")
+TEST_NODE_MODULES = ("tests.nodes.basic", "tests.nodes.spine", "tests.nodes.streaming")
 
 
 def settings_for_tests(**overrides: Any) -> Settings:

@@ -1,5 +1,7 @@
-"""Executing compiled plans: the asyncio DAG executor and the engine that owns it."""
+"""Executing compiled plans: the asyncio DAG executor, the streaming executor (StreamPipeline
+sessions) and the engine that owns them."""
 
+from tensorline.client._codec import StreamItem
 from tensorline.server.executor._engine import PipelineEngine, PlanLookup
 from tensorline.server.executor._executor import (
     ExecutionResult,
@@ -7,12 +9,27 @@ from tensorline.server.executor._executor import (
     NodeReport,
     normalize_outputs,
 )
+from tensorline.server.executor._streaming import (
+    Channel,
+    SessionClosed,
+    SessionEvent,
+    SessionReady,
+    StreamingExecutor,
+    StreamSession,
+)
 
 __all__ = [
+    "Channel",
     "ExecutionResult",
     "Executor",
     "NodeReport",
     "PipelineEngine",
     "PlanLookup",
+    "SessionClosed",
+    "SessionEvent",
+    "SessionReady",
+    "StreamItem",
+    "StreamSession",
+    "StreamingExecutor",
     "normalize_outputs",
 ]

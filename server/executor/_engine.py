@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from tensorline.client._codec import PortItem, Violation
 from tensorline.server._errors import RequestInvalid
 from tensorline.server.executor._executor import ExecutionResult, Executor
+from tensorline.server.executor._streaming import StreamingExecutor
 from tensorline.server.manifest import (
     ExecutionPlan,
     PlanCache,
@@ -50,6 +51,7 @@ class PipelineEngine:
         self.runtimes = dict(runtimes)
         self.plans = PlanCache(plan_cache_size)
         self.executor = Executor(self.runtimes, selector)
+        self.streaming = StreamingExecutor(self.runtimes, selector)
         self._started = False
         self._closed = False
 

@@ -36,6 +36,9 @@ class NodeReport:
     reason: str
     wall_ms: float = 0.0
     fallback: str = ""
+    # Streaming sessions: input sets consumed and output values produced.
+    inputs_consumed: int = 0
+    outputs_produced: int = 0
 
 
 @dataclass(slots=True)
@@ -44,8 +47,9 @@ class ExecutionResult:
     reports: list[NodeReport]
 
 
-def normalize_outputs(spec: NodeSpec, raw: Any) -> dict[str, Any]:
-    """The node's return value as {output port: value}, checked against the declared ports."""
+def normalize_outputs(spec: NodeSpec, raw: Any, *, partial: bool = False) -> dict[str, Any]:
+    """The node's return value as {output port: value}, checked against the declared ports.
+    ``partial``: a streaming node's yield, which may leave ports out."""
     ports = spec.entry.cls.outputs
     if isinstance(raw, Mapping):
         produced = dict(raw)
@@ -63,6 +67,8 @@ def normalize_outputs(spec: NodeSpec, raw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, port in declared.items():
         if name not in produced or produced[name] is None:
+            if partial:
+                continue
             raise NodeFailed(spec.node_id, "TypeError", f"produced no value for output '{name}'")
         value = produced[name]
         if port.kind == "tensor" and isinstance(value, int | float | complex | bool | np.generic):

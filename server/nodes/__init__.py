@@ -32,10 +32,14 @@ from tensorline.server.nodes._registry import (
     NodeRegistry,
     UnknownNodeType,
 )
+from tensorline.server.nodes._streaming import END_OF_STREAM, Chunk, Emit, StreamingNode
 
 __all__ = [
+    "END_OF_STREAM",
     "ENTRY_POINT_GROUP",
     "Audio",
+    "Chunk",
+    "Emit",
     "Isolation",
     "Json",
     "NoParams",
@@ -47,6 +51,7 @@ __all__ = [
     "NodeTraits",
     "Port",
     "PortKind",
+    "StreamingNode",
     "Tagged",
     "UnknownNodeType",
 ]

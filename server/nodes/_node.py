@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -72,6 +72,15 @@ class NodeContext:
     runtime: str
     scratch_dir: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Streaming sessions: where ``report`` goes (kind, message, progress); None = nowhere.
+    on_event: Callable[[str, str, float], None] | None = None
+
+    def report(self, message: str, progress: float = 0.0, kind: str = "progress") -> None:
+        """Tell the client how initialization or work is going (e.g. model loading). In a
+        streaming session it arrives as a StreamEvent, never mixed into the data; elsewhere it is
+        dropped. Safe to call from any thread."""
+        if self.on_event is not None:
+            self.on_event(kind, message, progress)
 
 
 class Node:
@@ -96,6 +105,8 @@ class Node:
     outputs: ClassVar[tuple[Port, ...]] = (Port("out"),)
     traits: ClassVar[NodeTraits] = NodeTraits()
     reusable: ClassVar[bool] = False
+    # True for ``StreamingNode`` subclasses (generators over a stream; see ``_streaming``).
+    streaming: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

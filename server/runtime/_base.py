@@ -12,7 +12,7 @@ isolation itself failed (worker crash, limit hit), ``DeadlineExceeded`` for node
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +36,8 @@ class ExecutionScope:
     request_id: str = ""
     # Absolute loop time by which the execution must end (None = no deadline).
     deadline: float | None = None
+    # "on_event": (node_id, kind, message, progress) -> None, callable from any thread; a
+    # runtime hands it to the node's context (``NodeContext.report``) for streaming sessions.
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -43,10 +45,23 @@ class NodeInstance(ABC):
     """An initialized node, ready to process."""
 
     spec: NodeSpec
+    # Whether ``stream`` is implemented (streaming sessions refuse streaming nodes otherwise).
+    can_stream: ClassVar[bool] = False
 
     @abstractmethod
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         """Run the node once; returns what the node's ``process`` returned."""
+
+    def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Run a streaming node's ``stream`` generator over ``chunks`` (``nodes.Chunk``).
+
+        Yields exactly what the generator yields, in order, as it yields it; a node exception
+        becomes ``NodeFailed``. The consumer pulls at its own pace and the generator must not
+        run ahead by more than one output (backpressure). Closing the returned iterator
+        (``aclose``, or cancelling its consumer) stops the generator promptly and sets the
+        node context's ``cancelled``. ``chunks`` is consumed only from within this iterator.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run streaming nodes")
 
 
 class Runtime(ABC):

@@ -5,18 +5,27 @@ Async node methods run on the event loop; sync ones in a thread pool, never on t
 interrupted: its context's ``cancelled`` event is set and its cleanup runs when it returns.
 Reusable nodes are kept warm, one shared instance per (type, params), in an LRU of bounded size
 whose eviction runs the instance's cleanup once nobody uses it.
+
+Streaming nodes: an async ``stream`` generator runs on the loop; a sync one runs in a thread of
+its own for the whole session (not the shared pool, whose threads a long-lived generator would
+starve), handing every input and output across with ``run_coroutine_threadsafe`` so it blocks
+only its own thread and never runs more than one output ahead of its consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
+import inspect
 import logging
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, ClassVar
 
-from tensorline.server._errors import NodeFailed
+from tensorline.server._errors import NodeFailed, TensorlineServerError
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Node, NodeContext, NodeEntry
 from tensorline.server.runtime._base import ExecutionScope, NodeInstance, Runtime
@@ -28,7 +37,62 @@ def node_failed(spec: NodeSpec, exc: BaseException, sequence: int | None = None)
     return NodeFailed(spec.node_id, type(exc).__name__, str(exc), sequence)
 
 
+class _Stopped(BaseException):
+    """Raised in a sync generator's thread when its session stopped (BaseException, so that a
+    node's ``except Exception`` does not swallow it)."""
+
+
+_DONE: Any = object()
+
+
+async def _next_or_done(chunks: AsyncIterator[Any]) -> Any:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return _DONE
+
+
+class _ThreadBridge:
+    """Runs coroutines on the loop on behalf of a generator thread; ``stop`` unblocks it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cancelled: threading.Event) -> None:
+        self._loop = loop
+        self._cancelled = cancelled
+        self._stopped = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """From the thread: run ``coro`` on the loop and wait for its result."""
+        future = asyncio.run_coroutine_threadsafe(self._guard(coro), self._loop)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise _Stopped from None
+
+    async def _guard(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        # Runs on the loop, so it cannot race with stop(): either it sees _stopped or stop()
+        # sees its task.
+        if self._stopped:
+            coro.close()
+            raise _Stopped
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            return await coro
+        finally:
+            self._tasks.discard(task)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._cancelled.set()
+        for task in self._tasks:
+            task.cancel()
+
+
 class InProcessInstance(NodeInstance):
+    can_stream: ClassVar[bool] = True
+
     def __init__(self, spec: NodeSpec, node: Node, runtime: InProcessRuntime) -> None:
         self.spec = spec
         self.node = node
@@ -74,6 +138,94 @@ class InProcessInstance(NodeInstance):
             raise
         except Exception as exc:
             raise node_failed(self.spec, exc) from exc
+
+    def _failed(self, exc: Exception) -> Exception:
+        # Errors of the executor's own chunk iterator (a join overflow...) pass through as is.
+        if isinstance(exc, TensorlineServerError):
+            return exc
+        return node_failed(self.spec, exc)
+
+    async def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        method = getattr(type(self.node), "stream", None)
+        source: AsyncGenerator[Any, None]
+        if inspect.isasyncgenfunction(method):
+            source = self._async_stream(chunks)
+        elif inspect.isgeneratorfunction(method):
+            source = self._sync_stream(chunks)
+        else:
+            raise node_failed(self.spec, TypeError("stream() must be a generator (use yield)"))
+        try:
+            async for out in source:
+                yield out
+        finally:
+            await source.aclose()
+
+    async def _async_stream(self, chunks: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+        node: Any = self.node
+        generator = node.stream(chunks)
+        try:
+            while True:
+                try:
+                    out = await generator.__anext__()
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    self.node.context.cancelled.set()
+                    raise
+                except Exception as exc:
+                    raise self._failed(exc) from exc
+                yield out
+        finally:
+            try:
+                await generator.aclose()
+            except Exception:
+                log.exception("closing the stream of node %s failed", self.spec.node_id)
+
+    async def _sync_stream(self, chunks: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+        node: Any = self.node
+        loop = asyncio.get_running_loop()
+        bridge = _ThreadBridge(loop, self.node.context.cancelled)
+        # maxsize=1: the generator runs at most one output ahead of its consumer.
+        outputs: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue(maxsize=1)
+        finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def pull() -> Iterator[Any]:
+            while True:
+                item = bridge.call(_next_or_done(chunks))
+                if item is _DONE:
+                    return
+                yield item
+
+        def body() -> None:
+            try:
+                for out in node.stream(pull()):
+                    bridge.call(outputs.put((out, None)))
+                bridge.call(outputs.put((_DONE, None)))
+            except _Stopped:
+                pass
+            except BaseException as exc:
+                with contextlib.suppress(_Stopped):
+                    bridge.call(outputs.put((_DONE, exc)))
+            finally:
+                finished.set_result(None)
+
+        # Tracked like a pool call, so the node's cleanup waits for the thread to end.
+        self.running.add(finished)
+        finished.add_done_callback(self.running.discard)
+        threading.Thread(target=body, daemon=True,
+                         name=f"tensorline-stream-{self.spec.node_id}").start()
+        try:
+            while True:
+                out, error = await outputs.get()
+                if out is _DONE:
+                    if error is None:
+                        return
+                    if isinstance(error, Exception):
+                        raise self._failed(error) from error
+                    raise error
+                yield out
+        finally:
+            bridge.stop()
 
     async def initialize(self) -> None:
         if self.entry.has_initialize:
@@ -128,6 +280,10 @@ class InProcessRuntime(Runtime):
     def _create(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
         context = NodeContext(node_id=spec.node_id, execution_id=scope.execution_id,
                               runtime=self.name)
+        report = scope.extra.get("on_event")
+        if report is not None and not spec.entry.cls.reusable:
+            # Not for warm instances: they outlive the session that created them.
+            context.on_event = functools.partial(report, spec.node_id)
         try:
             node = spec.entry.cls(spec.params, context)
         except Exception as exc:

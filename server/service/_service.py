@@ -20,6 +20,7 @@ from tensorline.client._codec import (
     DecodedExecuteRequest,
     Limits,
     decode_execute_request,
+    decode_stream_request,
     encode_execute_response,
 )
 from tensorline.server._logging import request_id_var
@@ -113,12 +114,21 @@ class PipelineService:
         )
 
     def handler(self) -> grpc.GenericRpcHandler:
+        # Imported here: the stream handler module imports this one.
+        from tensorline.server.service._stream import StreamHandler
+
         limits = Limits(max_tensor_bytes=self.settings.max_tensor_bytes)
+        stream = StreamHandler(self.engine, self.settings, self.admission, self.telemetry)
         methods = {
             "ExecutePipeline": grpc.unary_unary_rpc_method_handler(
                 self.execute_pipeline,
                 request_deserializer=partial(decode_execute_request, limits=limits),
                 # The handler returns the encoded bytes: no serializer.
+                response_serializer=None,
+            ),
+            "StreamPipeline": grpc.stream_stream_rpc_method_handler(
+                stream.stream_pipeline,
+                request_deserializer=partial(decode_stream_request, limits=limits),
                 response_serializer=None,
             ),
             "ListNodes": grpc.unary_unary_rpc_method_handler(

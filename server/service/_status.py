@@ -24,6 +24,7 @@ from tensorline.server._errors import (
     RequestInvalid,
     SandboxFailure,
     ServiceUnavailable,
+    SessionCancelled,
     TensorlineServerError,
     Violation,
 )
@@ -41,6 +42,7 @@ _CODES: list[tuple[type[TensorlineServerError], grpc.StatusCode]] = [
     (SandboxFailure, grpc.StatusCode.ABORTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ServiceUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (SessionCancelled, grpc.StatusCode.CANCELLED),
 ]
 
 

@@ -180,16 +180,18 @@ class StreamCancel(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("ready", "result", "event", "closed")
+    __slots__ = ("ready", "result", "event", "closed", "results")
     READY_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     ready: StreamReady
     result: StreamResult
     event: StreamEvent
     closed: StreamClosed
-    def __init__(self, ready: _Optional[_Union[StreamReady, _Mapping]] = ..., result: _Optional[_Union[StreamResult, _Mapping]] = ..., event: _Optional[_Union[StreamEvent, _Mapping]] = ..., closed: _Optional[_Union[StreamClosed, _Mapping]] = ...) -> None: ...
+    results: StreamResults
+    def __init__(self, ready: _Optional[_Union[StreamReady, _Mapping]] = ..., result: _Optional[_Union[StreamResult, _Mapping]] = ..., event: _Optional[_Union[StreamEvent, _Mapping]] = ..., closed: _Optional[_Union[StreamClosed, _Mapping]] = ..., results: _Optional[_Union[StreamResults, _Mapping]] = ...) -> None: ...
 
 class StreamReady(_message.Message):
     __slots__ = ("session_id", "nodes")
@@ -223,11 +225,25 @@ class StreamEvent(_message.Message):
     progress: float
     def __init__(self, node_id: _Optional[str] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[float] = ...) -> None: ...
 
+class StreamResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StreamResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[StreamResult, _Mapping]]] = ...) -> None: ...
+
 class StreamClosed(_message.Message):
-    __slots__ = ("metrics",)
+    __slots__ = ("metrics", "chunks_received", "results_sent", "max_buffered_items", "max_buffered_bytes")
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_SENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BUFFERED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BUFFERED_BYTES_FIELD_NUMBER: _ClassVar[int]
     metrics: ExecutionMetrics
-    def __init__(self, metrics: _Optional[_Union[ExecutionMetrics, _Mapping]] = ...) -> None: ...
+    chunks_received: int
+    results_sent: int
+    max_buffered_items: int
+    max_buffered_bytes: int
+    def __init__(self, metrics: _Optional[_Union[ExecutionMetrics, _Mapping]] = ..., chunks_received: _Optional[int] = ..., results_sent: _Optional[int] = ..., max_buffered_items: _Optional[int] = ..., max_buffered_bytes: _Optional[int] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

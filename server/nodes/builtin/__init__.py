@@ -10,12 +10,20 @@ from tensorline.server.nodes.builtin._basic import (
     Reshape,
     Scale,
 )
+from tensorline.server.nodes.builtin._streaming import (
+    Accumulator,
+    AudioChunker,
+    VoiceActivityGate,
+)
 
-TENSORLINE_NODES = (PassThrough, Scale, Add, Calculator, Cast, Reshape, Normalize, AudioResample)
+TENSORLINE_NODES = (PassThrough, Scale, Add, Calculator, Cast, Reshape, Normalize, AudioResample,
+                    AudioChunker, Accumulator, VoiceActivityGate)
 
 __all__ = [
     "TENSORLINE_NODES",
+    "Accumulator",
     "Add",
+    "AudioChunker",
     "AudioResample",
     "Calculator",
     "Cast",
@@ -23,4 +31,5 @@ __all__ = [
     "PassThrough",
     "Reshape",
     "Scale",
+    "VoiceActivityGate",
 ]

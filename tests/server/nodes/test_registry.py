@@ -12,8 +12,8 @@ import pytest
 from tensorline.server.nodes import Node, NodeRegistry, UnknownNodeType
 from tensorline.server.nodes import _registry as registry_module
 
-BUILTINS = ["Add", "AudioResample", "Calculator", "Cast", "Normalize", "PassThrough", "Reshape",
-            "Scale"]
+BUILTINS = ["Accumulator", "Add", "AudioChunker", "AudioResample", "Calculator", "Cast",
+            "Normalize", "PassThrough", "Reshape", "Scale", "VoiceActivityGate"]
 
 
 def test_builtins_only() -> None:

@@ -1,0 +1,390 @@
+"""Client side of StreamPipeline: ``AsyncStream`` (asyncio) and ``Stream`` (blocking).
+
+    async with client.stream(manifest, on_event=print) as s:
+        await s.send("mic", Audio(frame, 16000))       # sequence numbers count up from 0
+        async for out in s:                            # node_id, port, sequence, value
+            ...                                        # (usually in another task)
+        metrics = await s.close()                      # drain + flush, final metrics
+
+Leaving the ``async with`` block normally closes the stream; leaving it with an exception
+cancels it. ``close`` drains everything in flight and returns the session metrics; results not
+consumed yet stay readable with ``async for`` afterwards. ``cancel`` stops at once (no metrics).
+
+Flow control: ``send`` waits while the server is busy (its queues are bounded), so a slow node
+slows the sender. Results are read in the background into a local buffer, unbounded by default
+(so sending everything before reading cannot deadlock); ``max_buffered`` bounds it, in which
+case results must be consumed while sending and closing. Events (node initialization, unjoined
+inputs...) go to ``on_event`` and ``events``, never into the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from tensorline.client._codec import (
+    DecodedStreamResponse,
+    StreamItem,
+    decode_stream_response,
+    encode_stream_cancel,
+    encode_stream_chunk,
+    encode_stream_close,
+    encode_stream_init,
+)
+from tensorline.client._exceptions import TensorlineError, from_rpc_error
+from tensorline.v1 import tensorline_pb2 as pb
+
+STREAM_METHOD = "/tensorline.v1.PipelineService/StreamPipeline"
+
+# A result of a stream: ``node_id``, ``port``, ``sequence`` (of the input it derives from, -1
+# for end-of-stream flushes) and ``value``.
+StreamOutput = StreamItem
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """Status or progress reported by the server (never data)."""
+
+    node_id: str
+    kind: str
+    message: str
+    progress: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamNodeMetrics:
+    node_id: str
+    node_type: str
+    runtime: str
+    selection_reason: str
+    wall_ms: float
+    inputs_consumed: int
+    outputs_produced: int
+    fallback: str = ""
+
+    @classmethod
+    def from_proto(cls, m: pb.NodeMetrics) -> StreamNodeMetrics:
+        return cls(m.node_id, m.node_type, m.runtime, m.selection_reason, m.wall_ms,
+                   m.inputs_consumed, m.outputs_produced, m.fallback)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMetrics:
+    """Final metrics of a closed session."""
+
+    total_ms: float
+    nodes: list[StreamNodeMetrics]
+    plan_cached: bool
+    chunks_received: int
+    results_sent: int
+    # Peak values (and bytes) the server buffered between nodes: bounded by its queues.
+    max_buffered_items: int
+    max_buffered_bytes: int
+
+    @classmethod
+    def from_proto(cls, closed: pb.StreamClosed) -> StreamMetrics:
+        return cls(closed.metrics.total_ms,
+                   [StreamNodeMetrics.from_proto(m) for m in closed.metrics.nodes],
+                   closed.metrics.plan_cached, closed.chunks_received, closed.results_sent,
+                   closed.max_buffered_items, closed.max_buffered_bytes)
+
+
+_END: Any = object()
+
+
+@dataclass
+class _State:
+    session_id: str = ""
+    nodes: list[StreamNodeMetrics] = field(default_factory=list)
+    metrics: StreamMetrics | None = None
+    error: TensorlineError | None = None
+    finished: bool = False
+    cancelled: bool = False
+
+
+class AsyncStream:
+    """One StreamPipeline session (see the module docstring)."""
+
+    def __init__(self, channel: grpc.aio.Channel, manifest_json: str, *,
+                 queue_size: int = 0, timeout: float | None = None,
+                 metadata: tuple[tuple[str, str], ...] = (),
+                 on_event: Callable[[StreamEvent], Any] | None = None,
+                 max_buffered: int = 0) -> None:
+        self._channel = channel
+        self._manifest_json = manifest_json
+        self._queue_size = queue_size
+        self._timeout = timeout
+        self._metadata = metadata
+        self._on_event = on_event
+        self.events: list[StreamEvent] = []
+        self._results: asyncio.Queue[Any] = asyncio.Queue(max_buffered)
+        self._state = _State()
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._next_sequence = 0
+        self._closing = False
+
+    # --- properties ---
+
+    @property
+    def session_id(self) -> str:
+        return self._state.session_id
+
+    @property
+    def nodes(self) -> list[StreamNodeMetrics]:
+        """Where each node runs and why (from the server's Ready)."""
+        return self._state.nodes
+
+    @property
+    def metrics(self) -> StreamMetrics | None:
+        return self._state.metrics
+
+    # --- opening ---
+
+    async def __aenter__(self) -> AsyncStream:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self._state.finished or self._state.cancelled:
+            return
+        if exc_type is None:
+            await self.close()
+        else:
+            await self.cancel("client error")
+
+    async def open(self) -> None:
+        """Send init and wait for Ready (initialization errors raise here)."""
+        self._call = self._channel.stream_stream(
+            STREAM_METHOD, request_serializer=None,
+            response_deserializer=decode_stream_response,
+        )(timeout=self._timeout, metadata=self._metadata)
+        try:
+            await self._call.write(encode_stream_init(self._manifest_json, self._queue_size))
+            while True:
+                response: Any = await self._call.read()
+                if response is grpc.aio.EOF:
+                    raise TensorlineError("the server ended the stream before Ready")
+                if response.kind == "event":
+                    self._event(response.event)
+                elif response.kind == "ready":
+                    ready = response.ready
+                    self._state.session_id = ready.session_id
+                    self._state.nodes = [StreamNodeMetrics.from_proto(m) for m in ready.nodes]
+                    break
+                else:
+                    raise TensorlineError(f"unexpected {response.kind} before Ready")
+        except grpc.RpcError as error:
+            self._state.finished = True
+            raise from_rpc_error(error) from None
+        except BaseException:
+            self._call.cancel()
+            raise
+        self._reader = asyncio.ensure_future(self._read_loop())
+
+    def _event(self, event: pb.StreamEvent) -> None:
+        info = StreamEvent(event.node_id, event.kind, event.message, event.progress)
+        self.events.append(info)
+        if self._on_event is not None:
+            self._on_event(info)
+
+    async def _read_loop(self) -> None:
+        results = self._results
+        try:
+            while True:
+                response: DecodedStreamResponse = await self._call.read()
+                if response is grpc.aio.EOF:  # type: ignore[comparison-overlap]
+                    break
+                kind = response.kind
+                if kind == "results":
+                    for item in response.results:
+                        if results.maxsize:
+                            await results.put(item)
+                        else:
+                            results.put_nowait(item)
+                elif kind == "event":
+                    assert response.event is not None
+                    self._event(response.event)
+                elif kind == "closed":
+                    assert response.closed is not None
+                    self._state.metrics = StreamMetrics.from_proto(response.closed)
+        except grpc.RpcError as error:
+            if not self._state.cancelled:
+                self._state.error = from_rpc_error(error)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._state.finished = True
+            results.put_nowait(_END)
+
+    # --- sending ---
+
+    async def send(self, node: str, value: Any, *, port: str = "",
+                   sequence: int | None = None) -> int:
+        """Send ``value`` to ``node`` (``"node:port"`` also works); returns its sequence.
+
+        Waits while the server's queues are full. Raises the session's error if it failed."""
+        if port == "" and ":" in node:
+            node, _, port = node.partition(":")
+        if sequence is None:
+            sequence = self._next_sequence
+        self._next_sequence = sequence + 1
+        try:
+            data = encode_stream_chunk(sequence, node, port, value)
+        except (TypeError, ValueError) as exc:
+            raise TensorlineError(f"cannot encode chunk {sequence}: {exc}") from exc
+        await self._write(data)
+        return sequence
+
+    async def _write(self, data: bytes) -> None:
+        if self._state.finished or self._closing:
+            await self._raise_final("the stream is closed")
+        try:
+            await self._call.write(data)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            await self._raise_final("the stream has ended")
+
+    async def _raise_final(self, fallback: str) -> None:
+        if self._reader is not None:
+            await asyncio.shield(self._reader)
+        if self._state.error is not None:
+            raise self._state.error
+        raise TensorlineError(fallback)
+
+    # --- receiving ---
+
+    def __aiter__(self) -> AsyncIterator[StreamOutput]:
+        return self
+
+    async def __anext__(self) -> StreamOutput:
+        item = await self._results.get()
+        if item is _END:
+            self._results.put_nowait(_END)  # later iterations end too
+            if self._state.error is not None and not self._state.cancelled:
+                raise self._state.error
+            raise StopAsyncIteration
+        return item  # type: ignore[no-any-return]
+
+    # --- ending ---
+
+    async def close(self) -> StreamMetrics:
+        """Drain everything in flight, flush the nodes and return the session metrics."""
+        if self._state.metrics is not None:
+            return self._state.metrics
+        if not self._closing and not self._state.finished:
+            self._closing = True
+            try:
+                await self._call.write(encode_stream_close())
+                await self._call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                pass  # the call already ended: its status tells why
+        assert self._reader is not None
+        await asyncio.shield(self._reader)
+        if self._state.error is not None:
+            raise self._state.error
+        if self._state.metrics is None:
+            raise TensorlineError("the stream ended without its final metrics")
+        return self._state.metrics
+
+    async def cancel(self, reason: str = "") -> None:
+        """Stop the session at once: the server cleans up; no metrics."""
+        if self._state.finished:
+            return
+        self._state.cancelled = True
+        try:
+            await self._call.write(encode_stream_cancel(reason))
+            await self._call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+            except TimeoutError:
+                self._call.cancel()
+                await self._reader
+
+
+class Stream:
+    """Blocking wrapper around ``AsyncStream``, running it on a private event loop thread."""
+
+    def __init__(self, target: str, config: dict[str, Any], manifest_json: str,
+                 **options: Any) -> None:
+        self._target = target
+        self._config = config
+        self._manifest_json = manifest_json
+        self._options = options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="tensorline-stream")
+        self._client: Any = None
+        self._stream: AsyncStream | None = None
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def session_id(self) -> str:
+        assert self._stream is not None
+        return self._stream.session_id
+
+    @property
+    def events(self) -> list[StreamEvent]:
+        assert self._stream is not None
+        return self._stream.events
+
+    def __enter__(self) -> Stream:
+        self._thread.start()
+        try:
+            self._run(self._open())
+        except BaseException:
+            self._shutdown()
+            raise
+        return self
+
+    async def _open(self) -> None:
+        from tensorline.client._client import AsyncClient
+
+        self._client = AsyncClient(self._target, **self._config)
+        self._stream = self._client.stream(self._manifest_json, **self._options)
+        await self._stream.open()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            assert self._stream is not None
+            self._run(self._stream.__aexit__(exc_type, None, None))
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._client is not None:
+            self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def send(self, node: str, value: Any, *, port: str = "", sequence: int | None = None) -> int:
+        assert self._stream is not None
+        return int(self._run(self._stream.send(node, value, port=port, sequence=sequence)))
+
+    def __iter__(self) -> Iterator[StreamOutput]:
+        assert self._stream is not None
+        stream = self._stream
+        while True:
+            try:
+                yield self._run(stream.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def close(self) -> StreamMetrics:
+        assert self._stream is not None
+        metrics: StreamMetrics = self._run(self._stream.close())
+        return metrics
+
+    def cancel(self, reason: str = "") -> None:
+        assert self._stream is not None
+        self._run(self._stream.cancel(reason))

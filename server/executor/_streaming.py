@@ -1,0 +1,653 @@
+"""The streaming executor: one StreamPipeline session runs a compiled plan over a stream of chunks.
+
+Shape of a session. Every node is acquired (initialized) once when the session opens and runs as
+one long-lived task (a *stage*) that pulls from its own bounded inbox, so a chunk costs no task
+of its own anywhere and independent nodes work on different chunks at the same time. A stage
+takes everything queued in its inbox at once (one wake-up for many chunks under load) and pushes
+each output into the inbox of every consumer and, for sink ports, into the session's *outbox*,
+which the service drains into gRPC messages.
+
+Backpressure. Inboxes and the outbox are ``Channel``s bounded by a number of values
+(``queue_size``) and by bytes (``buffer_bytes``; a value larger than that still passes alone so
+nothing can wedge). A producer that finds a channel full waits; the wait propagates upstream to
+the service's reader, which then stops reading, so gRPC flow control stops the client. Nothing
+is dropped. Memory per session is bounded by about ``2 x queue_size`` values per node (the
+inbox plus the batch being worked through) plus the outbox.
+
+Ordering. A stage handles its input in arrival order and emits in order, so the outputs of one
+node arrive in order. Chunks the client sends to one source arrive in the order sent.
+
+Joins. A node with a single input slot (one connected source, or one port fed by the client)
+runs once per arriving value. A node with several slots (several ports, or a ``many`` port with
+several connections, or client-fed ports) joins by sequence number: it runs once per sequence
+for which every slot holds a value, pairing values of the same sequence on one slot first in,
+first out (so a 1->N expander feeding both sides of a join pairs up). Optional client-fed ports
+are not slots: the latest value sent to one is passed with every input set formed after it
+(it travels through the inbox, in order with the data). Sequences that never complete (a filter
+on one branch) wait in a buffer bounded to ``4 x queue_size + 64`` sequences per node, past which
+the session fails with ``LimitExceeded``; whatever is still incomplete at the end of the stream
+is reported as an ``unjoined`` event, never silently lost.
+
+Sequences. An ordinary node's outputs carry the sequence of its input set; a streaming node's
+carry the sequence of the chunk it pulled last, or ``-1`` after its input ended (a flush), or
+what it chose with ``Emit``.
+
+Lifecycle. ``end_input`` (client close) sends end-of-stream through the graph: each stage
+drains, flushes (a streaming node's generator sees its input end) and passes end-of-stream on;
+when every stage is done ``run`` queues the final metrics. ``aclose`` stops everything at once
+(cancel, disconnect, error, deadline) and releases every node, which runs its cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tensorline.client._codec import StreamItem
+from tensorline.client._values import Audio, Tagged
+from tensorline.server._errors import (
+    DeadlineExceeded,
+    LimitExceeded,
+    NodeFailed,
+    RequestInvalid,
+    SandboxFailure,
+    Violation,
+)
+from tensorline.server.executor._executor import NodeReport, normalize_outputs
+from tensorline.server.manifest import (
+    ExecutionPlan,
+    NodeSpec,
+    check_value_kind,
+    resolve_input_port,
+)
+from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
+from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
+from tensorline.server.selector import INPROCESS, Selector
+
+DEFAULT_QUEUE_SIZE = 16
+DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
+# Values one stage takes from its inbox per wake-up.
+BATCH = 64
+# Inbox item whose slot is _EOS: one producer of the node has finished.
+_EOS = -1
+# Inbox item whose slot is _STICKY carries (port, value) for an optional client-fed port; it
+# travels through the inbox so it applies from its place in the stream on.
+_STICKY = -2
+
+
+def size_of(value: Any) -> int:
+    """Bytes a value holds (tensor data, audio samples, text/binary length)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, Audio):
+        return int(value.samples.nbytes)
+    if isinstance(value, Tagged):
+        return size_of(value.value)
+    if isinstance(value, bytes | str):
+        return len(value)
+    return 0
+
+
+@dataclass(slots=True)
+class BufferStats:
+    """Values currently held in a session's channels, and their peaks."""
+
+    items: int = 0
+    bytes: int = 0
+    max_items: int = 0
+    max_bytes: int = 0
+
+
+class Channel:
+    """A bounded FIFO with one consumer: ``put`` waits while full, ``get_batch`` takes all."""
+
+    __slots__ = ("_bytes", "_getter", "_items", "_putters", "_stats", "capacity", "max_bytes")
+
+    def __init__(self, capacity: int, max_bytes: int, stats: BufferStats) -> None:
+        self.capacity = max(1, capacity)
+        self.max_bytes = max_bytes
+        self._items: deque[tuple[Any, int]] = deque()
+        self._bytes = 0
+        self._getter: asyncio.Future[None] | None = None
+        self._putters: list[asyncio.Future[None]] = []
+        self._stats = stats
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _full(self, size: int) -> bool:
+        count = len(self._items)
+        if count >= self.capacity:
+            return True
+        # An oversized value still passes into an empty channel: bounded, never wedged.
+        return bool(self.max_bytes and count and self._bytes + size > self.max_bytes)
+
+    def _append(self, item: Any, size: int) -> None:
+        self._items.append((item, size))
+        self._bytes += size
+        stats = self._stats
+        stats.items += 1
+        stats.bytes += size
+        if stats.items > stats.max_items:
+            stats.max_items = stats.items
+        if stats.bytes > stats.max_bytes:
+            stats.max_bytes = stats.bytes
+        getter = self._getter
+        if getter is not None:
+            self._getter = None
+            if not getter.done():
+                getter.set_result(None)
+
+    def try_put(self, item: Any, size: int = 0) -> bool:
+        """Queue ``item`` if there is room now (the hot path: no coroutine, no future)."""
+        if self._full(size):
+            return False
+        self._append(item, size)
+        return True
+
+    async def put(self, item: Any, size: int = 0) -> None:
+        loop = asyncio.get_running_loop()
+        while self._full(size):
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._putters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._putters:
+                    self._putters.remove(waiter)
+        self._append(item, size)
+
+    def force_put(self, item: Any) -> None:
+        """Queue a control item (end of stream, event) regardless of the bounds."""
+        self._append(item, 0)
+
+    async def get_batch(self, limit: int = BATCH) -> list[Any]:
+        while not self._items:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._getter = waiter
+            try:
+                await waiter
+            finally:
+                self._getter = None
+        items = self._items
+        count = min(limit, len(items))
+        out = []
+        freed = 0
+        for _ in range(count):
+            item, size = items.popleft()
+            freed += size
+            out.append(item)
+        self._bytes -= freed
+        self._stats.items -= count
+        self._stats.bytes -= freed
+        if self._putters:
+            for waiter in self._putters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._putters.clear()
+        return out
+
+
+# --- what the outbox carries besides results ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """Status or progress, never data (model loading, unjoined inputs...)."""
+
+    node_id: str
+    kind: str
+    message: str = ""
+    progress: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionReady:
+    session_id: str
+    reports: list[NodeReport]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """The final message of a session that closed normally."""
+
+    reports: list[NodeReport]
+    total_ms: float
+    chunks_received: int
+    results_sent: int
+    max_buffered_items: int
+    max_buffered_bytes: int
+
+
+# --- joins --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    port: str
+    many: bool
+
+
+class _Join:
+    """Collects one value per slot for each sequence (see the module docstring)."""
+
+    __slots__ = ("_count", "_limit", "_node_id", "_optional", "_pending", "_slots", "sticky")
+
+    def __init__(self, node_id: str, slots: list[_Slot], optional: list[str], limit: int) -> None:
+        self._node_id = node_id
+        self._slots = slots
+        self._count = len(slots)
+        self._optional = set(optional)
+        self._limit = limit
+        self._pending: dict[int, list[deque[Any]]] = {}
+        self.sticky: dict[str, Any] = {}
+
+    def is_optional(self, port: str) -> bool:
+        return port in self._optional
+
+    def add(self, slot: int, sequence: int, value: Any) -> dict[str, Any] | None:
+        queues = self._pending.get(sequence)
+        if queues is None:
+            if len(self._pending) >= self._limit:
+                raise LimitExceeded(
+                    f"node '{self._node_id}': {len(self._pending)} sequences are waiting for "
+                    "values on its other inputs (a branch dropped or renumbered chunks?); "
+                    f"the join buffer holds {self._limit}")
+            queues = self._pending[sequence] = [deque() for _ in range(self._count)]
+        queues[slot].append(value)
+        if not all(queues):
+            return None
+        inputs: dict[str, Any] = dict(self.sticky)
+        for index, info in enumerate(self._slots):
+            got = queues[index].popleft()
+            if info.many:
+                inputs.setdefault(info.port, []).append(got)
+            else:
+                inputs[info.port] = got
+        if not any(queues):
+            del self._pending[sequence]
+        return inputs
+
+    def leftover(self) -> int:
+        return sum(max(len(q) for q in queues) for queues in self._pending.values())
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Stage:
+    spec: NodeSpec
+    runtime: Runtime
+    instance: NodeInstance
+    inbox: Channel
+    report: NodeReport
+    # Producers that must signal end of stream before the node's input has ended.
+    producers: int = 0
+    slots: list[_Slot] = field(default_factory=list)
+    # Client-fed port -> slot index (_STICKY for optional ports, passed as sticky values).
+    external: dict[str, int] = field(default_factory=dict)
+    join: _Join | None = None
+    # Output port -> [(consumer inbox, slot)]; sink ports also go to the outbox.
+    routes: dict[str, list[tuple[Channel, int]]] = field(default_factory=dict)
+    sinks: frozenset[str] = frozenset()
+    consumers: list[Channel] = field(default_factory=list)
+    current: int = END_OF_STREAM
+    busy_s: float = 0.0
+
+    def accept(self, slot: int, sequence: int, value: Any) -> dict[str, Any] | None:
+        join = self.join
+        if join is None:
+            info = self.slots[0]
+            return {info.port: [value] if info.many else value}
+        if slot == _STICKY:
+            port, latest = value
+            join.sticky[port] = latest
+            return None
+        return join.add(slot, sequence, value)
+
+
+class StreamSession:
+    """One StreamPipeline session: open -> ``start`` -> ``run`` (+ ``send``/``end_input``)."""
+
+    def __init__(self, executor: StreamingExecutor, plan: ExecutionPlan, scope: ExecutionScope,
+                 queue_size: int, buffer_bytes: int) -> None:
+        self.session_id = scope.execution_id
+        self.plan = plan
+        self.scope = scope
+        self.queue_size = max(1, queue_size)
+        self.buffer_bytes = buffer_bytes
+        self._executor = executor
+        self.stats = BufferStats()
+        self.outbox = Channel(self.queue_size, buffer_bytes, self.stats)
+        self._stages: dict[str, _Stage] = {}
+        self._acquired: list[tuple[Runtime, NodeInstance]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._routes: dict[tuple[str, str], tuple[_Stage, int, Any]] = {}
+        self._input_ended = False
+        self._closed = False
+        self._started = time.perf_counter()
+        self.chunks_received = 0
+        self.results_sent = 0
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        scope.extra["on_event"] = self._node_event
+
+    # --- opening ---
+
+    def event(self, node_id: str, kind: str, message: str = "", progress: float = 0.0) -> None:
+        self.outbox.force_put(SessionEvent(node_id, kind, message, progress))
+
+    def _node_event(self, node_id: str, kind: str, message: str, progress: float) -> None:
+        # Sync node code reports from a worker thread; channels belong to the loop.
+        if threading.get_ident() == self._loop_thread:
+            self.event(node_id, kind, message, progress)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.event, node_id, kind, message, progress)
+
+    async def start(self) -> list[NodeReport]:
+        """Initialize every node (concurrently), wire the stages and queue Ready.
+
+        On failure every node initialized so far is released and the error propagates."""
+        specs = [self.plan.nodes[nid] for nid in self.plan.order]
+        results = await asyncio.gather(*(self._acquire(spec) for spec in specs),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self._wire()
+        reports = [self._stages[nid].report for nid in self.plan.order]
+        self.outbox.force_put(SessionReady(self.session_id, reports))
+        return reports
+
+    async def _acquire(self, spec: NodeSpec) -> None:
+        decision = spec.decision
+        report = NodeReport(spec.node_id, spec.node_type, decision.runtime, decision.reason)
+        self.event(spec.node_id, "initializing",
+                   f"initializing {spec.node_type} ({decision.runtime}: {decision.reason})")
+        started = time.perf_counter()
+        runtime = self._executor.runtime_for(decision.runtime)
+        try:
+            instance = await runtime.acquire(spec, self.scope)
+        except SandboxFailure as failure:
+            retry = self._executor.selector.fallback(spec.node_id, spec.entry, decision,
+                                                     failure.cause)
+            if retry is None:
+                raise
+            report.runtime, report.reason, report.fallback = (retry.runtime, retry.reason,
+                                                              failure.cause)
+            runtime = self._executor.runtime_for(retry.runtime)
+            instance = await runtime.acquire(spec, self.scope)
+        self._acquired.append((runtime, instance))
+        if spec.entry.cls.streaming and not instance.can_stream:
+            raise RequestInvalid([Violation(
+                f"nodes[{spec.node_id}]",
+                f"node '{spec.node_id}' ({spec.node_type}) is a streaming node and the "
+                f"{runtime.name} runtime cannot run streaming nodes")], "invalid manifest")
+        elapsed = (time.perf_counter() - started) * 1000.0
+        self.event(spec.node_id, "ready", f"initialized in {elapsed:.1f} ms", 1.0)
+        capacity = self.queue_size
+        self._stages[spec.node_id] = _Stage(
+            spec, runtime, instance, Channel(capacity, self.buffer_bytes, self.stats), report)
+
+    def _wire(self) -> None:
+        limit = 4 * self.queue_size + 64
+        for node_id in self.plan.order:
+            stage = self._stages[node_id]
+            spec = stage.spec
+            upstream: set[str] = set()
+            optional: list[str] = []
+            fed_by_client = not spec.entry.cls.inputs
+            for port in spec.entry.cls.inputs:
+                sources = spec.wiring.get(port.name)
+                if sources:
+                    for source in sources:
+                        slot = len(stage.slots)
+                        stage.slots.append(_Slot(port.name, port.many))
+                        producer = self._stages[source.node_id]
+                        producer.routes.setdefault(source.port, []).append((stage.inbox, slot))
+                        if stage.inbox not in producer.consumers:
+                            producer.consumers.append(stage.inbox)
+                        upstream.add(source.node_id)
+                    continue
+                fed_by_client = True
+                if port.required:
+                    stage.external[port.name] = len(stage.slots)
+                    stage.slots.append(_Slot(port.name, port.many))
+                else:
+                    stage.external[port.name] = _STICKY
+                    optional.append(port.name)
+            stage.producers = len(upstream) + (1 if fed_by_client else 0)
+            if len(stage.slots) != 1 or optional:
+                stage.join = _Join(node_id, stage.slots, optional, limit)
+        for node_id, sink_port in self.plan.sinks:
+            stage = self._stages[node_id]
+            stage.sinks = stage.sinks | {sink_port}
+
+    # --- input from the client ---
+
+    async def send(self, sequence: int, node_id: str, port: str, value: Any) -> None:
+        """Route one client chunk to its node (waits while the node's inbox is full)."""
+        route = self._routes.get((node_id, port))
+        if route is None:
+            route = self._route(node_id, port)
+        stage, slot, port_info = route
+        if isinstance(value, Tagged):
+            value = value.value
+        problem = check_value_kind(port_info, node_id, value, "data")
+        if problem is not None:
+            raise RequestInvalid([problem], f"invalid chunk (sequence {sequence})")
+        self.chunks_received += 1
+        item = (slot, sequence, (port_info.name, value) if slot == _STICKY else value)
+        size = size_of(value)
+        if not stage.inbox.try_put(item, size):
+            await stage.inbox.put(item, size)
+
+    def _route(self, node_id: str, port: str) -> tuple[_Stage, int, Any]:
+        if self._input_ended:
+            raise RequestInvalid([Violation("data", "data chunk after close")], "invalid chunk")
+        port_info, problem = resolve_input_port(self.plan, node_id, port, "data")
+        if port_info is None:
+            assert problem is not None
+            raise RequestInvalid([problem], "invalid chunk")
+        stage = self._stages[node_id]
+        route = (stage, stage.external[port_info.name], port_info)
+        self._routes[(node_id, port)] = route
+        return route
+
+    def end_input(self) -> None:
+        """The client closed its side: end of stream for every client-fed node."""
+        if self._input_ended:
+            return
+        self._input_ended = True
+        self._routes.clear()
+        for stage in self._stages.values():
+            if stage.external or not stage.spec.entry.cls.inputs:
+                stage.inbox.force_put((_EOS, 0, None))
+
+    # --- running ---
+
+    async def run(self) -> None:
+        """Run every stage until the stream ends; then queue the final metrics.
+
+        The first stage failure cancels the others and propagates."""
+        for node_id in self.plan.order:
+            stage = self._stages[node_id]
+            body = self._run_streaming if stage.spec.entry.cls.streaming else self._run_plain
+            self._tasks.append(asyncio.ensure_future(body(stage)))
+        pending: set[asyncio.Task[None]] = set(self._tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        for stage in self._stages.values():
+            stage.report.wall_ms = stage.busy_s * 1000.0
+        self.outbox.force_put(SessionClosed(
+            reports=[self._stages[nid].report for nid in self.plan.order],
+            total_ms=(time.perf_counter() - self._started) * 1000.0,
+            chunks_received=self.chunks_received,
+            results_sent=self.results_sent,
+            max_buffered_items=self.stats.max_items,
+            max_buffered_bytes=self.stats.max_bytes,
+        ))
+
+    def _sequenced(self, error: NodeFailed, sequence: int) -> NodeFailed:
+        if error.sequence is not None:
+            return error
+        failed = NodeFailed(error.node_id, error.exc_type, error.detail, sequence)
+        failed.__cause__ = error.__cause__
+        return failed
+
+    async def _emit(self, stage: _Stage, sequence: int, outputs: Mapping[str, Any]) -> None:
+        for port, value in outputs.items():
+            stage.report.outputs_produced += 1
+            size = size_of(value)
+            for channel, slot in stage.routes.get(port, ()):
+                item = (slot, sequence, value)
+                if not channel.try_put(item, size):
+                    await channel.put(item, size)
+            if port in stage.sinks:
+                result = StreamItem(sequence, stage.spec.node_id, port, value)
+                self.results_sent += 1
+                if not self.outbox.try_put(result, size):
+                    await self.outbox.put(result, size)
+
+    def _finish(self, stage: _Stage) -> None:
+        if stage.join is not None:
+            leftover = stage.join.leftover()
+            if leftover:
+                self.event(stage.spec.node_id, "unjoined",
+                           f"{leftover} input value(s) never met values of the same sequence "
+                           "on the node's other inputs")
+        for channel in stage.consumers:
+            channel.force_put((_EOS, 0, None))
+
+    async def _run_plain(self, stage: _Stage) -> None:
+        spec = stage.spec
+        instance = stage.instance
+        inbox = stage.inbox
+        timeout = spec.timeout_s
+        waiting = stage.producers
+        while waiting:
+            for slot, sequence, value in await inbox.get_batch():
+                if slot == _EOS:
+                    waiting -= 1
+                    continue
+                inputs = stage.accept(slot, sequence, value)
+                if inputs is None:
+                    continue
+                stage.current = sequence
+                started = time.perf_counter()
+                try:
+                    if timeout is None:
+                        raw = await instance.process(inputs)
+                    else:
+                        try:
+                            async with asyncio.timeout(timeout):
+                                raw = await instance.process(inputs)
+                        except TimeoutError:
+                            raise DeadlineExceeded(
+                                f"node '{spec.node_id}' exceeded its timeout of {timeout:g} s "
+                                f"at sequence {sequence}") from None
+                    outputs = normalize_outputs(spec, raw)
+                except NodeFailed as error:
+                    raise self._sequenced(error, sequence) from error.__cause__
+                stage.busy_s += time.perf_counter() - started
+                stage.report.inputs_consumed += 1
+                await self._emit(stage, sequence, outputs)
+        self._finish(stage)
+
+    async def _chunks(self, stage: _Stage) -> AsyncIterator[Chunk]:
+        inbox = stage.inbox
+        waiting = stage.producers
+        while waiting:
+            for slot, sequence, value in await inbox.get_batch():
+                if slot == _EOS:
+                    waiting -= 1
+                    continue
+                inputs = stage.accept(slot, sequence, value)
+                if inputs is None:
+                    continue
+                stage.current = sequence
+                stage.report.inputs_consumed += 1
+                yield Chunk(sequence, inputs)
+        stage.current = END_OF_STREAM
+
+    async def _run_streaming(self, stage: _Stage) -> None:
+        spec = stage.spec
+        outputs = stage.instance.stream(self._chunks(stage))
+        try:
+            while True:
+                started = time.perf_counter()
+                try:
+                    raw = await outputs.__anext__()
+                except StopAsyncIteration:
+                    break
+                except NodeFailed as error:
+                    raise self._sequenced(error, stage.current) from error.__cause__
+                # Includes time spent waiting for input: a streaming node's wall time is the
+                # time it was running or waiting inside its generator.
+                stage.busy_s += time.perf_counter() - started
+                if isinstance(raw, Emit):
+                    sequence, raw = raw.sequence, raw.value
+                else:
+                    sequence = stage.current
+                try:
+                    produced = normalize_outputs(spec, raw, partial=True)
+                except NodeFailed as error:
+                    raise self._sequenced(error, sequence) from None
+                await self._emit(stage, sequence, produced)
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]
+        self._finish(stage)
+
+    # --- ending ---
+
+    async def stop_nodes(self) -> None:
+        """Stop every stage at once (nothing more reaches the outbox); nodes stay acquired."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Stop at once and release every node (its cleanup runs); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.stop_nodes()
+        acquired, self._acquired = self._acquired, []
+        for runtime, instance in acquired:
+            try:
+                await runtime.release(instance)
+            except Exception as exc:  # cleanup problems never mask the session's outcome
+                self.event(instance.spec.node_id, "cleanup_failed", str(exc))
+
+
+class StreamingExecutor:
+    """Opens streaming sessions over compiled plans."""
+
+    def __init__(self, runtimes: Mapping[str, Runtime], selector: Selector) -> None:
+        self._runtimes = runtimes
+        self.selector = selector
+
+    def runtime_for(self, name: str) -> Runtime:
+        return self._runtimes.get(name) or self._runtimes[INPROCESS]
+
+    def open(self, plan: ExecutionPlan, scope: ExecutionScope | None = None, *,
+             queue_size: int = 0, buffer_bytes: int = 0) -> StreamSession:
+        scope = scope or ExecutionScope(execution_id=uuid.uuid4().hex)
+        return StreamSession(self, plan, scope, queue_size or DEFAULT_QUEUE_SIZE,
+                             buffer_bytes if buffer_bytes > 0 else DEFAULT_BUFFER_BYTES)

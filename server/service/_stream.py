@@ -1,0 +1,286 @@
+"""The StreamPipeline handler: one bidirectional call = one streaming session.
+
+Protocol: the first client message is ``init`` (manifest + options); the manifest is compiled
+with the engine's ``plan_for`` (same validation and details as ExecutePipeline), every node is
+initialized (StreamEvents report progress) and ``ready`` carries the session id. Then three
+tasks run until the session ends:
+
+* the reader decodes client messages (zero-copy) and routes data chunks into the session, waiting
+  while the first node is full, so gRPC flow control slows the client;
+* the session runs the nodes (``StreamSession.run``);
+* the writer drains the session's outbox into responses, coalescing results that are ready
+  together into one ``StreamResults`` message.
+
+Endings: close (``close`` message or half-close) drains, flushes and ends with ``closed``
+(metrics) and OK; ``cancel`` stops at once and ends with CANCELLED; a disconnect cancels this
+handler; the deadline ends it with DEADLINE_EXCEEDED; a node error with the node's status (node
+and sequence in the details). Every node is released (cleanup) before the status goes out.
+Errors become statuses only through ``_status.translate_errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import grpc
+
+from tensorline.client._codec import (
+    DecodedStreamRequest,
+    StreamItem,
+    encode_stream_results,
+)
+from tensorline.server._errors import (
+    DeadlineExceeded,
+    RequestInvalid,
+    SessionCancelled,
+    TensorlineServerError,
+    Violation,
+)
+from tensorline.server._settings import Settings
+from tensorline.server.executor import (
+    NodeReport,
+    PipelineEngine,
+    SessionClosed,
+    SessionEvent,
+    SessionReady,
+    StreamSession,
+)
+from tensorline.server.executor._streaming import size_of
+from tensorline.server.service._admission import Admission
+from tensorline.server.service._service import scope_for
+from tensorline.server.service._status import translate_errors
+from tensorline.server.service._telemetry import Telemetry
+from tensorline.v1 import tensorline_pb2 as pb
+
+Context = Any  # grpc.aio.ServicerContext
+
+# Results larger than this go out alone: coalescing only pays for small messages, and a batch of
+# large tensors could exceed the message size limit.
+COALESCE_BYTES = 256 * 1024
+COALESCE_COUNT = 64
+
+
+def stream_node_metrics(report: NodeReport) -> pb.NodeMetrics:
+    return pb.NodeMetrics(node_id=report.node_id, node_type=report.node_type,
+                          runtime=report.runtime, selection_reason=report.reason,
+                          wall_ms=report.wall_ms, fallback=report.fallback,
+                          inputs_consumed=report.inputs_consumed,
+                          outputs_produced=report.outputs_produced)
+
+
+def _control(item: Any, plan_cached: bool) -> bytes:
+    if isinstance(item, SessionEvent):
+        response = pb.StreamResponse(event=pb.StreamEvent(
+            node_id=item.node_id, kind=item.kind, message=item.message, progress=item.progress))
+    elif isinstance(item, SessionReady):
+        response = pb.StreamResponse(ready=pb.StreamReady(
+            session_id=item.session_id, nodes=[stream_node_metrics(r) for r in item.reports]))
+    else:
+        assert isinstance(item, SessionClosed)
+        response = pb.StreamResponse(closed=pb.StreamClosed(
+            metrics=pb.ExecutionMetrics(total_ms=item.total_ms,
+                                        nodes=[stream_node_metrics(r) for r in item.reports],
+                                        plan_cached=plan_cached),
+            chunks_received=item.chunks_received, results_sent=item.results_sent,
+            max_buffered_items=item.max_buffered_items,
+            max_buffered_bytes=item.max_buffered_bytes))
+    return response.SerializeToString()
+
+
+# Outbox marker: everything queued before it has been written; the writer ends.
+_DRAIN: Any = object()
+
+
+class _Writer:
+    """Drains the outbox into responses until the closing message has gone out.
+
+    It is never cancelled in the middle of a write: grpc would still have that message in
+    flight and refuse the error status sent after it (TOO_MANY_OPERATIONS). ``stop`` lets a
+    write in progress finish, then ends the loop."""
+
+    def __init__(self, session: StreamSession, context: Context, plan_cached: bool) -> None:
+        self._session = session
+        self._context = context
+        self._plan_cached = plan_cached
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+
+    async def _send(self, data: bytes) -> None:
+        if self._stopping:
+            raise asyncio.CancelledError
+        self._idle.clear()
+        try:
+            await self._context.write(data)
+        finally:
+            self._idle.set()
+
+    async def stop(self, task: asyncio.Task[None], *, drain: bool = False,
+                   grace: float = 2.0) -> None:
+        """End the writer; with ``drain``, after it wrote everything queued so far."""
+        if drain and not task.done():
+            self._session.outbox.force_put(_DRAIN)
+            # A client that stopped reading can hold a write forever: bounded wait.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), grace)
+        self._stopping = True
+        if not task.done() and not self._idle.is_set():
+            # A client that stopped reading can hold a write forever: bounded wait.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def run(self) -> None:
+        results: list[StreamItem] = []
+        send = self._send
+        outbox = self._session.outbox
+        while True:
+            for item in await outbox.get_batch():
+                if type(item) is StreamItem:
+                    if size_of(item.value) > COALESCE_BYTES:
+                        if results:
+                            await send(encode_stream_results(results))
+                            results = []
+                        await send(encode_stream_results([item]))
+                        continue
+                    results.append(item)
+                    if len(results) >= COALESCE_COUNT:
+                        await send(encode_stream_results(results))
+                        results = []
+                    continue
+                if results:
+                    await send(encode_stream_results(results))
+                    results = []
+                if item is _DRAIN:
+                    return
+                await send(_control(item, self._plan_cached))
+                if isinstance(item, SessionClosed):
+                    return
+            if results:
+                await send(encode_stream_results(results))
+                results = []
+
+
+def _invalid(request: DecodedStreamRequest) -> RequestInvalid:
+    return RequestInvalid(request.violations, "invalid stream message")
+
+
+async def _read(session: StreamSession, context: Context) -> str:
+    """Feed client chunks into the session; returns "close" or "cancel:<reason>"."""
+    while True:
+        request: Any = await context.read()
+        if request is grpc.aio.EOF:
+            session.end_input()
+            return "close"
+        if request.violations:
+            raise _invalid(request)
+        kind = request.kind
+        if kind == "data":
+            chunk = request.chunk
+            item = chunk.item
+            await session.send(chunk.sequence, item.node_id, item.port, item.value)
+        elif kind == "close":
+            session.end_input()
+            return "close"
+        elif kind == "cancel":
+            return "cancel:" + str(request.cancel_reason)
+        else:
+            raise RequestInvalid([Violation("init", "a second init message in one session")],
+                                 "invalid stream message")
+
+
+_CLEANUPS: set[asyncio.Task[None]] = set()
+
+
+async def _cleanup(session: StreamSession, tasks: list[asyncio.Task[Any]], writing: _Writer,
+                   writer: asyncio.Task[None], drain: bool) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if drain:
+        # Results and events produced before a failure reach the client before its status.
+        await session.stop_nodes()
+    await writing.stop(writer, drain=drain)
+    await session.aclose()
+
+
+class StreamHandler:
+    def __init__(self, engine: PipelineEngine, settings: Settings, admission: Admission,
+                 telemetry: Telemetry | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.admission = admission
+        # Read by translate_errors (request counts and latencies by status).
+        self.telemetry = telemetry
+
+    @translate_errors("StreamPipeline")
+    async def stream_pipeline(self, requests: Any, context: Context) -> None:
+        with self.admission.stream():
+            if self.telemetry is not None:
+                self.telemetry.inflight_streams.inc()
+            try:
+                await self._session(context)
+            finally:
+                if self.telemetry is not None:
+                    self.telemetry.inflight_streams.dec()
+
+    async def _session(self, context: Context) -> None:
+        first: Any = await context.read()
+        if first is grpc.aio.EOF:
+            raise RequestInvalid([Violation("init", "the stream ended before its init message")],
+                                 "invalid stream")
+        if first.violations:
+            raise _invalid(first)
+        if first.kind != "init" or first.init is None:
+            raise RequestInvalid([Violation("init", f"the first message must be init, got "
+                                                    f"{first.kind}")], "invalid stream")
+        lookup = self.engine.plan_for(first.init.manifest_json)
+        scope = scope_for(context, uuid.uuid4().hex)
+        session = self.engine.streaming.open(
+            lookup.plan, scope,
+            queue_size=first.init.queue_size or self.settings.stream_queue_size,
+            buffer_bytes=self.settings.stream_buffer_bytes)
+        tasks: list[asyncio.Task[Any]] = []
+        writing = _Writer(session, context, lookup.cached)
+        writer = asyncio.ensure_future(writing.run())
+        drain = False
+        try:
+            async with asyncio.timeout_at(scope.deadline):
+                starting = asyncio.ensure_future(session.start())
+                tasks.append(starting)
+                # The writer can only fail (client gone); watch it while nodes initialize.
+                await asyncio.wait({starting, writer}, return_when=asyncio.FIRST_COMPLETED)
+                if writer.done():
+                    writer.result()
+                starting.result()
+                runner = asyncio.ensure_future(session.run())
+                reader = asyncio.ensure_future(_read(session, context))
+                tasks += [runner, reader]
+                pending = {runner, reader, writer}
+                while not writer.done():
+                    done, pending = await asyncio.wait(pending,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()  # raises the task's error
+                        if task is reader and reader.result().startswith("cancel:"):
+                            reason = reader.result()[len("cancel:"):]
+                            raise SessionCancelled("stream cancelled by the client"
+                                                   + (f": {reason}" if reason else ""))
+        except TimeoutError:
+            raise DeadlineExceeded("deadline exceeded during the stream session") from None
+        except (SessionCancelled, DeadlineExceeded):
+            raise
+        except TensorlineServerError:
+            drain = True
+            raise
+        finally:
+            # Shielded: grpc may cancel this handler again (deadline, disconnect) while it
+            # cleans up, and every node must still be released.
+            cleanup = asyncio.ensure_future(_cleanup(session, tasks, writing, writer, drain))
+            _CLEANUPS.add(cleanup)
+            cleanup.add_done_callback(_CLEANUPS.discard)
+            await asyncio.shield(cleanup)

@@ -1,0 +1,41 @@
+"""StreamPipeline at the service boundary: auth on the streaming call, stream admission."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from tensorline.client import AsyncClient, AuthenticationError, LimitExceededError
+
+MANIFEST = {"nodes": [{"id": "p", "node_type": "PassThrough"}]}
+
+
+async def test_token_required_on_streams(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(auth_tokens=["alpha"])
+    target = f"127.0.0.1:{server.port}"
+    async with AsyncClient(target) as anonymous:
+        with pytest.raises(AuthenticationError) as info:
+            async with anonymous.stream(MANIFEST):
+                pass
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    async with AsyncClient(target, token="alpha") as client, client.stream(MANIFEST) as s:
+        await s.send("p", np.arange(3))
+        metrics = await s.close()
+        assert [o.value.tolist() async for o in s] == [[0, 1, 2]]
+    assert metrics.chunks_received == 1
+
+
+async def test_streams_beyond_the_limit_are_shed(server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(max_concurrent_streams=1)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        async with client.stream(MANIFEST):
+            with pytest.raises(LimitExceededError) as info:
+                async with client.stream(MANIFEST):
+                    pass
+            assert info.value.retry_after_s is not None
+        async with client.stream(MANIFEST) as again:  # the slot is free once the first closed
+            await again.close()
