@@ -116,6 +116,25 @@ def serve(
         raise _fail(f"invalid settings: {exc}", code=2) from None
     configure_logging(settings.log_level, settings.log_format)
     asyncio.run(run_server(settings))
+    _exit_past_stuck_node_threads()
+
+
+def _exit_past_stuck_node_threads() -> None:
+    """A sync node that ignores cancellation keeps its pool thread alive, and the interpreter
+    joins pool threads at exit: after the drain, leave without waiting for such threads."""
+    import logging
+    import os
+    import threading
+
+    stuck = [t for t in threading.enumerate() if t.name.startswith("tensorline-node")]
+    for thread in stuck:
+        thread.join(timeout=0.2)
+    if any(t.is_alive() for t in stuck):
+        logging.getLogger(__name__).warning("exiting with node threads still running")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()

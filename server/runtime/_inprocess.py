@@ -253,7 +253,9 @@ class InProcessInstance(NodeInstance):
 class InProcessRuntime(Runtime):
     name: ClassVar[str] = "inprocess"
 
-    def __init__(self, *, threads: int = 8, warm_capacity: int = 32) -> None:
+    def __init__(self, *, threads: int = 8, warm_capacity: int = 32,
+                 shutdown_timeout_s: float = 5.0) -> None:
+        self._shutdown_timeout_s = shutdown_timeout_s
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="tensorline-node"
         )
@@ -389,10 +391,19 @@ class InProcessRuntime(Runtime):
         for task in list(self._warm.values()):
             self._retire(task)
         self._warm.clear()
-        await asyncio.gather(*initializing, return_exceptions=True)
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        # A sync node that ignores `context.cancelled` cannot be interrupted: wait a bounded time
+        # for it and its cleanup, then give up on it so the server can still exit.
+        pending = {*initializing, *self._background}
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._shutdown_timeout_s
+        while pending and loop.time() < end:
+            _, pending = await asyncio.wait(pending, timeout=end - loop.time())
+            pending |= {t for t in self._background if not t.done()}
+        if pending:
+            log.warning("shutdown: %d node call(s)/cleanup(s) still running after %.1f s; "
+                        "abandoning them", len(pending), self._shutdown_timeout_s)
         self.pool.shutdown(wait=False, cancel_futures=True)
+
 
     def warm_instances(self) -> int:
         return len(self._warm)

@@ -65,6 +65,7 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
     )
     runtimes: dict[str, Runtime] = {
         INPROCESS: InProcessRuntime(threads=settings.node_threads,
+                                    shutdown_timeout_s=max(1.0, settings.grace_s),
                                     warm_capacity=settings.warm_instances),
     }
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
