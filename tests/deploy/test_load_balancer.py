@@ -5,6 +5,10 @@
 2. One replica gets SIGTERM while calls are in flight on it: those calls complete (nginx logged
    them as answered by that replica with grpc-status 0 after the signal), the replica exits 0,
    and with the client's retry policy for UNAVAILABLE not a single call fails overall.
+3. The same without a proxy: client-side round robin over the three with gRPC health checks,
+   under heavy load, replicas with a drain delay: not a single call fails.
+4. Heavy load through nginx (xfail): documents the server-side drain race that nginx cannot
+   route around (see docker/README.md, "Load balancing").
 
 Bounded: a fixed number of calls per worker and a wall-clock cap; every process is stopped.
 """
@@ -12,6 +16,7 @@ Bounded: a fixed number of calls per worker and a wall-clock cap; every process 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -20,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,16 +48,25 @@ HOLD_MS = 150  # each call stays in flight this long on its replica
 WORKERS = 12  # concurrent calls through the balancer
 MAX_CALLS_PER_WORKER = 400  # hard bound on the load
 LOAD_WALL_CAP_S = 90.0
+HEAVY_WORKERS = 48  # the heavy variant: many short calls, so some arrive during the shutdown
+HEAVY_HOLD_MS = 10
 
-MANIFEST = {
-    "version": "v1",
-    "metadata": {"name": "lb-test"},
-    "nodes": [
-        {"id": "hold", "node_type": "Sleep", "params": {"ms": HOLD_MS}},
-        {"id": "double", "node_type": "Scale", "params": {"factor": 2}},
-    ],
-    "connections": [{"from": "hold", "to": "double"}],
-}
+
+
+def manifest(hold_ms: float = HOLD_MS) -> dict[str, Any]:
+    """Sleep ``hold_ms`` (the call stays in flight), then double the tensor."""
+    return {
+        "version": "v1",
+        "metadata": {"name": "lb-test"},
+        "nodes": [
+            {"id": "hold", "node_type": "Sleep", "params": {"ms": hold_ms}},
+            {"id": "double", "node_type": "Scale", "params": {"factor": 2}},
+        ],
+        "connections": [{"from": "hold", "to": "double"}],
+    }
+
+
+MANIFEST = manifest()
 
 LOG_LINE = re.compile(
     r'rid=(?P<rid>\S+) .*upstream=(?P<upstream>.+?) upstream_status=\S+ '
@@ -67,11 +82,13 @@ class Call:
 
 
 @pytest.fixture
-def replicas(tmp_path: Path) -> Iterator[list[ServerProcess]]:
+def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    """Three replicas; parametrize indirectly with a dict to add environment variables."""
     env = {
         "TENSORLINE_NODE_MODULES": "tests.support.nodes",
         "TENSORLINE_GRACE_S": "20",
         "TENSORLINE_LOG_LEVEL": "INFO",
+        **getattr(request, "param", {}),
     }
     with running_servers(REPLICAS, env=env, instance_prefix="replica", log_dir=tmp_path,
                          pythonpath_repo=True) as servers:
@@ -113,22 +130,37 @@ async def test_load_spreads_over_all_replicas(replicas: list[ServerProcess],
     assert set(served_by) == {server.target for server in replicas}, served_by
 
 
-async def test_sigterm_mid_load_loses_no_call(replicas: list[ServerProcess],
-                                              balancer: NginxBalancer) -> None:
-    victim = replicas[1]
+@dataclass
+class LoadRun:
+    """What happened during ``load_with_sigterm``."""
+
+    calls: list[Call]
+    sigterm_at: float
+    exited_at: float
+
+    def failures(self) -> list[Call]:
+        return [call for call in self.calls if call.error]
+
+
+async def load_with_sigterm(client: AsyncClient, victim: ServerProcess, *,
+                            workers: int = WORKERS, hold_ms: float = HOLD_MS) -> LoadRun:
+    """``workers`` concurrent callers; once steady, SIGTERM ``victim``; go on until it has
+    exited and the others served 5 more rounds. Bounded by MAX_CALLS_PER_WORKER per worker and
+    LOAD_WALL_CAP_S."""
     data = np.arange(256, dtype=np.float32)
+    pipeline = manifest(hold_ms)
     calls: list[Call] = []
     stop = asyncio.Event()
     deadline = time.monotonic() + LOAD_WALL_CAP_S
 
-    async def worker(client: AsyncClient, index: int) -> None:
+    async def worker(index: int) -> None:
         for _ in range(MAX_CALLS_PER_WORKER):
             if stop.is_set() or time.monotonic() > deadline:
                 return
             call = Call(f"w{index}-{uuid.uuid4().hex[:12]}", time.monotonic())
             calls.append(call)
             try:
-                result = await client.execute(MANIFEST, {"hold": data}, timeout=30,
+                result = await client.execute(pipeline, {"hold": data}, timeout=30,
                                               request_id=call.request_id)
                 np.testing.assert_array_equal(result["double"], data * 2)
             except (TensorlineError, AssertionError) as error:
@@ -145,25 +177,33 @@ async def test_sigterm_mid_load_loses_no_call(replicas: list[ServerProcess],
                 raise TimeoutError(f"{what}: not within {within:.0f} s")
             await asyncio.sleep(0.02)
 
+    tasks = [asyncio.create_task(worker(i)) for i in range(workers)]
+    try:
+        # Steady state first: every worker has finished a few calls.
+        await wait_for(lambda: completed() >= 3 * workers, 60, "load reached steady state")
+        sigterm_at = time.monotonic()
+        victim.send_signal()
+        await wait_for(lambda: not victim.alive(), 60, "victim exited after SIGTERM")
+        exited_at = time.monotonic()
+        # Keep the load on after the replica is gone: traffic must route around it.
+        after = completed()
+        await wait_for(lambda: completed() >= after + 5 * workers, 60,
+                       "load continued on the remaining replicas")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    return LoadRun(calls, sigterm_at, exited_at)
+
+
+async def test_sigterm_mid_load_loses_no_call(replicas: list[ServerProcess],
+                                              balancer: NginxBalancer) -> None:
+    victim = replicas[1]
     # The client's default retry policy retries UNAVAILABLE (ClientConfig.retry_unavailable).
     async with AsyncClient(balancer.target) as client:
-        tasks = [asyncio.create_task(worker(client, i)) for i in range(WORKERS)]
-        try:
-            # Steady state first: every worker has finished a few calls.
-            await wait_for(lambda: completed() >= 3 * WORKERS, 60, "load reached steady state")
-            sigterm_at = time.monotonic()
-            victim.send_signal()
-            await wait_for(lambda: not victim.alive(), 60, "victim exited after SIGTERM")
-            exited_at = time.monotonic()
-            # Keep the load on after the replica is gone: the balancer must route around it.
-            after = completed()
-            await wait_for(lambda: completed() >= after + 5 * WORKERS, 60,
-                           "load continued on the remaining replicas")
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks)
+        run = await load_with_sigterm(client, victim)
+    calls, sigterm_at, exited_at = run.calls, run.sigterm_at, run.exited_at
 
-    failures = [call for call in calls if call.error]
+    failures = run.failures()
     assert not failures, f"{len(failures)} of {len(calls)} calls failed: {failures[:5]}"
     assert victim.wait(timeout=0) == 0, victim.logs()
     assert re.search(r"drain", victim.logs(), re.IGNORECASE), victim.logs()
@@ -189,3 +229,62 @@ async def test_sigterm_mid_load_loses_no_call(replicas: list[ServerProcess],
     for survivor in (replicas[0], replicas[2]):
         assert survivor.alive()
         assert survivor.health() == "SERVING"
+
+
+@pytest.mark.parametrize("replicas", [{"TENSORLINE_DRAIN_DELAY_S": "1"}], indirect=True)
+async def test_client_side_round_robin_with_health_checks_survives_sigterm(
+        replicas: list[ServerProcess]) -> None:
+    """The other balancing choice (docker/README.md): no proxy, the client's channel knows every
+    replica (like a headless Service) and round-robins calls over them, watching each one's gRPC
+    health (``healthCheckConfig``). On SIGTERM a replica reports NOT_SERVING first and keeps
+    serving for TENSORLINE_DRAIN_DELAY_S, so clients stop sending to it before it stops
+    accepting; the retry policy covers the rest. Heavy load (many short calls) on purpose: that
+    is what exposes calls arriving while a server shuts down."""
+    victim = replicas[2]
+    target = "ipv4:" + ",".join(server.target for server in replicas)
+    service_config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
+        "methodConfig": [{
+            "name": [{"service": "tensorline.v1.PipelineService"}],
+            "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+        }],
+    }
+    options = (("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(service_config)))
+    everyone = {f"replica-{i}" for i in range(REPLICAS)}
+    async with AsyncClient(target, retry_unavailable=False, extra_options=options,
+                           timeout=30) as client:
+        # round_robin uses a replica once its connection is up (and SERVING): until then calls
+        # go to the others. Poll (bounded) until every replica has answered.
+        seen: Counter[str] = Counter()
+        end = time.monotonic() + 20
+        while set(seen) != everyone and time.monotonic() < end:
+            seen[(await client.server_info()).instance_id] += 1
+        assert set(seen) == everyone, seen
+        run = await load_with_sigterm(client, victim, workers=HEAVY_WORKERS,
+                                      hold_ms=HEAVY_HOLD_MS)
+        after = Counter([(await client.server_info()).instance_id for _ in range(20)])
+    failures = run.failures()
+    assert not failures, f"{len(failures)} of {len(run.calls)} calls failed: {failures[:5]}"
+    assert victim.wait(timeout=0) == 0, victim.logs()
+    assert set(after) == {"replica-0", "replica-1"}, after
+    print(f"client-side round robin: {len(run.calls)} calls, none failed, drain took "
+          f"{run.exited_at - run.sigterm_at:.2f} s")
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "drain race: grpc.aio's server.stop() cancels calls that reached the server but were not "
+    "yet dispatched (CANCELLED, which the client's retry policy does not retry), and nginx keeps "
+    "sending until the connection closes. Retrying CANCELLED too for ExecutePipeline makes this "
+    "pass (measured 0 of 10 runs failing); see docker/README.md"))
+async def test_sigterm_under_heavy_load_through_nginx(replicas: list[ServerProcess],
+                                                      balancer: NginxBalancer) -> None:
+    """Like test_sigterm_mid_load_loses_no_call with many short calls: fails today (~4 in 5
+    runs, a few CANCELLED calls each) with the client's default retry policy. Kept as the
+    reproduction; drop the xfail once the client (or server) handles it."""
+    async with AsyncClient(balancer.target) as client:
+        run = await load_with_sigterm(client, replicas[1], workers=HEAVY_WORKERS,
+                                      hold_ms=HEAVY_HOLD_MS)
+    failures = run.failures()
+    assert not failures, f"{len(failures)} of {len(run.calls)} calls failed: {failures[:5]}"
