@@ -36,7 +36,8 @@ from tensorline.v1 import tensorline_pb2 as pb
 if TYPE_CHECKING:
     from tensorline.client._stream import AsyncStream, Stream, StreamEvent
 
-SERVICE = "/tensorline.v1.PipelineService/"
+SERVICE_NAME = "tensorline.v1.PipelineService"
+SERVICE = f"/{SERVICE_NAME}/"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 ManifestLike = Mapping[str, Any] | str | os.PathLike[str]
@@ -152,6 +153,8 @@ class ClientConfig:
     # Retry calls refused with UNAVAILABLE (draining replica, balancer failover).
     retry_unavailable: bool = True
     timeout: float | None = None
+    # "round_robin" spreads calls over every resolved address (e.g. a headless Service).
+    load_balancing: str | None = None
     extra_options: tuple[tuple[str, Any], ...] = ()
 
     def options(self) -> list[tuple[str, Any]]:
@@ -159,22 +162,32 @@ class ClientConfig:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
         ]
+        config: dict[str, Any] = {}
         if self.retry_unavailable:
+            def retry(codes: list[str]) -> dict[str, Any]:
+                return {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": codes}
+
+            config["methodConfig"] = [
+                # A draining replica refuses new work with UNAVAILABLE. A call it accepted but
+                # never handed to a handler when its gRPC server stopped ends CANCELLED: a
+                # pipeline execution has no side effects, so it is safe to send again.
+                {"name": [{"service": SERVICE_NAME, "method": "ExecutePipeline"}],
+                 "retryPolicy": retry(["UNAVAILABLE", "CANCELLED"])},
+                {"name": [{"service": SERVICE_NAME}], "retryPolicy": retry(["UNAVAILABLE"])},
+            ]
             options += [
                 ("grpc.enable_retries", 1),
-                ("grpc.service_config", json.dumps({"methodConfig": [{
-                    "name": [{"service": "tensorline.v1.PipelineService"}],
-                    "retryPolicy": {
-                        "maxAttempts": 5,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "1s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }]})),
                 # Calls are retried only while their request fits the retry buffer.
                 ("grpc.per_rpc_retry_buffer_size", 4 * 1024 * 1024),
             ]
+        if self.load_balancing:
+            # Client-side balancing over every address the target resolves to, skipping
+            # backends whose gRPC health is not SERVING (e.g. draining).
+            config["loadBalancingConfig"] = [{self.load_balancing: {}}]
+            config["healthCheckConfig"] = {"serviceName": ""}
+        if config:
+            options.append(("grpc.service_config", json.dumps(config)))
         return [*options, *self.extra_options]
 
     def credentials(self) -> grpc.ChannelCredentials | None:

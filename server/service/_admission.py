@@ -1,12 +1,18 @@
-"""Load shedding: bounded concurrent executions and streams. Beyond the bound a call is refused
-at once with RESOURCE_EXHAUSTED and a retry hint, instead of queueing without limit."""
+"""Admission of executions and streams: load shedding and drain.
+
+Beyond the configured bounds a call is refused at once with RESOURCE_EXHAUSTED and a retry
+hint, instead of queueing without limit. While the server drains, new work is refused with
+UNAVAILABLE (which clients retry on another replica) and ``wait_idle`` tells when the work in
+flight has finished, so the gRPC server is stopped only once nothing is left to cancel.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tensorline.server._errors import LimitExceeded
+from tensorline.server._errors import LimitExceeded, ServiceUnavailable
 
 
 class Admission:
@@ -16,9 +22,31 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.executions = 0
         self.streams = 0
+        self.draining = False
+        self._idle: asyncio.Event | None = None
+
+    def _refuse_while_draining(self) -> None:
+        if self.draining:
+            raise ServiceUnavailable("server is draining; retry on another replica")
+
+    def _left(self) -> None:
+        if self._idle is not None and self.executions == 0 and self.streams == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no execution or stream is in flight; False when ``timeout`` ran out."""
+        if self.executions == 0 and self.streams == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     @contextmanager
     def execution(self) -> Iterator[None]:
+        self._refuse_while_draining()
         if self.max_executions and self.executions >= self.max_executions:
             raise LimitExceeded(
                 f"server busy: {self.executions} executions in progress (limit "
@@ -29,9 +57,11 @@ class Admission:
             yield
         finally:
             self.executions -= 1
+            self._left()
 
     @contextmanager
     def stream(self) -> Iterator[None]:
+        self._refuse_while_draining()
         if self.max_streams and self.streams >= self.max_streams:
             raise LimitExceeded(
                 f"server busy: {self.streams} streams open (limit {self.max_streams}); "
@@ -42,3 +72,4 @@ class Admission:
             yield
         finally:
             self.streams -= 1
+            self._left()

@@ -77,7 +77,9 @@ class TensorlineServer:
     """A running tensorline server: gRPC server + health + engine."""
 
     def __init__(self, settings: Settings, engine: PipelineEngine, server: grpc.aio.Server,
-                 health_servicer: Any, port: int, telemetry: Telemetry) -> None:
+                 health_servicer: Any, port: int, telemetry: Telemetry,
+                 service: PipelineService) -> None:
+        self.service = service
         self.settings = settings
         self.engine = engine
         self.grpc = server
@@ -118,11 +120,20 @@ class TensorlineServer:
 
     async def _stop(self, grace: float) -> None:
         self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.health.enter_graceful_shutdown()
         if self.settings.drain_delay_s:
+            # Keep serving while balancers and probes notice NOT_SERVING.
             await asyncio.sleep(self.settings.drain_delay_s)
-        # Refuses new calls at once; in-flight calls get `grace` seconds, then are cancelled.
-        await self.grpc.stop(grace)
+            deadline += self.settings.drain_delay_s
+        # New executions and streams are refused with UNAVAILABLE (clients retry elsewhere)
+        # while the ones in flight finish; only then is the gRPC server stopped, because its
+        # stop() cancels calls it accepted but had not yet handed to a handler.
+        self.service.admission.draining = True
+        if not await self.service.admission.wait_idle(grace):
+            log.warning("drain: grace of %.1f s over with work in flight; cancelling it", grace)
+        await self.grpc.stop(max(0.0, deadline - loop.time()))
         await self.engine.shutdown()
         self.telemetry.close()
         log.info("tensorline stopped")
@@ -158,7 +169,8 @@ async def create_server(
             else server.add_secure_port(address, credentials))
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
-    return TensorlineServer(settings, engine, server, health_servicer, port, telemetry), port
+    return TensorlineServer(settings, engine, server, health_servicer, port, telemetry,
+                            service), port
 
 
 async def serve(settings: Settings) -> None:

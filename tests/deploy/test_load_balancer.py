@@ -7,8 +7,7 @@
    and with the client's retry policy for UNAVAILABLE not a single call fails overall.
 3. The same without a proxy: client-side round robin over the three with gRPC health checks,
    under heavy load, replicas with a drain delay: not a single call fails.
-4. Heavy load through nginx (xfail): documents the server-side drain race that nginx cannot
-   route around (see docker/README.md, "Load balancing").
+4. Heavy load through nginx: many short calls while one replica drains; none is lost.
 
 Bounded: a fixed number of calls per worker and a wall-clock cap; every process is stopped.
 """
@@ -273,16 +272,11 @@ async def test_client_side_round_robin_with_health_checks_survives_sigterm(
           f"{run.exited_at - run.sigterm_at:.2f} s")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "drain race: grpc.aio's server.stop() cancels calls that reached the server but were not "
-    "yet dispatched (CANCELLED, which the client's retry policy does not retry), and nginx keeps "
-    "sending until the connection closes. Retrying CANCELLED too for ExecutePipeline makes this "
-    "pass (measured 0 of 10 runs failing); see docker/README.md"))
 async def test_sigterm_under_heavy_load_through_nginx(replicas: list[ServerProcess],
                                                       balancer: NginxBalancer) -> None:
-    """Like test_sigterm_mid_load_loses_no_call with many short calls: fails today (~4 in 5
-    runs, a few CANCELLED calls each) with the client's default retry policy. Kept as the
-    reproduction; drop the xfail once the client (or server) handles it."""
+    """Like test_sigterm_mid_load_loses_no_call with many short calls: the server refuses new
+    work with UNAVAILABLE while in-flight calls finish, and the client retries UNAVAILABLE (and,
+    for ExecutePipeline, CANCELLED from a stopping server), so no call is lost."""
     async with AsyncClient(balancer.target) as client:
         run = await load_with_sigterm(client, replicas[1], workers=HEAVY_WORKERS,
                                       hold_ms=HEAVY_HOLD_MS)
