@@ -10,6 +10,7 @@ from tensorline.server.runtime._base import (
     Runtime,
 )
 from tensorline.server.runtime._inprocess import InProcessInstance, InProcessRuntime, node_failed
+from tensorline.server.runtime._sandbox import SandboxInstance, SandboxRuntime
 
 __all__ = [
     "ExecutionScope",
@@ -18,5 +19,7 @@ __all__ = [
     "LayerStatus",
     "NodeInstance",
     "Runtime",
+    "SandboxInstance",
+    "SandboxRuntime",
     "node_failed",
 ]

@@ -1,0 +1,321 @@
+"""Isolation layers a sandbox worker applies to itself, each only when the kernel allows it.
+
+Runs inside the worker process (imports nothing gRPC). The order matters and is fixed by
+``apply_all``:
+
+1. rlimits (memory cap via RLIMIT_DATA, CPU, open files, file size, no core dumps);
+2. user + network + IPC namespaces (must happen while the process has a single thread);
+3. parent-death signal (after the namespace switch: changing credentials may clear it);
+4. Landlock: reads below the system directories, writes only below the worker's scratch dir,
+   no ``/dev/shm``, no other process's ``/proc`` entries; then (ctypes, which the ``landlock``
+   binding lacks) TCP bind/connect denied and signals/abstract sockets scoped to the sandbox;
+5. seccomp denylist, last, once the control socket is open (open fds keep working).
+
+Each layer yields a ``LayerStatus``-shaped tuple ``(name, active, detail)``; a layer that cannot
+be applied is reported, never fatal, so operators can see the protection they actually have.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+LayerReport = tuple[str, bool, str]
+
+# Imported here so that the forkserver preloads them: a worker never pays for the import, and
+# never imports them after Landlock is in force. Either may be missing (no libseccomp, an old
+# platform): the layer is then reported inactive.
+_seccomp: Any
+_landlock: Any
+try:
+    import pyseccomp as _seccomp
+except Exception as _exc:  # libseccomp missing raises RuntimeError, not ImportError
+    _seccomp, _SECCOMP_ERROR = None, str(_exc)
+else:
+    _SECCOMP_ERROR = ""
+try:
+    import landlock as _landlock
+except Exception as _exc:
+    _landlock, _LANDLOCK_ERROR = None, str(_exc)
+else:
+    _LANDLOCK_ERROR = ""
+
+PR_SET_PDEATHSIG = 1
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+CLONE_THREAD = 0x00010000
+
+_libc: ctypes.CDLL | None = None
+
+
+def libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        # Not ctypes.util.find_library: it runs ldconfig in a subprocess.
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    return _libc
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-worker resource limits (a worker is started for one memory cap)."""
+
+    memory_mb: int
+    cpu_seconds: float
+    # Hard CPU limit over the worker's whole life: the soft limit is moved per call (see
+    # ``set_call_cpu_budget``), the hard one cannot be raised again from inside the sandbox.
+    cpu_seconds_lifetime: float
+    nofile: int
+    fsize_mb: int
+
+
+def apply_rlimits(limits: Limits) -> LayerReport:
+    done: list[str] = []
+    failed: list[str] = []
+
+    def setl(name: str, res: int, soft: int, hard: int) -> None:
+        try:
+            resource.setrlimit(res, (soft, hard))
+            done.append(name)
+        except (OSError, ValueError) as exc:
+            failed.append(f"{name}: {exc}")
+
+    data = limits.memory_mb * 1024 * 1024
+    setl("DATA", resource.RLIMIT_DATA, data, data)
+    used = cpu_used()
+    hard_cpu = int(used + limits.cpu_seconds_lifetime) + 1
+    setl("CPU", resource.RLIMIT_CPU, min(hard_cpu, int(used + limits.cpu_seconds) + 1), hard_cpu)
+    setl("NOFILE", resource.RLIMIT_NOFILE, limits.nofile, limits.nofile)
+    fsize = limits.fsize_mb * 1024 * 1024
+    setl("FSIZE", resource.RLIMIT_FSIZE, fsize, fsize)
+    setl("CORE", resource.RLIMIT_CORE, 0, 0)
+    detail = (f"memory {limits.memory_mb} MiB (RLIMIT_DATA), CPU {limits.cpu_seconds:g} s per "
+              f"call, {limits.nofile} files, file size {limits.fsize_mb} MiB, no core dumps")
+    if failed:
+        detail += "; failed: " + ", ".join(failed)
+    return ("rlimits", not failed, detail)
+
+
+def cpu_used() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def set_call_cpu_budget(seconds: float) -> None:
+    """Soft RLIMIT_CPU = CPU used so far + ``seconds`` (capped by the lifetime hard limit): the
+    kernel sends SIGXCPU when one call burns more than its budget."""
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(cpu_used() + seconds) + 1
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
+def apply_namespaces() -> LayerReport:
+    """A user namespace (needed to create the others unprivileged and to drop host-level
+    capabilities) with fresh network and IPC namespaces: no interface but a down loopback."""
+    threads = _thread_count()
+    if threads != 1:
+        return ("network namespace", False,
+                f"not applied: the worker already has {threads} threads (unshare needs one)")
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC
+    if libc().unshare(flags) != 0:
+        err = ctypes.get_errno()
+        return ("network namespace", False,
+                f"unshare(user|net|ipc) refused: {errno.errorcode.get(err, err)} "
+                f"({os.strerror(err)}); typical inside a default container profile")
+    try:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1")
+    except OSError as exc:
+        return ("network namespace", True,
+                f"user+net+ipc namespaces created; id maps not written ({exc})")
+    return ("network namespace", True, "user+net+ipc namespaces: no network interfaces")
+
+
+def apply_parent_death(parent_alive_fd: int, on_parent_death: Callable[[], None]) -> LayerReport:
+    """SIGKILL when the forkserver (our parent, which exits with the server) dies, plus a thread
+    that waits for EOF on a pipe whose write end only the server holds."""
+    import threading
+
+    ok = libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+
+    def watch() -> None:
+        try:
+            while True:
+                try:
+                    if os.read(parent_alive_fd, 1) == b"":
+                        break
+                except InterruptedError:
+                    continue
+        except OSError:
+            pass
+        on_parent_death()
+
+    threading.Thread(target=watch, name="tensorline-parent-watch", daemon=True).start()
+    detail = "PR_SET_PDEATHSIG=SIGKILL + server pipe watch thread" if ok else (
+        "PR_SET_PDEATHSIG refused; server pipe watch thread only")
+    return ("parent death", True, detail)
+
+
+# --- Landlock ---------------------------------------------------------------------------------
+
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_ACCESS_NET_BIND_TCP = 1 << 0
+_LANDLOCK_ACCESS_NET_CONNECT_TCP = 1 << 1
+_LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
+_LANDLOCK_SCOPE_SIGNAL = 1 << 1
+
+
+class _NetRulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64),
+                ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+def _readable_roots() -> list[str]:
+    roots = []
+    for name in sorted(os.listdir("/")):
+        if name in ("proc", "dev"):
+            continue
+        roots.append(os.path.join("/", name))
+    roots += [f"/proc/{os.getpid()}", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat"]
+    roots += ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full"]
+    return roots
+
+
+def apply_landlock(scratch_dir: str) -> list[LayerReport]:
+    landlock = _landlock
+    if landlock is None:
+        return [("landlock", False, f"landlock binding unavailable: {_LANDLOCK_ERROR}")]
+    try:
+        abi = int(landlock.landlock_abi_version())
+    except Exception as exc:
+        return [("landlock", False, f"not supported by this kernel: {exc}")]
+    fs = landlock.FSAccess
+    read = fs.READ_FILE | fs.READ_DIR | fs.EXECUTE
+    read_file = fs.READ_FILE | fs.EXECUTE
+    try:
+        ruleset = landlock.Ruleset()
+        for path in _readable_roots():
+            try:
+                is_dir = os.path.isdir(path)
+                rights = read if is_dir else read_file
+                if path == "/dev/null":
+                    rights = fs.READ_FILE | fs.WRITE_FILE
+                ruleset.allow(path, rules=rights)
+            except OSError:
+                continue  # absent on this machine
+        ruleset.allow(scratch_dir)
+        ruleset.apply()
+    except Exception as exc:
+        return [("landlock", False, f"filesystem rules failed: {exc}")]
+    reports: list[LayerReport] = [
+        ("landlock", True, f"ABI {abi}: writes only below {scratch_dir}; no /dev/shm, no other "
+                           "process's /proc")]
+    reports.append(_landlock_net_and_scope(abi))
+    return reports
+
+
+def _landlock_net_and_scope(abi: int) -> LayerReport:
+    if abi < 4:
+        return ("landlock network", False, f"ABI {abi} < 4: TCP rules unsupported")
+    attr = _NetRulesetAttr(0, _LANDLOCK_ACCESS_NET_BIND_TCP | _LANDLOCK_ACCESS_NET_CONNECT_TCP, 0)
+    size = ctypes.sizeof(_NetRulesetAttr) if abi >= 6 else 16
+    if abi >= 6:
+        attr.scoped = _LANDLOCK_SCOPE_SIGNAL | _LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+    lib = libc()
+    lib.syscall.restype = ctypes.c_long
+    fd = lib.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
+                     ctypes.c_uint32(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        return ("landlock network", False, f"create_ruleset failed: {os.strerror(err)}")
+    try:
+        if lib.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(fd), ctypes.c_uint32(0)) != 0:
+            err = ctypes.get_errno()
+            return ("landlock network", False, f"restrict_self failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    detail = "TCP bind/connect denied"
+    if abi >= 6:
+        detail += "; signals and abstract unix sockets scoped to the sandbox"
+    return ("landlock network", True, detail)
+
+
+# --- seccomp ----------------------------------------------------------------------------------
+
+# Denied outright (EPERM): networking, exec, tracing, other processes' memory, io_uring,
+# namespaces and mounts, bpf, kernel keyrings and modules, handle-based opens (a classic
+# container escape), fd theft from other processes.
+_DENY = (
+    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
+    "execve", "execveat", "fork", "vfork",
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "pidfd_send_signal",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
+    "fsopen", "fsmount", "fsconfig", "fspick",
+    "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot",
+    "swapon", "swapoff", "acct", "quotactl", "open_by_handle_at", "name_to_handle_at",
+    "setrlimit", "tkill", "ioperm", "iopl",
+)
+
+
+def apply_seccomp() -> LayerReport:
+    sc = _seccomp
+    if sc is None:
+        return ("seccomp", False, f"libseccomp binding unavailable: {_SECCOMP_ERROR}")
+    pid = os.getpid()
+    eperm = sc.ERRNO(errno.EPERM)
+    try:
+        f = sc.SyscallFilter(sc.ALLOW)
+        skipped = []
+        for name in _DENY:
+            try:
+                f.add_rule(eperm, name)
+            except (OSError, ValueError, RuntimeError):
+                skipped.append(name)
+        # Threads yes, processes no: clone without CLONE_THREAD is a fork.
+        f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
+        # clone3 hides its flags in memory seccomp cannot read: ENOSYS makes libc fall back to
+        # clone, which the rule above checks.
+        f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+        # Signals only to ourselves.
+        for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+            f.add_rule(eperm, name, sc.Arg(0, sc.NE, pid))
+        # Limits can be read, and only the CPU soft limit (moved per call) can be changed.
+        f.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0), sc.Arg(1, sc.NE, resource.RLIMIT_CPU))
+        f.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0), sc.Arg(0, sc.NE, 0))
+        # The parent-death signal must stay set.
+        f.add_rule(eperm, "prctl", sc.Arg(0, sc.EQ, PR_SET_PDEATHSIG))
+        f.load()
+    except Exception as exc:
+        return ("seccomp", False, f"filter not loaded: {exc}")
+    detail = ("denylist: sockets, exec, fork (threads allowed), ptrace, process_vm, io_uring, "
+              "namespaces/mounts, bpf, keyrings, modules, signals to other processes, rlimit "
+              "raises")
+    if skipped:
+        detail += f"; unknown here: {', '.join(skipped)}"
+    return ("seccomp", True, detail)

@@ -1,0 +1,881 @@
+"""The sandboxed runtime: nodes run in a supervised pool of isolated worker processes.
+
+Design (the measured facts behind it are in shared/notes/sandbox.md):
+
+* Workers are forked by the multiprocessing ``forkserver`` (numpy, pydantic and the worker
+  module preloaded, BLAS limited to one thread), never from the server, which holds gRPC state.
+  ``start()`` launches the pool; a request never waits for a spawn once the pool is warm, except
+  to replace a dead worker or to start the first worker of a new memory cap.
+* Memory caps are per process (RLIMIT_DATA), so each worker is started for one cap: the node's
+  declared ``traits.memory_mb`` or ``memory_mb_default``. The pool starts ``workers`` workers at
+  the default cap; a node with another cap gets workers of its own cap, started on demand (and
+  kept), up to ``max_workers`` in total, beyond which an idle worker of another cap is retired.
+* A worker hosts any number of node instances and runs one call at a time (calls on a worker
+  are serialized by a lock; instances are pinned to the worker that initialized them). Reusable
+  nodes stay warm per worker: a call prefers an idle worker that already holds the instance,
+  else initializes it on an idle worker, so a model loads at most once per worker.
+* The event loop never blocks: each worker's control socket and exit sentinel are watched with
+  ``loop.add_reader``; the reply resolves the waiting future directly in the callback (measured
+  faster than a reader thread handing over with ``call_soon_threadsafe``, which costs a second
+  wake-up per reply).
+* Supervision: every call has a wall-clock deadline (the execution's deadline, the node's
+  timeout, else ``call_timeout_s``); past it the worker is killed and replaced and
+  ``DeadlineExceeded`` names the node. A dead worker fails only its in-flight call with
+  ``SandboxFailure`` and a readable cause; idle instances pinned to it are re-created on their
+  next call. A cancelled call is signalled to the worker (SIGUSR1 sets ``context.cancelled``)
+  and the worker is killed if it does not return within ``cancel_grace_s``.
+* Error classification for the executor's fallback decision: the node's own exceptions are
+  ``NodeFailed``; failures the sandbox causes (a blocked syscall surfacing as EPERM/EACCES, a
+  MemoryError under the cap, a crash, an import that fails only in the worker) are
+  ``SandboxFailure`` with ``during`` set to ``initialize`` or ``process``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tensorline.server._errors import (
+    DeadlineExceeded,
+    NodeFailed,
+    SandboxFailure,
+    ServiceUnavailable,
+)
+from tensorline.server.manifest import NodeSpec
+from tensorline.server.runtime import _isolation, _shm
+from tensorline.server.runtime._base import ExecutionScope, LayerStatus, NodeInstance, Runtime
+from tensorline.server.runtime._worker import WorkerConfig, WorkerProcess, worker_main
+
+log = logging.getLogger(__name__)
+
+PRELOAD = ["numpy", "pydantic", "tensorline.server.runtime._worker"]
+# One BLAS thread per worker: the pool is the parallelism, and a process with threads cannot
+# create a user namespace.
+_FORKSERVER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class _WorkerGone(Exception):
+    """The worker died before the request could be sent (the caller may re-create and retry)."""
+
+
+@dataclass(slots=True)
+class _Call:
+    future: asyncio.Future[tuple[Any, ...]]
+    spec: NodeSpec
+    during: str
+    iid: int
+    deadline: float
+    timer: asyncio.TimerHandle | None = None
+    deadline_hit: bool = False
+    abandoned: bool = False
+
+
+@dataclass(eq=False)
+class _Worker:
+    """The server's handle on one worker process."""
+
+    wid: int
+    cap_mb: int
+    scratch_dir: str
+    inline_max: int
+    process: Any = None
+    sock: socket.socket | None = None
+    state: str = "starting"  # starting | ready | retiring | dead
+    ready: asyncio.Future[None] | None = None
+    dead: asyncio.Future[str] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    inflight: _Call | None = None
+    queued: int = 0
+    warm: OrderedDict[str, asyncio.Future[int]] = field(default_factory=OrderedDict)
+    pinned: set[int] = field(default_factory=set)
+    kill_reason: str | None = None
+    cause: str = ""
+    cpu_used: float = 0.0
+    layers: list[_isolation.LayerReport] = field(default_factory=list)
+    last_used: float = 0.0
+    outbox: _shm.Outbox = field(default_factory=_shm.Outbox)
+    inbox: _shm.Inbox = field(default_factory=_shm.Inbox)
+    eof: bool = False
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else int(self.process.pid)
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("ready", "retiring")
+
+    def kill(self, reason: str | None) -> None:
+        if self.state == "dead" or self.process is None:
+            return
+        if reason is not None and self.kill_reason is None:
+            self.kill_reason = reason
+        with contextlib.suppress(ProcessLookupError, OSError):
+            os.kill(self.process.pid, signal.SIGKILL)
+
+
+class SandboxInstance(NodeInstance):
+    """A node instance living in a worker (``iid`` in worker ``worker``)."""
+
+    def __init__(self, spec: NodeSpec, scope: ExecutionScope, runtime: SandboxRuntime,
+                 worker: _Worker, iid: int) -> None:
+        self.spec = spec
+        self.scope = scope
+        self._runtime = runtime
+        self.worker = worker
+        self.iid = iid
+        self.released = False
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        return await self._runtime._process(self, inputs)
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class SandboxRuntime(Runtime):
+    """Nodes run in isolated worker processes; see the module docstring."""
+
+    name: ClassVar[str] = "sandbox"
+
+    def __init__(
+        self,
+        *,
+        workers: int = 2,
+        max_workers: int | None = None,
+        memory_mb_default: int = 2048,
+        cpu_seconds: float = 60.0,
+        cpu_seconds_lifetime: float = 3600.0,
+        nofile: int = 256,
+        fsize_mb: int = 1024,
+        scratch_root: str | None = None,
+        call_timeout_s: float = 300.0,
+        init_timeout_s: float = 120.0,
+        cancel_grace_s: float = 5.0,
+        start_timeout_s: float = 60.0,
+        warm_per_worker: int = 8,
+        inline_max_bytes: int = _shm.DEFAULT_INLINE_MAX,
+        namespaces: bool = True,
+        landlock: bool = True,
+        seccomp: bool = True,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.workers = workers
+        self.max_workers = max(max_workers if max_workers is not None else workers + 2, workers)
+        self.memory_mb_default = memory_mb_default
+        self.cpu_seconds = cpu_seconds
+        self.cpu_seconds_lifetime = max(cpu_seconds_lifetime, cpu_seconds * 2)
+        self.nofile = nofile
+        self.fsize_mb = fsize_mb
+        self.call_timeout_s = call_timeout_s
+        self.init_timeout_s = init_timeout_s
+        self.cancel_grace_s = cancel_grace_s
+        self.start_timeout_s = start_timeout_s
+        self.warm_per_worker = warm_per_worker
+        self.inline_max_bytes = inline_max_bytes
+        self._isolation = {"namespaces": namespaces, "landlock": landlock, "seccomp": seccomp}
+        self._scratch_root_arg = scratch_root
+        self._scratch_root = ""
+        self._owns_scratch_root = False
+        self._workers: dict[int, _Worker] = {}
+        self._wids = itertools.count(1)
+        self._iids = itertools.count(1)
+        self._background: set[asyncio.Future[Any]] = set()
+        self._layers: list[LayerStatus] = []
+        self._alive_keep: socket.socket | None = None
+        self._alive_child: socket.socket | None = None
+        self._ctx: Any = None
+        self._started = False
+        self._closed = False
+        self._spawn_failures = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        if self._scratch_root_arg:
+            self._scratch_root = os.path.join(self._scratch_root_arg,
+                                              f"tensorline-sandbox-{os.getpid()}")
+        else:
+            self._scratch_root = os.path.join(tempfile.gettempdir(),
+                                              f"tensorline-sandbox-{os.getpid()}")
+        os.makedirs(self._scratch_root, mode=0o700, exist_ok=True)
+        self._owns_scratch_root = True
+        # Workers read EOF on their end of this pair when the server's end closes, whatever
+        # killed the server.
+        self._alive_keep, self._alive_child = socket.socketpair()
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(PRELOAD)
+
+        def launch_forkserver() -> None:
+            with _environ(_FORKSERVER_ENV):
+                multiprocessing.forkserver.ensure_running()
+
+        await asyncio.to_thread(launch_forkserver)
+        results = await asyncio.gather(
+            *(self._spawn(self.memory_mb_default) for _ in range(self.workers)),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if len(failures) == len(results):
+            await self.shutdown()
+            raise RuntimeError(f"no sandbox worker could start: {failures[0]}") from failures[0]
+        for failure in failures:
+            log.error("a sandbox worker failed to start: %s", failure)
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        workers = list(self._workers.values())
+
+        async def stop(worker: _Worker) -> None:
+            if worker.state == "starting" and worker.ready is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout_s)
+            if worker.alive and not worker.lock.locked():
+                # Idle: let it run the cleanup of its warm instances, briefly.
+                with contextlib.suppress(Exception):
+                    await self._request(worker, ("exit",), None, "cleanup", 0,
+                                        self._now() + 2.0)
+            worker.kill("server shutting down")
+            if worker.dead is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(worker.dead), 10.0)
+
+        await asyncio.gather(*(stop(w) for w in workers), return_exceptions=True)
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        for worker in list(self._workers.values()):
+            self._forget(worker)
+        for end in (self._alive_keep, self._alive_child):
+            if end is not None:
+                end.close()
+        self._alive_keep = self._alive_child = None
+        if self._owns_scratch_root and self._scratch_root:
+            shutil.rmtree(self._scratch_root, ignore_errors=True)
+
+    def healthy(self) -> bool:
+        if not self._started or self._closed or self._spawn_failures >= 3:
+            return False
+        return any(w.state in ("ready", "starting") for w in self._workers.values())
+
+    def layers(self) -> list[LayerStatus]:
+        return list(self._layers)
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live workers (for tests and diagnostics)."""
+        return [w.pid for w in self._workers.values() if w.pid is not None and w.alive]
+
+    # --- spawning and death -------------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    async def _spawn(self, cap_mb: int) -> _Worker:
+        loop = asyncio.get_running_loop()
+        wid = next(self._wids)
+        scratch = os.path.join(self._scratch_root, f"w{wid}")
+        os.makedirs(scratch, mode=0o700, exist_ok=True)
+        worker = _Worker(wid=wid, cap_mb=cap_mb, scratch_dir=scratch,
+                         inline_max=self.inline_max_bytes)
+        worker.outbox = _shm.Outbox(inline_max=self.inline_max_bytes, name=f"tensorline-w{wid}")
+        worker.ready = loop.create_future()
+        worker.dead = loop.create_future()
+        self._workers[wid] = worker
+        config = WorkerConfig(
+            worker_id=wid,
+            limits=_isolation.Limits(memory_mb=cap_mb, cpu_seconds=self.cpu_seconds,
+                                     cpu_seconds_lifetime=self.cpu_seconds_lifetime,
+                                     nofile=self.nofile, fsize_mb=self.fsize_mb),
+            scratch_dir=scratch,
+            inline_max=self.inline_max_bytes,
+            **self._isolation,
+        )
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = WorkerProcess(target=worker_main, args=(config, child, self._alive_child),
+                                    name=f"tensorline-sandbox-{wid}", daemon=True)
+        try:
+            await asyncio.to_thread(process.start)
+        except BaseException:
+            parent.close()
+            child.close()
+            self._workers.pop(wid, None)
+            shutil.rmtree(scratch, ignore_errors=True)
+            self._spawn_failures += 1
+            raise
+        finally:
+            child.close()
+        worker.process = process
+        parent.setblocking(False)
+        worker.sock = parent
+        loop.add_reader(parent.fileno(), self._on_readable, worker)
+        loop.add_reader(process.sentinel, self._on_sentinel, worker)
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout_s)
+        except BaseException as exc:
+            worker.kill("did not become ready in time" if isinstance(exc, TimeoutError) else
+                        "start abandoned")
+            self._spawn_failures += 1
+            raise
+        self._spawn_failures = 0
+        worker.last_used = self._now()
+        return worker
+
+    def _on_readable(self, worker: _Worker) -> None:
+        sock = worker.sock
+        while sock is not None and worker.state != "dead":
+            try:
+                data, fds = _shm.recv_raw(sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except _shm.ProtocolError as exc:
+                self._misbehaved(worker, str(exc))
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._on_eof(worker)
+                return
+            try:
+                message = _shm.unpack(data, fds, worker.inbox, safe=True, copy=True)
+            except Exception as exc:
+                self._misbehaved(worker, f"undecodable message ({exc})")
+                return
+            self._on_message(worker, message)
+
+    def _on_message(self, worker: _Worker, message: Any) -> None:
+        if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
+            self._misbehaved(worker, "malformed reply")
+            return
+        if message[0] == "ready" and worker.state == "starting":
+            worker.layers = [(str(n), bool(a), str(d)) for n, a, d in message[1]]
+            worker.state = "ready"
+            self._record_layers(worker)
+            if worker.ready is not None and not worker.ready.done():
+                worker.ready.set_result(None)
+            return
+        call = worker.inflight
+        if call is None:
+            self._misbehaved(worker, "reply without a request")
+            return
+        if len(message) >= 3 and isinstance(message[-1], float | int):
+            worker.cpu_used = float(message[-1])
+        worker.inflight = None
+        if call.timer is not None:
+            call.timer.cancel()
+        if not call.future.done():
+            call.future.set_result(message)
+
+    def _misbehaved(self, worker: _Worker, what: str) -> None:
+        log.error("sandbox worker %s (pid %s) broke the protocol: %s; killing it", worker.wid,
+                  worker.pid, what)
+        worker.kill(f"worker broke the control protocol ({what})")
+
+    def _on_eof(self, worker: _Worker) -> None:
+        # The socket closes when the process exits; a worker that closed it and lives on is
+        # broken either way. SIGKILL does not change the status of an already dying process.
+        worker.eof = True
+        if worker.sock is not None and self._loop is not None:
+            self._loop.remove_reader(worker.sock.fileno())
+        worker.kill(None)
+
+    def _on_sentinel(self, worker: _Worker) -> None:
+        process = worker.process
+        code = process.exitcode
+        if code is None:
+            return
+        assert self._loop is not None
+        self._loop.remove_reader(process.sentinel)
+        cause = self._cause(worker, int(code))
+        was_starting = worker.state == "starting"
+        worker.state = "dead"
+        worker.cause = cause
+        level = logging.INFO if worker.kill_reason in ("server shutting down", "retired") or (
+            self._closed) else logging.WARNING
+        log.log(level, "sandbox worker %s (pid %s, cap %d MiB) ended: %s", worker.wid,
+                worker.pid, worker.cap_mb, cause)
+        call = worker.inflight
+        worker.inflight = None
+        if call is not None:
+            if call.timer is not None:
+                call.timer.cancel()
+            if not call.future.done():
+                call.future.set_exception(self._death_error(call, cause))
+        for task in worker.warm.values():
+            if not task.done():
+                task.cancel()
+        worker.warm.clear()
+        if worker.ready is not None and not worker.ready.done():
+            worker.ready.set_exception(RuntimeError(f"sandbox worker failed to start: {cause}"))
+            worker.ready.exception()
+        if worker.dead is not None and not worker.dead.done():
+            worker.dead.set_result(cause)
+        self._forget(worker)
+        if not self._closed and not was_starting and worker.kill_reason != "retired":
+            self._replace(worker.cap_mb)
+
+    def _cause(self, worker: _Worker, code: int) -> str:
+        if worker.kill_reason is not None:
+            return worker.kill_reason
+        if code < 0:
+            sig = -code
+            if sig == signal.SIGXCPU:
+                return (f"CPU time limit exceeded (SIGXCPU): more than {self.cpu_seconds:g} s "
+                        "of CPU in one call")
+            return f"worker killed by signal {sig} ({_signal_name(sig)})"
+        if code == 70:
+            return "worker exited: the server went away"
+        return f"worker exited with status {code}"
+
+    def _death_error(self, call: _Call, cause: str) -> Exception:
+        if call.deadline_hit:
+            return DeadlineExceeded(
+                f"node '{call.spec.node_id}' ({call.spec.node_type}) exceeded its deadline "
+                f"during {call.during} in the sandbox; its worker was killed and replaced"
+            )
+        return SandboxFailure(call.spec.node_id, cause, during=call.during)
+
+    def _forget(self, worker: _Worker) -> None:
+        loop = self._loop
+        if worker.sock is not None:
+            if loop is not None and not worker.eof:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(worker.sock.fileno())
+            worker.sock.close()
+            worker.sock = None
+        if worker.process is not None and worker.state == "dead":
+            with contextlib.suppress(Exception):
+                worker.process.join(0)
+                worker.process.close()
+        worker.outbox.close()
+        worker.inbox.close()
+        if worker.state == "dead":
+            self._workers.pop(worker.wid, None)
+            shutil.rmtree(worker.scratch_dir, ignore_errors=True)
+
+    def _replace(self, cap_mb: int) -> None:
+        if cap_mb != self.memory_mb_default:
+            # Workers of a node-specific cap are started again on demand.
+            return
+        live = sum(1 for w in self._workers.values()
+                   if w.cap_mb == cap_mb and w.state in ("starting", "ready"))
+        if live >= self.workers:
+            return
+        self._spawn_background(cap_mb)
+
+    def _spawn_background(self, cap_mb: int) -> None:
+        async def spawn() -> None:
+            try:
+                await self._spawn(cap_mb)
+            except Exception as exc:
+                log.error("could not start a replacement sandbox worker: %s", exc)
+
+        self._track(asyncio.ensure_future(spawn()))
+
+    def _track(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        self._background.add(future)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._background.discard(f)
+            if not f.cancelled():
+                f.exception()
+
+        future.add_done_callback(done)
+        return future
+
+    def _record_layers(self, worker: _Worker) -> None:
+        layers = [LayerStatus(n, a, d) for n, a, d in worker.layers]
+        if layers != self._layers:
+            if not self._layers:
+                for layer in layers:
+                    log.log(logging.INFO if layer.active else logging.WARNING,
+                            "sandbox layer %s: %s (%s)", layer.name,
+                            "active" if layer.active else "NOT ACTIVE", layer.detail)
+            self._layers = layers
+
+    def _retire(self, worker: _Worker, why: str) -> None:
+        """Stop giving the worker new work; end it (running its cleanups) once it is idle."""
+        if worker.state != "ready":
+            return
+        worker.state = "retiring"
+        log.info("retiring sandbox worker %s: %s", worker.wid, why)
+
+        async def retire() -> None:
+            with contextlib.suppress(Exception):
+                await self._request(worker, ("exit",), None, "cleanup", 0,
+                                    self._now() + self.cancel_grace_s)
+            worker.kill("retired")
+
+        self._track(asyncio.ensure_future(retire()))
+        if worker.cap_mb == self.memory_mb_default:
+            self._spawn_background(worker.cap_mb)
+
+    # --- choosing a worker --------------------------------------------------------------------
+
+    def _cap_of(self, spec: NodeSpec) -> int:
+        declared = spec.entry.cls.traits.memory_mb
+        return int(declared) if declared else self.memory_mb_default
+
+    async def _pick(self, cap_mb: int) -> _Worker:
+        while True:
+            if self._closed:
+                raise ServiceUnavailable("the sandbox runtime is shut down")
+            ready = [w for w in self._workers.values() if w.state == "ready"
+                     and w.cap_mb == cap_mb]
+            if ready:
+                return min(ready, key=lambda w: (w.queued, w.last_used))
+            starting = [w for w in self._workers.values() if w.state == "starting"
+                        and w.cap_mb == cap_mb and w.ready is not None]
+            if starting:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(starting[0].ready)  # type: ignore[arg-type]
+                continue
+            live = [w for w in self._workers.values() if w.state != "dead"]
+            if len(live) >= self.max_workers:
+                idle = [w for w in live if w.state == "ready" and w.cap_mb != cap_mb
+                        and not w.pinned and not w.lock.locked()]
+                if idle:
+                    self._retire(min(idle, key=lambda w: w.last_used),
+                                 f"making room for a worker capped at {cap_mb} MiB")
+            return await self._spawn(cap_mb)
+
+    # --- calls --------------------------------------------------------------------------------
+
+    def _deadline(self, spec: NodeSpec, scope: ExecutionScope, default: float) -> float:
+        limit = spec.timeout_s or spec.entry.cls.traits.timeout_s or default
+        deadline = self._now() + limit
+        if scope.deadline is not None:
+            deadline = min(deadline, scope.deadline)
+        return deadline
+
+    async def _request(self, worker: _Worker, request: tuple[Any, ...], spec: NodeSpec | None,
+                       during: str, iid: int, deadline: float,
+                       on_abandoned: Callable[[tuple[Any, ...]], None] | None = None,
+                       ) -> tuple[Any, ...]:
+        """Send one request to ``worker`` and await its reply (calls are serialized)."""
+        worker.queued += 1
+        try:
+            await worker.lock.acquire()
+        except BaseException:
+            worker.queued -= 1
+            raise
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Any, ...]] = loop.create_future()
+
+        def finished(_: asyncio.Future[tuple[Any, ...]]) -> None:
+            worker.queued -= 1
+            worker.last_used = loop.time()
+            worker.lock.release()
+
+        future.add_done_callback(finished)
+        if not worker.alive or worker.sock is None:
+            future.set_exception(_WorkerGone(worker.cause or "worker gone"))
+            return await future
+        call = _Call(future, spec if spec is not None else _NO_SPEC, during, iid, deadline)
+        try:
+            message, fresh = _shm.pack(request, worker.outbox)
+        except BaseException as exc:
+            future.set_exception(exc)
+            return await future
+        worker.inflight = call
+        try:
+            _shm.send(worker.sock, message, fresh)
+        except OSError as exc:
+            worker.inflight = None
+            worker.kill(f"control channel failed ({exc})")
+            future.set_exception(_WorkerGone(f"control channel failed ({exc})"))
+            return await future
+        call.timer = loop.call_at(deadline, self._on_deadline, worker, call)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if not future.done():
+                self._abandon(worker, call, on_abandoned)
+            raise
+
+    def _on_deadline(self, worker: _Worker, call: _Call) -> None:
+        if worker.inflight is not call:
+            return
+        if call.abandoned:
+            worker.kill(f"did not stop within {self.cancel_grace_s:g} s of being cancelled")
+        else:
+            call.deadline_hit = True
+            worker.kill("deadline exceeded")
+
+    def _abandon(self, worker: _Worker, call: _Call,
+                 on_abandoned: Callable[[tuple[Any, ...]], None] | None) -> None:
+        """The caller went away: ask the worker to stop, kill it if it does not in time."""
+        call.abandoned = True
+        if worker.process is not None:
+            with contextlib.suppress(OSError):
+                os.kill(worker.process.pid, signal.SIGUSR1)
+        assert self._loop is not None
+        if call.timer is not None:
+            call.timer.cancel()
+        when = min(call.deadline, self._now() + self.cancel_grace_s)
+        call.timer = self._loop.call_at(when, self._on_deadline, worker, call)
+
+        def done(f: asyncio.Future[tuple[Any, ...]]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            if on_abandoned is not None:
+                on_abandoned(f.result())
+
+        call.future.add_done_callback(done)
+
+    def _check_reply(self, worker: _Worker, reply: tuple[Any, ...], spec: NodeSpec,
+                     during: str) -> Any:
+        status = reply[0]
+        if status == "ok" and len(reply) == 3:
+            if worker.cpu_used > self.cpu_seconds_lifetime - self.cpu_seconds * 2:
+                self._retire(worker, "close to its lifetime CPU limit")
+            return reply[1]
+        if status != "error" or len(reply) != 5:
+            self._misbehaved(worker, f"unexpected reply {status!r}")
+            raise SandboxFailure(spec.node_id, "worker broke the control protocol", during=during)
+        _, kind, exc_type, message, _ = reply
+        exc_type, message = str(exc_type), str(message)
+        if kind == "node":
+            raise NodeFailed(spec.node_id, exc_type, message)
+        if kind == "memory":
+            self._retire(worker, "MemoryError")
+            raise SandboxFailure(
+                spec.node_id, f"memory limit {worker.cap_mb} MiB exceeded ({exc_type}: {message})",
+                during=during)
+        if kind == "permission":
+            raise SandboxFailure(spec.node_id, f"blocked by the sandbox: {exc_type}: {message}",
+                                 during=during)
+        if kind == "import":
+            raise SandboxFailure(spec.node_id, f"{exc_type}: {message}", during="initialize")
+        if kind == "gone":
+            raise _WorkerGone(message)
+        self._misbehaved(worker, f"unknown error kind {kind!r}")
+        raise SandboxFailure(spec.node_id, "worker broke the control protocol", during=during)
+
+    # --- the Runtime interface ----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._started:
+            raise RuntimeError("SandboxRuntime.start() was not awaited")
+        if self._closed:
+            raise ServiceUnavailable("the sandbox runtime is shut down")
+
+    async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> SandboxInstance:
+        self._check_open()
+        if spec.entry.cls.reusable:
+            worker, iid = await self._acquire_warm(spec, scope)
+        else:
+            worker, iid = await self._init_fresh(spec, scope)
+        return SandboxInstance(spec, scope, self, worker, iid)
+
+    def _init_request(self, spec: NodeSpec, scope: ExecutionScope, iid: int) -> tuple[Any, ...]:
+        cls = spec.entry.cls
+        return ("init", iid, cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
+                scope.execution_id)
+
+    async def _init_on(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope, iid: int,
+                       on_abandoned: Callable[[tuple[Any, ...]], None] | None = None) -> None:
+        deadline = self._deadline(spec, scope, self.init_timeout_s)
+        try:
+            reply = await self._request(worker, self._init_request(spec, scope, iid), spec,
+                                        "initialize", iid, deadline, on_abandoned)
+        except _WorkerGone as exc:
+            raise SandboxFailure(spec.node_id, str(exc), during="initialize") from None
+        try:
+            self._check_reply(worker, reply, spec, "initialize")
+        except _WorkerGone as exc:
+            raise SandboxFailure(spec.node_id, str(exc), during="initialize") from None
+
+    async def _pick_for(self, spec: NodeSpec) -> _Worker:
+        try:
+            return await self._pick(self._cap_of(spec))
+        except (asyncio.CancelledError, ServiceUnavailable):
+            raise
+        except Exception as exc:
+            raise SandboxFailure(spec.node_id, f"no sandbox worker available: {exc}",
+                                 during="initialize") from exc
+
+    async def _init_fresh(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
+        worker = await self._pick_for(spec)
+        iid = next(self._iids)
+        worker.pinned.add(iid)
+
+        def abandoned(reply: tuple[Any, ...]) -> None:
+            # Initialized after its caller left: clean it up.
+            if reply[0] == "ok":
+                self._track(asyncio.ensure_future(self._cleanup(worker, spec, iid)))
+            else:
+                worker.pinned.discard(iid)
+
+        try:
+            await self._init_on(worker, spec, scope, iid, abandoned)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            worker.pinned.discard(iid)
+            raise
+        return worker, iid
+
+    async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
+        key = spec.warm_key
+        cap = self._cap_of(spec)
+        ready = [w for w in self._workers.values() if w.state == "ready" and w.cap_mb == cap]
+        holders = [w for w in ready if key in w.warm]
+        idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]
+        idle_others = [w for w in ready if w.queued == 0 and key not in w.warm]
+        if idle_holders:
+            worker = idle_holders[0]
+        elif idle_others:
+            worker = min(idle_others, key=lambda w: w.last_used)
+        elif holders:
+            worker = min(holders, key=lambda w: w.queued)
+        else:
+            worker = await self._pick_for(spec)
+        task = worker.warm.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.ensure_future(self._init_warm(worker, spec, scope))
+            worker.warm[key] = task
+            self._evict_warm(worker)
+        worker.warm.move_to_end(key)
+        try:
+            iid = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            if worker.warm.get(key) is task:
+                del worker.warm[key]
+            raise
+        return worker, iid
+
+    async def _init_warm(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope) -> int:
+        iid = next(self._iids)
+        # The first caller's deadline does not bind a shared instance.
+        await self._init_on(worker, spec, ExecutionScope(scope.execution_id), iid)
+        log.info("warm sandboxed instance of %s ready in worker %s (%s)", spec.node_type,
+                 worker.wid, spec.params_key)
+        return iid
+
+    def _evict_warm(self, worker: _Worker) -> None:
+        while len(worker.warm) > self.warm_per_worker:
+            _, task = worker.warm.popitem(last=False)
+
+            def retire(t: asyncio.Future[int], worker: _Worker = worker) -> None:
+                if t.cancelled() or t.exception() is not None:
+                    return
+                self._track(asyncio.ensure_future(self._cleanup(worker, None, t.result())))
+
+            if task.done():
+                retire(task)
+            else:
+                task.add_done_callback(retire)
+
+    async def _process(self, instance: SandboxInstance, inputs: Mapping[str, Any]) -> Any:
+        spec = instance.spec
+        for attempt in range(2):
+            worker = instance.worker
+            if attempt or not worker.alive:
+                await self._recreate(instance)
+                worker = instance.worker
+            deadline = self._deadline(spec, instance.scope, self.call_timeout_s)
+            try:
+                reply = await self._request(worker, ("call", instance.iid, dict(inputs)), spec,
+                                            "process", instance.iid, deadline)
+                return self._check_reply(worker, reply, spec, "process")
+            except _WorkerGone:
+                continue
+        raise SandboxFailure(spec.node_id, "its worker went away twice", during="process")
+
+    async def _recreate(self, instance: SandboxInstance) -> None:
+        """The instance's worker died (or evicted it) while it was idle: initialize it again."""
+        spec = instance.spec
+        log.info("re-creating sandboxed node %s (%s): %s", spec.node_id, spec.node_type,
+                 instance.worker.cause or "instance evicted")
+        instance.worker.pinned.discard(instance.iid)
+        if spec.entry.cls.reusable:
+            old = instance.worker.warm.get(spec.warm_key)
+            if old is not None and old.done() and not old.cancelled() and (
+                    old.exception() is None and old.result() == instance.iid):
+                del instance.worker.warm[spec.warm_key]
+            instance.worker, instance.iid = await self._acquire_warm(spec, instance.scope)
+        else:
+            instance.worker, instance.iid = await self._init_fresh(spec, instance.scope)
+
+    async def release(self, instance: NodeInstance) -> None:
+        assert isinstance(instance, SandboxInstance)
+        if instance.released or instance.spec.entry.cls.reusable:
+            instance.released = True
+            return
+        instance.released = True
+        worker = instance.worker
+        if not worker.alive:
+            worker.pinned.discard(instance.iid)
+            return
+        task = self._track(asyncio.ensure_future(
+            self._cleanup(worker, instance.spec, instance.iid)))
+        call = worker.inflight
+        if call is not None and call.iid == instance.iid and call.abandoned:
+            # Its abandoned call still runs: the cleanup queues behind it, without holding the
+            # caller.
+            return
+        await asyncio.shield(task)
+
+    async def _cleanup(self, worker: _Worker, spec: NodeSpec | None, iid: int) -> None:
+        try:
+            if not worker.alive:
+                return
+            reply = await self._request(worker, ("cleanup", iid), spec, "cleanup", iid,
+                                        self._now() + self.call_timeout_s)
+            if reply[0] != "ok":
+                log.warning("cleanup of sandboxed node %s failed: %s: %s",
+                            spec.node_id if spec else iid, reply[2], reply[3])
+        except Exception as exc:
+            log.warning("cleanup of sandboxed node %s failed: %s", spec.node_id if spec else iid,
+                        exc)
+        finally:
+            worker.pinned.discard(iid)
+
+
+class _NoSpec:
+    node_id = "<runtime>"
+    node_type = "<runtime>"
+
+
+_NO_SPEC: Any = _NoSpec()

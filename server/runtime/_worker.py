@@ -1,0 +1,284 @@
+"""The code that runs inside a sandbox worker process (never in the server; imports nothing gRPC).
+
+A worker is forked from the multiprocessing forkserver (numpy, pydantic and this module
+preloaded), applies its isolation layers (``_isolation``), reports ``ready`` and then serves
+requests from the server one at a time over its control socket:
+
+    ("init", iid, module, qualname, params_json, node_id, execution_id)
+    ("call", iid, inputs)
+    ("cleanup", iid)
+    ("exit",)
+
+Replies are ``("ok", value, cpu_used)`` or ``("error", kind, exc_type, message, cpu_used)``
+where ``kind`` tells the server how to classify the failure: ``node`` (the node's own
+exception), ``memory`` (MemoryError under the cap), ``permission`` (a blocked syscall surfaced as
+EPERM/EACCES), ``import`` (the node class cannot be loaded here), ``gone`` (no such instance:
+evicted, re-create it). Crashes need no reply: the server sees the process die.
+
+SIGUSR1 from the server means "the current call was abandoned": the node's
+``context.cancelled`` is set (and an async call is cancelled); the server kills the worker if
+the call still does not return in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import importlib
+import inspect
+import io
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from multiprocessing import context as mp_context
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+
+from tensorline.server.nodes._node import Node, NodeContext
+from tensorline.server.runtime import _isolation, _shm
+
+RUNTIME_NAME = "sandbox"
+
+
+class _WorkerPopen(popen_forkserver.Popen):
+    """The stdlib forkserver launch, minus the parent's ``__main__``: a worker must not import
+    the server's entry script (or pytest's) before it is isolated."""
+
+    def _launch(self, process_obj: Any) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_path", None)
+        prep_data.pop("init_main_from_name", None)
+        buf = io.BytesIO()
+        mp_context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            mp_context.set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class WorkerProcess(mp_context.ForkServerProcess):
+    """A forkserver process launched with ``_WorkerPopen``."""
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _WorkerPopen(process_obj)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    worker_id: int
+    limits: _isolation.Limits
+    scratch_dir: str
+    inline_max: int
+    namespaces: bool = True
+    landlock: bool = True
+    seccomp: bool = True
+
+
+@dataclass(slots=True)
+class _Hosted:
+    node: Node
+    context: NodeContext
+
+
+class _Worker:
+    def __init__(self, config: WorkerConfig, sock: socket.socket) -> None:
+        self.config = config
+        self.sock = sock
+        self.inbox = _shm.Inbox()
+        self.outbox = _shm.Outbox(inline_max=config.inline_max, name="tensorline-out")
+        self.instances: dict[int, _Hosted] = {}
+        self.loop = asyncio.new_event_loop()
+        self.current: _Hosted | None = None
+        self.current_task: asyncio.Task[Any] | None = None
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            try:
+                data, fds = _shm.recv_raw(self.sock)
+            except InterruptedError:
+                continue
+            if not data:
+                return
+            request = _shm.unpack(data, fds, self.inbox, safe=False, copy=False)
+            op = request[0]
+            if op == "exit":
+                self._cleanup_all()
+                self._reply(("ok", None, _isolation.cpu_used()))
+                return
+            self._reply(self._handle(op, request))
+
+    def _reply(self, reply: tuple[Any, ...]) -> None:
+        try:
+            message, fresh = _shm.pack(reply, self.outbox)
+        except TypeError as exc:
+            reply = ("error", "node", "TypeError", str(exc), _isolation.cpu_used())
+            message, fresh = _shm.pack(reply, self.outbox)
+        except MemoryError as exc:
+            reply = ("error", "memory", "MemoryError", str(exc), _isolation.cpu_used())
+            message, fresh = _shm.pack(reply, self.outbox)
+        _shm.send(self.sock, message, fresh)
+
+    def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
+        try:
+            _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
+            if op == "init":
+                return self._init(*request[1:])
+            if op == "call":
+                hosted = self.instances.get(request[1])
+                if hosted is None:
+                    return ("error", "gone", "", "instance not hosted here",
+                            _isolation.cpu_used())
+                value = self._run(hosted, "process", request[2])
+                return ("ok", value, _isolation.cpu_used())
+            if op == "cleanup":
+                hosted = self.instances.pop(request[1], None)
+                if hosted is not None:
+                    self._run(hosted, "cleanup")
+                return ("ok", None, _isolation.cpu_used())
+            return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used())
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                # A node calling sys.exit() must not end the worker silently.
+                return ("error", "node", type(exc).__name__, str(exc), _isolation.cpu_used())
+            return ("error", classify(exc), type(exc).__name__, describe(exc),
+                    _isolation.cpu_used())
+
+    def _init(self, iid: int, module: str, qualname: str, params_json: str, node_id: str,
+              execution_id: str) -> tuple[Any, ...]:
+        try:
+            cls: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                cls = getattr(cls, part)
+        except BaseException as exc:
+            kind = "memory" if isinstance(exc, MemoryError) else "import"
+            return ("error", kind, type(exc).__name__,
+                    f"cannot load {module}.{qualname} in the worker: {describe(exc)}",
+                    _isolation.cpu_used())
+        params = cls.Params.model_validate_json(params_json)
+        context = NodeContext(node_id=node_id, execution_id=execution_id, runtime=RUNTIME_NAME,
+                              scratch_dir=self.config.scratch_dir)
+        hosted = _Hosted(cls(params, context), context)
+        try:
+            self._run(hosted, "initialize")
+        except BaseException:
+            try:
+                self._run(hosted, "cleanup")
+            except Exception:
+                pass
+            raise
+        self.instances[iid] = hosted
+        return ("ok", None, _isolation.cpu_used())
+
+    def _run(self, hosted: _Hosted, name: str, *args: Any) -> Any:
+        method: Callable[..., Any] = getattr(hosted.node, name)
+        self.current = hosted
+        try:
+            result = method(*args)
+            if inspect.isawaitable(result):
+                self.current_task = self.loop.create_task(_await(result))
+                try:
+                    return self.loop.run_until_complete(self.current_task)
+                finally:
+                    self.current_task = None
+            return result
+        finally:
+            self.current = None
+
+    def cancel_current(self) -> None:
+        hosted = self.current
+        if hosted is not None:
+            hosted.context.cancelled.set()
+        task = self.current_task
+        if task is not None:
+            self.loop.call_soon_threadsafe(task.cancel)
+
+    def _cleanup_all(self) -> None:
+        for iid in list(self.instances):
+            hosted = self.instances.pop(iid)
+            try:
+                self._run(hosted, "cleanup")
+            except Exception:
+                pass
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 16:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def classify(exc: BaseException) -> str:
+    """``memory`` / ``permission`` for failures the sandbox causes, ``node`` otherwise."""
+    for item in _chain(exc):
+        if isinstance(item, MemoryError):
+            return "memory"
+        if isinstance(item, OSError) and item.errno in (errno.EPERM, errno.EACCES):
+            return "permission"
+    return "node"
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    if classify(exc) == "permission":
+        for item in _chain(exc):
+            if isinstance(item, OSError) and item.errno in (errno.EPERM, errno.EACCES):
+                if item is not exc:
+                    text = f"{text} (caused by {type(item).__name__}: {item})"
+                break
+    return text
+
+
+def worker_main(config: WorkerConfig, sock: socket.socket, alive_fd: Any) -> None:
+    """Entry point of a worker process (multiprocessing target)."""
+    alive = alive_fd.detach() if hasattr(alive_fd, "detach") else int(alive_fd)
+    sock.setblocking(True)
+    os.environ["TMPDIR"] = config.scratch_dir
+    tempfile.tempdir = config.scratch_dir
+    reports: list[_isolation.LayerReport] = [
+        ("process", True, "separate forkserver worker process")]
+    reports.append(_isolation.apply_rlimits(config.limits))
+    if config.namespaces:
+        reports.append(_isolation.apply_namespaces())
+    else:
+        reports.append(("network namespace", False, "disabled by configuration"))
+    reports.append(_isolation.apply_parent_death(alive, lambda: os._exit(70)))
+    if os.getppid() == 1:
+        os._exit(70)  # the forkserver (and so the server) died before the signal was armed
+    worker = _Worker(config, sock)
+    signal.signal(signal.SIGUSR1, lambda *_: worker.cancel_current())
+    if config.landlock:
+        reports.extend(_isolation.apply_landlock(config.scratch_dir))
+    else:
+        reports.append(("landlock", False, "disabled by configuration"))
+    if config.seccomp:
+        reports.append(_isolation.apply_seccomp())
+    else:
+        reports.append(("seccomp", False, "disabled by configuration"))
+    worker._reply(("ready", reports, _isolation.cpu_used()))
+    try:
+        worker.serve()
+    finally:
+        sys.stdout.flush()
+        os._exit(0)

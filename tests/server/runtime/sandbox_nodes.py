@@ -1,0 +1,223 @@
+"""Test-only nodes for the sandbox runtime tests: well-behaved ones, crashers and escape attempts.
+
+Workers import this module by name (``tests.server.runtime.sandbox_nodes``), so it must stay
+importable from the repository root and import nothing but the node SDK and the stdlib.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorline.server.nodes import Json, Node, NodeParams, NodeTraits, Port
+
+
+class PassThrough(Node):
+    """Returns its input unchanged."""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+
+class Identity(Node):
+    """Returns all its inputs as outputs (fan-in ports included)."""
+
+    inputs = (Port("in"), Port("many", many=True, required=False))
+    outputs = (Port("in"), Port("many"))
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return dict(inputs)
+
+
+class AsyncDouble(Node):
+    """Async process: doubles a tensor."""
+
+    async def initialize(self) -> None:
+        await asyncio.sleep(0)
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        await asyncio.sleep(0)
+        return inputs["in"] * 2
+
+
+class _Counts:
+    inits = 0
+    calls = 0
+
+
+class WarmCounter(Node):
+    """Reusable: reports how often it was initialized in this worker."""
+
+    reusable = True
+
+    class Params(NodeParams):
+        label: str = "a"
+
+    def initialize(self) -> None:
+        _Counts.inits += 1
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        _Counts.calls += 1
+        return Json({"inits": _Counts.inits, "calls": _Counts.calls, "pid": os.getpid(),
+                     "label": self.params.label})
+
+
+class Marker(Node):
+    """Writes ``<scratch>/<execution>.<event>`` files so tests can see what ran in the worker."""
+
+    class Params(NodeParams):
+        mode: str = "ok"  # ok | fail | sleep
+
+    def _mark(self, event: str) -> None:
+        assert self.context.scratch_dir is not None
+        Path(self.context.scratch_dir, f"{self.context.execution_id}.{event}").write_text(
+            str(os.getpid()))
+
+    def initialize(self) -> None:
+        self._mark("initialize")
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        self._mark("process")
+        if self.params.mode == "fail":
+            raise ValueError("bad value")
+        if self.params.mode == "sleep":
+            while not self.context.cancelled.wait(0.01):
+                pass
+            self._mark("cancelled")
+        return inputs["in"]
+
+    def cleanup(self) -> None:
+        self._mark("cleanup")
+
+
+class FailInit(Node):
+    def initialize(self) -> None:
+        raise ValueError("cannot initialize")
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+
+class BlockedInit(Node):
+    """Initialize needs the network: blocked in the sandbox (fallback material)."""
+
+    def initialize(self) -> None:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+
+class CrashInit(Node):
+    def initialize(self) -> None:
+        ctypes.string_at(0)
+
+
+# --- crashes ----------------------------------------------------------------------------------
+
+
+class Segfault(Node):
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        ctypes.string_at(0)
+
+
+class KillSelf(Node):
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CpuLoop(Node):
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        x = 0
+        while True:
+            x += 1
+
+
+class MemoryHog(Node):
+    """Declares 256 MiB and allocates 1 GiB."""
+
+    traits = NodeTraits(memory_mb=256)
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return np.ones(1 << 27, dtype=np.float64)  # 1 GiB
+
+
+class Sleeper(Node):
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        time.sleep(3600)
+
+
+# --- escape attempts --------------------------------------------------------------------------
+
+
+class Target(NodeParams):
+    port: int = 0
+    path: str = ""
+    pid: int = 0
+
+
+class TcpConnect(Node):
+    Params = Target
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        with socket.create_connection(("127.0.0.1", self.params.port), timeout=2) as s:
+            s.sendall(b"escaped")
+        return "connected"
+
+
+class WriteOutside(Node):
+    Params = Target
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        Path(self.params.path).write_text("escaped")
+        return "written"
+
+
+class Shell(Node):
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return subprocess.run(["/bin/sh", "-c", "echo escaped"], capture_output=True,
+                              check=True).stdout.decode()
+
+
+class ForkBomb(Node):
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        while True:
+            if os.fork() == 0:
+                os._exit(0)
+
+
+class SignalPid(Node):
+    Params = Target
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        os.kill(self.params.pid, signal.SIGTERM)
+        return "signalled"
+
+
+class OpenFile(Node):
+    """Opens another execution's shared-memory segment (or any path) for reading."""
+
+    Params = Target
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        with open(self.params.path, "rb") as f:
+            return f.read(16)
+
+
+class ReadOtherFds(Node):
+    """Tries to reach the server's memfd segments through /proc/<pid>/fd."""
+
+    Params = Target
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return sorted(os.listdir(f"/proc/{self.params.pid}/fd"))
