@@ -109,14 +109,21 @@ def cpu_used() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+_cpu_soft: list[int] = []
+
+
 def set_call_cpu_budget(seconds: float) -> None:
     """Soft RLIMIT_CPU = CPU used so far + ``seconds`` (capped by the lifetime hard limit): the
-    kernel sends SIGXCPU when one call burns more than its budget."""
-    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    kernel sends SIGXCPU when one call burns more than its budget. The limit has a resolution of
+    one second, so it is only rewritten when that second changes (saves two syscalls a call)."""
     soft = int(cpu_used() + seconds) + 1
+    if _cpu_soft and _cpu_soft[0] == soft:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
     if hard != resource.RLIM_INFINITY:
         soft = min(soft, hard)
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    _cpu_soft[:] = [soft]
 
 
 def _thread_count() -> int:

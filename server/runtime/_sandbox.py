@@ -81,6 +81,9 @@ class _Call:
     timer: asyncio.TimerHandle | None = None
     deadline_hit: bool = False
     abandoned: bool = False
+    finished: bool = False
+    # Called with the reply when it arrives after the caller was cancelled.
+    on_abandoned: Callable[[tuple[Any, ...]], None] | None = None
 
 
 @dataclass(eq=False)
@@ -398,11 +401,11 @@ class SandboxRuntime(Runtime):
             return
         if len(message) >= 3 and isinstance(message[-1], float | int):
             worker.cpu_used = float(message[-1])
-        worker.inflight = None
-        if call.timer is not None:
-            call.timer.cancel()
+        self._finish(worker, call)
         if not call.future.done():
             call.future.set_result(message)
+        elif call.on_abandoned is not None:
+            call.on_abandoned(message)
 
     def _misbehaved(self, worker: _Worker, what: str) -> None:
         log.error("sandbox worker %s (pid %s) broke the protocol: %s; killing it", worker.wid,
@@ -433,10 +436,8 @@ class SandboxRuntime(Runtime):
         log.log(level, "sandbox worker %s (pid %s, cap %d MiB) ended: %s", worker.wid,
                 worker.pid, worker.cap_mb, cause)
         call = worker.inflight
-        worker.inflight = None
         if call is not None:
-            if call.timer is not None:
-                call.timer.cancel()
+            self._finish(worker, call)
             if not call.future.done():
                 call.future.set_exception(self._death_error(call, cause))
         for task in worker.warm.values():
@@ -590,7 +591,11 @@ class SandboxRuntime(Runtime):
                        during: str, iid: int, deadline: float,
                        on_abandoned: Callable[[tuple[Any, ...]], None] | None = None,
                        ) -> tuple[Any, ...]:
-        """Send one request to ``worker`` and await its reply (calls are serialized)."""
+        """Send one request to ``worker`` and await its reply (calls are serialized).
+
+        The worker's lock is held until the worker has answered (or died), even when the caller
+        is cancelled first: ``_finish`` releases it, from the reply or death callbacks.
+        """
         worker.queued += 1
         try:
             await worker.lock.acquire()
@@ -598,38 +603,47 @@ class SandboxRuntime(Runtime):
             worker.queued -= 1
             raise
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[Any, ...]] = loop.create_future()
-
-        def finished(_: asyncio.Future[tuple[Any, ...]]) -> None:
-            worker.queued -= 1
-            worker.last_used = loop.time()
-            worker.lock.release()
-
-        future.add_done_callback(finished)
+        call = _Call(loop.create_future(), spec if spec is not None else _NO_SPEC, during, iid,
+                     deadline, on_abandoned=on_abandoned)
         if not worker.alive or worker.sock is None:
-            future.set_exception(_WorkerGone(worker.cause or "worker gone"))
-            return await future
-        call = _Call(future, spec if spec is not None else _NO_SPEC, during, iid, deadline)
+            self._finish(worker, call)
+            raise _WorkerGone(worker.cause or "worker gone")
         try:
             message, fresh = _shm.pack(request, worker.outbox)
-        except BaseException as exc:
-            future.set_exception(exc)
-            return await future
+        except BaseException:
+            self._finish(worker, call)
+            raise
         worker.inflight = call
         try:
             _shm.send(worker.sock, message, fresh)
         except OSError as exc:
-            worker.inflight = None
+            self._finish(worker, call)
             worker.kill(f"control channel failed ({exc})")
-            future.set_exception(_WorkerGone(f"control channel failed ({exc})"))
-            return await future
+            raise _WorkerGone(f"control channel failed ({exc})") from None
         call.timer = loop.call_at(deadline, self._on_deadline, worker, call)
         try:
-            return await asyncio.shield(future)
+            return await call.future
         except asyncio.CancelledError:
-            if not future.done():
-                self._abandon(worker, call, on_abandoned)
+            if not call.finished:
+                self._abandon(worker, call)
+            elif call.future.done() and not call.future.cancelled() and (
+                    call.future.exception() is None and on_abandoned is not None):
+                on_abandoned(call.future.result())
             raise
+
+    def _finish(self, worker: _Worker, call: _Call) -> None:
+        """The worker is done with ``call`` (answered or died): free it for the next one."""
+        if call.finished:
+            return
+        call.finished = True
+        if call.timer is not None:
+            call.timer.cancel()
+        if worker.inflight is call:
+            worker.inflight = None
+        worker.queued -= 1
+        if self._loop is not None:
+            worker.last_used = self._loop.time()
+        worker.lock.release()
 
     def _on_deadline(self, worker: _Worker, call: _Call) -> None:
         if worker.inflight is not call:
@@ -640,8 +654,7 @@ class SandboxRuntime(Runtime):
             call.deadline_hit = True
             worker.kill("deadline exceeded")
 
-    def _abandon(self, worker: _Worker, call: _Call,
-                 on_abandoned: Callable[[tuple[Any, ...]], None] | None) -> None:
+    def _abandon(self, worker: _Worker, call: _Call) -> None:
         """The caller went away: ask the worker to stop, kill it if it does not in time."""
         call.abandoned = True
         if worker.process is not None:
@@ -652,14 +665,6 @@ class SandboxRuntime(Runtime):
             call.timer.cancel()
         when = min(call.deadline, self._now() + self.cancel_grace_s)
         call.timer = self._loop.call_at(when, self._on_deadline, worker, call)
-
-        def done(f: asyncio.Future[tuple[Any, ...]]) -> None:
-            if f.cancelled() or f.exception() is not None:
-                return
-            if on_abandoned is not None:
-                on_abandoned(f.result())
-
-        call.future.add_done_callback(done)
 
     def _check_reply(self, worker: _Worker, reply: tuple[Any, ...], spec: NodeSpec,
                      during: str) -> Any:
