@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib
 import os
 import resource
 import signal
@@ -31,20 +32,15 @@ LayerReport = tuple[str, bool, str]
 # Imported here so that the forkserver preloads them: a worker never pays for the import, and
 # never imports them after Landlock is in force. Either may be missing (no libseccomp, an old
 # platform): the layer is then reported inactive.
-_seccomp: Any
-_landlock: Any
-try:
-    import pyseccomp as _seccomp
-except Exception as _exc:  # libseccomp missing raises RuntimeError, not ImportError
-    _seccomp, _SECCOMP_ERROR = None, str(_exc)
-else:
-    _SECCOMP_ERROR = ""
-try:
-    import landlock as _landlock
-except Exception as _exc:
-    _landlock, _LANDLOCK_ERROR = None, str(_exc)
-else:
-    _LANDLOCK_ERROR = ""
+def _optional(name: str) -> tuple[Any, str]:
+    try:
+        return importlib.import_module(name), ""
+    except Exception as exc:  # libseccomp missing raises RuntimeError, not ImportError
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_seccomp, _SECCOMP_ERROR = _optional("pyseccomp")
+_landlock, _LANDLOCK_ERROR = _optional("landlock")
 
 PR_SET_PDEATHSIG = 1
 CLONE_NEWNS = 0x00020000

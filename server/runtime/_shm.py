@@ -27,6 +27,7 @@ Why these choices (measured figures in shared/notes/sandbox.md):
 from __future__ import annotations
 
 import array
+import contextlib
 import io
 import mmap
 import os
@@ -34,11 +35,10 @@ import pickle
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-
 from tensorline.client._values import Audio, Json, Tagged
 
 # Keep well below the default SO_SNDBUF (208 KiB): a SEQPACKET message must fit in it whole.
@@ -106,12 +106,10 @@ class Segment:
             raise
 
     def close(self) -> None:
-        try:
+        # A view of it may still be alive (a node kept an input array): the mapping then goes
+        # when that view does.
+        with contextlib.suppress(BufferError):
             self.map.close()
-        except BufferError:
-            # A view of it is still alive (a node kept an input array): the mapping goes when
-            # that view does.
-            pass
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -191,7 +189,8 @@ class _Layout:
 
 def _copy_in(segment: Segment, offset: int, source: Any) -> None:
     if isinstance(source, np.ndarray):
-        order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
+        order: Literal["C", "F"] = (
+            "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C")
         dest = np.ndarray(source.shape, source.dtype, buffer=segment.map, offset=offset,
                           order=order)
         np.copyto(dest, source, casting="no")

@@ -23,6 +23,7 @@ the call still does not return in time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib
 import inspect
@@ -34,10 +35,9 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
 from multiprocessing import context as mp_context
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+from typing import Any
 
 from tensorline.server.nodes._node import Node, NodeContext
 from tensorline.server.runtime import _isolation, _shm
@@ -60,9 +60,11 @@ class _WorkerPopen(popen_forkserver.Popen):
             reduction.dump(process_obj, buf)
         finally:
             mp_context.set_spawning_popen(None)
-        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        fds = self._fds  # type: ignore[attr-defined]
+        self.sentinel, w = forkserver.connect_to_new_process(fds)
         parent_w = os.dup(w)
-        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        self.finalizer = util.Finalize(
+            self, util.close_fds, (parent_w, self.sentinel))  # type: ignore[attr-defined]
         with open(w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
         self.pid = forkserver.read_signed(self.sentinel)
@@ -176,10 +178,8 @@ class _Worker:
         try:
             self._run(hosted, "initialize")
         except BaseException:
-            try:
+            with contextlib.suppress(Exception):
                 self._run(hosted, "cleanup")
-            except Exception:
-                pass
             raise
         self.instances[iid] = hosted
         return ("ok", None, _isolation.cpu_used())
@@ -210,10 +210,8 @@ class _Worker:
     def _cleanup_all(self) -> None:
         for iid in list(self.instances):
             hosted = self.instances.pop(iid)
-            try:
+            with contextlib.suppress(Exception):
                 self._run(hosted, "cleanup")
-            except Exception:
-                pass
 
 
 async def _await(awaitable: Any) -> Any:

@@ -1,0 +1,107 @@
+"""Fixtures for the runtime tests: node specs without a manifest, a real sandbox runtime, and the
+checks every sandbox test ends with (no stray worker process, no new /dev/shm segment)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from tensorline.server.manifest import NodeSpec
+from tensorline.server.nodes import Node, NodeEntry
+from tensorline.server.runtime import SandboxRuntime
+from tensorline.server.selector import RuntimeDecision
+
+
+def make_spec(cls: type[Node], params: dict[str, Any] | None = None, *, node_id: str = "n1",
+              timeout_s: float | None = None, trusted: bool = False) -> NodeSpec:
+    validated = cls.Params(**(params or {}))
+    return NodeSpec(
+        node_id=node_id,
+        entry=NodeEntry.of(cls, cls.__module__, trusted),
+        params=validated,
+        params_key=validated.model_dump_json(),
+        decision=RuntimeDecision("sandbox", "test"),
+        timeout_s=timeout_s if timeout_s is not None else cls.traits.timeout_s,
+        wiring={},
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
+               what: str = "condition") -> None:
+    """Poll a real condition (never a fixed sleep) until it holds or ``timeout`` passes."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+async def eventually(condition: Callable[[], bool], within: float = 10.0,
+                     what: str = "condition") -> None:
+    """``wait_until`` for async tests: polls while the event loop keeps running."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _infrastructure_pids() -> set[int]:
+    """The forkserver and the resource tracker outlive a runtime by design (one per server)."""
+    pids = set()
+    fs = getattr(multiprocessing.forkserver, "_forkserver", None)
+    if fs is not None and getattr(fs, "_forkserver_pid", None):
+        pids.add(fs._forkserver_pid)
+    rt = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+    if rt is not None and getattr(rt, "_pid", None):
+        pids.add(rt._pid)
+    return pids
+
+
+def stray_processes() -> list[psutil.Process]:
+    keep = _infrastructure_pids()
+    stray = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid in keep or child.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        stray.append(child)
+    return stray
+
+
+def shm_segments() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Every sandbox test ends with no stray worker and no new /dev/shm segment."""
+    before = shm_segments()
+    yield
+    wait_until(lambda: not stray_processes(), 10.0, "worker processes to exit")
+    assert shm_segments() - before == set()
+
+
+@pytest.fixture
+async def sandbox(no_leaks: None, tmp_path: Path) -> AsyncIterator[SandboxRuntime]:
+    runtime = SandboxRuntime(workers=2, cpu_seconds=2.0, call_timeout_s=60.0,
+                             scratch_root=str(tmp_path / "scratch"), cancel_grace_s=10.0)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.shutdown()

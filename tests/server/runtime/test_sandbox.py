@@ -1,0 +1,354 @@
+"""The sandboxed runtime, driven with real worker processes: transfer, warm instances, cleanup,
+crashes, deadlines and escape attempts. Each test ends without stray workers or segments."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from tensorline.client._values import Audio, Json, Tagged
+from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
+from tensorline.server.runtime import ExecutionScope, SandboxRuntime
+
+from tests.server.runtime import sandbox_nodes as nodes
+from tests.server.runtime.conftest import eventually, make_spec, wait_until
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+async def run_once(runtime: SandboxRuntime, cls: type[nodes.Node], inputs: Mapping[str, Any],
+                   params: dict[str, Any] | None = None, *, execution_id: str = "x",
+                   deadline: float | None = None) -> Any:
+    spec = make_spec(cls, params)
+    instance = await runtime.acquire(spec, ExecutionScope(execution_id, deadline=deadline))
+    try:
+        return await instance.process(inputs)
+    finally:
+        await runtime.release(instance)
+
+
+async def assert_serving(runtime: SandboxRuntime) -> None:
+    """The next request succeeds after whatever went wrong before."""
+    data = np.arange(300, dtype=np.int32)
+    out = await run_once(runtime, nodes.PassThrough, {"in": data}, execution_id="after")
+    assert np.array_equal(out, data)
+    await eventually(lambda: len(runtime.worker_pids()) >= runtime.workers, 20.0,
+                     "the pool to be refilled")
+    assert runtime.healthy()
+
+
+def random_array(dtype: str, count: int, seed: int = 0) -> np.ndarray:
+    dt = np.dtype(dtype)
+    raw = np.random.default_rng(seed).bytes(count * dt.itemsize)
+    if dt.kind == "b":
+        return np.frombuffer(raw, np.uint8).astype(bool)
+    return np.frombuffer(raw, dt).copy()
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes())
+
+
+# --- transfer -------------------------------------------------------------------------------
+
+DTYPES = ["bool", "i1", "u2", "<i4", "<i8", ">f4", "<f2", "<f4", "<f8", "<c8", "<c16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+async def test_round_trip_is_bit_exact_for_dtypes(sandbox: SandboxRuntime, dtype: str) -> None:
+    spec = make_spec(nodes.PassThrough)
+    instance = await sandbox.acquire(spec, ExecutionScope("dtypes"))
+    try:
+        for count in (0, 1, 255, 1 << 10, (1 << 20) // np.dtype(dtype).itemsize):
+            data = random_array(dtype, count, seed=count)
+            out = await instance.process({"in": data})
+            assert same(out, data), (dtype, count)
+    finally:
+        await sandbox.release(instance)
+
+
+async def test_round_trip_64_mib(sandbox: SandboxRuntime) -> None:
+    data = random_array("<f4", (64 << 20) // 4, seed=7).reshape(4096, -1)
+    out = await run_once(sandbox, nodes.PassThrough, {"in": data})
+    assert same(out, data)
+    assert out.flags.writeable  # the server's copy, not a view of a reused segment
+
+
+async def test_layouts_and_value_kinds_survive(sandbox: SandboxRuntime) -> None:
+    big = random_array("<f8", 200_000, seed=3)
+    fortran = np.asfortranarray(random_array("<i4", 64 * 512, seed=4).reshape(64, 512))
+    values: dict[str, Any] = {
+        "in": [
+            fortran,
+            big[::3],  # not contiguous
+            np.array(3.5, dtype=np.float32),  # 0-d
+            Json({"a": [1, 2, {"b": None}], "c": "ü"}),
+            "text ✓",
+            "x" * (1 << 20),  # spills past the control message size
+            b"\x00\x01" * 100,
+            bytes(range(256)) * 8192,  # 2 MiB of bytes through the segment
+            Tagged(big, {"k": "v"}),
+        ],
+        "many": [np.arange(5), np.arange(70_000, dtype=np.uint8)],
+    }
+    values["in"].append(Audio(random_array("<i2", 48_000, seed=5), 48_000))
+    out = await run_once(sandbox, nodes.Identity, values)
+    got, want = out["in"], values["in"]
+    assert same(got[0], fortran) and got[0].flags.f_contiguous
+    assert same(got[1], big[::3])
+    assert same(got[2], want[2])
+    assert got[3] == want[3]
+    assert got[4:8] == want[4:8]
+    assert same(got[8].value, big) and got[8].metadata == {"k": "v"}
+    assert got[9].sample_rate == 48_000 and same(got[9].samples, want[9].samples)
+    assert all(same(g, w) for g, w in zip(out["many"], values["many"], strict=True))
+
+
+async def test_async_node_methods(sandbox: SandboxRuntime) -> None:
+    data = np.arange(10_000, dtype=np.float64)
+    out = await run_once(sandbox, nodes.AsyncDouble, {"in": data})
+    assert np.array_equal(out, data * 2)
+
+
+async def test_concurrent_calls_share_the_pool(sandbox: SandboxRuntime) -> None:
+    async def one(i: int) -> None:
+        data = random_array("<f4", 1000 + i * 5000, seed=i)
+        assert same(await run_once(sandbox, nodes.PassThrough, {"in": data},
+                                   execution_id=f"c{i}"), data)
+
+    await asyncio.gather(*(one(i) for i in range(12)))
+
+
+# --- instances ------------------------------------------------------------------------------
+
+
+async def test_reusable_node_initializes_once_per_worker(sandbox: SandboxRuntime) -> None:
+    reports = []
+    for i in range(6):
+        reports.append((await run_once(sandbox, nodes.WarmCounter, {"in": "x"},
+                                       execution_id=f"w{i}")).value)
+    assert {r["inits"] for r in reports} == {1}
+    assert [r["calls"] for r in reports] == list(range(1, 7))
+
+    # Concurrent users: each worker initializes it at most once.
+    results = await asyncio.gather(*(run_once(sandbox, nodes.WarmCounter, {"in": "x"},
+                                              execution_id=f"p{i}") for i in range(8)))
+    per_pid: dict[int, set[int]] = {}
+    for r in results:
+        per_pid.setdefault(r.value["pid"], set()).add(r.value["inits"])
+    assert all(inits == {1} for inits in per_pid.values())
+
+
+def markers(runtime: SandboxRuntime, execution_id: str) -> set[str]:
+    root = Path(runtime._scratch_root)
+    return {p.name.split(".", 1)[1] for p in root.glob(f"w*/{execution_id}.*")}
+
+
+async def test_cleanup_runs_after_a_node_error(sandbox: SandboxRuntime) -> None:
+    with pytest.raises(NodeFailed) as err:
+        await run_once(sandbox, nodes.Marker, {"in": 1}, {"mode": "fail"}, execution_id="e1")
+    assert err.value.node_id == "n1" and err.value.exc_type == "ValueError"
+    assert "bad value" in err.value.message
+    assert markers(sandbox, "e1") == {"initialize", "process", "cleanup"}
+
+
+async def test_initialize_errors_are_classified(sandbox: SandboxRuntime) -> None:
+    with pytest.raises(NodeFailed, match="cannot initialize"):
+        await sandbox.acquire(make_spec(nodes.FailInit), ExecutionScope("i1"))
+    with pytest.raises(SandboxFailure) as blocked:
+        await sandbox.acquire(make_spec(nodes.BlockedInit), ExecutionScope("i2"))
+    assert blocked.value.during == "initialize"
+    assert "PermissionError" in blocked.value.cause
+    with pytest.raises(SandboxFailure) as crashed:
+        await sandbox.acquire(make_spec(nodes.CrashInit), ExecutionScope("i3"))
+    assert crashed.value.during == "initialize" and "SIGSEGV" in crashed.value.cause
+    await assert_serving(sandbox)
+
+
+async def test_cleanup_runs_after_cancellation(sandbox: SandboxRuntime) -> None:
+    spec = make_spec(nodes.Marker, {"mode": "sleep"})
+    instance = await sandbox.acquire(spec, ExecutionScope("e2"))
+    task = asyncio.ensure_future(instance.process({"in": 1}))
+    await eventually(lambda: "process" in markers(sandbox, "e2"), 20.0, "process to start")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await sandbox.release(instance)
+    await eventually(lambda: "cleanup" in markers(sandbox, "e2"), 20.0, "cleanup to run")
+    assert markers(sandbox, "e2") == {"initialize", "process", "cancelled", "cleanup"}
+    await assert_serving(sandbox)
+
+
+async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime) -> None:
+    spec = make_spec(nodes.PassThrough)
+    instance = await sandbox.acquire(spec, ExecutionScope("idle"))
+    try:
+        os.kill(instance.worker.pid or 0, signal.SIGKILL)  # type: ignore[attr-defined]
+        await eventually(lambda: not instance.worker.alive, 20.0,  # type: ignore[attr-defined]
+                         "the worker to die")
+        out = await instance.process({"in": "still here"})
+        assert out == "still here"
+    finally:
+        await sandbox.release(instance)
+
+
+# --- crashes and limits ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cls", "cause"), [
+    (nodes.Segfault, "worker killed by signal 11 (SIGSEGV)"),
+    (nodes.KillSelf, "worker killed by signal 9 (SIGKILL)"),
+    (nodes.CpuLoop, "CPU time limit exceeded (SIGXCPU)"),
+    (nodes.MemoryHog, "memory limit 256 MiB exceeded"),
+])
+async def test_crash_fails_only_that_call(sandbox: SandboxRuntime, cls: type[nodes.Node],
+                                         cause: str) -> None:
+    bystander = await sandbox.acquire(make_spec(nodes.PassThrough, node_id="b"),
+                                      ExecutionScope("bystander"))
+    try:
+        with pytest.raises(SandboxFailure) as err:
+            await run_once(sandbox, cls, {"in": 1}, execution_id="crash")
+        assert err.value.node_id == "n1" and err.value.during == "process"
+        assert cause in err.value.cause
+        await assert_serving(sandbox)
+        assert await bystander.process({"in": "ok"}) == "ok"
+    finally:
+        await sandbox.release(bystander)
+
+
+async def test_deadline_kills_and_replaces_the_worker(sandbox: SandboxRuntime) -> None:
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded, match="node 'n1'"):
+        await run_once(sandbox, nodes.Sleeper, {"in": 1}, deadline=loop.time() + 0.5)
+    await assert_serving(sandbox)
+
+
+async def test_node_timeout_is_a_deadline(sandbox: SandboxRuntime) -> None:
+    spec = make_spec(nodes.Sleeper, timeout_s=0.3)
+    instance = await sandbox.acquire(spec, ExecutionScope("t"))
+    try:
+        with pytest.raises(DeadlineExceeded, match="Sleeper"):
+            await instance.process({"in": 1})
+    finally:
+        await sandbox.release(instance)
+    await assert_serving(sandbox)
+
+
+# --- escape attempts ------------------------------------------------------------------------
+
+
+async def expect_blocked(runtime: SandboxRuntime, cls: type[nodes.Node],
+                         params: dict[str, Any] | None = None) -> SandboxFailure:
+    with pytest.raises(SandboxFailure) as err:
+        await run_once(runtime, cls, {"in": 1}, params, execution_id="escape")
+    assert "blocked by the sandbox" in err.value.cause
+    return err.value
+
+
+async def test_tcp_connect_to_loopback_is_blocked(sandbox: SandboxRuntime) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        await expect_blocked(sandbox, nodes.TcpConnect, {"port": listener.getsockname()[1]})
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    await assert_serving(sandbox)
+
+
+async def test_writing_outside_scratch_is_blocked(sandbox: SandboxRuntime,
+                                                  tmp_path: Path) -> None:
+    target = tmp_path / "escaped.txt"
+    await expect_blocked(sandbox, nodes.WriteOutside, {"path": str(target)})
+    assert not target.exists()
+
+
+async def test_running_a_shell_is_blocked(sandbox: SandboxRuntime) -> None:
+    await expect_blocked(sandbox, nodes.Shell)
+
+
+async def test_fork_bomb_is_blocked(sandbox: SandboxRuntime) -> None:
+    await expect_blocked(sandbox, nodes.ForkBomb)
+    await assert_serving(sandbox)
+
+
+async def test_signalling_the_server_is_blocked(sandbox: SandboxRuntime) -> None:
+    await expect_blocked(sandbox, nodes.SignalPid, {"pid": os.getpid()})
+    await expect_blocked(sandbox, nodes.SignalPid, {"pid": os.getppid()})
+
+
+async def test_other_shared_memory_is_out_of_reach(sandbox: SandboxRuntime) -> None:
+    segment = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        await expect_blocked(sandbox, nodes.OpenFile, {"path": f"/dev/shm/{segment.name}"})
+    finally:
+        segment.close()
+        segment.unlink()
+    # The server's own segments are memfds: reachable only through its /proc entry.
+    await expect_blocked(sandbox, nodes.ReadOtherFds, {"pid": os.getpid()})
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+
+async def test_layers_are_reported(sandbox: SandboxRuntime) -> None:
+    layers = {layer.name: layer for layer in sandbox.layers()}
+    assert {"process", "rlimits", "network namespace", "parent death", "landlock",
+            "seccomp"} <= set(layers)
+    assert layers["process"].active and layers["rlimits"].active
+
+
+async def test_shutdown_is_idempotent(no_leaks: None) -> None:
+    runtime = SandboxRuntime(workers=1)
+    await runtime.start()
+    assert runtime.healthy()
+    out = await run_once(runtime, nodes.WarmCounter, {"in": 1})
+    assert out.value["inits"] == 1
+    await runtime.shutdown()
+    await runtime.shutdown()
+    assert not runtime.healthy()
+
+
+def test_workers_die_with_a_killed_server(no_leaks: None) -> None:
+    script = textwrap.dedent("""
+        import asyncio, sys
+        from tensorline.server.runtime import SandboxRuntime
+
+        async def main():
+            runtime = SandboxRuntime(workers=2)
+            await runtime.start()
+            print(" ".join(map(str, runtime.worker_pids())), flush=True)
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+    """)
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              cwd=REPO, text=True)
+    try:
+        assert server.stdout is not None
+        pids = [int(p) for p in server.stdout.readline().split()]
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    finally:
+        server.kill()
+        server.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in pids), 5.0, "workers to die with the server")
