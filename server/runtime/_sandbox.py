@@ -189,6 +189,7 @@ class SandboxRuntime(Runtime):
         start_timeout_s: float = 60.0,
         warm_per_worker: int = 8,
         inline_max_bytes: int = _shm.DEFAULT_INLINE_MAX,
+        max_message_bytes: int = 1 << 30,
         namespaces: bool = True,
         landlock: bool = True,
         seccomp: bool = True,
@@ -201,13 +202,17 @@ class SandboxRuntime(Runtime):
         self.cpu_seconds = cpu_seconds
         self.cpu_seconds_lifetime = max(cpu_seconds_lifetime, cpu_seconds * 2)
         self.nofile = nofile
-        self.fsize_mb = fsize_mb
+        # Reply segments are files too: RLIMIT_FSIZE must let the largest one exist.
+        self.fsize_mb = max(fsize_mb, (max_message_bytes >> 20) + 16)
         self.call_timeout_s = call_timeout_s
         self.init_timeout_s = init_timeout_s
         self.cancel_grace_s = cancel_grace_s
         self.start_timeout_s = start_timeout_s
         self.warm_per_worker = warm_per_worker
         self.inline_max_bytes = inline_max_bytes
+        # Largest reply a worker may send (its segments are capped at twice this); match the
+        # server's tensor limit.
+        self.max_message_bytes = max_message_bytes
         self._isolation = {"namespaces": namespaces, "landlock": landlock, "seccomp": seccomp}
         self._scratch_root_arg = scratch_root
         self._scratch_root = ""
@@ -378,7 +383,8 @@ class SandboxRuntime(Runtime):
                 self._on_eof(worker)
                 return
             try:
-                message = _shm.unpack(data, fds, worker.inbox, safe=True, copy=True)
+                message = _shm.unpack(data, fds, worker.inbox, safe=True, copy=True,
+                                      max_segment=self.max_message_bytes * 2)
             except Exception as exc:
                 self._misbehaved(worker, f"undecodable message ({exc})")
                 return

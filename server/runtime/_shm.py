@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import io
 import mmap
 import os
@@ -52,6 +53,7 @@ MIN_SEGMENT = 1 << 20
 _HEADER = struct.Struct("<BQQQ")
 FLAG_NEW_SEGMENT = 1
 FLAG_SPILLED = 2
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FD_ANCILLARY = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 4)
 
 
@@ -78,6 +80,9 @@ def _align(n: int) -> int:
 
 
 def _segment_size(needed: int) -> int:
+    """Powers of two up to 64 MiB (few regrowths), then whole MiB (no doubling of big ones)."""
+    if needed > 64 * MIN_SEGMENT:
+        return -(-needed // MIN_SEGMENT) * MIN_SEGMENT
     size = MIN_SEGMENT
     while size < needed:
         size <<= 1
@@ -97,9 +102,31 @@ class Segment:
 
     @classmethod
     def create(cls, size: int, name: str = "tensorline") -> Segment:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # The peer gets this fd: sealed, it can never shrink the file under our mapping
+            # (which would turn our next access into SIGBUS).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            return cls(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def adopt(cls, fd: int, size: int, *, verify: bool) -> Segment:
+        """Map a segment the peer sent. ``verify`` (for an untrusted peer): it must be a sealed
+        memfd of at least ``size`` bytes that nobody can shrink."""
+        try:
+            if verify:
+                try:
+                    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+                except OSError:
+                    raise ProtocolError("segment fd is not a sealable memfd") from None
+                if seals & _SEALS != _SEALS:
+                    raise ProtocolError("segment is not sealed against shrinking")
+                if os.fstat(fd).st_size < size:
+                    raise ProtocolError("segment is smaller than announced")
             return cls(fd, size)
         except BaseException:
             os.close(fd)
@@ -281,22 +308,29 @@ def _loads(body: bytes | memoryview, safe: bool) -> Any:
     return pickle.loads(body)
 
 
-def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool) -> Any:
+def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
+           max_segment: int = 1 << 62) -> Any:
     """Decode one message. ``copy``: arrays own their memory (server side, the segment is reused
-    by the next call); otherwise they are read-only views of the segment (worker side)."""
+    by the next call); otherwise they are read-only views of the segment (worker side).
+    ``safe``: the peer is untrusted (restricted unpickling, verified segments of at most
+    ``max_segment`` bytes)."""
     if len(data) < _HEADER.size:
+        for fd in fds:
+            os.close(fd)
         raise ProtocolError("short control message")
     flags, new_size, spill_offset, spill_len = _HEADER.unpack_from(data)
     if flags & FLAG_NEW_SEGMENT:
         if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
             raise ProtocolError("a new segment was announced without exactly one fd")
-        size = os.fstat(fds[0]).st_size
-        if size < new_size:
+        if new_size > max_segment:
             os.close(fds[0])
-            raise ProtocolError("announced segment is smaller than declared")
+            raise ProtocolError(f"segment of {new_size} bytes exceeds the {max_segment} limit")
+        segment = Segment.adopt(fds[0], new_size, verify=safe)
         if inbox.segment is not None:
             inbox.segment.close()
-        inbox.segment = Segment(fds[0], new_size)
+        inbox.segment = segment
     elif fds:
         for fd in fds:
             os.close(fd)

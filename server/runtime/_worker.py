@@ -133,6 +133,10 @@ class _Worker:
         except MemoryError as exc:
             reply = ("error", "memory", "MemoryError", str(exc), _isolation.cpu_used())
             message, fresh = _shm.pack(reply, self.outbox)
+        except OSError as exc:
+            reply = ("error", classify(exc), type(exc).__name__,
+                     f"the output could not be sent: {exc}", _isolation.cpu_used())
+            message, fresh = _shm.pack(reply, self.outbox)
         _shm.send(self.sock, message, fresh)
 
     def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -1,0 +1,109 @@
+"""Cost of one sandboxed hop against the in-process call, by payload size (run by hand).
+
+    python bench/bench_sandbox_hop.py [--rounds 7] [--sizes 1KiB,1MiB,64MiB]
+
+A PassThrough node is called through ``InProcessRuntime`` and ``SandboxRuntime`` in the same
+process, interleaved in rounds (A B A B ...) so drift on a shared machine hits both; the table
+shows per-call medians over all rounds and the added cost of the process hop. Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tensorline.server.manifest import NodeSpec
+from tensorline.server.nodes import Node, NodeEntry
+from tensorline.server.runtime import ExecutionScope, InProcessRuntime, Runtime, SandboxRuntime
+from tensorline.server.selector import RuntimeDecision
+
+# The worker imports the node by module name: make this directory's module importable there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SIZES = {"1KiB": 1 << 10, "16KiB": 16 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20,
+         "16MiB": 16 << 20, "64MiB": 64 << 20}
+
+
+class BenchPassThrough(Node):
+    """Returns its input."""
+
+    reusable = True
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+
+def spec_for(cls: type[Node]) -> NodeSpec:
+    params = cls.Params()
+    return NodeSpec("bench", NodeEntry.of(cls, cls.__module__, True), params,
+                    params.model_dump_json(), RuntimeDecision("sandbox", "bench"), None, {})
+
+
+async def timed_calls(runtime: Runtime, spec: NodeSpec, data: np.ndarray, n: int) -> list[float]:
+    instance = await runtime.acquire(spec, ExecutionScope("bench"))
+    try:
+        out: list[float] = []
+        for _ in range(n):
+            start = time.perf_counter()
+            await instance.process({"in": data})
+            out.append(time.perf_counter() - start)
+        return out
+    finally:
+        await runtime.release(instance)
+
+
+def calls_for(nbytes: int) -> int:
+    return max(5, min(2000, (256 << 20) // max(nbytes, 1)))
+
+
+def fmt(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:,.1f} µs" if us < 10_000 else f"{us / 1000:,.2f} ms"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sizes", default="1KiB,1MiB,64MiB")
+    args = parser.parse_args()
+    # Import by module name (not __main__) so the worker can load the node class.
+    from bench_sandbox_hop import BenchPassThrough as Node_
+
+    spec = spec_for(Node_)
+    inprocess = InProcessRuntime()
+    sandbox = SandboxRuntime(workers=1)
+    await inprocess.start()
+    await sandbox.start()
+    try:
+        rows = []
+        for label in args.sizes.split(","):
+            nbytes = SIZES[label]
+            data = np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)
+            n = calls_for(nbytes)
+            for runtime in (inprocess, sandbox):  # warm-up: segments grown, instance warm
+                await timed_calls(runtime, spec, data, min(n, 50))
+            a: list[float] = []
+            b: list[float] = []
+            for _ in range(args.rounds):
+                a += await timed_calls(inprocess, spec, data, n)
+                b += await timed_calls(sandbox, spec, data, n)
+            ma, mb = statistics.median(a), statistics.median(b)
+            rows.append((label, fmt(ma), fmt(mb), fmt(mb - ma), f"{mb / ma:,.0f}x", len(b)))
+        header = ("payload", "in-process p50", "sandbox p50", "added per hop", "ratio", "calls")
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, tuple("-" * w for w in widths), *rows]:
+            print("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
+    finally:
+        await sandbox.shutdown()
+        await inprocess.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
