@@ -327,10 +327,10 @@ def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
         if new_size > max_segment:
             os.close(fds[0])
             raise ProtocolError(f"segment of {new_size} bytes exceeds the {max_segment} limit")
-        segment = Segment.adopt(fds[0], new_size, verify=safe)
+        adopted = Segment.adopt(fds[0], new_size, verify=safe)
         if inbox.segment is not None:
             inbox.segment.close()
-        inbox.segment = segment
+        inbox.segment = adopted
     elif fds:
         for fd in fds:
             os.close(fd)

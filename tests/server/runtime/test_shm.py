@@ -62,7 +62,7 @@ def test_unsealed_or_oversized_segments_are_refused() -> None:
     fd = os.memfd_create("unsealed")
     os.ftruncate(fd, 1 << 20)
     header = _shm._HEADER.pack(_shm.FLAG_NEW_SEGMENT, 1 << 20, 0, 0)
-    with pytest.raises(_shm.ProtocolError, match="sealable|sealed"):
+    with pytest.raises(_shm.ProtocolError, match=r"sealable|sealed"):
         _shm.unpack(header + pickle.dumps(None), [fd], _shm.Inbox(), safe=True, copy=True)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed by the refusal
