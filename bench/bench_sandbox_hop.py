@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Node, NodeEntry
 from tensorline.server.runtime import ExecutionScope, InProcessRuntime, Runtime, SandboxRuntime

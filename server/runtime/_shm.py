@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+
 from tensorline.client._values import Audio, Json, Tagged
 
 # Keep well below the default SO_SNDBUF (208 KiB): a SEQPACKET message must fit in it whole.

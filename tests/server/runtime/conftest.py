@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Node, NodeEntry
 from tensorline.server.runtime import SandboxRuntime

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tensorline.server.nodes import Json, Node, NodeParams, NodeTraits, Port
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+
 from tensorline.client._values import Audio, Json, Tagged
 from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
 from tensorline.server.runtime import ExecutionScope, SandboxRuntime
-
 from tests.server.runtime import sandbox_nodes as nodes
 from tests.server.runtime.conftest import eventually, make_spec, wait_until
 

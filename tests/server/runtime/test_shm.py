@@ -9,6 +9,7 @@ import socket
 
 import numpy as np
 import pytest
+
 from tensorline.client._values import Audio, Json, Tagged
 from tensorline.server.runtime import _shm
 
