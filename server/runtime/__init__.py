@@ -10,7 +10,7 @@ from tensorline.server.runtime._base import (
     Runtime,
 )
 from tensorline.server.runtime._inprocess import InProcessInstance, InProcessRuntime, node_failed
-from tensorline.server.runtime._sandbox import SandboxInstance, SandboxRuntime
+from tensorline.server.runtime._sandbox import SandboxInstance, SandboxRuntime, WorkerFailure
 
 __all__ = [
     "ExecutionScope",
@@ -21,5 +21,6 @@ __all__ = [
     "Runtime",
     "SandboxInstance",
     "SandboxRuntime",
+    "WorkerFailure",
     "node_failed",
 ]

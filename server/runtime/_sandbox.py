@@ -67,6 +67,26 @@ PRELOAD = ["numpy", "pydantic", "tensorline.server.runtime._worker"]
 _FORKSERVER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+class WorkerFailure(SandboxFailure):
+    """A ``SandboxFailure`` with a machine-readable ``kind``, for the executor's fallback.
+
+    Kinds: ``permission`` (a blocked syscall surfaced as EPERM/EACCES), ``memory`` (MemoryError
+    under the cap), ``import`` (the node class cannot be loaded in the worker), ``crash`` (the
+    worker died: signal or exit), ``cpu`` (SIGXCPU), ``protocol`` (the worker broke the control
+    protocol), ``unavailable`` (no worker could be started).
+    """
+
+    def __init__(self, node_id: str, cause: str, *, during: str, kind: str) -> None:
+        super().__init__(node_id, cause, during=during)
+        self.kind = kind
+
+    @property
+    def fallback_eligible(self) -> bool:
+        """Caused by the sandbox rather than by the node (the issue's fallback rule): a blocked
+        syscall, a MemoryError under the cap, or any failure while importing/initializing."""
+        return self.kind in ("permission", "memory", "import") or self.during == "initialize"
+
+
 class _WorkerGone(Exception):
     """The worker died before the request could be sent (the caller may re-create and retry)."""
 
@@ -478,7 +498,10 @@ class SandboxRuntime(Runtime):
                 f"node '{call.spec.node_id}' ({call.spec.node_type}) exceeded its deadline "
                 f"during {call.during} in the sandbox; its worker was killed and replaced"
             )
-        return SandboxFailure(call.spec.node_id, cause, during=call.during)
+        kind = "cpu" if "SIGXCPU" in cause else "crash"
+        if cause.startswith("worker broke the control protocol"):
+            kind = "protocol"
+        return WorkerFailure(call.spec.node_id, cause, during=call.during, kind=kind)
 
     def _forget(self, worker: _Worker) -> None:
         loop = self._loop
@@ -681,25 +704,28 @@ class SandboxRuntime(Runtime):
             return reply[1]
         if status != "error" or len(reply) != 5:
             self._misbehaved(worker, f"unexpected reply {status!r}")
-            raise SandboxFailure(spec.node_id, "worker broke the control protocol", during=during)
+            raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
+                                kind="protocol")
         _, kind, exc_type, message, _ = reply
         exc_type, message = str(exc_type), str(message)
         if kind == "node":
             raise NodeFailed(spec.node_id, exc_type, message)
         if kind == "memory":
             self._retire(worker, "MemoryError")
-            raise SandboxFailure(
+            raise WorkerFailure(
                 spec.node_id, f"memory limit {worker.cap_mb} MiB exceeded ({exc_type}: {message})",
-                during=during)
+                during=during, kind="memory")
         if kind == "permission":
-            raise SandboxFailure(spec.node_id, f"blocked by the sandbox: {exc_type}: {message}",
-                                 during=during)
+            raise WorkerFailure(spec.node_id, f"blocked by the sandbox: {exc_type}: {message}",
+                                during=during, kind="permission")
         if kind == "import":
-            raise SandboxFailure(spec.node_id, f"{exc_type}: {message}", during="initialize")
+            raise WorkerFailure(spec.node_id, f"{exc_type}: {message}", during="initialize",
+                                kind="import")
         if kind == "gone":
             raise _WorkerGone(message)
         self._misbehaved(worker, f"unknown error kind {kind!r}")
-        raise SandboxFailure(spec.node_id, "worker broke the control protocol", during=during)
+        raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
+                            kind="protocol")
 
     # --- the Runtime interface ----------------------------------------------------------------
 
@@ -729,11 +755,13 @@ class SandboxRuntime(Runtime):
             reply = await self._request(worker, self._init_request(spec, scope, iid), spec,
                                         "initialize", iid, deadline, on_abandoned)
         except _WorkerGone as exc:
-            raise SandboxFailure(spec.node_id, str(exc), during="initialize") from None
+            raise WorkerFailure(spec.node_id, str(exc), during="initialize",
+                                kind="crash") from None
         try:
             self._check_reply(worker, reply, spec, "initialize")
         except _WorkerGone as exc:
-            raise SandboxFailure(spec.node_id, str(exc), during="initialize") from None
+            raise WorkerFailure(spec.node_id, str(exc), during="initialize",
+                                kind="crash") from None
 
     async def _pick_for(self, spec: NodeSpec) -> _Worker:
         try:
@@ -741,8 +769,8 @@ class SandboxRuntime(Runtime):
         except (asyncio.CancelledError, ServiceUnavailable):
             raise
         except Exception as exc:
-            raise SandboxFailure(spec.node_id, f"no sandbox worker available: {exc}",
-                                 during="initialize") from exc
+            raise WorkerFailure(spec.node_id, f"no sandbox worker available: {exc}",
+                                during="initialize", kind="unavailable") from exc
 
     async def _init_fresh(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
         worker = await self._pick_for(spec)
@@ -832,7 +860,8 @@ class SandboxRuntime(Runtime):
                 return self._check_reply(worker, reply, spec, "process")
             except _WorkerGone:
                 continue
-        raise SandboxFailure(spec.node_id, "its worker went away twice", during="process")
+        raise WorkerFailure(spec.node_id, "its worker went away twice", during="process",
+                            kind="crash")
 
     async def _recreate(self, instance: SandboxInstance) -> None:
         """The instance's worker died (or evicted it) while it was idle: initialize it again."""
@@ -877,6 +906,8 @@ class SandboxRuntime(Runtime):
             if reply[0] != "ok":
                 log.warning("cleanup of sandboxed node %s failed: %s: %s",
                             spec.node_id if spec else iid, reply[2], reply[3])
+        except _WorkerGone:
+            pass  # died with the worker: nothing left to clean up
         except Exception as exc:
             log.warning("cleanup of sandboxed node %s failed: %s", spec.node_id if spec else iid,
                         exc)

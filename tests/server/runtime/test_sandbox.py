@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 from tensorline.client._values import Audio, Json, Tagged
-from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
-from tensorline.server.runtime import ExecutionScope, SandboxRuntime
+from tensorline.server._errors import DeadlineExceeded, NodeFailed
+from tensorline.server.runtime import ExecutionScope, SandboxRuntime, WorkerFailure
 from tests.server.runtime import sandbox_nodes as nodes
 from tests.server.runtime.conftest import eventually, make_spec, wait_until
 
@@ -168,13 +168,14 @@ async def test_cleanup_runs_after_a_node_error(sandbox: SandboxRuntime) -> None:
 async def test_initialize_errors_are_classified(sandbox: SandboxRuntime) -> None:
     with pytest.raises(NodeFailed, match="cannot initialize"):
         await sandbox.acquire(make_spec(nodes.FailInit), ExecutionScope("i1"))
-    with pytest.raises(SandboxFailure) as blocked:
+    with pytest.raises(WorkerFailure) as blocked:
         await sandbox.acquire(make_spec(nodes.BlockedInit), ExecutionScope("i2"))
-    assert blocked.value.during == "initialize"
-    assert "PermissionError" in blocked.value.cause
-    with pytest.raises(SandboxFailure) as crashed:
+    assert blocked.value.during == "initialize" and blocked.value.kind == "permission"
+    assert "PermissionError" in blocked.value.cause and blocked.value.fallback_eligible
+    with pytest.raises(WorkerFailure) as crashed:
         await sandbox.acquire(make_spec(nodes.CrashInit), ExecutionScope("i3"))
     assert crashed.value.during == "initialize" and "SIGSEGV" in crashed.value.cause
+    assert crashed.value.fallback_eligible
     await assert_serving(sandbox)
 
 
@@ -208,21 +209,22 @@ async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime) 
 # --- crashes and limits ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("cls", "cause"), [
-    (nodes.Segfault, "worker killed by signal 11 (SIGSEGV)"),
-    (nodes.KillSelf, "worker killed by signal 9 (SIGKILL)"),
-    (nodes.CpuLoop, "CPU time limit exceeded (SIGXCPU)"),
-    (nodes.MemoryHog, "memory limit 256 MiB exceeded"),
+@pytest.mark.parametrize(("cls", "cause", "fallback"), [
+    (nodes.Segfault, "worker killed by signal 11 (SIGSEGV)", False),
+    (nodes.KillSelf, "worker killed by signal 9 (SIGKILL)", False),
+    (nodes.CpuLoop, "CPU time limit exceeded (SIGXCPU)", False),
+    (nodes.MemoryHog, "memory limit 256 MiB exceeded", True),
 ])
 async def test_crash_fails_only_that_call(sandbox: SandboxRuntime, cls: type[nodes.Node],
-                                         cause: str) -> None:
+                                         cause: str, fallback: bool) -> None:
     bystander = await sandbox.acquire(make_spec(nodes.PassThrough, node_id="b"),
                                       ExecutionScope("bystander"))
     try:
-        with pytest.raises(SandboxFailure) as err:
+        with pytest.raises(WorkerFailure) as err:
             await run_once(sandbox, cls, {"in": 1}, execution_id="crash")
         assert err.value.node_id == "n1" and err.value.during == "process"
         assert cause in err.value.cause
+        assert err.value.fallback_eligible is fallback
         await assert_serving(sandbox)
         assert await bystander.process({"in": "ok"}) == "ok"
     finally:
@@ -251,10 +253,10 @@ async def test_node_timeout_is_a_deadline(sandbox: SandboxRuntime) -> None:
 
 
 async def expect_blocked(runtime: SandboxRuntime, cls: type[nodes.Node],
-                         params: dict[str, Any] | None = None) -> SandboxFailure:
-    with pytest.raises(SandboxFailure) as err:
+                         params: dict[str, Any] | None = None) -> WorkerFailure:
+    with pytest.raises(WorkerFailure) as err:
         await run_once(runtime, cls, {"in": 1}, params, execution_id="escape")
-    assert "blocked by the sandbox" in err.value.cause
+    assert "blocked by the sandbox" in err.value.cause and err.value.kind == "permission"
     return err.value
 
 
