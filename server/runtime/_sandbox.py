@@ -129,6 +129,12 @@ class _Worker:
     cpu_used: float = 0.0
     layers: list[_isolation.LayerReport] = field(default_factory=list)
     last_used: float = 0.0
+    # Instances released by the server whose cleanup the worker has not run yet: sent with the
+    # next request, or by a flush when the worker stays idle.
+    releases: list[int] = field(default_factory=list)
+    flush: asyncio.TimerHandle | None = None
+    # Node modules this worker has imported successfully (their nodes may be created lazily).
+    modules: set[str] = field(default_factory=set)
     outbox: _shm.Outbox = field(default_factory=_shm.Outbox)
     inbox: _shm.Inbox = field(default_factory=_shm.Inbox)
     eof: bool = False
@@ -161,6 +167,9 @@ class SandboxInstance(NodeInstance):
         self.worker = worker
         self.iid = iid
         self.released = False
+        # False until the worker holds the instance (a lazily created one is initialized by its
+        # first call).
+        self.initialized = False
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         return await self._runtime._process(self, inputs)
@@ -637,6 +646,13 @@ class SandboxRuntime(Runtime):
         if not worker.alive or worker.sock is None:
             self._finish(worker, call)
             raise _WorkerGone(worker.cause or "worker gone")
+        if request[0] in ("call", "release"):
+            # Piggyback the cleanups released since the last request.
+            releases, worker.releases = worker.releases, []
+            if request[0] == "release" and not releases:
+                self._finish(worker, call)
+                return ("ok", None, worker.cpu_used)
+            request = (*request[:-1], releases)
         try:
             message, fresh = _shm.pack(request, worker.outbox)
         except BaseException:
@@ -702,11 +718,11 @@ class SandboxRuntime(Runtime):
             if worker.cpu_used > self.cpu_seconds_lifetime - self.cpu_seconds * 2:
                 self._retire(worker, "close to its lifetime CPU limit")
             return reply[1]
-        if status != "error" or len(reply) != 5:
+        if status != "error" or len(reply) != 6 or reply[5] not in ("initialize", "process"):
             self._misbehaved(worker, f"unexpected reply {status!r}")
             raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
                                 kind="protocol")
-        _, kind, exc_type, message, _ = reply
+        _, kind, exc_type, message, _, during = reply
         exc_type, message = str(exc_type), str(message)
         if kind == "node":
             raise NodeFailed(spec.node_id, exc_type, message)
@@ -739,9 +755,12 @@ class SandboxRuntime(Runtime):
         self._check_open()
         if spec.entry.cls.reusable:
             worker, iid = await self._acquire_warm(spec, scope)
+            initialized = True
         else:
-            worker, iid = await self._init_fresh(spec, scope)
-        return SandboxInstance(spec, scope, self, worker, iid)
+            worker, iid, initialized = await self._create(spec, scope)
+        instance = SandboxInstance(spec, scope, self, worker, iid)
+        instance.initialized = initialized
+        return instance
 
     def _init_request(self, spec: NodeSpec, scope: ExecutionScope, iid: int) -> tuple[Any, ...]:
         cls = spec.entry.cls
@@ -772,17 +791,25 @@ class SandboxRuntime(Runtime):
             raise WorkerFailure(spec.node_id, f"no sandbox worker available: {exc}",
                                 during="initialize", kind="unavailable") from exc
 
-    async def _init_fresh(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
+    async def _create(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int, bool]:
+        """Place a fresh instance on a worker: ``(worker, iid, initialized)``.
+
+        A node whose class has no ``initialize`` and whose module the worker has imported
+        before is created lazily by its first call (one round trip instead of two); otherwise
+        it is initialized now, so that a crash while importing or initializing is reported as
+        such (``during="initialize"``, which the fallback rule cares about).
+        """
         worker = await self._pick_for(spec)
         iid = next(self._iids)
         worker.pinned.add(iid)
+        if not spec.entry.has_initialize and spec.entry.cls.__module__ in worker.modules:
+            return worker, iid, False
 
         def abandoned(reply: tuple[Any, ...]) -> None:
-            # Initialized after its caller left: clean it up.
+            # Initialized after its caller left: release it.
+            worker.pinned.discard(iid)
             if reply[0] == "ok":
-                self._track(asyncio.ensure_future(self._cleanup(worker, spec, iid)))
-            else:
-                worker.pinned.discard(iid)
+                self._release_on(worker, spec, iid)
 
         try:
             await self._init_on(worker, spec, scope, iid, abandoned)
@@ -791,7 +818,8 @@ class SandboxRuntime(Runtime):
         except BaseException:
             worker.pinned.discard(iid)
             raise
-        return worker, iid
+        worker.modules.add(spec.entry.cls.__module__)
+        return worker, iid, True
 
     async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
         key = spec.warm_key
@@ -828,6 +856,7 @@ class SandboxRuntime(Runtime):
         iid = next(self._iids)
         # The first caller's deadline does not bind a shared instance.
         await self._init_on(worker, spec, ExecutionScope(scope.execution_id), iid)
+        worker.modules.add(spec.entry.cls.__module__)
         log.info("warm sandboxed instance of %s ready in worker %s (%s)", spec.node_type,
                  worker.wid, spec.params_key)
         return iid
@@ -853,21 +882,34 @@ class SandboxRuntime(Runtime):
             if attempt or not worker.alive:
                 await self._recreate(instance)
                 worker = instance.worker
+            init = None
+            if not instance.initialized:
+                cls = spec.entry.cls
+                init = (cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
+                        instance.scope.execution_id)
             deadline = self._deadline(spec, instance.scope, self.call_timeout_s)
             try:
-                reply = await self._request(worker, ("call", instance.iid, dict(inputs)), spec,
-                                            "process", instance.iid, deadline)
+                reply = await self._request(
+                    worker, ("call", instance.iid, dict(inputs), init, None), spec, "process",
+                    instance.iid, deadline)
+            except _WorkerGone:
+                continue
+            if init is not None and (reply[0] == "ok" or reply[-1] == "process"):
+                instance.initialized = True
+            try:
                 return self._check_reply(worker, reply, spec, "process")
             except _WorkerGone:
+                instance.initialized = False
                 continue
         raise WorkerFailure(spec.node_id, "its worker went away twice", during="process",
                             kind="crash")
 
     async def _recreate(self, instance: SandboxInstance) -> None:
-        """The instance's worker died (or evicted it) while it was idle: initialize it again."""
+        """The instance's worker died (or evicted it) while it was idle: create it again."""
         spec = instance.spec
-        log.info("re-creating sandboxed node %s (%s): %s", spec.node_id, spec.node_type,
-                 instance.worker.cause or "instance evicted")
+        if instance.initialized:
+            log.info("re-creating sandboxed node %s (%s): %s", spec.node_id, spec.node_type,
+                     instance.worker.cause or "instance evicted")
         instance.worker.pinned.discard(instance.iid)
         if spec.entry.cls.reusable:
             old = instance.worker.warm.get(spec.warm_key)
@@ -875,44 +917,51 @@ class SandboxRuntime(Runtime):
                     old.exception() is None and old.result() == instance.iid):
                 del instance.worker.warm[spec.warm_key]
             instance.worker, instance.iid = await self._acquire_warm(spec, instance.scope)
+            instance.initialized = True
         else:
-            instance.worker, instance.iid = await self._init_fresh(spec, instance.scope)
+            instance.worker, instance.iid, instance.initialized = await self._create(
+                spec, instance.scope)
 
     async def release(self, instance: NodeInstance) -> None:
+        """Warm instances stay; a fresh one's cleanup runs in its worker before the worker's
+        next request (or at once if the worker stays idle), without holding the caller."""
         assert isinstance(instance, SandboxInstance)
-        if instance.released or instance.spec.entry.cls.reusable:
-            instance.released = True
+        if instance.released:
             return
         instance.released = True
-        worker = instance.worker
-        if not worker.alive:
-            worker.pinned.discard(instance.iid)
+        if instance.spec.entry.cls.reusable:
             return
-        task = self._track(asyncio.ensure_future(
-            self._cleanup(worker, instance.spec, instance.iid)))
-        call = worker.inflight
-        if call is not None and call.iid == instance.iid and call.abandoned:
-            # Its abandoned call still runs: the cleanup queues behind it, without holding the
-            # caller.
+        instance.worker.pinned.discard(instance.iid)
+        if instance.initialized and instance.worker.alive:
+            self._release_on(instance.worker, instance.spec, instance.iid)
+
+    def _release_on(self, worker: _Worker, spec: NodeSpec | None, iid: int) -> None:
+        worker.releases.append(iid)
+        if worker.flush is not None:
             return
-        await asyncio.shield(task)
+        # A node with a cleanup gets it promptly; otherwise only memory is at stake and the
+        # release can wait for the next request.
+        has_cleanup = spec is None or spec.entry.has_cleanup
+        assert self._loop is not None
+        worker.flush = self._loop.call_later(0.0 if has_cleanup else 0.5, self._flush, worker)
+
+    def _flush(self, worker: _Worker) -> None:
+        worker.flush = None
+        if worker.releases and worker.alive and not self._closed:
+            self._track(asyncio.ensure_future(self._cleanup(worker, None, 0)))
 
     async def _cleanup(self, worker: _Worker, spec: NodeSpec | None, iid: int) -> None:
+        """Send the pending releases of ``worker`` (plus ``iid``, if given) on their own."""
+        if iid:
+            worker.releases.append(iid)
         try:
-            if not worker.alive:
-                return
-            reply = await self._request(worker, ("cleanup", iid), spec, "cleanup", iid,
-                                        self._now() + self.call_timeout_s)
-            if reply[0] != "ok":
-                log.warning("cleanup of sandboxed node %s failed: %s: %s",
-                            spec.node_id if spec else iid, reply[2], reply[3])
+            if worker.alive:
+                await self._request(worker, ("release", None), spec, "cleanup", 0,
+                                    self._now() + self.call_timeout_s)
         except _WorkerGone:
             pass  # died with the worker: nothing left to clean up
         except Exception as exc:
-            log.warning("cleanup of sandboxed node %s failed: %s", spec.node_id if spec else iid,
-                        exc)
-        finally:
-            worker.pinned.discard(iid)
+            log.warning("releasing sandboxed instances failed: %s", exc)
 
 
 class _NoSpec:

@@ -4,16 +4,22 @@ A worker is forked from the multiprocessing forkserver (numpy, pydantic and this
 preloaded), applies its isolation layers (``_isolation``), reports ``ready`` and then serves
 requests from the server one at a time over its control socket:
 
-    ("init", iid, module, qualname, params_json, node_id, execution_id)
-    ("call", iid, inputs)
-    ("cleanup", iid)
+    ("init", iid, module, qualname, params_json, node_id, execution_id)   warm instances
+    ("call", iid, inputs, init, releases)
+    ("release", iids)
     ("exit",)
 
-Replies are ``("ok", value, cpu_used)`` or ``("error", kind, exc_type, message, cpu_used)``
-where ``kind`` tells the server how to classify the failure: ``node`` (the node's own
-exception), ``memory`` (MemoryError under the cap), ``permission`` (a blocked syscall surfaced as
-EPERM/EACCES), ``import`` (the node class cannot be loaded here), ``gone`` (no such instance:
-evicted, re-create it). Crashes need no reply: the server sees the process die.
+A ``call`` does in one round trip what would otherwise take three: it first runs the cleanup of
+the instances in ``releases`` (released by the server since the last request), then, when
+``init`` is ``(module, qualname, params_json, node_id, execution_id)``, creates and initializes
+the instance, then runs ``process``.
+
+Replies are ``("ok", value, cpu_used)`` or ``("error", kind, exc_type, message, cpu_used,
+during)`` where ``during`` is ``initialize`` or ``process`` and ``kind`` tells the server how to
+classify the failure: ``node`` (the node's own exception), ``memory`` (MemoryError under the
+cap), ``permission`` (a blocked syscall surfaced as EPERM/EACCES), ``import`` (the node class
+cannot be loaded here), ``gone`` (no such instance: evicted, re-create it). Crashes need no
+reply: the server sees the process die.
 
 SIGUSR1 from the server means "the current call was abandoned": the node's
 ``context.cancelled`` is set (and an async call is cancelled); the server kills the worker if
@@ -89,6 +95,15 @@ class WorkerConfig:
     seccomp: bool = True
 
 
+class _LoadFailed(Exception):
+    """The node class could not be imported in the worker (classified as the sandbox's doing:
+    in the server the same import had succeeded)."""
+
+    def __init__(self, kind: str, exc_type: str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.exc_type, self.message = kind, exc_type, message
+
+
 @dataclass(slots=True)
 class _Hosted:
     node: Node
@@ -128,53 +143,77 @@ class _Worker:
         try:
             message, fresh = _shm.pack(reply, self.outbox)
         except TypeError as exc:
-            reply = ("error", "node", "TypeError", str(exc), _isolation.cpu_used())
+            reply = ("error", "node", "TypeError", str(exc), _isolation.cpu_used(), "process")
             message, fresh = _shm.pack(reply, self.outbox)
         except MemoryError as exc:
-            reply = ("error", "memory", "MemoryError", str(exc), _isolation.cpu_used())
+            reply = ("error", "memory", "MemoryError", str(exc), _isolation.cpu_used(),
+                     "process")
             message, fresh = _shm.pack(reply, self.outbox)
         except OSError as exc:
             reply = ("error", classify(exc), type(exc).__name__,
-                     f"the output could not be sent: {exc}", _isolation.cpu_used())
+                     f"the output could not be sent: {exc}", _isolation.cpu_used(), "process")
             message, fresh = _shm.pack(reply, self.outbox)
         _shm.send(self.sock, message, fresh)
 
     def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
+        _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
+        if op == "call":
+            _, iid, inputs, init, releases = request
+            self._release(releases)
+            if init is not None:
+                outcome = self._guard(self._init, iid, *init)
+                if outcome[0] == "error":
+                    return (*outcome, "initialize")
+            hosted = self.instances.get(iid)
+            if hosted is None:
+                return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
+                        "process")
+            outcome = self._guard(self._run, hosted, "process", inputs)
+            return (*outcome, "process") if outcome[0] == "error" else outcome
+        if op == "init":
+            outcome = self._guard(self._init, *request[1:])
+            return (*outcome, "initialize") if outcome[0] == "error" else outcome
+        if op == "release":
+            self._release(request[1])
+            return ("ok", None, _isolation.cpu_used())
+        return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used(),
+                "process")
+
+    def _guard(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
+        """``("ok", value, cpu)`` when ``fn`` returned, ``("error", kind, type, message, cpu)``
+        when it raised."""
         try:
-            _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
-            if op == "init":
-                return self._init(*request[1:])
-            if op == "call":
-                hosted = self.instances.get(request[1])
-                if hosted is None:
-                    return ("error", "gone", "", "instance not hosted here",
-                            _isolation.cpu_used())
-                value = self._run(hosted, "process", request[2])
-                return ("ok", value, _isolation.cpu_used())
-            if op == "cleanup":
-                hosted = self.instances.pop(request[1], None)
-                if hosted is not None:
-                    self._run(hosted, "cleanup")
-                return ("ok", None, _isolation.cpu_used())
-            return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used())
+            value = fn(*args)
+        except _LoadFailed as failed:
+            return ("error", failed.kind, failed.exc_type, failed.message, _isolation.cpu_used())
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 # A node calling sys.exit() must not end the worker silently.
                 return ("error", "node", type(exc).__name__, str(exc), _isolation.cpu_used())
             return ("error", classify(exc), type(exc).__name__, describe(exc),
                     _isolation.cpu_used())
+        return ("ok", value, _isolation.cpu_used())
+
+    def _release(self, iids: list[int]) -> None:
+        """Run the cleanup of instances the server released (errors are the server's to log,
+        but it no longer waits for them: they are dropped)."""
+        for iid in iids:
+            hosted = self.instances.pop(iid, None)
+            if hosted is not None:
+                with contextlib.suppress(Exception):
+                    self._run(hosted, "cleanup")
 
     def _init(self, iid: int, module: str, qualname: str, params_json: str, node_id: str,
-              execution_id: str) -> tuple[Any, ...]:
+              execution_id: str) -> None:
         try:
             cls: Any = importlib.import_module(module)
             for part in qualname.split("."):
                 cls = getattr(cls, part)
         except BaseException as exc:
-            kind = "memory" if isinstance(exc, MemoryError) else "import"
-            return ("error", kind, type(exc).__name__,
-                    f"cannot load {module}.{qualname} in the worker: {describe(exc)}",
-                    _isolation.cpu_used())
+            raise _LoadFailed("memory" if isinstance(exc, MemoryError) else "import",
+                              type(exc).__name__,
+                              f"cannot load {module}.{qualname} in the worker: {describe(exc)}",
+                              ) from exc
         params = cls.Params.model_validate_json(params_json)
         context = NodeContext(node_id=node_id, execution_id=execution_id, runtime=RUNTIME_NAME,
                               scratch_dir=self.config.scratch_dir)
@@ -186,7 +225,6 @@ class _Worker:
                 self._run(hosted, "cleanup")
             raise
         self.instances[iid] = hosted
-        return ("ok", None, _isolation.cpu_used())
 
     def _run(self, hosted: _Hosted, name: str, *args: Any) -> Any:
         method: Callable[..., Any] = getattr(hosted.node, name)

@@ -162,6 +162,8 @@ async def test_cleanup_runs_after_a_node_error(sandbox: SandboxRuntime) -> None:
         await run_once(sandbox, nodes.Marker, {"in": 1}, {"mode": "fail"}, execution_id="e1")
     assert err.value.node_id == "n1" and err.value.exc_type == "ValueError"
     assert "bad value" in err.value.message
+    # Release does not wait for the cleanup: it runs in the worker right after.
+    await eventually(lambda: "cleanup" in markers(sandbox, "e1"), 20.0, "cleanup to run")
     assert markers(sandbox, "e1") == {"initialize", "process", "cleanup"}
 
 
@@ -193,15 +195,23 @@ async def test_cleanup_runs_after_cancellation(sandbox: SandboxRuntime) -> None:
     await assert_serving(sandbox)
 
 
-async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime) -> None:
+@pytest.mark.parametrize("lazy", [False, True])
+async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime,
+                                                       lazy: bool) -> None:
+    if lazy:
+        # Once every worker has imported the node's module, a node without initialize() is
+        # created by its first call.
+        for i in range(4):
+            assert await run_once(sandbox, nodes.PassThrough, {"in": i}) == i
     spec = make_spec(nodes.PassThrough)
     instance = await sandbox.acquire(spec, ExecutionScope("idle"))
+    assert instance.initialized is not lazy
     try:
-        os.kill(instance.worker.pid or 0, signal.SIGKILL)  # type: ignore[attr-defined]
-        await eventually(lambda: not instance.worker.alive, 20.0,  # type: ignore[attr-defined]
-                         "the worker to die")
-        out = await instance.process({"in": "still here"})
-        assert out == "still here"
+        dying = instance.worker
+        os.kill(dying.pid or 0, signal.SIGKILL)
+        await eventually(lambda: not dying.alive, 20.0, "the worker to die")
+        assert await instance.process({"in": "still here"}) == "still here"
+        assert await instance.process({"in": "twice"}) == "twice"
     finally:
         await sandbox.release(instance)
 
