@@ -2,9 +2,15 @@
 
     python bench/bench_sandbox_hop.py [--rounds 7] [--sizes 1KiB,1MiB,64MiB]
 
-A PassThrough node is called through ``InProcessRuntime`` and ``SandboxRuntime`` in the same
-process, interleaved in rounds (A B A B ...) so drift on a shared machine hits both; the table
-shows per-call medians over all rounds and the added cost of the process hop. Not run in CI.
+A pass-through node is called through ``InProcessRuntime`` and ``SandboxRuntime`` in the same
+process, interleaved in rounds (A B A B ...) so drift on a shared machine hits both; the tables
+show per-call medians over all rounds:
+
+* ``warm``: ``process()`` on an acquired reusable instance (the hop itself);
+* ``per request``: ``acquire`` + ``process`` + ``release`` of a fresh non-reusable instance,
+  which is what the executor does for each request.
+
+"direct" is a plain call of the node's method, for scale. Not run in CI.
 """
 
 from __future__ import annotations
@@ -33,9 +39,16 @@ SIZES = {"1KiB": 1 << 10, "16KiB": 16 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20,
 
 
 class BenchPassThrough(Node):
-    """Returns its input."""
+    """Returns its input (warm: kept across calls)."""
 
     reusable = True
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+
+class BenchFresh(Node):
+    """Returns its input (a fresh instance per request)."""
 
     def process(self, inputs: Mapping[str, Any]) -> Any:
         return inputs["in"]
@@ -60,6 +73,29 @@ async def timed_calls(runtime: Runtime, spec: NodeSpec, data: np.ndarray, n: int
         await runtime.release(instance)
 
 
+async def timed_requests(runtime: Runtime, spec: NodeSpec, data: np.ndarray,
+                         n: int) -> list[float]:
+    out: list[float] = []
+    for _ in range(n):
+        start = time.perf_counter()
+        instance = await runtime.acquire(spec, ExecutionScope("bench"))
+        try:
+            await instance.process({"in": data})
+        finally:
+            await runtime.release(instance)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def timed_direct(node: Node, data: np.ndarray, n: int) -> list[float]:
+    out: list[float] = []
+    for _ in range(n):
+        start = time.perf_counter()
+        node.process({"in": data})
+        out.append(time.perf_counter() - start)
+    return out
+
+
 def calls_for(nbytes: int) -> int:
     return max(5, min(2000, (256 << 20) // max(nbytes, 1)))
 
@@ -74,33 +110,44 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sizes", default="1KiB,1MiB,64MiB")
     args = parser.parse_args()
-    # Import by module name (not __main__) so the worker can load the node class.
-    from bench_sandbox_hop import BenchPassThrough as Node_
+    # Import by module name (not __main__) so the worker can load the node classes.
+    from bench_sandbox_hop import BenchFresh, BenchPassThrough
 
-    spec = spec_for(Node_)
+    from tensorline.server.nodes import NodeContext
+
+    warm, fresh = spec_for(BenchPassThrough), spec_for(BenchFresh)
+    direct = BenchPassThrough(BenchPassThrough.Params(), NodeContext("d", "d", "direct"))
     inprocess = InProcessRuntime()
     sandbox = SandboxRuntime(workers=1)
     await inprocess.start()
     await sandbox.start()
     try:
-        rows = []
+        tables: dict[str, list[tuple[str, ...]]] = {"warm": [], "per request": []}
         for label in args.sizes.split(","):
             nbytes = SIZES[label]
             data = np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)
             n = calls_for(nbytes)
-            for runtime in (inprocess, sandbox):  # warm-up: segments grown, instance warm
-                await timed_calls(runtime, spec, data, min(n, 50))
-            a: list[float] = []
-            b: list[float] = []
-            for _ in range(args.rounds):
-                a += await timed_calls(inprocess, spec, data, n)
-                b += await timed_calls(sandbox, spec, data, n)
-            ma, mb = statistics.median(a), statistics.median(b)
-            rows.append((label, fmt(ma), fmt(mb), fmt(mb - ma), f"{mb / ma:,.0f}x", len(b)))
-        header = ("payload", "in-process p50", "sandbox p50", "added per hop", "ratio", "calls")
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, tuple("-" * w for w in widths), *rows]:
-            print("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
+            for mode, measure, spec in (("warm", timed_calls, warm),
+                                        ("per request", timed_requests, fresh)):
+                for runtime in (inprocess, sandbox):  # warm-up: segments grown, modules loaded
+                    await measure(runtime, spec, data, min(n, 50))
+                d: list[float] = []
+                a: list[float] = []
+                b: list[float] = []
+                for _ in range(args.rounds):
+                    d += timed_direct(direct, data, n)
+                    a += await measure(inprocess, spec, data, n)
+                    b += await measure(sandbox, spec, data, n)
+                md, ma, mb = (statistics.median(x) for x in (d, a, b))
+                tables[mode].append((label, fmt(md), fmt(ma), fmt(mb), fmt(mb - md),
+                                     fmt(mb - ma), str(len(b))))
+        header = ("payload", "direct", "in-process", "sandbox", "sandbox - direct",
+                  "sandbox - in-process", "calls")
+        for mode, rows in tables.items():
+            print(f"\n{mode} (p50 per call)")
+            widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+            for row in [header, tuple("-" * w for w in widths), *rows]:
+                print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     finally:
         await sandbox.shutdown()
         await inprocess.shutdown()

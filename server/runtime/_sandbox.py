@@ -413,7 +413,8 @@ class SandboxRuntime(Runtime):
                 return
             try:
                 message = _shm.unpack(data, fds, worker.inbox, safe=True, copy=True,
-                                      max_segment=self.max_message_bytes * 2)
+                                      max_segment=self.max_message_bytes * 2,
+                                      echo=worker.outbox.segment)
             except Exception as exc:
                 self._misbehaved(worker, f"undecodable message ({exc})")
                 return

@@ -59,12 +59,15 @@ _FD_ANCILLARY = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 4)
 
 
 class ShmArray(NamedTuple):
-    """An array placed in the segment of the message that carries this descriptor."""
+    """An array placed in the segment of the message that carries this descriptor, or, with
+    ``echo``, one the receiver itself sent and that comes back unchanged (a pass-through node
+    returning its input, a reshape): no copy on the way back."""
 
     offset: int
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
     fortran: bool
+    echo: bool = False
 
 
 class ShmBytes(NamedTuple):
@@ -93,13 +96,16 @@ def _segment_size(needed: int) -> int:
 class Segment:
     """One memfd-backed shared mapping."""
 
-    __slots__ = ("fd", "map", "size")
+    __slots__ = ("address", "fd", "map", "size")
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
         self.size = size
         self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        probe = np.frombuffer(self.map, np.uint8, count=1)
+        self.address = int(probe.ctypes.data)
+        del probe  # releases the buffer export, so that close() works
 
     @classmethod
     def create(cls, size: int, name: str = "tensorline") -> Segment:
@@ -170,10 +176,11 @@ class Inbox:
 
 
 class _Layout:
-    __slots__ = ("arrays", "end", "inline_max")
+    __slots__ = ("arrays", "echo", "end", "inline_max")
 
-    def __init__(self, inline_max: int) -> None:
+    def __init__(self, inline_max: int, echo: Segment | None) -> None:
         self.inline_max = inline_max
+        self.echo = echo
         self.arrays: list[tuple[int, Any]] = []
         self.end = 0
 
@@ -190,6 +197,11 @@ class _Layout:
             if value.nbytes <= self.inline_max:
                 return value
             fortran = bool(value.flags.f_contiguous and not value.flags.c_contiguous)
+            echo = self.echo
+            if echo is not None and (value.flags.c_contiguous or fortran):
+                start = int(value.__array_interface__["data"][0]) - echo.address
+                if start >= 0 and start + value.nbytes <= echo.size:
+                    return ShmArray(start, value.dtype, value.shape, fortran, True)
             offset = self.place(value.nbytes, value)
             return ShmArray(offset, value.dtype, value.shape, fortran)
         if isinstance(value, bytes | bytearray | memoryview):
@@ -226,10 +238,11 @@ def _copy_in(segment: Segment, offset: int, source: Any) -> None:
         segment.map[offset:offset + source.nbytes] = source
 
 
-def pack(value: Any, outbox: Outbox) -> tuple[bytes, Segment | None]:
+def pack(value: Any, outbox: Outbox, echo: Segment | None = None) -> tuple[bytes, Segment | None]:
     """Frame ``value``: the control message to send, and a new segment whose fd must ride along
-    with it (None when the current one was big enough)."""
-    layout = _Layout(outbox.inline_max)
+    with it (None when the current one was big enough). Arrays lying in ``echo`` (the segment
+    the peer sent us) are referenced there instead of copied."""
+    layout = _Layout(outbox.inline_max, echo)
     encoded = layout.encode(value)
     body = pickle.dumps(encoded, protocol=5)
     needed = layout.end
@@ -310,7 +323,7 @@ def _loads(body: bytes | memoryview, safe: bool) -> Any:
 
 
 def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
-           max_segment: int = 1 << 62) -> Any:
+           max_segment: int = 1 << 62, echo: Segment | None = None) -> Any:
     """Decode one message. ``copy``: arrays own their memory (server side, the segment is reused
     by the next call); otherwise they are read-only views of the segment (worker side).
     ``safe``: the peer is untrusted (restricted unpickling, verified segments of at most
@@ -347,26 +360,26 @@ def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
             body.release()  # type: ignore[union-attr]
     else:
         encoded = _loads(memoryview(data)[_HEADER.size:], safe)
-    return _decode(encoded, segment, copy)
+    return _decode(encoded, segment, copy, echo)
 
 
-def _decode(value: Any, segment: Segment | None, copy: bool) -> Any:
+def _decode(value: Any, segment: Segment | None, copy: bool, echo: Segment | None) -> Any:
     if isinstance(value, ShmArray):
-        return _array_from(value, segment, copy)
+        return _array_from(value, echo if value.echo else segment, copy)
     if isinstance(value, ShmBytes):
         if segment is None or value.offset + value.nbytes > segment.size or value.offset < 0:
             raise ProtocolError("bytes outside the segment")
         return bytes(segment.map[value.offset:value.offset + value.nbytes])
     if isinstance(value, dict):
-        return {k: _decode(v, segment, copy) for k, v in value.items()}
+        return {k: _decode(v, segment, copy, echo) for k, v in value.items()}
     if isinstance(value, list):
-        return [_decode(v, segment, copy) for v in value]
+        return [_decode(v, segment, copy, echo) for v in value]
     if isinstance(value, tuple):
-        return tuple(_decode(v, segment, copy) for v in value)
+        return tuple(_decode(v, segment, copy, echo) for v in value)
     if isinstance(value, Tagged):
-        return Tagged(_decode(value.value, segment, copy), value.metadata)
+        return Tagged(_decode(value.value, segment, copy, echo), value.metadata)
     if isinstance(value, Audio):
-        return Audio(_decode(value.samples, segment, copy), value.sample_rate)
+        return Audio(_decode(value.samples, segment, copy, echo), value.sample_rate)
     return value
 
 

@@ -141,7 +141,7 @@ class _Worker:
 
     def _reply(self, reply: tuple[Any, ...]) -> None:
         try:
-            message, fresh = _shm.pack(reply, self.outbox)
+            message, fresh = _shm.pack(reply, self.outbox, self.inbox.segment)
         except TypeError as exc:
             reply = ("error", "node", "TypeError", str(exc), _isolation.cpu_used(), "process")
             message, fresh = _shm.pack(reply, self.outbox)

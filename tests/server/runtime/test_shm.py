@@ -82,3 +82,31 @@ def test_segments_cannot_be_shrunk_by_the_peer() -> None:
             os.ftruncate(segment.fd, 0)
     finally:
         segment.close()
+
+
+def test_arrays_sent_back_unchanged_are_not_copied_again() -> None:
+    server_out, worker_in = _shm.Outbox(inline_max=1024), _shm.Inbox()
+    worker_out, server_in = _shm.Outbox(inline_max=1024), _shm.Inbox()
+    data = np.arange(50_000, dtype=np.float64).reshape(500, 100)
+    try:
+        message, _ = _shm.pack({"in": data}, server_out)
+        seg = server_out.segment
+        assert seg is not None
+        received = _shm.unpack(message, [os.dup(seg.fd)], worker_in, safe=False, copy=False)
+        view = received["in"]
+        assert not view.flags.writeable
+        # The worker returns its input and a reshaped view of it: both refer to the server's
+        # own segment, nothing lands in the worker's.
+        reply, fresh = _shm.pack(("ok", [view, view.T, view[:, ::2]], 0.0), worker_out,
+                                 worker_in.segment)
+        assert fresh is not None  # only the strided one needed a segment
+        refs = pickle.loads(memoryview(reply)[_shm._HEADER.size:])[1]
+        assert [r.echo for r in refs] == [True, True, False]
+        got = _shm.unpack(reply, [os.dup(fresh.fd)], server_in, safe=True, copy=True,
+                          echo=server_out.segment)[1]
+        assert np.array_equal(got[0], data) and np.array_equal(got[1], data.T)
+        assert np.array_equal(got[2], data[:, ::2]) and got[1].flags.f_contiguous
+        del view, received
+    finally:
+        for box in (server_out, worker_in, worker_out, server_in):
+            box.close()
