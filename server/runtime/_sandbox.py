@@ -43,7 +43,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -258,6 +258,7 @@ class SandboxRuntime(Runtime):
         self._closed = False
         self._spawn_failures = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -300,6 +301,7 @@ class SandboxRuntime(Runtime):
         if self._closed:
             return
         self._closed = True
+        self._notify(everyone=True)
         workers = list(self._workers.values())
 
         async def stop(worker: _Worker) -> None:
@@ -430,6 +432,7 @@ class SandboxRuntime(Runtime):
             self._record_layers(worker)
             if worker.ready is not None and not worker.ready.done():
                 worker.ready.set_result(None)
+            self._notify(everyone=True)
             return
         call = worker.inflight
         if call is None:
@@ -488,6 +491,7 @@ class SandboxRuntime(Runtime):
         self._forget(worker)
         if not self._closed and not was_starting and worker.kill_reason != "retired":
             self._replace(worker.cap_mb)
+        self._notify(everyone=True)
 
     def _cause(self, worker: _Worker, code: int) -> str:
         if worker.kill_reason is not None:
@@ -571,7 +575,7 @@ class SandboxRuntime(Runtime):
                             "active" if layer.active else "NOT ACTIVE", layer.detail)
             self._layers = layers
 
-    def _retire(self, worker: _Worker, why: str) -> None:
+    def _retire(self, worker: _Worker, why: str, *, replace: bool = True) -> None:
         """Stop giving the worker new work; end it (running its cleanups) once it is idle."""
         if worker.state != "ready":
             return
@@ -585,7 +589,7 @@ class SandboxRuntime(Runtime):
             worker.kill("retired")
 
         self._track(asyncio.ensure_future(retire()))
-        if worker.cap_mb == self.memory_mb_default:
+        if replace and worker.cap_mb == self.memory_mb_default:
             self._spawn_background(worker.cap_mb)
 
     # --- choosing a worker --------------------------------------------------------------------
@@ -601,7 +605,13 @@ class SandboxRuntime(Runtime):
             ready = [w for w in self._workers.values() if w.state == "ready"
                      and w.cap_mb == cap_mb]
             if ready:
-                return min(ready, key=lambda w: (w.queued, w.last_used))
+                idle = [w for w in ready if w.queued == 0]
+                if idle:
+                    return min(idle, key=lambda w: w.last_used)
+                # All busy: wait for the first to free up rather than queue behind one that may
+                # be stuck in a long call.
+                await self._pool_change()
+                continue
             starting = [w for w in self._workers.values() if w.state == "starting"
                         and w.cap_mb == cap_mb and w.ready is not None]
             if starting:
@@ -614,8 +624,29 @@ class SandboxRuntime(Runtime):
                         and not w.pinned and not w.lock.locked()]
                 if idle:
                     self._retire(min(idle, key=lambda w: w.last_used),
-                                 f"making room for a worker capped at {cap_mb} MiB")
+                                 f"making room for a worker capped at {cap_mb} MiB",
+                                 replace=False)
             return await self._spawn(cap_mb)
+
+    async def _pool_change(self) -> None:
+        """Wait (first come, first served) until a worker becomes idle, ready or dead."""
+        assert self._loop is not None
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def _notify(self, everyone: bool = False) -> None:
+        """Wake the longest waiter (a worker became idle: one can use it), or all of them."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
 
     # --- calls --------------------------------------------------------------------------------
 
@@ -690,6 +721,8 @@ class SandboxRuntime(Runtime):
         if self._loop is not None:
             worker.last_used = self._loop.time()
         worker.lock.release()
+        if worker.queued == 0:
+            self._notify()
 
     def _on_deadline(self, worker: _Worker, call: _Call) -> None:
         if worker.inflight is not call:
@@ -770,18 +803,12 @@ class SandboxRuntime(Runtime):
 
     async def _init_on(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope, iid: int,
                        on_abandoned: Callable[[tuple[Any, ...]], None] | None = None) -> None:
+        """Initialize on ``worker``; ``_WorkerGone`` if it died before taking the request (the
+        caller picks another)."""
         deadline = self._deadline(spec, scope, self.init_timeout_s)
-        try:
-            reply = await self._request(worker, self._init_request(spec, scope, iid), spec,
-                                        "initialize", iid, deadline, on_abandoned)
-        except _WorkerGone as exc:
-            raise WorkerFailure(spec.node_id, str(exc), during="initialize",
-                                kind="crash") from None
-        try:
-            self._check_reply(worker, reply, spec, "initialize")
-        except _WorkerGone as exc:
-            raise WorkerFailure(spec.node_id, str(exc), during="initialize",
-                                kind="crash") from None
+        reply = await self._request(worker, self._init_request(spec, scope, iid), spec,
+                                    "initialize", iid, deadline, on_abandoned)
+        self._check_reply(worker, reply, spec, "initialize")
 
     async def _pick_for(self, spec: NodeSpec) -> _Worker:
         try:
@@ -800,58 +827,69 @@ class SandboxRuntime(Runtime):
         it is initialized now, so that a crash while importing or initializing is reported as
         such (``during="initialize"``, which the fallback rule cares about).
         """
-        worker = await self._pick_for(spec)
-        iid = next(self._iids)
-        worker.pinned.add(iid)
-        if not spec.entry.has_initialize and spec.entry.cls.__module__ in worker.modules:
-            return worker, iid, False
+        for _ in range(3):
+            worker = await self._pick_for(spec)
+            iid = next(self._iids)
+            worker.pinned.add(iid)
+            if not spec.entry.has_initialize and spec.entry.cls.__module__ in worker.modules:
+                return worker, iid, False
 
-        def abandoned(reply: tuple[Any, ...]) -> None:
-            # Initialized after its caller left: release it.
-            worker.pinned.discard(iid)
-            if reply[0] == "ok":
-                self._release_on(worker, spec, iid)
+            def abandoned(reply: tuple[Any, ...], worker: _Worker = worker,
+                          iid: int = iid) -> None:
+                # Initialized after its caller left: release it.
+                worker.pinned.discard(iid)
+                if reply[0] == "ok":
+                    self._release_on(worker, spec, iid)
 
-        try:
-            await self._init_on(worker, spec, scope, iid, abandoned)
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            worker.pinned.discard(iid)
-            raise
-        worker.modules.add(spec.entry.cls.__module__)
-        return worker, iid, True
+            try:
+                await self._init_on(worker, spec, scope, iid, abandoned)
+            except _WorkerGone:
+                worker.pinned.discard(iid)
+                continue  # died under another call before ours was sent: try another
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                worker.pinned.discard(iid)
+                raise
+            worker.modules.add(spec.entry.cls.__module__)
+            return worker, iid, True
+        raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could start",
+                            during="initialize", kind="crash")
 
     async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
         key = spec.warm_key
         cap = self._cap_of(spec)
-        ready = [w for w in self._workers.values() if w.state == "ready" and w.cap_mb == cap]
-        holders = [w for w in ready if key in w.warm]
-        idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]
-        idle_others = [w for w in ready if w.queued == 0 and key not in w.warm]
-        if idle_holders:
-            worker = idle_holders[0]
-        elif idle_others:
-            worker = min(idle_others, key=lambda w: w.last_used)
-        elif holders:
-            worker = min(holders, key=lambda w: w.queued)
-        else:
-            worker = await self._pick_for(spec)
-        task = worker.warm.get(key)
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = asyncio.ensure_future(self._init_warm(worker, spec, scope))
-            worker.warm[key] = task
-            self._evict_warm(worker)
-        worker.warm.move_to_end(key)
-        try:
-            iid = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            if worker.warm.get(key) is task:
-                del worker.warm[key]
-            raise
-        return worker, iid
+        for _ in range(3):
+            ready = [w for w in self._workers.values() if w.state == "ready" and w.cap_mb == cap]
+            holders = [w for w in ready if key in w.warm]
+            idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]
+            idle_others = [w for w in ready if w.queued == 0 and key not in w.warm]
+            if idle_holders:
+                worker = idle_holders[0]
+            elif idle_others:
+                worker = min(idle_others, key=lambda w: w.last_used)
+            elif holders:
+                worker = min(holders, key=lambda w: w.queued)
+            else:
+                worker = await self._pick_for(spec)
+            task = worker.warm.get(key)
+            if task is None or (task.done() and (task.cancelled()
+                                                 or task.exception() is not None)):
+                task = asyncio.ensure_future(self._init_warm(worker, spec, scope))
+                worker.warm[key] = task
+                self._evict_warm(worker)
+            worker.warm.move_to_end(key)
+            try:
+                return worker, await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                if worker.warm.get(key) is task:
+                    del worker.warm[key]
+                if not isinstance(exc, _WorkerGone):
+                    raise
+        raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could start",
+                            during="initialize", kind="crash")
 
     async def _init_warm(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope) -> int:
         iid = next(self._iids)

@@ -364,3 +364,53 @@ def test_workers_die_with_a_killed_server(no_leaks: None) -> None:
             return True
 
     wait_until(lambda: all(gone(p) for p in pids), 5.0, "workers to die with the server")
+
+
+# --- under load -----------------------------------------------------------------------------
+
+
+async def test_mixed_failures_under_concurrency(sandbox: SandboxRuntime) -> None:
+    """Crashes, deadlines and node errors interleaved with good calls: each call gets its own
+    outcome, and the pool keeps serving."""
+    loop = asyncio.get_running_loop()
+
+    async def good(i: int) -> str:
+        data = random_array("<f4", 100 + 9000 * (i % 3), seed=i)
+        assert same(await run_once(sandbox, nodes.PassThrough, {"in": data},
+                                   execution_id=f"g{i}"), data)
+        return "ok"
+
+    async def expect(exc: type[Exception], coro: Any) -> str:
+        with pytest.raises(exc):
+            await coro
+        return exc.__name__
+
+    calls = []
+    for i in range(30):
+        kind = i % 6
+        if kind == 0:
+            calls.append(expect(WorkerFailure, run_once(sandbox, nodes.Segfault, {"in": i})))
+        elif kind == 1:
+            calls.append(expect(DeadlineExceeded, run_once(
+                sandbox, nodes.Sleeper, {"in": i}, deadline=loop.time() + 0.3)))
+        elif kind == 2:
+            calls.append(expect(NodeFailed, run_once(sandbox, nodes.Marker, {"in": i},
+                                                     {"mode": "fail"}, execution_id=f"m{i}")))
+        else:
+            calls.append(good(i))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    await assert_serving(sandbox)
+
+
+async def test_memory_cap_workers_respect_max_workers(no_leaks: None) -> None:
+    runtime = SandboxRuntime(workers=1, max_workers=1)
+    await runtime.start()
+    try:
+        with pytest.raises(WorkerFailure, match="memory limit 256 MiB"):
+            await run_once(runtime, nodes.MemoryHog, {"in": 1})
+        await assert_serving(runtime)
+        assert len(runtime.worker_pids()) <= 2
+    finally:
+        await runtime.shutdown()
