@@ -310,6 +310,7 @@ class SandboxRuntime(Runtime):
                     await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout_s)
             if worker.alive and not worker.lock.locked():
                 # Idle: let it run the cleanup of its warm instances, briefly.
+                worker.kill_reason = worker.kill_reason or "server shutting down"
                 with contextlib.suppress(Exception):
                     await self._request(worker, ("exit",), None, "cleanup", 0,
                                         self._now() + 2.0)
@@ -321,6 +322,9 @@ class SandboxRuntime(Runtime):
         await asyncio.gather(*(stop(w) for w in workers), return_exceptions=True)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        # Workers that were still starting when the loop above began.
+        late = [w for w in self._workers.values() if w not in workers]
+        await asyncio.gather(*(stop(w) for w in late), return_exceptions=True)
         for worker in list(self._workers.values()):
             self._forget(worker)
         for end in (self._alive_keep, self._alive_child):
@@ -349,6 +353,15 @@ class SandboxRuntime(Runtime):
         return self._loop.time()
 
     async def _spawn(self, cap_mb: int) -> _Worker:
+        """Start a worker and wait until it is ready. The start itself is shielded: a caller
+        that gives up does not leave a half-started process behind (the worker joins the pool).
+        """
+        if self._closed:
+            raise ServiceUnavailable("the sandbox runtime is shut down")
+        task = self._track(asyncio.ensure_future(self._start_worker(cap_mb)))
+        return await asyncio.shield(task)  # type: ignore[no-any-return]
+
+    async def _start_worker(self, cap_mb: int) -> _Worker:
         loop = asyncio.get_running_loop()
         wid = next(self._wids)
         scratch = os.path.join(self._scratch_root, f"w{wid}")
@@ -396,6 +409,9 @@ class SandboxRuntime(Runtime):
             raise
         self._spawn_failures = 0
         worker.last_used = self._now()
+        if self._closed:
+            worker.kill("server shutting down")
+            raise ServiceUnavailable("the sandbox runtime is shut down")
         return worker
 
     def _on_readable(self, worker: _Worker) -> None:
@@ -427,7 +443,11 @@ class SandboxRuntime(Runtime):
             self._misbehaved(worker, "malformed reply")
             return
         if message[0] == "ready" and worker.state == "starting":
-            worker.layers = [(str(n), bool(a), str(d)) for n, a, d in message[1]]
+            try:
+                worker.layers = [(str(n), bool(a), str(d)) for n, a, d in message[1]]
+            except (TypeError, ValueError):
+                self._misbehaved(worker, "malformed ready message")
+                return
             worker.state = "ready"
             self._record_layers(worker)
             if worker.ready is not None and not worker.ready.done():
@@ -479,9 +499,8 @@ class SandboxRuntime(Runtime):
             self._finish(worker, call)
             if not call.future.done():
                 call.future.set_exception(self._death_error(call, cause))
-        for task in worker.warm.values():
-            if not task.done():
-                task.cancel()
+        # Pending warm initializations fail on their own (their request gets the death error,
+        # or _WorkerGone if it was not sent): cancelling them would look like a cancelled caller.
         worker.warm.clear()
         if worker.ready is not None and not worker.ready.done():
             worker.ready.set_exception(RuntimeError(f"sandbox worker failed to start: {cause}"))
@@ -550,7 +569,8 @@ class SandboxRuntime(Runtime):
             try:
                 await self._spawn(cap_mb)
             except Exception as exc:
-                log.error("could not start a replacement sandbox worker: %s", exc)
+                if not self._closed:
+                    log.error("could not start a replacement sandbox worker: %s", exc)
 
         self._track(asyncio.ensure_future(spawn()))
 
@@ -580,6 +600,7 @@ class SandboxRuntime(Runtime):
         if worker.state != "ready":
             return
         worker.state = "retiring"
+        worker.kill_reason = "retired"
         log.info("retiring sandbox worker %s: %s", worker.wid, why)
 
         async def retire() -> None:
@@ -635,6 +656,10 @@ class SandboxRuntime(Runtime):
         self._waiters.append(waiter)
         try:
             await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._notify()  # pass on the wake-up this cancelled waiter consumed
+            raise
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -757,7 +782,8 @@ class SandboxRuntime(Runtime):
             raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
                                 kind="protocol")
         _, kind, exc_type, message, _, during = reply
-        exc_type, message = str(exc_type), str(message)
+        # Whatever the worker says goes into statuses and logs: keep it bounded.
+        exc_type, message = str(exc_type)[:200], str(message)[:4000]
         if kind == "node":
             raise NodeFailed(spec.node_id, exc_type, message)
         if kind == "memory":
