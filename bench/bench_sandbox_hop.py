@@ -10,15 +10,20 @@ show per-call medians over all rounds:
 * ``per request``: ``acquire`` + ``process`` + ``release`` of a fresh non-reusable instance,
   which is what the executor does for each request.
 
-"direct" is a plain call of the node's method, for scale. Not run in CI.
+"direct" is a plain call of the node's method, for scale. ``--io`` also measures the bare
+wake-up floor of the two ways the event loop can wait for a worker's reply (why the runtime
+uses ``loop.add_reader`` rather than a reader thread). Not run in CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,6 +101,64 @@ def timed_direct(node: Node, data: np.ndarray, n: int) -> list[float]:
     return out
 
 
+async def io_floor(n: int = 5000) -> None:
+    """Round trip of 1 KiB to an echoing child process: add_reader vs a reader thread."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()  # a bare child: no gRPC in this process
+    if pid == 0:
+        parent.close()
+        while data := child.recv(1 << 17):
+            child.send(data)
+        os._exit(0)
+    child.close()
+    loop = asyncio.get_running_loop()
+    payload = b"x" * 1024
+
+    async def with_add_reader() -> float:
+        parent.setblocking(False)
+        box: list[asyncio.Future[bytes]] = []
+        loop.add_reader(parent.fileno(), lambda: box[0].set_result(parent.recv(1 << 17)))
+        start = time.perf_counter()
+        for _ in range(n):
+            box[:] = [loop.create_future()]
+            parent.send(payload)
+            await box[0]
+        loop.remove_reader(parent.fileno())
+        return (time.perf_counter() - start) / n
+
+    async def with_thread() -> float:
+        parent.setblocking(True)
+        box: list[asyncio.Future[bytes]] = []
+        ready = threading.Semaphore(0)
+
+        def reader() -> None:
+            for _ in range(n):
+                data = parent.recv(1 << 17)
+                loop.call_soon_threadsafe(box[0].set_result, data)
+                ready.acquire()
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        start = time.perf_counter()
+        for _ in range(n):
+            box[:] = [loop.create_future()]
+            parent.send(payload)
+            await box[0]
+            ready.release()
+        elapsed = (time.perf_counter() - start) / n
+        thread.join()
+        return elapsed
+
+    try:
+        a = [await with_add_reader() for _ in range(3)]
+        b = [await with_thread() for _ in range(3)]
+    finally:
+        parent.close()
+        await asyncio.to_thread(os.waitpid, pid, 0)
+    print(f"bare 1 KiB round trip: loop.add_reader {fmt(statistics.median(a))}, "
+          f"reader thread + call_soon_threadsafe {fmt(statistics.median(b))}")
+
+
 def calls_for(nbytes: int) -> int:
     return max(5, min(2000, (256 << 20) // max(nbytes, 1)))
 
@@ -109,7 +172,10 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sizes", default="1KiB,1MiB,64MiB")
+    parser.add_argument("--io", action="store_true", help="also measure the wake-up floor")
     args = parser.parse_args()
+    if args.io:
+        await io_floor()
     # Import by module name (not __main__) so the worker can load the node classes.
     from bench_sandbox_hop import BenchFresh, BenchPassThrough
 
