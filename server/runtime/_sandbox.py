@@ -87,6 +87,10 @@ class WorkerFailure(SandboxFailure):
         return self.kind in ("permission", "memory", "import") or self.during == "initialize"
 
 
+# How often a request that never reached a worker (it died first) is tried on another one.
+_ATTEMPTS = 5
+
+
 class _WorkerGone(Exception):
     """The worker died before the request could be sent (the caller may re-create and retry)."""
 
@@ -122,6 +126,9 @@ class _Worker:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     inflight: _Call | None = None
     queued: int = 0
+    # Lazily created instances placed here whose first call has not been sent yet: the worker
+    # is promised to them, not idle.
+    reserved: int = 0
     warm: OrderedDict[str, asyncio.Future[int]] = field(default_factory=OrderedDict)
     pinned: set[int] = field(default_factory=set)
     kill_reason: str | None = None
@@ -170,6 +177,12 @@ class SandboxInstance(NodeInstance):
         # False until the worker holds the instance (a lazily created one is initialized by its
         # first call).
         self.initialized = False
+        self.reserved = False
+
+    def unreserve(self) -> None:
+        if self.reserved:
+            self.reserved = False
+            self.worker.reserved -= 1
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         return await self._runtime._process(self, inputs)
@@ -259,6 +272,7 @@ class SandboxRuntime(Runtime):
         self._spawn_failures = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._restarts = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -341,6 +355,10 @@ class SandboxRuntime(Runtime):
 
     def layers(self) -> list[LayerStatus]:
         return list(self._layers)
+
+    def stats(self) -> dict[str, float]:
+        return {"worker_restarts": float(self._restarts),
+                "workers": float(sum(1 for w in self._workers.values() if w.alive))}
 
     def worker_pids(self) -> list[int]:
         """Pids of the live workers (for tests and diagnostics)."""
@@ -508,8 +526,10 @@ class SandboxRuntime(Runtime):
         if worker.dead is not None and not worker.dead.done():
             worker.dead.set_result(cause)
         self._forget(worker)
-        if not self._closed and not was_starting and worker.kill_reason != "retired":
-            self._replace(worker.cap_mb)
+        if not self._closed and not was_starting:
+            self._restarts += 1
+            if worker.kill_reason != "retired":
+                self._replace(worker.cap_mb)
         self._notify(everyone=True)
 
     def _cause(self, worker: _Worker, code: int) -> str:
@@ -626,7 +646,7 @@ class SandboxRuntime(Runtime):
             ready = [w for w in self._workers.values() if w.state == "ready"
                      and w.cap_mb == cap_mb]
             if ready:
-                idle = [w for w in ready if w.queued == 0]
+                idle = [w for w in ready if w.queued == 0 and w.reserved == 0]
                 if idle:
                     return min(idle, key=lambda w: w.last_used)
                 # All busy: wait for the first to free up rather than queue behind one that may
@@ -820,6 +840,7 @@ class SandboxRuntime(Runtime):
             worker, iid, initialized = await self._create(spec, scope)
         instance = SandboxInstance(spec, scope, self, worker, iid)
         instance.initialized = initialized
+        instance.reserved = not initialized
         return instance
 
     def _init_request(self, spec: NodeSpec, scope: ExecutionScope, iid: int) -> tuple[Any, ...]:
@@ -853,11 +874,12 @@ class SandboxRuntime(Runtime):
         it is initialized now, so that a crash while importing or initializing is reported as
         such (``during="initialize"``, which the fallback rule cares about).
         """
-        for _ in range(3):
+        for _ in range(_ATTEMPTS):
             worker = await self._pick_for(spec)
             iid = next(self._iids)
             worker.pinned.add(iid)
             if not spec.entry.has_initialize and spec.entry.cls.__module__ in worker.modules:
+                worker.reserved += 1
                 return worker, iid, False
 
             def abandoned(reply: tuple[Any, ...], worker: _Worker = worker,
@@ -885,7 +907,7 @@ class SandboxRuntime(Runtime):
     async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
         key = spec.warm_key
         cap = self._cap_of(spec)
-        for _ in range(3):
+        for _ in range(_ATTEMPTS):
             ready = [w for w in self._workers.values() if w.state == "ready" and w.cap_mb == cap]
             holders = [w for w in ready if key in w.warm]
             idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]
@@ -942,11 +964,14 @@ class SandboxRuntime(Runtime):
 
     async def _process(self, instance: SandboxInstance, inputs: Mapping[str, Any]) -> Any:
         spec = instance.spec
-        for attempt in range(2):
+        # A request that never reached a worker (it died under someone else's call first) is
+        # always safe to send elsewhere.
+        for attempt in range(_ATTEMPTS):
             worker = instance.worker
             if attempt or not worker.alive:
                 await self._recreate(instance)
                 worker = instance.worker
+            instance.unreserve()
             init = None
             if not instance.initialized:
                 cls = spec.entry.cls
@@ -966,8 +991,8 @@ class SandboxRuntime(Runtime):
             except _WorkerGone:
                 instance.initialized = False
                 continue
-        raise WorkerFailure(spec.node_id, "its worker went away twice", during="process",
-                            kind="crash")
+        raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could run",
+                            during="process", kind="crash")
 
     async def _recreate(self, instance: SandboxInstance) -> None:
         """The instance's worker died (or evicted it) while it was idle: create it again."""
@@ -976,6 +1001,7 @@ class SandboxRuntime(Runtime):
             log.info("re-creating sandboxed node %s (%s): %s", spec.node_id, spec.node_type,
                      instance.worker.cause or "instance evicted")
         instance.worker.pinned.discard(instance.iid)
+        instance.unreserve()
         if spec.entry.cls.reusable:
             old = instance.worker.warm.get(spec.warm_key)
             if old is not None and old.done() and not old.cancelled() and (
@@ -986,6 +1012,7 @@ class SandboxRuntime(Runtime):
         else:
             instance.worker, instance.iid, instance.initialized = await self._create(
                 spec, instance.scope)
+            instance.reserved = not instance.initialized
 
     async def release(self, instance: NodeInstance) -> None:
         """Warm instances stay; a fresh one's cleanup runs in its worker before the worker's
@@ -994,6 +1021,10 @@ class SandboxRuntime(Runtime):
         if instance.released:
             return
         instance.released = True
+        if instance.reserved:
+            instance.unreserve()
+            if instance.worker.queued == 0 and instance.worker.reserved == 0:
+                self._notify()
         if instance.spec.entry.cls.reusable:
             return
         instance.worker.pinned.discard(instance.iid)

@@ -168,6 +168,9 @@ class _Worker:
             if hosted is None:
                 return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
                         "process")
+            # A warm instance outlives its requests: an earlier call's cancellation must not be
+            # seen by this one (calls on a worker never overlap).
+            hosted.context.cancelled.clear()
             outcome = self._guard(self._run, hosted, "process", inputs)
             return (*outcome, "process") if outcome[0] == "error" else outcome
         if op == "init":

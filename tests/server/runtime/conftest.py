@@ -82,10 +82,18 @@ def stray_processes() -> list[psutil.Process]:
 
 
 def shm_segments() -> set[str]:
+    """Named shared memory in /dev/shm, less multiprocessing semaphores (``sem.*``): other
+    processes on a shared machine create those all the time, and the sandbox never does."""
     try:
-        return set(os.listdir("/dev/shm"))
+        return {name for name in os.listdir("/dev/shm") if not name.startswith("sem.")}
     except FileNotFoundError:
         return set()
+
+
+def shm_mappings() -> list[str]:
+    """/dev/shm files this process has mapped (the sandbox's segments are memfds, never these)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if "/dev/shm/" in line]
 
 
 @pytest.fixture
@@ -95,6 +103,7 @@ def no_leaks() -> Iterator[None]:
     yield
     wait_until(lambda: not stray_processes(), 10.0, "worker processes to exit")
     assert shm_segments() - before == set()
+    assert shm_mappings() == []
 
 
 @pytest.fixture
