@@ -5,29 +5,41 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
 * Workers are forked by the multiprocessing ``forkserver`` (numpy, pydantic and the worker
   module preloaded, BLAS limited to one thread), never from the server, which holds gRPC state.
   ``start()`` launches the pool; a request never waits for a spawn once the pool is warm, except
-  to replace a dead worker or to start the first worker of a new memory cap.
-* Memory caps are per process (RLIMIT_DATA), so each worker is started for one cap: the node's
-  declared ``traits.memory_mb`` or ``memory_mb_default``. The pool starts ``workers`` workers at
-  the default cap; a node with another cap gets workers of its own cap, started on demand (and
-  kept), up to ``max_workers`` in total, beyond which an idle worker of another cap is retired.
-* A worker hosts any number of node instances and runs one call at a time (calls on a worker
-  are serialized by a lock; instances are pinned to the worker that initialized them). Reusable
-  nodes stay warm per worker: a call prefers an idle worker that already holds the instance,
-  else initializes it on an idle worker, so a model loads at most once per worker.
+  to replace a dead worker or to start the first worker of a group not started with the pool.
+* Workers come in groups, and a worker only ever serves its group ``(memory cap, trust
+  domain)``:
+  - memory caps are per process (RLIMIT_DATA), so a worker is started for one cap: the node's
+    declared ``traits.memory_mb``, else ``memory_mb_default``;
+  - all trusted nodes share one domain; each untrusted module is a domain of its own, so
+    untrusted code never shares a process (and so memory: inputs, outputs, loaded models) with
+    nodes of another module.
+  ``start()`` starts ``workers`` workers for the default group (default cap, trusted) and
+  ``workers_per_domain`` for each module named in ``domains`` (pass the operator's untrusted
+  modules); these groups are kept at strength. Other groups are started on first use and kept,
+  up to ``max_workers`` in total, beyond which an idle worker of another group is retired.
+* A worker hosts any number of node instances of its group and runs one call at a time (calls
+  on a worker are serialized by a lock; instances are pinned to the worker that holds them).
+  A fresh instance goes to an idle worker (or waits, first come first served, for one to free
+  up); one without ``initialize()`` is created by its first call and its cleanup rides with the
+  worker's next request, so a plain node costs one round trip per request. Reusable nodes stay
+  warm per worker: a call prefers an idle worker that already holds the instance, else
+  initializes it on an idle worker, so a model loads at most once per worker.
 * The event loop never blocks: each worker's control socket and exit sentinel are watched with
   ``loop.add_reader``; the reply resolves the waiting future directly in the callback (measured
   faster than a reader thread handing over with ``call_soon_threadsafe``, which costs a second
-  wake-up per reply).
+  wake-up per reply: ``bench/bench_sandbox_hop.py --io``).
 * Supervision: every call has a wall-clock deadline (the execution's deadline, the node's
   timeout, else ``call_timeout_s``); past it the worker is killed and replaced and
   ``DeadlineExceeded`` names the node. A dead worker fails only its in-flight call with
   ``SandboxFailure`` and a readable cause; idle instances pinned to it are re-created on their
-  next call. A cancelled call is signalled to the worker (SIGUSR1 sets ``context.cancelled``)
-  and the worker is killed if it does not return within ``cancel_grace_s``.
+  next call, and requests that had not reached it go to another worker. A cancelled call is
+  signalled to the worker (SIGUSR1 sets ``context.cancelled``) and the worker is killed if it
+  does not return within ``cancel_grace_s``.
 * Error classification for the executor's fallback decision: the node's own exceptions are
-  ``NodeFailed``; failures the sandbox causes (a blocked syscall surfacing as EPERM/EACCES, a
-  MemoryError under the cap, a crash, an import that fails only in the worker) are
-  ``SandboxFailure`` with ``during`` set to ``initialize`` or ``process``.
+  ``NodeFailed``; failures of the sandbox are ``WorkerFailure`` (a ``SandboxFailure``) with
+  ``during`` (``initialize`` / ``process``), a ``kind`` and ``fallback_eligible``: true for a
+  blocked syscall surfacing as EPERM/EACCES, a MemoryError under the cap, an import that fails
+  only in the worker, and any failure during initialize (crashes included).
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ import signal
 import socket
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -87,6 +99,9 @@ class WorkerFailure(SandboxFailure):
         return self.kind in ("permission", "memory", "import") or self.during == "initialize"
 
 
+# (memory cap in MiB, trust domain): workers are started for, and only serve, one group.
+_Group = tuple[int, str]
+
 # How often a request that never reached a worker (it died first) is tried on another one.
 _ATTEMPTS = 5
 
@@ -116,6 +131,9 @@ class _Worker:
 
     wid: int
     cap_mb: int
+    # Trust domain: "" for trusted nodes, the module name for an untrusted one. A worker only
+    # ever hosts nodes of its own domain.
+    domain: str
     scratch_dir: str
     inline_max: int
     process: Any = None
@@ -145,6 +163,10 @@ class _Worker:
     outbox: _shm.Outbox = field(default_factory=_shm.Outbox)
     inbox: _shm.Inbox = field(default_factory=_shm.Inbox)
     eof: bool = False
+
+    @property
+    def group(self) -> _Group:
+        return (self.cap_mb, self.domain)
 
     @property
     def pid(self) -> int | None:
@@ -220,6 +242,8 @@ class SandboxRuntime(Runtime):
         workers: int = 2,
         max_workers: int | None = None,
         memory_mb_default: int = 2048,
+        domains: Sequence[str] = (),
+        workers_per_domain: int = 1,
         cpu_seconds: float = 60.0,
         cpu_seconds_lifetime: float = 3600.0,
         nofile: int = 256,
@@ -239,8 +263,15 @@ class SandboxRuntime(Runtime):
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.workers = workers
-        self.max_workers = max(max_workers if max_workers is not None else workers + 2, workers)
         self.memory_mb_default = memory_mb_default
+        # Untrusted modules whose workers start with the pool (others start on first use).
+        self.domains = tuple(dict.fromkeys(domains))
+        self.workers_per_domain = max(1, workers_per_domain)
+        self._default_group: _Group = (memory_mb_default, "")
+        baseline = workers + self.workers_per_domain * len(self.domains)
+        # Room for two workers of groups started on demand (node-specific caps, other modules).
+        self.max_workers = max(max_workers if max_workers is not None else baseline + 2,
+                               baseline)
         self.cpu_seconds = cpu_seconds
         self.cpu_seconds_lifetime = max(cpu_seconds_lifetime, cpu_seconds * 2)
         self.nofile = nofile
@@ -301,7 +332,8 @@ class SandboxRuntime(Runtime):
 
         await asyncio.to_thread(launch_forkserver)
         results = await asyncio.gather(
-            *(self._spawn(self.memory_mb_default) for _ in range(self.workers)),
+            *(self._spawn(group) for group in self._baseline() for _ in range(
+                self.workers if group == self._default_group else self.workers_per_domain)),
             return_exceptions=True,
         )
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -370,21 +402,22 @@ class SandboxRuntime(Runtime):
         assert self._loop is not None
         return self._loop.time()
 
-    async def _spawn(self, cap_mb: int) -> _Worker:
+    async def _spawn(self, group: _Group) -> _Worker:
         """Start a worker and wait until it is ready. The start itself is shielded: a caller
         that gives up does not leave a half-started process behind (the worker joins the pool).
         """
         if self._closed:
             raise ServiceUnavailable("the sandbox runtime is shut down")
-        task = self._track(asyncio.ensure_future(self._start_worker(cap_mb)))
+        task = self._track(asyncio.ensure_future(self._start_worker(group)))
         return await asyncio.shield(task)  # type: ignore[no-any-return]
 
-    async def _start_worker(self, cap_mb: int) -> _Worker:
+    async def _start_worker(self, group: _Group) -> _Worker:
+        cap_mb, domain = group
         loop = asyncio.get_running_loop()
         wid = next(self._wids)
         scratch = os.path.join(self._scratch_root, f"w{wid}")
         os.makedirs(scratch, mode=0o700, exist_ok=True)
-        worker = _Worker(wid=wid, cap_mb=cap_mb, scratch_dir=scratch,
+        worker = _Worker(wid=wid, cap_mb=cap_mb, domain=domain, scratch_dir=scratch,
                          inline_max=self.inline_max_bytes)
         worker.outbox = _shm.Outbox(inline_max=self.inline_max_bytes, name=f"tensorline-w{wid}")
         worker.ready = loop.create_future()
@@ -529,7 +562,7 @@ class SandboxRuntime(Runtime):
         if not self._closed and not was_starting:
             self._restarts += 1
             if worker.kill_reason != "retired":
-                self._replace(worker.cap_mb)
+                self._replace(worker.group)
         self._notify(everyone=True)
 
     def _cause(self, worker: _Worker, code: int) -> str:
@@ -574,20 +607,24 @@ class SandboxRuntime(Runtime):
             self._workers.pop(worker.wid, None)
             shutil.rmtree(worker.scratch_dir, ignore_errors=True)
 
-    def _replace(self, cap_mb: int) -> None:
-        if cap_mb != self.memory_mb_default:
-            # Workers of a node-specific cap are started again on demand.
+    def _replace(self, group: _Group) -> None:
+        """Keep the groups started by ``start()`` at strength; others restart on demand."""
+        if group not in self._baseline():
             return
+        want = self.workers if group == self._default_group else self.workers_per_domain
         live = sum(1 for w in self._workers.values()
-                   if w.cap_mb == cap_mb and w.state in ("starting", "ready"))
-        if live >= self.workers:
+                   if w.group == group and w.state in ("starting", "ready"))
+        if live >= want:
             return
-        self._spawn_background(cap_mb)
+        self._spawn_background(group)
 
-    def _spawn_background(self, cap_mb: int) -> None:
+    def _baseline(self) -> list[_Group]:
+        return [self._default_group] + [(self.memory_mb_default, d) for d in self.domains]
+
+    def _spawn_background(self, group: _Group) -> None:
         async def spawn() -> None:
             try:
-                await self._spawn(cap_mb)
+                await self._spawn(group)
             except Exception as exc:
                 if not self._closed:
                     log.error("could not start a replacement sandbox worker: %s", exc)
@@ -630,21 +667,22 @@ class SandboxRuntime(Runtime):
             worker.kill("retired")
 
         self._track(asyncio.ensure_future(retire()))
-        if replace and worker.cap_mb == self.memory_mb_default:
-            self._spawn_background(worker.cap_mb)
+        if replace:
+            self._replace(worker.group)
 
     # --- choosing a worker --------------------------------------------------------------------
 
-    def _cap_of(self, spec: NodeSpec) -> int:
+    def _group_of(self, spec: NodeSpec) -> _Group:
         declared = spec.entry.cls.traits.memory_mb
-        return int(declared) if declared else self.memory_mb_default
+        cap = int(declared) if declared else self.memory_mb_default
+        return (cap, "" if spec.entry.trusted else spec.entry.module)
 
-    async def _pick(self, cap_mb: int) -> _Worker:
+    async def _pick(self, group: _Group) -> _Worker:
         while True:
             if self._closed:
                 raise ServiceUnavailable("the sandbox runtime is shut down")
             ready = [w for w in self._workers.values() if w.state == "ready"
-                     and w.cap_mb == cap_mb]
+                     and w.group == group]
             if ready:
                 idle = [w for w in ready if w.queued == 0 and w.reserved == 0]
                 if idle:
@@ -654,20 +692,19 @@ class SandboxRuntime(Runtime):
                 await self._pool_change()
                 continue
             starting = [w for w in self._workers.values() if w.state == "starting"
-                        and w.cap_mb == cap_mb and w.ready is not None]
+                        and w.group == group and w.ready is not None]
             if starting:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(starting[0].ready)  # type: ignore[arg-type]
                 continue
             live = [w for w in self._workers.values() if w.state != "dead"]
             if len(live) >= self.max_workers:
-                idle = [w for w in live if w.state == "ready" and w.cap_mb != cap_mb
-                        and not w.pinned and not w.lock.locked()]
+                idle = [w for w in live if w.state == "ready" and w.group != group
+                        and not w.pinned and not w.lock.locked() and w.reserved == 0]
                 if idle:
                     self._retire(min(idle, key=lambda w: w.last_used),
-                                 f"making room for a worker capped at {cap_mb} MiB",
-                                 replace=False)
-            return await self._spawn(cap_mb)
+                                 f"making room for a worker of group {group}", replace=False)
+            return await self._spawn(group)
 
     async def _pool_change(self) -> None:
         """Wait (first come, first served) until a worker becomes idle, ready or dead."""
@@ -859,7 +896,7 @@ class SandboxRuntime(Runtime):
 
     async def _pick_for(self, spec: NodeSpec) -> _Worker:
         try:
-            return await self._pick(self._cap_of(spec))
+            return await self._pick(self._group_of(spec))
         except (asyncio.CancelledError, ServiceUnavailable):
             raise
         except Exception as exc:
@@ -906,9 +943,9 @@ class SandboxRuntime(Runtime):
 
     async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
         key = spec.warm_key
-        cap = self._cap_of(spec)
+        group = self._group_of(spec)
         for _ in range(_ATTEMPTS):
-            ready = [w for w in self._workers.values() if w.state == "ready" and w.cap_mb == cap]
+            ready = [w for w in self._workers.values() if w.state == "ready" and w.group == group]
             holders = [w for w in ready if key in w.warm]
             idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]
             idle_others = [w for w in ready if w.queued == 0 and key not in w.warm]

@@ -20,6 +20,8 @@ from tensorline.server.nodes import Node, NodeEntry
 from tensorline.server.runtime import SandboxRuntime
 from tensorline.server.selector import RuntimeDecision
 
+TEST_NODES = "tests.server.runtime.sandbox_nodes"
+
 
 def make_spec(cls: type[Node], params: dict[str, Any] | None = None, *, node_id: str = "n1",
               timeout_s: float | None = None, trusted: bool = False) -> NodeSpec:
@@ -108,7 +110,10 @@ def no_leaks() -> Iterator[None]:
 
 @pytest.fixture
 async def sandbox(no_leaks: None, tmp_path: Path) -> AsyncIterator[SandboxRuntime]:
-    runtime = SandboxRuntime(workers=2, cpu_seconds=2.0, call_timeout_s=60.0,
+    # The test nodes are untrusted (make_spec's default): their module is a trust domain whose
+    # workers start with the pool.
+    runtime = SandboxRuntime(workers=1, domains=[TEST_NODES], workers_per_domain=2,
+                             cpu_seconds=2.0, call_timeout_s=60.0,
                              scratch_root=str(tmp_path / "scratch"), cancel_grace_s=10.0)
     await runtime.start()
     try:

@@ -44,7 +44,8 @@ async def assert_serving(runtime: SandboxRuntime) -> None:
     data = np.arange(300, dtype=np.int32)
     out = await run_once(runtime, nodes.PassThrough, {"in": data}, execution_id="after")
     assert np.array_equal(out, data)
-    await eventually(lambda: len(runtime.worker_pids()) >= runtime.workers, 20.0,
+    baseline = runtime.workers + runtime.workers_per_domain * len(runtime.domains)
+    await eventually(lambda: len(runtime.worker_pids()) >= baseline, 20.0,
                      "the pool to be refilled")
     assert runtime.healthy()
 
@@ -414,5 +415,34 @@ async def test_memory_cap_workers_respect_max_workers(no_leaks: None) -> None:
             await run_once(runtime, nodes.MemoryHog, {"in": 1})
         await assert_serving(runtime)
         assert len(runtime.worker_pids()) <= 2
+    finally:
+        await runtime.shutdown()
+
+
+# --- trust domains --------------------------------------------------------------------------
+
+
+async def test_untrusted_modules_get_workers_of_their_own(no_leaks: None) -> None:
+    module = nodes.PassThrough.__module__
+    runtime = SandboxRuntime(workers=1, domains=[module])
+    await runtime.start()
+    try:
+        assert len(runtime.worker_pids()) == 2  # the trusted pool and the module's
+        trusted_spec = make_spec(nodes.WarmCounter, trusted=True)
+        instance = await runtime.acquire(trusted_spec, ExecutionScope("t"))
+        try:
+            trusted = await instance.process({"in": 1})
+        finally:
+            await runtime.release(instance)
+        spec = make_spec(nodes.WarmCounter, trusted=False)
+        instance = await runtime.acquire(spec, ExecutionScope("u"))
+        try:
+            untrusted = (await instance.process({"in": 1})).value
+        finally:
+            await runtime.release(instance)
+        assert untrusted["pid"] != trusted.value["pid"]
+        # A trusted copy of the same class ran elsewhere: the untrusted worker initialized its
+        # own instance.
+        assert untrusted["inits"] == 1
     finally:
         await runtime.shutdown()
