@@ -446,3 +446,19 @@ async def test_untrusted_modules_get_workers_of_their_own(no_leaks: None) -> Non
         assert untrusted["inits"] == 1
     finally:
         await runtime.shutdown()
+
+
+async def test_layers_can_be_disabled_and_are_reported_absent(no_leaks: None) -> None:
+    """What a default container profile leaves (no namespaces) is reported, not fatal."""
+    runtime = SandboxRuntime(workers=1, namespaces=False, landlock=False, seccomp=False)
+    await runtime.start()
+    try:
+        layers = {layer.name: layer for layer in runtime.layers()}
+        for name in ("network namespace", "landlock", "seccomp"):
+            assert not layers[name].active and "disabled" in layers[name].detail
+        assert layers["rlimits"].active and layers["parent death"].active
+        data = np.arange(100_000, dtype=np.int16)
+        assert same(await run_once(runtime, nodes.PassThrough, {"in": data}), data)
+        assert runtime.healthy()
+    finally:
+        await runtime.shutdown()
