@@ -9,7 +9,8 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
 * Workers come in groups, and a worker only ever serves its group ``(memory cap, trust
   domain)``:
   - memory caps are per process (RLIMIT_DATA), so a worker is started for one cap: the node's
-    declared ``traits.memory_mb``, else ``memory_mb_default``;
+    declared ``traits.memory_mb`` (at least ``MIN_MEMORY_MB``: the interpreter, numpy and
+    pydantic take ~80 MiB of it), else ``memory_mb_default``;
   - all trusted nodes share one domain; each untrusted module is a domain of its own, so
     untrusted code never shares a process (and so memory: inputs, outputs, loaded models) with
     nodes of another module.
@@ -98,6 +99,10 @@ class WorkerFailure(SandboxFailure):
         syscall, a MemoryError under the cap, or any failure while importing/initializing."""
         return self.kind in ("permission", "memory", "import") or self.during == "initialize"
 
+
+# A worker's interpreter, numpy and pydantic already use ~80 MiB of RLIMIT_DATA: a smaller
+# declared cap would leave a worker that cannot run anything.
+MIN_MEMORY_MB = 256
 
 # (memory cap in MiB, trust domain): workers are started for, and only serve, one group.
 _Group = tuple[int, str]
@@ -262,6 +267,8 @@ class SandboxRuntime(Runtime):
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if memory_mb_default < MIN_MEMORY_MB:
+            raise ValueError(f"memory_mb_default must be at least {MIN_MEMORY_MB} MiB")
         self.workers = workers
         self.memory_mb_default = memory_mb_default
         # Untrusted modules whose workers start with the pool (others start on first use).
@@ -674,7 +681,7 @@ class SandboxRuntime(Runtime):
 
     def _group_of(self, spec: NodeSpec) -> _Group:
         declared = spec.entry.cls.traits.memory_mb
-        cap = int(declared) if declared else self.memory_mb_default
+        cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
         return (cap, "" if spec.entry.trusted else spec.entry.module)
 
     async def _pick(self, group: _Group) -> _Worker:
