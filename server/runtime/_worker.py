@@ -39,6 +39,7 @@ import signal
 import socket
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import context as mp_context
@@ -319,9 +320,17 @@ def worker_main(config: WorkerConfig, sock: socket.socket, alive_fd: Any) -> Non
         reports.append(_isolation.apply_seccomp())
     else:
         reports.append(("seccomp", False, "disabled by configuration"))
-    worker._reply(("ready", reports, _isolation.cpu_used()))
+    code = 0
     try:
+        worker._reply(("ready", reports, _isolation.cpu_used()))
         worker.serve()
+    except BaseException:
+        # A bug in this module, not in a node (their exceptions are replies): say so on the
+        # server's stderr and exit non-zero, so the server reports the worker as failed.
+        traceback.print_exc()
+        code = 1
     finally:
-        sys.stdout.flush()
-        os._exit(0)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
