@@ -221,3 +221,15 @@ class ReadOtherFds(Node):
 
     def process(self, inputs: Mapping[str, Any]) -> Any:
         return sorted(os.listdir(f"/proc/{self.params.pid}/fd"))
+
+
+class Threaded(Node):
+    """Uses a thread pool and asyncio.to_thread: threads stay allowed in the sandbox."""
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            parts = list(pool.map(lambda a: a * 2, np.array_split(inputs["in"], 3)))
+        doubled = np.concatenate(parts)
+        return await asyncio.to_thread(lambda: doubled + 1)

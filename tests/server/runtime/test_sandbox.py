@@ -124,6 +124,12 @@ async def test_async_node_methods(sandbox: SandboxRuntime) -> None:
     assert np.array_equal(out, data * 2)
 
 
+async def test_nodes_may_use_threads(sandbox: SandboxRuntime) -> None:
+    data = np.arange(30_000, dtype=np.int64)
+    out = await run_once(sandbox, nodes.Threaded, {"in": data})
+    assert np.array_equal(out, data * 2 + 1)
+
+
 async def test_concurrent_calls_share_the_pool(sandbox: SandboxRuntime) -> None:
     async def one(i: int) -> None:
         data = random_array("<f4", 1000 + i * 5000, seed=i)
