@@ -1,7 +1,9 @@
 """Test-only nodes for the sandbox runtime tests: well-behaved ones, crashers and escape attempts.
 
 Workers import this module by name (``tests.server.runtime.sandbox_nodes``), so it must stay
-importable from the repository root and import nothing but the node SDK and the stdlib.
+importable from the repository root and import nothing but the node SDK, numpy and the stdlib.
+Node type names must not clash with the built-in nodes or tests/nodes (a registry may load this
+module next to them).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from tensorline.server.nodes import Json, Node, NodeParams, NodeTraits, Port
 
 
-class PassThrough(Node):
+class Echo(Node):
     """Returns its input unchanged."""
 
     def process(self, inputs: Mapping[str, Any]) -> Any:
@@ -100,7 +102,7 @@ class Marker(Node):
         self._mark("cleanup")
 
 
-class FailInit(Node):
+class FailingInit(Node):
     def initialize(self) -> None:
         raise ValueError("cannot initialize")
 

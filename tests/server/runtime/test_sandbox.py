@@ -42,7 +42,7 @@ async def run_once(runtime: SandboxRuntime, cls: type[nodes.Node], inputs: Mappi
 async def assert_serving(runtime: SandboxRuntime) -> None:
     """The next request succeeds after whatever went wrong before."""
     data = np.arange(300, dtype=np.int32)
-    out = await run_once(runtime, nodes.PassThrough, {"in": data}, execution_id="after")
+    out = await run_once(runtime, nodes.Echo, {"in": data}, execution_id="after")
     assert np.array_equal(out, data)
     baseline = runtime.workers + runtime.workers_per_domain * len(runtime.domains)
     await eventually(lambda: len(runtime.worker_pids()) >= baseline, 20.0,
@@ -70,7 +70,7 @@ DTYPES = ["bool", "i1", "u2", "<i4", "<i8", ">f4", "<f2", "<f4", "<f8", "<c8", "
 
 @pytest.mark.parametrize("dtype", DTYPES)
 async def test_round_trip_is_bit_exact_for_dtypes(sandbox: SandboxRuntime, dtype: str) -> None:
-    spec = make_spec(nodes.PassThrough)
+    spec = make_spec(nodes.Echo)
     instance = await sandbox.acquire(spec, ExecutionScope("dtypes"))
     try:
         for count in (0, 1, 255, 1 << 10, (1 << 20) // np.dtype(dtype).itemsize):
@@ -83,7 +83,7 @@ async def test_round_trip_is_bit_exact_for_dtypes(sandbox: SandboxRuntime, dtype
 
 async def test_round_trip_64_mib(sandbox: SandboxRuntime) -> None:
     data = random_array("<f4", (64 << 20) // 4, seed=7).reshape(4096, -1)
-    out = await run_once(sandbox, nodes.PassThrough, {"in": data})
+    out = await run_once(sandbox, nodes.Echo, {"in": data})
     assert same(out, data)
     assert out.flags.writeable  # the server's copy, not a view of a reused segment
 
@@ -133,7 +133,7 @@ async def test_nodes_may_use_threads(sandbox: SandboxRuntime) -> None:
 async def test_concurrent_calls_share_the_pool(sandbox: SandboxRuntime) -> None:
     async def one(i: int) -> None:
         data = random_array("<f4", 1000 + i * 5000, seed=i)
-        assert same(await run_once(sandbox, nodes.PassThrough, {"in": data},
+        assert same(await run_once(sandbox, nodes.Echo, {"in": data},
                                    execution_id=f"c{i}"), data)
 
     await asyncio.gather(*(one(i) for i in range(12)))
@@ -176,7 +176,7 @@ async def test_cleanup_runs_after_a_node_error(sandbox: SandboxRuntime) -> None:
 
 async def test_initialize_errors_are_classified(sandbox: SandboxRuntime) -> None:
     with pytest.raises(NodeFailed, match="cannot initialize"):
-        await sandbox.acquire(make_spec(nodes.FailInit), ExecutionScope("i1"))
+        await sandbox.acquire(make_spec(nodes.FailingInit), ExecutionScope("i1"))
     with pytest.raises(WorkerFailure) as blocked:
         await sandbox.acquire(make_spec(nodes.BlockedInit), ExecutionScope("i2"))
     assert blocked.value.during == "initialize" and blocked.value.kind == "permission"
@@ -209,8 +209,8 @@ async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime,
         # Once every worker has imported the node's module, a node without initialize() is
         # created by its first call.
         for i in range(4):
-            assert await run_once(sandbox, nodes.PassThrough, {"in": i}) == i
-    spec = make_spec(nodes.PassThrough)
+            assert await run_once(sandbox, nodes.Echo, {"in": i}) == i
+    spec = make_spec(nodes.Echo)
     instance = await sandbox.acquire(spec, ExecutionScope("idle"))
     assert instance.initialized is not lazy
     try:
@@ -234,7 +234,7 @@ async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime,
 ])
 async def test_crash_fails_only_that_call(sandbox: SandboxRuntime, cls: type[nodes.Node],
                                          cause: str, fallback: bool) -> None:
-    bystander = await sandbox.acquire(make_spec(nodes.PassThrough, node_id="b"),
+    bystander = await sandbox.acquire(make_spec(nodes.Echo, node_id="b"),
                                       ExecutionScope("bystander"))
     try:
         with pytest.raises(WorkerFailure) as err:
@@ -385,7 +385,7 @@ async def test_mixed_failures_under_concurrency(sandbox: SandboxRuntime) -> None
 
     async def good(i: int) -> str:
         data = random_array("<f4", 100 + 9000 * (i % 3), seed=i)
-        assert same(await run_once(sandbox, nodes.PassThrough, {"in": data},
+        assert same(await run_once(sandbox, nodes.Echo, {"in": data},
                                    execution_id=f"g{i}"), data)
         return "ok"
 
@@ -429,7 +429,7 @@ async def test_memory_cap_workers_respect_max_workers(no_leaks: None) -> None:
 
 
 async def test_untrusted_modules_get_workers_of_their_own(no_leaks: None) -> None:
-    module = nodes.PassThrough.__module__
+    module = nodes.Echo.__module__
     runtime = SandboxRuntime(workers=1, domains=[module])
     await runtime.start()
     try:
@@ -464,7 +464,7 @@ async def test_layers_can_be_disabled_and_are_reported_absent(no_leaks: None) ->
             assert not layers[name].active and "disabled" in layers[name].detail
         assert layers["rlimits"].active and layers["parent death"].active
         data = np.arange(100_000, dtype=np.int16)
-        assert same(await run_once(runtime, nodes.PassThrough, {"in": data}), data)
+        assert same(await run_once(runtime, nodes.Echo, {"in": data}), data)
         assert runtime.healthy()
     finally:
         await runtime.shutdown()
