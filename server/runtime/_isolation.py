@@ -235,8 +235,8 @@ def apply_landlock(scratch_dir: str) -> list[LayerReport]:
     except Exception as exc:
         return [("landlock", False, f"filesystem rules failed: {exc}")]
     reports: list[LayerReport] = [
-        ("landlock", True, f"ABI {abi}: writes only below {scratch_dir}; no /dev/shm, no other "
-                           "process's /proc")]
+        ("landlock", True, f"ABI {abi}: writes only below the worker's scratch dir; no "
+                           "/dev/shm, no other process's /proc")]
     reports.append(_landlock_net_and_scope(abi))
     return reports
 

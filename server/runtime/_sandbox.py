@@ -650,10 +650,17 @@ class SandboxRuntime(Runtime):
         return future
 
     def _record_layers(self, worker: _Worker) -> None:
-        layers = [LayerStatus(n, a, d) for n, a, d in worker.layers]
+        """A layer counts as active only when every live worker has it; changes are logged."""
+        merged: dict[str, LayerStatus] = {}
+        for w in [*(w for w in self._workers.values() if w.alive and w is not worker), worker]:
+            for name, active, detail in w.layers:
+                known = merged.get(name)
+                if known is None or (known.active and not active):
+                    merged[name] = LayerStatus(name, active, detail)
+        layers = list(merged.values())
         if layers != self._layers:
-            if not self._layers:
-                for layer in layers:
+            for layer in layers:
+                if layer not in self._layers:
                     log.log(logging.INFO if layer.active else logging.WARNING,
                             "sandbox layer %s: %s (%s)", layer.name,
                             "active" if layer.active else "NOT ACTIVE", layer.detail)
