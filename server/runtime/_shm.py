@@ -175,6 +175,10 @@ class Inbox:
             self.segment = None
 
 
+# Values that travel as they are (checked by exact type first: most message fields are these).
+_PLAIN = frozenset({str, int, float, bool, type(None), Json})
+
+
 class _Layout:
     __slots__ = ("arrays", "echo", "end", "inline_max")
 
@@ -191,6 +195,8 @@ class _Layout:
         return offset
 
     def encode(self, value: Any) -> Any:
+        if type(value) in _PLAIN:
+            return value
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise TypeError("arrays of Python objects cannot leave the process")
@@ -214,7 +220,7 @@ class _Layout:
         if isinstance(value, list):
             return [self.encode(v) for v in value]
         if isinstance(value, tuple):
-            return tuple(self.encode(v) for v in value)
+            return tuple([self.encode(v) for v in value])
         if isinstance(value, Tagged):
             return Tagged(self.encode(value.value), dict(value.metadata))
         if isinstance(value, Audio):

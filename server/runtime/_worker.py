@@ -118,6 +118,7 @@ class _Worker:
         self.inbox = _shm.Inbox()
         self.outbox = _shm.Outbox(inline_max=config.inline_max, name="tensorline-out")
         self.instances: dict[int, _Hosted] = {}
+        self.params: dict[tuple[str, str, str], Any] = {}
         self.loop = asyncio.new_event_loop()
         self.current: _Hosted | None = None
         self.current_task: asyncio.Task[Any] | None = None
@@ -218,7 +219,14 @@ class _Worker:
                               type(exc).__name__,
                               f"cannot load {module}.{qualname} in the worker: {describe(exc)}",
                               ) from exc
-        params = cls.Params.model_validate_json(params_json)
+        key = (module, qualname, params_json)
+        params = self.params.get(key)
+        if params is None:
+            # Params models are frozen: one validated instance serves every instance created
+            # with the same parameters.
+            if len(self.params) > 1024:
+                self.params.clear()
+            params = self.params[key] = cls.Params.model_validate_json(params_json)
         context = NodeContext(node_id=node_id, execution_id=execution_id, runtime=RUNTIME_NAME,
                               scratch_dir=self.config.scratch_dir)
         hosted = _Hosted(cls(params, context), context)
