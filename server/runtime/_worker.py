@@ -200,13 +200,21 @@ class _Worker:
         return ("ok", value, _isolation.cpu_used())
 
     def _release(self, iids: list[int]) -> None:
-        """Run the cleanup of instances the server released (errors are the server's to log,
-        but it no longer waits for them: they are dropped)."""
+        """Run the cleanup of instances the server released. Nobody waits for the outcome any
+        more, so a failure is reported on the worker's stderr (the server's)."""
         for iid in iids:
             hosted = self.instances.pop(iid, None)
             if hosted is not None:
-                with contextlib.suppress(Exception):
-                    self._run(hosted, "cleanup")
+                self._cleanup(hosted)
+
+    def _cleanup(self, hosted: _Hosted) -> None:
+        try:
+            self._run(hosted, "cleanup")
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                print(f"tensorline sandbox worker {os.getpid()}: cleanup of node "
+                      f"'{hosted.context.node_id}' failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
 
     def _init(self, iid: int, module: str, qualname: str, params_json: str, node_id: str,
               execution_id: str) -> None:
@@ -263,9 +271,7 @@ class _Worker:
 
     def _cleanup_all(self) -> None:
         for iid in list(self.instances):
-            hosted = self.instances.pop(iid)
-            with contextlib.suppress(Exception):
-                self._run(hosted, "cleanup")
+            self._cleanup(self.instances.pop(iid))
 
 
 async def _await(awaitable: Any) -> Any:
