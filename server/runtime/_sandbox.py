@@ -746,8 +746,13 @@ class SandboxRuntime(Runtime):
 
     # --- calls --------------------------------------------------------------------------------
 
-    def _deadline(self, spec: NodeSpec, scope: ExecutionScope, default: float) -> float:
-        limit = spec.timeout_s or spec.entry.cls.traits.timeout_s or default
+    def _deadline(self, spec: NodeSpec, scope: ExecutionScope, default: float | None) -> float:
+        """Absolute loop time a call must finish by: the execution's deadline, and the node's
+        timeout (``default=None``: for ``process``) or ``default`` seconds (initialize)."""
+        if default is None:
+            limit = spec.timeout_s or spec.entry.cls.traits.timeout_s or self.call_timeout_s
+        else:
+            limit = default
         deadline = self._now() + limit
         if scope.deadline is not None:
             deadline = min(deadline, scope.deadline)
@@ -962,7 +967,8 @@ class SandboxRuntime(Runtime):
             ready = [w for w in self._workers.values() if w.state == "ready" and w.group == group]
             holders = [w for w in ready if key in w.warm]
             idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]
-            idle_others = [w for w in ready if w.queued == 0 and key not in w.warm]
+            idle_others = [w for w in ready if w.queued == 0 and w.reserved == 0
+                           and key not in w.warm]
             if idle_holders:
                 worker = idle_holders[0]
             elif idle_others:
@@ -975,6 +981,7 @@ class SandboxRuntime(Runtime):
             if task is None or (task.done() and (task.cancelled()
                                                  or task.exception() is not None)):
                 task = asyncio.ensure_future(self._init_warm(worker, spec, scope))
+                self._track(task)
                 worker.warm[key] = task
                 self._evict_warm(worker)
             worker.warm.move_to_end(key)
@@ -1028,7 +1035,7 @@ class SandboxRuntime(Runtime):
                 cls = spec.entry.cls
                 init = (cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
                         instance.scope.execution_id)
-            deadline = self._deadline(spec, instance.scope, self.call_timeout_s)
+            deadline = self._deadline(spec, instance.scope, None)
             try:
                 reply = await self._request(
                     worker, ("call", instance.iid, dict(inputs), init, None), spec, "process",

@@ -235,3 +235,13 @@ class Threaded(Node):
             parts = list(pool.map(lambda a: a * 2, np.array_split(inputs["in"], 3)))
         doubled = np.concatenate(parts)
         return await asyncio.to_thread(lambda: doubled + 1)
+
+
+class SlowInit(Node):
+    """initialize() takes longer than the node's process timeout."""
+
+    def initialize(self) -> None:
+        time.sleep(0.5)
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]

@@ -269,6 +269,15 @@ async def test_node_timeout_is_a_deadline(sandbox: SandboxRuntime) -> None:
     await assert_serving(sandbox)
 
 
+async def test_node_timeout_does_not_bound_initialize(sandbox: SandboxRuntime) -> None:
+    spec = make_spec(nodes.SlowInit, timeout_s=0.1)
+    instance = await sandbox.acquire(spec, ExecutionScope("slow-init"))
+    try:
+        assert await instance.process({"in": "ok"}) == "ok"
+    finally:
+        await sandbox.release(instance)
+
+
 # --- escape attempts ------------------------------------------------------------------------
 
 
