@@ -23,7 +23,9 @@ reply: the server sees the process die.
 
 SIGUSR1 from the server means "the current call was abandoned": the node's
 ``context.cancelled`` is set (and an async call is cancelled); the server kills the worker if
-the call still does not return in time.
+the call still does not return in time. The handler itself only writes the current request's
+generation to a pipe: a signal handler runs on the main thread, possibly inside the lock of the
+very Event it would set. A thread applies it, unless the request has changed meanwhile.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +125,12 @@ class _Worker:
         self.loop = asyncio.new_event_loop()
         self.current: _Hosted | None = None
         self.current_task: asyncio.Task[Any] | None = None
+        # Cancellation: the signal handler writes the call generation to this pipe; a thread
+        # applies it (see on_cancel_signal).
+        self.generation = 0
+        self.generation_lock = threading.Lock()
+        self.cancel_r, self.cancel_w = os.pipe()
+        os.set_blocking(self.cancel_w, False)
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -159,6 +168,12 @@ class _Worker:
 
     def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
         _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
+        with self.generation_lock:
+            # A new request: a cancellation signalled for an earlier one no longer applies,
+            # and a warm instance must not see an earlier call's cancellation.
+            self.generation += 1
+            if op == "call" and request[1] in self.instances:
+                self.instances[request[1]].context.cancelled.clear()
         if op == "call":
             _, iid, inputs, init, releases = request
             self._release(releases)
@@ -170,9 +185,6 @@ class _Worker:
             if hosted is None:
                 return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
                         "process")
-            # A warm instance outlives its requests: an earlier call's cancellation must not be
-            # seen by this one (calls on a worker never overlap).
-            hosted.context.cancelled.clear()
             outcome = self._guard(self._run, hosted, "process", inputs)
             return (*outcome, "process") if outcome[0] == "error" else outcome
         if op == "init":
@@ -261,6 +273,25 @@ class _Worker:
         finally:
             self.current = None
 
+    def on_cancel_signal(self, *_: Any) -> None:
+        """SIGUSR1 handler. It runs on the main thread at any bytecode boundary, possibly while
+        that thread holds the lock inside ``context.cancelled``: it must take no lock itself.
+        It only records which call was current; the cancel thread does the rest."""
+        with contextlib.suppress(OSError):
+            os.write(self.cancel_w, self.generation.to_bytes(8, "little"))
+
+    def cancel_thread(self) -> None:
+        while True:
+            try:
+                data = os.read(self.cancel_r, 8)
+            except InterruptedError:
+                continue
+            if len(data) != 8:
+                return
+            with self.generation_lock:
+                if int.from_bytes(data, "little") == self.generation:
+                    self.cancel_current()
+
     def cancel_current(self) -> None:
         hosted = self.current
         if hosted is not None:
@@ -325,7 +356,8 @@ def worker_main(config: WorkerConfig, sock: socket.socket, alive_fd: Any) -> Non
     if os.getppid() == 1:
         os._exit(70)  # the forkserver (and so the server) died before the signal was armed
     worker = _Worker(config, sock)
-    signal.signal(signal.SIGUSR1, lambda *_: worker.cancel_current())
+    threading.Thread(target=worker.cancel_thread, name="tensorline-cancel", daemon=True).start()
+    signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
     if config.landlock:
         reports.extend(_isolation.apply_landlock(config.scratch_dir))
     else:

@@ -204,6 +204,24 @@ async def test_cleanup_runs_after_cancellation(sandbox: SandboxRuntime) -> None:
     await assert_serving(sandbox)
 
 
+async def test_cancellation_reaches_the_node_every_time(sandbox: SandboxRuntime) -> None:
+    """The node sees ``cancelled`` (the worker is not killed for it), however the signal lands."""
+    restarts = sandbox.stats()["worker_restarts"]
+    for i in range(25):
+        execution = f"c{i}"
+        spec = make_spec(nodes.Marker, {"mode": "sleep"})
+        instance = await sandbox.acquire(spec, ExecutionScope(execution))
+        task = asyncio.ensure_future(instance.process({"in": 1}))
+        await eventually(lambda e=execution: "process" in markers(sandbox, e), 20.0, "process")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await sandbox.release(instance)
+        await eventually(lambda e=execution: "cleanup" in markers(sandbox, e), 20.0, "cleanup")
+        assert "cancelled" in markers(sandbox, execution)
+    assert sandbox.stats()["worker_restarts"] == restarts
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime,
                                                        lazy: bool) -> None:
