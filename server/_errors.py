@@ -93,12 +93,17 @@ class SandboxFailure(TensorlineServerError):
     """The sandbox worker hosting a node crashed or was killed (memory, CPU, signal)."""
 
     reason = "SANDBOX_FAILURE"
-
     def __init__(self, node_id: str, cause: str, *, during: str = "process") -> None:
         self.node_id = node_id
         self.cause = cause
         self.during = during
         super().__init__(f"node '{node_id}' failed in the sandbox during {during}: {cause}")
+
+    @property
+    def fallback_eligible(self) -> bool:
+        """Whether the sandbox (a blocked syscall, the memory cap, a crash while importing or
+        initializing) rather than the node caused this, so an in-process retry may help."""
+        return True
 
 
 class DeadlineExceeded(TensorlineServerError):

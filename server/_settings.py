@@ -55,6 +55,21 @@ class Settings(BaseSettings):
     enable_fallback: bool = Field(True, description="TENSORLINE_ENABLE_FALLBACK: retry "
                                                     "sandbox failures in-process (trusted only)")
 
+    sandbox: bool = Field(True, description="run the sandboxed worker pool")
+    sandbox_workers: int = Field(2, ge=1, description="worker processes started up front")
+    sandbox_max_workers: int | None = Field(
+        None, ge=1, description="worker processes at most (default: workers + 2)")
+    sandbox_memory_mb: int = Field(
+        2048, ge=256, description="default memory cap (RLIMIT_DATA) of a worker, MiB")
+    sandbox_cpu_seconds: float = Field(60.0, gt=0, description="CPU seconds one call may use")
+    sandbox_call_timeout_s: float = Field(
+        300.0, gt=0, description="wall-clock limit of one sandboxed call without a deadline")
+    sandbox_scratch_dir: Path | None = Field(
+        None, description="where workers get writable scratch dirs (default: a temp dir)")
+    sandbox_namespaces: bool = Field(True, description="isolate workers in user+net namespaces")
+    sandbox_landlock: bool = Field(True, description="restrict worker file writes with Landlock")
+    sandbox_seccomp: bool = Field(True, description="apply the seccomp denylist in workers")
+
     max_concurrent_executions: int = Field(
         256, ge=0, description="unary executions in progress before RESOURCE_EXHAUSTED (0 = no limit)")
     max_concurrent_streams: int = Field(

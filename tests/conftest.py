@@ -18,7 +18,7 @@ TEST_NODE_MODULES = ("tests.nodes.basic", "tests.nodes.spine", "tests.nodes.stre
 
 def settings_for_tests(**overrides: Any) -> Settings:
     values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "grace_s": 2.0,
-                              "load_entry_points": False}
+                              "load_entry_points": False, "sandbox_workers": 1}
     values.update(overrides)
     return Settings(**values)
 

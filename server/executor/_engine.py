@@ -64,8 +64,19 @@ class PipelineEngine:
         if self._started:
             return
         self._started = True
-        for runtime in self.runtimes.values():
-            await runtime.start()
+        for name, runtime in list(self.runtimes.items()):
+            if name == INPROCESS:
+                await runtime.start()
+                continue
+            try:
+                await runtime.start()
+            except Exception:
+                # A server without its sandbox still serves trusted nodes in-process; the
+                # selector refuses untrusted ones (PERMISSION_DENIED) and says why.
+                log.exception("the %s runtime could not start; continuing without it", name)
+                await runtime.shutdown()
+                del self.runtimes[name]
+                self.selector.sandbox_available = False
 
     async def shutdown(self) -> None:
         if self._closed:

@@ -203,6 +203,8 @@ class Executor:
             try:
                 raw = await self._call(spec, spec.decision, node_inputs, scope)
             except SandboxFailure as failure:
+                if not failure.fallback_eligible:
+                    raise
                 retry = self._selector.fallback(spec.node_id, spec.entry, spec.decision,
                                                 failure.cause)
                 if retry is None:

@@ -19,8 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from tensorline.server._settings import Settings
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.nodes import NodeRegistry
-from tensorline.server.runtime import InProcessRuntime, Runtime
-from tensorline.server.selector import INPROCESS, Selector
+from tensorline.server.runtime import InProcessRuntime, Runtime, SandboxRuntime
+from tensorline.server.selector import INPROCESS, SANDBOX, Selector
 from tensorline.server.service._auth import BearerTokenInterceptor
 from tensorline.server.service._service import SERVICE_NAME, PipelineService
 from tensorline.server.service._telemetry import Telemetry
@@ -68,6 +68,21 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
                                     shutdown_timeout_s=max(1.0, settings.grace_s),
                                     warm_capacity=settings.warm_instances),
     }
+    if settings.sandbox:
+        runtimes[SANDBOX] = SandboxRuntime(
+            workers=settings.sandbox_workers,
+            max_workers=settings.sandbox_max_workers,
+            memory_mb_default=settings.sandbox_memory_mb,
+            domains=tuple(settings.untrusted_modules),
+            cpu_seconds=settings.sandbox_cpu_seconds,
+            call_timeout_s=settings.sandbox_call_timeout_s,
+            scratch_root=(str(settings.sandbox_scratch_dir)
+                          if settings.sandbox_scratch_dir else None),
+            max_message_bytes=settings.max_message_bytes,
+            namespaces=settings.sandbox_namespaces,
+            landlock=settings.sandbox_landlock,
+            seccomp=settings.sandbox_seccomp,
+        )
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
                         sandbox_available="sandbox" in runtimes)
     return PipelineEngine(registry, selector, runtimes, plan_cache_size=settings.plan_cache_size)

@@ -318,12 +318,22 @@ async def test_untrusted_node_with_inprocess_hint_is_permission_denied(
                                  {"p": np.zeros(1)})
         assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
         assert "untrusted" in caught.value.message
-        # Without a hint it must run sandboxed, which this server does not have: refused too.
-        with pytest.raises(PermissionDeniedError, match="sandbox"):
-            await client.execute(manifest(node("p", "Probe")), {"p": np.zeros(1)})
+        # Without a hint it runs sandboxed, by the trust policy.
+        result = await client.execute(manifest(node("p", "Probe")), {"p": np.zeros(1)})
+        metrics = result.metrics.nodes[0]
+        assert metrics.runtime == "sandbox"
+        assert metrics.selection_reason.startswith("trust policy")
         catalogue = {n.node_type: n for n in await client.list_nodes()}
         assert catalogue["Probe"].trusted is False
         assert list(catalogue["Probe"].allowed_runtimes) == ["sandbox"]
+
+
+async def test_untrusted_node_is_refused_by_a_server_without_sandbox(server_factory: Any) -> None:
+    server = await server_factory(node_modules=["tests.nodes.basic"],
+                                  untrusted_modules=["tests.nodes.spine"], sandbox=False)
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        with pytest.raises(PermissionDeniedError, match="sandbox"):
+            await client.execute(manifest(node("p", "Probe")), {"p": np.zeros(1)})
 
 
 async def test_corrupted_requests_never_cause_internal_errors(target: str) -> None:

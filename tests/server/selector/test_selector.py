@@ -233,19 +233,24 @@ def test_default_is_in_process_for_trusted_nodes() -> None:
 
 # --- reasons in response metrics ---------------------------------------------------------------
 
-async def test_reasons_are_recorded_in_metrics(client: AsyncClient) -> None:
+@pytest.mark.parametrize("sandbox", [True, False])
+async def test_reasons_are_recorded_in_metrics(server_factory: Callable[..., Any],
+                                               sandbox: bool) -> None:
+    server = await server_factory(sandbox=sandbox)
     manifest = {"version": "v1", "nodes": [
         {"id": "hinted", "node_type": "PassThrough", "runtime_hint": "cpython"},
         {"id": "sandboxed", "node_type": "PassThrough", "runtime_hint": "cpython_wasm"},
         {"id": "plain", "node_type": "PassThrough"},
     ]}
     x = np.zeros(1)
-    result = await client.execute(manifest, {"hinted": x, "sandboxed": x, "plain": x})
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        result = await client.execute(manifest, {"hinted": x, "sandboxed": x, "plain": x})
     reasons = {m.node_id: (m.runtime, m.selection_reason) for m in result.metrics.nodes}
     assert reasons == {
         "hinted": ("inprocess", "manifest runtime_hint=inprocess"),
-        "sandboxed": ("inprocess", "manifest runtime_hint=sandbox; sandbox unavailable on this "
-                                   "server, in-process"),
+        "sandboxed": ("sandbox", "manifest runtime_hint=sandbox") if sandbox else (
+            "inprocess", "manifest runtime_hint=sandbox; sandbox unavailable on this server, "
+                         "in-process"),
         "plain": ("inprocess", "default: trusted node in-process"),
     }
 

@@ -23,7 +23,9 @@ async def test_server_info(server_factory: Callable[..., Any]) -> None:
     assert info.instance_id == "replica-7"
     assert info.max_message_bytes == 123_456_789
     assert info.max_tensor_bytes == 99_999
-    assert list(info.runtimes) == ["inprocess"]
+    assert list(info.runtimes) == ["inprocess", "sandbox"]
+    layers = {layer.name for layer in info.sandbox_layers}
+    assert {"process", "rlimits", "seccomp"} <= layers
 
 
 async def test_catalogue_has_test_nodes_with_ports_and_schemas(client: AsyncClient) -> None:
