@@ -734,6 +734,8 @@ class DecodedStreamResponse:
     ready: pb.StreamReady | None = None
     event: pb.StreamEvent | None = None
     closed: pb.StreamClosed | None = None
+    # kind "error": the serialized google.rpc.Status the call is about to end with.
+    error_status: bytes = b""
 
 
 def _decode_stream_result(raw: bytes, start: int, end: int, problems: list[Violation]) -> StreamItem:
@@ -756,6 +758,9 @@ def decode_stream_response(raw: bytes) -> DecodedStreamResponse:
             response.kind, response.event = "event", pb.StreamEvent.FromString(raw[a:b])
         elif number == 4:
             response.kind, response.closed = "closed", pb.StreamClosed.FromString(raw[a:b])
+        elif number == 6:
+            response.kind = "error"
+            response.error_status = pb.StreamError.FromString(raw[a:b]).status
         elif number == 5:
             response.kind = "results"
             for inner, inner_type, c, d in _fields(raw, a, b):

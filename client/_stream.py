@@ -20,12 +20,14 @@ inputs...) go to ``on_event`` and ``events``, never into the results.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.rpc import status_pb2
 
 from tensorline.client._codec import (
     DecodedStreamResponse,
@@ -95,6 +97,24 @@ class StreamMetrics:
 
 
 _END: Any = object()
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _StatusCarrier(grpc.RpcError):  # type: ignore[misc]
+    """A google.rpc.Status received as a StreamError message, shaped like a failed call so
+    that ``from_rpc_error`` (the one place mapping statuses to exceptions) handles it."""
+
+    def __init__(self, serialized: bytes) -> None:
+        self._status = status_pb2.Status.FromString(serialized)
+
+    def code(self) -> grpc.StatusCode:
+        return _CODES.get(self._status.code, grpc.StatusCode.UNKNOWN)
+
+    def details(self) -> str:
+        return str(self._status.message)
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return (("grpc-status-details-bin", self._status.SerializeToString()),)
 
 
 @dataclass
@@ -103,6 +123,8 @@ class _State:
     nodes: list[StreamNodeMetrics] = field(default_factory=list)
     metrics: StreamMetrics | None = None
     error: TensorlineError | None = None
+    # The failure announced by a StreamError message (wins over what the transport reports).
+    server_error: TensorlineError | None = None
     finished: bool = False
     cancelled: bool = False
 
@@ -128,6 +150,8 @@ class AsyncStream:
         self._reader: asyncio.Task[None] | None = None
         self._next_sequence = 0
         self._closing = False
+        # grpc allows one write (or half-close) at a time per call.
+        self._write_lock = asyncio.Lock()
 
     # --- properties ---
 
@@ -213,9 +237,17 @@ class AsyncStream:
                 elif kind == "closed":
                     assert response.closed is not None
                     self._state.metrics = StreamMetrics.from_proto(response.closed)
+                elif kind == "error":
+                    # Stop sending and half-close: the server then ends the call with this
+                    # status (writing on would race with it; see the proto).
+                    self._state.server_error = from_rpc_error(
+                        _StatusCarrier(response.error_status))
+                    async with self._write_lock:
+                        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                            await self._call.done_writing()
         except grpc.RpcError as error:
             if not self._state.cancelled:
-                self._state.error = from_rpc_error(error)
+                self._state.error = self._state.server_error or from_rpc_error(error)
         except asyncio.CancelledError:
             pass
         finally:
@@ -242,12 +274,17 @@ class AsyncStream:
         return sequence
 
     async def _write(self, data: bytes) -> None:
-        if self._state.finished or self._closing:
-            await self._raise_final("the stream is closed")
-        try:
-            await self._call.write(data)
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            await self._raise_final("the stream has ended")
+        async with self._write_lock:
+            if self._state.server_error is not None:
+                raise self._state.server_error
+            if not (self._state.finished or self._closing):
+                try:
+                    await self._call.write(data)
+                    return
+                except (grpc.RpcError, asyncio.InvalidStateError):
+                    pass
+        await self._raise_final("the stream has ended" if self._state.finished
+                                else "the stream is closed")
 
     async def _raise_final(self, fallback: str) -> None:
         if self._reader is not None:
@@ -278,11 +315,12 @@ class AsyncStream:
             return self._state.metrics
         if not self._closing and not self._state.finished:
             self._closing = True
-            try:
-                await self._call.write(encode_stream_close())
-                await self._call.done_writing()
-            except (grpc.RpcError, asyncio.InvalidStateError):
-                pass  # the call already ended: its status tells why
+            async with self._write_lock:
+                try:
+                    await self._call.write(encode_stream_close())
+                    await self._call.done_writing()
+                except (grpc.RpcError, asyncio.InvalidStateError):
+                    pass  # the call already ended: its status tells why
         assert self._reader is not None
         await asyncio.shield(self._reader)
         if self._state.error is not None:
@@ -296,11 +334,12 @@ class AsyncStream:
         if self._state.finished:
             return
         self._state.cancelled = True
-        try:
-            await self._call.write(encode_stream_cancel(reason))
-            await self._call.done_writing()
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            pass
+        async with self._write_lock:
+            try:
+                await self._call.write(encode_stream_cancel(reason))
+                await self._call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                pass
         if self._reader is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)

@@ -109,7 +109,8 @@ class BufferStats:
 class Channel:
     """A bounded FIFO with one consumer: ``put`` waits while full, ``get_batch`` takes all."""
 
-    __slots__ = ("_bytes", "_getter", "_items", "_putters", "_stats", "capacity", "max_bytes")
+    __slots__ = ("_bytes", "_getter", "_items", "_putters", "_stats", "capacity", "closed",
+                 "max_bytes")
 
     def __init__(self, capacity: int, max_bytes: int, stats: BufferStats) -> None:
         self.capacity = max(1, capacity)
@@ -119,11 +120,15 @@ class Channel:
         self._getter: asyncio.Future[None] | None = None
         self._putters: list[asyncio.Future[None]] = []
         self._stats = stats
+        # A closed channel (its consumer stopped) takes and drops whatever is put.
+        self.closed = False
 
     def __len__(self) -> int:
         return len(self._items)
 
     def _full(self, size: int) -> bool:
+        if self.closed:
+            return False
         count = len(self._items)
         if count >= self.capacity:
             return True
@@ -131,6 +136,8 @@ class Channel:
         return bool(self.max_bytes and count and self._bytes + size > self.max_bytes)
 
     def _append(self, item: Any, size: int) -> None:
+        if self.closed:
+            return
         self._items.append((item, size))
         self._bytes += size
         stats = self._stats
@@ -168,6 +175,18 @@ class Channel:
     def force_put(self, item: Any) -> None:
         """Queue a control item (end of stream, event) regardless of the bounds."""
         self._append(item, 0)
+
+    def close(self) -> None:
+        """Drop what is queued and everything put from now on; release waiting producers."""
+        self.closed = True
+        self._stats.items -= len(self._items)
+        self._stats.bytes -= self._bytes
+        self._items.clear()
+        self._bytes = 0
+        for waiter in self._putters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._putters.clear()
 
     async def get_batch(self, limit: int = BATCH) -> list[Any]:
         while not self._items:
@@ -616,11 +635,14 @@ class StreamSession:
     # --- ending ---
 
     async def stop_nodes(self) -> None:
-        """Stop every stage at once (nothing more reaches the outbox); nodes stay acquired."""
+        """Stop every stage at once (nothing more reaches the outbox) and drop what their
+        inboxes hold, so a sender waiting for room returns; nodes stay acquired."""
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for stage in self._stages.values():
+            stage.inbox.close()
 
     async def aclose(self) -> None:
         """Stop at once and release every node (its cleanup runs); idempotent."""

@@ -51,7 +51,7 @@ from tensorline.server.executor import (
 from tensorline.server.executor._streaming import size_of
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._service import scope_for
-from tensorline.server.service._status import translate_errors
+from tensorline.server.service._status import to_status, translate_errors
 from tensorline.server.service._telemetry import Telemetry
 from tensorline.v1 import tensorline_pb2 as pb
 
@@ -61,6 +61,8 @@ Context = Any  # grpc.aio.ServicerContext
 # large tensors could exceed the message size limit.
 COALESCE_BYTES = 256 * 1024
 COALESCE_COUNT = 64
+# After a failure, how long the client gets to stop sending before the call ends anyway.
+ERROR_GRACE_S = 5.0
 
 
 def stream_node_metrics(report: NodeReport) -> pb.NodeMetrics:
@@ -108,6 +110,7 @@ class _Writer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._final: bytes | None = None
 
     async def _send(self, data: bytes) -> None:
         if self._stopping:
@@ -119,8 +122,10 @@ class _Writer:
             self._idle.set()
 
     async def stop(self, task: asyncio.Task[None], *, drain: bool = False,
-                   grace: float = 2.0) -> None:
-        """End the writer; with ``drain``, after it wrote everything queued so far."""
+                   final: bytes | None = None, grace: float = 2.0) -> None:
+        """End the writer; with ``drain``, after it wrote everything queued so far and then
+        ``final``."""
+        self._final = final
         if drain and not task.done():
             self._session.outbox.force_put(_DRAIN)
             # A client that stopped reading can hold a write forever: bounded wait.
@@ -156,6 +161,8 @@ class _Writer:
                     await send(encode_stream_results(results))
                     results = []
                 if item is _DRAIN:
+                    if self._final is not None:
+                        await send(self._final)
                     return
                 await send(_control(item, self._plan_cached))
                 if isinstance(item, SessionClosed):
@@ -197,14 +204,33 @@ _CLEANUPS: set[asyncio.Task[None]] = set()
 
 
 async def _cleanup(session: StreamSession, tasks: list[asyncio.Task[Any]], writing: _Writer,
-                   writer: asyncio.Task[None], drain: bool) -> None:
+                   writer: asyncio.Task[None], reader: asyncio.Task[str] | None,
+                   error: TensorlineServerError | None, context: Context) -> None:
+    """Stop everything and release the nodes. After a failure (``error``), what was produced
+    before it is written first; after Ready, the status goes out as a StreamError message too,
+    and the client gets a grace period to stop sending (see the proto)."""
     for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    if drain:
-        # Results and events produced before a failure reach the client before its status.
-        await session.stop_nodes()
-    await writing.stop(writer, drain=drain)
+        if task is not reader or error is None:
+            task.cancel()
+    await asyncio.gather(*(t for t in tasks if t is not reader or error is None),
+                         return_exceptions=True)
+    if error is None:
+        await writing.stop(writer)
+        await session.aclose()
+        return
+    # Stop the nodes; closing their inboxes also releases a reader waiting for room.
+    await session.stop_nodes()
+    final = None
+    if reader is not None:
+        final = pb.StreamResponse(error=pb.StreamError(
+            status=to_status(error).SerializeToString())).SerializeToString()
+    await writing.stop(writer, drain=True, final=final)
+    if reader is not None:
+        # The reader now discards chunks; it ends when the client half-closes or cancels.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), ERROR_GRACE_S)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
     await session.aclose()
 
 
@@ -247,7 +273,8 @@ class StreamHandler:
         tasks: list[asyncio.Task[Any]] = []
         writing = _Writer(session, context, lookup.cached)
         writer = asyncio.ensure_future(writing.run())
-        drain = False
+        reader: asyncio.Task[str] | None = None
+        failure: TensorlineServerError | None = None
         try:
             async with asyncio.timeout_at(scope.deadline):
                 starting = asyncio.ensure_future(session.start())
@@ -260,7 +287,7 @@ class StreamHandler:
                 runner = asyncio.ensure_future(session.run())
                 reader = asyncio.ensure_future(_read(session, context))
                 tasks += [runner, reader]
-                pending = {runner, reader, writer}
+                pending: set[asyncio.Task[Any]] = {runner, reader, writer}
                 while not writer.done():
                     done, pending = await asyncio.wait(pending,
                                                        return_when=asyncio.FIRST_COMPLETED)
@@ -274,13 +301,16 @@ class StreamHandler:
             raise DeadlineExceeded("deadline exceeded during the stream session") from None
         except (SessionCancelled, DeadlineExceeded):
             raise
-        except TensorlineServerError:
-            drain = True
+        except TensorlineServerError as error:
+            failure = error
             raise
         finally:
+            if reader is not None and reader.done():
+                reader = None  # it ended (its own error, close or cancel): nothing to drain
             # Shielded: grpc may cancel this handler again (deadline, disconnect) while it
             # cleans up, and every node must still be released.
-            cleanup = asyncio.ensure_future(_cleanup(session, tasks, writing, writer, drain))
+            cleanup = asyncio.ensure_future(_cleanup(session, tasks, writing, writer, reader,
+                                                     failure, context))
             _CLEANUPS.add(cleanup)
             cleanup.add_done_callback(_CLEANUPS.discard)
             await asyncio.shield(cleanup)

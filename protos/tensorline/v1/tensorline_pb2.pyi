@@ -180,18 +180,26 @@ class StreamCancel(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("ready", "result", "event", "closed", "results")
+    __slots__ = ("ready", "result", "event", "closed", "results", "error")
     READY_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     ready: StreamReady
     result: StreamResult
     event: StreamEvent
     closed: StreamClosed
     results: StreamResults
-    def __init__(self, ready: _Optional[_Union[StreamReady, _Mapping]] = ..., result: _Optional[_Union[StreamResult, _Mapping]] = ..., event: _Optional[_Union[StreamEvent, _Mapping]] = ..., closed: _Optional[_Union[StreamClosed, _Mapping]] = ..., results: _Optional[_Union[StreamResults, _Mapping]] = ...) -> None: ...
+    error: StreamError
+    def __init__(self, ready: _Optional[_Union[StreamReady, _Mapping]] = ..., result: _Optional[_Union[StreamResult, _Mapping]] = ..., event: _Optional[_Union[StreamEvent, _Mapping]] = ..., closed: _Optional[_Union[StreamClosed, _Mapping]] = ..., results: _Optional[_Union[StreamResults, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+
+class StreamError(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: bytes
+    def __init__(self, status: _Optional[bytes] = ...) -> None: ...
 
 class StreamReady(_message.Message):
     __slots__ = ("session_id", "nodes")

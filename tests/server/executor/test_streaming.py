@@ -327,6 +327,17 @@ async def test_node_error_mid_stream_names_node_and_sequence(client: AsyncClient
     assert received == [100, 101, 102]
 
 
+async def test_a_client_still_sending_after_a_failure_learns_the_real_status(
+        client: AsyncClient) -> None:
+    """The sender races the error status; StreamError makes the outcome deterministic."""
+    for _ in range(5):
+        with pytest.raises(NodeError) as caught:
+            async with client.stream(chain(("FailAt", {"sequence": 3}))) as s:
+                for i in range(2000):
+                    await s.send("n0", scalar(i))
+        assert caught.value.node_id == "n0" and caught.value.metadata["sequence"] == "3"
+
+
 async def test_bad_chunk_address_is_invalid_argument(client: AsyncClient) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         async with client.stream(chain("PassThrough")) as s:
