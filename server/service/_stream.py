@@ -14,8 +14,11 @@ tasks run until the session ends:
 Endings: close (``close`` message or half-close) drains, flushes and ends with ``closed``
 (metrics) and OK; ``cancel`` stops at once and ends with CANCELLED; a disconnect cancels this
 handler; the deadline ends it with DEADLINE_EXCEEDED; a node error with the node's status (node
-and sequence in the details). Every node is released (cleanup) before the status goes out.
-Errors become statuses only through ``_status.translate_errors``.
+and sequence in the details). After a failure the results already produced are written first;
+after Ready the status is also sent as a ``StreamError`` message and chunks still arriving are
+discarded until the client half-closes (at most ``ERROR_GRACE_S``), because a client write that
+races the final status fails locally as INTERNAL and would hide it. Every node is released
+(cleanup) before the status goes out. Errors become statuses only through ``_status``.
 """
 
 from __future__ import annotations
