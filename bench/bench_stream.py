@@ -163,18 +163,31 @@ async def bench(args: argparse.Namespace, port: int, echo_port: int) -> None:
     async with AsyncClient(f"127.0.0.1:{port}") as client, \
             grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as echo:
         for round_ in range(args.rounds):
-            # Interleaved: echo, 1 node, 3 nodes, for each test, every round.
-            add("echo c=1", args.chunks / await echo_throughput(echo, args.chunks))
-            for n in (1, 3):
-                add(f"{n}-node c=1", args.chunks / await tl_throughput(client, n, args.chunks))
-            add(f"echo c={args.streams}", total_n / await concurrent(
-                args.streams, lambda: echo_throughput(echo, per_stream)))
-            for n in (1, 3):
-                add(f"{n}-node c={args.streams}", total_n / await concurrent(
-                    args.streams, lambda n=n: tl_throughput(client, n, per_stream)))  # type: ignore[misc]
-            add("echo p50", statistics.median(await echo_latency(echo, args.latency)))
-            for n in (1, 3):
-                add(f"{n}-node p50", statistics.median(await tl_latency(client, n, args.latency)))
+            # Interleaved: every variant of every test in each round, in an order that rotates
+            # from round to round so that none always runs first (warm caches, drift).
+            def rotate(items: list[Any], shift: int = round_ % 3) -> list[Any]:
+                return items[shift:] + items[:shift]
+
+            tests: list[Any] = []
+            for variant in rotate(["echo", 1, 3]):
+                if variant == "echo":
+                    tests.append(("echo c=1", lambda: echo_throughput(echo, args.chunks),
+                                  args.chunks))
+                    tests.append((f"echo c={args.streams}", lambda: concurrent(
+                        args.streams, lambda: echo_throughput(echo, per_stream)), total_n))
+                    tests.append(("echo p50", lambda: echo_latency(echo, args.latency), 0))
+                else:
+                    n = variant
+                    tests.append((f"{n}-node c=1",
+                                  lambda n=n: tl_throughput(client, n, args.chunks), args.chunks))
+                    tests.append((f"{n}-node c={args.streams}", lambda n=n: concurrent(
+                        args.streams, lambda: tl_throughput(client, n, per_stream)), total_n))
+                    tests.append((f"{n}-node p50", lambda n=n: tl_latency(client, n, args.latency),
+                                  0))
+            for key, run, count in sorted(tests, key=lambda t: ("c=1" not in t[0],
+                                                                 "p50" in t[0])):
+                value = await run()
+                add(key, statistics.median(value) if count == 0 else count / value)
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -200,11 +213,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--latency", type=int, default=1000, help="ping-pongs per round")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-server", metavar="FILE", help="cProfile the server into FILE")
     args = parser.parse_args()
     if args.serve:
         asyncio.run(serve())
         return
-    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"],
+    profile = ["-m", "cProfile", "-o", args.profile_server] if args.profile_server else []
+    server = subprocess.Popen([sys.executable, *profile, os.path.abspath(__file__), "--serve"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None

@@ -64,6 +64,8 @@ Context = Any  # grpc.aio.ServicerContext
 # large tensors could exceed the message size limit.
 COALESCE_BYTES = 256 * 1024
 COALESCE_COUNT = 64
+# Largest per-node queue a client may ask for in its init message.
+MAX_QUEUE_SIZE = 1024
 # After a failure, how long the client gets to stop sending before the call ends anyway.
 ERROR_GRACE_S = 5.0
 
@@ -271,7 +273,9 @@ class StreamHandler:
         scope = scope_for(context, uuid.uuid4().hex)
         session = self.engine.streaming.open(
             lookup.plan, scope,
-            queue_size=first.init.queue_size or self.settings.stream_queue_size,
+            # A client may ask for smaller or larger buffers, within a server cap.
+            queue_size=min(first.init.queue_size, MAX_QUEUE_SIZE)
+            or self.settings.stream_queue_size,
             buffer_bytes=self.settings.stream_buffer_bytes)
         tasks: list[asyncio.Task[Any]] = []
         writing = _Writer(session, context, lookup.cached)
