@@ -188,3 +188,22 @@ class Gain(Node):
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         return inputs["in"] * inputs.get("gain", 1)
+
+
+class SyncTracker(StreamingNode):
+    """A sync generator (own thread) that records, per session, when its thread leaves the
+    generator and when cleanup runs: cancel must unblock a thread waiting for input."""
+
+    inputs = (Port("in"),)
+    outputs = (Port("out"),)
+
+    def stream(self, chunks: Iterator[Chunk]) -> Iterator[Any]:
+        try:
+            for chunk in chunks:
+                _record(self.context.execution_id, "chunk")
+                yield chunk.value
+        finally:
+            _record(self.context.execution_id, "generator-exit")
+
+    def cleanup(self) -> None:
+        _record(self.context.execution_id, "cleanup")

@@ -129,6 +129,20 @@ async def test_cancel_status_is_cancelled_and_close_status_is_ok(target: str) ->
     assert code == grpc.StatusCode.CANCELLED and "closed" not in kinds
 
 
+@pytest.mark.parametrize("ending", ["close", "cancel"])
+async def test_sync_generator_thread_ends_before_cleanup(client: AsyncClient, ending: str) -> None:
+    async with client.stream(chain("SyncTracker")) as s:
+        await s.send("n0", scalar(1))
+        assert float((await s.__anext__()).value[0]) == 1.0
+        # The generator's thread now waits for the next chunk.
+        if ending == "close":
+            await s.close()
+        else:
+            await s.cancel()
+    events = await asyncio.to_thread(nodes.wait_for_cleanup, s.session_id)
+    assert events == ["chunk", "generator-exit", "cleanup"]
+
+
 async def test_disconnect_cancels_and_cleans_up(target: str) -> None:
     client = AsyncClient(target)
     stream = client.stream(chain("Tracker"))
