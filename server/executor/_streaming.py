@@ -375,7 +375,7 @@ class StreamSession:
     async def start(self) -> list[NodeReport]:
         """Initialize every node (concurrently), wire the stages and queue Ready.
 
-        On failure every node initialized so far is released and the error propagates."""
+        On failure the error propagates; ``aclose`` releases the nodes initialized so far."""
         specs = [self.plan.nodes[nid] for nid in self.plan.order]
         results = await asyncio.gather(*(self._acquire(spec) for spec in specs),
                                        return_exceptions=True)
@@ -633,6 +633,12 @@ class StreamSession:
         self._finish(stage)
 
     # --- ending ---
+
+    def reports(self) -> list[NodeReport]:
+        """What each initialized node did so far (runtime, counts, wall time)."""
+        for stage in self._stages.values():
+            stage.report.wall_ms = stage.busy_s * 1000.0
+        return [self._stages[nid].report for nid in self.plan.order if nid in self._stages]
 
     async def stop_nodes(self) -> None:
         """Stop every stage at once (nothing more reaches the outbox) and drop what their

@@ -37,6 +37,7 @@ from tensorline.client._codec import (
 )
 from tensorline.server._errors import (
     DeadlineExceeded,
+    NodeFailed,
     RequestInvalid,
     SessionCancelled,
     TensorlineServerError,
@@ -320,4 +321,8 @@ class StreamHandler:
                                                      failure, context))
             _CLEANUPS.add(cleanup)
             cleanup.add_done_callback(_CLEANUPS.discard)
+            if self.telemetry is not None:
+                for report in session.reports():
+                    self.telemetry.observe_node(report, failed=isinstance(failure, NodeFailed)
+                                                and failure.node_id == report.node_id)
             await asyncio.shield(cleanup)

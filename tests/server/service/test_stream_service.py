@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tensorline.client import AsyncClient, AuthenticationError, LimitExceededError
+from tensorline.client import AsyncClient, AuthenticationError, LimitExceededError, NodeError
 
 MANIFEST = {"nodes": [{"id": "p", "node_type": "PassThrough"}]}
 
@@ -39,3 +40,27 @@ async def test_streams_beyond_the_limit_are_shed(server_factory: Callable[..., A
             assert info.value.retry_after_s is not None
         async with client.stream(MANIFEST) as again:  # the slot is free once the first closed
             await again.close()
+
+
+async def test_stream_metrics_are_exported(server_factory: Callable[..., Any]) -> None:
+    from tests.server.service.test_observability import scrape
+
+    server = await server_factory(metrics_port=0, metrics_host="127.0.0.1")
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        async with client.stream(MANIFEST) as s:
+            await s.send("p", np.arange(3))
+        with pytest.raises(NodeError):
+            async with client.stream({"nodes": [{"id": "f", "node_type": "Fail"}]}) as s:
+                await s.send("f", np.arange(3))
+                async for _ in s:
+                    pass
+    samples = await asyncio.to_thread(scrape, server.metrics_port)
+    assert samples[("tensorline_requests_total",
+                    (("code", "OK"), ("method", "StreamPipeline")))] == 1
+    assert samples[("tensorline_requests_total",
+                    (("code", "UNKNOWN"), ("method", "StreamPipeline")))] == 1
+    assert samples[("tensorline_node_executions_total",
+                    (("node_type", "PassThrough"), ("runtime", "inprocess")))] == 1
+    assert samples[("tensorline_node_errors_total",
+                    (("node_type", "Fail"), ("runtime", "inprocess")))] == 1
+    assert samples[("tensorline_inflight_streams", ())] == 0
