@@ -279,11 +279,12 @@ class AsyncClient:
                max_buffered: int = 0) -> AsyncStream:
         """A StreamPipeline session, used as ``async with client.stream(manifest) as s``
         (see ``tensorline.client._stream``). ``queue_size`` overrides the server's per-node
-        buffer; ``timeout`` is the deadline of the whole session."""
+        buffer; ``timeout`` is the deadline of the whole session (only when given: the
+        client's default timeout is meant for single calls, not minutes-long streams)."""
         from tensorline.client._stream import AsyncStream
 
         return AsyncStream(self._channel, manifest_json(manifest), queue_size=queue_size,
-                           timeout=self._timeout(timeout),
+                           timeout=timeout,
                            metadata=self.config.metadata(request_id), on_event=on_event,
                            max_buffered=max_buffered)
 
@@ -358,8 +359,6 @@ class Client:
 
         config = {f.name: getattr(self.config, f.name)
                   for f in dataclasses.fields(self.config) if f.name != "target"}
-        if options.get("timeout") is None:
-            options["timeout"] = self.config.timeout
         return Stream(self.config.target, config, manifest_json(manifest), **options)
 
     def list_nodes(self) -> list[pb.NodeInfo]:
