@@ -13,8 +13,9 @@ consumed yet stay readable with ``async for`` afterwards. ``cancel`` stops at on
 Flow control: ``send`` waits while the server is busy (its queues are bounded), so a slow node
 slows the sender. Results are read in the background into a local buffer, unbounded by default
 (so sending everything before reading cannot deadlock); ``max_buffered`` bounds it, in which
-case results must be consumed while sending and closing. Events (node initialization, unjoined
-inputs...) go to ``on_event`` and ``events``, never into the results.
+case results must be consumed while sending (``close`` lifts the bound to reach the metrics).
+Events (node initialization, unjoined inputs...) go to ``on_event`` and ``events``, never into
+the results.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +119,41 @@ class _StatusCarrier(grpc.RpcError):  # type: ignore[misc]
         return (("grpc-status-details-bin", self._status.SerializeToString()),)
 
 
+class _Buffer:
+    """Results read but not consumed yet: bounded by ``maxsize`` (0 = unbounded) except for the
+    end marker, which always fits and stays (every later read ends too)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Any] = deque()
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def append(self, item: Any) -> None:
+        self._items.append(item)
+        self._readable.set()
+
+    async def put(self, item: Any) -> None:
+        while self.maxsize and len(self._items) >= self.maxsize:
+            self._room.clear()
+            await self._room.wait()
+        self.append(item)
+
+    def unbound(self) -> None:
+        self.maxsize = 0
+        self._room.set()
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._readable.clear()
+            await self._readable.wait()
+        item = self._items[0]
+        if item is not _END:
+            self._items.popleft()
+            self._room.set()
+        return item
+
+
 @dataclass
 class _State:
     session_id: str = ""
@@ -144,7 +181,7 @@ class AsyncStream:
         self._metadata = metadata
         self._on_event = on_event
         self.events: list[StreamEvent] = []
-        self._results: asyncio.Queue[Any] = asyncio.Queue(max_buffered)
+        self._results = _Buffer(max_buffered)
         self._state = _State()
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -230,7 +267,7 @@ class AsyncStream:
                         if results.maxsize:
                             await results.put(item)
                         else:
-                            results.put_nowait(item)
+                            results.append(item)
                 elif kind == "event":
                     assert response.event is not None
                     self._event(response.event)
@@ -251,8 +288,10 @@ class AsyncStream:
         except asyncio.CancelledError:
             pass
         finally:
+            if self._state.error is None and not self._state.cancelled:
+                self._state.error = self._state.server_error
             self._state.finished = True
-            results.put_nowait(_END)
+            results.append(_END)
 
     # --- sending ---
 
@@ -301,7 +340,6 @@ class AsyncStream:
     async def __anext__(self) -> StreamOutput:
         item = await self._results.get()
         if item is _END:
-            self._results.put_nowait(_END)  # later iterations end too
             if self._state.error is not None and not self._state.cancelled:
                 raise self._state.error
             raise StopAsyncIteration
@@ -313,6 +351,9 @@ class AsyncStream:
         """Drain everything in flight, flush the nodes and return the session metrics."""
         if self._state.metrics is not None:
             return self._state.metrics
+        # Whatever is still in flight must be read to reach the final metrics: it is kept for
+        # ``async for`` however much it is.
+        self._results.unbound()
         if not self._closing and not self._state.finished:
             self._closing = True
             async with self._write_lock:

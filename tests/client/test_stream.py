@@ -103,3 +103,13 @@ async def test_blocking_client_stream_cancels_on_error(target: str) -> None:
     session = await asyncio.to_thread(sync_cancel, target)
     events = await asyncio.to_thread(nodes.wait_for_cleanup, session)
     assert "flushed" not in events and events[-1] == "cleanup"
+
+
+async def test_bounded_buffer_is_lifted_by_close(client: AsyncClient) -> None:
+    manifest = {"nodes": [{"id": "p", "node_type": "PassThrough"}]}
+    async with client.stream(manifest, max_buffered=2) as s:
+        for i in range(20):  # nobody reads: the reader stops at 2 buffered results
+            await s.send("p", scalar(i))
+        metrics = await s.close()
+        values = [float(o.value[0]) async for o in s]
+    assert metrics.results_sent == 20 and values == [float(i) for i in range(20)]
