@@ -9,8 +9,10 @@ in-process pipeline (PassThrough nodes) on 1 KiB float32 chunks:
 
 * throughput, 1 stream: one stream, a sender task writes ``--chunks`` chunks while the reader
   counts results; chunks/s = chunks / time from first send to last result;
-* throughput, N streams: ``--streams`` such streams at once sharing the total;
-* latency: one stream, ping-pong (send one chunk, wait for its result), p50 over the round.
+* throughput, N streams: ``--streams`` such streams at once sharing the total, timed from the
+  moment all of them are open (steady-state streaming; session setup is measured apart);
+* latency: one stream, ping-pong (send one chunk, wait for its result), p50 over the round;
+* session: open (init -> Ready) + one chunk + close (metrics), p50 over 20 sessions.
 
 Tensorline is measured with its public client (encode, send, receive, decode); the echo client
 sends pre-built bytes of the same size, so the ratio includes everything tensorline adds. The
@@ -72,14 +74,31 @@ async def serve() -> None:
 # --- load generator -----------------------------------------------------------------------------
 
 
-async def echo_throughput(channel: grpc.aio.Channel, chunks: int) -> float:
+class Gate:
+    """Starts every stream's timed part at once, after all of them are open and warm: the
+    figure is steady-state streaming, not session setup (reported separately)."""
+
+    def __init__(self, streams: int) -> None:
+        self.waiting = streams
+        self.go = asyncio.Event()
+
+    async def ready(self) -> float:
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.go.set()
+        await self.go.wait()
+        return time.perf_counter()
+
+
+async def echo_throughput(channel: grpc.aio.Channel, chunks: int,
+                          gate: Gate | None = None) -> tuple[float, float]:
     from tensorline.client._codec import encode_stream_chunk
 
     payload = encode_stream_chunk(0, "n0", "", CHUNK)  # same bytes as a tensorline chunk
     call = channel.stream_stream(ECHO_METHOD)()
     await call.write(payload)  # warm the call up before timing
     await call.read()
-    started = time.perf_counter()
+    started = await gate.ready() if gate else time.perf_counter()
 
     async def send() -> None:
         for _ in range(chunks):
@@ -91,15 +110,17 @@ async def echo_throughput(channel: grpc.aio.Channel, chunks: int) -> float:
     while received < chunks:
         await call.read()
         received += 1
+    ended = time.perf_counter()
     await sender
-    return time.perf_counter() - started
+    return started, ended
 
 
-async def tl_throughput(client: Any, nodes: int, chunks: int) -> float:
+async def tl_throughput(client: Any, nodes: int, chunks: int,
+                        gate: Gate | None = None) -> tuple[float, float]:
     async with client.stream(manifest(nodes)) as s:
         await s.send("n0", CHUNK)
         await s.__anext__()
-        started = time.perf_counter()
+        started = await gate.ready() if gate else time.perf_counter()
 
         async def send() -> None:
             for _ in range(chunks):
@@ -111,10 +132,19 @@ async def tl_throughput(client: Any, nodes: int, chunks: int) -> float:
             received += 1
             if received == chunks:
                 break
-        elapsed = time.perf_counter() - started
+        ended = time.perf_counter()
         await sender
         await s.close()
-    return elapsed
+    return started, ended
+
+
+async def tl_session(client: Any, nodes: int) -> float:
+    """Open (init, every node initialized, Ready) + one chunk + close (drain, metrics)."""
+    started = time.perf_counter()
+    async with client.stream(manifest(nodes)) as s:
+        await s.send("n0", CHUNK)
+        await s.close()
+    return time.perf_counter() - started
 
 
 async def echo_latency(channel: grpc.aio.Channel, count: int) -> list[float]:
@@ -144,10 +174,19 @@ async def tl_latency(client: Any, nodes: int, count: int) -> list[float]:
     return times[10:]
 
 
+async def sessions(client: Any, nodes: int, count: int = 20) -> list[float]:
+    return [await tl_session(client, nodes) for _ in range(count)]
+
+
+async def single(run: Any) -> float:
+    started, ended = await run()
+    return float(ended - started)
+
+
 async def concurrent(streams: int, run: Any) -> float:
-    started = time.perf_counter()
-    await asyncio.gather(*(run() for _ in range(streams)))
-    return time.perf_counter() - started
+    gate = Gate(streams)
+    spans = await asyncio.gather(*(run(gate) for _ in range(streams)))
+    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 async def bench(args: argparse.Namespace, port: int, echo_port: int) -> None:
@@ -171,19 +210,21 @@ async def bench(args: argparse.Namespace, port: int, echo_port: int) -> None:
             tests: list[Any] = []
             for variant in rotate(["echo", 1, 3]):
                 if variant == "echo":
-                    tests.append(("echo c=1", lambda: echo_throughput(echo, args.chunks),
-                                  args.chunks))
+                    tests.append(("echo c=1", lambda: single(
+                        lambda: echo_throughput(echo, args.chunks)), args.chunks))
                     tests.append((f"echo c={args.streams}", lambda: concurrent(
-                        args.streams, lambda: echo_throughput(echo, per_stream)), total_n))
+                        args.streams, lambda g: echo_throughput(echo, per_stream, g)), total_n))
                     tests.append(("echo p50", lambda: echo_latency(echo, args.latency), 0))
                 else:
                     n = variant
-                    tests.append((f"{n}-node c=1",
-                                  lambda n=n: tl_throughput(client, n, args.chunks), args.chunks))
+                    tests.append((f"{n}-node c=1", lambda n=n: single(
+                        lambda: tl_throughput(client, n, args.chunks)), args.chunks))
                     tests.append((f"{n}-node c={args.streams}", lambda n=n: concurrent(
-                        args.streams, lambda: tl_throughput(client, n, per_stream)), total_n))
+                        args.streams, lambda g: tl_throughput(client, n, per_stream, g)),
+                        total_n))
                     tests.append((f"{n}-node p50", lambda n=n: tl_latency(client, n, args.latency),
                                   0))
+                    tests.append((f"{n}-node session", lambda n=n: sessions(client, n), 0))
             for key, run, count in sorted(tests, key=lambda t: ("c=1" not in t[0],
                                                                  "p50" in t[0])):
                 value = await run()
@@ -203,6 +244,8 @@ async def bench(args: argparse.Namespace, port: int, echo_port: int) -> None:
     print(f"{'p50 latency (us)':<22}{e * 1e6:>14.0f}{one * 1e6:>14.0f}{one / e:>7.2f}x"
           f"{three * 1e6:>14.0f}{three / e:>7.2f}x")
     print(f"{'added p50 (us)':<22}{'':>14}{(one - e) * 1e6:>14.0f}{'':>8}{(three - e) * 1e6:>14.0f}")
+    print(f"{'session p50 (us)':<22}{'':>14}{med['1-node session'] * 1e6:>14.0f}{'':>8}"
+          f"{med['3-node session'] * 1e6:>14.0f}   (open + 1 chunk + close)")
     print("\ntargets: >= 0.6x echo at 1 stream, >= 0.5x at 32 streams, added p50 <= 150 us")
 
 
