@@ -112,7 +112,8 @@ async def run_stream(target: str, connection: dict[str, Any], manifest: dict[str
     results: list[StreamOutput] = []
 
     def on_event(event: StreamEvent) -> None:
-        errors.print(f"[dim]{event.node_id}: {event.kind} {event.message}[/dim]", highlight=False)
+        text = event.message or event.kind
+        errors.print(f"[dim]{event.node_id}: {text}[/dim]", highlight=False)
 
     progress = Progress(TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                         _Rate(), console=errors, transient=False)
