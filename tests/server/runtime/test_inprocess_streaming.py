@@ -122,7 +122,8 @@ async def test_the_generator_runs_at_most_one_output_ahead(runtime: InProcessRun
     await asyncio.sleep(0)  # let a thread-backed generator run if it could
     assert len(taken) <= 2  # pulled chunk 0 and at most the next one
     await outputs.aclose()
-    if node is SyncDoubler:  # the thread was told to stop (and stopped: release waits for it)
+    if node is SyncDoubler:  # the thread was told to stop, and it does
         assert instance.node.context.cancelled.is_set()
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in list(instance.running)))
+        assert not instance.running
     await runtime.release(instance)
-    assert not instance.running
