@@ -16,6 +16,7 @@ from tensorline.server.executor._streaming import (
     SessionReady,
     StreamingExecutor,
     StreamSession,
+    size_of,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "StreamSession",
     "StreamingExecutor",
     "normalize_outputs",
+    "size_of",
 ]

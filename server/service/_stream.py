@@ -51,8 +51,8 @@ from tensorline.server.executor import (
     SessionEvent,
     SessionReady,
     StreamSession,
+    size_of,
 )
-from tensorline.server.executor._streaming import size_of
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._service import scope_for
 from tensorline.server.service._status import to_status, translate_errors
