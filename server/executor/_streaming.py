@@ -356,6 +356,7 @@ class StreamSession:
         self._started = time.perf_counter()
         self.chunks_received = 0
         self.results_sent = 0
+        self.dropped_events = 0
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         scope.extra["on_event"] = self._node_event
@@ -368,9 +369,18 @@ class StreamSession:
     def _node_event(self, node_id: str, kind: str, message: str, progress: float) -> None:
         # Sync node code reports from a worker thread; channels belong to the loop.
         if threading.get_ident() == self._loop_thread:
-            self.event(node_id, kind, message, progress)
+            self._report(node_id, kind, message, progress)
         elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.event, node_id, kind, message, progress)
+            self._loop.call_soon_threadsafe(self._report, node_id, kind, message, progress)
+
+    def _report(self, node_id: str, kind: str, message: str, progress: float) -> None:
+        # Events bypass the outbox bound; a node reporting faster than the client reads would
+        # grow it without limit, so its reports are dropped (they are status, not data) while
+        # the outbox holds more than a few queues' worth.
+        if len(self.outbox) >= 4 * self.queue_size + 256:
+            self.dropped_events += 1
+            return
+        self.event(node_id, kind, message, progress)
 
     async def start(self) -> list[NodeReport]:
         """Initialize every node (concurrently), wire the stages and queue Ready.
