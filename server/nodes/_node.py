@@ -77,8 +77,9 @@ class NodeContext:
 
     def report(self, message: str, progress: float = 0.0, kind: str = "progress") -> None:
         """Tell the client how initialization or work is going (e.g. model loading). In a
-        streaming session it arrives as a StreamEvent, never mixed into the data; elsewhere it is
-        dropped. Safe to call from any thread."""
+        streaming session it arrives as a StreamEvent, never mixed into the data (reports are
+        dropped while the client lags far behind); elsewhere it goes nowhere. Safe to call from
+        any thread."""
         if self.on_event is not None:
             self.on_event(kind, message, progress)
 
