@@ -593,6 +593,10 @@ class StreamSession:
                     outputs = normalize_outputs(spec, raw)
                 except NodeFailed as error:
                     raise self._sequenced(error, sequence) from error.__cause__
+                except SandboxFailure as error:
+                    # No fallback mid-stream (the node's state would be lost); say where.
+                    raise SandboxFailure(error.node_id, error.cause,
+                                         during=f"{error.during} of sequence {sequence}") from error
                 stage.busy_s += time.perf_counter() - started
                 stage.report.inputs_consumed += 1
                 await self._emit(stage, sequence, outputs)

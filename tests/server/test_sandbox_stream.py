@@ -89,6 +89,7 @@ async def test_worker_crash_mid_stream(sandboxed: tuple[TensorlineServer, AsyncC
             async for _ in s:
                 pass
     assert caught.value.node_id == "boom"
+    assert caught.value.metadata["during"] == "process of sequence 0"
     # The server still streams.
     async with client.stream(MIXED) as s:
         await s.send("a", np.ones(2))
