@@ -59,3 +59,41 @@ async def test_drain_finishes_in_flight_calls_and_refuses_new_ones(
         with pytest.raises(TransportError):
             await late.server_info()
     assert basic.EVENTS["slow"][-1] == "cleanup"
+
+
+async def test_drain_with_100_streams_in_flight_loses_none(
+        server_factory: Callable[..., Any]) -> None:
+    """SIGTERM-style drain while 100 sessions are open: each one keeps sending, closes and gets
+    every result plus its metrics; a session opened after the drain began is refused."""
+    server = await server_factory(grace_s=30.0, max_concurrent_streams=0)
+    manifest = {"nodes": [{"id": "scale", "node_type": "Scale", "params": {"factor": 2}}]}
+    target = f"127.0.0.1:{server.port}"
+    async with AsyncClient(target, retry_unavailable=False) as client:
+        streams = [client.stream(manifest) for _ in range(100)]
+        for stream in streams:
+            await stream.__aenter__()
+        for index, stream in enumerate(streams):
+            await stream.send("scale", np.full(4, index, dtype=np.float32))
+        stopping = asyncio.ensure_future(server.stop())
+        await wait_for(lambda: server.service.admission.draining)
+        with pytest.raises(TransportError):
+            async with client.stream(manifest) as late:
+                await late.send("scale", np.ones(1))
+                await late.close()
+
+        async def finish(index: int, stream: Any) -> list[Any]:
+            await stream.send("scale", np.full(4, index + 1000, dtype=np.float32))
+            metrics = await stream.close()
+            outputs = [out async for out in stream]
+            await stream.__aexit__(None, None, None)
+            assert metrics is not None
+            return outputs
+
+        results = await asyncio.gather(*(finish(i, s) for i, s in enumerate(streams)))
+        for index, outputs in enumerate(results):
+            values = [out.value for out in outputs]
+            assert len(values) == 2, f"stream {index} lost results"
+            np.testing.assert_array_equal(values[0], np.full(4, 2 * index, dtype=np.float32))
+            np.testing.assert_array_equal(values[1], np.full(4, 2 * (index + 1000),
+                                                             dtype=np.float32))
+        await stopping
