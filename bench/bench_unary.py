@@ -97,6 +97,21 @@ async def latencies(call: Call, count: int) -> list[float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a server process and its children (sandbox workers): unlike wall time it
+    barely moves with the load other processes put on the machine."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = sum(proc.cpu_times()[:2])
+    for child in proc.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 async def throughput(call: Call, total: int, concurrency: int) -> float:
     remaining = total
 
@@ -170,13 +185,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         echo, tensorline = calls(np.ones(256, dtype=np.float32))
         total = int(3000 * scale)
         rates: dict[str, list[float]] = {"echo": [], "tl": []}
+        cpu: dict[str, list[float]] = {"echo": [], "tl": []}
         for _ in range(args.rounds):
-            rates["echo"].append(await throughput(echo, total, 32))
-            rates["tl"].append(await throughput(tensorline, total, 32))
+            for key, call, proc in (("echo", echo, echo_proc), ("tl", tensorline, tl_proc)):
+                before = cpu_seconds(proc.pid)
+                rates[key].append(await throughput(call, total, 32))
+                cpu[key].append((cpu_seconds(proc.pid) - before) / total * 1e6)
         er, tr = statistics.median(rates["echo"]), statistics.median(rates["tl"])
-        results["throughput"] = {"echo_calls_s": er, "tl_calls_s": tr, "ratio": tr / er}
+        ec, tc = statistics.median(cpu["echo"]), statistics.median(cpu["tl"])
+        results["throughput"] = {"echo_calls_s": er, "tl_calls_s": tr, "ratio": tr / er,
+                                 "echo_server_cpu_us_per_call": ec,
+                                 "tl_server_cpu_us_per_call": tc}
         print(f"1 KiB at concurrency 32: echo {er:,.0f} calls/s, tensorline {tr:,.0f} calls/s, "
               f"ratio {tr / er:.2f}")
+        print(f"server CPU per call: echo {ec:.0f} us, tensorline {tc:.0f} us "
+              f"(+{tc - ec:.0f} us)")
         await echo_ch.close()
         await tl_ch.close()
     finally:
