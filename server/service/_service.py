@@ -62,6 +62,9 @@ class PipelineService:
         self.telemetry = telemetry
         self.admission = Admission(settings.max_concurrent_executions,
                                    settings.max_concurrent_streams)
+        if telemetry is not None:
+            telemetry.inflight_executions.set_function(lambda: self.admission.executions)
+            telemetry.inflight_streams.set_function(lambda: self.admission.streams)
         self._catalogue: pb.ListNodesResponse | None = None
         # Execution ids: unique per server without paying for uuid4 on every call.
         self._ids = itertools.count(1)
@@ -74,15 +77,10 @@ class PipelineService:
     async def execute_pipeline(self, request: DecodedExecuteRequest, context: Context) -> bytes:
         started = time.perf_counter()
         scope = scope_for(context, self.next_execution_id())
+        # The in-flight gauges read the admission counters at scrape time: nothing per call.
         with self.admission.execution():
-            if self.telemetry is not None:
-                self.telemetry.inflight_executions.inc()
-            try:
-                result, cached = await self.engine.execute(
-                    request.manifest_json, request.inputs, prior=request.violations, scope=scope)
-            finally:
-                if self.telemetry is not None:
-                    self.telemetry.inflight_executions.dec()
+            result, cached = await self.engine.execute(
+                request.manifest_json, request.inputs, prior=request.violations, scope=scope)
         metrics = pb.ExecutionMetrics(
             total_ms=(time.perf_counter() - started) * 1000.0,
             nodes=[node_metrics(r) for r in result.reports],

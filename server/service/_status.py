@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 import uuid
@@ -140,9 +141,14 @@ def translate_errors(name: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
+_REQUEST_IDS = itertools.count(1)
+_REQUEST_ID_PREFIX = uuid.uuid4().hex[:12]
+
+
 def request_id_of(context: Any) -> str:
-    """The caller's ``x-request-id`` metadata, or a fresh id."""
+    """The caller's ``x-request-id`` metadata, or a fresh id unique to this process (a counter:
+    no uuid4, which reads the kernel's random pool, on every call)."""
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id":
             return str(value)
-    return uuid.uuid4().hex
+    return f"{_REQUEST_ID_PREFIX}-{next(_REQUEST_IDS)}"

@@ -252,13 +252,7 @@ class StreamHandler:
     @translate_errors("StreamPipeline")
     async def stream_pipeline(self, requests: Any, context: Context) -> None:
         with self.admission.stream():
-            if self.telemetry is not None:
-                self.telemetry.inflight_streams.inc()
-            try:
-                await self._session(context)
-            finally:
-                if self.telemetry is not None:
-                    self.telemetry.inflight_streams.dec()
+            await self._session(context)
 
     async def _session(self, context: Context) -> None:
         first: Any = await context.read()
