@@ -57,7 +57,9 @@ class ButterLowpass(Node):
         if self.params.cutoff_hz >= nyquist:
             raise ValueError(f"cutoff_hz={self.params.cutoff_hz} must be below the Nyquist "
                              f"frequency {nyquist} Hz of {audio.sample_rate} Hz audio")
-        sos = butter_sos(self.params.order, self.params.cutoff_hz, audio.sample_rate)
+        # A private copy (a few hundred bytes): sosfilt's Cython core needs a writable array
+        # and the cached design is shared read-only.
+        sos = butter_sos(self.params.order, self.params.cutoff_hz, audio.sample_rate).copy()
         samples = audio.samples
         if np.issubdtype(samples.dtype, np.integer):
             info = np.iinfo(samples.dtype)

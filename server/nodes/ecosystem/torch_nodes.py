@@ -226,11 +226,10 @@ class TorchSpectrogram(Node):
 
         audio: Audio = inputs["in"]
         params = self.params
-        samples = audio.samples
-        if samples.ndim == 2:
-            samples = samples.mean(axis=1, dtype=np.float64) if samples.shape[1] > 1 \
-                else samples[:, 0]
-        mono = pcm_to_float32(samples)
+        # Scale first (integer PCM -> [-1, 1)), then average the channels in float32.
+        mono = pcm_to_float32(audio.samples)
+        if mono.ndim == 2:
+            mono = mono.mean(axis=1, dtype=np.float32) if mono.shape[1] > 1 else mono[:, 0]
         if params.center and mono.shape[0] <= params.n_fft // 2:
             raise ValueError(f"{mono.shape[0]} samples is too short for n_fft={params.n_fft} "
                              "with center=True (needs more than n_fft // 2)")
