@@ -322,14 +322,18 @@ class MemorySampler:
 
 
 def _role(proc: psutil.Process) -> str:
+    """forkserver, resource tracker or worker. Workers are forked from the forkserver, so they
+    share its command line: tell them apart by their parent."""
     try:
         cmdline = " ".join(proc.cmdline())
+        parent = proc.parent()
+        parent_cmdline = " ".join(parent.cmdline()) if parent is not None else ""
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "?"
-    if "forkserver" in cmdline:
-        return "forkserver"
     if "resource_tracker" in cmdline:
         return "resource tracker"
+    if "forkserver" in cmdline and "forkserver" not in parent_cmdline:
+        return "forkserver"
     return "worker"
 
 

@@ -32,7 +32,8 @@ def _tcp_connect(node: Probe) -> str:
 
 
 def _write_outside(node: Probe) -> str:
-    path = os.path.join(tempfile.gettempdir(), f"tensorline-probe-{uuid.uuid4().hex}")
+    # A fixed path: in a worker tempfile.gettempdir() is the scratch dir (TMPDIR points there).
+    path = f"/tmp/tensorline-probe-{uuid.uuid4().hex}"
     with open(path, "w") as handle:
         handle.write("x")
     os.unlink(path)
@@ -46,6 +47,10 @@ def _write_scratch(node: Probe) -> str:
         handle.write("x")
     os.unlink(path)
     return "wrote the scratch dir" if node.context.scratch_dir else f"no scratch dir; wrote {path}"
+
+
+def _tempdir(node: Probe) -> str:
+    return f"tempfile.gettempdir() = {tempfile.gettempdir()}"
 
 
 def _read_file(node: Probe) -> str:
@@ -118,6 +123,7 @@ PROBES: dict[str, Callable[[Probe], str]] = {
     "tcp_connect": _tcp_connect,
     "write_outside_scratch": _write_outside,
     "write_scratch": _write_scratch,
+    "tempdir": _tempdir,
     "read_system_file": _read_file,
     "subprocess": _subprocess,
     "fork": _fork,
