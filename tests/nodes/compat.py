@@ -58,6 +58,14 @@ def _read_file(node: Probe) -> str:
         return f"read {len(handle.read())} bytes of /etc/os-release"
 
 
+def _device_node(node: Probe) -> str:
+    # A device file beyond /dev/null, zero, random, urandom, full: how a GPU is reached too
+    # (/dev/nvidia*, /dev/dri/*), so this stands in for device access on machines without one.
+    fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+    os.close(fd)
+    return "opened /dev/ptmx"
+
+
 def _subprocess(node: Probe) -> str:
     done = subprocess.run(["/bin/true"], check=True, timeout=10)
     return f"/bin/true exited {done.returncode}"
@@ -125,6 +133,7 @@ PROBES: dict[str, Callable[[Probe], str]] = {
     "write_scratch": _write_scratch,
     "tempdir": _tempdir,
     "read_system_file": _read_file,
+    "device_node": _device_node,
     "subprocess": _subprocess,
     "fork": _fork,
     "threads": _threads,

@@ -23,6 +23,7 @@ MATRIX: dict[str, tuple[bool, frozenset[str]]] = {
     "write_outside_scratch": (True, frozenset({"landlock"})),
     "write_scratch": (True, frozenset()),
     "read_system_file": (True, frozenset()),
+    "device_node": (True, frozenset({"landlock"})),
     "subprocess": (True, frozenset({"seccomp"})),
     "fork": (True, frozenset({"seccomp"})),
     "threads": (True, frozenset()),
