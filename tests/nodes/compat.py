@@ -22,6 +22,7 @@ from tensorline.server.nodes import Node, NodeParams, Port
 class ProbeParams(NodeParams):
     what: str
     port: int = Field(0, description="loopback TCP port for tcp_connect")
+    propagate: bool = Field(False, description="let the exception out instead of reporting it")
 
 
 def _tcp_connect(node: Probe) -> str:
@@ -158,4 +159,6 @@ class Probe(Node):
             detail = PROBES[self.params.what](self)
             return Json({"ok": True, "detail": detail})
         except Exception as exc:  # the outcome is the data, whatever it is
+            if self.params.propagate:
+                raise
             return Json({"ok": False, "detail": f"{type(exc).__name__}: {exc}"})

@@ -98,3 +98,22 @@ async def test_no_gpu_in_either_runtime_here(probe_client: AsyncClient) -> None:
     for runtime in ("inprocess", "sandbox"):
         outcome = await probe(probe_client, "gpu", runtime)
         assert outcome["ok"] is False and "no CUDA device" in outcome["detail"]
+
+
+async def test_a_blocked_operation_falls_back_in_process(probe_client: AsyncClient,
+                                                        listener: int) -> None:
+    """A trusted node whose operation the sandbox blocks is retried in-process (fallback on by
+    default) and the metrics say so; this is what docs/compatibility.md promises."""
+    manifest = {"nodes": [{"id": "p", "node_type": "Probe", "runtime_hint": "sandbox",
+                           "params": {"what": "tcp_connect", "port": listener,
+                                      "propagate": True}}]}
+    result = await probe_client.execute(manifest, {})
+    node = result.metrics.nodes[0]
+    if "sandbox unavailable" in node.selection_reason:
+        pytest.skip("this server has no sandbox runtime")
+    info = await probe_client.server_info()
+    if not {"seccomp", "network namespace", "landlock network"} & {
+            layer.name for layer in info.sandbox_layers if layer.active}:
+        pytest.skip("no active layer blocks TCP connect here")
+    assert node.runtime == "inprocess" and node.fallback, node
+    assert result["p"].value["ok"] is True
