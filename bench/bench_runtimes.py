@@ -23,8 +23,9 @@ Sections:
   idle, at the peak of a sandboxed load of the ecosystem nodes, and at the peak of the same load
   in-process (psutil, sampled every 50 ms).
 - gil: 1, 2, 4 concurrent calls of the pure-Python PyHashChain node in-process versus sandboxed
-  (calls/s and p50), and the p50 of a trivial in-process call while two PyHashChain calls keep
-  running in each runtime.
+  (calls/s and p50), the p50 of a trivial in-process call while two PyHashChain calls keep
+  running in each runtime, and the same pure-Python work in 1 versus 2 plain processes (the
+  parallel speedup the machine offers at that moment: the ceiling for the worker pool).
 """
 
 from __future__ import annotations
@@ -383,6 +384,34 @@ async def section_memory(bench: Bench, pid: int, runtimes: tuple[str, ...],
     return rows
 
 
+def _chain(_: int) -> int:
+    from tensorline.server.nodes.ecosystem.python_nodes import hash_chain
+
+    return hash_chain(1, GIL_ITERATIONS)
+
+
+def parallel_capacity(rounds: int, tasks: int) -> dict[str, float]:
+    """The same pure-Python work in 1 and in 2 plain processes, no server: how much parallel
+    CPU this (shared) machine really gives right now, the ceiling for any worker pool.
+
+    ``spawn``, not fork: this process holds gRPC state."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    with ctx.Pool(1) as one, ctx.Pool(2) as two:
+        one.map(_chain, range(1))
+        two.map(_chain, range(2))
+        for index in range(rounds):
+            for n, pool in ((1, one), (2, two)) if index % 2 == 0 else ((2, two), (1, one)):
+                started = time.perf_counter()
+                pool.map(_chain, range(tasks), chunksize=1)
+                rates[n].append(tasks / (time.perf_counter() - started))
+    one_rate, two_rate = statistics.median(rates[1]), statistics.median(rates[2])
+    return {"one_process_calls_s": one_rate, "two_processes_calls_s": two_rate,
+            "speedup": two_rate / one_rate}
+
+
 async def section_gil(bench: Bench, runtimes: tuple[str, ...], rounds: int,
                       scale: float) -> dict[str, Any]:
     print(f"\n## GIL contention: PyHashChain ({GIL_ITERATIONS:,} pure-Python steps per call)")
@@ -436,7 +465,12 @@ async def section_gil(bench: Bench, runtimes: tuple[str, ...], rounds: int,
         interference[f"{rt}_background_p50_ms"] = loaded * 1e3
         print(f"   {'background ' + rt:<28} p50 {ms(loaded)} ms "
               f"({fmt_ratio(loaded / baseline)} of quiet)")
-    return {"concurrency": rows, "trivial_call_interference": interference}
+    capacity = parallel_capacity(rounds, max(4, int(8 * scale)))
+    print(f"\n   the machine's parallel capacity now (same work, plain processes, no server): "
+          f"1 process {capacity['one_process_calls_s']:.2f} calls/s, 2 processes "
+          f"{capacity['two_processes_calls_s']:.2f} calls/s ({capacity['speedup']:.2f}x)")
+    return {"concurrency": rows, "trivial_call_interference": interference,
+            "parallel_capacity": capacity}
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
