@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
 TENSORLINE_REQUIRES = ("torch",)
 
-# torch + its thread pools + one small model: measured RSS of a worker after a TorchMLP and a
-# TorchSpectrogram call is ~0.35 GiB; the cap leaves headroom for larger batches.
+# The sandbox memory cap (RLIMIT_DATA) of the torch nodes' worker. A worker with torch imported
+# and both nodes warm measured ~240 MiB RSS (bench/bench_runtimes.py, memory section); 1 GiB
+# leaves room for larger inputs (a 10-minute clip's spectrogram) without the 2 GiB default.
 TORCH_MEMORY_MB = 1024
 
 _READONLY_WARNING = "The given NumPy array is not writable"
