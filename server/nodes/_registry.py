@@ -1,10 +1,20 @@
 """The node registry: built-in nodes, operator-configured modules and the ``tensorline.nodes``
-entry point group, each node with the trust the operator gave its module."""
+entry point group, each node with the trust the operator gave its module.
+
+Optional dependencies: a node module may declare ``TENSORLINE_REQUIRES = ("torch", ...)`` (import
+names). When one of them is not installed the module's nodes are skipped with a warning, checked
+with ``importlib.util.find_spec`` so that the server process never imports a heavy library just to
+list a catalogue (its nodes may well run in sandboxed workers only). Inside a package each
+submodule is checked on its own, so a missing torch drops the torch nodes and keeps the rest. An
+entry point module whose import fails because a dependency is missing is skipped the same way;
+modules the operator names explicitly still fail loudly.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -82,9 +92,21 @@ class NodeRegistry:
             )
         self._entries[node_cls.node_type] = NodeEntry.of(node_cls, module, trusted)
 
-    def load_module(self, name: str, *, trusted: bool = True) -> list[str]:
-        """Import ``name`` (and its submodules, for a package) and register its nodes."""
-        module = importlib.import_module(name)
+    def load_module(self, name: str, *, trusted: bool = True,
+                    skip_missing_dependencies: bool = False) -> list[str]:
+        """Import ``name`` (and its submodules, for a package) and register its nodes.
+
+        ``skip_missing_dependencies``: a module whose import fails because some *other* module
+        is not installed is skipped with a warning instead of failing (entry points).
+        """
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if not skip_missing_dependencies or _is_self(exc, name):
+                raise
+            log.warning("skipping node module %s: its dependency '%s' is not installed",
+                        name, exc.name)
+            return []
         added = []
         for node_cls in _nodes_of(module):
             self.register(node_cls, trusted=trusted, module=name)
@@ -97,7 +119,8 @@ class NodeRegistry:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.value == BUILTIN_MODULE:
                 continue
-            self.load_module(ep.value, trusted=ep.value not in untrusted)
+            self.load_module(ep.value, trusted=ep.value not in untrusted,
+                             skip_missing_dependencies=True)
 
     def get(self, node_type: str) -> NodeEntry:
         try:
@@ -135,7 +158,37 @@ class NodeRegistry:
         return registry
 
 
+def _is_self(exc: ModuleNotFoundError, name: str) -> bool:
+    """True when the module that was not found is ``name`` itself or one of its parents."""
+    missing = exc.name or ""
+    return missing == name or name.startswith(missing + ".")
+
+
+def missing_requirements(module: ModuleType) -> list[str]:
+    """The import names in the module's ``TENSORLINE_REQUIRES`` that are not installed."""
+    required: Any = getattr(module, "TENSORLINE_REQUIRES", ())
+    missing = []
+    for requirement in required:
+        try:
+            found = importlib.util.find_spec(requirement) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(requirement)
+    return missing
+
+
+def _requirements_met(module: ModuleType) -> bool:
+    missing = missing_requirements(module)
+    if missing:
+        log.warning("skipping the nodes of %s: optional dependenc%s %s not installed",
+                    module.__name__, "y" if len(missing) == 1 else "ies", ", ".join(missing))
+    return not missing
+
+
 def _nodes_of(module: ModuleType) -> list[type[Node]]:
+    if not _requirements_met(module):
+        return []
     declared: Any = getattr(module, "TENSORLINE_NODES", None)
     if declared is not None:
         return list(declared)
@@ -144,14 +197,24 @@ def _nodes_of(module: ModuleType) -> list[type[Node]]:
         for info in pkgutil.walk_packages(module.__path__, module.__name__ + "."):
             modules.append(importlib.import_module(info.name))
     found: dict[str, type[Node]] = {}
+    skipped: set[str] = set()
     for mod in modules:
+        if mod is not module and not _requirements_met(mod):
+            skipped.add(mod.__name__)
+            continue
+        sub_declared: Any = getattr(mod, "TENSORLINE_NODES", None) if mod is not module else None
+        if sub_declared is not None:
+            for obj in sub_declared:
+                found[obj.node_type] = obj
+            continue
         for _, obj in inspect.getmembers(mod, inspect.isclass):
             if (
                 issubclass(obj, Node)
                 and obj is not Node
                 and obj.__module__.startswith(module.__name__)
+                and obj.__module__ not in skipped
                 and not inspect.isabstract(obj)
                 and not obj.__name__.startswith("_")
             ):
                 found[obj.node_type] = obj
-    return list(found.values())
+    return [cls for cls in found.values() if cls.__module__ not in skipped]

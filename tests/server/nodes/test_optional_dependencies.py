@@ -1,0 +1,97 @@
+"""The registry skips node modules whose optional dependency is missing, with a warning, and the
+ecosystem catalogue loads without importing torch or pandas."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tensorline.server.nodes import NodeRegistry
+
+NODE = textwrap.dedent('''
+    from tensorline.server.nodes import Node
+    {extra}
+    class {name}(Node):
+        def process(self, inputs):
+            return inputs["in"]
+''')
+
+
+def write_package(root: Path) -> None:
+    package = root / "optpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text('"""A package with one module per optional library."""\n')
+    (package / "present.py").write_text(NODE.format(name="Present", extra=""))
+    (package / "absent.py").write_text(NODE.format(
+        name="NeedsMissing", extra="TENSORLINE_REQUIRES = ('surely_not_installed_lib',)"))
+    (root / "hard_import.py").write_text(NODE.format(
+        name="HardImport", extra="import surely_not_installed_lib"))
+
+
+def test_a_submodule_with_a_missing_requirement_is_skipped_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    write_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = NodeRegistry()
+    with caplog.at_level(logging.WARNING):
+        added = registry.load_module("optpkg")
+    assert added == ["Present"]
+    assert "NeedsMissing" not in registry
+    assert "skipping the nodes of optpkg.absent: optional dependency surely_not_installed_lib " \
+           "not installed" in caplog.text
+
+
+def test_an_entry_point_module_that_fails_to_import_a_dependency_is_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    write_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = NodeRegistry()
+    with caplog.at_level(logging.WARNING):
+        assert registry.load_module("hard_import", skip_missing_dependencies=True) == []
+    assert "dependency 'surely_not_installed_lib' is not installed" in caplog.text
+    # A module the operator names explicitly fails loudly; so does a module that is itself absent.
+    with pytest.raises(ModuleNotFoundError):
+        registry.load_module("hard_import")
+    with pytest.raises(ModuleNotFoundError):
+        registry.load_module("no_such_node_module", skip_missing_dependencies=True)
+
+
+def run_python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    return done.stdout + done.stderr
+
+
+def test_the_ecosystem_catalogue_loads_without_importing_heavy_libraries() -> None:
+    out = run_python('''
+        import sys
+        from tensorline.server.nodes import NodeRegistry
+        registry = NodeRegistry()
+        registry.load_module("tensorline.server.nodes.ecosystem")
+        print(sorted(e.node_type for e in registry))
+        print("heavy imported:", sorted({"torch", "pandas"} & set(sys.modules)))
+    ''')
+    assert "heavy imported: []" in out
+    for node_type in ("ButterLowpass", "DataFrameAggregate", "PyHashChain", "TorchMLP",
+                      "TorchSpectrogram"):
+        assert node_type in out
+
+
+def test_without_torch_the_torch_nodes_are_skipped_and_the_rest_load() -> None:
+    out = run_python('''
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        sys.modules["torch"] = None  # as if torch were not installed: find_spec gives None
+        from tensorline.server.nodes import NodeRegistry
+        registry = NodeRegistry()
+        registry.load_module("tensorline.server.nodes.ecosystem")
+        print(sorted(e.node_type for e in registry))
+    ''')
+    assert "['ButterLowpass', 'DataFrameAggregate', 'PyHashChain']" in out
+    assert "skipping the nodes of tensorline.server.nodes.ecosystem.torch_nodes: optional " \
+           "dependency torch not installed" in out
