@@ -271,7 +271,7 @@ DEMO_MANIFEST: dict[str, Any] = {
         {"id": "mic", "node_type": "AudioResample", "params": {"target_rate": 16000}},
         {"id": "features", "node_type": "PassThrough"},
         {"id": "double", "node_type": "Scale", "params": {"factor": 2}},
-        {"id": "triple", "node_type": "Scale", "params": {"factor": 3}},
+        {"id": "triple", "node_type": "Scale", "params": {"factor": 3}, "runtime_hint": "sandbox"},
         {"id": "mix", "node_type": "Add"},
         {"id": "norm", "node_type": "Normalize"},
     ],
