@@ -98,6 +98,8 @@ class Settings(BaseSettings):
         300.0, gt=0, description="close connections after this age so clients rebalance")
     max_connection_age_grace_s: float = Field(
         30.0, ge=0, description="time in-flight calls get after max connection age")
+    health_interval_s: float = Field(
+        1.0, gt=0, description="how often gRPC health is re-checked against the runtimes")
     reflection: bool = Field(True, description="serve gRPC reflection")
 
     @field_validator("node_modules", "untrusted_modules", "auth_tokens", mode="before")

@@ -104,6 +104,8 @@ class TensorlineServer:
         self.metrics_port: int | None = None
         self.draining = False
         self._stopping: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
 
     async def start(self) -> None:
         await self.engine.start()
@@ -117,14 +119,29 @@ class TensorlineServer:
             log.info("sandbox layer %s: %s%s", layer.name, "active" if layer.active else "absent",
                      f" ({layer.detail})" if layer.detail else "")
         await self._set_health(serving=self.engine.healthy())
+        self._watcher = asyncio.ensure_future(self._watch_health())
         log.info("tensorline serving on port %d (instance %s)", self.port,
                  self.settings.instance_id)
 
     async def _set_health(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+    async def _watch_health(self) -> None:
+        """Keep gRPC health in step with the engine: SERVING only while every runtime can
+        execute (e.g. the sandbox pool has live workers), so balancers stop routing otherwise."""
+        while not self.draining:
+            serving = self.engine.healthy()
+            if serving != self._serving:
+                log.warning("health: %s", "SERVING" if serving else
+                            "NOT_SERVING (a runtime cannot execute)")
+                await self._set_health(serving)
+            await asyncio.sleep(self.settings.health_interval_s)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; safe to call more than once (later calls wait for the first)."""
@@ -135,6 +152,9 @@ class TensorlineServer:
 
     async def _stop(self, grace: float) -> None:
         self.draining = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         await self.health.enter_graceful_shutdown()

@@ -70,3 +70,27 @@ async def test_request_id_on_every_log_line_of_a_request(
     assert decisions, "the selector's decision was not logged"
     assert all(getattr(r, "request_id", None) == "req-42" for r in decisions)
     assert "inprocess" in decisions[0].getMessage()
+
+
+async def test_health_follows_the_runtimes(server_factory: Callable[..., Any]) -> None:
+    """NOT_SERVING while a runtime cannot execute (e.g. no live sandbox worker), SERVING again
+    once it can."""
+    server = await server_factory(health_interval_s=0.05)
+    sandbox = server.engine.runtimes["sandbox"]
+    broken = False
+    original = sandbox.healthy
+    sandbox.healthy = lambda: not broken and original()  # type: ignore[method-assign]
+
+    async def status_becomes(client: AsyncClient, wanted: str) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while await client.health() != wanted:
+            assert loop.time() < end, f"health never became {wanted}"
+            await asyncio.sleep(0.02)
+
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        assert await client.health() == "SERVING"
+        broken = True
+        await status_becomes(client, "NOT_SERVING")
+        broken = False
+        await status_becomes(client, "SERVING")
