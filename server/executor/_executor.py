@@ -130,6 +130,31 @@ class Executor:
 
     async def run(self, plan: ExecutionPlan, inputs: BoundInputs,
                   scope: ExecutionScope) -> ExecutionResult:
+        if len(plan.order) == 1:
+            return await self._run_single(plan, inputs, scope)
+        return await self._run_dag(plan, inputs, scope)
+
+    async def _run_single(self, plan: ExecutionPlan, inputs: BoundInputs,
+                          scope: ExecutionScope) -> ExecutionResult:
+        """A one-node plan (the commonest request) without the scheduler's bookkeeping."""
+        node_id = plan.order[0]
+        spec = plan.nodes[node_id]
+        report = NodeReport(node_id, spec.node_type, spec.decision.runtime, spec.decision.reason)
+        node_inputs = self._gather(spec, inputs, {})
+        try:
+            if scope.deadline is None:
+                outputs = await self._run_node(spec, node_inputs, scope, report)
+            else:
+                async with asyncio.timeout_at(scope.deadline):
+                    outputs = await self._run_node(spec, node_inputs, scope, report)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"deadline exceeded while running node(s) {node_id}") from None
+        return ExecutionResult([PortItem(node_id, port, outputs[port]) for _, port in plan.sinks],
+                               [report])
+
+    async def _run_dag(self, plan: ExecutionPlan, inputs: BoundInputs,
+                       scope: ExecutionScope) -> ExecutionResult:
         produced: dict[tuple[str, str], Any] = {}
         reports: dict[str, NodeReport] = {}
         waiting = {nid: len({s.node_id for srcs in spec.wiring.values() for s in srcs})

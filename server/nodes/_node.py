@@ -62,6 +62,9 @@ class NodeTraits:
     libraries: tuple[str, ...] = ()
 
 
+_CONTEXT_LOCK = threading.Lock()
+
+
 @dataclass(slots=True)
 class NodeContext:
     """Per-execution facts a node may consult. ``cancelled`` is set when the call is abandoned
@@ -71,9 +74,19 @@ class NodeContext:
     execution_id: str
     runtime: str
     scratch_dir: str | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Made on first use: most calls never look at it, and an Event is three allocations.
+    _cancelled: threading.Event | None = field(default=None, repr=False)
     # Streaming sessions: where ``report`` goes (kind, message, progress); None = nowhere.
     on_event: Callable[[str, str, float], None] | None = None
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when the call is abandoned (deadline, client cancel)."""
+        if self._cancelled is None:
+            with _CONTEXT_LOCK:  # the node's thread and the loop may both get here first
+                if self._cancelled is None:
+                    self._cancelled = threading.Event()
+        return self._cancelled
 
     def report(self, message: str, progress: float = 0.0, kind: str = "progress") -> None:
         """Tell the client how initialization or work is going (e.g. model loading). In a
