@@ -57,7 +57,7 @@ import signal
 import socket
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -68,6 +68,7 @@ from tensorline.server._errors import (
     ServiceUnavailable,
 )
 from tensorline.server.manifest import NodeSpec
+from tensorline.server.nodes import Emit
 from tensorline.server.runtime import _isolation, _shm
 from tensorline.server.runtime._base import ExecutionScope, LayerStatus, NodeInstance, Runtime
 from tensorline.server.runtime._worker import WorkerConfig, WorkerProcess, worker_main
@@ -128,6 +129,9 @@ class _Call:
     finished: bool = False
     # Called with the reply when it arrives after the caller was cancelled.
     on_abandoned: Callable[[tuple[Any, ...]], None] | None = None
+    # A streaming session: "need"/"out" messages resolve ``future`` without ending the call.
+    streaming: bool = False
+    on_event: Callable[[str, str, float], None] | None = None
 
 
 @dataclass(eq=False)
@@ -211,8 +215,13 @@ class SandboxInstance(NodeInstance):
             self.reserved = False
             self.worker.reserved -= 1
 
+    can_stream: ClassVar[bool] = True
+
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         return await self._runtime._process(self, inputs)
+
+    def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        return self._runtime._stream(self, chunks)
 
 
 def _signal_name(sig: int) -> str:
@@ -513,8 +522,18 @@ class SandboxRuntime(Runtime):
             self._notify(everyone=True)
             return
         call = worker.inflight
+        if message[0] == "event":
+            # NodeContext.report during a stream; dropped when nobody listens any more.
+            if call is not None and call.on_event is not None and len(message) == 4:
+                with contextlib.suppress(Exception):
+                    call.on_event(str(message[1])[:100], str(message[2])[:4000],
+                                  float(message[3]))
+            return
         if call is None:
             self._misbehaved(worker, "reply without a request")
+            return
+        if call.streaming and message[0] in ("need", "out"):
+            self._on_stream_message(worker, call, message)
             return
         if len(message) >= 3 and isinstance(message[-1], float | int):
             worker.cpu_used = float(message[-1])
@@ -1051,6 +1070,134 @@ class SandboxRuntime(Runtime):
                 continue
         raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could run",
                             during="process", kind="crash")
+
+    # --- streaming sessions -------------------------------------------------------------------
+
+    def _on_stream_message(self, worker: _Worker, call: _Call, message: tuple[Any, ...]) -> None:
+        """A step of a stream ended (the generator pulls, or yielded): hand it to the session,
+        or, once the session left, answer with a cancel."""
+        if (message[0] == "need" and len(message) != 2) or (
+                message[0] == "out" and (len(message) != 4 or not (
+                    message[2] is None or type(message[2]) is int))):
+            self._misbehaved(worker, f"malformed {message[0]!r} message")
+            return
+        with contextlib.suppress(TypeError, ValueError):
+            worker.cpu_used = float(message[-1])
+        if call.abandoned:
+            self._send_stream(worker, call, ("cancel",))
+            return
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        if not call.future.done():
+            call.future.set_result(message)
+
+    def _send_stream(self, worker: _Worker, call: _Call, message: tuple[Any, ...]) -> bool:
+        """Send the session's next message to the worker; False when the worker is gone."""
+        if call.finished or worker.sock is None:
+            return False
+        try:
+            packed, fresh = _shm.pack(message, worker.outbox)
+            _shm.send(worker.sock, packed, fresh)
+        except OSError as exc:
+            worker.kill(f"control channel failed ({exc})")
+            return False
+        return True
+
+    async def _stream(self, instance: SandboxInstance,
+                      chunks: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+        """Run a streaming node's generator in its worker (see ``_worker``'s ``stream``).
+
+        The session holds its worker (its lock) from the first pull to the end: a worker runs
+        one stream or call at a time. Each step (from our message to the worker's answer) has
+        the node's deadline; waiting for input or for the consumer does not count.
+        """
+        spec = instance.spec
+        if not instance.worker.alive:
+            await self._recreate(instance)
+        worker = instance.worker
+        instance.unreserve()
+        init = None
+        if not instance.initialized:
+            cls = spec.entry.cls
+            init = (cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
+                    instance.scope.execution_id)
+        worker.queued += 1
+        try:
+            await worker.lock.acquire()
+        except BaseException:
+            worker.queued -= 1
+            raise
+        loop = asyncio.get_running_loop()
+        report = instance.scope.extra.get("on_event")
+        call = _Call(loop.create_future(), spec, "process", instance.iid,
+                     self._deadline(spec, instance.scope, None), streaming=True)
+        if report is not None:
+            call.on_event = lambda kind, message, progress: report(
+                spec.node_id, kind, message, progress)
+        if not worker.alive or worker.sock is None:
+            self._finish(worker, call)
+            raise WorkerFailure(spec.node_id, worker.cause or "sandbox worker gone",
+                                during="process", kind="crash")
+        releases, worker.releases = worker.releases, []
+        worker.inflight = call
+        our_turn = False  # True while the worker waits for our next message
+
+        async def exchange(message: tuple[Any, ...]) -> tuple[Any, ...]:
+            nonlocal our_turn
+            if call.finished:
+                raise self._death_error(call, worker.cause or "sandbox worker gone")
+            call.future = loop.create_future()
+            call.deadline = self._deadline(spec, instance.scope, None)
+            our_turn = False
+            if not self._send_stream(worker, call, message):
+                raise self._death_error(call, worker.cause or "control channel failed")
+            call.timer = loop.call_at(call.deadline, self._on_deadline, worker, call)
+            reply = await call.future
+            our_turn = call.streaming and not call.finished
+            return reply
+
+        try:
+            reply = await exchange(("stream", instance.iid, init, releases))
+            if init is not None and (reply[0] != "error" or reply[-1] == "process"):
+                instance.initialized = True
+            while True:
+                if reply[0] == "need":
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        reply = await exchange(("end",))
+                        continue
+                    reply = await exchange(("chunk", chunk.sequence, dict(chunk.inputs)))
+                elif reply[0] == "out":
+                    _, value, sequence, _ = reply
+                    yield value if sequence is None else Emit(value, sequence)
+                    reply = await exchange(("next",))
+                else:
+                    try:
+                        self._check_reply(worker, reply, spec, "process")
+                    except _WorkerGone as exc:
+                        raise WorkerFailure(spec.node_id, f"instance lost: {exc}",
+                                            during="process", kind="crash") from None
+                    return
+        finally:
+            call.on_event = None
+            if not call.finished:
+                # The session stopped early (aclose, cancel, an error of `chunks`): stop the
+                # generator; the worker is killed if it does not end within the grace period.
+                # Its final reply (or death) frees the worker, without holding the caller.
+                if our_turn:
+                    call.abandoned = True
+                    if self._send_stream(worker, call, ("cancel",)):
+                        call.timer = loop.call_at(min(call.deadline,
+                                                      self._now() + self.cancel_grace_s),
+                                                  self._on_deadline, worker, call)
+                    else:
+                        worker.kill("control channel failed")
+                else:
+                    if not call.future.done():
+                        call.future.cancel()
+                    self._abandon(worker, call)
 
     async def _recreate(self, instance: SandboxInstance) -> None:
         """The instance's worker died (or evicted it) while it was idle: create it again."""
