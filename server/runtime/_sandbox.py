@@ -36,6 +36,15 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
   next call, and requests that had not reached it go to another worker. A cancelled call is
   signalled to the worker (SIGUSR1 sets ``context.cancelled``) and the worker is killed if it
   does not return within ``cancel_grace_s``.
+* Streaming nodes (``stream``): the generator runs in the worker, driven by the server one
+  step at a time (the worker asks for a chunk only when the generator pulls, and waits for
+  the server's go-ahead after each output: one output in flight at most). A fresh streaming
+  instance gets a worker of its own (no other instance pinned there; a new worker is started
+  within ``max_workers`` if none is free) and holds its lock for the whole session, so a
+  session with sandboxed plain and streaming nodes of one group cannot deadlock on one worker.
+  Each step has the node's deadline; waiting for input or for the consumer does not count.
+  Stopping a stream early sends a cancel (or SIGUSR1 while the node runs) and kills the worker
+  after ``cancel_grace_s``; ``NodeContext.report`` calls are forwarded to the session.
 * Error classification for the executor's fallback decision: the node's own exceptions are
   ``NodeFailed``; failures of the sandbox are ``WorkerFailure`` (a ``SandboxFailure``) with
   ``during`` (``initialize`` / ``process``), a ``kind`` and ``fallback_eligible``: true for a
@@ -156,6 +165,9 @@ class _Worker:
     # Lazily created instances placed here whose first call has not been sent yet: the worker
     # is promised to them, not idle.
     reserved: int = 0
+    # Streaming instances (non-reusable) placed here: such a session may hold the worker for
+    # as long as it lasts, so nothing else is placed here while one is pinned (see ``_pick``).
+    exclusive: set[int] = field(default_factory=set)
     warm: OrderedDict[str, asyncio.Future[int]] = field(default_factory=OrderedDict)
     pinned: set[int] = field(default_factory=set)
     kill_reason: str | None = None
@@ -180,6 +192,13 @@ class _Worker:
     @property
     def pid(self) -> int | None:
         return None if self.process is None else int(self.process.pid)
+
+    @property
+    def dedicated(self) -> bool:
+        """A streaming instance owns the worker (it is pinned here and not released yet)."""
+        if self.exclusive:
+            self.exclusive &= self.pinned
+        return bool(self.exclusive)
 
     @property
     def alive(self) -> bool:
@@ -209,6 +228,7 @@ class SandboxInstance(NodeInstance):
         # first call).
         self.initialized = False
         self.reserved = False
+        self.dedicated = False
 
     def unreserve(self) -> None:
         if self.reserved:
@@ -710,12 +730,22 @@ class SandboxRuntime(Runtime):
         cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
         return (cap, "" if spec.entry.trusted else spec.entry.module)
 
-    async def _pick(self, group: _Group) -> _Worker:
+    async def _pick(self, group: _Group, exclusive: bool = False) -> _Worker:
+        """An idle worker of ``group``; ``exclusive`` (a streaming instance, which may hold
+        its worker for a whole session): one hosting no other instance, else a new worker
+        (within ``max_workers``), else wait for one to free up."""
         while True:
             if self._closed:
                 raise ServiceUnavailable("the sandbox runtime is shut down")
             ready = [w for w in self._workers.values() if w.state == "ready"
-                     and w.group == group]
+                     and w.group == group and not w.dedicated]
+            if exclusive:
+                ready = [w for w in ready if not w.pinned]
+                live = [w for w in self._workers.values() if w.state != "dead"]
+                coming = any(w.state == "starting" and w.group == group for w in live)
+                if len(live) < self.max_workers and not coming and not [
+                        w for w in ready if w.queued == 0 and w.reserved == 0]:
+                    return await self._spawn(group)
             if ready:
                 idle = [w for w in ready if w.queued == 0 and w.reserved == 0]
                 if idle:
@@ -731,6 +761,12 @@ class SandboxRuntime(Runtime):
                     await asyncio.shield(starting[0].ready)  # type: ignore[arg-type]
                 continue
             live = [w for w in self._workers.values() if w.state != "dead"]
+            if len(live) >= self.max_workers and any(
+                    w.state == "ready" and w.group == group for w in live):
+                # The group's workers are all owned by streaming sessions (or, for an exclusive
+                # pick, host other instances): wait for one rather than exceed the limit.
+                await self._pool_change()
+                continue
             if len(live) >= self.max_workers:
                 idle = [w for w in live if w.state == "ready" and w.group != group
                         and not w.pinned and not w.lock.locked() and w.reserved == 0]
@@ -912,11 +948,22 @@ class SandboxRuntime(Runtime):
             worker, iid = await self._acquire_warm(spec, scope)
             initialized = True
         else:
-            worker, iid, initialized = await self._create(spec, scope)
+            worker, iid, initialized = await self._create(spec, scope, self._exclusive(spec))
         instance = SandboxInstance(spec, scope, self, worker, iid)
         instance.initialized = initialized
         instance.reserved = not initialized
+        self._dedicate(instance)
         return instance
+
+    @staticmethod
+    def _exclusive(spec: NodeSpec) -> bool:
+        return bool(spec.entry.cls.streaming) and not spec.entry.cls.reusable
+
+    def _dedicate(self, instance: SandboxInstance) -> None:
+        """A fresh streaming instance owns its worker until released (see ``_pick``); ``_create``
+        counted it on the worker already, the moment it picked the worker."""
+        if self._exclusive(instance.spec):
+            instance.dedicated = True
 
     def _init_request(self, spec: NodeSpec, scope: ExecutionScope, iid: int) -> tuple[Any, ...]:
         cls = spec.entry.cls
@@ -932,16 +979,17 @@ class SandboxRuntime(Runtime):
                                     "initialize", iid, deadline, on_abandoned)
         self._check_reply(worker, reply, spec, "initialize")
 
-    async def _pick_for(self, spec: NodeSpec) -> _Worker:
+    async def _pick_for(self, spec: NodeSpec, exclusive: bool = False) -> _Worker:
         try:
-            return await self._pick(self._group_of(spec))
+            return await self._pick(self._group_of(spec), exclusive)
         except (asyncio.CancelledError, ServiceUnavailable):
             raise
         except Exception as exc:
             raise WorkerFailure(spec.node_id, f"no sandbox worker available: {exc}",
                                 during="initialize", kind="unavailable") from exc
 
-    async def _create(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int, bool]:
+    async def _create(self, spec: NodeSpec, scope: ExecutionScope,
+                      exclusive: bool = False) -> tuple[_Worker, int, bool]:
         """Place a fresh instance on a worker: ``(worker, iid, initialized)``.
 
         A node whose class has no ``initialize`` and whose module the worker has imported
@@ -950,9 +998,12 @@ class SandboxRuntime(Runtime):
         such (``during="initialize"``, which the fallback rule cares about).
         """
         for _ in range(_ATTEMPTS):
-            worker = await self._pick_for(spec)
+            worker = await self._pick_for(spec, exclusive)
             iid = next(self._iids)
             worker.pinned.add(iid)
+            if exclusive:
+                # At once, before any await: nobody else may be placed here meanwhile.
+                worker.exclusive.add(iid)
             if not spec.entry.has_initialize and spec.entry.cls.__module__ in worker.modules:
                 worker.reserved += 1
                 return worker, iid, False
@@ -983,7 +1034,8 @@ class SandboxRuntime(Runtime):
         key = spec.warm_key
         group = self._group_of(spec)
         for _ in range(_ATTEMPTS):
-            ready = [w for w in self._workers.values() if w.state == "ready" and w.group == group]
+            ready = [w for w in self._workers.values() if w.state == "ready" and w.group == group
+                     and not w.dedicated]
             holders = [w for w in ready if key in w.warm]
             idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]
             idle_others = [w for w in ready if w.queued == 0 and w.reserved == 0
@@ -1189,8 +1241,8 @@ class SandboxRuntime(Runtime):
                 if our_turn:
                     call.abandoned = True
                     if self._send_stream(worker, call, ("cancel",)):
-                        call.timer = loop.call_at(min(call.deadline,
-                                                      self._now() + self.cancel_grace_s),
+                        # From now: the step deadline did not run while the worker waited.
+                        call.timer = loop.call_at(self._now() + self.cancel_grace_s,
                                                   self._on_deadline, worker, call)
                     else:
                         worker.kill("control channel failed")
@@ -1216,8 +1268,9 @@ class SandboxRuntime(Runtime):
             instance.initialized = True
         else:
             instance.worker, instance.iid, instance.initialized = await self._create(
-                spec, instance.scope)
+                spec, instance.scope, self._exclusive(spec))
             instance.reserved = not instance.initialized
+            self._dedicate(instance)
 
     async def release(self, instance: NodeInstance) -> None:
         """Warm instances stay; a fresh one's cleanup runs in its worker before the worker's
@@ -1226,8 +1279,9 @@ class SandboxRuntime(Runtime):
         if instance.released:
             return
         instance.released = True
-        if instance.reserved:
+        if instance.reserved or instance.dedicated:
             instance.unreserve()
+            instance.dedicated = False
             if instance.worker.queued == 0 and instance.worker.reserved == 0:
                 self._notify()
         if instance.spec.entry.cls.reusable:
@@ -1235,6 +1289,9 @@ class SandboxRuntime(Runtime):
         instance.worker.pinned.discard(instance.iid)
         if instance.initialized and instance.worker.alive:
             self._release_on(instance.worker, instance.spec, instance.iid)
+        if self._waiters and not instance.worker.pinned:
+            # A worker no instance is pinned to any more may serve an exclusive pick.
+            self._notify(everyone=True)
 
     def _release_on(self, worker: _Worker, spec: NodeSpec | None, iid: int) -> None:
         worker.releases.append(iid)
