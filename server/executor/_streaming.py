@@ -630,6 +630,11 @@ class StreamSession:
                     break
                 except NodeFailed as error:
                     raise self._sequenced(error, stage.current) from error.__cause__
+                except SandboxFailure as error:
+                    # A sandboxed generator's worker died or hit a limit: say where.
+                    raise SandboxFailure(
+                        error.node_id, error.cause,
+                        during=f"{error.during} of sequence {stage.current}") from error
                 # Includes time spent waiting for input: a streaming node's wall time is the
                 # time it was running or waiting inside its generator.
                 stage.busy_s += time.perf_counter() - started

@@ -36,6 +36,15 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
   next call, and requests that had not reached it go to another worker. A cancelled call is
   signalled to the worker (SIGUSR1 sets ``context.cancelled``) and the worker is killed if it
   does not return within ``cancel_grace_s``.
+* Streaming nodes (``stream``): the generator runs in the worker, driven by the server one
+  step at a time (the worker asks for a chunk only when the generator pulls, and waits for
+  the server's go-ahead after each output: one output in flight at most). A fresh streaming
+  instance gets a worker of its own (no other instance pinned there; a new worker is started
+  within ``max_workers`` if none is free) and holds its lock for the whole session, so a
+  session with sandboxed plain and streaming nodes of one group cannot deadlock on one worker.
+  Each step has the node's deadline; waiting for input or for the consumer does not count.
+  Stopping a stream early sends a cancel (or SIGUSR1 while the node runs) and kills the worker
+  after ``cancel_grace_s``; ``NodeContext.report`` calls are forwarded to the session.
 * Error classification for the executor's fallback decision: the node's own exceptions are
   ``NodeFailed``; failures of the sandbox are ``WorkerFailure`` (a ``SandboxFailure``) with
   ``during`` (``initialize`` / ``process``), a ``kind`` and ``fallback_eligible``: true for a
@@ -57,7 +66,7 @@ import signal
 import socket
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -68,6 +77,7 @@ from tensorline.server._errors import (
     ServiceUnavailable,
 )
 from tensorline.server.manifest import NodeSpec
+from tensorline.server.nodes import Emit
 from tensorline.server.runtime import _isolation, _shm
 from tensorline.server.runtime._base import ExecutionScope, LayerStatus, NodeInstance, Runtime
 from tensorline.server.runtime._worker import WorkerConfig, WorkerProcess, worker_main
@@ -128,6 +138,9 @@ class _Call:
     finished: bool = False
     # Called with the reply when it arrives after the caller was cancelled.
     on_abandoned: Callable[[tuple[Any, ...]], None] | None = None
+    # A streaming session: "need"/"out" messages resolve ``future`` without ending the call.
+    streaming: bool = False
+    on_event: Callable[[str, str, float], None] | None = None
 
 
 @dataclass(eq=False)
@@ -152,6 +165,9 @@ class _Worker:
     # Lazily created instances placed here whose first call has not been sent yet: the worker
     # is promised to them, not idle.
     reserved: int = 0
+    # Streaming instances (non-reusable) placed here: such a session may hold the worker for
+    # as long as it lasts, so nothing else is placed here while one is pinned (see ``_pick``).
+    exclusive: set[int] = field(default_factory=set)
     warm: OrderedDict[str, asyncio.Future[int]] = field(default_factory=OrderedDict)
     pinned: set[int] = field(default_factory=set)
     kill_reason: str | None = None
@@ -176,6 +192,13 @@ class _Worker:
     @property
     def pid(self) -> int | None:
         return None if self.process is None else int(self.process.pid)
+
+    @property
+    def dedicated(self) -> bool:
+        """A streaming instance owns the worker (it is pinned here and not released yet)."""
+        if self.exclusive:
+            self.exclusive &= self.pinned
+        return bool(self.exclusive)
 
     @property
     def alive(self) -> bool:
@@ -205,14 +228,20 @@ class SandboxInstance(NodeInstance):
         # first call).
         self.initialized = False
         self.reserved = False
+        self.dedicated = False
 
     def unreserve(self) -> None:
         if self.reserved:
             self.reserved = False
             self.worker.reserved -= 1
 
+    can_stream: ClassVar[bool] = True
+
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         return await self._runtime._process(self, inputs)
+
+    def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        return self._runtime._stream(self, chunks)
 
 
 def _signal_name(sig: int) -> str:
@@ -513,8 +542,18 @@ class SandboxRuntime(Runtime):
             self._notify(everyone=True)
             return
         call = worker.inflight
+        if message[0] == "event":
+            # NodeContext.report during a stream; dropped when nobody listens any more.
+            if call is not None and call.on_event is not None and len(message) == 4:
+                with contextlib.suppress(Exception):
+                    call.on_event(str(message[1])[:100], str(message[2])[:4000],
+                                  float(message[3]))
+            return
         if call is None:
             self._misbehaved(worker, "reply without a request")
+            return
+        if call.streaming and message[0] in ("need", "out"):
+            self._on_stream_message(worker, call, message)
             return
         if len(message) >= 3 and isinstance(message[-1], float | int):
             worker.cpu_used = float(message[-1])
@@ -691,12 +730,22 @@ class SandboxRuntime(Runtime):
         cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
         return (cap, "" if spec.entry.trusted else spec.entry.module)
 
-    async def _pick(self, group: _Group) -> _Worker:
+    async def _pick(self, group: _Group, exclusive: bool = False) -> _Worker:
+        """An idle worker of ``group``; ``exclusive`` (a streaming instance, which may hold
+        its worker for a whole session): one hosting no other instance, else a new worker
+        (within ``max_workers``), else wait for one to free up."""
         while True:
             if self._closed:
                 raise ServiceUnavailable("the sandbox runtime is shut down")
             ready = [w for w in self._workers.values() if w.state == "ready"
-                     and w.group == group]
+                     and w.group == group and not w.dedicated]
+            if exclusive:
+                ready = [w for w in ready if not w.pinned]
+                live = [w for w in self._workers.values() if w.state != "dead"]
+                coming = any(w.state == "starting" and w.group == group for w in live)
+                if len(live) < self.max_workers and not coming and not [
+                        w for w in ready if w.queued == 0 and w.reserved == 0]:
+                    return await self._spawn(group)
             if ready:
                 idle = [w for w in ready if w.queued == 0 and w.reserved == 0]
                 if idle:
@@ -712,6 +761,12 @@ class SandboxRuntime(Runtime):
                     await asyncio.shield(starting[0].ready)  # type: ignore[arg-type]
                 continue
             live = [w for w in self._workers.values() if w.state != "dead"]
+            if len(live) >= self.max_workers and any(
+                    w.state == "ready" and w.group == group for w in live):
+                # The group's workers are all owned by streaming sessions (or, for an exclusive
+                # pick, host other instances): wait for one rather than exceed the limit.
+                await self._pool_change()
+                continue
             if len(live) >= self.max_workers:
                 idle = [w for w in live if w.state == "ready" and w.group != group
                         and not w.pinned and not w.lock.locked() and w.reserved == 0]
@@ -893,11 +948,22 @@ class SandboxRuntime(Runtime):
             worker, iid = await self._acquire_warm(spec, scope)
             initialized = True
         else:
-            worker, iid, initialized = await self._create(spec, scope)
+            worker, iid, initialized = await self._create(spec, scope, self._exclusive(spec))
         instance = SandboxInstance(spec, scope, self, worker, iid)
         instance.initialized = initialized
         instance.reserved = not initialized
+        self._dedicate(instance)
         return instance
+
+    @staticmethod
+    def _exclusive(spec: NodeSpec) -> bool:
+        return bool(spec.entry.cls.streaming) and not spec.entry.cls.reusable
+
+    def _dedicate(self, instance: SandboxInstance) -> None:
+        """A fresh streaming instance owns its worker until released (see ``_pick``); ``_create``
+        counted it on the worker already, the moment it picked the worker."""
+        if self._exclusive(instance.spec):
+            instance.dedicated = True
 
     def _init_request(self, spec: NodeSpec, scope: ExecutionScope, iid: int) -> tuple[Any, ...]:
         cls = spec.entry.cls
@@ -913,16 +979,17 @@ class SandboxRuntime(Runtime):
                                     "initialize", iid, deadline, on_abandoned)
         self._check_reply(worker, reply, spec, "initialize")
 
-    async def _pick_for(self, spec: NodeSpec) -> _Worker:
+    async def _pick_for(self, spec: NodeSpec, exclusive: bool = False) -> _Worker:
         try:
-            return await self._pick(self._group_of(spec))
+            return await self._pick(self._group_of(spec), exclusive)
         except (asyncio.CancelledError, ServiceUnavailable):
             raise
         except Exception as exc:
             raise WorkerFailure(spec.node_id, f"no sandbox worker available: {exc}",
                                 during="initialize", kind="unavailable") from exc
 
-    async def _create(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int, bool]:
+    async def _create(self, spec: NodeSpec, scope: ExecutionScope,
+                      exclusive: bool = False) -> tuple[_Worker, int, bool]:
         """Place a fresh instance on a worker: ``(worker, iid, initialized)``.
 
         A node whose class has no ``initialize`` and whose module the worker has imported
@@ -931,9 +998,12 @@ class SandboxRuntime(Runtime):
         such (``during="initialize"``, which the fallback rule cares about).
         """
         for _ in range(_ATTEMPTS):
-            worker = await self._pick_for(spec)
+            worker = await self._pick_for(spec, exclusive)
             iid = next(self._iids)
             worker.pinned.add(iid)
+            if exclusive:
+                # At once, before any await: nobody else may be placed here meanwhile.
+                worker.exclusive.add(iid)
             if not spec.entry.has_initialize and spec.entry.cls.__module__ in worker.modules:
                 worker.reserved += 1
                 return worker, iid, False
@@ -964,7 +1034,8 @@ class SandboxRuntime(Runtime):
         key = spec.warm_key
         group = self._group_of(spec)
         for _ in range(_ATTEMPTS):
-            ready = [w for w in self._workers.values() if w.state == "ready" and w.group == group]
+            ready = [w for w in self._workers.values() if w.state == "ready" and w.group == group
+                     and not w.dedicated]
             holders = [w for w in ready if key in w.warm]
             idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]
             idle_others = [w for w in ready if w.queued == 0 and w.reserved == 0
@@ -1052,6 +1123,134 @@ class SandboxRuntime(Runtime):
         raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could run",
                             during="process", kind="crash")
 
+    # --- streaming sessions -------------------------------------------------------------------
+
+    def _on_stream_message(self, worker: _Worker, call: _Call, message: tuple[Any, ...]) -> None:
+        """A step of a stream ended (the generator pulls, or yielded): hand it to the session,
+        or, once the session left, answer with a cancel."""
+        if (message[0] == "need" and len(message) != 2) or (
+                message[0] == "out" and (len(message) != 4 or not (
+                    message[2] is None or type(message[2]) is int))):
+            self._misbehaved(worker, f"malformed {message[0]!r} message")
+            return
+        with contextlib.suppress(TypeError, ValueError):
+            worker.cpu_used = float(message[-1])
+        if call.abandoned:
+            self._send_stream(worker, call, ("cancel",))
+            return
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        if not call.future.done():
+            call.future.set_result(message)
+
+    def _send_stream(self, worker: _Worker, call: _Call, message: tuple[Any, ...]) -> bool:
+        """Send the session's next message to the worker; False when the worker is gone."""
+        if call.finished or worker.sock is None:
+            return False
+        try:
+            packed, fresh = _shm.pack(message, worker.outbox)
+            _shm.send(worker.sock, packed, fresh)
+        except OSError as exc:
+            worker.kill(f"control channel failed ({exc})")
+            return False
+        return True
+
+    async def _stream(self, instance: SandboxInstance,
+                      chunks: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+        """Run a streaming node's generator in its worker (see ``_worker``'s ``stream``).
+
+        The session holds its worker (its lock) from the first pull to the end: a worker runs
+        one stream or call at a time. Each step (from our message to the worker's answer) has
+        the node's deadline; waiting for input or for the consumer does not count.
+        """
+        spec = instance.spec
+        if not instance.worker.alive:
+            await self._recreate(instance)
+        worker = instance.worker
+        instance.unreserve()
+        init = None
+        if not instance.initialized:
+            cls = spec.entry.cls
+            init = (cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
+                    instance.scope.execution_id)
+        worker.queued += 1
+        try:
+            await worker.lock.acquire()
+        except BaseException:
+            worker.queued -= 1
+            raise
+        loop = asyncio.get_running_loop()
+        report = instance.scope.extra.get("on_event")
+        call = _Call(loop.create_future(), spec, "process", instance.iid,
+                     self._deadline(spec, instance.scope, None), streaming=True)
+        if report is not None:
+            call.on_event = lambda kind, message, progress: report(
+                spec.node_id, kind, message, progress)
+        if not worker.alive or worker.sock is None:
+            self._finish(worker, call)
+            raise WorkerFailure(spec.node_id, worker.cause or "sandbox worker gone",
+                                during="process", kind="crash")
+        releases, worker.releases = worker.releases, []
+        worker.inflight = call
+        our_turn = False  # True while the worker waits for our next message
+
+        async def exchange(message: tuple[Any, ...]) -> tuple[Any, ...]:
+            nonlocal our_turn
+            if call.finished:
+                raise self._death_error(call, worker.cause or "sandbox worker gone")
+            call.future = loop.create_future()
+            call.deadline = self._deadline(spec, instance.scope, None)
+            our_turn = False
+            if not self._send_stream(worker, call, message):
+                raise self._death_error(call, worker.cause or "control channel failed")
+            call.timer = loop.call_at(call.deadline, self._on_deadline, worker, call)
+            reply = await call.future
+            our_turn = call.streaming and not call.finished
+            return reply
+
+        try:
+            reply = await exchange(("stream", instance.iid, init, releases))
+            if init is not None and (reply[0] != "error" or reply[-1] == "process"):
+                instance.initialized = True
+            while True:
+                if reply[0] == "need":
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        reply = await exchange(("end",))
+                        continue
+                    reply = await exchange(("chunk", chunk.sequence, dict(chunk.inputs)))
+                elif reply[0] == "out":
+                    _, value, sequence, _ = reply
+                    yield value if sequence is None else Emit(value, sequence)
+                    reply = await exchange(("next",))
+                else:
+                    try:
+                        self._check_reply(worker, reply, spec, "process")
+                    except _WorkerGone as exc:
+                        raise WorkerFailure(spec.node_id, f"instance lost: {exc}",
+                                            during="process", kind="crash") from None
+                    return
+        finally:
+            call.on_event = None
+            if not call.finished:
+                # The session stopped early (aclose, cancel, an error of `chunks`): stop the
+                # generator; the worker is killed if it does not end within the grace period.
+                # Its final reply (or death) frees the worker, without holding the caller.
+                if our_turn:
+                    call.abandoned = True
+                    if self._send_stream(worker, call, ("cancel",)):
+                        # From now: the step deadline did not run while the worker waited.
+                        call.timer = loop.call_at(self._now() + self.cancel_grace_s,
+                                                  self._on_deadline, worker, call)
+                    else:
+                        worker.kill("control channel failed")
+                else:
+                    if not call.future.done():
+                        call.future.cancel()
+                    self._abandon(worker, call)
+
     async def _recreate(self, instance: SandboxInstance) -> None:
         """The instance's worker died (or evicted it) while it was idle: create it again."""
         spec = instance.spec
@@ -1069,8 +1268,9 @@ class SandboxRuntime(Runtime):
             instance.initialized = True
         else:
             instance.worker, instance.iid, instance.initialized = await self._create(
-                spec, instance.scope)
+                spec, instance.scope, self._exclusive(spec))
             instance.reserved = not instance.initialized
+            self._dedicate(instance)
 
     async def release(self, instance: NodeInstance) -> None:
         """Warm instances stay; a fresh one's cleanup runs in its worker before the worker's
@@ -1079,8 +1279,9 @@ class SandboxRuntime(Runtime):
         if instance.released:
             return
         instance.released = True
-        if instance.reserved:
+        if instance.reserved or instance.dedicated:
             instance.unreserve()
+            instance.dedicated = False
             if instance.worker.queued == 0 and instance.worker.reserved == 0:
                 self._notify()
         if instance.spec.entry.cls.reusable:
@@ -1088,6 +1289,9 @@ class SandboxRuntime(Runtime):
         instance.worker.pinned.discard(instance.iid)
         if instance.initialized and instance.worker.alive:
             self._release_on(instance.worker, instance.spec, instance.iid)
+        if self._waiters and not instance.worker.pinned:
+            # A worker no instance is pinned to any more may serve an exclusive pick.
+            self._notify(everyone=True)
 
     def _release_on(self, worker: _Worker, spec: NodeSpec | None, iid: int) -> None:
         worker.releases.append(iid)

@@ -6,6 +6,7 @@ requests from the server one at a time over its control socket:
 
     ("init", iid, module, qualname, params_json, node_id, execution_id)   warm instances
     ("call", iid, inputs, init, releases)
+    ("stream", iid, init, releases)                                        streaming session
     ("release", iids)
     ("exit",)
 
@@ -20,6 +21,16 @@ classify the failure: ``node`` (the node's own exception), ``memory`` (MemoryErr
 cap), ``permission`` (a blocked syscall surfaced as EPERM/EACCES), ``import`` (the node class
 cannot be loaded here), ``gone`` (no such instance: evicted, re-create it). Crashes need no
 reply: the server sees the process die.
+
+A ``stream`` request runs the node's ``stream`` generator (async or sync) as a conversation
+that ends with the usual final reply. The worker asks for input only when the generator pulls
+(``("need", cpu_used)``), and the server answers ``("chunk", sequence, inputs)`` or ``("end",)``;
+every output goes out as soon as it is yielded (``("out", value, emit_sequence, cpu_used)``,
+``emit_sequence`` None for a bare output) and the worker then waits for ``("next",)`` before
+resuming the generator, so it never runs more than one output ahead of the server. ``("cancel",)``
+in place of either answer closes the generator. ``NodeContext.report`` calls made during the
+stream are sent as ``("event", kind, message, progress)`` at any time. Chunk arrays are copied
+out of the segment on arrival (a generator may keep them while the next chunk reuses it).
 
 SIGUSR1 from the server means "the current call was abandoned": the node's
 ``context.cancelled`` is set (and an async call is cancelled); the server kills the worker if
@@ -50,6 +61,7 @@ from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
 from typing import Any
 
 from tensorline.server.nodes._node import Node, NodeContext
+from tensorline.server.nodes._streaming import Chunk, Emit
 from tensorline.server.runtime import _isolation, _shm
 
 RUNTIME_NAME = "sandbox"
@@ -97,6 +109,15 @@ class WorkerConfig:
     namespaces: bool = True
     landlock: bool = True
     seccomp: bool = True
+
+
+class _StreamStopped(BaseException):
+    """The server cancelled the stream (a BaseException, so a node's ``except Exception`` does
+    not swallow it)."""
+
+
+class _ServerGone(BaseException):
+    """The control socket closed in the middle of a stream."""
 
 
 class _LoadFailed(Exception):
@@ -148,7 +169,11 @@ class _Worker:
                 self._cleanup_all()
                 self._reply(("ok", None, _isolation.cpu_used()))
                 return
-            self._reply(self._handle(op, request))
+            try:
+                reply = self._handle(op, request)
+            except _ServerGone:
+                return
+            self._reply(reply)
 
     def _reply(self, reply: tuple[Any, ...]) -> None:
         try:
@@ -172,7 +197,7 @@ class _Worker:
             # A new request: a cancellation signalled for an earlier one no longer applies,
             # and a warm instance must not see an earlier call's cancellation.
             self.generation += 1
-            if op == "call" and request[1] in self.instances:
+            if op in ("call", "stream") and request[1] in self.instances:
                 self.instances[request[1]].context.cancelled.clear()
         if op == "call":
             _, iid, inputs, init, releases = request
@@ -186,6 +211,21 @@ class _Worker:
                 return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
                         "process")
             outcome = self._guard(self._run, hosted, "process", inputs)
+            return (*outcome, "process") if outcome[0] == "error" else outcome
+        if op == "stream":
+            _, iid, init, releases = request
+            self._release(releases)
+            if init is not None:
+                outcome = self._guard(self._init, iid, *init)
+                if outcome[0] == "error":
+                    return (*outcome, "initialize")
+            hosted = self.instances.get(iid)
+            if hosted is None:
+                return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
+                        "process")
+            outcome = self._guard(self._stream, hosted)
+            if outcome[0] == "error" and outcome[2] == "_ServerGone":
+                raise _ServerGone
             return (*outcome, "process") if outcome[0] == "error" else outcome
         if op == "init":
             outcome = self._guard(self._init, *request[1:])
@@ -210,6 +250,115 @@ class _Worker:
             return ("error", classify(exc), type(exc).__name__, describe(exc),
                     _isolation.cpu_used())
         return ("ok", value, _isolation.cpu_used())
+
+    # --- streaming ----------------------------------------------------------------------------
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        packed, fresh = _shm.pack(message, self.outbox)
+        _shm.send(self.sock, packed, fresh)
+
+    def _receive(self) -> tuple[Any, ...]:
+        """The server's next message of the stream (arrays copied: the segment is reused)."""
+        while True:
+            try:
+                data, fds = _shm.recv_raw(self.sock)
+            except InterruptedError:
+                continue
+            if not data:
+                raise _ServerGone
+            message = _shm.unpack(data, fds, self.inbox, safe=False, copy=True)
+            _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
+            return message  # type: ignore[no-any-return]
+
+    def _stream(self, hosted: _Hosted) -> None:
+        node: Any = hosted.node
+        method = getattr(type(node), "stream", None)
+        is_async = inspect.isasyncgenfunction(method)
+        if not is_async and not inspect.isgeneratorfunction(method):
+            raise TypeError("stream() must be a generator (use yield)")
+        ended = False
+
+        def take() -> Chunk | None:
+            nonlocal ended
+            if ended:
+                return None
+            self._send(("need", _isolation.cpu_used()))
+            message = self._receive()
+            if message[0] == "chunk":
+                return Chunk(int(message[1]), message[2])
+            if message[0] == "end":
+                ended = True
+                return None
+            raise _StreamStopped
+
+        events_lock = threading.Lock()
+        events = _shm.Outbox(inline_max=0, name="tensorline-event")
+
+        def on_event(kind: str, message: str, progress: float) -> None:
+            # Any thread; small messages, inline: they never touch the data segment.
+            event = ("event", str(kind)[:100], str(message)[:4000], float(progress))
+            with events_lock, contextlib.suppress(Exception):
+                packed, fresh = _shm.pack(event, events)
+                if fresh is None:
+                    _shm.send(self.sock, packed, None)
+
+        generator: Any
+        if is_async:
+            async def apull() -> Any:
+                while (chunk := take()) is not None:
+                    yield chunk
+
+            generator = node.stream(apull())
+
+            def step() -> Any:
+                self.current_task = self.loop.create_task(_await(generator.__anext__()))
+                try:
+                    return self.loop.run_until_complete(self.current_task)
+                finally:
+                    self.current_task = None
+        else:
+            def pull() -> Any:
+                while (chunk := take()) is not None:
+                    yield chunk
+
+            generator = node.stream(pull())
+
+            def step() -> Any:
+                return next(generator)
+
+        self.current = hosted
+        hosted.context.on_event = on_event
+        try:
+            while True:
+                try:
+                    out = step()
+                except (StopIteration, StopAsyncIteration):
+                    return
+                except _StreamStopped:
+                    return
+                if isinstance(out, Emit):
+                    message: tuple[Any, ...] = ("out", out.value, int(out.sequence),
+                                                _isolation.cpu_used())
+                else:
+                    message = ("out", out, None, _isolation.cpu_used())
+                self._send(message)
+                if self._receive()[0] != "next":
+                    return
+        finally:
+            hosted.context.on_event = None
+            try:
+                if is_async:
+                    self.loop.run_until_complete(_await(generator.aclose()))
+                else:
+                    generator.close()
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    print(f"tensorline sandbox worker {os.getpid()}: closing the stream of "
+                          f"node '{hosted.context.node_id}' failed: {type(exc).__name__}: "
+                          f"{exc}", file=sys.stderr, flush=True)
+            finally:
+                self.current = None
+                events.close()
 
     def _release(self, iids: list[int]) -> None:
         """Run the cleanup of instances the server released. Nobody waits for the outcome any

@@ -1,10 +1,14 @@
 """StreamPipeline with sandboxed nodes through the real service: ordinary sandboxed nodes run
-once per chunk in a worker next to in-process and streaming nodes; a streaming node cannot be
-sandboxed yet (refused before Ready); a worker crash mid-stream ends the session with a sandbox
-error naming the node while the server keeps serving."""
+once per chunk in a worker next to in-process and streaming nodes; streaming nodes run their
+generator in a worker with the same results as in-process, separate state per session, in
+order under backpressure; a worker crash mid-stream ends the session with a sandbox error naming
+the node (and the sequence) while the server keeps serving; a cancelled session leaves nothing
+behind."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tensorline.client import AsyncClient, InvalidRequestError, SandboxError
+from tensorline.client import AsyncClient, SandboxError
 from tensorline.server import TensorlineServer
-from tests.server.runtime.conftest import shm_segments, stray_processes, wait_until
+from tests.server.runtime.conftest import eventually, shm_segments, stray_processes, wait_until
 
 UNTRUSTED = "tests.server.runtime.sandbox_nodes"
 
@@ -68,14 +72,122 @@ async def test_big_chunks_through_a_sandboxed_node(
     assert np.array_equal(first.value, big) and np.array_equal(second.value, big[::-1])
 
 
-async def test_streaming_node_cannot_be_sandboxed_yet(
+async def run_stream(client: AsyncClient, manifest: dict[str, Any],
+                     values: list[Any]) -> tuple[dict[str, str], list[tuple[str, int, Any]]]:
+    first = manifest["nodes"][0]["id"]
+    async with client.stream(manifest) as s:
+        runtimes = {n.node_id: n.runtime for n in s.nodes}
+        for value in values:
+            await s.send(first, value)
+        await s.close()
+        outputs = [(o.port, o.sequence, np.asarray(o.value).tolist()) async for o in s]
+    return runtimes, outputs
+
+
+@pytest.mark.parametrize("node_type", ["Expander", "Filter", "Counter", "SyncCounter"])
+async def test_streaming_node_in_the_sandbox_matches_inprocess(
+        sandboxed: tuple[TensorlineServer, AsyncClient], node_type: str) -> None:
+    _, client = sandboxed
+    values = [np.full(4, float(i)) for i in range(12)]
+    runtimes, boxed = await run_stream(
+        client, {"nodes": [{"id": "c", "node_type": node_type, "runtime_hint": "sandbox"}]},
+        values)
+    assert runtimes == {"c": "sandbox"}
+    runtimes, local = await run_stream(
+        client, {"nodes": [{"id": "c", "node_type": node_type, "runtime_hint": "inprocess"}]},
+        values)
+    assert runtimes == {"c": "inprocess"}
+    assert boxed == local and boxed
+
+
+async def test_sandboxed_streaming_sessions_are_isolated(
         sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
     _, client = sandboxed
     manifest = {"nodes": [{"id": "c", "node_type": "Counter", "runtime_hint": "sandbox"}]}
-    with pytest.raises(InvalidRequestError) as caught:
-        async with client.stream(manifest):
-            pass
-    assert "cannot run streaming nodes" in caught.value.message
+    async with client.stream(manifest) as one, client.stream(manifest) as two:
+        assert [n.runtime for n in one.nodes] == [n.runtime for n in two.nodes] == ["sandbox"]
+        # Interleaved: each session counts only its own chunks.
+        for i in range(6):
+            await one.send("c", np.zeros(1))
+            if i % 2:
+                await two.send("c", np.zeros(1))
+        await one.close()
+        await two.close()
+        first = [(o.port, int(o.value)) async for o in one]
+        second = [(o.port, int(o.value)) async for o in two]
+    assert first == [("count", i) for i in range(1, 7)] + [("total", 6)]
+    assert second == [("count", i) for i in range(1, 4)] + [("total", 3)]
+
+
+async def test_slow_sandboxed_streaming_node_keeps_order(
+        sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
+    _, client = sandboxed
+    manifest = {"nodes": [{"id": "s", "node_type": "StreamSlow"}]}
+    count = 300
+    async with client.stream(manifest) as s:
+        assert [n.runtime for n in s.nodes] == ["sandbox"]
+        for i in range(count):
+            await s.send("s", np.full(64, float(i)))
+        await s.close()
+        outputs = [(o.sequence, float(o.value[0])) async for o in s]
+    assert outputs == [(i, float(i + d)) for i in range(count) for d in (0, 1)]
+
+
+async def test_streaming_node_crash_mid_stream(
+        sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
+    server, client = sandboxed
+    runtime = server.engine.runtimes["sandbox"]
+    workers = len(runtime.worker_pids())
+    manifest = {"nodes": [{"id": "p", "node_type": "PassThrough"},
+                          {"id": "boom", "node_type": "StreamCrash"}],
+                "connections": [{"from": "p", "to": "boom"}]}
+    received = []
+    with pytest.raises(SandboxError) as caught:
+        async with client.stream(manifest) as s:
+            assert {n.node_id: n.runtime for n in s.nodes}["boom"] == "sandbox"
+            await s.send("p", np.ones(3))
+            await s.send("p", -np.ones(3))
+            async for out in s:
+                received.append(out.sequence)
+    assert caught.value.node_id == "boom"
+    assert caught.value.metadata["during"] == "process of sequence 1"
+    assert "SIGSEGV" in caught.value.message
+    assert received in ([], [0])
+    # The server still streams, sandboxed streaming nodes included.
+    _, outputs = await run_stream(client, {"nodes": [{"id": "boom", "node_type": "StreamCrash"}]},
+                                  [np.ones(2)])
+    assert outputs == [("out", 0, [1.0, 1.0])]
+    await eventually(lambda: len(runtime.worker_pids()) >= workers,
+                     what="the crashed worker to be replaced")
+
+
+@pytest.mark.parametrize("node_type", ["SyncStreamBlock", "AsyncStreamBlock"])
+async def test_cancel_mid_stream_cleans_up(sandboxed: tuple[TensorlineServer, AsyncClient],
+                                           node_type: str) -> None:
+    server, client = sandboxed
+    runtime = server.engine.runtimes["sandbox"]
+    pids = set(runtime.worker_pids())
+    manifest = {"nodes": [{"id": "b", "node_type": node_type}]}
+    async with client.stream(manifest) as s:
+        assert [n.runtime for n in s.nodes] == ["sandbox"]
+        await s.send("b", np.ones(2))
+        assert float((await s.__anext__()).value[0]) == 1.0
+        await s.send("b", -np.ones(2))  # the node blocks until it is cancelled
+        scratch = [w.scratch_dir for w in runtime._workers.values()]
+        await eventually(lambda: any(name.startswith("blocked-") for d in scratch
+                                     for name in os.listdir(d)), what="the node to block")
+        await s.cancel("stop")
+    def marks() -> set[str]:
+        return {name.split("-", 1)[0] for d in scratch for name in os.listdir(d)
+                if name.endswith(f"-{s.session_id}")}
+
+    await eventually(lambda: marks() >= {"closed", "cleanup"},
+                     what="generator closed and cleanup run")
+    assert marks() == {"blocked", "closed", "cleanup"}
+    # Cancelled in time: no worker was killed, and the same workers serve the next session.
+    assert set(runtime.worker_pids()) == pids
+    _, outputs = await run_stream(client, manifest, [np.ones(2)])
+    assert outputs == [("out", 0, [1.0, 1.0])]
 
 
 async def test_worker_crash_mid_stream(sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
@@ -94,3 +206,33 @@ async def test_worker_crash_mid_stream(sandboxed: tuple[TensorlineServer, AsyncC
     async with client.stream(MIXED) as s:
         await s.send("a", np.ones(2))
         assert (await s.close()).chunks_received == 1
+
+
+@pytest.mark.parametrize("order", ["plain-first", "streaming-first"])
+async def test_sandboxed_streaming_and_plain_nodes_in_one_session(
+        server_factory: Callable[..., Any], leak_check: None, tmp_path: Path,
+        order: str) -> None:
+    """A streaming node holds its worker for the whole session: a sandboxed plain node of the
+    same group in the same pipeline must run on another worker (one is started: the pool has
+    a single default worker here), or they would wait on each other forever."""
+    server = await server_factory(untrusted_modules=[UNTRUSTED], sandbox_workers=1,
+                                  sandbox_scratch_dir=tmp_path)
+    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client, \
+            asyncio.timeout(60):  # a hang guard, not a timing assertion
+        await check_plain_and_streaming(client, order)
+
+
+async def check_plain_and_streaming(client: AsyncClient, order: str) -> None:
+    plain = {"id": "b", "node_type": "Scale", "params": {"factor": 2}, "runtime_hint": "sandbox"}
+    streaming = {"id": "e", "node_type": "Expander", "params": {"copies": 2},
+                 "runtime_hint": "sandbox"}
+    nodes = [plain, streaming] if order == "plain-first" else [streaming, plain]
+    manifest = {"nodes": nodes, "connections": [{"from": nodes[0]["id"], "to": nodes[1]["id"]}]}
+    runtimes, outputs = await run_stream(client, manifest, [np.full(2, float(i))
+                                                            for i in range(40)])
+    assert runtimes == {"b": "sandbox", "e": "sandbox"}
+    if order == "plain-first":
+        expected = [2.0 * i + d for i in range(40) for d in (0, 1)]
+    else:
+        expected = [2.0 * (i + d) for i in range(40) for d in (0, 1)]
+    assert [value[0] for _, _, value in outputs] == expected

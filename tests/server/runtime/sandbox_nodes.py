@@ -15,13 +15,22 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tensorline.server.nodes import Json, Node, NodeParams, NodeTraits, Port
+from tensorline.server.nodes import (
+    Chunk,
+    Emit,
+    Json,
+    Node,
+    NodeParams,
+    NodeTraits,
+    Port,
+    StreamingNode,
+)
 
 
 class Echo(Node):
@@ -245,3 +254,120 @@ class SlowInit(Node):
 
     def process(self, inputs: Mapping[str, Any]) -> Any:
         return inputs["in"]
+
+
+# --- streaming nodes (sandboxed generators) ---------------------------------------------------
+
+
+def _first(value: Any) -> float:
+    return float(np.asarray(value).reshape(-1)[0])
+
+
+class StreamCrash(StreamingNode):
+    """Passes chunks through until one whose first element is negative: then segfaults."""
+
+    inputs = (Port("in"),)
+    outputs = (Port("out"),)
+
+    def stream(self, chunks: Iterator[Chunk]) -> Iterator[Any]:
+        for chunk in chunks:
+            if _first(chunk.value) < 0:
+                ctypes.string_at(0)
+            yield chunk.value
+
+
+class StreamFail(StreamingNode):
+    """Passes chunks through; raises ValueError on a chunk whose first element is negative."""
+
+    inputs = (Port("in"),)
+    outputs = (Port("out"),)
+
+    async def stream(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Any]:
+        async for chunk in chunks:
+            if _first(chunk.value) < 0:
+                raise ValueError(f"negative input at {chunk.sequence}")
+            yield chunk.value
+
+
+class StreamSlowParams(NodeParams):
+    seconds: float = 0.001
+
+
+class StreamSlow(StreamingNode):
+    """A slow sync generator: per chunk, ``seconds`` of work, then the value and value + 1."""
+
+    Params = StreamSlowParams
+    params: StreamSlowParams
+    inputs = (Port("in"),)
+    outputs = (Port("out"),)
+
+    def stream(self, chunks: Iterator[Chunk]) -> Iterator[Any]:
+        for chunk in chunks:
+            time.sleep(self.params.seconds)
+            yield chunk.value
+            yield chunk.value + 1
+
+
+class StreamBlock(StreamingNode):
+    """Base of SyncStreamBlock/AsyncStreamBlock: pass chunks through; on a negative one wait
+    until cancelled (sync: on ``context.cancelled``; async: forever, until its task is
+    cancelled). Marks, in the worker's scratch dir, when the generator is closed and when
+    cleanup ran (tests look there)."""
+
+    inputs = (Port("in"),)
+    outputs = (Port("out"),)
+
+    def _mark(self, what: str) -> None:
+        Path(self.context.scratch_dir, f"{what}-{self.context.execution_id}").write_text(what)
+
+    def _sync(self, chunks: Iterator[Chunk]) -> Iterator[Any]:
+        try:
+            for chunk in chunks:
+                if _first(chunk.value) < 0:
+                    self._mark("blocked")
+                    self.context.cancelled.wait()
+                yield chunk.value
+        finally:
+            self._mark("closed")
+
+    def cleanup(self) -> None:
+        self._mark("cleanup")
+
+
+class SyncStreamBlock(StreamBlock):
+    """StreamBlock whose ``stream`` is a sync generator function (the worker checks)."""
+
+    def stream(self, chunks: Iterator[Chunk]) -> Iterator[Any]:
+        yield from self._sync(chunks)
+
+
+class AsyncStreamBlock(StreamBlock):
+    """StreamBlock as an async generator (blocks until its task is cancelled)."""
+
+    async def stream(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Any]:
+        try:
+            async for chunk in chunks:
+                if _first(chunk.value) < 0:
+                    self._mark("blocked")
+                    await asyncio.Event().wait()
+                yield chunk.value
+        finally:
+            self._mark("closed")
+
+
+class StreamHold(StreamingNode):
+    """Keeps each chunk's value until the next one arrives, then yields it with its own
+    sequence (``Emit``); reports an event per chunk. Tests that arrays outlive their message."""
+
+    inputs = (Port("in"),)
+    outputs = (Port("out"),)
+
+    async def stream(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Any]:
+        held: tuple[int, Any] | None = None
+        async for chunk in chunks:
+            self.context.report(f"chunk {chunk.sequence}", progress=0.5, kind="progress")
+            if held is not None:
+                yield Emit(held[1], held[0])
+            held = (chunk.sequence, chunk.value)
+        if held is not None:
+            yield Emit(held[1], held[0])
