@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +18,14 @@ import pytest
 
 from tensorline.client import AsyncClient, SandboxError
 from tensorline.server import TensorlineServer
-from tests.server.runtime.conftest import eventually, shm_segments, stray_processes, wait_until
-
-UNTRUSTED = "tests.server.runtime.sandbox_nodes"
+from tests.server.conftest import UNTRUSTED
+from tests.server.runtime.conftest import eventually
 
 MIXED = {"nodes": [
     {"id": "a", "node_type": "PassThrough", "runtime_hint": "inprocess"},
     {"id": "b", "node_type": "Scale", "params": {"factor": 2}, "runtime_hint": "sandbox"},
     {"id": "c", "node_type": "Counter"},
 ], "connections": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}]}
-
-
-@pytest.fixture(scope="module")
-def leak_check() -> Iterator[None]:
-    before = shm_segments()
-    yield
-    wait_until(lambda: not stray_processes(), 10.0, "worker processes to exit")
-    assert shm_segments() - before == set()
-
-
-@pytest.fixture
-async def sandboxed(server_factory: Callable[..., Any], leak_check: None,
-                    tmp_path: Path) -> AsyncIterator[tuple[TensorlineServer, AsyncClient]]:
-    server = await server_factory(untrusted_modules=[UNTRUSTED], sandbox_workers=2,
-                                  sandbox_cpu_seconds=2.0, sandbox_scratch_dir=tmp_path)
-    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
-        yield server, client
 
 
 async def test_sandboxed_node_in_a_stream(sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
