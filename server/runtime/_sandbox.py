@@ -244,6 +244,17 @@ class SandboxInstance(NodeInstance):
         return self._runtime._stream(self, chunks)
 
 
+def _init_request(instance: SandboxInstance) -> tuple[str, str, str, str, str] | None:
+    """What the worker needs to create a not-yet-initialized instance with its first request:
+    where the class lives, its validated params, node and execution ids (None once created)."""
+    if instance.initialized:
+        return None
+    spec = instance.spec
+    cls = spec.entry.cls
+    return (cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
+            instance.scope.execution_id)
+
+
 def _signal_name(sig: int) -> str:
     try:
         return signal.Signals(sig).name
@@ -1101,11 +1112,7 @@ class SandboxRuntime(Runtime):
                 await self._recreate(instance)
                 worker = instance.worker
             instance.unreserve()
-            init = None
-            if not instance.initialized:
-                cls = spec.entry.cls
-                init = (cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
-                        instance.scope.execution_id)
+            init = _init_request(instance)
             deadline = self._deadline(spec, instance.scope, None)
             try:
                 reply = await self._request(
@@ -1169,11 +1176,7 @@ class SandboxRuntime(Runtime):
             await self._recreate(instance)
         worker = instance.worker
         instance.unreserve()
-        init = None
-        if not instance.initialized:
-            cls = spec.entry.cls
-            init = (cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
-                    instance.scope.execution_id)
+        init = _init_request(instance)
         worker.queued += 1
         try:
             await worker.lock.acquire()

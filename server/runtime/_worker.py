@@ -201,28 +201,16 @@ class _Worker:
                 self.instances[request[1]].context.cancelled.clear()
         if op == "call":
             _, iid, inputs, init, releases = request
-            self._release(releases)
-            if init is not None:
-                outcome = self._guard(self._init, iid, *init)
-                if outcome[0] == "error":
-                    return (*outcome, "initialize")
-            hosted = self.instances.get(iid)
+            hosted, failure = self._prepare(iid, init, releases)
             if hosted is None:
-                return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
-                        "process")
+                return failure
             outcome = self._guard(self._run, hosted, "process", inputs)
             return (*outcome, "process") if outcome[0] == "error" else outcome
         if op == "stream":
             _, iid, init, releases = request
-            self._release(releases)
-            if init is not None:
-                outcome = self._guard(self._init, iid, *init)
-                if outcome[0] == "error":
-                    return (*outcome, "initialize")
-            hosted = self.instances.get(iid)
+            hosted, failure = self._prepare(iid, init, releases)
             if hosted is None:
-                return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
-                        "process")
+                return failure
             outcome = self._guard(self._stream, hosted)
             if outcome[0] == "error" and outcome[2] == "_ServerGone":
                 raise _ServerGone
@@ -235,6 +223,21 @@ class _Worker:
             return ("ok", None, _isolation.cpu_used())
         return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used(),
                 "process")
+
+    def _prepare(self, iid: int, init: tuple[Any, ...] | None,
+                 releases: list[int]) -> tuple[_Hosted | None, tuple[Any, ...]]:
+        """Release what the server let go of, create the instance if this request carries its
+        ``init``, and return it; or None and the error reply when that failed."""
+        self._release(releases)
+        if init is not None:
+            outcome = self._guard(self._init, iid, *init)
+            if outcome[0] == "error":
+                return None, (*outcome, "initialize")
+        hosted = self.instances.get(iid)
+        if hosted is None:
+            return None, ("error", "gone", "", "instance not hosted here",
+                          _isolation.cpu_used(), "process")
+        return hosted, ()
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
         """``("ok", value, cpu)`` when ``fn`` returned, ``("error", kind, type, message, cpu)``
