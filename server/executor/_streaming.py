@@ -563,59 +563,55 @@ class StreamSession:
         for channel in stage.consumers:
             channel.force_put((_EOS, 0, None))
 
+    async def _accepted(self, stage: _Stage) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """The stage's input sets (joined by sequence) as they complete, until every producer
+        has ended."""
+        inbox = stage.inbox
+        waiting = stage.producers
+        while waiting:
+            for slot, sequence, value in await inbox.get_batch():
+                if slot == _EOS:
+                    waiting -= 1
+                    continue
+                inputs = stage.accept(slot, sequence, value)
+                if inputs is None:
+                    continue
+                stage.current = sequence
+                yield sequence, inputs
+
     async def _run_plain(self, stage: _Stage) -> None:
         spec = stage.spec
         instance = stage.instance
-        inbox = stage.inbox
         timeout = spec.timeout_s
-        waiting = stage.producers
-        while waiting:
-            for slot, sequence, value in await inbox.get_batch():
-                if slot == _EOS:
-                    waiting -= 1
-                    continue
-                inputs = stage.accept(slot, sequence, value)
-                if inputs is None:
-                    continue
-                stage.current = sequence
-                started = time.perf_counter()
-                try:
-                    if timeout is None:
-                        raw = await instance.process(inputs)
-                    else:
-                        try:
-                            async with asyncio.timeout(timeout):
-                                raw = await instance.process(inputs)
-                        except TimeoutError:
-                            raise DeadlineExceeded(
-                                f"node '{spec.node_id}' exceeded its timeout of {timeout:g} s "
-                                f"at sequence {sequence}") from None
-                    outputs = normalize_outputs(spec, raw)
-                except NodeFailed as error:
-                    raise self._sequenced(error, sequence) from error.__cause__
-                except SandboxFailure as error:
-                    # No fallback mid-stream (the node's state would be lost); say where.
-                    raise SandboxFailure(error.node_id, error.cause,
-                                         during=f"{error.during} of sequence {sequence}") from error
-                stage.busy_s += time.perf_counter() - started
-                stage.report.inputs_consumed += 1
-                await self._emit(stage, sequence, outputs)
+        async for sequence, inputs in self._accepted(stage):
+            started = time.perf_counter()
+            try:
+                if timeout is None:
+                    raw = await instance.process(inputs)
+                else:
+                    try:
+                        async with asyncio.timeout(timeout):
+                            raw = await instance.process(inputs)
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"node '{spec.node_id}' exceeded its timeout of {timeout:g} s "
+                            f"at sequence {sequence}") from None
+                outputs = normalize_outputs(spec, raw)
+            except NodeFailed as error:
+                raise self._sequenced(error, sequence) from error.__cause__
+            except SandboxFailure as error:
+                # No fallback mid-stream (the node's state would be lost); say where.
+                raise SandboxFailure(error.node_id, error.cause,
+                                     during=f"{error.during} of sequence {sequence}") from error
+            stage.busy_s += time.perf_counter() - started
+            stage.report.inputs_consumed += 1
+            await self._emit(stage, sequence, outputs)
         self._finish(stage)
 
     async def _chunks(self, stage: _Stage) -> AsyncIterator[Chunk]:
-        inbox = stage.inbox
-        waiting = stage.producers
-        while waiting:
-            for slot, sequence, value in await inbox.get_batch():
-                if slot == _EOS:
-                    waiting -= 1
-                    continue
-                inputs = stage.accept(slot, sequence, value)
-                if inputs is None:
-                    continue
-                stage.current = sequence
-                stage.report.inputs_consumed += 1
-                yield Chunk(sequence, inputs)
+        async for sequence, inputs in self._accepted(stage):
+            stage.report.inputs_consumed += 1
+            yield Chunk(sequence, inputs)
         stage.current = END_OF_STREAM
 
     async def _run_streaming(self, stage: _Stage) -> None:
