@@ -47,6 +47,7 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
+from _common import OPTIONS, MiB, latencies, throughput
 
 from tensorline.client._codec import (
     DecodedExecuteResponse,
@@ -56,9 +57,6 @@ from tensorline.client._codec import (
 )
 from tensorline.client._values import Audio, Json
 
-MiB = 1024 * 1024
-LIMIT = 512 * MiB
-OPTIONS = [("grpc.max_send_message_length", LIMIT), ("grpc.max_receive_message_length", LIMIT)]
 RUNTIMES = ("inprocess", "sandbox")
 
 SERVER = """
@@ -164,33 +162,6 @@ class Bench:
     async def runtime_of(self, workload: Workload, runtime: str) -> str:
         reply = await self.call(workload, runtime)()
         return str(reply.metrics.nodes[0].runtime)
-
-
-async def latencies(call: Call, count: int) -> list[float]:
-    out = []
-    for _ in range(count):
-        started = time.perf_counter()
-        await call()
-        out.append(time.perf_counter() - started)
-    return out
-
-
-async def throughput(call: Call, total: int, concurrency: int) -> tuple[float, list[float]]:
-    """Calls per second over ``total`` calls at ``concurrency``, and each call's latency."""
-    remaining = total
-    each: list[float] = []
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            await call()
-            each.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return total / (time.perf_counter() - started), each
 
 
 def ordered(round_index: int) -> tuple[str, ...]:

@@ -22,12 +22,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import numpy as np
+from _common import OPTIONS, Call, MiB, latencies, throughput
 
 from tensorline.client._codec import (
     PortItem,
@@ -35,10 +34,6 @@ from tensorline.client._codec import (
     decode_execute_response,
     encode_execute_request,
 )
-
-MiB = 1024 * 1024
-LIMIT = 512 * MiB
-OPTIONS = [("grpc.max_send_message_length", LIMIT), ("grpc.max_receive_message_length", LIMIT)]
 
 ECHO_SERVER = """
 import asyncio, sys, grpc
@@ -86,18 +81,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-Call = Callable[[], Awaitable[Any]]
-
-
-async def latencies(call: Call, count: int) -> list[float]:
-    out = []
-    for _ in range(count):
-        started = time.perf_counter()
-        await call()
-        out.append(time.perf_counter() - started)
-    return out
-
-
 def cpu_seconds(pid: int) -> float:
     """CPU time of a server process and its children (sandbox workers): unlike wall time it
     barely moves with the load other processes put on the machine."""
@@ -109,20 +92,6 @@ def cpu_seconds(pid: int) -> float:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += sum(child.cpu_times()[:2])
     return total
-
-
-async def throughput(call: Call, total: int, concurrency: int) -> float:
-    remaining = total
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await call()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return total / (time.perf_counter() - started)
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,7 +157,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):
             for key, call, proc in (("echo", echo, echo_proc), ("tl", tensorline, tl_proc)):
                 before = cpu_seconds(proc.pid)
-                rates[key].append(await throughput(call, total, 32))
+                rates[key].append((await throughput(call, total, 32))[0])
                 cpu[key].append((cpu_seconds(proc.pid) - before) / total * 1e6)
         er, tr = statistics.median(rates["echo"]), statistics.median(rates["tl"])
         ec, tc = statistics.median(cpu["echo"]), statistics.median(cpu["tl"])
