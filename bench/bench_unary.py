@@ -7,6 +7,7 @@ report gives medians over all calls and the ratios tensorline / echo.
     python bench/bench_unary.py                # full run
     python bench/bench_unary.py --quick        # fewer calls
     python bench/bench_unary.py --runtime sandbox   # PassThrough in a sandboxed worker
+    python bench/bench_unary.py --loop asyncio      # tensorline on the standard asyncio loop
 
 Both clients encode the same ExecuteRequest per call with the tensorline codec and parse the
 reply (zero-copy) so client-side work is identical; only the server differs.
@@ -34,6 +35,7 @@ from tensorline.client._codec import (
     decode_execute_response,
     encode_execute_request,
 )
+from tensorline.server._eventloop import resolve
 
 ECHO_SERVER = """
 import asyncio, sys, grpc
@@ -53,16 +55,18 @@ async def main():
 asyncio.run(main())
 """
 
+# The same event loop `tensorline serve` runs on (Settings.event_loop, chosen by --loop).
 TENSORLINE_SERVER = """
-import asyncio, sys
+import asyncio, os, sys
 from tensorline.server import Settings, create_server
+from tensorline.server._eventloop import run
 async def main():
     server, port = await create_server(Settings(host="127.0.0.1", port=0,
         max_message_bytes=512 * 1024 * 1024, max_tensor_bytes=256 * 1024 * 1024))
     await server.start()
     print(port, flush=True)
     await server.wait_for_termination()
-asyncio.run(main())
+run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
 """
 
 
@@ -98,10 +102,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     scale = 0.3 if args.quick else 1.0
 
     echo_proc, echo_port = start(ECHO_SERVER)
-    tl_proc, tl_port = start(TENSORLINE_SERVER)
+    tl_proc, tl_port = start(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": args.loop})
     manifest = json.dumps({"nodes": [{"id": "p", "node_type": "PassThrough",
                                       "runtime_hint": args.runtime}]})
-    results: dict[str, Any] = {"runtime": args.runtime, "latency": {}, "throughput": {}}
+    results: dict[str, Any] = {"runtime": args.runtime, "loop": resolve(args.loop),
+                               "latency": {}, "throughput": {}}
     try:
         echo_ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
         tl_ch = grpc.aio.insecure_channel(f"127.0.0.1:{tl_port}", options=OPTIONS)
@@ -128,8 +133,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         assert np.array_equal(reply.outputs[0].value, probe), "PassThrough is not bit-exact"
 
         sizes = [("1 KiB", 1024, 400), ("1 MiB", MiB, 60), ("64 MiB", 64 * MiB, 4)]
-        print(f"runtime={args.runtime}  rounds={args.rounds}  (p50/p99 in ms; ratio = "
-              "tensorline / echo)")
+        print(f"runtime={args.runtime}  loop={resolve(args.loop)}  rounds={args.rounds}  "
+              "(p50/p99 in ms; ratio = tensorline / echo)")
         print(f"{'payload':>8} {'echo p50':>9} {'tl p50':>9} {'ratio':>6} "
               f"{'echo p99':>9} {'tl p99':>9} {'ratio':>6}")
         for label, nbytes, count in sizes:
@@ -182,6 +187,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runtime", default="inprocess", choices=["inprocess", "sandbox"])
+    parser.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
+                        help="tensorline's event loop (the echo always runs grpc.aio on asyncio)")
     parser.add_argument("--json", help="also write the figures to this file")
     arguments = parser.parse_args()
     figures = asyncio.run(main(arguments))

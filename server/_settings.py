@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(
         1.0, gt=0, description="how often gRPC health is re-checked against the runtimes")
     reflection: bool = Field(True, description="serve gRPC reflection")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="event loop of `tensorline serve`: uvloop (auto: when installed) "
+                            "or the standard asyncio loop")
 
     @field_validator("node_modules", "untrusted_modules", "auth_tokens", mode="before")
     @classmethod

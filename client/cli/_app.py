@@ -102,6 +102,7 @@ def serve(
 
     from tensorline.server import Settings
     from tensorline.server import serve as run_server
+    from tensorline.server._eventloop import run as run_on_loop
     from tensorline.server._logging import configure_logging
 
     try:
@@ -115,7 +116,7 @@ def serve(
     except (ValidationError, OSError, ValueError) as exc:
         raise _fail(f"invalid settings: {exc}", code=2) from None
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(run_server(settings))
+    run_on_loop(run_server(settings), settings.event_loop)
     _exit_past_stuck_node_threads()
 
 

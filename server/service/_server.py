@@ -216,6 +216,7 @@ async def serve(settings: Settings) -> None:
     print(f"tensorline listening on {settings.host}:{port} ({scheme}, instance "
           f"{settings.instance_id})", flush=True)
     loop = asyncio.get_running_loop()
+    log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
