@@ -22,6 +22,9 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.executions = 0
         self.streams = 0
+        # Calls refused by the bounds (not by a drain), for the load-shed metric.
+        self.shed_executions = 0
+        self.shed_streams = 0
         self.draining = False
         self._idle: asyncio.Event | None = None
 
@@ -44,25 +47,29 @@ class Admission:
             return False
         return True
 
-    @contextmanager
-    def execution(self) -> Iterator[None]:
-        self._refuse_while_draining()
+    def enter_execution(self) -> None:
+        """Admit one unary execution (pair with ``leave_execution``); a plain method rather
+        than a context manager because it runs on every call."""
+        if self.draining:
+            self._refuse_while_draining()
         if self.max_executions and self.executions >= self.max_executions:
+            self.shed_executions += 1
             raise LimitExceeded(
                 f"server busy: {self.executions} executions in progress (limit "
                 f"{self.max_executions}); retry after {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s)
         self.executions += 1
-        try:
-            yield
-        finally:
-            self.executions -= 1
+
+    def leave_execution(self) -> None:
+        self.executions -= 1
+        if self._idle is not None:
             self._left()
 
     @contextmanager
     def stream(self) -> Iterator[None]:
         self._refuse_while_draining()
         if self.max_streams and self.streams >= self.max_streams:
+            self.shed_streams += 1
             raise LimitExceeded(
                 f"server busy: {self.streams} streams open (limit {self.max_streams}); "
                 f"retry after {self.retry_after_s:g} s",

@@ -21,6 +21,7 @@ from tensorline.server.executor import PipelineEngine
 from tensorline.server.nodes import NodeRegistry
 from tensorline.server.runtime import InProcessRuntime, Runtime, SandboxRuntime
 from tensorline.server.selector import INPROCESS, SANDBOX, Selector
+from tensorline.server.service._admission import Admission
 from tensorline.server.service._auth import BearerTokenInterceptor
 from tensorline.server.service._service import SERVICE_NAME, PipelineService
 from tensorline.server.service._telemetry import Telemetry
@@ -186,11 +187,12 @@ async def create_server(
     """Build and bind a server (not started). Returns the server and its bound port."""
     settings = settings or Settings()
     engine = engine or build_engine(settings, registry)
-    telemetry = Telemetry(engine)
+    admission = Admission(settings.max_concurrent_executions, settings.max_concurrent_streams)
+    telemetry = Telemetry(engine, admission)
     engine.executor.observer = telemetry.observe_node
     interceptors = [BearerTokenInterceptor(settings.auth_tokens)] if settings.auth_tokens else []
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
-    service = PipelineService(engine, settings, telemetry)
+    service = PipelineService(engine, settings, admission, telemetry)
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -55,16 +55,12 @@ def scope_for(context: Context, execution_id: str) -> ExecutionScope:
 
 
 class PipelineService:
-    def __init__(self, engine: PipelineEngine, settings: Settings,
+    def __init__(self, engine: PipelineEngine, settings: Settings, admission: Admission,
                  telemetry: Telemetry | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.telemetry = telemetry
-        self.admission = Admission(settings.max_concurrent_executions,
-                                   settings.max_concurrent_streams)
-        if telemetry is not None:
-            telemetry.inflight_executions.set_function(lambda: self.admission.executions)
-            telemetry.inflight_streams.set_function(lambda: self.admission.streams)
+        self.admission = admission
         self._catalogue: pb.ListNodesResponse | None = None
         # Execution ids: unique per server without paying for uuid4 on every call.
         self._ids = itertools.count(1)
@@ -78,9 +74,12 @@ class PipelineService:
         started = time.perf_counter()
         scope = scope_for(context, self.next_execution_id())
         # The in-flight gauges read the admission counters at scrape time: nothing per call.
-        with self.admission.execution():
+        self.admission.enter_execution()
+        try:
             result, cached = await self.engine.execute(
                 request.manifest_json, request.inputs, prior=request.violations, scope=scope)
+        finally:
+            self.admission.leave_execution()
         metrics = pb.ExecutionMetrics(
             total_ms=(time.perf_counter() - started) * 1000.0,
             nodes=[node_metrics(r) for r in result.reports],

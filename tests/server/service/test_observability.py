@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tensorline.client import AsyncClient, NodeError
+from tensorline.client import AsyncClient, LimitExceededError, NodeError
 
 MANIFEST = {"nodes": [{"id": "p", "node_type": "PassThrough"}]}
 
@@ -48,6 +48,39 @@ async def test_metrics_endpoint_counts_requests_and_nodes(
     assert samples[("tensorline_request_duration_seconds_count",
                     (("method", "ExecutePipeline"),))] == 4
     assert samples[("tensorline_inflight_executions", ())] == 0
+
+
+async def test_latency_histograms_and_load_shed_on_the_metrics_endpoint(
+        server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(metrics_port=0, metrics_host="127.0.0.1",
+                                  max_concurrent_executions=1)
+    slow = {"nodes": [{"id": "slow", "node_type": "SlowAsync", "params": {"seconds": 0.3}}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        first = asyncio.ensure_future(client.execute(slow, {"slow": np.ones(1)}))
+        while server.service.admission.executions == 0:
+            await asyncio.sleep(0.005)
+        with pytest.raises(LimitExceededError):
+            await client.execute(MANIFEST, {"p": np.ones(4)})
+        await first
+        await client.execute(MANIFEST, {"p": np.ones(4)})
+    samples = await asyncio.to_thread(scrape, server.metrics_port)
+    assert samples[("tensorline_load_shed_total", (("kind", "execution"),))] == 1
+    assert samples[("tensorline_load_shed_total", (("kind", "stream"),))] == 0
+    method = ("method", "ExecutePipeline")
+    buckets = sorted((float(dict(labels)["le"]), value) for (name, labels), value in
+                     samples.items()
+                     if name == "tensorline_request_duration_seconds_bucket"
+                     and method in labels)
+    counts = [value for _, value in buckets]
+    assert counts == sorted(counts), "buckets are cumulative"
+    assert buckets[-1] == (float("inf"), 3)
+    # The slow call (>= 0.3 s) sits above the 0.25 s bound; the shed one and the fast one below.
+    assert dict(buckets)[0.25] == 2
+    assert samples[("tensorline_request_duration_seconds_sum", (method,))] >= 0.3
+    node = (("node_type", "SlowAsync"), ("runtime", "inprocess"))
+    assert samples[("tensorline_node_duration_seconds_count", node)] == 1
+    assert samples[("tensorline_node_duration_seconds_bucket", (("le", "0.25"), *node))] == 0
+    assert samples[("tensorline_node_duration_seconds_bucket", (("le", "0.5"), *node))] == 1
 
 
 async def test_health_goes_not_serving_when_draining(server_factory: Callable[..., Any]) -> None:
