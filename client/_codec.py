@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -543,28 +544,106 @@ def decode_execute_request(raw: bytes, limits: Limits = Limits()) -> DecodedExec
     return request
 
 
-def _small_tensor_value(value: Any) -> pb.Value | None:
-    """A ``Value`` message for a small plain array (built by the C library in a few steps), or
-    None for anything else (framed by hand)."""
-    if type(value) is not np.ndarray or value.nbytes > SMALL_MESSAGE_BYTES:
-        return None
-    dtype = _DTYPE_TO_WIRE.get(value.dtype)
-    if dtype is None:
-        return None
-    data = value.tobytes() if value.flags.c_contiguous else np.ascontiguousarray(value).tobytes()
-    return pb.Value(tensor=pb.Tensor(dtype=dtype, shape=value.shape, data=data))  # type: ignore[arg-type]
+_PORT_HEADS: dict[tuple[str, str], bytes] = {}
 
 
-def encode_execute_response(outputs: list[PortItem], metrics: pb.ExecutionMetrics) -> bytes:
+def _port_head(node_id: str, port: str) -> bytes:
+    """The ``node_id``/``port`` fields of a PortValue: the same few (node, port) pairs come back
+    on every response, so their bytes are made once."""
+    key = (node_id, port)
+    head = _PORT_HEADS.get(key)
+    if head is None:
+        if len(_PORT_HEADS) >= 4096:  # bounded: names come from manifests
+            _PORT_HEADS.clear()
+        head = _PORT_HEADS[key] = pb.PortValue(node_id=node_id, port=port).SerializeToString()
+    return head
+
+
+def _small_tensor_output(item: PortItem) -> bytes | None:
+    """One ``ExecuteResponse.outputs`` entry for a small plain array, framed by hand in a single
+    join (the array's bytes copied once); None for anything else (the general framing)."""
+    arr = item.value
+    if type(arr) is not np.ndarray or arr.nbytes > SMALL_MESSAGE_BYTES or not (
+            arr.flags.c_contiguous):
+        return None
+    wire = _DTYPE_TO_WIRE.get(arr.dtype)
+    if wire is None:
+        return None
+    shape = arr.shape
+    dims = _varint_bytes(shape[0]) if len(shape) == 1 else b"".join(
+        [_varint_bytes(d) for d in shape])
+    nbytes = arr.nbytes
+    # Tensor: dtype (field 1), packed shape (field 2, omitted for 0-d), data (field 3, omitted
+    # when empty, like the generated code).
+    shape_len = _varint_bytes(len(dims)) if shape else b""
+    size_len = _varint_bytes(nbytes) if nbytes else b""
+    tensor_len = 2 + (1 + len(shape_len) + len(dims) if shape else 0) + (
+        1 + len(size_len) + nbytes if nbytes else 0)
+    value_len = 1 + len(_varint_bytes(tensor_len)) + tensor_len
+    head = _port_head(item.node_id, item.port)
+    port_len = len(head) + 1 + len(_varint_bytes(value_len)) + value_len
+    pieces: Pieces = [b"\x0a", _varint_bytes(port_len), head, b"\x1a", _varint_bytes(value_len),
+                      b"\x0a", _varint_bytes(tensor_len), b"\x08", _SMALL_VARINTS[wire]]
+    if shape:
+        pieces += [b"\x12", shape_len, dims]
+    if nbytes:
+        flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
+        pieces += [b"\x1a", size_len, memoryview(flat).cast("B")]
+    return b"".join(pieces)
+
+
+class NodeFigures(Protocol):
+    """What the response reports per node (the server's NodeReport has these attributes)."""
+
+    node_id: str
+    node_type: str
+    runtime: str
+    reason: str
+    wall_ms: float
+    fallback: str
+
+
+_DOUBLE = struct.Struct("<d")
+_NODE_HEADS: dict[tuple[str, str, str, str], bytes] = {}
+
+
+def encode_execution_metrics(total_ms: float, nodes: Iterable[NodeFigures],
+                             plan_cached: bool) -> bytes:
+    """An ``ExecutionMetrics`` message. Per node only the timing (and a fallback cause) changes
+    between calls, so the identifying strings are serialized once per (node, runtime, reason)
+    and the doubles appended by hand (field order does not matter to protobuf parsers)."""
+    pieces: Pieces = [b"\x09", _DOUBLE.pack(total_ms)]  # total_ms: field 1, 64-bit
+    for node in nodes:
+        key = (node.node_id, node.node_type, node.runtime, node.reason)
+        head = _NODE_HEADS.get(key)
+        if head is None:
+            if len(_NODE_HEADS) >= 4096:
+                _NODE_HEADS.clear()
+            head = _NODE_HEADS[key] = pb.NodeMetrics(
+                node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
+                selection_reason=node.reason).SerializeToString()
+        body = [head, b"\x29", _DOUBLE.pack(node.wall_ms)]  # wall_ms: field 5, 64-bit
+        if node.fallback:
+            body.append(pb.NodeMetrics(fallback=node.fallback).SerializeToString())
+        pieces += _len_field(2, body)
+    if plan_cached:
+        pieces.append(b"\x18\x01")  # plan_cached: field 3, varint
+    return b"".join(pieces)
+
+
+def encode_execute_response(outputs: list[PortItem],
+                            metrics: pb.ExecutionMetrics | bytes) -> bytes:
+    """``metrics``: the message, or its bytes from ``encode_execution_metrics``."""
     pieces: Pieces = []
     for item in outputs:
-        small = _small_tensor_value(item.value)
+        small = _small_tensor_output(item)
         if small is not None:
-            pieces.append(pb.ExecuteResponse(outputs=[pb.PortValue(
-                node_id=item.node_id, port=item.port, value=small)]).SerializeToString())
+            pieces.append(small)
         else:
             pieces += encode_port_value(1, item.node_id, item.port, item.value)
-    pieces += _len_field(2, [metrics.SerializeToString()])
+    if not isinstance(metrics, bytes):
+        metrics = metrics.SerializeToString()
+    pieces += _len_field(2, [metrics])
     return join(pieces)
 
 

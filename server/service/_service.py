@@ -22,11 +22,12 @@ from tensorline.client._codec import (
     decode_execute_request,
     decode_stream_request,
     encode_execute_response,
+    encode_execution_metrics,
 )
 from tensorline.server._logging import request_id_var
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
-from tensorline.server.executor import NodeReport, PipelineEngine
+from tensorline.server.executor import PipelineEngine
 from tensorline.server.runtime import ExecutionScope
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._status import translate_errors
@@ -37,12 +38,6 @@ from tensorline.v1 import tensorline_pb2 as pb
 SERVICE_NAME = "tensorline.v1.PipelineService"
 
 Context = Any  # grpc.aio.ServicerContext (grpc ships no type information)
-
-
-def node_metrics(report: NodeReport) -> pb.NodeMetrics:
-    return pb.NodeMetrics(node_id=report.node_id, node_type=report.node_type,
-                          runtime=report.runtime, selection_reason=report.reason,
-                          wall_ms=report.wall_ms, fallback=report.fallback)
 
 
 def scope_for(context: Context, execution_id: str) -> ExecutionScope:
@@ -80,11 +75,8 @@ class PipelineService:
                 request.manifest_json, request.inputs, prior=request.violations, scope=scope)
         finally:
             self.admission.leave_execution()
-        metrics = pb.ExecutionMetrics(
-            total_ms=(time.perf_counter() - started) * 1000.0,
-            nodes=[node_metrics(r) for r in result.reports],
-            plan_cached=cached,
-        )
+        metrics = encode_execution_metrics((time.perf_counter() - started) * 1000.0,
+                                           result.reports, cached)
         return encode_execute_response(result.outputs, metrics)
 
     @translate_errors("ListNodes")

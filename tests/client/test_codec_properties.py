@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tensorline.client import Audio, Json, PortItem, Tagged
-from tensorline.client._codec import scan_top_level
+from tensorline.client._codec import encode_execution_metrics, scan_top_level
 from tensorline.client.codec import (
     SUPPORTED_DTYPES,
     Limits,
@@ -222,3 +223,49 @@ def test_unpacked_shape_is_accepted() -> None:
     decoded = decode_execute_request(b"\x12" + _varint_bytes(len(port_value)) + port_value)
     assert decoded.violations == []
     np.testing.assert_array_equal(decoded.inputs[0].value, np.arange(6, dtype=np.int16).reshape(2, 3))
+
+
+native_arrays = st.sampled_from(SUPPORTED_DTYPES).flatmap(lambda name: hnp.arrays(
+    np.dtype(name), hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
+
+
+@PROFILE
+@given(node_id=ids, port=ids, array=native_arrays)
+def test_small_array_outputs_are_framed_like_the_generated_code(
+        node_id: str, port: str, array: np.ndarray[Any, Any]) -> None:
+    """The hand-framed fast path for small arrays produces the very bytes protobuf would."""
+    metrics = pb.ExecutionMetrics()
+    expected = pb.ExecuteResponse(
+        outputs=[pb.PortValue(node_id=node_id, port=port, value=pb.Value(tensor=pb.Tensor(
+            dtype=WIRE[array.dtype.name], shape=array.shape, data=array.tobytes())))],
+        metrics=metrics).SerializeToString()
+    assert encode_execute_response([PortItem(node_id, port, array)], metrics) == expected
+
+
+WIRE = {name: getattr(pb, f"DTYPE_{name.upper()}") for name in SUPPORTED_DTYPES}
+
+@dataclass
+class NodeReport:
+    node_id: str
+    node_type: str
+    runtime: str
+    reason: str
+    wall_ms: float
+    fallback: str
+
+
+reports = st.builds(
+    NodeReport, ids, ids, st.sampled_from(["inprocess", "sandbox"]), st.text(max_size=30),
+    st.floats(min_value=0, max_value=1e7), st.text(max_size=20))
+
+
+@PROFILE
+@given(total=st.floats(min_value=0, max_value=1e7), nodes=st.lists(reports, max_size=4),
+       cached=st.booleans())
+def test_execution_metrics_bytes_parse_to_the_same_message(
+        total: float, nodes: list[NodeReport], cached: bool) -> None:
+    parsed = pb.ExecutionMetrics.FromString(encode_execution_metrics(total, nodes, cached))
+    assert parsed == pb.ExecutionMetrics(total_ms=total, plan_cached=cached, nodes=[
+        pb.NodeMetrics(node_id=n.node_id, node_type=n.node_type, runtime=n.runtime,
+                       selection_reason=n.reason, wall_ms=n.wall_ms, fallback=n.fallback)
+        for n in nodes])
