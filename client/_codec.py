@@ -68,6 +68,11 @@ def wire_dtype(dtype: np.dtype[Any]) -> int:
         ) from None
 
 
+# Every dtype ``wire_dtype`` accepts (both byte orders), for a quick membership test.
+SENDABLE_DTYPES: frozenset[np.dtype[Any]] = frozenset(
+    {d for d in _DTYPE_TO_WIRE} | {d.newbyteorder(">") for d in _DTYPE_TO_WIRE})
+
+
 def numpy_dtype(wire: int) -> np.dtype[Any]:
     return _WIRE_TO_DTYPE[wire]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorline.client._codec import PortItem, wire_dtype
+from tensorline.client._codec import SENDABLE_DTYPES, PortItem, wire_dtype
 from tensorline.client._values import Audio, Json, Tagged, kind_of
 from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
 from tensorline.server.manifest import BoundInputs, ExecutionPlan, NodeSpec, value_for_port
@@ -51,6 +51,10 @@ def normalize_outputs(spec: NodeSpec, raw: Any, *, partial: bool = False) -> dic
     """The node's return value as {output port: value}, checked against the declared ports.
     ``partial``: a streaming node's yield, which may leave ports out."""
     ports = spec.entry.cls.outputs
+    if type(raw) is np.ndarray and len(ports) == 1 and raw.dtype in SENDABLE_DTYPES and (
+            ports[0].kind in ("tensor", "any")):
+        # The commonest result, one plain array of a wire dtype: nothing below can object.
+        return {ports[0].name: raw}
     if isinstance(raw, Mapping):
         produced = dict(raw)
     elif len(ports) == 1:
@@ -248,16 +252,4 @@ class Executor:
     async def _call(self, spec: NodeSpec, decision: RuntimeDecision,
                     node_inputs: dict[str, Any], scope: ExecutionScope) -> Any:
         runtime = self._runtimes.get(decision.runtime) or self._runtimes[INPROCESS]
-        instance = await runtime.acquire(spec, scope)
-        try:
-            if spec.timeout_s is None:
-                return await instance.process(node_inputs)
-            try:
-                async with asyncio.timeout(spec.timeout_s):
-                    return await instance.process(node_inputs)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"node '{spec.node_id}' exceeded its timeout of {spec.timeout_s:g} s"
-                ) from None
-        finally:
-            await runtime.release(instance)
+        return await runtime.call(spec, scope, node_inputs)

@@ -3,7 +3,9 @@
 The executor talks only to this interface; the selector decides which implementation serves a
 node. A runtime creates (or reuses, for reusable nodes) an initialized instance in ``acquire``,
 calls it through ``NodeInstance.process`` and finishes it in ``release``, which always runs its
-cleanup for a non-reusable instance, also after errors and cancellation.
+cleanup for a non-reusable instance, also after errors and cancellation. ``call`` does the three
+for one request, with the node's timeout around ``process``; a runtime may override it with a
+cheaper path that keeps those guarantees (the in-process runtime does for plain async nodes).
 
 Errors a runtime raises: ``NodeFailed`` for the node's own exceptions, ``SandboxFailure`` when the
 isolation itself failed (worker crash, limit hit), ``DeadlineExceeded`` for node timeouts.
@@ -11,11 +13,13 @@ isolation itself failed (worker crash, limit hit), ``DeadlineExceeded`` for node
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from tensorline.server._errors import DeadlineExceeded
 from tensorline.server.manifest import NodeSpec
 
 
@@ -82,6 +86,16 @@ class Runtime(ABC):
     async def release(self, instance: NodeInstance) -> None:
         """Return a warm instance or clean up a fresh one (deferred while it still runs)."""
 
+    async def call(self, spec: NodeSpec, scope: ExecutionScope,
+                   inputs: Mapping[str, Any]) -> Any:
+        """Run the node of ``spec`` once: acquire, process (within the node's timeout),
+        release (always). Returns what the node's ``process`` returned."""
+        instance = await self.acquire(spec, scope)
+        try:
+            return await within_node_timeout(spec, instance.process(inputs))
+        finally:
+            await self.release(instance)
+
     def layers(self) -> list[LayerStatus]:
         return []
 
@@ -91,3 +105,15 @@ class Runtime(ABC):
     def stats(self) -> dict[str, float]:
         """Counters for the metrics endpoint, e.g. {"worker_restarts": 3, "workers": 2}."""
         return {}
+
+
+async def within_node_timeout(spec: NodeSpec, call: Awaitable[Any]) -> Any:
+    """Await ``call`` within the node's own timeout (``DeadlineExceeded`` naming the node)."""
+    if spec.timeout_s is None:
+        return await call
+    try:
+        async with asyncio.timeout(spec.timeout_s):
+            return await call
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"node '{spec.node_id}' exceeded its timeout of {spec.timeout_s:g} s") from None

@@ -28,7 +28,12 @@ from typing import Any, ClassVar
 from tensorline.server._errors import NodeFailed, TensorlineServerError
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Node, NodeContext, NodeEntry
-from tensorline.server.runtime._base import ExecutionScope, NodeInstance, Runtime
+from tensorline.server.runtime._base import (
+    ExecutionScope,
+    NodeInstance,
+    Runtime,
+    within_node_timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,15 @@ class _ThreadBridge:
         self._cancelled.set()
         for task in self._tasks:
             task.cancel()
+
+
+async def _process_plain(spec: NodeSpec, node: Node, inputs: Mapping[str, Any]) -> Any:
+    try:
+        return await node.process(inputs)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise node_failed(spec, exc) from exc
 
 
 class InProcessInstance(NodeInstance):
@@ -268,6 +282,18 @@ class InProcessRuntime(Runtime):
         self._waiters: dict[asyncio.Task[InProcessInstance], int] = {}
         self._closed = False
 
+    async def call(self, spec: NodeSpec, scope: ExecutionScope,
+                   inputs: Mapping[str, Any]) -> Any:
+        entry = spec.entry
+        if entry.async_process and not (entry.cls.reusable or entry.has_initialize
+                                        or entry.has_cleanup):
+            # A fresh instance with nothing to initialize or clean up, run on the loop: create
+            # it and await its process, without the instance bookkeeping acquire/release keep
+            # for the general case (a sync call that may outlive its request, a cleanup).
+            return await within_node_timeout(
+                spec, _process_plain(spec, self._new_node(spec, scope), inputs))
+        return await super().call(spec, scope, inputs)
+
     async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
         if spec.entry.cls.reusable:
             return await self._acquire_warm(spec, scope)
@@ -280,21 +306,32 @@ class InProcessRuntime(Runtime):
         return instance
 
     def _create(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
+        return InProcessInstance(spec, self._new_node(spec, scope), self)
+
+    def _new_node(self, spec: NodeSpec, scope: ExecutionScope) -> Node:
         context = NodeContext(node_id=spec.node_id, execution_id=scope.execution_id,
                               runtime=self.name)
-        report = scope.extra.get("on_event")
-        if report is not None and not spec.entry.cls.reusable:
-            # Not for warm instances: they outlive the session that created them.
-            context.on_event = functools.partial(report, spec.node_id)
+        if scope.extra:
+            report = scope.extra.get("on_event")
+            if report is not None and not spec.entry.cls.reusable:
+                # Not for warm instances: they outlive the session that created them.
+                context.on_event = functools.partial(report, spec.node_id)
         try:
-            node = spec.entry.cls(spec.params, context)
+            return spec.entry.cls(spec.params, context)
         except Exception as exc:
             raise node_failed(spec, exc) from exc
-        return InProcessInstance(spec, node, self)
 
     async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
         key = spec.warm_key
         task = self._warm.get(key)
+        if task is not None and task.done() and not task.cancelled() and (
+                task.exception() is None):
+            # Warm and ready (the steady state): nothing to wait for, nobody to count.
+            self._warm.move_to_end(key)
+            instance = task.result()
+            instance.warm_task = task
+            instance.users += 1
+            return instance
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             # One initialization per key, however many requests arrive at once; shielded so a
             # cancelled first caller does not abort it for everybody else.
