@@ -627,7 +627,7 @@ def encode_execution_metrics(total_ms: float, nodes: Iterable[NodeFigures],
             head = _NODE_HEADS[key] = pb.NodeMetrics(
                 node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
                 selection_reason=node.reason).SerializeToString()
-        body = [head, b"\x29", _DOUBLE.pack(node.wall_ms)]  # wall_ms: field 5, 64-bit
+        body: Pieces = [head, b"\x29", _DOUBLE.pack(node.wall_ms)]  # wall_ms: field 5, 64-bit
         if node.fallback:
             body.append(pb.NodeMetrics(fallback=node.fallback).SerializeToString())
         pieces += _len_field(2, body)
