@@ -271,4 +271,21 @@ def _build_plan(manifest: ManifestDecl, nodes: dict[str, NodeSpec],
         sinks=tuple(sinks),
         dependents={k: tuple(v) for k, v in dependents.items()},
         metadata=dict(manifest.metadata),
+        request_ports=request_ports(nodes, external),
     )
+
+
+def request_ports(nodes: dict[str, NodeSpec],
+                  external: list[tuple[str, str]]) -> dict[tuple[str, str], Port]:
+    """Every way a request may address an external input port: (node, port), and (node, "")
+    for a node with exactly one such port."""
+    ports: dict[tuple[str, str], Port] = {}
+    per_node: dict[str, list[Port]] = {}
+    for node_id, name in external:
+        port = nodes[node_id].input_ports[name]
+        ports[(node_id, name)] = port
+        per_node.setdefault(node_id, []).append(port)
+    for node_id, only in per_node.items():
+        if len(only) == 1:
+            ports[(node_id, "")] = only[0]
+    return ports

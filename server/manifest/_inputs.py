@@ -69,6 +69,34 @@ def bind_inputs(plan: ExecutionPlan, items: Sequence[PortItem],
                 prior: Sequence[Violation] = ()) -> BoundInputs:
     """Map request inputs to (node, port). Raises RequestInvalid listing every problem, including
     the codec's ``prior`` ones (bad tensor bytes etc.)."""
+    if not prior:
+        bound = _bind_well_formed(plan, items)
+        if bound is not None:
+            return bound
+    return _bind_reporting(plan, items, prior)
+
+
+def _bind_well_formed(plan: ExecutionPlan, items: Sequence[PortItem]) -> BoundInputs | None:
+    """The binding of a request with nothing wrong and no ``many`` port, or None as soon as
+    anything needs a closer look (``_bind_reporting`` then finds and explains it)."""
+    bound: BoundInputs = {}
+    ports = plan.request_ports
+    for item in items:
+        port = ports.get((item.node_id, item.port))
+        value = item.value
+        if port is None or port.many or value is None:
+            return None
+        if port.kind != "any" and (type(value) is Tagged or kind_of(value) != port.kind):
+            return None
+        key = (item.node_id, port.name)
+        if key in bound:
+            return None
+        bound[key] = value
+    return bound if plan.required_inputs.issubset(bound) else None
+
+
+def _bind_reporting(plan: ExecutionPlan, items: Sequence[PortItem],
+                    prior: Sequence[Violation]) -> BoundInputs:
     problems = list(prior)
     bound: BoundInputs = {}
     # Ports whose value the codec could not decode (already reported): not "missing" as well.

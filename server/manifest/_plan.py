@@ -63,6 +63,9 @@ class ExecutionPlan:
     # node -> nodes that consume its outputs.
     dependents: dict[str, tuple[str, ...]]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # How a request may address each external input: (node, port) and, for a node with one,
+    # (node, ""); the quick path of input binding (anything else is explained by the slow one).
+    request_ports: dict[tuple[str, str], Port] = field(default_factory=dict)
 
 
 class PlanCache:
