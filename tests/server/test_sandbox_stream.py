@@ -19,7 +19,7 @@ import pytest
 from tensorline.client import AsyncClient, SandboxError
 from tensorline.server import TensorlineServer
 from tests.server.conftest import UNTRUSTED
-from tests.server.runtime.conftest import eventually
+from tests.support.polling import eventually
 
 MIXED = {"nodes": [
     {"id": "a", "node_type": "PassThrough", "runtime_hint": "inprocess"},

@@ -3,7 +3,6 @@ checks every sandbox test ends with (no stray worker process, no new /dev/shm se
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
@@ -45,17 +44,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-async def eventually(condition: Callable[[], bool], within: float = 10.0,
-                     what: str = "condition") -> None:
-    """``wait_until`` for async tests: polls while the event loop keeps running."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def _infrastructure_pids() -> set[int]:

@@ -24,7 +24,8 @@ from tensorline.client._values import Audio, Json, Tagged
 from tensorline.server._errors import DeadlineExceeded, NodeFailed
 from tensorline.server.runtime import ExecutionScope, SandboxRuntime, WorkerFailure
 from tests.server.runtime import sandbox_nodes as nodes
-from tests.server.runtime.conftest import eventually, make_spec, wait_until
+from tests.server.runtime.conftest import make_spec, wait_until
+from tests.support.polling import eventually
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -22,7 +22,8 @@ from tensorline.server.runtime import ExecutionScope, InProcessRuntime, SandboxR
 from tensorline.server.runtime._sandbox import WorkerFailure
 from tensorline.server.selector import Selector
 from tests.server.runtime import sandbox_nodes
-from tests.server.runtime.conftest import TEST_NODES, eventually, make_spec
+from tests.server.runtime.conftest import TEST_NODES, make_spec
+from tests.support.polling import eventually
 
 
 @pytest.fixture

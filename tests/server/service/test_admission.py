@@ -12,17 +12,9 @@ import pytest
 
 from tensorline.client import AsyncClient, LimitExceededError, TransportError
 from tests.nodes import basic
+from tests.support.polling import eventually
 
 SLOW = {"nodes": [{"id": "slow", "node_type": "SlowAsync", "params": {"seconds": 0.5}}]}
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 async def test_calls_beyond_the_limit_are_shed_with_a_retry_hint(
@@ -31,7 +23,7 @@ async def test_calls_beyond_the_limit_are_shed_with_a_retry_hint(
     basic.EVENTS.pop("slow", None)
     async with AsyncClient(f"127.0.0.1:{server.port}") as client:
         first = asyncio.ensure_future(client.execute(SLOW, {"slow": np.ones(1)}))
-        await wait_for(lambda: "process" in basic.EVENTS.get("slow", []))
+        await eventually(lambda: "process" in basic.EVENTS.get("slow", []))
         with pytest.raises(LimitExceededError) as info:
             await client.execute({"nodes": [{"id": "p", "node_type": "PassThrough"}]},
                                  {"p": np.ones(1)})
@@ -49,9 +41,9 @@ async def test_drain_finishes_in_flight_calls_and_refuses_new_ones(
     target = f"127.0.0.1:{server.port}"
     async with AsyncClient(target) as client:
         in_flight = asyncio.ensure_future(client.execute(SLOW, {"slow": np.arange(3)}))
-        await wait_for(lambda: "process" in basic.EVENTS.get("slow", []))
+        await eventually(lambda: "process" in basic.EVENTS.get("slow", []))
         stopping = asyncio.ensure_future(server.stop())
-        await wait_for(lambda: server.draining)
+        await eventually(lambda: server.draining)
         result = await in_flight
         np.testing.assert_array_equal(result["slow"], np.arange(3))
         await stopping
@@ -75,7 +67,7 @@ async def test_drain_with_100_streams_in_flight_loses_none(
         for index, stream in enumerate(streams):
             await stream.send("scale", np.full(4, index, dtype=np.float32))
         stopping = asyncio.ensure_future(server.stop())
-        await wait_for(lambda: server.service.admission.draining)
+        await eventually(lambda: server.service.admission.draining)
         with pytest.raises(TransportError):
             async with client.stream(manifest) as late:
                 await late.send("scale", np.ones(1))

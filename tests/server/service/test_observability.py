@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorline.client import AsyncClient, LimitExceededError, NodeError
+from tests.support.polling import eventually
 
 MANIFEST = {"nodes": [{"id": "p", "node_type": "PassThrough"}]}
 
@@ -57,8 +58,7 @@ async def test_latency_histograms_and_load_shed_on_the_metrics_endpoint(
     slow = {"nodes": [{"id": "slow", "node_type": "SlowAsync", "params": {"seconds": 0.3}}]}
     async with AsyncClient(f"127.0.0.1:{server.port}") as client:
         first = asyncio.ensure_future(client.execute(slow, {"slow": np.ones(1)}))
-        while server.service.admission.executions == 0:
-            await asyncio.sleep(0.005)
+        await eventually(lambda: server.service.admission.executions == 1, what="slow call")
         with pytest.raises(LimitExceededError):
             await client.execute(MANIFEST, {"p": np.ones(4)})
         await first
