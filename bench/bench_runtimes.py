@@ -59,9 +59,11 @@ from tensorline.client._values import Audio, Json
 
 RUNTIMES = ("inprocess", "sandbox")
 
+# On the event loop `tensorline serve` uses (Settings.event_loop, TENSORLINE_EVENT_LOOP).
 SERVER = """
 import asyncio, os
 from tensorline.server import Settings, create_server
+from tensorline.server._eventloop import run
 async def main():
     server, port = await create_server(Settings(
         host="127.0.0.1", port=0, load_entry_points=False,
@@ -70,7 +72,7 @@ async def main():
     await server.start()
     print(port, os.getpid(), flush=True)
     await server.wait_for_termination()
-asyncio.run(main())
+run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
 """
 
 GIL_ITERATIONS = 250_000  # ~45 ms of pure-Python work per call on this kind of machine
