@@ -16,6 +16,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 
+# Device nodes a GPU node opens read/write: NVIDIA (CUDA), DRM render nodes (Vulkan, OpenCL,
+# VA-API) and AMD's compute driver (ROCm). The selector sends ``needs_gpu`` nodes to the sandbox,
+# so its workers get these (those that exist) by default.
+GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps/*", "/dev/dri/renderD*", "/dev/kfd")
+
 
 def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -69,6 +74,10 @@ class Settings(BaseSettings):
     sandbox_namespaces: bool = Field(True, description="isolate workers in user+net namespaces")
     sandbox_landlock: bool = Field(True, description="restrict worker file writes with Landlock")
     sandbox_seccomp: bool = Field(True, description="apply the seccomp denylist in workers")
+    sandbox_devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(GPU_DEVICES),
+        description="device nodes workers may open read/write (comma-separated globs; "
+                    "default: the GPU devices)")
 
     max_concurrent_executions: int = Field(
         256, ge=0, description="unary executions in progress before RESOURCE_EXHAUSTED (0 = no limit)")
@@ -105,7 +114,8 @@ class Settings(BaseSettings):
         "auto", description="event loop of `tensorline serve`: uvloop (auto: when installed) "
                             "or the standard asyncio loop")
 
-    @field_validator("node_modules", "untrusted_modules", "auth_tokens", mode="before")
+    @field_validator("node_modules", "untrusted_modules", "auth_tokens", "sandbox_devices",
+                     mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):

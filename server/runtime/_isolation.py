@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import importlib
 import os
 import resource
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,7 +209,14 @@ def _readable_roots() -> list[str]:
     return roots
 
 
-def apply_landlock(scratch_dir: str) -> list[LayerReport]:
+def device_paths(patterns: Sequence[str]) -> list[str]:
+    """The existing paths ``patterns`` (globs) match, sorted, each once."""
+    return sorted({path for pattern in patterns for path in glob.glob(pattern)})
+
+
+def apply_landlock(scratch_dir: str, devices: Sequence[str] = ()) -> list[LayerReport]:
+    """Writes only below ``scratch_dir``; ``devices`` (globs, e.g. ``Settings.sandbox_devices``)
+    name device nodes the worker may also open read/write (a GPU node must, or sees no GPU)."""
     landlock = _landlock
     if landlock is None:
         return [("landlock", False, f"landlock binding unavailable: {_LANDLOCK_ERROR}")]
@@ -231,12 +239,20 @@ def apply_landlock(scratch_dir: str) -> list[LayerReport]:
             except OSError:
                 continue  # absent on this machine
         ruleset.allow(scratch_dir)
+        granted = device_paths(devices)
+        for path in granted:
+            ruleset.allow(path, rules=fs.READ_FILE | fs.WRITE_FILE | (
+                fs.READ_DIR if os.path.isdir(path) else 0))
+        if granted and os.path.isdir("/proc/driver"):
+            # Drivers publish their parameters there (CUDA reads /proc/driver/nvidia).
+            ruleset.allow("/proc/driver", rules=read)
         ruleset.apply()
     except Exception as exc:
         return [("landlock", False, f"filesystem rules failed: {exc}")]
+    allowed = f"devices read/write: {', '.join(granted)}" if granted else "no device nodes"
     reports: list[LayerReport] = [
         ("landlock", True, f"ABI {abi}: writes only below the worker's scratch dir; no "
-                           "/dev/shm, no other process's /proc")]
+                           f"/dev/shm, no other process's /proc; {allowed}")]
     reports.append(_landlock_net_and_scope(abi))
     return reports
 

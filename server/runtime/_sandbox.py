@@ -304,6 +304,7 @@ class SandboxRuntime(Runtime):
         namespaces: bool = True,
         landlock: bool = True,
         seccomp: bool = True,
+        devices: Sequence[str] = (),
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -334,6 +335,8 @@ class SandboxRuntime(Runtime):
         # server's tensor limit.
         self.max_message_bytes = max_message_bytes
         self._isolation = {"namespaces": namespaces, "landlock": landlock, "seccomp": seccomp}
+        # Device nodes (globs) workers may open read/write: GPU nodes run here by default.
+        self.devices = tuple(devices)
         self._scratch_root_arg = scratch_root
         self._scratch_root = ""
         self._owns_scratch_root = False
@@ -477,6 +480,7 @@ class SandboxRuntime(Runtime):
                                      nofile=self.nofile, fsize_mb=self.fsize_mb),
             scratch_dir=scratch,
             inline_max=self.inline_max_bytes,
+            devices=self.devices,
             **self._isolation,
         )
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

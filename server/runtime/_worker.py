@@ -109,6 +109,8 @@ class WorkerConfig:
     namespaces: bool = True
     landlock: bool = True
     seccomp: bool = True
+    # Device nodes (globs) Landlock lets the worker open read/write, e.g. GPUs.
+    devices: tuple[str, ...] = ()
 
 
 class _StreamStopped(BaseException):
@@ -511,7 +513,7 @@ def worker_main(config: WorkerConfig, sock: socket.socket, alive_fd: Any) -> Non
     threading.Thread(target=worker.cancel_thread, name="tensorline-cancel", daemon=True).start()
     signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
     if config.landlock:
-        reports.extend(_isolation.apply_landlock(config.scratch_dir))
+        reports.extend(_isolation.apply_landlock(config.scratch_dir, config.devices))
     else:
         reports.append(("landlock", False, "disabled by configuration"))
     if config.seccomp:

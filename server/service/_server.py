@@ -83,6 +83,7 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
             namespaces=settings.sandbox_namespaces,
             landlock=settings.sandbox_landlock,
             seccomp=settings.sandbox_seccomp,
+            devices=settings.sandbox_devices,
         )
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
                         sandbox_available="sandbox" in runtimes)

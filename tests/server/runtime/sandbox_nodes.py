@@ -194,6 +194,21 @@ class WriteOutside(Node):
         return "written"
 
 
+class OpenDevice(Node):
+    """Opens ``path`` read/write without truncating (as a driver library opens /dev/nvidia0)
+    and overwrites its first bytes."""
+
+    Params = Target
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        fd = os.open(self.params.path, os.O_RDWR)
+        try:
+            os.write(fd, b"GPU")
+        finally:
+            os.close(fd)
+        return "opened"
+
+
 class Shell(Node):
     def process(self, inputs: Mapping[str, Any]) -> Any:
         return subprocess.run(["/bin/sh", "-c", "echo escaped"], capture_output=True,

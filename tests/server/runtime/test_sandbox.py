@@ -337,6 +337,36 @@ async def test_writing_outside_scratch_is_blocked(sandbox: SandboxRuntime,
     assert not target.exists()
 
 
+async def test_granted_device_nodes_open_read_write_and_nothing_else(
+        no_leaks: None, tmp_path: Path) -> None:
+    """``devices`` (GPU device nodes by default in Settings) are opened read/write inside the
+    sandbox; other files outside the scratch dir stay closed. Regular files stand in for device
+    nodes here: Landlock treats both alike."""
+    granted, other = tmp_path / "fake-gpu0", tmp_path / "not-a-device"
+    granted.write_bytes(b"...data")
+    other.write_bytes(b"...data")
+    runtime = SandboxRuntime(workers=1, scratch_root=str(tmp_path / "scratch"),
+                             devices=[str(tmp_path / "fake-gpu*"), "/dev/no-such-device*"])
+    await runtime.start()
+    try:
+        require_layer(runtime, "landlock")
+        landlock = next(layer for layer in runtime.layers() if layer.name == "landlock")
+        assert f"devices read/write: {granted}" in landlock.detail
+        trusted = make_spec(nodes.OpenDevice, {"path": str(granted)}, trusted=True)
+        instance = await runtime.acquire(trusted, ExecutionScope("device"))
+        try:
+            assert await instance.process({"in": 1}) == "opened"
+        finally:
+            await runtime.release(instance)
+        assert granted.read_bytes() == b"GPUdata"
+        with pytest.raises(WorkerFailure) as err:
+            await run_once(runtime, nodes.OpenDevice, {"in": 1}, {"path": str(other)})
+        assert err.value.kind == "permission"
+        assert other.read_bytes() == b"...data"
+    finally:
+        await runtime.shutdown()
+
+
 async def test_running_a_shell_is_blocked(sandbox: SandboxRuntime) -> None:
     require_layer(sandbox, "seccomp")
     await expect_blocked(sandbox, nodes.Shell)
