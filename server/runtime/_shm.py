@@ -22,6 +22,14 @@ Why these choices (measured figures in shared/notes/sandbox.md):
   server's own tensor limit.
 * What the worker sends is untrusted: the server decodes it with ``SafeUnpickler``, which only
   resolves the handful of globals that values are made of (never arbitrary callables).
+* The common message (a request or reply of small values: str, int, float, None, bytes and small
+  C-contiguous numeric arrays in tuples, lists and dicts) is "direct": ``pack`` only checks its
+  shape (no rebuilt copy) and pickles it as it is, flagged ``FLAG_DIRECT``, and ``unpack`` then
+  has nothing to resolve against a segment (no decode walk). A direct message from the worker is
+  read with ``DirectUnpickler``, which also refuses segment references, so a worker cannot smuggle
+  one past the walk it skips. Small arrays are pickled as ``(dtype.str, shape, buffer)`` (rebuilt
+  by ``_inline_array``, which refuses object dtypes) rather than by numpy's reduce, which pickles
+  a dtype object that costs more to rebuild than the 1 KiB of data it describes.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ MIN_SEGMENT = 1 << 20
 _HEADER = struct.Struct("<BQQQ")
 FLAG_NEW_SEGMENT = 1
 FLAG_SPILLED = 2
+# Nothing in the message refers to a segment (see the module docstring).
+FLAG_DIRECT = 4
+_DIRECT_HEADER = _HEADER.pack(FLAG_DIRECT, 0, 0, 0)
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FD_ANCILLARY = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 4)
 
@@ -177,6 +188,73 @@ class Inbox:
 
 # Values that travel as they are (checked by exact type first: most message fields are these).
 _PLAIN = frozenset({str, int, float, bool, type(None), Json})
+# Array kinds whose ``dtype.str`` describes them completely (no fields, no objects).
+_SIMPLE_KINDS = frozenset("biufcmMSU")
+
+
+def _inline_array(dtype: Any, shape: Any, data: Any) -> npt.NDArray[Any]:
+    """Rebuild a small array pickled by ``_reduce_array`` (the peer may be hostile: only a
+    plain dtype string, a shape of non-negative ints and a bytes-like buffer are accepted)."""
+    if type(dtype) is not str or type(shape) is not tuple or not isinstance(
+            data, bytes | bytearray):
+        raise ProtocolError("malformed inline array")
+    for n in shape:
+        if type(n) is not int or n < 0:
+            raise ProtocolError("malformed inline array shape")
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise ProtocolError("object arrays cannot cross the sandbox boundary")
+    return np.frombuffer(data, dt).reshape(shape)
+
+
+def _reduce_array(value: Any) -> Any:
+    dtype = value.dtype
+    if dtype.kind in _SIMPLE_KINDS and dtype.fields is None:
+        if not value.flags.c_contiguous:
+            if value.flags.f_contiguous:
+                return value.__reduce_ex__(5)  # keeps its layout (numpy's ``_frombuffer``)
+            # numpy would pickle a strided array with ``_reconstruct``, which SafeUnpickler
+            # refuses: send a contiguous copy.
+            value = np.ascontiguousarray(value)
+        # A writable array pickles as a bytearray: the copy the peer gets is writable too.
+        return (_inline_array, (dtype.str, value.shape, pickle.PickleBuffer(value)))
+    return value.__reduce_ex__(5)
+
+
+class _Pickler(pickle.Pickler):
+    dispatch_table = {np.ndarray: _reduce_array}
+
+
+def _dumps(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=5).dump(value)
+    return buffer.getvalue()
+
+
+def _direct(value: Any, inline_max: int) -> bool:
+    """True when ``value`` can be pickled as it is (see the module docstring): exact builtin
+    containers of plain values, bytes and small C-contiguous arrays of simple dtypes."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    items: Any
+    if kind is tuple or kind is list:
+        items = value
+    elif kind is dict:
+        items = value.values()
+    elif kind is np.ndarray:
+        dtype = value.dtype
+        return (value.nbytes <= inline_max and value.flags.c_contiguous
+                and dtype.kind in _SIMPLE_KINDS and dtype.fields is None)
+    elif kind is bytes:
+        return len(value) <= inline_max
+    else:
+        return isinstance(value, np.generic) and not isinstance(value, np.void)
+    # A loop, not all() over a generator: that costs twice as much, on every message.
+    for item in items:  # noqa: SIM110
+        if not _direct(item, inline_max):
+            return False
+    return True
 
 
 class _Layout:
@@ -248,9 +326,13 @@ def pack(value: Any, outbox: Outbox, echo: Segment | None = None) -> tuple[bytes
     """Frame ``value``: the control message to send, and a new segment whose fd must ride along
     with it (None when the current one was big enough). Arrays lying in ``echo`` (the segment
     the peer sent us) are referenced there instead of copied."""
+    if _direct(value, outbox.inline_max):
+        body = _dumps(value)
+        if len(body) <= MAX_MESSAGE:
+            return _DIRECT_HEADER + body, None
     layout = _Layout(outbox.inline_max, echo)
     encoded = layout.encode(value)
-    body = pickle.dumps(encoded, protocol=5)
+    body = _dumps(encoded)
     needed = layout.end
     spill = len(body) > MAX_MESSAGE
     spill_offset = needed
@@ -313,6 +395,7 @@ class SafeUnpickler(pickle.Unpickler):
         ("tensorline.client._values", "Tagged"),
         (__name__, "ShmArray"),
         (__name__, "ShmBytes"),
+        (__name__, "_inline_array"),
         ("builtins", "complex"),
     })
 
@@ -322,9 +405,15 @@ class SafeUnpickler(pickle.Unpickler):
         raise ProtocolError(f"forbidden object in a sandbox message: {module}.{name}")
 
 
-def _loads(body: bytes | memoryview, safe: bool) -> Any:
+class DirectUnpickler(SafeUnpickler):
+    """For a message flagged direct: no segment references either (nothing resolves them)."""
+
+    ALLOWED = SafeUnpickler.ALLOWED - {(__name__, "ShmArray"), (__name__, "ShmBytes")}
+
+
+def _loads(body: bytes | memoryview, safe: bool, direct: bool = False) -> Any:
     if safe:
-        return SafeUnpickler(io.BytesIO(body)).load()
+        return (DirectUnpickler if direct else SafeUnpickler)(io.BytesIO(body)).load()
     return pickle.loads(body)
 
 
@@ -339,6 +428,8 @@ def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
             os.close(fd)
         raise ProtocolError("short control message")
     flags, new_size, spill_offset, spill_len = _HEADER.unpack_from(data)
+    if flags == FLAG_DIRECT and not fds:
+        return _loads(memoryview(data)[_HEADER.size:], safe, True)
     if flags & FLAG_NEW_SEGMENT:
         if len(fds) != 1:
             for fd in fds:
@@ -361,11 +452,13 @@ def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
             raise ProtocolError("spilled body outside the segment")
         body: bytes | memoryview = memoryview(segment.map)[spill_offset:spill_offset + spill_len]
         try:
-            encoded = _loads(body, safe)
+            encoded = _loads(body, safe, bool(flags & FLAG_DIRECT))
         finally:
             body.release()  # type: ignore[union-attr]
     else:
-        encoded = _loads(memoryview(data)[_HEADER.size:], safe)
+        encoded = _loads(memoryview(data)[_HEADER.size:], safe, bool(flags & FLAG_DIRECT))
+    if flags & FLAG_DIRECT:
+        return encoded
     return _decode(encoded, segment, copy, echo)
 
 

@@ -110,3 +110,68 @@ def test_arrays_sent_back_unchanged_are_not_copied_again() -> None:
     finally:
         for box in (server_out, worker_in, worker_out, server_in):
             box.close()
+
+
+def test_small_messages_travel_direct_and_keep_their_values() -> None:
+    arrays = [np.arange(12, dtype=">i4").reshape(3, 4), np.full((), 1.5, np.float32),
+              np.array(["ab", "c"]), np.zeros((0, 3), np.complex64),
+              np.arange(6, dtype=np.uint8)[::2]]  # strided: still inline, by numpy's reduce
+    value = ("ok", {"a": arrays, "b": (b"xy", "s", None, 3, 2.5, True)}, np.float64(2.0), [1])
+    message, fresh = _shm.pack(value, _shm.Outbox())
+    assert fresh is None
+    assert message[0] == _shm.FLAG_DIRECT or not _shm._direct(value, _shm.DEFAULT_INLINE_MAX)
+    out = transfer(value)
+    assert isinstance(out, tuple)
+    for got, sent in zip(out[1]["a"], arrays, strict=True):
+        assert got.dtype == sent.dtype and got.shape == sent.shape
+        assert np.array_equal(got, sent)
+        assert got.flags.writeable  # a writable array arrives writable, as before
+    assert out[1]["b"] == value[1]["b"] and out[2] == 2.0 and out[3] == [1]  # type: ignore[index]
+
+
+def test_direct_messages_are_flagged_only_when_nothing_needs_a_segment() -> None:
+    small = np.ones(256, np.float32)
+    assert _shm.pack(("call", 1, {"in": small}, None, [2]), _shm.Outbox())[0][0] == \
+        _shm.FLAG_DIRECT
+    for value in ({"in": np.ones(100_000)}, {"in": small.reshape(16, 16).T},
+                  {"in": bytearray(b"x")}, {"in": Tagged(small, {})}, {"in": b"x" * 5000}):
+        message, _ = _shm.pack(value, _shm.Outbox(inline_max=1024))
+        assert not message[0] & _shm.FLAG_DIRECT
+    # bytearray is not pickled as it is: it arrives as bytes, as it always did
+    assert transfer({"in": bytearray(b"xy")}) == {"in": b"xy"}
+
+
+def test_a_direct_message_cannot_carry_segment_references() -> None:
+    # A hostile worker flags a message direct to skip the decode walk, with a raw descriptor.
+    body = pickle.dumps(("ok", _shm.ShmArray(0, np.dtype("f4"), (4,), False), 0.0), protocol=5)
+    message = _shm._HEADER.pack(_shm.FLAG_DIRECT, 0, 0, 0) + body
+    with pytest.raises(_shm.ProtocolError, match="forbidden object"):
+        _shm.unpack(message, [], _shm.Inbox(), safe=True, copy=True)
+    body = pickle.dumps(("ok", Evil(), 0.0), protocol=5)
+    with pytest.raises(_shm.ProtocolError, match="forbidden object"):
+        _shm.unpack(_shm._HEADER.pack(_shm.FLAG_DIRECT, 0, 0, 0) + body, [], _shm.Inbox(),
+                    safe=True, copy=True)
+
+
+class _InlineCall:
+    def __init__(self, *args: object) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_shm._inline_array, self.args)
+
+
+@pytest.mark.parametrize("args", [
+    ("O", (1,), b"\0" * 8),  # object dtype: pointers from the peer
+    ("|O", (1,), b"\0" * 8),
+    ("f4", (-1,), b"\0" * 8),
+    ("f4", (3,), b"\0" * 8),  # shape does not match the data
+    (np.dtype("f4"), (2,), b"\0" * 8),  # only a dtype string is accepted
+    ("f4", [2], b"\0" * 8),
+])
+def test_malformed_inline_arrays_are_refused(args: tuple[object, ...]) -> None:
+    body = pickle.dumps(("ok", _InlineCall(*args), 0.0), protocol=5)
+    for flags in (0, _shm.FLAG_DIRECT):
+        with pytest.raises((_shm.ProtocolError, ValueError)):
+            _shm.unpack(_shm._HEADER.pack(flags, 0, 0, 0) + body, [], _shm.Inbox(), safe=True,
+                        copy=True)
