@@ -32,11 +32,23 @@ in place of either answer closes the generator. ``NodeContext.report`` calls mad
 stream are sent as ``("event", kind, message, progress)`` at any time. Chunk arrays are copied
 out of the segment on arrival (a generator may keep them while the next chunk reuses it).
 
+Requests are served by one long-lived task on the worker's event loop (``serve``), which reads
+the socket with blocking calls (the loop has nothing else to run meanwhile). A node's coroutine
+(async ``process``, ``initialize``, ``cleanup``, an async stream step) is awaited right in that
+task: one that never suspends, like most ``process`` methods, costs no loop iteration, no task
+and no syscall, yet ``asyncio.current_task()``, ``asyncio.timeout()`` and the running loop are
+there from its first line, as in any task. The base class's empty ``initialize``/``cleanup``
+are not called at all, and node classes are looked up once per worker. The CPU clock is read
+once when a request arrives (its budget) and once for its reply.
+
 SIGUSR1 from the server means "the current call was abandoned": the node's
-``context.cancelled`` is set (and an async call is cancelled); the server kills the worker if
-the call still does not return in time. The handler itself only writes the current request's
-generation to a pipe: a signal handler runs on the main thread, possibly inside the lock of the
-very Event it would set. A thread applies it, unless the request has changed meanwhile.
+``context.cancelled`` is set and, once an async call is suspended, the serving task is cancelled
+(the CancelledError lands in the node's await; the task's cancel count is reset after the call);
+the server kills the worker if the call still does not return in time. The handler itself only
+writes the current request's generation to a pipe: a signal handler runs on the main thread,
+possibly inside the lock of the very Event it would set. A thread applies it, unless the request
+has changed meanwhile; the task cancellation it schedules checks the generation again when it
+runs.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import context as mp_context
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+from types import CoroutineType
 from typing import Any
 
 from tensorline.server.nodes._node import Node, NodeContext
@@ -145,9 +158,15 @@ class _Worker:
         self.outbox = _shm.Outbox(inline_max=config.inline_max, name="tensorline-out")
         self.instances: dict[int, _Hosted] = {}
         self.params: dict[tuple[str, str, str], Any] = {}
+        # Node classes by (module, qualname): a repeated import_module + getattr walk costs more
+        # than a whole small call.
+        self.classes: dict[tuple[str, str], Any] = {}
         self.loop = asyncio.new_event_loop()
+        # The task that serves requests (see ``serve``), and whether it is suspended in a node's
+        # coroutine (the only place a cancellation may land).
+        self.task: asyncio.Task[None] | None = None
+        self.awaiting = False
         self.current: _Hosted | None = None
-        self.current_task: asyncio.Task[Any] | None = None
         # Cancellation: the signal handler writes the call generation to this pipe; a thread
         # applies it (see on_cancel_signal).
         self.generation = 0
@@ -157,7 +176,14 @@ class _Worker:
 
     # --- serving ------------------------------------------------------------------------------
 
-    def serve(self) -> None:
+    def run(self) -> None:
+        self.loop.run_until_complete(self.serve())
+
+    async def serve(self) -> None:
+        """Serve requests until the server closes the socket or says ``exit``. Blocking reads
+        are fine here: the loop has nothing else to do while the worker waits for a request."""
+        self.task = asyncio.current_task()
+        budget = self.config.limits.cpu_seconds
         while True:
             try:
                 data, fds = _shm.recv_raw(self.sock)
@@ -168,11 +194,18 @@ class _Worker:
             request = _shm.unpack(data, fds, self.inbox, safe=False, copy=False)
             op = request[0]
             if op == "exit":
-                self._cleanup_all()
+                await self._cleanup_all()
                 self._reply(("ok", None, _isolation.cpu_used()))
                 return
+            _isolation.set_call_cpu_budget(budget)
+            with self.generation_lock:
+                # A new request: a cancellation signalled for an earlier one no longer applies,
+                # and a warm instance must not see an earlier call's cancellation.
+                self.generation += 1
+                if op in ("call", "stream") and request[1] in self.instances:
+                    self.instances[request[1]].context.cancelled.clear()
             try:
-                reply = self._handle(op, request)
+                reply = await self._handle(op, request)
             except _ServerGone:
                 return
             self._reply(reply)
@@ -193,68 +226,61 @@ class _Worker:
             message, fresh = _shm.pack(reply, self.outbox)
         _shm.send(self.sock, message, fresh)
 
-    def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
-        _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
-        with self.generation_lock:
-            # A new request: a cancellation signalled for an earlier one no longer applies,
-            # and a warm instance must not see an earlier call's cancellation.
-            self.generation += 1
-            if op in ("call", "stream") and request[1] in self.instances:
-                self.instances[request[1]].context.cancelled.clear()
+    async def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The reply to one request: ``("ok", value, cpu)`` or ``("error", kind, type,
+        message, cpu, during)``; the CPU reading is taken once, last."""
         if op == "call":
             _, iid, inputs, init, releases = request
-            hosted, failure = self._prepare(iid, init, releases)
-            if hosted is None:
-                return failure
-            outcome = self._guard(self._run, hosted, "process", inputs)
-            return (*outcome, "process") if outcome[0] == "error" else outcome
+            hosted = await self._prepare(iid, init, releases)
+            if type(hosted) is tuple:
+                return hosted
+            assert isinstance(hosted, _Hosted)
+            try:
+                value = await self._run(hosted, "process", inputs)
+            except BaseException as exc:
+                return (*_failure(exc), _isolation.cpu_used(), "process")
+            return ("ok", value, _isolation.cpu_used())
         if op == "stream":
             _, iid, init, releases = request
-            hosted, failure = self._prepare(iid, init, releases)
-            if hosted is None:
-                return failure
-            outcome = self._guard(self._stream, hosted)
-            if outcome[0] == "error" and outcome[2] == "_ServerGone":
-                raise _ServerGone
-            return (*outcome, "process") if outcome[0] == "error" else outcome
+            hosted = await self._prepare(iid, init, releases)
+            if type(hosted) is tuple:
+                return hosted
+            assert isinstance(hosted, _Hosted)
+            try:
+                await self._stream(hosted)
+            except _ServerGone:
+                raise
+            except BaseException as exc:
+                return (*_failure(exc), _isolation.cpu_used(), "process")
+            return ("ok", None, _isolation.cpu_used())
         if op == "init":
-            outcome = self._guard(self._init, *request[1:])
-            return (*outcome, "initialize") if outcome[0] == "error" else outcome
+            try:
+                await self._init(*request[1:])
+            except BaseException as exc:
+                return (*_failure(exc), _isolation.cpu_used(), "initialize")
+            return ("ok", None, _isolation.cpu_used())
         if op == "release":
-            self._release(request[1])
+            await self._release(request[1])
             return ("ok", None, _isolation.cpu_used())
         return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used(),
                 "process")
 
-    def _prepare(self, iid: int, init: tuple[Any, ...] | None,
-                 releases: list[int]) -> tuple[_Hosted | None, tuple[Any, ...]]:
+    async def _prepare(self, iid: int, init: tuple[Any, ...] | None,
+                       releases: list[int]) -> _Hosted | tuple[Any, ...]:
         """Release what the server let go of, create the instance if this request carries its
-        ``init``, and return it; or None and the error reply when that failed."""
-        self._release(releases)
+        ``init``, and return it; or the error reply when that failed."""
+        if releases:
+            await self._release(releases)
         if init is not None:
-            outcome = self._guard(self._init, iid, *init)
-            if outcome[0] == "error":
-                return None, (*outcome, "initialize")
+            try:
+                await self._init(iid, *init)
+            except BaseException as exc:
+                return (*_failure(exc), _isolation.cpu_used(), "initialize")
         hosted = self.instances.get(iid)
         if hosted is None:
-            return None, ("error", "gone", "", "instance not hosted here",
-                          _isolation.cpu_used(), "process")
-        return hosted, ()
-
-    def _guard(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
-        """``("ok", value, cpu)`` when ``fn`` returned, ``("error", kind, type, message, cpu)``
-        when it raised."""
-        try:
-            value = fn(*args)
-        except _LoadFailed as failed:
-            return ("error", failed.kind, failed.exc_type, failed.message, _isolation.cpu_used())
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                # A node calling sys.exit() must not end the worker silently.
-                return ("error", "node", type(exc).__name__, str(exc), _isolation.cpu_used())
-            return ("error", classify(exc), type(exc).__name__, describe(exc),
-                    _isolation.cpu_used())
-        return ("ok", value, _isolation.cpu_used())
+            return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
+                    "process")
+        return hosted
 
     # --- streaming ----------------------------------------------------------------------------
 
@@ -275,7 +301,7 @@ class _Worker:
             _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
             return message  # type: ignore[no-any-return]
 
-    def _stream(self, hosted: _Hosted) -> None:
+    async def _stream(self, hosted: _Hosted) -> None:
         node: Any = hosted.node
         method = getattr(type(node), "stream", None)
         is_async = inspect.isasyncgenfunction(method)
@@ -314,13 +340,6 @@ class _Worker:
                     yield chunk
 
             generator = node.stream(apull())
-
-            def step() -> Any:
-                self.current_task = self.loop.create_task(_await(generator.__anext__()))
-                try:
-                    return self.loop.run_until_complete(self.current_task)
-                finally:
-                    self.current_task = None
         else:
             def pull() -> Any:
                 while (chunk := take()) is not None:
@@ -328,15 +347,13 @@ class _Worker:
 
             generator = node.stream(pull())
 
-            def step() -> Any:
-                return next(generator)
-
         self.current = hosted
         hosted.context.on_event = on_event
         try:
             while True:
                 try:
-                    out = step()
+                    out = (await self._await(generator.__anext__()) if is_async
+                           else next(generator))
                 except (StopIteration, StopAsyncIteration):
                     return
                 except _StreamStopped:
@@ -353,7 +370,7 @@ class _Worker:
             hosted.context.on_event = None
             try:
                 if is_async:
-                    self.loop.run_until_complete(_await(generator.aclose()))
+                    await self._await(generator.aclose())
                 else:
                     generator.close()
             except Exception as exc:
@@ -365,34 +382,39 @@ class _Worker:
                 self.current = None
                 events.close()
 
-    def _release(self, iids: list[int]) -> None:
+    # --- instances ----------------------------------------------------------------------------
+
+    async def _release(self, iids: list[int]) -> None:
         """Run the cleanup of instances the server released. Nobody waits for the outcome any
         more, so a failure is reported on the worker's stderr (the server's)."""
         for iid in iids:
             hosted = self.instances.pop(iid, None)
             if hosted is not None:
-                self._cleanup(hosted)
+                await self._cleanup(hosted)
 
-    def _cleanup(self, hosted: _Hosted) -> None:
+    async def _cleanup(self, hosted: _Hosted) -> None:
         try:
-            self._run(hosted, "cleanup")
+            await self._run(hosted, "cleanup")
         except Exception as exc:
             with contextlib.suppress(Exception):
                 print(f"tensorline sandbox worker {os.getpid()}: cleanup of node "
                       f"'{hosted.context.node_id}' failed: {type(exc).__name__}: {exc}",
                       file=sys.stderr, flush=True)
 
-    def _init(self, iid: int, module: str, qualname: str, params_json: str, node_id: str,
-              execution_id: str) -> None:
-        try:
-            cls: Any = importlib.import_module(module)
-            for part in qualname.split("."):
-                cls = getattr(cls, part)
-        except BaseException as exc:
-            raise _LoadFailed("memory" if isinstance(exc, MemoryError) else "import",
-                              type(exc).__name__,
-                              f"cannot load {module}.{qualname} in the worker: {describe(exc)}",
-                              ) from exc
+    async def _init(self, iid: int, module: str, qualname: str, params_json: str, node_id: str,
+                    execution_id: str) -> None:
+        cls: Any = self.classes.get((module, qualname))
+        if cls is None:
+            try:
+                cls = importlib.import_module(module)
+                for part in qualname.split("."):
+                    cls = getattr(cls, part)
+            except BaseException as exc:
+                raise _LoadFailed("memory" if isinstance(exc, MemoryError) else "import",
+                                  type(exc).__name__,
+                                  f"cannot load {module}.{qualname} in the worker: "
+                                  f"{describe(exc)}") from exc
+            self.classes[(module, qualname)] = cls
         key = (module, qualname, params_json)
         params = self.params.get(key)
         if params is None:
@@ -405,27 +427,43 @@ class _Worker:
                               scratch_dir=self.config.scratch_dir)
         hosted = _Hosted(cls(params, context), context)
         try:
-            self._run(hosted, "initialize")
+            await self._run(hosted, "initialize")
         except BaseException:
             with contextlib.suppress(Exception):
-                self._run(hosted, "cleanup")
+                await self._run(hosted, "cleanup")
             raise
         self.instances[iid] = hosted
 
-    def _run(self, hosted: _Hosted, name: str, *args: Any) -> Any:
+    async def _run(self, hosted: _Hosted, name: str, *args: Any) -> Any:
         method: Callable[..., Any] = getattr(hosted.node, name)
+        if getattr(method, "__func__", None) in _NO_OPS:
+            return None  # the base class's empty initialize/cleanup
         self.current = hosted
         try:
             result = method(*args)
-            if inspect.isawaitable(result):
-                self.current_task = self.loop.create_task(_await(result))
-                try:
-                    return self.loop.run_until_complete(self.current_task)
-                finally:
-                    self.current_task = None
+            if type(result) is CoroutineType or inspect.isawaitable(result):
+                return await self._await(result)
             return result
         finally:
             self.current = None
+
+    async def _await(self, awaitable: Any) -> Any:
+        """Await a node's coroutine in the serving task itself: one that does not suspend costs
+        no loop iteration, and asyncio.current_task()/timeout() work as in any task. While it
+        is suspended, a cancellation of the call cancels the serving task (``cancel_current``);
+        the cancel count is reset afterwards, so the next call's ``asyncio.timeout`` is not
+        confused by it."""
+        self.awaiting = True
+        try:
+            return await awaitable
+        finally:
+            self.awaiting = False
+            task = self.task
+            if task is not None:
+                while task.cancelling():
+                    task.uncancel()
+
+    # --- cancellation -------------------------------------------------------------------------
 
     def on_cancel_signal(self, *_: Any) -> None:
         """SIGUSR1 handler. It runs on the main thread at any bytecode boundary, possibly while
@@ -447,20 +485,36 @@ class _Worker:
                     self.cancel_current()
 
     def cancel_current(self) -> None:
+        """(Cancel thread, generation lock held.) Sets ``context.cancelled`` now; the serving
+        task is cancelled when the loop next runs, i.e. once the node's coroutine suspends,
+        provided the same request is still current then."""
         hosted = self.current
         if hosted is not None:
             hosted.context.cancelled.set()
-        task = self.current_task
-        if task is not None:
-            self.loop.call_soon_threadsafe(task.cancel)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is exiting
+            self.loop.call_soon_threadsafe(self._cancel_serving, self.generation)
 
-    def _cleanup_all(self) -> None:
+    def _cancel_serving(self, generation: int) -> None:
+        if generation == self.generation and self.awaiting and self.task is not None:
+            self.task.cancel()
+
+    async def _cleanup_all(self) -> None:
         for iid in list(self.instances):
-            self._cleanup(self.instances.pop(iid))
+            await self._cleanup(self.instances.pop(iid))
 
 
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
+# The base class's initialize and cleanup do nothing: not calling them saves a call per request.
+_NO_OPS = frozenset({Node.initialize, Node.cleanup})
+
+
+def _failure(exc: BaseException) -> tuple[str, str, str, str]:
+    """``("error", kind, exc_type, message)`` for an exception a node method raised."""
+    if isinstance(exc, _LoadFailed):
+        return ("error", exc.kind, exc.exc_type, exc.message)
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        # A node calling sys.exit() must not end the worker silently.
+        return ("error", "node", type(exc).__name__, str(exc))
+    return ("error", classify(exc), type(exc).__name__, describe(exc))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -523,7 +577,7 @@ def worker_main(config: WorkerConfig, sock: socket.socket, alive_fd: Any) -> Non
     code = 0
     try:
         worker._reply(("ready", reports, _isolation.cpu_used()))
-        worker.serve()
+        worker.run()
     except BaseException:
         # A bug in this module, not in a node (their exceptions are replies): say so on the
         # server's stderr and exit non-zero, so the server reports the worker as failed.

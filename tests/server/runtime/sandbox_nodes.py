@@ -111,6 +111,31 @@ class Marker(Node):
         self._mark("cleanup")
 
 
+class AsyncMarker(Marker):
+    """Marker with an async process. ``block``: suspends until its task is cancelled;
+    ``timeout``: uses asyncio.timeout before its first suspension and reports its task's
+    pending cancel count (0 unless an earlier cancellation leaked into this call)."""
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        if self.params.mode == "block":
+            self._mark("process")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self._mark("cancelled")
+                raise
+        if self.params.mode == "timeout":
+            cancelling = task.cancelling()
+            try:
+                async with asyncio.timeout(0.01):
+                    await asyncio.Event().wait()
+            except TimeoutError:
+                return Json({"timed_out": True, "cancelling": cancelling, "pid": os.getpid()})
+        return inputs["in"]
+
+
 class FailingInit(Node):
     def initialize(self) -> None:
         raise ValueError("cannot initialize")

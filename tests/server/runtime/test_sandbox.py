@@ -223,6 +223,32 @@ async def test_cancellation_reaches_the_node_every_time(sandbox: SandboxRuntime)
     assert sandbox.stats()["worker_restarts"] == restarts
 
 
+async def test_a_suspended_async_call_is_cancelled_in_its_worker(sandbox: SandboxRuntime) -> None:
+    """An async process suspended in the worker gets CancelledError (its worker is not killed),
+    and the next calls on those workers still have a working asyncio.timeout."""
+    restarts = sandbox.stats()["worker_restarts"]
+    for i in range(4):
+        execution = f"a{i}"
+        spec = make_spec(nodes.AsyncMarker, {"mode": "block"})
+        instance = await sandbox.acquire(spec, ExecutionScope(execution))
+        task = asyncio.ensure_future(instance.process({"in": 1}))
+        await eventually(lambda e=execution: "process" in markers(sandbox, e), 20.0, "process")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await sandbox.release(instance)
+        await eventually(lambda e=execution: "cleanup" in markers(sandbox, e), 20.0, "cleanup")
+        assert "cancelled" in markers(sandbox, execution)
+    # Two at once: one per worker of the domain.
+    outs = await asyncio.gather(*(run_once(sandbox, nodes.AsyncMarker, {"in": 1},
+                                           {"mode": "timeout"}) for _ in range(2)))
+    assert all(isinstance(out, Json) for out in outs)
+    assert [out.value["timed_out"] for out in outs] == [True, True]
+    assert [out.value["cancelling"] for out in outs] == [0, 0]
+    assert sandbox.stats()["worker_restarts"] == restarts
+    assert await run_once(sandbox, nodes.AsyncMarker, {"in": 7}) == 7
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime,
                                                        lazy: bool) -> None:
