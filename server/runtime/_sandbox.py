@@ -29,6 +29,13 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
   ``loop.add_reader``; the reply resolves the waiting future directly in the callback (measured
   faster than a reader thread handing over with ``call_soon_threadsafe``, which costs a second
   wake-up per reply: ``bench/bench_sandbox_hop.py --io``).
+* The per-request path is kept short, because at low concurrency its Python work, not the
+  wake-ups (~10 us a round trip), is the hop's cost: a plain node whose module the chosen worker
+  has imported is placed by ``acquire`` without an await; an idle worker is the most recently
+  used one (at low load one worker keeps serving with warm caches); a worker's turn (``_Turn``)
+  is taken by a plain call when free; one watchdog timer per worker, re-armed only when a call
+  is due before it, enforces the deadlines instead of a timer per call; one message is read per
+  readable callback.
 * Supervision: every call has a wall-clock deadline (the execution's deadline, the node's
   timeout, else ``call_timeout_s``); past it the worker is killed and replaced and
   ``DeadlineExceeded`` names the node. A dead worker fails only its in-flight call with
@@ -66,7 +73,15 @@ import signal
 import socket
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -125,6 +140,53 @@ class _WorkerGone(Exception):
     """The worker died before the request could be sent (the caller may re-create and retry)."""
 
 
+class _Turn:
+    """A worker's turn: a FIFO lock like ``asyncio.Lock``, but taking it when free is a plain
+    call (no coroutine), and ``release`` hands it straight to the longest waiter (nobody can
+    barge in between)."""
+
+    __slots__ = ("_locked", "_waiters")
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def locked(self) -> bool:
+        return self._locked
+
+    def try_acquire(self) -> bool:
+        if self._locked:
+            return False
+        self._locked = True
+        return True
+
+    async def acquire(self) -> None:
+        if not self._locked:
+            self._locked = True
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed the turn, then cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        if not self._locked:
+            raise RuntimeError("release of a free turn")
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._locked = False
+
+
 @dataclass(slots=True)
 class _Call:
     future: asyncio.Future[tuple[Any, ...]]
@@ -159,7 +221,7 @@ class _Worker:
     state: str = "starting"  # starting | ready | retiring | dead
     ready: asyncio.Future[None] | None = None
     dead: asyncio.Future[str] | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: _Turn = field(default_factory=_Turn)
     inflight: _Call | None = None
     queued: int = 0
     # Lazily created instances placed here whose first call has not been sent yet: the worker
@@ -179,6 +241,8 @@ class _Worker:
     # next request, or by a flush when the worker stays idle.
     releases: list[int] = field(default_factory=list)
     flush: asyncio.TimerHandle | None = None
+    # Fires by the deadline of the call in flight (see ``_watch``).
+    watchdog: asyncio.TimerHandle | None = None
     # Node modules this worker has imported successfully (their nodes may be created lazily).
     modules: set[str] = field(default_factory=set)
     outbox: _shm.Outbox = field(default_factory=_shm.Outbox)
@@ -237,8 +301,9 @@ class SandboxInstance(NodeInstance):
 
     can_stream: ClassVar[bool] = True
 
-    async def process(self, inputs: Mapping[str, Any]) -> Any:
-        return await self._runtime._process(self, inputs)
+    def process(self, inputs: Mapping[str, Any]) -> Coroutine[Any, Any, Any]:
+        # The runtime's coroutine itself: no wrapper coroutine per call.
+        return self._runtime._process(self, inputs)
 
     def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         return self._runtime._stream(self, chunks)
@@ -517,28 +582,31 @@ class SandboxRuntime(Runtime):
         return worker
 
     def _on_readable(self, worker: _Worker) -> None:
+        # One message per callback: the selector is level-triggered, so a second queued message
+        # calls back again, and the usual single reply saves a recvmsg that would only fail.
         sock = worker.sock
-        while sock is not None and worker.state != "dead":
-            try:
-                data, fds = _shm.recv_raw(sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except _shm.ProtocolError as exc:
-                self._misbehaved(worker, str(exc))
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                self._on_eof(worker)
-                return
-            try:
-                message = _shm.unpack(data, fds, worker.inbox, safe=True, copy=True,
-                                      max_segment=self.max_message_bytes * 2,
-                                      echo=worker.outbox.segment)
-            except Exception as exc:
-                self._misbehaved(worker, f"undecodable message ({exc})")
-                return
-            self._on_message(worker, message)
+        if sock is None or worker.state == "dead":
+            return
+        try:
+            data, fds = _shm.recv_raw(sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except _shm.ProtocolError as exc:
+            self._misbehaved(worker, str(exc))
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self._on_eof(worker)
+            return
+        try:
+            message = _shm.unpack(data, fds, worker.inbox, safe=True, copy=True,
+                                  max_segment=self.max_message_bytes * 2,
+                                  echo=worker.outbox.segment)
+        except Exception as exc:
+            self._misbehaved(worker, f"undecodable message ({exc})")
+            return
+        self._on_message(worker, message)
 
     def _on_message(self, worker: _Worker, message: Any) -> None:
         if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
@@ -652,6 +720,9 @@ class SandboxRuntime(Runtime):
 
     def _forget(self, worker: _Worker) -> None:
         loop = self._loop
+        if worker.watchdog is not None:
+            worker.watchdog.cancel()
+            worker.watchdog = None
         if worker.sock is not None:
             if loop is not None and not worker.eof:
                 with contextlib.suppress(Exception):
@@ -752,6 +823,8 @@ class SandboxRuntime(Runtime):
         while True:
             if self._closed:
                 raise ServiceUnavailable("the sandbox runtime is shut down")
+            if not exclusive and (idle_worker := self._idle(group)) is not None:
+                return idle_worker
             ready = [w for w in self._workers.values() if w.state == "ready"
                      and w.group == group and not w.dedicated]
             if exclusive:
@@ -764,7 +837,7 @@ class SandboxRuntime(Runtime):
             if ready:
                 idle = [w for w in ready if w.queued == 0 and w.reserved == 0]
                 if idle:
-                    return min(idle, key=lambda w: w.last_used)
+                    return max(idle, key=lambda w: w.last_used)  # as in ``_idle``
                 # All busy: wait for the first to free up rather than queue behind one that may
                 # be stuck in a long call.
                 await self._pool_change()
@@ -789,6 +862,18 @@ class SandboxRuntime(Runtime):
                     self._retire(min(idle, key=lambda w: w.last_used),
                                  f"making room for a worker of group {group}", replace=False)
             return await self._spawn(group)
+
+    def _idle(self, group: _Group) -> _Worker | None:
+        """The most recently used idle worker of ``group``, if any: at low concurrency the same
+        worker keeps serving, with its caches warm (measured faster than spreading calls)."""
+        cap, domain = group
+        best: _Worker | None = None
+        for w in self._workers.values():
+            if (w.state == "ready" and w.queued == 0 and w.reserved == 0 and w.cap_mb == cap
+                    and w.domain == domain and not (w.exclusive and w.dedicated)
+                    and (best is None or w.last_used > best.last_used)):
+                best = w
+        return best
 
     async def _pool_change(self) -> None:
         """Wait (first come, first served) until a worker becomes idle, ready or dead."""
@@ -838,12 +923,14 @@ class SandboxRuntime(Runtime):
         is cancelled first: ``_finish`` releases it, from the reply or death callbacks.
         """
         worker.queued += 1
-        try:
-            await worker.lock.acquire()
-        except BaseException:
-            worker.queued -= 1
-            raise
-        loop = asyncio.get_running_loop()
+        if not worker.lock.try_acquire():
+            try:
+                await worker.lock.acquire()
+            except BaseException:
+                worker.queued -= 1
+                raise
+        loop = self._loop
+        assert loop is not None
         call = _Call(loop.create_future(), spec if spec is not None else _NO_SPEC, during, iid,
                      deadline, on_abandoned=on_abandoned)
         if not worker.alive or worker.sock is None:
@@ -868,7 +955,7 @@ class SandboxRuntime(Runtime):
             self._finish(worker, call)
             worker.kill(f"control channel failed ({exc})")
             raise _WorkerGone(f"control channel failed ({exc})") from None
-        call.timer = loop.call_at(deadline, self._on_deadline, worker, call)
+        self._watch(worker, deadline)
         try:
             return await call.future
         except asyncio.CancelledError:
@@ -894,6 +981,28 @@ class SandboxRuntime(Runtime):
         worker.lock.release()
         if worker.queued == 0:
             self._notify()
+
+    def _watch(self, worker: _Worker, deadline: float) -> None:
+        """Make the worker's watchdog fire by ``deadline``. One timer serves call after call:
+        re-armed only when a call's deadline comes before it (a new timer plus a cancelled one
+        per call cost more than the call's own bookkeeping)."""
+        timer = worker.watchdog
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            assert self._loop is not None
+            worker.watchdog = self._loop.call_at(deadline, self._on_watchdog, worker)
+
+    def _on_watchdog(self, worker: _Worker) -> None:
+        worker.watchdog = None
+        call = worker.inflight
+        # Streaming sessions have timers of their own (waiting for the consumer does not count).
+        if call is None or call.finished or call.streaming:
+            return
+        if call.deadline <= self._now():
+            self._on_deadline(worker, call)
+        else:
+            self._watch(worker, call.deadline)
 
     def _on_deadline(self, worker: _Worker, call: _Call) -> None:
         if worker.inflight is not call:
@@ -959,7 +1068,20 @@ class SandboxRuntime(Runtime):
 
     async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> SandboxInstance:
         self._check_open()
-        if spec.entry.cls.reusable:
+        entry = spec.entry
+        cls = entry.cls
+        if not (cls.reusable or cls.streaming or entry.has_initialize):
+            # The common case, without the awaits of ``_create``: an idle worker that has
+            # imported the node's module creates the instance with its first call.
+            worker = self._idle(self._group_of(spec))
+            if worker is not None and cls.__module__ in worker.modules:
+                iid = next(self._iids)
+                worker.pinned.add(iid)
+                worker.reserved += 1
+                instance = SandboxInstance(spec, scope, self, worker, iid)
+                instance.reserved = True
+                return instance
+        if cls.reusable:
             worker, iid = await self._acquire_warm(spec, scope)
             initialized = True
         else:

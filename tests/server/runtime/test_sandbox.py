@@ -304,6 +304,18 @@ async def test_deadline_kills_and_replaces_the_worker(sandbox: SandboxRuntime) -
     await assert_serving(sandbox)
 
 
+async def test_a_shorter_deadline_after_long_ones_is_enforced(sandbox: SandboxRuntime) -> None:
+    """Workers keep one deadline timer across calls: a call due before it must still be cut."""
+    loop = asyncio.get_running_loop()
+    for _ in range(3):  # both workers of the domain have served a call with the 60 s timeout
+        await asyncio.gather(*(run_once(sandbox, nodes.Echo, {"in": 1}) for _ in range(2)))
+    started = loop.time()
+    with pytest.raises(DeadlineExceeded, match="node 'n1'"):
+        await run_once(sandbox, nodes.Sleeper, {"in": 1}, deadline=loop.time() + 0.5)
+    assert loop.time() - started < 30.0
+    await assert_serving(sandbox)
+
+
 async def test_node_timeout_is_a_deadline(sandbox: SandboxRuntime) -> None:
     spec = make_spec(nodes.Sleeper, timeout_s=0.3)
     instance = await sandbox.acquire(spec, ExecutionScope("t"))
