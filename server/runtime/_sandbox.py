@@ -94,7 +94,13 @@ from tensorline.server._errors import (
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Emit
 from tensorline.server.runtime import _isolation, _shm
-from tensorline.server.runtime._base import ExecutionScope, LayerStatus, NodeInstance, Runtime
+from tensorline.server.runtime._base import (
+    ExecutionScope,
+    LayerStatus,
+    NodeInstance,
+    Runtime,
+    within_node_timeout,
+)
 from tensorline.server.runtime._worker import WorkerConfig, WorkerProcess, worker_main
 
 log = logging.getLogger(__name__)
@@ -1066,22 +1072,45 @@ class SandboxRuntime(Runtime):
         if self._closed:
             raise ServiceUnavailable("the sandbox runtime is shut down")
 
-    async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> SandboxInstance:
+    async def call(self, spec: NodeSpec, scope: ExecutionScope,
+                   inputs: Mapping[str, Any]) -> Any:
         self._check_open()
+        instance = self._place(spec, scope)
+        if instance is None:
+            return await super().call(spec, scope, inputs)
+        # What Runtime.call does, minus the coroutines of acquire and release (neither awaits
+        # anything for a placed plain node).
+        try:
+            if spec.timeout_s is None:
+                return await self._process(instance, inputs)
+            return await within_node_timeout(spec, self._process(instance, inputs))
+        finally:
+            self._release_now(instance)
+
+    def _place(self, spec: NodeSpec, scope: ExecutionScope) -> SandboxInstance | None:
+        """The common case, without the awaits of ``_create``: a plain node (no initialize,
+        neither reusable nor streaming) goes to an idle worker that has imported its module, and
+        is created by its first call. None when that does not apply."""
         entry = spec.entry
         cls = entry.cls
-        if not (cls.reusable or cls.streaming or entry.has_initialize):
-            # The common case, without the awaits of ``_create``: an idle worker that has
-            # imported the node's module creates the instance with its first call.
-            worker = self._idle(self._group_of(spec))
-            if worker is not None and cls.__module__ in worker.modules:
-                iid = next(self._iids)
-                worker.pinned.add(iid)
-                worker.reserved += 1
-                instance = SandboxInstance(spec, scope, self, worker, iid)
-                instance.reserved = True
-                return instance
-        if cls.reusable:
+        if cls.reusable or cls.streaming or entry.has_initialize:
+            return None
+        worker = self._idle(self._group_of(spec))
+        if worker is None or cls.__module__ not in worker.modules:
+            return None
+        iid = next(self._iids)
+        worker.pinned.add(iid)
+        worker.reserved += 1
+        instance = SandboxInstance(spec, scope, self, worker, iid)
+        instance.reserved = True
+        return instance
+
+    async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> SandboxInstance:
+        self._check_open()
+        placed = self._place(spec, scope)
+        if placed is not None:
+            return placed
+        if spec.entry.cls.reusable:
             worker, iid = await self._acquire_warm(spec, scope)
             initialized = True
         else:
@@ -1405,6 +1434,9 @@ class SandboxRuntime(Runtime):
         """Warm instances stay; a fresh one's cleanup runs in its worker before the worker's
         next request (or at once if the worker stays idle), without holding the caller."""
         assert isinstance(instance, SandboxInstance)
+        self._release_now(instance)
+
+    def _release_now(self, instance: SandboxInstance) -> None:
         if instance.released:
             return
         instance.released = True
