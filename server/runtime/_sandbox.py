@@ -1271,8 +1271,9 @@ class SandboxRuntime(Runtime):
             deadline = self._deadline(spec, instance.scope, None)
             try:
                 reply = await self._request(
-                    worker, ("call", instance.iid, dict(inputs), init, None), spec, "process",
-                    instance.iid, deadline)
+                    worker, ("call", instance.iid,
+                             inputs if type(inputs) is dict else dict(inputs), init, None),
+                    spec, "process", instance.iid, deadline)
             except _WorkerGone:
                 continue
             if init is not None and (reply[0] == "ok" or reply[-1] == "process"):

@@ -67,6 +67,10 @@ FLAG_DIRECT = 4
 _DIRECT_HEADER = _HEADER.pack(FLAG_DIRECT, 0, 0, 0)
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FD_ANCILLARY = socket.CMSG_SPACE(array.array("i", [0]).itemsize * 4)
+# Plain ints: or-ing the socket module's IntFlag members runs enum code on every message.
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 
 class ShmArray(NamedTuple):
@@ -201,10 +205,21 @@ def _inline_array(dtype: Any, shape: Any, data: Any) -> npt.NDArray[Any]:
     for n in shape:
         if type(n) is not int or n < 0:
             raise ProtocolError("malformed inline array shape")
-    dt = np.dtype(dtype)
-    if dt.hasobject:
-        raise ProtocolError("object arrays cannot cross the sandbox boundary")
-    return np.frombuffer(data, dt).reshape(shape)
+    dt = _DTYPES.get(dtype)
+    if dt is None:
+        dt = np.dtype(dtype)
+        if dt.hasobject:
+            raise ProtocolError("object arrays cannot cross the sandbox boundary")
+        if len(_DTYPES) < 256:
+            _DTYPES[dtype] = dt
+    flat = np.frombuffer(data, dt)
+    if len(shape) == 1 and flat.shape == shape:
+        return flat
+    return flat.reshape(shape)
+
+
+# Dtype strings seen in inline arrays (a handful in practice; bounded against a hostile peer).
+_DTYPES: dict[str, np.dtype[Any]] = {}
 
 
 def _reduce_array(value: Any) -> Any:
@@ -225,8 +240,9 @@ class _Pickler(pickle.Pickler):
     dispatch_table = {np.ndarray: _reduce_array}
 
 
-def _dumps(value: Any) -> bytes:
+def _dumps(value: Any, header: bytes = b"") -> bytes:
     buffer = io.BytesIO()
+    buffer.write(header)
     _Pickler(buffer, protocol=5).dump(value)
     return buffer.getvalue()
 
@@ -327,9 +343,9 @@ def pack(value: Any, outbox: Outbox, echo: Segment | None = None) -> tuple[bytes
     with it (None when the current one was big enough). Arrays lying in ``echo`` (the segment
     the peer sent us) are referenced there instead of copied."""
     if _direct(value, outbox.inline_max):
-        body = _dumps(value)
-        if len(body) <= MAX_MESSAGE:
-            return _DIRECT_HEADER + body, None
+        message = _dumps(value, _DIRECT_HEADER)
+        if len(message) <= MAX_MESSAGE + _HEADER.size:
+            return message, None
     layout = _Layout(outbox.inline_max, echo)
     encoded = layout.encode(value)
     body = _dumps(encoded)
@@ -370,10 +386,10 @@ def recv_raw(sock: socket.socket) -> tuple[bytes, list[int]]:
     data, ancdata, msg_flags, _ = sock.recvmsg(MAX_MESSAGE + _HEADER.size, _FD_ANCILLARY)
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             usable = len(payload) - len(payload) % array.array("i").itemsize
             fds.extend(array.array("i", payload[:usable]))
-    if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if msg_flags & _TRUNCATED:
         for fd in fds:
             os.close(fd)
         raise ProtocolError("truncated control message")
@@ -400,9 +416,17 @@ class SafeUnpickler(pickle.Unpickler):
     })
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
-            return super().find_class(module, name)
+        key = (module, name)
+        if key in self.ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+            # Allowed globals are resolved once per process (an import lookup each otherwise).
+            found = _RESOLVED.get(key)
+            if found is None:
+                found = _RESOLVED[key] = super().find_class(module, name)
+            return found
         raise ProtocolError(f"forbidden object in a sandbox message: {module}.{name}")
+
+
+_RESOLVED: dict[tuple[str, str], Any] = {}
 
 
 class DirectUnpickler(SafeUnpickler):
@@ -411,10 +435,13 @@ class DirectUnpickler(SafeUnpickler):
     ALLOWED = SafeUnpickler.ALLOWED - {(__name__, "ShmArray"), (__name__, "ShmBytes")}
 
 
-def _loads(body: bytes | memoryview, safe: bool, direct: bool = False) -> Any:
+def _loads(body: bytes | memoryview, safe: bool, direct: bool = False, start: int = 0) -> Any:
+    """Unpickle ``body[start:]`` (restricted when ``safe``)."""
     if safe:
-        return (DirectUnpickler if direct else SafeUnpickler)(io.BytesIO(body)).load()
-    return pickle.loads(body)
+        file = io.BytesIO(body)  # shares a bytes body, no copy
+        file.seek(start)
+        return (DirectUnpickler if direct else SafeUnpickler)(file).load()
+    return pickle.loads(memoryview(body)[start:] if start else body)
 
 
 def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
@@ -429,7 +456,7 @@ def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
         raise ProtocolError("short control message")
     flags, new_size, spill_offset, spill_len = _HEADER.unpack_from(data)
     if flags == FLAG_DIRECT and not fds:
-        return _loads(memoryview(data)[_HEADER.size:], safe, True)
+        return _loads(data, safe, True, _HEADER.size)
     if flags & FLAG_NEW_SEGMENT:
         if len(fds) != 1:
             for fd in fds:
@@ -456,7 +483,7 @@ def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
         finally:
             body.release()  # type: ignore[union-attr]
     else:
-        encoded = _loads(memoryview(data)[_HEADER.size:], safe, bool(flags & FLAG_DIRECT))
+        encoded = _loads(data, safe, bool(flags & FLAG_DIRECT), _HEADER.size)
     if flags & FLAG_DIRECT:
         return encoded
     return _decode(encoded, segment, copy, echo)

@@ -442,7 +442,11 @@ class _Worker:
         try:
             result = method(*args)
             if type(result) is CoroutineType or inspect.isawaitable(result):
-                return await self._await(result)
+                self.awaiting = True  # what _await does, without its frame
+                try:
+                    return await result
+                finally:
+                    self._settle()
             return result
         finally:
             self.current = None
@@ -457,11 +461,14 @@ class _Worker:
         try:
             return await awaitable
         finally:
-            self.awaiting = False
-            task = self.task
-            if task is not None:
-                while task.cancelling():
-                    task.uncancel()
+            self._settle()
+
+    def _settle(self) -> None:
+        self.awaiting = False
+        task = self.task
+        if task is not None:
+            while task.cancelling():
+                task.uncancel()
 
     # --- cancellation -------------------------------------------------------------------------
 
