@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -21,6 +22,18 @@ def settings_for_tests(**overrides: Any) -> Settings:
                               "load_entry_points": False, "sandbox_workers": 1}
     values.update(overrides)
     return Settings(**values)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """The loop async tests run on: asyncio's by default; ``TENSORLINE_TEST_EVENT_LOOP=uvloop``
+    runs them on uvloop, the loop ``tensorline serve`` picks (``.ci/test`` runs the server
+    suites both ways)."""
+    if os.environ.get("TENSORLINE_TEST_EVENT_LOOP", "asyncio") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture
