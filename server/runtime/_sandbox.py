@@ -22,7 +22,11 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
   on a worker are serialized by a lock; instances are pinned to the worker that holds them).
   A fresh instance goes to an idle worker (or waits, first come first served, for one to free
   up); one without ``initialize()`` is created by its first call and its cleanup rides with the
-  worker's next request, so a plain node costs one round trip per request. Reusable nodes stay
+  worker's next request, so a plain node costs one round trip per request. One with neither
+  ``initialize()`` nor ``cleanup()`` (the common case: "one-shot") is not even kept: ``call``
+  sends one ``run`` request that creates it, runs it and drops it, naming its class and params
+  by a small id the server assigned per worker the first time (``_run_once``), so nothing is
+  pinned, reserved or released for it. Reusable nodes stay
   warm per worker: a call prefers an idle worker that already holds the instance, else
   initializes it on an idle worker, so a model loads at most once per worker.
 * The event loop never blocks: each worker's control socket and exit sentinel are watched with
@@ -32,7 +36,10 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
 * The per-request path is kept short, because at low concurrency its Python work, not the
   wake-ups (~10 us a round trip), is the hop's cost: a plain node whose module the chosen worker
   has imported is placed by ``acquire`` without an await; an idle worker is the most recently
-  used one (at low load one worker keeps serving with warm caches); a worker's turn (``_Turn``)
+  used one (at low load one worker keeps serving with warm caches); under load a one-shot call
+  waits for an idle worker (``_pool_change``) and then takes the same short path, rather than
+  the general one with its instance bookkeeping; what depends only on the node class (its group,
+  whether it is one-shot) is computed once per class (``_ClassPlan``); a worker's turn (``_Turn``)
   is taken by a plain call when free; one watchdog timer per worker, re-armed only when a call
   is due before it, enforces the deadlines instead of a timer per call; one message is read per
   readable callback.
@@ -92,7 +99,7 @@ from tensorline.server._errors import (
     ServiceUnavailable,
 )
 from tensorline.server.manifest import NodeSpec
-from tensorline.server.nodes import Emit
+from tensorline.server.nodes import Emit, NodeEntry
 from tensorline.server.runtime import _isolation, _shm
 from tensorline.server.runtime._base import (
     ExecutionScope,
@@ -101,7 +108,7 @@ from tensorline.server.runtime._base import (
     Runtime,
     within_node_timeout,
 )
-from tensorline.server.runtime._worker import WorkerConfig, WorkerProcess, worker_main
+from tensorline.server.runtime._worker import MAX_KINDS, WorkerConfig, WorkerProcess, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +147,20 @@ _Group = tuple[int, str]
 
 # How often a request that never reached a worker (it died first) is tried on another one.
 _ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class _ClassPlan:
+    """What the per-request path needs to know about a node class, computed once per class
+    (it depends only on the registry entry and the runtime's settings)."""
+
+    entry: NodeEntry
+    group: _Group
+    module: str
+    # No initialize, neither reusable nor streaming: created lazily by its first call.
+    lazy: bool
+    # Lazy and without cleanup either: one ``run`` request creates, runs and drops it.
+    oneshot: bool
 
 
 class _WorkerGone(Exception):
@@ -251,6 +272,8 @@ class _Worker:
     watchdog: asyncio.TimerHandle | None = None
     # Node modules this worker has imported successfully (their nodes may be created lazily).
     modules: set[str] = field(default_factory=set)
+    # (node class, params key) -> the id the worker knows them by (see ``_run_once``).
+    kinds: dict[tuple[type, str], int] = field(default_factory=dict)
     outbox: _shm.Outbox = field(default_factory=_shm.Outbox)
     inbox: _shm.Inbox = field(default_factory=_shm.Inbox)
     eof: bool = False
@@ -414,6 +437,8 @@ class SandboxRuntime(Runtime):
         self._workers: dict[int, _Worker] = {}
         self._wids = itertools.count(1)
         self._iids = itertools.count(1)
+        self._kids = itertools.count(1)
+        self._class_plans: dict[type, _ClassPlan] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._layers: list[LayerStatus] = []
         self._alive_keep: socket.socket | None = None
@@ -818,9 +843,19 @@ class SandboxRuntime(Runtime):
     # --- choosing a worker --------------------------------------------------------------------
 
     def _group_of(self, spec: NodeSpec) -> _Group:
-        declared = spec.entry.cls.traits.memory_mb
-        cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
-        return (cap, "" if spec.entry.trusted else spec.entry.module)
+        return self._class_plan(spec.entry).group
+
+    def _class_plan(self, entry: NodeEntry) -> _ClassPlan:
+        plan = self._class_plans.get(entry.cls)
+        if plan is None or plan.entry is not entry:
+            cls = entry.cls
+            declared = cls.traits.memory_mb
+            cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
+            lazy = not (cls.reusable or cls.streaming or entry.has_initialize)
+            plan = self._class_plans[cls] = _ClassPlan(
+                entry=entry, group=(cap, "" if entry.trusted else entry.module),
+                module=cls.__module__, lazy=lazy, oneshot=lazy and not entry.has_cleanup)
+        return plan
 
     async def _pick(self, group: _Group, exclusive: bool = False) -> _Worker:
         """An idle worker of ``group``; ``exclusive`` (a streaming instance, which may hold
@@ -942,13 +977,16 @@ class SandboxRuntime(Runtime):
         if not worker.alive or worker.sock is None:
             self._finish(worker, call)
             raise _WorkerGone(worker.cause or "worker gone")
-        if request[0] in ("call", "release"):
-            # Piggyback the cleanups released since the last request.
-            releases, worker.releases = worker.releases, []
-            if request[0] == "release" and not releases:
+        op = request[0]
+        if op == "run" or op == "call" or op == "release":
+            # Piggyback the cleanups released since the last request (the last field, None
+            # when there are none).
+            if worker.releases:
+                releases, worker.releases = worker.releases, []
+                request = (*request[:-1], releases)
+            elif op == "release":
                 self._finish(worker, call)
                 return ("ok", None, worker.cpu_used)
-            request = (*request[:-1], releases)
         try:
             message, fresh = _shm.pack(request, worker.outbox)
         except BaseException:
@@ -1075,6 +1113,28 @@ class SandboxRuntime(Runtime):
     async def call(self, spec: NodeSpec, scope: ExecutionScope,
                    inputs: Mapping[str, Any]) -> Any:
         self._check_open()
+        plan = self._class_plan(spec.entry)
+        if plan.oneshot:
+            while True:
+                worker = self._idle(plan.group)
+                if worker is None:
+                    if not self._serving(plan):
+                        break
+                    # All busy (the usual case under load): wait for one to free up, as
+                    # ``_pick`` would, but without the general path's instance bookkeeping.
+                    await self._pool_change()
+                    self._check_open()
+                    continue
+                if plan.module not in worker.modules:
+                    break
+                try:
+                    if spec.timeout_s is None:
+                        return await self._run_once(worker, spec, scope, inputs)
+                    return await within_node_timeout(
+                        spec, self._run_once(worker, spec, scope, inputs))
+                except _WorkerGone:
+                    break  # the worker died first, or forgot the class id: the general path
+            return await super().call(spec, scope, inputs)
         instance = self._place(spec, scope)
         if instance is None:
             return await super().call(spec, scope, inputs)
@@ -1091,12 +1151,11 @@ class SandboxRuntime(Runtime):
         """The common case, without the awaits of ``_create``: a plain node (no initialize,
         neither reusable nor streaming) goes to an idle worker that has imported its module, and
         is created by its first call. None when that does not apply."""
-        entry = spec.entry
-        cls = entry.cls
-        if cls.reusable or cls.streaming or entry.has_initialize:
+        plan = self._class_plan(spec.entry)
+        if not plan.lazy:
             return None
-        worker = self._idle(self._group_of(spec))
-        if worker is None or cls.__module__ not in worker.modules:
+        worker = self._idle(plan.group)
+        if worker is None or plan.module not in worker.modules:
             return None
         iid = next(self._iids)
         worker.pinned.add(iid)
@@ -1104,6 +1163,45 @@ class SandboxRuntime(Runtime):
         instance = SandboxInstance(spec, scope, self, worker, iid)
         instance.reserved = True
         return instance
+
+    def _serving(self, plan: _ClassPlan) -> bool:
+        """A ready worker of the class's group has imported its module and is not owned by a
+        streaming session: once it is idle, ``_run_once`` can use it."""
+        cap, domain = plan.group
+        for w in self._workers.values():
+            if (w.state == "ready" and w.cap_mb == cap and w.domain == domain
+                    and plan.module in w.modules and not w.dedicated):
+                return True
+        return False
+
+    async def _run_once(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope,
+                        inputs: Mapping[str, Any]) -> Any:
+        """Run a one-shot node (``_ClassPlan.oneshot``) on ``worker`` (idle, its module
+        imported): one ``run`` request creates the instance, runs ``process`` and drops it, so
+        nothing is pinned, reserved or released. The class and params travel once per worker:
+        the first request names them with a new id (``kinds``), later ones send the id only. A
+        worker that does not know an id (replaced workers start empty; a worker drops ids past
+        its bound) answers ``gone``: the id is forgotten and ``_WorkerGone`` sends the caller
+        down the general path, which creates the instance from scratch."""
+        cls = spec.entry.cls
+        key = (cls, spec.params_key)
+        kid = worker.kinds.get(key)
+        define: tuple[str, str, str] | None = None
+        if kid is None:
+            kid = next(self._kids)
+            define = (cls.__module__, cls.__qualname__, spec.params_key)
+        reply = await self._request(
+            worker, ("run", kid, inputs if type(inputs) is dict else dict(inputs),
+                     spec.node_id, scope.execution_id, define, None),
+            spec, "process", 0, self._deadline(spec, scope, None))
+        if reply[0] == "error" and reply[1] == "gone":
+            worker.kinds.pop(key, None)
+        elif define is not None and (reply[0] == "ok" or reply[-1] == "process"):
+            # The worker created the instance, so it holds the id.
+            if len(worker.kinds) >= MAX_KINDS:  # the worker keeps as many
+                worker.kinds.clear()
+            worker.kinds[key] = kid
+        return self._check_reply(worker, reply, spec, "process")
 
     async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> SandboxInstance:
         self._check_open()

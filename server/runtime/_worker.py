@@ -6,14 +6,22 @@ requests from the server one at a time over its control socket:
 
     ("init", iid, module, qualname, params_json, node_id, execution_id)   warm instances
     ("call", iid, inputs, init, releases)
+    ("run", kind, inputs, node_id, execution_id, define, releases)        one-shot nodes
     ("stream", iid, init, releases)                                        streaming session
     ("release", iids)
     ("exit",)
 
 A ``call`` does in one round trip what would otherwise take three: it first runs the cleanup of
-the instances in ``releases`` (released by the server since the last request), then, when
-``init`` is ``(module, qualname, params_json, node_id, execution_id)``, creates and initializes
-the instance, then runs ``process``.
+the instances in ``releases`` (released by the server since the last request; None when there
+are none), then, when ``init`` is ``(module, qualname, params_json, node_id, execution_id)``,
+creates and initializes the instance, then runs ``process``.
+
+A ``run`` is the common case made smaller: a node with neither ``initialize`` nor ``cleanup``
+(nor reusable, nor streaming) is created, run and dropped by one request, so the worker keeps
+no instance and the server sends no release. Its class and params are named once per worker:
+``define`` is ``(module, qualname, params_json)`` on the first request for the server-assigned
+id ``kind`` and None afterwards. A worker keeps ``MAX_KINDS`` ids at most and answers ``gone``
+for an id it does not know (the server then forgets it and creates the node the general way).
 
 Replies are ``("ok", value, cpu_used)`` or ``("error", kind, exc_type, message, cpu_used,
 during)`` where ``during`` is ``initialize`` or ``process`` and ``kind`` tells the server how to
@@ -78,6 +86,9 @@ from tensorline.server.nodes._streaming import Chunk, Emit
 from tensorline.server.runtime import _isolation, _shm
 
 RUNTIME_NAME = "sandbox"
+# Class ids (``run`` requests) a worker keeps; past this it forgets them all, and answers
+# ``gone`` for an id it no longer knows (the server then starts over for that node).
+MAX_KINDS = 1024
 
 
 class _WorkerPopen(popen_forkserver.Popen):
@@ -158,6 +169,8 @@ class _Worker:
         self.outbox = _shm.Outbox(inline_max=config.inline_max, name="tensorline-out")
         self.instances: dict[int, _Hosted] = {}
         self.params: dict[tuple[str, str, str], Any] = {}
+        # Class ids the server defined with ``run`` requests: id -> (class, params).
+        self.kinds: dict[int, tuple[Any, Any]] = {}
         # Node classes by (module, qualname): a repeated import_module + getattr walk costs more
         # than a whole small call.
         self.classes: dict[tuple[str, str], Any] = {}
@@ -204,6 +217,9 @@ class _Worker:
                 self.generation += 1
                 if op in ("call", "stream") and request[1] in self.instances:
                     self.instances[request[1]].context.cancelled.clear()
+            if op == "run":
+                self._reply(await self._run_once(request))
+                continue
             try:
                 reply = await self._handle(op, request)
             except _ServerGone:
@@ -265,8 +281,37 @@ class _Worker:
         return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used(),
                 "process")
 
+    async def _run_once(self, request: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``("run", kind, inputs, node_id, execution_id, define, releases)``: create an
+        instance of class id ``kind`` (defined by ``define``, ``(module, qualname,
+        params_json)``, the first time), run its ``process`` and drop it: a node without
+        initialize or cleanup needs nothing more, and nothing is kept between requests."""
+        _, kid, inputs, node_id, execution_id, define, releases = request
+        if releases:
+            await self._release(releases)
+        try:
+            kind = self.kinds.get(kid)
+            if kind is None:
+                if define is None:
+                    return ("error", "gone", "", "unknown node class id",
+                            _isolation.cpu_used(), "initialize")
+                kind = self._kind(*define)
+                if len(self.kinds) >= MAX_KINDS:
+                    self.kinds.clear()
+                self.kinds[kid] = kind
+            context = NodeContext(node_id=node_id, execution_id=execution_id,
+                                  runtime=RUNTIME_NAME, scratch_dir=self.config.scratch_dir)
+            hosted = _Hosted(kind[0](kind[1], context), context)
+        except BaseException as exc:
+            return (*_failure(exc), _isolation.cpu_used(), "initialize")
+        try:
+            value = await self._run(hosted, "process", inputs)
+        except BaseException as exc:
+            return (*_failure(exc), _isolation.cpu_used(), "process")
+        return ("ok", value, _isolation.cpu_used())
+
     async def _prepare(self, iid: int, init: tuple[Any, ...] | None,
-                       releases: list[int]) -> _Hosted | tuple[Any, ...]:
+                       releases: list[int] | None) -> _Hosted | tuple[Any, ...]:
         """Release what the server let go of, create the instance if this request carries its
         ``init``, and return it; or the error reply when that failed."""
         if releases:
@@ -401,8 +446,8 @@ class _Worker:
                       f"'{hosted.context.node_id}' failed: {type(exc).__name__}: {exc}",
                       file=sys.stderr, flush=True)
 
-    async def _init(self, iid: int, module: str, qualname: str, params_json: str, node_id: str,
-                    execution_id: str) -> None:
+    def _kind(self, module: str, qualname: str, params_json: str) -> tuple[Any, Any]:
+        """The node class and its validated params (both cached)."""
         cls: Any = self.classes.get((module, qualname))
         if cls is None:
             try:
@@ -423,6 +468,11 @@ class _Worker:
             if len(self.params) > 1024:
                 self.params.clear()
             params = self.params[key] = cls.Params.model_validate_json(params_json)
+        return cls, params
+
+    async def _init(self, iid: int, module: str, qualname: str, params_json: str, node_id: str,
+                    execution_id: str) -> None:
+        cls, params = self._kind(module, qualname, params_json)
         context = NodeContext(node_id=node_id, execution_id=execution_id, runtime=RUNTIME_NAME,
                               scratch_dir=self.config.scratch_dir)
         hosted = _Hosted(cls(params, context), context)

@@ -111,6 +111,43 @@ class Marker(Node):
         self._mark("cleanup")
 
 
+class OneShot(Node):
+    """No initialize, no cleanup: ``SandboxRuntime.call`` creates, runs and drops it with one
+    ``run`` request. ``probe`` reports its context and params; ``fail`` raises; ``sleep``
+    marks ``<scratch>/<execution>.process`` and waits for ``context.cancelled``, then marks
+    ``cancelled``."""
+
+    class Params(NodeParams):
+        mode: str = "probe"  # probe | fail | sleep
+        tag: str = ""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        context = self.context
+        if self.params.mode == "fail":
+            raise ValueError("one-shot failure")
+        if self.params.mode == "sleep":
+            assert context.scratch_dir is not None
+            Path(context.scratch_dir, f"{context.execution_id}.process").write_text("")
+            while not context.cancelled.wait(0.01):
+                pass
+            Path(context.scratch_dir, f"{context.execution_id}.cancelled").write_text("")
+            return None
+        return Json({"node_id": context.node_id, "execution_id": context.execution_id,
+                     "scratch_dir": context.scratch_dir, "runtime": context.runtime,
+                     "tag": self.params.tag, "in": inputs["in"], "pid": os.getpid()})
+
+
+class CleanupOnly(Node):
+    """No initialize, but a cleanup (marks ``<scratch>/<execution>.cleanup``)."""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return inputs["in"]
+
+    def cleanup(self) -> None:
+        assert self.context.scratch_dir is not None
+        Path(self.context.scratch_dir, f"{self.context.execution_id}.cleanup").write_text("")
+
+
 class AsyncMarker(Marker):
     """Marker with an async process. ``block``: suspends until its task is cancelled;
     ``timeout``: uses asyncio.timeout before its first suspension and reports its task's
