@@ -112,6 +112,15 @@ def cpu_used() -> float:
     return used
 
 
+def cpu_used_recent() -> float:
+    """``cpu_used()``, or its last reading when that is less than ``_RECENT_S`` old: for
+    figures that tolerate that much staleness (what a reply reports, for the lifetime limit)."""
+    used, at = _last_cpu
+    if time.monotonic() - at < _RECENT_S:
+        return used
+    return cpu_used()
+
+
 # The last cpu_used() reading and when (monotonic) it was taken.
 _last_cpu: tuple[float, float] = (0.0, -1e9)
 # A reading this recent stands in for a fresh one (see set_call_cpu_budget).

@@ -640,6 +640,17 @@ class SandboxRuntime(Runtime):
         self._on_message(worker, message)
 
     def _on_message(self, worker: _Worker, message: Any) -> None:
+        call = worker.inflight
+        if (type(message) is tuple and len(message) == 3 and message[0] == "ok"
+                and type(message[2]) is float and call is not None and not call.streaming):
+            # The usual reply, checked first: ("ok", value, cpu_used) to a call.
+            worker.cpu_used = message[2]
+            self._finish(worker, call)
+            if not call.future.done():
+                call.future.set_result(message)
+            elif call.on_abandoned is not None:
+                call.on_abandoned(message)
+            return
         if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
             self._misbehaved(worker, "malformed reply")
             return
@@ -655,7 +666,6 @@ class SandboxRuntime(Runtime):
                 worker.ready.set_result(None)
             self._notify(everyone=True)
             return
-        call = worker.inflight
         if message[0] == "event":
             # NodeContext.report during a stream; dropped when nobody listens any more.
             if call is not None and call.on_event is not None and len(message) == 4:

@@ -28,8 +28,9 @@ Why these choices (measured figures in shared/notes/sandbox.md):
   has nothing to resolve against a segment (no decode walk). A direct message from the worker is
   read with ``DirectUnpickler``, which also refuses segment references, so a worker cannot smuggle
   one past the walk it skips. Small arrays are pickled as ``(dtype.str, shape, buffer)`` (rebuilt
-  by ``_inline_array``, which refuses object dtypes) rather than by numpy's reduce, which pickles
-  a dtype object that costs more to rebuild than the 1 KiB of data it describes.
+  by ``_inline_array``, which refuses object dtypes; 1-D ones as ``numpy.frombuffer(buffer,
+  dtype.str)``, which refuses them too and runs no Python code) rather than by numpy's reduce,
+  which pickles a dtype object that costs more to rebuild than the 1 KiB of data it describes.
 """
 
 from __future__ import annotations
@@ -235,6 +236,10 @@ def _reduce_array(value: Any) -> Any:
             # refuses: send a contiguous copy.
             value = np.ascontiguousarray(value)
         # A writable array pickles as a bytearray: the copy the peer gets is writable too.
+        if value.ndim == 1:
+            # numpy rebuilds it itself (no Python frame on the receiving side); it refuses
+            # object dtypes, whatever a hostile peer names.
+            return (np.frombuffer, (pickle.PickleBuffer(value), dtype.str))
         return (_inline_array, (dtype.str, value.shape, pickle.PickleBuffer(value)))
     return value.__reduce_ex__(5)
 
@@ -427,6 +432,7 @@ class SafeUnpickler(pickle.Unpickler):
     ALLOWED: frozenset[tuple[str, str]] = frozenset({
         ("numpy", "dtype"),
         ("numpy", "ndarray"),
+        ("numpy", "frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.multiarray", "scalar"),

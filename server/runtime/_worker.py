@@ -301,14 +301,26 @@ class _Worker:
                 self.kinds[kid] = kind
             context = NodeContext(node_id=node_id, execution_id=execution_id,
                                   runtime=RUNTIME_NAME, scratch_dir=self.config.scratch_dir)
-            hosted = _Hosted(kind[0](kind[1], context), context)
+            node = kind[0](kind[1], context)
         except BaseException as exc:
             return (*_failure(exc), _isolation.cpu_used(), "initialize")
+        # What _run does, inline (one coroutine less per call).
+        self.current = _Hosted(node, context)
         try:
-            value = await self._run(hosted, "process", inputs)
+            value = node.process(inputs)
+            if type(value) is CoroutineType or inspect.isawaitable(value):
+                self.awaiting = True
+                try:
+                    value = await value
+                finally:
+                    self._settle()
         except BaseException as exc:
             return (*_failure(exc), _isolation.cpu_used(), "process")
-        return ("ok", value, _isolation.cpu_used())
+        finally:
+            self.current = None
+        # A reading up to 10 ms old is fine for the lifetime limit (see cpu_used_recent); one
+        # syscall less per call.
+        return ("ok", value, _isolation.cpu_used_recent())
 
     async def _prepare(self, iid: int, init: tuple[Any, ...] | None,
                        releases: list[int] | None) -> _Hosted | tuple[Any, ...]:

@@ -175,3 +175,42 @@ def test_malformed_inline_arrays_are_refused(args: tuple[object, ...]) -> None:
         with pytest.raises((_shm.ProtocolError, ValueError)):
             _shm.unpack(_shm._HEADER.pack(flags, 0, 0, 0) + body, [], _shm.Inbox(), safe=True,
                         copy=True)
+
+
+class _FrombufferCall:
+    def __init__(self, *args: object) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (np.frombuffer, self.args)
+
+
+@pytest.mark.parametrize("args", [
+    (b"\0" * 8, "O"),  # object dtype: pointers from the peer
+    (b"\0" * 16, "f8,O"),  # an object field in a structured dtype
+    (b"\0" * 8, "f4", 4),  # more items than the buffer holds
+    (b"\0" * 8, "f4", -1, 16),  # offset past the end
+    ("text", "f4"),  # not a buffer
+])
+def test_hostile_frombuffer_calls_are_refused(args: tuple[object, ...]) -> None:
+    """1-D inline arrays are rebuilt by numpy.frombuffer (an allowed global): whatever arguments
+    a hostile worker gives it, numpy refuses to make an object array or read past the data."""
+    body = pickle.dumps(("ok", _FrombufferCall(*args), 0.0), protocol=5)
+    for flags in (0, _shm.FLAG_DIRECT):
+        with pytest.raises((_shm.ProtocolError, ValueError, TypeError)):
+            _shm.unpack(_shm._HEADER.pack(flags, 0, 0, 0) + body, [], _shm.Inbox(), safe=True,
+                        copy=True)
+
+
+def test_small_arrays_keep_dtype_shape_and_writability() -> None:
+    outbox, inbox = _shm.Outbox(), _shm.Inbox()
+    readonly = np.arange(5, dtype=">i2")
+    readonly.flags.writeable = False
+    for value in (np.arange(7, dtype="<f4"), readonly, np.zeros(0, "<u8"),
+                  np.arange(12, dtype="<i4").reshape(3, 4), np.float32(2.5) * np.ones(())):
+        message, fresh = _shm.pack(("ok", value, 0.0), outbox)
+        assert fresh is None
+        out = _shm.unpack(message, [], inbox, safe=True, copy=True)[1]
+        assert out.dtype == value.dtype and out.shape == value.shape
+        assert np.array_equal(out, value)
+        assert out.flags.writeable == value.flags.writeable
