@@ -33,23 +33,28 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
   ``loop.add_reader``; the reply resolves the waiting future directly in the callback (measured
   faster than a reader thread handing over with ``call_soon_threadsafe``, which costs a second
   wake-up per reply: ``bench/bench_sandbox_hop.py --io``).
-* The per-request path is kept short, because at low concurrency its Python work, not the
-  wake-ups (~10 us a round trip), is the hop's cost: a plain node whose module the chosen worker
-  has imported is placed by ``acquire`` without an await; an idle worker is the most recently
-  used one (at low load one worker keeps serving with warm caches); under load a one-shot call
-  waits for an idle worker (``_pool_change``) and then takes the same short path, rather than
-  the general one with its instance bookkeeping; what depends only on the node class (its group,
-  whether it is one-shot) is computed once per class (``_ClassPlan``); a worker's turn (``_Turn``)
-  is taken by a plain call when free; one watchdog timer per worker, re-armed only when a call
-  is due before it, enforces the deadlines instead of a timer per call; one message is read per
-  readable callback.
+* The per-request path is kept short: its Python work on both sides, and the two wake-ups
+  (cheap in a tight ping-pong, ~10 us a round trip, but each costs tens of us when the other
+  CPU has gone idle, as between calls at low load on a small VM; docs/performance-runtimes.md),
+  are the hop's cost. A plain node whose module the chosen worker has imported is placed by
+  ``acquire`` without an await; an idle worker is the most recently used one (at low load one
+  worker keeps serving with warm caches); under load a one-shot call waits for an idle worker
+  in the same first-come-first-served line as ``_pool_change``, and the reply that frees a
+  worker sends the first waiting call's request from its callback (``_dispatch``: no loop
+  iteration before the send, and the worker gets its next request before it goes back to
+  sleep) instead of the general path with its instance bookkeeping; what depends only on the
+  node class (its group, whether it is one-shot) is computed once per class (``_ClassPlan``); a
+  worker's turn (``_Turn``) is taken by a plain call when free; one watchdog timer per worker,
+  re-armed only when a call is due before it, enforces the deadlines instead of a timer per
+  call; one message is read per readable callback.
 * Supervision: every call has a wall-clock deadline (the execution's deadline, the node's
   timeout, else ``call_timeout_s``); past it the worker is killed and replaced and
-  ``DeadlineExceeded`` names the node. A dead worker fails only its in-flight call with
-  ``SandboxFailure`` and a readable cause; idle instances pinned to it are re-created on their
-  next call, and requests that had not reached it go to another worker. A cancelled call is
-  signalled to the worker (SIGUSR1 sets ``context.cancelled``) and the worker is killed if it
-  does not return within ``cancel_grace_s``.
+  ``DeadlineExceeded`` names the node. Once a worker is sent SIGKILL nothing more is sent to it
+  (a request would die with it, blamed on the kill's cause). A dead worker fails only its
+  in-flight call with ``SandboxFailure`` and a readable cause; idle instances pinned to it are
+  re-created on their next call, and requests that had not reached it go to another worker. A
+  cancelled call is signalled to the worker (SIGUSR1 sets ``context.cancelled``) and the worker
+  is killed if it does not return within ``cancel_grace_s``.
 * Streaming nodes (``stream``): the generator runs in the worker, driven by the server one
   step at a time (the worker asks for a chunk only when the generator pulls, and waits for
   the server's go-ahead after each output: one output in flight at most). A fresh streaming
@@ -149,6 +154,10 @@ _Group = tuple[int, str]
 _ATTEMPTS = 5
 
 
+# A worker's name for a one-shot node class with its params: (class, params key).
+_KindKey = tuple[type, str]
+
+
 @dataclass(frozen=True, slots=True)
 class _ClassPlan:
     """What the per-request path needs to know about a node class, computed once per class
@@ -232,6 +241,10 @@ class _Call:
     on_event: Callable[[str, str, float], None] | None = None
 
 
+# A one-shot call sent by ``_dispatch``: (worker, call, class key, class id, definition).
+_Started = tuple["_Worker", _Call, _KindKey, int, "tuple[str, str, str] | None"]
+
+
 @dataclass(eq=False)
 class _Worker:
     """The server's handle on one worker process."""
@@ -260,6 +273,9 @@ class _Worker:
     warm: OrderedDict[str, asyncio.Future[int]] = field(default_factory=OrderedDict)
     pinned: set[int] = field(default_factory=set)
     kill_reason: str | None = None
+    # SIGKILL sent: the worker may still look alive until its exit is seen, but nothing more
+    # may be sent to it (the request would die with it, blamed on the kill's cause).
+    killed: bool = False
     cause: str = ""
     cpu_used: float = 0.0
     layers: list[_isolation.LayerReport] = field(default_factory=list)
@@ -273,7 +289,7 @@ class _Worker:
     # Node modules this worker has imported successfully (their nodes may be created lazily).
     modules: set[str] = field(default_factory=set)
     # (node class, params key) -> the id the worker knows them by (see ``_run_once``).
-    kinds: dict[tuple[type, str], int] = field(default_factory=dict)
+    kinds: dict[_KindKey, int] = field(default_factory=dict)
     outbox: _shm.Outbox = field(default_factory=_shm.Outbox)
     inbox: _shm.Inbox = field(default_factory=_shm.Inbox)
     eof: bool = False
@@ -302,6 +318,7 @@ class _Worker:
             return
         if reason is not None and self.kill_reason is None:
             self.kill_reason = reason
+        self.killed = True
         with contextlib.suppress(ProcessLookupError, OSError):
             os.kill(self.process.pid, signal.SIGKILL)
 
@@ -448,7 +465,11 @@ class SandboxRuntime(Runtime):
         self._closed = False
         self._spawn_failures = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Waiters for a worker to become idle (``_pool_change``, ``_wait_for_run``); those of
+        # one-shot calls are in ``_runs`` with what ``_dispatch`` needs to send their request.
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._runs: dict[asyncio.Future[Any], tuple[_ClassPlan, NodeSpec, ExecutionScope,
+                                                    Mapping[str, Any]]] = {}
         self._restarts = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -876,7 +897,7 @@ class SandboxRuntime(Runtime):
                 raise ServiceUnavailable("the sandbox runtime is shut down")
             if not exclusive and (idle_worker := self._idle(group)) is not None:
                 return idle_worker
-            ready = [w for w in self._workers.values() if w.state == "ready"
+            ready = [w for w in self._workers.values() if w.state == "ready" and not w.killed
                      and w.group == group and not w.dedicated]
             if exclusive:
                 ready = [w for w in ready if not w.pinned]
@@ -920,7 +941,8 @@ class SandboxRuntime(Runtime):
         cap, domain = group
         best: _Worker | None = None
         for w in self._workers.values():
-            if (w.state == "ready" and w.queued == 0 and w.reserved == 0 and w.cap_mb == cap
+            if (w.state == "ready" and not w.killed and w.queued == 0 and w.reserved == 0
+                    and w.cap_mb == cap
                     and w.domain == domain and not (w.exclusive and w.dedicated)
                     and (best is None or w.last_used > best.last_used)):
                 best = w
@@ -980,13 +1002,23 @@ class SandboxRuntime(Runtime):
             except BaseException:
                 worker.queued -= 1
                 raise
+        sent = self._send(worker, request, spec, during, iid, deadline, on_abandoned)
+        if isinstance(sent, tuple):
+            return sent
+        return await self._reply(worker, sent, on_abandoned)
+
+    def _send(self, worker: _Worker, request: tuple[Any, ...], spec: NodeSpec | None,
+              during: str, iid: int, deadline: float,
+              on_abandoned: Callable[[tuple[Any, ...]], None] | None) -> _Call | tuple[Any, ...]:
+        """(The caller counted itself in ``queued`` and holds the worker's turn.) Send
+        ``request``: the call in flight, or the reply itself when there was nothing to send."""
         loop = self._loop
         assert loop is not None
         call = _Call(loop.create_future(), spec if spec is not None else _NO_SPEC, during, iid,
                      deadline, on_abandoned=on_abandoned)
-        if not worker.alive or worker.sock is None:
+        if not worker.alive or worker.sock is None or worker.killed:
             self._finish(worker, call)
-            raise _WorkerGone(worker.cause or "worker gone")
+            raise _WorkerGone(worker.cause or worker.kill_reason or "worker gone")
         op = request[0]
         if op == "run" or op == "call" or op == "release":
             # Piggyback the cleanups released since the last request (the last field, None
@@ -1010,6 +1042,11 @@ class SandboxRuntime(Runtime):
             worker.kill(f"control channel failed ({exc})")
             raise _WorkerGone(f"control channel failed ({exc})") from None
         self._watch(worker, deadline)
+        return call
+
+    async def _reply(self, worker: _Worker, call: _Call,
+                     on_abandoned: Callable[[tuple[Any, ...]], None] | None) -> tuple[Any, ...]:
+        """Await the reply to ``call``; a cancelled caller abandons it (see ``_abandon``)."""
         try:
             return await call.future
         except asyncio.CancelledError:
@@ -1033,7 +1070,7 @@ class SandboxRuntime(Runtime):
         if self._loop is not None:
             worker.last_used = self._loop.time()
         worker.lock.release()
-        if worker.queued == 0:
+        if worker.queued == 0 and not self._dispatch(worker):
             self._notify()
 
     def _watch(self, worker: _Worker, deadline: float) -> None:
@@ -1131,10 +1168,19 @@ class SandboxRuntime(Runtime):
                     if not self._serving(plan):
                         break
                     # All busy (the usual case under load): wait for one to free up, as
-                    # ``_pick`` would, but without the general path's instance bookkeeping.
-                    await self._pool_change()
-                    self._check_open()
-                    continue
+                    # ``_pick`` would, but without the general path's instance bookkeeping;
+                    # usually the reply that frees it sends this call's request at once.
+                    try:
+                        started = await self._wait_for_run(plan, spec, scope, inputs)
+                        if started is None:
+                            self._check_open()
+                            continue
+                        if spec.timeout_s is None:
+                            return await self._run_dispatched(started, spec)
+                        return await within_node_timeout(spec,
+                                                         self._run_dispatched(started, spec))
+                    except _WorkerGone:
+                        break
                 if plan.module not in worker.modules:
                     break
                 try:
@@ -1174,12 +1220,79 @@ class SandboxRuntime(Runtime):
         instance.reserved = True
         return instance
 
+    async def _wait_for_run(self, plan: _ClassPlan, spec: NodeSpec, scope: ExecutionScope,
+                            inputs: Mapping[str, Any]) -> _Started | None:
+        """Wait for an idle worker like ``_pool_change`` (first come, first served with the
+        other waiters). The reply callback that frees a worker sends this call's request at
+        once when it is first in line (``_dispatch``): then the call in flight is returned;
+        None means "look again"."""
+        assert self._loop is not None
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        self._waiters.append(waiter)
+        self._runs[waiter] = (plan, spec, scope, inputs)
+        try:
+            started: _Started | None = await waiter
+            return started
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                if waiter.result() is None:
+                    self._notify()  # pass on the wake-up this cancelled waiter consumed
+                else:
+                    worker, call = waiter.result()[:2]
+                    if not call.finished:
+                        self._abandon(worker, call)
+            raise
+        finally:
+            self._runs.pop(waiter, None)
+            if not waiter.done():
+                waiter.cancel()
+
+    def _dispatch(self, worker: _Worker) -> bool:
+        """``worker`` just became idle: when the longest waiter is a one-shot call it can
+        serve, send that call's request now, from the callback that freed the worker (no loop
+        iteration for the waiter to wake up in, and the worker gets its next request before it
+        goes back to sleep), and hand the waiter the call in flight. False: nothing sent."""
+        waiters = self._waiters
+        while waiters and waiters[0].done():
+            waiters.popleft()
+        if not waiters:
+            return False
+        waiter = waiters[0]
+        run = self._runs.get(waiter)
+        if run is None:
+            return False
+        plan, spec, scope, inputs = run
+        cap, domain = plan.group
+        if (worker.state != "ready" or worker.killed or worker.reserved
+                or worker.cap_mb != cap or worker.domain != domain
+                or plan.module not in worker.modules or worker.dedicated
+                or not worker.lock.try_acquire()):
+            return False
+        waiters.popleft()
+        del self._runs[waiter]
+        worker.queued += 1
+        request, key, kid, define = self._run_request(worker, spec, scope, inputs)
+        try:
+            sent = self._send(worker, request, spec, "process", 0,
+                              self._deadline(spec, scope, None), None)
+        except Exception as exc:  # _WorkerGone, or inputs that cannot be sent: the caller's
+            waiter.set_exception(exc)
+            return True
+        assert not isinstance(sent, tuple)
+        waiter.set_result((worker, sent, key, kid, define))
+        return True
+
+    async def _run_dispatched(self, started: _Started, spec: NodeSpec) -> Any:
+        worker, call, key, kid, define = started
+        reply = await self._reply(worker, call, None)
+        return self._run_reply(worker, spec, reply, key, kid, define)
+
     def _serving(self, plan: _ClassPlan) -> bool:
         """A ready worker of the class's group has imported its module and is not owned by a
         streaming session: once it is idle, ``_run_once`` can use it."""
         cap, domain = plan.group
         for w in self._workers.values():
-            if (w.state == "ready" and w.cap_mb == cap and w.domain == domain
+            if (w.state == "ready" and not w.killed and w.cap_mb == cap and w.domain == domain
                     and plan.module in w.modules and not w.dedicated):
                 return True
         return False
@@ -1193,6 +1306,16 @@ class SandboxRuntime(Runtime):
         worker that does not know an id (replaced workers start empty; a worker drops ids past
         its bound) answers ``gone``: the id is forgotten and ``_WorkerGone`` sends the caller
         down the general path, which creates the instance from scratch."""
+        request, key, kid, define = self._run_request(worker, spec, scope, inputs)
+        reply = await self._request(worker, request, spec, "process", 0,
+                                    self._deadline(spec, scope, None))
+        return self._run_reply(worker, spec, reply, key, kid, define)
+
+    def _run_request(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope,
+                     inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], _KindKey, int,
+                                                         tuple[str, str, str] | None]:
+        """The ``run`` request for ``worker``: with the class id it knows, else a new one and
+        the class's definition."""
         cls = spec.entry.cls
         key = (cls, spec.params_key)
         kid = worker.kinds.get(key)
@@ -1200,10 +1323,12 @@ class SandboxRuntime(Runtime):
         if kid is None:
             kid = next(self._kids)
             define = (cls.__module__, cls.__qualname__, spec.params_key)
-        reply = await self._request(
-            worker, ("run", kid, inputs if type(inputs) is dict else dict(inputs),
-                     spec.node_id, scope.execution_id, define, None),
-            spec, "process", 0, self._deadline(spec, scope, None))
+        request = ("run", kid, inputs if type(inputs) is dict else dict(inputs), spec.node_id,
+                   scope.execution_id, define, None)
+        return request, key, kid, define
+
+    def _run_reply(self, worker: _Worker, spec: NodeSpec, reply: tuple[Any, ...],
+                   key: _KindKey, kid: int, define: tuple[str, str, str] | None) -> Any:
         if reply[0] == "error" and reply[1] == "gone":
             worker.kinds.pop(key, None)
         elif define is not None and (reply[0] == "ok" or reply[-1] == "process"):
@@ -1308,7 +1433,8 @@ class SandboxRuntime(Runtime):
         key = spec.warm_key
         group = self._group_of(spec)
         for _ in range(_ATTEMPTS):
-            ready = [w for w in self._workers.values() if w.state == "ready" and w.group == group
+            ready = [w for w in self._workers.values() if w.state == "ready" and not w.killed
+                     and w.group == group
                      and not w.dedicated]
             holders = [w for w in ready if key in w.warm]
             idle_holders = [w for w in holders if w.queued == 0 and w.warm[key].done()]

@@ -162,3 +162,56 @@ async def test_a_node_with_cleanup_still_gets_it(sandbox: SandboxRuntime) -> Non
     for i in range(3):
         assert await sandbox.call(spec, ExecutionScope(f"k{i}"), {"in": i}) == i
         await eventually(lambda e=f"k{i}": "cleanup" in markers(sandbox, e), 20.0, "cleanup")
+
+
+async def test_cancelling_queued_one_shot_calls(sandbox: SandboxRuntime) -> None:
+    """Calls waiting for a busy pool, some of them already handed a worker by the reply that
+    freed it, can be cancelled: the running ones see ``cancelled``, none is left behind, and
+    the pool serves on without a restart."""
+    await warm_up(sandbox)
+    restarts = sandbox.stats()["worker_restarts"]
+    spec = make_spec(nodes.OneShot, {"mode": "sleep"})
+    tasks = [asyncio.ensure_future(sandbox.call(spec, ExecutionScope(f"q{i}"), {"in": i}))
+             for i in range(8)]
+    await eventually(lambda: sum("process" in markers(sandbox, f"q{i}") for i in range(8)) >= 2,
+                     20.0, "two calls running")
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    started = [i for i in range(8) if "process" in markers(sandbox, f"q{i}")]
+    for i in started:
+        await eventually(lambda e=f"q{i}": "cancelled" in markers(sandbox, e), 20.0,
+                         "the node to see the cancellation")
+    await eventually(lambda: all(w.queued == 0 and w.inflight is None
+                                 for w in sandbox._workers.values() if w.alive), 20.0,
+                     "the workers to be idle")
+    assert not sandbox._waiters and not sandbox._runs
+    assert sandbox.stats()["worker_restarts"] == restarts
+    outs = await asyncio.gather(*(probe(sandbox, execution_id=f"after{i}", value=i)
+                                  for i in range(6)))
+    assert [out["in"] for out in outs] == list(range(6))
+
+
+async def test_queued_calls_get_the_worker_the_reply_freed(sandbox: SandboxRuntime) -> None:
+    """Under load a reply sends the next waiting call's request at once; deadlines and errors
+    of such calls are theirs alone."""
+    await warm_up(sandbox)
+    loop = asyncio.get_running_loop()
+    fail = make_spec(nodes.OneShot, {"mode": "fail"})
+    calls: list[Any] = []
+    for i in range(24):
+        if i % 3 == 0:
+            calls.append(sandbox.call(fail, ExecutionScope(f"f{i}"), {"in": i}))
+        else:
+            calls.append(probe(sandbox, execution_id=f"g{i}", value=i))
+    calls.append(sandbox.call(make_spec(nodes.Sleeper), ExecutionScope(
+        "slow", deadline=loop.time() + 1.0), {"in": 1}))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for i, result in enumerate(results[:-1]):
+        if i % 3 == 0:
+            assert isinstance(result, NodeFailed), result
+        else:
+            assert isinstance(result, dict) and result["in"] == i, result
+    assert isinstance(results[-1], DeadlineExceeded)
+    assert (await probe(sandbox, value=9))["in"] == 9
