@@ -46,8 +46,10 @@ the socket with blocking calls (the loop has nothing else to run meanwhile). A n
 task: one that never suspends, like most ``process`` methods, costs no loop iteration, no task
 and no syscall, yet ``asyncio.current_task()``, ``asyncio.timeout()`` and the running loop are
 there from its first line, as in any task. The base class's empty ``initialize``/``cleanup``
-are not called at all, and node classes are looked up once per worker. The CPU clock is read
-once when a request arrives (its budget) and once for its reply.
+are not called at all, and node classes are looked up once per worker. The CPU clock (a
+syscall) is read at most once per request: a reading under 10 ms old, usually the previous
+reply's, sets the next call's budget (plus a second, see ``set_call_cpu_budget``), and a ``run``
+reply reports such a reading too (the server only compares it with the lifetime limit).
 
 SIGUSR1 from the server means "the current call was abandoned": the node's
 ``context.cancelled`` is set and, once an async call is suspended, the serving task is cancelled
