@@ -617,28 +617,40 @@ class NodeFigures(Protocol):
 
 
 _DOUBLE = struct.Struct("<d")
-_NODE_HEADS: dict[tuple[str, str, str, str], bytes] = {}
+# Per (node, type, runtime, reason): a ``nodes`` entry of ExecutionMetrics up to wall_ms's value
+# (its tag, its length, the identifying strings, wall_ms's tag).
+_NODE_PREFIXES: dict[tuple[str, str, str, str], bytes] = {}
+
+
+def _node_prefix(node: NodeFigures) -> bytes:
+    key = (node.node_id, node.node_type, node.runtime, node.reason)
+    prefix = _NODE_PREFIXES.get(key)
+    if prefix is None:
+        if len(_NODE_PREFIXES) >= 4096:  # bounded: names come from manifests
+            _NODE_PREFIXES.clear()
+        head = pb.NodeMetrics(node_id=node.node_id, node_type=node.node_type,
+                              runtime=node.runtime, selection_reason=node.reason)
+        body = head.SerializeToString()
+        # nodes: field 2; wall_ms: field 5, 64-bit (tag, then 8 bytes).
+        prefix = _NODE_PREFIXES[key] = b"".join(
+            [b"\x12", _varint_bytes(len(body) + 9), body, b"\x29"])
+    return prefix
 
 
 def encode_execution_metrics(total_ms: float, nodes: Iterable[NodeFigures],
                              plan_cached: bool) -> bytes:
     """An ``ExecutionMetrics`` message. Per node only the timing (and a fallback cause) changes
-    between calls, so the identifying strings are serialized once per (node, runtime, reason)
-    and the doubles appended by hand (field order does not matter to protobuf parsers)."""
+    between calls, so all the rest of a node's entry is made once per (node, runtime, reason)
+    and the doubles are appended by hand (field order does not matter to protobuf parsers)."""
     pieces: Pieces = [b"\x09", _DOUBLE.pack(total_ms)]  # total_ms: field 1, 64-bit
     for node in nodes:
-        key = (node.node_id, node.node_type, node.runtime, node.reason)
-        head = _NODE_HEADS.get(key)
-        if head is None:
-            if len(_NODE_HEADS) >= 4096:
-                _NODE_HEADS.clear()
-            head = _NODE_HEADS[key] = pb.NodeMetrics(
+        if node.fallback:  # rare: framed in full
+            pieces += _len_field(2, [pb.NodeMetrics(
                 node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
-                selection_reason=node.reason).SerializeToString()
-        body: Pieces = [head, b"\x29", _DOUBLE.pack(node.wall_ms)]  # wall_ms: field 5, 64-bit
-        if node.fallback:
-            body.append(pb.NodeMetrics(fallback=node.fallback).SerializeToString())
-        pieces += _len_field(2, body)
+                selection_reason=node.reason, wall_ms=node.wall_ms,
+                fallback=node.fallback).SerializeToString()])
+        else:
+            pieces += (_node_prefix(node), _DOUBLE.pack(node.wall_ms))
     if plan_cached:
         pieces.append(b"\x18\x01")  # plan_cached: field 3, varint
     return b"".join(pieces)
