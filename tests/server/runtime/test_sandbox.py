@@ -22,6 +22,7 @@ import pytest
 
 from tensorline.client._values import Audio, Json, Tagged
 from tensorline.server._errors import DeadlineExceeded, NodeFailed
+from tensorline.server.manifest import NodeSpec
 from tensorline.server.runtime import ExecutionScope, SandboxRuntime, WorkerFailure
 from tests.server.runtime import sandbox_nodes as nodes
 from tests.server.runtime.conftest import make_spec, wait_until
@@ -205,21 +206,24 @@ async def test_cleanup_runs_after_cancellation(sandbox: SandboxRuntime) -> None:
     await assert_serving(sandbox)
 
 
+async def cancel_mid_process(sandbox: SandboxRuntime, spec: NodeSpec, execution: str) -> None:
+    """Cancel a call while the node runs; the node must see ``cancelled`` and clean up."""
+    instance = await sandbox.acquire(spec, ExecutionScope(execution))
+    task = asyncio.ensure_future(instance.process({"in": 1}))
+    await eventually(lambda: "process" in markers(sandbox, execution), 20.0, "process")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await sandbox.release(instance)
+    await eventually(lambda: "cleanup" in markers(sandbox, execution), 20.0, "cleanup")
+    assert "cancelled" in markers(sandbox, execution)
+
+
 async def test_cancellation_reaches_the_node_every_time(sandbox: SandboxRuntime) -> None:
     """The node sees ``cancelled`` (the worker is not killed for it), however the signal lands."""
     restarts = sandbox.stats()["worker_restarts"]
     for i in range(25):
-        execution = f"c{i}"
-        spec = make_spec(nodes.Marker, {"mode": "sleep"})
-        instance = await sandbox.acquire(spec, ExecutionScope(execution))
-        task = asyncio.ensure_future(instance.process({"in": 1}))
-        await eventually(lambda e=execution: "process" in markers(sandbox, e), 20.0, "process")
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await sandbox.release(instance)
-        await eventually(lambda e=execution: "cleanup" in markers(sandbox, e), 20.0, "cleanup")
-        assert "cancelled" in markers(sandbox, execution)
+        await cancel_mid_process(sandbox, make_spec(nodes.Marker, {"mode": "sleep"}), f"c{i}")
     assert sandbox.stats()["worker_restarts"] == restarts
 
 
@@ -228,17 +232,8 @@ async def test_a_suspended_async_call_is_cancelled_in_its_worker(sandbox: Sandbo
     and the next calls on those workers still have a working asyncio.timeout."""
     restarts = sandbox.stats()["worker_restarts"]
     for i in range(4):
-        execution = f"a{i}"
-        spec = make_spec(nodes.AsyncMarker, {"mode": "block"})
-        instance = await sandbox.acquire(spec, ExecutionScope(execution))
-        task = asyncio.ensure_future(instance.process({"in": 1}))
-        await eventually(lambda e=execution: "process" in markers(sandbox, e), 20.0, "process")
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await sandbox.release(instance)
-        await eventually(lambda e=execution: "cleanup" in markers(sandbox, e), 20.0, "cleanup")
-        assert "cancelled" in markers(sandbox, execution)
+        await cancel_mid_process(sandbox, make_spec(nodes.AsyncMarker, {"mode": "block"}),
+                                 f"a{i}")
     # Two at once: one per worker of the domain.
     outs = await asyncio.gather(*(run_once(sandbox, nodes.AsyncMarker, {"in": 1},
                                            {"mode": "timeout"}) for _ in range(2)))

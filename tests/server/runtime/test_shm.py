@@ -153,12 +153,15 @@ def test_a_direct_message_cannot_carry_segment_references() -> None:
                     safe=True, copy=True)
 
 
-class _InlineCall:
-    def __init__(self, *args: object) -> None:
+class _Call:
+    """Pickles as a call of ``function(*args)``: what a hostile worker can put in a reply."""
+
+    def __init__(self, function: object, *args: object) -> None:
+        self.function = function
         self.args = args
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_shm._inline_array, self.args)
+        return (self.function, self.args)
 
 
 @pytest.mark.parametrize("args", [
@@ -170,19 +173,13 @@ class _InlineCall:
     ("f4", [2], b"\0" * 8),
 ])
 def test_malformed_inline_arrays_are_refused(args: tuple[object, ...]) -> None:
-    body = pickle.dumps(("ok", _InlineCall(*args), 0.0), protocol=5)
+    body = pickle.dumps(("ok", _Call(_shm._inline_array, *args), 0.0), protocol=5)
     for flags in (0, _shm.FLAG_DIRECT):
         with pytest.raises((_shm.ProtocolError, ValueError)):
             _shm.unpack(_shm._HEADER.pack(flags, 0, 0, 0) + body, [], _shm.Inbox(), safe=True,
                         copy=True)
 
 
-class _FrombufferCall:
-    def __init__(self, *args: object) -> None:
-        self.args = args
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (np.frombuffer, self.args)
 
 
 @pytest.mark.parametrize("args", [
@@ -195,7 +192,7 @@ class _FrombufferCall:
 def test_hostile_frombuffer_calls_are_refused(args: tuple[object, ...]) -> None:
     """1-D inline arrays are rebuilt by numpy.frombuffer (an allowed global): whatever arguments
     a hostile worker gives it, numpy refuses to make an object array or read past the data."""
-    body = pickle.dumps(("ok", _FrombufferCall(*args), 0.0), protocol=5)
+    body = pickle.dumps(("ok", _Call(np.frombuffer, *args), 0.0), protocol=5)
     for flags in (0, _shm.FLAG_DIRECT):
         with pytest.raises((_shm.ProtocolError, ValueError, TypeError)):
             _shm.unpack(_shm._HEADER.pack(flags, 0, 0, 0) + body, [], _shm.Inbox(), safe=True,
