@@ -5,9 +5,11 @@ The scripts run as ``python bench/<name>.py``, which puts this folder on ``sys.p
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 MiB = 1024 * 1024
@@ -43,3 +45,15 @@ async def throughput(call: Call, total: int, concurrency: int) -> tuple[float, l
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return total / (time.perf_counter() - started), each
+
+
+def run_and_save(main: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+                 parser: argparse.ArgumentParser) -> None:
+    """Run ``main`` with the parsed arguments; with ``--json FILE``, write its figures there."""
+    parser.add_argument("--json", help="also write the figures to this file")
+    arguments = parser.parse_args()
+    figures = asyncio.run(main(arguments))
+    if arguments.json:
+        with open(arguments.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
+        print(f"\nwrote {arguments.json}")

@@ -47,7 +47,7 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
-from _common import OPTIONS, MiB, latencies, throughput
+from _common import OPTIONS, MiB, latencies, run_and_save, throughput
 
 from tensorline.client._codec import (
     DecodedExecuteResponse,
@@ -486,10 +486,4 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="about a third of the calls")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per figure")
     parser.add_argument("--only", help="comma-separated sections: nodes,hop,memory,gil")
-    parser.add_argument("--json", help="also write the figures to this file")
-    arguments = parser.parse_args()
-    figures = asyncio.run(main(arguments))
-    if arguments.json:
-        with open(arguments.json, "w") as handle:
-            json.dump(figures, handle, indent=2)
-        print(f"\nwrote {arguments.json}")
+    run_and_save(main, parser)

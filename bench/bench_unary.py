@@ -16,7 +16,6 @@ reply (zero-copy) so client-side work is identical; only the server differs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -27,7 +26,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from _common import OPTIONS, Call, MiB, latencies, throughput
+from _common import OPTIONS, Call, MiB, latencies, run_and_save, throughput
 
 from tensorline.client._codec import (
     PortItem,
@@ -189,9 +188,4 @@ if __name__ == "__main__":
     parser.add_argument("--runtime", default="inprocess", choices=["inprocess", "sandbox"])
     parser.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                         help="tensorline's event loop (the echo always runs grpc.aio on asyncio)")
-    parser.add_argument("--json", help="also write the figures to this file")
-    arguments = parser.parse_args()
-    figures = asyncio.run(main(arguments))
-    if arguments.json:
-        with open(arguments.json, "w") as handle:
-            json.dump(figures, handle, indent=2)
+    run_and_save(main, parser)
