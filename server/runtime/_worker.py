@@ -200,13 +200,9 @@ class _Worker:
         self.task = asyncio.current_task()
         budget = self.config.limits.cpu_seconds
         while True:
-            try:
-                data, fds = _shm.recv_raw(self.sock)
-            except InterruptedError:
-                continue
-            if not data:
+            request = self._next_message(copy=False)
+            if request is None:
                 return
-            request = _shm.unpack(data, fds, self.inbox, safe=False, copy=False)
             op = request[0]
             if op == "exit":
                 await self._cleanup_all()
@@ -349,16 +345,24 @@ class _Worker:
 
     def _receive(self) -> tuple[Any, ...]:
         """The server's next message of the stream (arrays copied: the segment is reused)."""
+        message = self._next_message(copy=True)
+        if message is None:
+            raise _ServerGone
+        _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
+        return message
+
+    def _next_message(self, *, copy: bool) -> tuple[Any, ...] | None:
+        """The server's next message, or None when it closed the socket. ``copy``: arrays own
+        their memory instead of viewing the segment (which the next message reuses)."""
         while True:
             try:
                 data, fds = _shm.recv_raw(self.sock)
             except InterruptedError:
                 continue
             if not data:
-                raise _ServerGone
-            message = _shm.unpack(data, fds, self.inbox, safe=False, copy=True)
-            _isolation.set_call_cpu_budget(self.config.limits.cpu_seconds)
-            return message  # type: ignore[no-any-return]
+                return None
+            return _shm.unpack(data, fds, self.inbox, safe=False,  # type: ignore[no-any-return]
+                               copy=copy)
 
     async def _stream(self, hosted: _Hosted) -> None:
         node: Any = hosted.node

@@ -22,15 +22,21 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.executions = 0
         self.streams = 0
-        # Calls refused by the bounds (not by a drain), for the load-shed metric.
-        self.shed_executions = 0
-        self.shed_streams = 0
+        # Calls refused by the bounds (not by a drain), by kind, for the load-shed metric.
+        self.shed = {"execution": 0, "stream": 0}
         self.draining = False
         self._idle: asyncio.Event | None = None
 
-    def _refuse_while_draining(self) -> None:
+    def _admit(self, kind: str, in_flight: int, limit: int, what: str) -> None:
+        """Raise when new work of ``kind`` must be refused: UNAVAILABLE while draining,
+        RESOURCE_EXHAUSTED (counted as shed) at its limit."""
         if self.draining:
             raise ServiceUnavailable("server is draining; retry on another replica")
+        if limit and in_flight >= limit:
+            self.shed[kind] += 1
+            raise LimitExceeded(
+                f"server busy: {in_flight} {what} (limit {limit}); "
+                f"retry after {self.retry_after_s:g} s", retry_after_s=self.retry_after_s)
 
     def _left(self) -> None:
         if self._idle is not None and self.executions == 0 and self.streams == 0:
@@ -50,14 +56,7 @@ class Admission:
     def enter_execution(self) -> None:
         """Admit one unary execution (pair with ``leave_execution``); a plain method rather
         than a context manager because it runs on every call."""
-        if self.draining:
-            self._refuse_while_draining()
-        if self.max_executions and self.executions >= self.max_executions:
-            self.shed_executions += 1
-            raise LimitExceeded(
-                f"server busy: {self.executions} executions in progress (limit "
-                f"{self.max_executions}); retry after {self.retry_after_s:g} s",
-                retry_after_s=self.retry_after_s)
+        self._admit("execution", self.executions, self.max_executions, "executions in progress")
         self.executions += 1
 
     def leave_execution(self) -> None:
@@ -67,13 +66,7 @@ class Admission:
 
     @contextmanager
     def stream(self) -> Iterator[None]:
-        self._refuse_while_draining()
-        if self.max_streams and self.streams >= self.max_streams:
-            self.shed_streams += 1
-            raise LimitExceeded(
-                f"server busy: {self.streams} streams open (limit {self.max_streams}); "
-                f"retry after {self.retry_after_s:g} s",
-                retry_after_s=self.retry_after_s)
+        self._admit("stream", self.streams, self.max_streams, "streams open")
         self.streams += 1
         try:
             yield

@@ -128,8 +128,8 @@ class _CallCollector(Collector):
                         ["node_type"], "fb")
         shed = CounterMetricFamily("tensorline_load_shed",
                                    "calls refused by the concurrency limits", labels=["kind"])
-        shed.add_metric(["execution"], self._admission.shed_executions)
-        shed.add_metric(["stream"], self._admission.shed_streams)
+        for kind, count in list(self._admission.shed.items()):
+            shed.add_metric([kind], count)
         yield shed
 
 
