@@ -1,22 +1,30 @@
 """Isolation layers a sandbox worker applies to itself, each only when the kernel allows it.
 
 Runs inside the worker process (imports nothing gRPC). The order matters and is fixed by
-``apply_all``:
+``worker_main``:
 
-1. rlimits (memory cap via RLIMIT_DATA, CPU, open files, file size, no core dumps);
-2. user + network + IPC namespaces (must happen while the process has a single thread);
-3. parent-death signal (after the namespace switch: changing credentials may clear it);
-4. Landlock: reads below the system directories, writes only below the worker's scratch dir,
-   no ``/dev/shm``, no other process's ``/proc`` entries; then (ctypes, which the ``landlock``
-   binding lacks) TCP bind/connect denied and signals/abstract sockets scoped to the sandbox;
-5. seccomp denylist, last, once the control socket is open (open fds keep working).
+1. rlimits: memory (RLIMIT_DATA and RLIMIT_AS, which counts shared mappings too), CPU, open
+   files, file size, threads (RLIMIT_NPROC, when the worker has a uid of its own), no POSIX
+   message queues, no core dumps;
+2. an unprivileged uid of the worker's own, when the server runs as root and the worker can
+   still read what it needs (before the namespaces: the kernel checks the real uid);
+3. user + network + IPC + mount namespaces (must happen while the process has a single thread),
+   and a size-limited tmpfs on the scratch dir (its disk quota);
+4. every capability dropped, no_new_privs;
+5. parent-death signal (after the credential changes, which clear it);
+6. Landlock: reads only below an allow-list (system libraries, the Python installation, the node
+   code), writes only below the worker's scratch dir, no ``/dev/shm``, no other process's
+   ``/proc`` entries; then (ctypes, which the ``landlock`` binding lacks) TCP bind/connect
+   denied and signals/abstract sockets scoped to the sandbox;
+7. seccomp denylist, last, once the control socket is open (open fds keep working).
 
 Each layer yields a ``LayerStatus``-shaped tuple ``(name, active, detail)``; a layer that cannot
-be applied is reported, never fatal, so operators can see the protection they actually have.
+be applied is reported, never fatal, so operators can see the protection they actually have
+(and a policy can refuse untrusted nodes when one they require is missing).
 """
-
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import glob
@@ -25,7 +33,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +81,24 @@ class Limits:
     cpu_seconds_lifetime: float
     nofile: int
     fsize_mb: int
+    # Threads (and processes) of the worker's uid: a cap only when the worker has a uid of its
+    # own (RLIMIT_NPROC counts per real uid, system-wide).
+    threads: int = 64
+    # Size of the tmpfs mounted on the scratch dir (its total disk quota), MiB.
+    scratch_mb: int = 512
 
 
-def apply_rlimits(limits: Limits) -> LayerReport:
+# Address space a worker may add beyond what it has at start, on top of its memory cap: thread
+# stacks and malloc arenas are reserved, not used, yet RLIMIT_AS counts them.
+AS_SLACK_MB = 256
+
+
+def _vm_size() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[0]) * resource.getpagesize()
+
+
+def apply_rlimits(limits: Limits, *, own_uid: bool = False) -> LayerReport:
     done: list[str] = []
     failed: list[str] = []
 
@@ -88,6 +111,14 @@ def apply_rlimits(limits: Limits) -> LayerReport:
 
     data = limits.memory_mb * 1024 * 1024
     setl("DATA", resource.RLIMIT_DATA, data, data)
+    # RLIMIT_DATA misses shared mappings (MAP_SHARED, memfd, mapped files); RLIMIT_AS counts
+    # every mapping. What a worker could create unmapped (memfds, SysV/POSIX IPC) is refused by
+    # seccomp, and its scratch is a size-limited tmpfs.
+    space = _vm_size() + data + AS_SLACK_MB * 1024 * 1024
+    setl("AS", resource.RLIMIT_AS, space, space)
+    setl("MSGQUEUE", resource.RLIMIT_MSGQUEUE, 0, 0)
+    if own_uid:
+        setl("NPROC", resource.RLIMIT_NPROC, limits.threads, limits.threads)
     used = cpu_used()
     hard_cpu = int(used + limits.cpu_seconds_lifetime) + 1
     setl("CPU", resource.RLIMIT_CPU, min(hard_cpu, int(used + limits.cpu_seconds) + 1), hard_cpu)
@@ -95,8 +126,11 @@ def apply_rlimits(limits: Limits) -> LayerReport:
     fsize = limits.fsize_mb * 1024 * 1024
     setl("FSIZE", resource.RLIMIT_FSIZE, fsize, fsize)
     setl("CORE", resource.RLIMIT_CORE, 0, 0)
-    detail = (f"memory {limits.memory_mb} MiB (RLIMIT_DATA), CPU {limits.cpu_seconds:g} s per "
-              f"call, {limits.nofile} files, file size {limits.fsize_mb} MiB, no core dumps")
+    threads = (f"{limits.threads} threads" if own_uid else
+               "threads bounded by the address space only (no uid of its own)")
+    detail = (f"memory {limits.memory_mb} MiB (RLIMIT_DATA, and RLIMIT_AS over every mapping), "
+              f"CPU {limits.cpu_seconds:g} s per call, {threads}, {limits.nofile} files, "
+              f"file size {limits.fsize_mb} MiB, no core dumps")
     if failed:
         detail += "; failed: " + ", ".join(failed)
     return ("rlimits", not failed, detail)
@@ -159,56 +193,129 @@ def _thread_count() -> int:
         return 1
 
 
-def apply_namespaces() -> LayerReport:
-    """A user namespace (needed to create the others unprivileged and to drop host-level
-    capabilities) with fresh network and IPC namespaces: no interface but a down loopback."""
+def switch_user(uid: int | None, gid: int | None) -> LayerReport:
+    """Give up root for the worker's own unprivileged uid (before the namespaces, so that the
+    kernel's own checks, file permissions and RLIMIT_NPROC apply to the real uid)."""
+    if uid is None or gid is None:
+        return ("unprivileged uid", os.geteuid() != 0,
+                f"runs as the server's uid {os.geteuid()}" + (
+                    "" if os.geteuid() != 0 else
+                    " (root: file permissions do not separate it; Landlock does)"))
+    try:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        return ("unprivileged uid", False, f"could not switch to uid {uid}: {exc}")
+    return ("unprivileged uid", True, f"uid {uid}, gid {gid}, no supplementary groups")
+
+
+# Inside its user namespace a worker is this uid, not root.
+NAMESPACE_UID = 1000
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_NOEXEC = 8
+
+
+def apply_namespaces(scratch_dir: str, scratch_mb: int) -> list[LayerReport]:
+    """User, network, IPC and mount namespaces: no network interface but a down loopback, a
+    private IPC space, and a size-limited tmpfs on the scratch dir (its disk quota)."""
     threads = _thread_count()
     if threads != 1:
-        return ("network namespace", False,
-                f"not applied: the worker already has {threads} threads (unshare needs one)")
+        return [("network namespace", False,
+                 f"not applied: the worker already has {threads} threads (unshare needs one)"),
+                ("scratch quota", False, "needs a mount namespace")]
     uid, gid = os.geteuid(), os.getegid()
-    flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC
+    flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS
     if libc().unshare(flags) != 0:
         err = ctypes.get_errno()
-        return ("network namespace", False,
-                f"unshare(user|net|ipc) refused: {errno.errorcode.get(err, err)} "
-                f"({os.strerror(err)}); typical inside a default container profile")
+        return [("network namespace", False,
+                 f"unshare(user|net|ipc|mount) refused: {errno.errorcode.get(err, err)} "
+                 f"({os.strerror(err)}); typical inside a default container profile"),
+                ("scratch quota", False, "needs a mount namespace")]
     try:
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
         with open("/proc/self/uid_map", "w") as f:
-            f.write(f"{uid} {uid} 1")
+            f.write(f"{NAMESPACE_UID} {uid} 1")
         with open("/proc/self/gid_map", "w") as f:
-            f.write(f"{gid} {gid} 1")
+            f.write(f"{NAMESPACE_UID} {gid} 1")
     except OSError as exc:
-        return ("network namespace", True,
-                f"user+net+ipc namespaces created; id maps not written ({exc})")
-    return ("network namespace", True, "user+net+ipc namespaces: no network interfaces")
+        return [("network namespace", True,
+                 f"user+net+ipc namespaces created; id maps not written ({exc})"),
+                ("scratch quota", False, "id maps not written")]
+    reports = [("network namespace", True,
+                "user+net+ipc+mount namespaces: no network interfaces")]
+    options = f"size={scratch_mb}m,nr_inodes=65536,mode=0700".encode()
+    if libc().mount(b"tmpfs", scratch_dir.encode(), b"tmpfs",
+                    _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, options) != 0:
+        err = ctypes.get_errno()
+        reports.append(("scratch quota", False, f"tmpfs mount refused: {os.strerror(err)}"))
+    else:
+        reports.append(("scratch quota", True,
+                        f"scratch is a private {scratch_mb} MiB tmpfs (65536 files)"))
+    return reports
 
 
-def apply_parent_death(parent_alive_fd: int, on_parent_death: Callable[[], None]) -> LayerReport:
-    """SIGKILL when the forkserver (our parent, which exits with the server) dies, plus a thread
-    that waits for EOF on a pipe whose write end only the server holds."""
-    import threading
+# prctl options and the capability ABI (linux/prctl.h, linux/capability.h).
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAPABILITY_VERSION_3 = 0x20080522
 
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> LayerReport:
+    """No capabilities left in any set (in the worker's namespace or outside it), and
+    no_new_privs: nothing the worker does can gain privileges again."""
+    lib = libc()
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 40
+    for cap in range(last + 1):
+        lib.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: nothing to drop
+    lib.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    capset = lib.capset(ctypes.byref(header), ctypes.byref(data)) == 0
+    nnp = lib.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    effective = _status_field("CapEff")
+    ok = capset and nnp and effective is not None and int(effective, 16) == 0
+    return ("capabilities", ok,
+            f"effective capabilities {effective}, bounding set dropped, no_new_privs "
+            f"{'set' if nnp else 'NOT set'}")
+
+
+def _status_field(name: str) -> str | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def apply_parent_death(launcher_pid: int) -> LayerReport:
+    """SIGKILL when the launcher (our parent, which kills its workers and exits when the server
+    goes away) dies. Armed after the credential changes, which clear it."""
     ok = libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-
-    def watch() -> None:
-        try:
-            while True:
-                try:
-                    if os.read(parent_alive_fd, 1) == b"":
-                        break
-                except InterruptedError:
-                    continue
-        except OSError:
-            pass
-        on_parent_death()
-
-    threading.Thread(target=watch, name="tensorline-parent-watch", daemon=True).start()
-    detail = "PR_SET_PDEATHSIG=SIGKILL + server pipe watch thread" if ok else (
-        "PR_SET_PDEATHSIG refused; server pipe watch thread only")
-    return ("parent death", True, detail)
+    if os.getppid() != launcher_pid:
+        os._exit(70)  # the launcher died before the signal was armed
+    return ("parent death", ok, "PR_SET_PDEATHSIG=SIGKILL against the launcher" if ok else
+            "PR_SET_PDEATHSIG refused")
 
 
 # --- Landlock ---------------------------------------------------------------------------------
@@ -227,15 +334,17 @@ class _NetRulesetAttr(ctypes.Structure):
                 ("scoped", ctypes.c_uint64)]
 
 
-def _readable_roots() -> list[str]:
-    roots = []
-    for name in sorted(os.listdir("/")):
-        if name in ("proc", "dev"):
-            continue
-        roots.append(os.path.join("/", name))
-    roots += [f"/proc/{os.getpid()}", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat"]
-    roots += ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full"]
-    return roots
+# System files every worker may read (besides the Python installation and the node code the
+# server names): shared libraries and their cache, time zones, CPU facts, a few devices.
+_SYSTEM_READ = ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64",
+                "/usr/local/lib", "/usr/share/zoneinfo", "/etc/ld.so.cache", "/etc/ld.so.conf",
+                "/etc/ld.so.conf.d", "/etc/localtime", "/proc/cpuinfo", "/proc/meminfo",
+                "/proc/stat", "/sys/devices/system/cpu", "/dev/null", "/dev/zero",
+                "/dev/urandom", "/dev/random", "/dev/full")
+
+
+def _readable_roots(read_paths: Sequence[str]) -> list[str]:
+    return [*_SYSTEM_READ, f"/proc/{os.getpid()}", *read_paths]
 
 
 def device_paths(patterns: Sequence[str]) -> list[str]:
@@ -243,8 +352,11 @@ def device_paths(patterns: Sequence[str]) -> list[str]:
     return sorted({path for pattern in patterns for path in glob.glob(pattern)})
 
 
-def apply_landlock(scratch_dir: str, devices: Sequence[str] = ()) -> list[LayerReport]:
-    """Writes only below ``scratch_dir``; ``devices`` (globs, e.g. ``Settings.sandbox_devices``)
+def apply_landlock(scratch_dir: str, devices: Sequence[str] = (), read_paths: Sequence[str] = (),
+                   list_paths: Sequence[str] = ()) -> list[LayerReport]:
+    """Reads only below an allow-list (system libraries, ``read_paths``: the Python installation
+    and the node code; ``list_paths``: directories whose entries may be listed, not read),
+    writes only below ``scratch_dir``; ``devices`` (globs, e.g. ``Settings.sandbox_devices``)
     name device nodes the worker may also open read/write (a GPU node must, or sees no GPU)."""
     landlock = _landlock
     if landlock is None:
@@ -258,7 +370,11 @@ def apply_landlock(scratch_dir: str, devices: Sequence[str] = ()) -> list[LayerR
     read_file = fs.READ_FILE | fs.EXECUTE
     try:
         ruleset = landlock.Ruleset()
-        for path in _readable_roots():
+        for path in list_paths:
+            with contextlib.suppress(OSError):  # absent on this machine
+                if os.path.isdir(path):
+                    ruleset.allow(path, rules=fs.READ_DIR)
+        for path in _readable_roots(read_paths):
             try:
                 is_dir = os.path.isdir(path)
                 rights = read if is_dir else read_file
@@ -280,8 +396,9 @@ def apply_landlock(scratch_dir: str, devices: Sequence[str] = ()) -> list[LayerR
         return [("landlock", False, f"filesystem rules failed: {exc}")]
     allowed = f"devices read/write: {', '.join(granted)}" if granted else "no device nodes"
     reports: list[LayerReport] = [
-        ("landlock", True, f"ABI {abi}: writes only below the worker's scratch dir; no "
-                           f"/dev/shm, no other process's /proc; {allowed}")]
+        ("landlock", True, f"ABI {abi}: reads only the Python installation, node code and "
+                           f"system libraries, writes only below the worker's scratch dir; "
+                           f"no /dev/shm, no other process's /proc; {allowed}")]
     reports.append(_landlock_net_and_scope(abi))
     return reports
 
@@ -328,6 +445,10 @@ _DENY = (
     "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot",
     "swapon", "swapoff", "acct", "quotactl", "open_by_handle_at", "name_to_handle_at",
     "setrlimit", "tkill", "ioperm", "iopl",
+    # Memory no rlimit counts while it is unmapped (the server hands out every shared segment
+    # a worker needs), and a way to compare other processes' kernel objects.
+    "memfd_create", "memfd_secret", "shmget", "shmat", "shmctl", "mq_open", "msgget",
+    "process_madvise", "kcmp",
 )
 
 
@@ -363,7 +484,7 @@ def apply_seccomp() -> LayerReport:
         return ("seccomp", False, f"filter not loaded: {exc}")
     detail = ("denylist: sockets, exec, fork (threads allowed), ptrace, process_vm, io_uring, "
               "namespaces/mounts, bpf, keyrings, modules, signals to other processes, rlimit "
-              "raises")
+              "raises, memfd and SysV/POSIX IPC memory")
     if skipped:
         detail += f"; unknown here: {', '.join(skipped)}"
     return ("seccomp", True, detail)

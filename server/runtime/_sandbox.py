@@ -73,12 +73,11 @@ Design (the measured facts behind it are in shared/notes/sandbox.md):
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import shutil
 import signal
@@ -90,7 +89,6 @@ from collections.abc import (
     AsyncIterator,
     Callable,
     Coroutine,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -113,14 +111,21 @@ from tensorline.server.runtime._base import (
     Runtime,
     within_node_timeout,
 )
-from tensorline.server.runtime._worker import MAX_KINDS, WorkerConfig, WorkerProcess, worker_main
+from tensorline.server.runtime._worker import (
+    MAX_KINDS,
+    SEGMENT_GRANTED,
+    SEGMENT_REFUSED,
+    WorkerConfig,
+)
+from tensorline.server.runtime.sandbox import Launcher, _paths, minimal_environment
+from tensorline.server.runtime.sandbox._output import WorkerOutput
 
 log = logging.getLogger(__name__)
 
-PRELOAD = ["numpy", "pydantic", "tensorline.server.runtime._worker"]
-# One BLAS thread per worker: the pool is the parallelism, and a process with threads cannot
-# create a user namespace.
-_FORKSERVER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Workers get uids from this range when the server runs as root: one uid per worker, so file
+# permissions, signals and RLIMIT_NPROC separate workers from the server and from each other.
+WORKER_UID_BASE = 1_900_000
+WORKER_UID_COUNT = 65_536
 
 
 class WorkerFailure(SandboxFailure):
@@ -256,7 +261,11 @@ class _Worker:
     domain: str
     scratch_dir: str
     inline_max: int
-    process: Any = None
+    process_id: int | None = None
+    # A pidfd of the process: signals reach it, never a process that reused its pid.
+    pidfd: int = -1
+    uid: int | None = None
+    output: WorkerOutput | None = None
     sock: socket.socket | None = None
     state: str = "starting"  # starting | ready | retiring | dead
     ready: asyncio.Future[None] | None = None
@@ -300,7 +309,15 @@ class _Worker:
 
     @property
     def pid(self) -> int | None:
-        return None if self.process is None else int(self.process.pid)
+        return self.process_id
+
+    @property
+    def scratch_view(self) -> str:
+        """The scratch dir as the server sees it: a worker's scratch is a tmpfs in its own
+        mount namespace, visible from outside only through its ``/proc/<pid>/root``."""
+        if self.process_id is None or self.state == "dead":
+            return self.scratch_dir
+        return f"/proc/{self.process_id}/root{self.scratch_dir}"
 
     @property
     def dedicated(self) -> bool:
@@ -314,13 +331,25 @@ class _Worker:
         return self.state in ("ready", "retiring")
 
     def kill(self, reason: str | None) -> None:
-        if self.state == "dead" or self.process is None:
+        if self.state == "dead" or self.process_id is None:
             return
         if reason is not None and self.kill_reason is None:
             self.kill_reason = reason
         self.killed = True
+        self.signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, OSError):
-            os.kill(self.process.pid, signal.SIGKILL)
+            if self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            elif self.process_id is not None:
+                os.kill(self.process_id, sig)
+
+
+def _current_node(worker: _Worker) -> str | None:
+    """The node a worker is running, to tag what it prints."""
+    call = worker.inflight
+    return None if call is None else call.spec.node_id
 
 
 class SandboxInstance(NodeInstance):
@@ -373,20 +402,6 @@ def _signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
-@contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class SandboxRuntime(Runtime):
     """Nodes run in isolated worker processes; see the module docstring."""
 
@@ -416,6 +431,11 @@ class SandboxRuntime(Runtime):
         landlock: bool = True,
         seccomp: bool = True,
         devices: Sequence[str] = (),
+        threads: int = 64,
+        scratch_mb: int = 512,
+        read_paths: Sequence[str] = (),
+        environment: Sequence[str] = (),
+        separate_uids: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -434,8 +454,18 @@ class SandboxRuntime(Runtime):
         self.cpu_seconds = cpu_seconds
         self.cpu_seconds_lifetime = max(cpu_seconds_lifetime, cpu_seconds * 2)
         self.nofile = nofile
-        # Reply segments are files too: RLIMIT_FSIZE must let the largest one exist.
-        self.fsize_mb = max(fsize_mb, (max_message_bytes >> 20) + 16)
+        # Per file in the scratch dir (reply segments are memfds the server makes).
+        self.fsize_mb = fsize_mb
+        self.threads = threads
+        self.scratch_mb = scratch_mb
+        # Operator-named paths workers may read, and server environment variables they get.
+        self.extra_read_paths = tuple(read_paths)
+        self.environment = tuple(environment)
+        self.separate_uids = separate_uids
+        self._read_paths: tuple[str, ...] = ()
+        self._list_paths: tuple[str, ...] = ()
+        self._uids_usable = False
+        self._uid_note = ""
         self.call_timeout_s = call_timeout_s
         self.init_timeout_s = init_timeout_s
         self.cancel_grace_s = cancel_grace_s
@@ -458,9 +488,8 @@ class SandboxRuntime(Runtime):
         self._class_plans: dict[type, _ClassPlan] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._layers: list[LayerStatus] = []
-        self._alive_keep: socket.socket | None = None
-        self._alive_child: socket.socket | None = None
-        self._ctx: Any = None
+        self._launcher: Launcher | None = None
+        self._by_pid: dict[int, _Worker] = {}
         self._started = False
         self._closed = False
         self._spawn_failures = 0
@@ -487,17 +516,17 @@ class SandboxRuntime(Runtime):
                                               f"tensorline-sandbox-{os.getpid()}")
         os.makedirs(self._scratch_root, mode=0o700, exist_ok=True)
         self._owns_scratch_root = True
-        # Workers read EOF on their end of this pair when the server's end closes, whatever
-        # killed the server.
-        self._alive_keep, self._alive_child = socket.socketpair()
-        self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(PRELOAD)
-
-        def launch_forkserver() -> None:
-            with _environ(_FORKSERVER_ENV):
-                multiprocessing.forkserver.ensure_running()
-
-        await asyncio.to_thread(launch_forkserver)
+        self._read_paths, self._list_paths = _paths.worker_paths(self.extra_read_paths)
+        self._uids_usable, self._uid_note = _paths.separate_uids_possible(
+            self.separate_uids, self._read_paths)
+        if self._uids_usable:
+            # Workers of their own uid must reach their scratch dirs (not list the others).
+            os.chmod(self._scratch_root, 0o711)
+        elif self._uid_note:
+            log.warning("sandbox workers keep the server's uid: %s", self._uid_note)
+        self._launcher = Launcher(minimal_environment(self.environment), self._on_exit,
+                                  self.start_timeout_s)
+        await self._launcher.ensure_running()
         results = await asyncio.gather(
             *(self._spawn(group) for group in self._baseline() for _ in range(
                 self.workers if group == self._default_group else self.workers_per_domain)),
@@ -540,10 +569,8 @@ class SandboxRuntime(Runtime):
         await asyncio.gather(*(stop(w) for w in late), return_exceptions=True)
         for worker in list(self._workers.values()):
             self._forget(worker)
-        for end in (self._alive_keep, self._alive_child):
-            if end is not None:
-                end.close()
-        self._alive_keep = self._alive_child = None
+        if self._launcher is not None:
+            await self._launcher.close()
         if self._owns_scratch_root and self._scratch_root:
             shutil.rmtree(self._scratch_root, ignore_errors=True)
 
@@ -558,6 +585,15 @@ class SandboxRuntime(Runtime):
     def stats(self) -> dict[str, float]:
         return {"worker_restarts": float(self._restarts),
                 "workers": float(sum(1 for w in self._workers.values() if w.alive))}
+
+    @property
+    def launcher_pid(self) -> int | None:
+        """The process that forks the workers (their parent)."""
+        return None if self._launcher is None else self._launcher.pid
+
+    def scratch_views(self) -> list[str]:
+        """Each live worker's scratch dir as the server sees it (diagnostics, tests)."""
+        return [w.scratch_view for w in self._workers.values() if w.alive]
 
     def worker_pids(self) -> list[int]:
         """Pids of the live workers (for tests and diagnostics)."""
@@ -584,8 +620,11 @@ class SandboxRuntime(Runtime):
         wid = next(self._wids)
         scratch = os.path.join(self._scratch_root, f"w{wid}")
         os.makedirs(scratch, mode=0o700, exist_ok=True)
+        uid = WORKER_UID_BASE + wid % WORKER_UID_COUNT if self._uids_usable else None
+        if uid is not None:
+            os.chown(scratch, uid, uid)
         worker = _Worker(wid=wid, cap_mb=cap_mb, domain=domain, scratch_dir=scratch,
-                         inline_max=self.inline_max_bytes)
+                         inline_max=self.inline_max_bytes, uid=uid)
         worker.outbox = _shm.Outbox(inline_max=self.inline_max_bytes, name=f"tensorline-w{wid}")
         worker.ready = loop.create_future()
         worker.dead = loop.create_future()
@@ -594,31 +633,40 @@ class SandboxRuntime(Runtime):
             worker_id=wid,
             limits=_isolation.Limits(memory_mb=cap_mb, cpu_seconds=self.cpu_seconds,
                                      cpu_seconds_lifetime=self.cpu_seconds_lifetime,
-                                     nofile=self.nofile, fsize_mb=self.fsize_mb),
+                                     nofile=self.nofile, fsize_mb=self.fsize_mb,
+                                     threads=self.threads, scratch_mb=self.scratch_mb),
             scratch_dir=scratch,
             inline_max=self.inline_max_bytes,
             devices=self.devices,
+            read_paths=self._read_paths,
+            list_paths=self._list_paths,
+            uid=uid,
+            gid=uid,
             **self._isolation,
         )
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        process = WorkerProcess(target=worker_main, args=(config, child, self._alive_child),
-                                    name=f"tensorline-sandbox-{wid}", daemon=True)
+        output_r, output_w = os.pipe()
+        assert self._launcher is not None
         try:
-            await asyncio.to_thread(process.start)
+            pid = await self._launcher.spawn(config, child, output_w)
         except BaseException:
             parent.close()
-            child.close()
+            os.close(output_r)
             self._workers.pop(wid, None)
             shutil.rmtree(scratch, ignore_errors=True)
             self._spawn_failures += 1
             raise
         finally:
             child.close()
-        worker.process = process
+            os.close(output_w)
+        worker.process_id = pid
+        with contextlib.suppress(OSError):
+            worker.pidfd = os.pidfd_open(pid)
+        self._by_pid[pid] = worker
+        worker.output = WorkerOutput(loop, output_r, wid, lambda: _current_node(worker))
         parent.setblocking(False)
         worker.sock = parent
         loop.add_reader(parent.fileno(), self._on_readable, worker)
-        loop.add_reader(process.sentinel, self._on_sentinel, worker)
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout_s)
         except BaseException as exc:
@@ -687,6 +735,9 @@ class SandboxRuntime(Runtime):
                 worker.ready.set_result(None)
             self._notify(everyone=True)
             return
+        if message[0] == "segment" and len(message) == 2 and type(message[1]) is int:
+            self._grant_segment(worker, message[1])
+            return
         if message[0] == "event":
             # NodeContext.report during a stream; dropped when nobody listens any more.
             if call is not None and call.on_event is not None and len(message) == 4:
@@ -708,6 +759,24 @@ class SandboxRuntime(Runtime):
         elif call.on_abandoned is not None:
             call.on_abandoned(message)
 
+    def _grant_segment(self, worker: _Worker, size: int) -> None:
+        """A worker's reply needs a larger segment; it may not make memfds itself."""
+        sock = worker.sock
+        if sock is None:
+            return
+        if not 0 < size <= self.max_message_bytes * 2:
+            with contextlib.suppress(OSError):
+                sock.send(SEGMENT_REFUSED)
+            return
+        fd = _shm.new_segment_fd(size, f"tensorline-w{worker.wid}-out")
+        try:
+            sock.sendmsg([SEGMENT_GRANTED], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", [fd]))])
+        except OSError as exc:
+            self._misbehaved(worker, f"segment could not be sent ({exc})")
+        finally:
+            os.close(fd)
+
     def _misbehaved(self, worker: _Worker, what: str) -> None:
         log.error("sandbox worker %s (pid %s) broke the protocol: %s; killing it", worker.wid,
                   worker.pid, what)
@@ -721,14 +790,12 @@ class SandboxRuntime(Runtime):
             self._loop.remove_reader(worker.sock.fileno())
         worker.kill(None)
 
-    def _on_sentinel(self, worker: _Worker) -> None:
-        process = worker.process
-        code = process.exitcode
-        if code is None:
+    def _on_exit(self, pid: int, code: int) -> None:
+        """The launcher reaped a worker (or died, taking its workers with it)."""
+        worker = self._by_pid.pop(pid, None)
+        if worker is None or worker.state == "dead":
             return
-        assert self._loop is not None
-        self._loop.remove_reader(process.sentinel)
-        cause = self._cause(worker, int(code))
+        cause = self._cause(worker, code)
         was_starting = worker.state == "starting"
         worker.state = "dead"
         worker.cause = cause
@@ -791,10 +858,12 @@ class SandboxRuntime(Runtime):
                     loop.remove_reader(worker.sock.fileno())
             worker.sock.close()
             worker.sock = None
-        if worker.process is not None and worker.state == "dead":
-            with contextlib.suppress(Exception):
-                worker.process.join(0)
-                worker.process.close()
+        if worker.state == "dead":
+            if worker.pidfd >= 0:
+                os.close(worker.pidfd)
+                worker.pidfd = -1
+            if worker.output is not None:
+                worker.output.close()
         worker.outbox.close()
         worker.inbox.close()
         if worker.state == "dead":
@@ -1107,9 +1176,7 @@ class SandboxRuntime(Runtime):
     def _abandon(self, worker: _Worker, call: _Call) -> None:
         """The caller went away: ask the worker to stop, kill it if it does not in time."""
         call.abandoned = True
-        if worker.process is not None:
-            with contextlib.suppress(OSError):
-                os.kill(worker.process.pid, signal.SIGUSR1)
+        worker.signal(signal.SIGUSR1)
         assert self._loop is not None
         if call.timer is not None:
             call.timer.cancel()

@@ -44,6 +44,7 @@ import os
 import pickle
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -109,6 +110,19 @@ def _segment_size(needed: int) -> int:
     return size
 
 
+def new_segment_fd(size: int, name: str = "tensorline") -> int:
+    """A memfd of ``size`` bytes, sealed so that it can never shrink under a mapping of it (which
+    would turn the next access into SIGBUS)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Segment:
     """One memfd-backed shared mapping."""
 
@@ -125,12 +139,8 @@ class Segment:
 
     @classmethod
     def create(cls, size: int, name: str = "tensorline") -> Segment:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = new_segment_fd(size, name)
         try:
-            os.ftruncate(fd, size)
-            # The peer gets this fd: sealed, it can never shrink the file under our mapping
-            # (which would turn our next access into SIGBUS).
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             return cls(fd, size)
         except BaseException:
             os.close(fd)
@@ -175,6 +185,9 @@ class Outbox:
     name: str = "tensorline"
     buffer: io.BytesIO | None = None
     pickler: _Pickler | None = None
+    # Where a grown segment comes from (default: a memfd made here). A sandbox worker may not
+    # create memfds (memory no rlimit counts until mapped): the server makes its segments.
+    allocate: Callable[[int], Segment] | None = None
 
     def close(self) -> None:
         if self.segment is not None:
@@ -387,7 +400,9 @@ def pack(value: Any, outbox: Outbox, echo: Segment | None = None) -> tuple[bytes
     fresh: Segment | None = None
     if needed:
         if outbox.segment is None or outbox.segment.size < needed:
-            fresh = Segment.create(_segment_size(needed), outbox.name)
+            size = _segment_size(needed)
+            fresh = (outbox.allocate(size) if outbox.allocate is not None
+                     else Segment.create(size, outbox.name))
             if outbox.segment is not None:
                 outbox.segment.close()
             outbox.segment = fresh

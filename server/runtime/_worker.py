@@ -1,8 +1,10 @@
-"""The code that runs inside a sandbox worker process (never in the server; imports nothing gRPC).
+"""The code that runs inside a sandbox worker process (imports nothing gRPC; the server imports it
+only for ``WorkerConfig`` and the message kinds).
 
-A worker is forked from the multiprocessing forkserver (numpy, pydantic and this module
-preloaded), applies its isolation layers (``_isolation``), reports ``ready`` and then serves
-requests from the server one at a time over its control socket:
+A worker is forked by the sandbox launcher (``sandbox/_zygote``: numpy, pydantic and this module
+preloaded, a minimal environment, no inherited fds but its control socket and output pipe),
+applies its isolation layers (``_isolation``), reports ``ready`` and then serves requests from
+the server one at a time over its control socket:
 
     ("init", iid, module, qualname, params_json, node_id, execution_id)   warm instances
     ("call", iid, inputs, init, releases)
@@ -68,7 +70,6 @@ import contextlib
 import errno
 import importlib
 import inspect
-import io
 import os
 import signal
 import socket
@@ -78,8 +79,6 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import context as mp_context
-from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
 from types import CoroutineType
 from typing import Any
 
@@ -88,42 +87,12 @@ from tensorline.server.nodes._streaming import Chunk, Emit
 from tensorline.server.runtime import _isolation, _shm
 
 RUNTIME_NAME = "sandbox"
+# The server's answers to a worker's ``("segment", size)`` request (see ``_Worker._allocate``).
+SEGMENT_GRANTED = b"segment"
+SEGMENT_REFUSED = b"refused"
 # Class ids (``run`` requests) a worker keeps; past this it forgets them all, and answers
 # ``gone`` for an id it no longer knows (the server then starts over for that node).
 MAX_KINDS = 1024
-
-
-class _WorkerPopen(popen_forkserver.Popen):
-    """The stdlib forkserver launch, minus the parent's ``__main__``: a worker must not import
-    the server's entry script (or pytest's) before it is isolated."""
-
-    def _launch(self, process_obj: Any) -> None:
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        prep_data.pop("init_main_from_path", None)
-        prep_data.pop("init_main_from_name", None)
-        buf = io.BytesIO()
-        mp_context.set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, buf)
-            reduction.dump(process_obj, buf)
-        finally:
-            mp_context.set_spawning_popen(None)
-        fds = self._fds  # type: ignore[attr-defined]
-        self.sentinel, w = forkserver.connect_to_new_process(fds)
-        parent_w = os.dup(w)
-        self.finalizer = util.Finalize(
-            self, util.close_fds, (parent_w, self.sentinel))  # type: ignore[attr-defined]
-        with open(w, "wb", closefd=True) as f:
-            f.write(buf.getbuffer())
-        self.pid = forkserver.read_signed(self.sentinel)
-
-
-class WorkerProcess(mp_context.ForkServerProcess):
-    """A forkserver process launched with ``_WorkerPopen``."""
-
-    @staticmethod
-    def _Popen(process_obj: Any) -> Any:
-        return _WorkerPopen(process_obj)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +106,12 @@ class WorkerConfig:
     seccomp: bool = True
     # Device nodes (globs) Landlock lets the worker open read/write, e.g. GPUs.
     devices: tuple[str, ...] = ()
+    # What Landlock lets the worker read (hierarchies) and only list (directories).
+    read_paths: tuple[str, ...] = ()
+    list_paths: tuple[str, ...] = ()
+    # The worker's own uid/gid (None: keep the server's).
+    uid: int | None = None
+    gid: int | None = None
 
 
 class _StreamStopped(BaseException):
@@ -168,7 +143,8 @@ class _Worker:
         self.config = config
         self.sock = sock
         self.inbox = _shm.Inbox()
-        self.outbox = _shm.Outbox(inline_max=config.inline_max, name="tensorline-out")
+        self.outbox = _shm.Outbox(inline_max=config.inline_max, name="tensorline-out",
+                                  allocate=self._allocate)
         self.instances: dict[int, _Hosted] = {}
         self.params: dict[tuple[str, str, str], Any] = {}
         # Class ids the server defined with ``run`` requests: id -> (class, params).
@@ -338,6 +314,25 @@ class _Worker:
         return hosted
 
     # --- streaming ----------------------------------------------------------------------------
+
+    def _allocate(self, size: int) -> _shm.Segment:
+        """A reply segment of ``size`` bytes, made by the server (seccomp denies memfd_create
+        here): ``("segment", size)`` is answered by ``SEGMENT_GRANTED`` with the fd, or
+        ``SEGMENT_REFUSED`` past the server's message limit."""
+        self._send(("segment", size))
+        while True:
+            try:
+                data, fds = _shm.recv_raw(self.sock)
+            except InterruptedError:
+                continue
+            break
+        if data == SEGMENT_GRANTED and len(fds) == 1:
+            return _shm.Segment.adopt(fds[0], size, verify=True)
+        for fd in fds:
+            os.close(fd)
+        if data == SEGMENT_REFUSED:
+            raise MemoryError(f"an output of {size} bytes exceeds the server's message limit")
+        raise _ServerGone
 
     def _send(self, message: tuple[Any, ...]) -> None:
         packed, fresh = _shm.pack(message, self.outbox)
@@ -622,27 +617,34 @@ def describe(exc: BaseException) -> str:
     return text
 
 
-def worker_main(config: WorkerConfig, sock: socket.socket, alive_fd: Any) -> None:
-    """Entry point of a worker process (multiprocessing target)."""
-    alive = alive_fd.detach() if hasattr(alive_fd, "detach") else int(alive_fd)
+def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) -> None:
+    """Entry point of a worker process, called by the launcher right after the fork."""
     sock.setblocking(True)
-    os.environ["TMPDIR"] = config.scratch_dir
+    # The launcher's environment is already minimal; HOME and TMPDIR point at the scratch dir.
+    os.environ["HOME"] = os.environ["TMPDIR"] = config.scratch_dir
     tempfile.tempdir = config.scratch_dir
     reports: list[_isolation.LayerReport] = [
-        ("process", True, "separate forkserver worker process")]
-    reports.append(_isolation.apply_rlimits(config.limits))
+        ("process", True, "separate worker process, forked by the sandbox launcher"),
+        ("environment", True, f"minimal: {', '.join(sorted(os.environ))}"),
+        ("descriptors", True, "stdin /dev/null, stdout/stderr a pipe the server logs, the "
+                              "control socket; nothing else inherited"),
+    ]
+    own_uid = config.uid is not None
+    reports.append(_isolation.apply_rlimits(config.limits, own_uid=own_uid))
+    reports.append(_isolation.switch_user(config.uid, config.gid))
     if config.namespaces:
-        reports.append(_isolation.apply_namespaces())
+        reports.extend(_isolation.apply_namespaces(config.scratch_dir, config.limits.scratch_mb))
     else:
         reports.append(("network namespace", False, "disabled by configuration"))
-    reports.append(_isolation.apply_parent_death(alive, lambda: os._exit(70)))
-    if os.getppid() == 1:
-        os._exit(70)  # the forkserver (and so the server) died before the signal was armed
+        reports.append(("scratch quota", False, "needs the namespaces (disabled)"))
+    reports.append(_isolation.drop_capabilities())
+    reports.append(_isolation.apply_parent_death(launcher_pid))
     worker = _Worker(config, sock)
     threading.Thread(target=worker.cancel_thread, name="tensorline-cancel", daemon=True).start()
     signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
     if config.landlock:
-        reports.extend(_isolation.apply_landlock(config.scratch_dir, config.devices))
+        reports.extend(_isolation.apply_landlock(config.scratch_dir, config.devices,
+                                                 config.read_paths, config.list_paths))
     else:
         reports.append(("landlock", False, "disabled by configuration"))
     if config.seccomp:
@@ -654,8 +656,8 @@ def worker_main(config: WorkerConfig, sock: socket.socket, alive_fd: Any) -> Non
         worker._reply(("ready", reports, _isolation.cpu_used()))
         worker.run()
     except BaseException:
-        # A bug in this module, not in a node (their exceptions are replies): say so on the
-        # server's stderr and exit non-zero, so the server reports the worker as failed.
+        # A bug in this module, not in a node (their exceptions are replies): say so in the
+        # worker's output, which the server logs, and exit non-zero.
         traceback.print_exc()
         code = 1
     finally:

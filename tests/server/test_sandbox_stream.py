@@ -155,7 +155,7 @@ async def test_cancel_mid_stream_cleans_up(sandboxed: tuple[TensorlineServer, As
         await s.send("b", np.ones(2))
         assert float((await s.__anext__()).value[0]) == 1.0
         await s.send("b", -np.ones(2))  # the node blocks until it is cancelled
-        scratch = [w.scratch_dir for w in runtime._workers.values()]
+        scratch = runtime.scratch_views()
         await eventually(lambda: any(name.startswith("blocked-") for d in scratch
                                      for name in os.listdir(d)), what="the node to block")
         await s.cancel("stop")

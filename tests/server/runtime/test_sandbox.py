@@ -4,7 +4,6 @@ crashes, deadlines and escape attempts. Each test ends without stray workers or 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing.forkserver
 import os
 import signal
 import socket
@@ -163,8 +162,8 @@ async def test_reusable_node_initializes_once_per_worker(sandbox: SandboxRuntime
 
 
 def markers(runtime: SandboxRuntime, execution_id: str) -> set[str]:
-    root = Path(runtime._scratch_root)
-    return {p.name.split(".", 1)[1] for p in root.glob(f"w*/{execution_id}.*")}
+    return {p.name.split(".", 1)[1] for view in runtime.scratch_views()
+            for p in Path(view).glob(f"{execution_id}.*")}
 
 
 async def test_cleanup_runs_after_a_node_error(sandbox: SandboxRuntime) -> None:
@@ -413,12 +412,12 @@ async def test_fork_bomb_is_blocked(sandbox: SandboxRuntime) -> None:
 
 async def test_signalling_the_server_is_blocked(sandbox: SandboxRuntime) -> None:
     require_layer(sandbox, "seccomp")
-    # The server, and the worker's actual parent (the forkserver).
+    # The server, and the worker's actual parent (the launcher).
     await expect_blocked(sandbox, nodes.SignalPid, {"pid": os.getpid()})
-    forkserver_pid = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
-    assert forkserver_pid
-    await expect_blocked(sandbox, nodes.SignalPid, {"pid": forkserver_pid})
-    assert psutil.pid_exists(forkserver_pid)
+    launcher_pid = sandbox.launcher_pid
+    assert launcher_pid
+    await expect_blocked(sandbox, nodes.SignalPid, {"pid": launcher_pid})
+    assert psutil.pid_exists(launcher_pid)
 
 
 async def test_other_shared_memory_is_out_of_reach(sandbox: SandboxRuntime) -> None:

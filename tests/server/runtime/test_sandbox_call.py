@@ -22,8 +22,8 @@ from tests.support.polling import eventually
 
 
 def markers(runtime: SandboxRuntime, execution_id: str) -> set[str]:
-    root = Path(runtime._scratch_root)
-    return {p.name.split(".", 1)[1] for p in root.glob(f"w*/{execution_id}.*")}
+    return {p.name.split(".", 1)[1] for view in runtime.scratch_views()
+            for p in Path(view).glob(f"{execution_id}.*")}
 
 
 async def probe(runtime: SandboxRuntime, *, node_id: str = "n1", execution_id: str = "x",

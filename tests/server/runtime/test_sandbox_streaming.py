@@ -215,7 +215,7 @@ async def test_stopping_a_stream_early(sandbox: SandboxRuntime, cls: type[Node],
     else:
         await feed.put(-np.ones(2))
         consumer = asyncio.ensure_future(outputs.__anext__())
-        await eventually(lambda: "blocked" in marks(worker.scratch_dir, execution))
+        await eventually(lambda: "blocked" in marks(worker.scratch_view, execution))
         if where == "cancelled-task":
             consumer.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -226,7 +226,7 @@ async def test_stopping_a_stream_early(sandbox: SandboxRuntime, cls: type[Node],
                 await consumer
             await outputs.aclose()  # type: ignore[attr-defined]
     await sandbox.release(instance)
-    await eventually(lambda: marks(worker.scratch_dir, execution) >= {"closed", "cleanup"},
+    await eventually(lambda: marks(worker.scratch_view, execution) >= {"closed", "cleanup"},
                      what="generator closed and cleanup run")
     assert worker.alive and worker.pid == pid
     # The worker is free again.

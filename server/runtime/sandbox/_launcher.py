@@ -1,0 +1,223 @@
+"""Server side of the launcher process that forks sandbox workers (see ``_zygote``).
+
+Why a launcher of our own rather than multiprocessing's forkserver: the forkserver inherits the
+server's environment (a worker's ``/proc/self/environ`` shows it whatever Python does to
+``os.environ``) and hands every worker the server's forkserver "alive" fd and the resource
+tracker's fd, each of which a hostile node can write to. This launcher is exec'd with an
+explicit minimal environment, receives exactly the fds each worker needs, and reports each
+worker's exit status, which it reaps.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# What every worker's environment holds: one BLAS thread (the pool is the parallelism, and a
+# process with threads cannot create a user namespace); few malloc arenas (each reserves 64 MiB
+# of address space, which the RLIMIT_AS memory cap counts).
+_BASE_ENVIRONMENT = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MALLOC_ARENA_MAX": "2",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+_BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+         "from tensorline.server.runtime.sandbox._zygote import main; main(int(sys.argv[2]))")
+
+
+class LauncherGone(RuntimeError):
+    """The launcher process is not running (it died, or was never started)."""
+
+
+def minimal_environment(passthrough: Iterable[str] = (),
+                        source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The launcher's (and so every worker's) environment: the fixed base plus the variables
+    the operator named, copied from ``source`` (the server's environment) when set there."""
+    source = os.environ if source is None else source
+    env = dict(_BASE_ENVIRONMENT)
+    for name in passthrough:
+        if name in source:
+            env[name] = source[name]
+    return env
+
+
+class Launcher:
+    """Starts the launcher process and asks it for workers.
+
+    ``on_exit(pid, code)`` is called (on the event loop) for every worker that ends, with its
+    exit status or minus the signal that killed it; when the launcher itself dies, for every
+    worker it had (they die with it: ``PR_SET_PDEATHSIG``).
+    """
+
+    def __init__(self, env: Mapping[str, str], on_exit: Callable[[int, int], None],
+                 start_timeout_s: float = 60.0) -> None:
+        self._env = dict(env)
+        self._on_exit = on_exit
+        self._start_timeout_s = start_timeout_s
+        self._process: asyncio.subprocess.Process | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future[int] | None = None
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._children: set[int] = set()
+        self._tokens = itertools.count(1)
+        self._starting: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._sock is not None and self._ready is not None and self._ready.done() and (
+            not self._ready.cancelled() and self._ready.exception() is None)
+
+    async def ensure_running(self) -> None:
+        """Start the launcher (again, after it died); concurrent callers share one start."""
+        if self.running:
+            return
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        self._close_socket()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # A new session: a terminal's Ctrl-C goes to the server, which then shuts the pool
+            # down in order, not to the launcher and every worker at once.
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(theirs.fileno()),
+                env=self._env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._ready = loop.create_future()
+        loop.add_reader(ours.fileno(), self._on_readable)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), self._start_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def spawn(self, config: Any, sock: socket.socket, output_fd: int) -> int:
+        """Fork a worker that gets ``sock`` (its control socket) and ``output_fd`` (its
+        stdout/stderr); returns its pid. Both fds stay open here: the caller closes them."""
+        await self.ensure_running()
+        assert self._sock is not None and self._loop is not None
+        token = next(self._tokens)
+        future: asyncio.Future[int] = self._loop.create_future()
+        self._pending[token] = future
+        try:
+            self._sock.sendmsg([pickle.dumps(("spawn", token, config))], [
+                (socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                 array.array("i", [sock.fileno(), output_fd]))])
+            return await future
+        finally:
+            self._pending.pop(token, None)
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._on_launcher_gone()
+            return
+        try:
+            message = pickle.loads(data)
+            kind = message[0]
+        except Exception:
+            log.error("sandbox launcher sent an undecodable message; restarting it")
+            self._on_launcher_gone()
+            return
+        if kind == "ready" and self._ready is not None and not self._ready.done():
+            self._ready.set_result(int(message[1]))
+        elif kind == "spawned":
+            self._children.add(int(message[2]))
+            self._resolve(int(message[1]), int(message[2]), None)
+        elif kind == "failed":
+            self._resolve(int(message[1]), 0, LauncherGone(str(message[2])))
+        elif kind == "exited":
+            pid = int(message[1])
+            self._children.discard(pid)
+            self._on_exit(pid, int(message[2]))
+
+    def _resolve(self, token: int, pid: int, error: Exception | None) -> None:
+        future = self._pending.get(token)
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(pid)
+        else:
+            future.set_exception(error)
+
+    def _on_launcher_gone(self) -> None:
+        """Every worker died with the launcher; report them, and fail the spawns in flight."""
+        self._close_socket()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(LauncherGone("the sandbox launcher exited during start"))
+            self._ready.exception()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(LauncherGone("the sandbox launcher exited"))
+        children, self._children = self._children, set()
+        for pid in children:
+            self._on_exit(pid, -9)
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    async def close(self) -> None:
+        """Close the socket: the launcher kills its workers and exits. Idempotent."""
+        self._close_socket()
+        process = self._process
+        if process is None:
+            return
+        try:
+            await asyncio.wait_for(process.wait(), 10.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(LauncherGone("the sandbox launcher was shut down"))
