@@ -32,6 +32,7 @@ import importlib
 import os
 import resource
 import signal
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def _vm_size() -> int:
         return int(f.read().split()[0]) * resource.getpagesize()
 
 
-def apply_rlimits(limits: Limits, *, own_uid: bool = False) -> LayerReport:
+def apply_rlimits(limits: Limits) -> LayerReport:
     done: list[str] = []
     failed: list[str] = []
 
@@ -117,8 +118,7 @@ def apply_rlimits(limits: Limits, *, own_uid: bool = False) -> LayerReport:
     space = _vm_size() + data + AS_SLACK_MB * 1024 * 1024
     setl("AS", resource.RLIMIT_AS, space, space)
     setl("MSGQUEUE", resource.RLIMIT_MSGQUEUE, 0, 0)
-    if own_uid:
-        setl("NPROC", resource.RLIMIT_NPROC, limits.threads, limits.threads)
+
     used = cpu_used()
     hard_cpu = int(used + limits.cpu_seconds_lifetime) + 1
     setl("CPU", resource.RLIMIT_CPU, min(hard_cpu, int(used + limits.cpu_seconds) + 1), hard_cpu)
@@ -126,10 +126,8 @@ def apply_rlimits(limits: Limits, *, own_uid: bool = False) -> LayerReport:
     fsize = limits.fsize_mb * 1024 * 1024
     setl("FSIZE", resource.RLIMIT_FSIZE, fsize, fsize)
     setl("CORE", resource.RLIMIT_CORE, 0, 0)
-    threads = (f"{limits.threads} threads" if own_uid else
-               "threads bounded by the address space only (no uid of its own)")
     detail = (f"memory {limits.memory_mb} MiB (RLIMIT_DATA, and RLIMIT_AS over every mapping), "
-              f"CPU {limits.cpu_seconds:g} s per call, {threads}, {limits.nofile} files, "
+              f"CPU {limits.cpu_seconds:g} s per call, {limits.nofile} files, "
               f"file size {limits.fsize_mb} MiB, no core dumps")
     if failed:
         detail += "; failed: " + ", ".join(failed)
@@ -193,46 +191,168 @@ def _thread_count() -> int:
         return 1
 
 
-def switch_user(uid: int | None, gid: int | None) -> LayerReport:
-    """Give up root for the worker's own unprivileged uid (before the namespaces, so that the
-    kernel's own checks, file permissions and RLIMIT_NPROC apply to the real uid)."""
-    if uid is None or gid is None:
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_NOEXEC = 8
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
+    def b(text: str | None) -> bytes | None:
+        return None if text is None else text.encode()
+
+    if libc().mount(b(source), b(target), b(fstype), flags, b(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+
+
+def _scratch_options(scratch_mb: int, owner: int | None) -> str:
+    options = f"size={scratch_mb}m,nr_inodes=65536,mode=0700"
+    if owner is not None:
+        options += f",uid={owner},gid={owner}"
+    return options
+
+
+def _blocked_ancestor(path: str) -> str | None:
+    """The shallowest directory above ``path`` that other users cannot traverse."""
+    parts = os.path.abspath(path).split("/")[1:-1]
+    current = ""
+    for part in parts:
+        current += "/" + part
+        try:
+            if not os.stat(current).st_mode & stat.S_IXOTH:
+                return current
+        except OSError:
+            return None
+    return None
+
+
+def readable_by_others(path: str) -> bool:
+    """Whether a process of another uid, without capabilities, can read ``path`` (a missing
+    path counts as readable: there is nothing to lose there)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return True
+    need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(info.st_mode) else 0)
+    return info.st_mode & need == need and _blocked_ancestor(path) is None
+
+
+def private_mounts(scratch_dir: str, scratch_mb: int, owner: int | None,
+                   read_paths: Sequence[str]) -> tuple[list[LayerReport], bool]:
+    """As root, before giving root up: a mount namespace of the worker's own, in which its
+    scratch dir is a size-limited tmpfs (its disk quota) owned by ``owner``, and in which the
+    paths it must read stay reachable after the uid switch: a directory that other users cannot
+    traverse (``/root`` holding a pyenv Python) is covered by an empty tmpfs into which only
+    those paths are bind-mounted. Returns the reports and whether the namespace exists."""
+    if libc().unshare(CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        return [("scratch quota", False, f"no mount namespace as root: {os.strerror(err)}")], False
+    try:
+        # Nothing mounted here may propagate back to the host.
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    except OSError as exc:
+        return [("scratch quota", False, str(exc))], True
+    reports: list[LayerReport] = []
+    if owner is not None:
+        # The scratch dir too: it may lie below a directory only root can enter (pytest's).
+        reports += _bridge([*read_paths, scratch_dir])
+    try:
+        _mount("tmpfs", scratch_dir, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+               _scratch_options(scratch_mb, owner))
+    except OSError as exc:
+        return [*reports, ("scratch quota", False, str(exc))], True
+    reports.append(
+        ("scratch quota", True, f"scratch is a private {scratch_mb} MiB tmpfs (65536 files)"))
+    return reports, True
+
+
+def _bridge(paths: Sequence[str]) -> list[LayerReport]:
+    """Cover each directory other users cannot traverse with an empty tmpfs and bind-mount
+    back into it only ``paths`` (see ``private_mounts``)."""
+    blocked: dict[str, list[str]] = {}
+    for path in paths:
+        ancestor = _blocked_ancestor(path)
+        if ancestor is not None and os.path.exists(path):
+            blocked.setdefault(ancestor, []).append(path)
+    reports: list[LayerReport] = []
+    for ancestor, below in blocked.items():
+        try:
+            # Opened before the tmpfs hides them; bound from these fds afterwards.
+            fds = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path in below]
+            _mount("tmpfs", ancestor, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+            for path, fd in zip(below, fds, strict=True):
+                if os.path.isdir(f"/proc/self/fd/{fd}"):
+                    os.makedirs(path, mode=0o755, exist_ok=True)
+                else:
+                    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                    open(path, "a").close()
+                _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+                os.close(fd)
+        except OSError as exc:
+            reports.append(("path bridging", False, f"{ancestor}: {exc}"))
+    return reports
+
+
+def switch_user(uid: int | None, read_paths: Sequence[str], threads: int,
+                devices: Sequence[str] = ()) -> LayerReport:
+    """Give up root for the worker's own unprivileged uid (before the user namespace, so that
+    file permissions, signals and RLIMIT_NPROC apply to a real uid of its own), when the worker
+    can still read what it needs as that uid. It keeps the groups that own the granted device
+    nodes (``/dev/dri/renderD*`` is ``root:render 0660``), and no other."""
+    if uid is None:
         return ("unprivileged uid", os.geteuid() != 0,
                 f"runs as the server's uid {os.geteuid()}" + (
                     "" if os.geteuid() != 0 else
                     " (root: file permissions do not separate it; Landlock does)"))
+    unreadable = [path for path in read_paths if not readable_by_others(path)]
+    if unreadable:
+        return ("unprivileged uid", False,
+                f"kept root: {unreadable[0]} is not readable by other users")
+    groups = sorted({os.stat(path).st_gid for path in devices if os.path.exists(path)} - {0})
     try:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
+        os.setgroups(groups)
+        os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     except OSError as exc:
         return ("unprivileged uid", False, f"could not switch to uid {uid}: {exc}")
-    return ("unprivileged uid", True, f"uid {uid}, gid {gid}, no supplementary groups")
+    # A uid change makes the process non-dumpable, which hands its /proc entries to root.
+    libc().prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+    detail = f"uid {uid}, gid {uid}, " + (
+        f"device groups {groups}" if groups else "no supplementary groups")
+    try:
+        resource.setrlimit(resource.RLIMIT_NPROC, (threads, threads))
+        detail += f"; at most {threads} threads (RLIMIT_NPROC)"
+    except (OSError, ValueError) as exc:
+        detail += f"; thread cap failed: {exc}"
+    return ("unprivileged uid", True, detail)
 
 
 # Inside its user namespace a worker is this uid, not root.
 NAMESPACE_UID = 1000
-_MS_NOSUID = 2
-_MS_NODEV = 4
-_MS_NOEXEC = 8
 
 
-def apply_namespaces(scratch_dir: str, scratch_mb: int) -> list[LayerReport]:
-    """User, network, IPC and mount namespaces: no network interface but a down loopback, a
-    private IPC space, and a size-limited tmpfs on the scratch dir (its disk quota)."""
+def apply_namespaces(scratch_dir: str, scratch_mb: int, *,
+                     mounted: bool) -> list[LayerReport]:
+    """User, network and IPC namespaces: no network interface but a down loopback, a private
+    IPC space. Without ``mounted`` (``private_mounts`` could not run: not root) a mount
+    namespace too, owned by the new user namespace, with the scratch tmpfs in it."""
     threads = _thread_count()
+    quota = [] if mounted else [("scratch quota", False, "needs a mount namespace")]
     if threads != 1:
         return [("network namespace", False,
                  f"not applied: the worker already has {threads} threads (unshare needs one)"),
-                ("scratch quota", False, "needs a mount namespace")]
+                *quota]
     uid, gid = os.geteuid(), os.getegid()
-    flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS
+    flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | (0 if mounted else CLONE_NEWNS)
     if libc().unshare(flags) != 0:
         err = ctypes.get_errno()
         return [("network namespace", False,
-                 f"unshare(user|net|ipc|mount) refused: {errno.errorcode.get(err, err)} "
-                 f"({os.strerror(err)}); typical inside a default container profile"),
-                ("scratch quota", False, "needs a mount namespace")]
+                 f"unshare(user|net|ipc) refused: {errno.errorcode.get(err, err)} "
+                 f"({os.strerror(err)}); typical inside a default container profile"), *quota]
     try:
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
@@ -242,22 +362,23 @@ def apply_namespaces(scratch_dir: str, scratch_mb: int) -> list[LayerReport]:
             f.write(f"{NAMESPACE_UID} {gid} 1")
     except OSError as exc:
         return [("network namespace", True,
-                 f"user+net+ipc namespaces created; id maps not written ({exc})"),
-                ("scratch quota", False, "id maps not written")]
-    reports = [("network namespace", True,
-                "user+net+ipc+mount namespaces: no network interfaces")]
-    options = f"size={scratch_mb}m,nr_inodes=65536,mode=0700".encode()
-    if libc().mount(b"tmpfs", scratch_dir.encode(), b"tmpfs",
-                    _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, options) != 0:
-        err = ctypes.get_errno()
-        reports.append(("scratch quota", False, f"tmpfs mount refused: {os.strerror(err)}"))
-    else:
-        reports.append(("scratch quota", True,
-                        f"scratch is a private {scratch_mb} MiB tmpfs (65536 files)"))
+                 f"user+net+ipc namespaces created; id maps not written ({exc})"), *quota]
+    reports: list[LayerReport] = [("network namespace", True,
+                                   "user+net+ipc namespaces: no network interfaces")]
+    if not mounted:
+        try:
+            _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+            _mount("tmpfs", scratch_dir, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                   _scratch_options(scratch_mb, None))
+            reports.append(("scratch quota", True,
+                            f"scratch is a private {scratch_mb} MiB tmpfs (65536 files)"))
+        except OSError as exc:
+            reports.append(("scratch quota", False, str(exc)))
     return reports
 
 
 # prctl options and the capability ABI (linux/prctl.h, linux/capability.h).
+_PR_SET_DUMPABLE = 4
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47

@@ -465,7 +465,6 @@ class SandboxRuntime(Runtime):
         self._read_paths: tuple[str, ...] = ()
         self._list_paths: tuple[str, ...] = ()
         self._uids_usable = False
-        self._uid_note = ""
         self.call_timeout_s = call_timeout_s
         self.init_timeout_s = init_timeout_s
         self.cancel_grace_s = cancel_grace_s
@@ -517,13 +516,12 @@ class SandboxRuntime(Runtime):
         os.makedirs(self._scratch_root, mode=0o700, exist_ok=True)
         self._owns_scratch_root = True
         self._read_paths, self._list_paths = _paths.worker_paths(self.extra_read_paths)
-        self._uids_usable, self._uid_note = _paths.separate_uids_possible(
-            self.separate_uids, self._read_paths)
+        # Workers get uids of their own when the server is root (each worker then checks that
+        # it can still read what it needs, and reports the layer).
+        self._uids_usable = self.separate_uids and os.geteuid() == 0
         if self._uids_usable:
             # Workers of their own uid must reach their scratch dirs (not list the others).
             os.chmod(self._scratch_root, 0o711)
-        elif self._uid_note:
-            log.warning("sandbox workers keep the server's uid: %s", self._uid_note)
         self._launcher = Launcher(minimal_environment(self.environment), self._on_exit,
                                   self.start_timeout_s)
         await self._launcher.ensure_running()
@@ -637,11 +635,11 @@ class SandboxRuntime(Runtime):
                                      threads=self.threads, scratch_mb=self.scratch_mb),
             scratch_dir=scratch,
             inline_max=self.inline_max_bytes,
-            devices=self.devices,
+            # Resolved here: the worker cannot look below a directory it cannot enter.
+            devices=tuple(_isolation.device_paths(self.devices)),
             read_paths=self._read_paths,
             list_paths=self._list_paths,
             uid=uid,
-            gid=uid,
             **self._isolation,
         )
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -104,14 +104,13 @@ class WorkerConfig:
     namespaces: bool = True
     landlock: bool = True
     seccomp: bool = True
-    # Device nodes (globs) Landlock lets the worker open read/write, e.g. GPUs.
+    # Device nodes (existing paths) Landlock lets the worker open read/write, e.g. GPUs.
     devices: tuple[str, ...] = ()
     # What Landlock lets the worker read (hierarchies) and only list (directories).
     read_paths: tuple[str, ...] = ()
     list_paths: tuple[str, ...] = ()
-    # The worker's own uid/gid (None: keep the server's).
+    # The worker's own uid (and gid; None: keep the server's).
     uid: int | None = None
-    gid: int | None = None
 
 
 class _StreamStopped(BaseException):
@@ -629,11 +628,19 @@ def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) ->
         ("descriptors", True, "stdin /dev/null, stdout/stderr a pipe the server logs, the "
                               "control socket; nothing else inherited"),
     ]
-    own_uid = config.uid is not None
-    reports.append(_isolation.apply_rlimits(config.limits, own_uid=own_uid))
-    reports.append(_isolation.switch_user(config.uid, config.gid))
+    reports.append(_isolation.apply_rlimits(config.limits))
+    limits = config.limits
+    mounted = False
+    if config.namespaces and os.geteuid() == 0:
+        mount_reports, mounted = _isolation.private_mounts(
+            config.scratch_dir, limits.scratch_mb, config.uid,
+            [*config.read_paths, *config.devices])
+        reports.extend(mount_reports)
+    reports.append(_isolation.switch_user(config.uid, config.read_paths, limits.threads,
+                                          config.devices))
     if config.namespaces:
-        reports.extend(_isolation.apply_namespaces(config.scratch_dir, config.limits.scratch_mb))
+        reports.extend(_isolation.apply_namespaces(config.scratch_dir, limits.scratch_mb,
+                                                   mounted=mounted))
     else:
         reports.append(("network namespace", False, "disabled by configuration"))
         reports.append(("scratch quota", False, "needs the namespaces (disabled)"))

@@ -7,17 +7,15 @@ tree or a home directory (``/``, ``/root``, ``/home/alice``: what ``python -m`` 
 directory puts there) is only listable, so that imports can look in it, but its files stay
 closed: that is where secrets live.
 
-A uid of the worker's own (file permissions and signals then separate it from the server and
-from other workers, and RLIMIT_NPROC caps its threads) is possible only when the server runs as
-root and every path the worker reads is readable by other users; a Python installed below
-``/root`` (pyenv) is not, and the worker then keeps the server's uid, reported as such.
+A worker of its own uid must still reach these paths: the worker bridges a directory others
+cannot traverse (``/root`` holding a pyenv Python) in its own mount namespace
+(``_isolation.private_mounts``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import stat
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -52,35 +50,3 @@ def worker_paths(extra: Sequence[str] = ()) -> tuple[tuple[str, ...], tuple[str,
     read += _package_dirs(["tensorline.server", "tensorline.client", "tensorline.v1"])
     read += [os.path.abspath(p) for p in extra]
     return tuple(dict.fromkeys(read)), tuple(dict.fromkeys(listed))
-
-
-def _readable_by_others(path: str) -> bool:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return True  # absent: nothing to read there
-    need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(info.st_mode) else 0)
-    if info.st_mode & need != need:
-        return False
-    parent = os.path.dirname(path)
-    while parent and parent != "/":
-        try:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-        except OSError:
-            return False
-        parent = os.path.dirname(parent)
-    return True
-
-
-def separate_uids_possible(enabled: bool, read_paths: Sequence[str]) -> tuple[bool, str]:
-    """Whether workers can get uids of their own, and why not when they cannot."""
-    if not enabled:
-        return False, "disabled by configuration"
-    if os.geteuid() != 0:
-        return False, ""  # the server is not root: its workers are not either
-    for path in read_paths:
-        if not _readable_by_others(path):
-            return False, (f"{path} is not readable by other users (a worker of its own uid "
-                           "could not load Python or the node code)")
-    return True, ""

@@ -377,6 +377,8 @@ async def test_granted_device_nodes_open_read_write_and_nothing_else(
     granted, other = tmp_path / "fake-gpu0", tmp_path / "not-a-device"
     granted.write_bytes(b"...data")
     other.write_bytes(b"...data")
+    # As GPU nodes are (/dev/nvidia* is 0666): a worker of its own uid must be able to use it.
+    granted.chmod(0o666)
     runtime = SandboxRuntime(workers=1, scratch_root=str(tmp_path / "scratch"),
                              devices=[str(tmp_path / "fake-gpu*"), "/dev/no-such-device*"])
     await runtime.start()
@@ -391,9 +393,12 @@ async def test_granted_device_nodes_open_read_write_and_nothing_else(
         finally:
             await runtime.release(instance)
         assert granted.read_bytes() == b"GPUdata"
-        with pytest.raises(WorkerFailure) as err:
+        # Refused by Landlock; or not even there, for a worker of its own uid, in whose mount
+        # namespace the directory only root may enter holds just the paths it was granted.
+        with pytest.raises((WorkerFailure, NodeFailed)) as err:
             await run_once(runtime, nodes.OpenDevice, {"in": 1}, {"path": str(other)})
-        assert err.value.kind == "permission"
+        assert (getattr(err.value, "kind", "") == "permission"
+                or "FileNotFoundError" in str(err.value))
         assert other.read_bytes() == b"...data"
     finally:
         await runtime.shutdown()
