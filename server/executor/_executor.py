@@ -46,9 +46,9 @@ class NodeReport:
     def planned(cls, spec: NodeSpec) -> NodeReport:
         """A report of the node as the plan placed it (a fallback decided at compile time,
         when the server has no sandbox, included)."""
-        report = cls(spec.node_id, spec.node_type, spec.decision.runtime, spec.decision.reason)
-        report.ran_as(spec.decision)
-        return report
+        decision = spec.decision
+        return cls(spec.node_id, spec.node_type, decision.runtime, decision.reason,
+                   fallback=decision.fallback, fallback_reason=decision.fallback_reason)
 
     def ran_as(self, decision: RuntimeDecision) -> None:
         """The node runs as ``decision`` says (the plan's, or a fallback's)."""
@@ -261,19 +261,19 @@ class Executor:
 
     async def _call(self, spec: NodeSpec, decision: RuntimeDecision, node_inputs: dict[str, Any],
                     scope: ExecutionScope, report: NodeReport) -> Any:
-        runtime, decision = runtime_for(self._runtimes, self._selector, spec, decision)
-        if decision is not spec.decision:
-            report.ran_as(decision)
+        runtime = runtime_for(self._runtimes, self._selector, spec, decision, report)
         return await runtime.call(spec, scope, node_inputs)
 
 
 def runtime_for(runtimes: Mapping[str, Runtime], selector: Selector, spec: NodeSpec,
-                decision: RuntimeDecision) -> tuple[Runtime, RuntimeDecision]:
-    """The runtime that carries out ``decision``, and the decision it runs: when the runtime
-    is not on this server, the selector's replacement (an in-process fallback it allows and
-    reports) or its error; never a silent move to another runtime."""
+                decision: RuntimeDecision, report: NodeReport) -> Runtime:
+    """The runtime that carries out ``decision``; ``report`` is updated when that is not the
+    plan's decision. When the runtime is not on this server the selector replaces the decision
+    (an in-process fallback it allows and reports) or raises: never a silent move."""
     runtime = runtimes.get(decision.runtime)
-    if runtime is not None:
-        return runtime, decision
-    decision = selector.runtime_missing(spec.node_id, spec.entry, decision)
-    return runtimes[decision.runtime], decision
+    if runtime is None:
+        decision = selector.runtime_missing(spec.node_id, spec.entry, decision)
+        runtime = runtimes[decision.runtime]
+    if decision is not spec.decision:
+        report.ran_as(decision)
+    return runtime

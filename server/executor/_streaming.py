@@ -686,10 +686,7 @@ class StreamingExecutor:
     def runtime_for(self, spec: NodeSpec, decision: RuntimeDecision,
                     report: NodeReport) -> Runtime:
         """The runtime for ``decision`` (see ``runtime_for``); ``report`` says where it runs."""
-        runtime, decision = runtime_for(self._runtimes, self.selector, spec, decision)
-        if decision is not spec.decision:
-            report.ran_as(decision)
-        return runtime
+        return runtime_for(self._runtimes, self.selector, spec, decision, report)
 
     def open(self, plan: ExecutionPlan, scope: ExecutionScope | None = None, *,
              queue_size: int = 0, buffer_bytes: int = 0) -> StreamSession:
