@@ -6,7 +6,12 @@
     ├── LimitExceeded         RESOURCE_EXHAUSTED oversize tensor, too many concurrent calls
     ├── PermissionDenied      PERMISSION_DENIED  trust policy refused a runtime hint
     ├── NodeFailed            UNKNOWN            a node's own exception (names node + exception)
-    ├── SandboxFailure        ABORTED            the worker hosting a node died or hit a limit
+    ├── SandboxFailure        by ``kind``: the sandbox denied, stopped or could not host a call
+    │                         PERMISSION_DENIED  permission (EPERM/EACCES, seccomp, Landlock)
+    │                         RESOURCE_EXHAUSTED memory, cpu (a cap of the sandbox)
+    │                         UNAVAILABLE        unavailable (no worker could be started)
+    │                         ABORTED            crash, protocol, import, transfer, anything else
+    ├── RuntimeUnavailable    FAILED_PRECONDITION a node's runtime is missing and it may not fall back
     ├── DeadlineExceeded      DEADLINE_EXCEEDED  request deadline or node timeout
     ├── SessionCancelled      CANCELLED          the client cancelled its stream (StreamCancel)
     └── ServiceUnavailable    UNAVAILABLE        draining / shutting down
@@ -21,11 +26,13 @@ from collections.abc import Sequence
 from tensorline.client._codec import Violation
 
 __all__ = [
+    "FALLBACK_KINDS",
     "DeadlineExceeded",
     "LimitExceeded",
     "NodeFailed",
     "PermissionDenied",
     "RequestInvalid",
+    "RuntimeUnavailable",
     "SandboxFailure",
     "ServiceUnavailable",
     "SessionCancelled",
@@ -89,21 +96,50 @@ class NodeFailed(TensorlineServerError):
         super().__init__(f"{where} failed: {exc_type}: {detail}")
 
 
+# Sandbox failures where the sandbox could not host the call at all, so nothing of it ran under
+# isolation: no worker could be started (``unavailable``), the node class cannot be loaded in a
+# worker (``import``), or its values cannot cross the process boundary (``transfer``). These
+# alone may be retried in-process; every other kind means the sandbox denied or stopped what the
+# node did, and running it again without the sandbox would undo exactly that.
+FALLBACK_KINDS = frozenset({"unavailable", "import", "transfer"})
+
+
 class SandboxFailure(TensorlineServerError):
-    """The sandbox worker hosting a node crashed or was killed (memory, CPU, signal)."""
+    """The sandbox denied, stopped or could not host a node's call.
+
+    ``kind`` says which: ``permission`` (a blocked syscall: EPERM/EACCES, seccomp, Landlock),
+    ``memory`` / ``cpu`` (a resource cap), ``crash`` (the worker died or was killed),
+    ``protocol`` (the worker broke the control protocol), or one of ``FALLBACK_KINDS``. An
+    unclassified failure is a ``crash``: it must never look eligible for an in-process retry.
+    """
 
     reason = "SANDBOX_FAILURE"
-    def __init__(self, node_id: str, cause: str, *, during: str = "process") -> None:
+
+    def __init__(self, node_id: str, cause: str, *, during: str = "process",
+                 kind: str = "crash") -> None:
         self.node_id = node_id
         self.cause = cause
         self.during = during
+        self.kind = kind
         super().__init__(f"node '{node_id}' failed in the sandbox during {during}: {cause}")
 
     @property
     def fallback_eligible(self) -> bool:
-        """Whether the sandbox (a blocked syscall, the memory cap, a crash while importing or
-        initializing) rather than the node caused this, so an in-process retry may help."""
-        return True
+        """Whether the sandbox could not host the call at all (``FALLBACK_KINDS``), so an
+        in-process retry runs nothing the sandbox refused."""
+        return self.kind in FALLBACK_KINDS
+
+
+class RuntimeUnavailable(TensorlineServerError):
+    """The runtime chosen for a node is not on this server and the node may not fall back."""
+
+    reason = "RUNTIME_UNAVAILABLE"
+
+    def __init__(self, node_id: str, node_type: str, runtime: str, why: str) -> None:
+        self.node_id = node_id
+        self.runtime = runtime
+        super().__init__(f"node '{node_id}' ({node_type}) must run in the {runtime} runtime, "
+                         f"which is not available on this server: {why}")
 
 
 class DeadlineExceeded(TensorlineServerError):

@@ -23,7 +23,7 @@ from tensorline.client._values import Audio, Json, Tagged, kind_of
 from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
 from tensorline.server.manifest import BoundInputs, ExecutionPlan, NodeSpec, value_for_port
 from tensorline.server.runtime import ExecutionScope, Runtime
-from tensorline.server.selector import INPROCESS, RuntimeDecision, Selector
+from tensorline.server.selector import RuntimeDecision, Selector
 
 
 @dataclass(slots=True)
@@ -39,6 +39,22 @@ class NodeReport:
     # Streaming sessions: input sets consumed and output values produced.
     inputs_consumed: int = 0
     outputs_produced: int = 0
+    # Set with ``fallback``: the bounded reason (``FALLBACK_KINDS``), a metrics label.
+    fallback_reason: str = ""
+
+    @classmethod
+    def planned(cls, spec: NodeSpec) -> NodeReport:
+        """A report of the node as the plan placed it (a fallback decided at compile time,
+        when the server has no sandbox, included)."""
+        decision = spec.decision
+        return cls(spec.node_id, spec.node_type, decision.runtime, decision.reason,
+                   fallback=decision.fallback, fallback_reason=decision.fallback_reason)
+
+    def ran_as(self, decision: RuntimeDecision) -> None:
+        """The node runs as ``decision`` says (the plan's, or a fallback's)."""
+        self.runtime, self.reason = decision.runtime, decision.reason
+        if decision.fallback:
+            self.fallback, self.fallback_reason = decision.fallback, decision.fallback_reason
 
 
 @dataclass(slots=True)
@@ -143,7 +159,7 @@ class Executor:
         """A one-node plan (the commonest request) without the scheduler's bookkeeping."""
         node_id = plan.order[0]
         spec = plan.nodes[node_id]
-        report = NodeReport(node_id, spec.node_type, spec.decision.runtime, spec.decision.reason)
+        report = NodeReport.planned(spec)
         node_inputs = self._gather(spec, inputs, {})
         try:
             if scope.deadline is None:
@@ -178,8 +194,7 @@ class Executor:
 
         def start(node_id: str) -> Any:
             spec = plan.nodes[node_id]
-            report = reports[node_id] = NodeReport(node_id, spec.node_type,
-                                                   spec.decision.runtime, spec.decision.reason)
+            report = reports[node_id] = NodeReport.planned(spec)
             return self._run_node(spec, self._gather(spec, inputs, produced), scope, report)
 
         try:
@@ -230,17 +245,12 @@ class Executor:
         failed = True
         try:
             try:
-                raw = await self._call(spec, spec.decision, node_inputs, scope)
+                raw = await self._call(spec, spec.decision, node_inputs, scope, report)
             except SandboxFailure as failure:
-                if not failure.fallback_eligible:
-                    raise
-                retry = self._selector.fallback(spec.node_id, spec.entry, spec.decision,
-                                                failure.cause)
+                retry = self._selector.fallback(spec.node_id, spec.entry, spec.decision, failure)
                 if retry is None:
                     raise
-                report.runtime, report.reason = retry.runtime, retry.reason
-                report.fallback = failure.cause
-                raw = await self._call(spec, retry, node_inputs, scope)
+                raw = await self._call(spec, retry, node_inputs, scope, report)
             outputs = normalize_outputs(spec, raw)
             failed = False
             return outputs
@@ -249,7 +259,21 @@ class Executor:
             if self.observer is not None:
                 self.observer(report, failed)
 
-    async def _call(self, spec: NodeSpec, decision: RuntimeDecision,
-                    node_inputs: dict[str, Any], scope: ExecutionScope) -> Any:
-        runtime = self._runtimes.get(decision.runtime) or self._runtimes[INPROCESS]
+    async def _call(self, spec: NodeSpec, decision: RuntimeDecision, node_inputs: dict[str, Any],
+                    scope: ExecutionScope, report: NodeReport) -> Any:
+        runtime = runtime_for(self._runtimes, self._selector, spec, decision, report)
         return await runtime.call(spec, scope, node_inputs)
+
+
+def runtime_for(runtimes: Mapping[str, Runtime], selector: Selector, spec: NodeSpec,
+                decision: RuntimeDecision, report: NodeReport) -> Runtime:
+    """The runtime that carries out ``decision``; ``report`` is updated when that is not the
+    plan's decision. When the runtime is not on this server the selector replaces the decision
+    (an in-process fallback it allows and reports) or raises: never a silent move."""
+    runtime = runtimes.get(decision.runtime)
+    if runtime is None:
+        decision = selector.runtime_missing(spec.node_id, spec.entry, decision)
+        runtime = runtimes[decision.runtime]
+    if decision is not spec.decision:
+        report.ran_as(decision)
+    return runtime

@@ -61,7 +61,7 @@ from tensorline.server._errors import (
     SandboxFailure,
     Violation,
 )
-from tensorline.server.executor._executor import NodeReport, normalize_outputs
+from tensorline.server.executor._executor import NodeReport, normalize_outputs, runtime_for
 from tensorline.server.manifest import (
     ExecutionPlan,
     NodeSpec,
@@ -70,7 +70,7 @@ from tensorline.server.manifest import (
 )
 from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
 from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
-from tensorline.server.selector import INPROCESS, Selector
+from tensorline.server.selector import RuntimeDecision, Selector
 
 DEFAULT_QUEUE_SIZE = 16
 DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
@@ -402,21 +402,18 @@ class StreamSession:
 
     async def _acquire(self, spec: NodeSpec) -> None:
         decision = spec.decision
-        report = NodeReport(spec.node_id, spec.node_type, decision.runtime, decision.reason)
+        report = NodeReport.planned(spec)
         self.event(spec.node_id, "initializing",
                    f"initializing {spec.node_type} ({decision.runtime}: {decision.reason})")
         started = time.perf_counter()
-        runtime = self._executor.runtime_for(decision.runtime)
+        runtime = self._executor.runtime_for(spec, decision, report)
         try:
             instance = await runtime.acquire(spec, self.scope)
         except SandboxFailure as failure:
-            retry = self._executor.selector.fallback(spec.node_id, spec.entry, decision,
-                                                     failure.cause)
+            retry = self._executor.selector.fallback(spec.node_id, spec.entry, decision, failure)
             if retry is None:
                 raise
-            report.runtime, report.reason, report.fallback = (retry.runtime, retry.reason,
-                                                              failure.cause)
-            runtime = self._executor.runtime_for(retry.runtime)
+            runtime = self._executor.runtime_for(spec, retry, report)
             instance = await runtime.acquire(spec, self.scope)
         self._acquired.append((runtime, instance))
         if spec.entry.cls.streaming and not instance.can_stream:
@@ -686,8 +683,10 @@ class StreamingExecutor:
         self._runtimes = runtimes
         self.selector = selector
 
-    def runtime_for(self, name: str) -> Runtime:
-        return self._runtimes.get(name) or self._runtimes[INPROCESS]
+    def runtime_for(self, spec: NodeSpec, decision: RuntimeDecision,
+                    report: NodeReport) -> Runtime:
+        """The runtime for ``decision`` (see ``runtime_for``); ``report`` says where it runs."""
+        return runtime_for(self._runtimes, self.selector, spec, decision, report)
 
     def open(self, plan: ExecutionPlan, scope: ExecutionScope | None = None, *,
              queue_size: int = 0, buffer_bytes: int = 0) -> StreamSession:

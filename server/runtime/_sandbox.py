@@ -137,15 +137,22 @@ class WorkerFailure(SandboxFailure):
     protocol), ``unavailable`` (no worker could be started).
     """
 
+    # An import the worker reports as failed may itself have hit the sandbox (module code that
+    # opens a socket or a file outside the allow-list): that is a denial, not a load failure.
+    _DENIAL_MARKS = ("PermissionError", "[Errno 1]", "[Errno 13]", "Operation not permitted",
+                     "Permission denied", "MemoryError")
+
     def __init__(self, node_id: str, cause: str, *, during: str, kind: str) -> None:
-        super().__init__(node_id, cause, during=during)
-        self.kind = kind
+        super().__init__(node_id, cause, during=during, kind=kind)
 
     @property
     def fallback_eligible(self) -> bool:
-        """Caused by the sandbox rather than by the node (the issue's fallback rule): a blocked
-        syscall, a MemoryError under the cap, or any failure while importing/initializing."""
-        return self.kind in ("permission", "memory", "import") or self.during == "initialize"
+        """Only when the worker could not host the node at all (no worker, a class that cannot
+        be loaded there, values that cannot cross); never for what the sandbox denied or
+        stopped, whether during initialize or process."""
+        if self.kind == "import" and any(mark in self.cause for mark in self._DENIAL_MARKS):
+            return False
+        return super().fallback_eligible
 
 
 # A worker's interpreter, numpy and pydantic already use ~80 MiB of RLIMIT_DATA: a smaller

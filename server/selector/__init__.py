@@ -1,5 +1,6 @@
 """Runtime selection: hint > environment > auto-detection > default, with trust and fallback."""
 
+from tensorline.server._errors import FALLBACK_KINDS
 from tensorline.server.selector._selector import (
     ENV_FALLBACK,
     ENV_RUNTIME,
@@ -7,6 +8,7 @@ from tensorline.server.selector._selector import (
     HINT_ALIASES,
     INPROCESS,
     SANDBOX,
+    UNAVAILABLE,
     RuntimeDecision,
     RuntimeName,
     Selector,
@@ -17,10 +19,12 @@ from tensorline.server.selector._selector import (
 __all__ = [
     "ENV_FALLBACK",
     "ENV_RUNTIME",
+    "FALLBACK_KINDS",
     "HEAVY_LIBRARIES",
     "HINT_ALIASES",
     "INPROCESS",
     "SANDBOX",
+    "UNAVAILABLE",
     "RuntimeDecision",
     "RuntimeName",
     "Selector",

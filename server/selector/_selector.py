@@ -11,8 +11,14 @@ Order, per node (the first rule that applies wins; every decision carries its re
    Python), then heavy-library keywords in the node type or its module -> sandbox.
 5. Default: in-process for trusted nodes.
 
-Fallback (``TENSORLINE_ENABLE_FALLBACK``, default on): a trusted node whose sandboxed run failed
-because of the sandbox may be re-created in-process once; ``fallback()`` says whether.
+Fallback (``TENSORLINE_ENABLE_FALLBACK``, default on) moves a trusted sandbox node in-process
+only when the sandbox could not host it at all: the sandbox runtime is unavailable
+(``decide()`` when the server has none, ``runtime_missing()`` when it is gone at run time), or
+the worker cannot load the node or exchange its values (``fallback()``, for the failure kinds in
+``FALLBACK_KINDS``). What the sandbox denied or stopped (a blocked syscall, a resource cap, a
+crash, a deadline, a protocol violation) is never re-run in-process. Every fallback decision
+carries ``fallback`` (the cause, for the response metrics) and ``fallback_reason`` (a bounded
+label for the counter), and is logged as a warning.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from tensorline.server._errors import PermissionDenied
+from tensorline.server._errors import PermissionDenied, RuntimeUnavailable, SandboxFailure
 from tensorline.server.nodes import NodeEntry
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,9 @@ MEMORY_THRESHOLD_MB = 4096
 ENV_RUNTIME = "TENSORLINE_RUNTIME"
 ENV_FALLBACK = "TENSORLINE_ENABLE_FALLBACK"
 
+# The fallback reason (counter label) when the sandbox runtime itself is not there.
+UNAVAILABLE = "unavailable"
+
 
 def normalize_hint(hint: str | None) -> str | None:
     """Canonical hint value, or None for no hint. ValueError lists the accepted spellings."""
@@ -81,6 +90,10 @@ class RuntimeDecision:
     reason: str
     # False for untrusted nodes: never moved in-process.
     fallback_allowed: bool = True
+    # Set when this decision is a fallback to in-process: why (free text, shown to the client)
+    # and which of the allowed reasons (``FALLBACK_KINDS``: a bounded metrics label).
+    fallback: str = ""
+    fallback_reason: str = ""
 
 
 def heavy_library_in(*names: str) -> str | None:
@@ -130,17 +143,57 @@ class Selector:
         canonical = normalize_hint(hint)
         decision = self._decide(node_id, entry, canonical)
         if decision.runtime == SANDBOX and not self.sandbox_available:
-            if not entry.trusted:
-                raise PermissionDenied(
-                    f"node '{node_id}' ({entry.node_type}) is untrusted and must run sandboxed, "
-                    "but the sandbox runtime is not available on this server"
-                )
-            decision = RuntimeDecision(
-                INPROCESS, f"{decision.reason}; sandbox unavailable on this server, in-process"
-            )
+            decision = self.runtime_missing(node_id, entry, decision)
         log.debug("node %s (%s): %s because %s", node_id, entry.node_type, decision.runtime,
                   decision.reason)
         return decision
+
+    def runtime_missing(self, node_id: str, entry: NodeEntry,
+                        decision: RuntimeDecision) -> RuntimeDecision:
+        """The decision to run with when ``decision``'s runtime is not on this server: an
+        in-process fallback when the node may have one, else ``RuntimeUnavailable`` (or
+        ``PermissionDenied`` for an untrusted node, which must never leave the sandbox)."""
+        if not entry.trusted:
+            raise PermissionDenied(
+                f"node '{node_id}' ({entry.node_type}) is untrusted and must run sandboxed, "
+                "but the sandbox runtime is not available on this server"
+            )
+        if decision.runtime == INPROCESS or not self._may_fall_back(entry, decision):
+            raise RuntimeUnavailable(node_id, entry.node_type, decision.runtime,
+                                     f"chosen because {decision.reason}; "
+                                     f"{self._why_no_fallback(decision)}")
+        cause = "sandbox runtime unavailable"
+        self._warn(node_id, entry, cause)
+        return RuntimeDecision(
+            INPROCESS, f"{decision.reason}; sandbox unavailable on this server, in-process",
+            fallback_allowed=False, fallback=cause, fallback_reason=UNAVAILABLE)
+
+    def fallback(self, node_id: str, entry: NodeEntry, decision: RuntimeDecision,
+                 failure: SandboxFailure) -> RuntimeDecision | None:
+        """The decision to retry with after ``failure`` in the sandbox, or None for no retry:
+        only a trusted node, with fallback on, that the sandbox could not host at all."""
+        if not failure.fallback_eligible or not self._may_fall_back(entry, decision):
+            return None
+        self._warn(node_id, entry, failure.cause)
+        return RuntimeDecision(INPROCESS, f"fallback from sandbox: {failure.cause}",
+                               fallback_allowed=False, fallback=failure.cause,
+                               fallback_reason=failure.kind)
+
+    def _may_fall_back(self, entry: NodeEntry, decision: RuntimeDecision) -> bool:
+        return (decision.runtime == SANDBOX and decision.fallback_allowed and entry.trusted
+                and self.fallback_enabled)
+
+    def _why_no_fallback(self, decision: RuntimeDecision) -> str:
+        if decision.runtime != SANDBOX:
+            return "there is no other runtime for it"
+        if not decision.fallback_allowed:
+            return "it may not fall back to in-process"
+        return f"fallback to in-process is disabled ({ENV_FALLBACK}=false)"
+
+    @staticmethod
+    def _warn(node_id: str, entry: NodeEntry, cause: str) -> None:
+        log.warning("node %s (%s): the sandbox could not host it (%s); falling back to "
+                    "in-process", node_id, entry.node_type, cause)
 
     def _decide(self, node_id: str, entry: NodeEntry, hint: str | None) -> RuntimeDecision:
         if not entry.trusted:
@@ -187,14 +240,3 @@ class Selector:
         if lib is not None:
             return RuntimeDecision(SANDBOX, because(f"auto: heavy library keyword '{lib}'"))
         return RuntimeDecision(INPROCESS, because("default: trusted node in-process"))
-
-    def fallback(self, node_id: str, entry: NodeEntry, decision: RuntimeDecision,
-                 cause: str) -> RuntimeDecision | None:
-        """The decision to retry with after a sandbox-caused failure, or None for no retry."""
-        if decision.runtime != SANDBOX or not decision.fallback_allowed or not entry.trusted:
-            return None
-        if not self.fallback_enabled:
-            return None
-        log.warning("node %s (%s): sandbox failed (%s); falling back to in-process",
-                    node_id, entry.node_type, cause)
-        return RuntimeDecision(INPROCESS, f"fallback from sandbox: {cause}", fallback_allowed=False)

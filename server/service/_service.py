@@ -99,8 +99,14 @@ class PipelineService:
             max_concurrent_executions=self.settings.max_concurrent_executions,
             max_concurrent_streams=self.settings.max_concurrent_streams,
             sandbox_layers=layers,
+            worker_pool_size=self._live_workers(),
             runtimes=sorted(self.engine.runtimes),
         )
+
+    def _live_workers(self) -> int:
+        """Worker processes alive now, over every runtime that has a pool."""
+        return sum(int(runtime.stats().get("workers", 0.0))
+                   for runtime in self.engine.runtimes.values())
 
     def handler(self) -> grpc.GenericRpcHandler:
         # Imported here: the stream handler module imports this one.

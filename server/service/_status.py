@@ -23,6 +23,7 @@ from tensorline.server._errors import (
     NodeFailed,
     PermissionDenied,
     RequestInvalid,
+    RuntimeUnavailable,
     SandboxFailure,
     ServiceUnavailable,
     SessionCancelled,
@@ -41,15 +42,29 @@ _CODES: list[tuple[type[TensorlineServerError], grpc.StatusCode]] = [
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NodeFailed, grpc.StatusCode.UNKNOWN),
     (SandboxFailure, grpc.StatusCode.ABORTED),
+    (RuntimeUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ServiceUnavailable, grpc.StatusCode.UNAVAILABLE),
     (SessionCancelled, grpc.StatusCode.CANCELLED),
 ]
 
 
+# What the sandbox did to a call, by ``SandboxFailure.kind``: a denial or a cap is the caller's
+# to know about (retrying cannot help); anything not listed (a crash, a protocol violation, a
+# node that cannot be loaded) stays ABORTED.
+_SANDBOX_CODES: dict[str, grpc.StatusCode] = {
+    "permission": grpc.StatusCode.PERMISSION_DENIED,
+    "memory": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "cpu": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
 def status_code_of(error: TensorlineServerError) -> grpc.StatusCode:
     if isinstance(error, RequestInvalid) and any(v.kind == "limit" for v in error.violations):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, SandboxFailure):
+        return _SANDBOX_CODES.get(error.kind, grpc.StatusCode.ABORTED)
     for cls, code in _CODES:
         if isinstance(error, cls):
             return code
@@ -69,7 +84,10 @@ def _error_metadata(error: TensorlineServerError) -> dict[str, str]:
             meta["sequence"] = str(error.sequence)
         return meta
     if isinstance(error, SandboxFailure):
-        return {"node_id": error.node_id, "cause": error.cause, "during": error.during}
+        return {"node_id": error.node_id, "cause": error.cause, "during": error.during,
+                "kind": error.kind}
+    if isinstance(error, RuntimeUnavailable):
+        return {"node_id": error.node_id, "runtime": error.runtime}
     return {}
 
 

@@ -124,8 +124,9 @@ class _CallCollector(Collector):
                         ["node_type", "runtime"], "nx")
         yield t.histogram("tensorline_node_duration_seconds", "node wall time",
                           ["node_type", "runtime"], "nl")
-        yield t.counter("tensorline_fallbacks", "sandbox failures retried in-process",
-                        ["node_type"], "fb")
+        yield t.counter("tensorline_fallbacks",
+                        "node runs moved from the sandbox to in-process, by why the sandbox "
+                        "could not host them", ["node_type", "reason"], "fb")
         shed = CounterMetricFamily("tensorline_load_shed",
                                    "calls refused by the concurrency limits", labels=["kind"])
         for kind, count in list(self._admission.shed.items()):
@@ -161,7 +162,7 @@ class Telemetry:
         if failed:
             tally.inc(("nx", report.node_type, report.runtime))
         if report.fallback:
-            tally.inc(("fb", report.node_type))
+            tally.inc(("fb", report.node_type, report.fallback_reason or "unknown"))
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the bound port (port 0 = ephemeral)."""

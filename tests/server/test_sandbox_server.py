@@ -1,11 +1,15 @@
-"""The sandbox through the real service: mixed pipelines bit-exact, and an escape/crash suite of
-untrusted nodes while the server keeps serving other requests; afterwards the server is healthy
-and no stray worker process or /dev/shm segment remains."""
+"""The sandbox through the real service: mixed pipelines bit-exact, an escape/crash suite of
+untrusted nodes while the server keeps serving other requests (afterwards the server is healthy
+and no stray worker process or /dev/shm segment remains), and the fallback rules for trusted
+nodes: what the sandbox denied or stopped is never re-run in-process; a node the worker cannot
+load is, and says so in the metrics, the log and the fallback counter."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +18,10 @@ import grpc
 import numpy as np
 import pytest
 
-from tensorline.client import AsyncClient, DeadlineExceededError, SandboxError
+from tensorline.client import AsyncClient, DeadlineExceededError, TensorlineError
 from tensorline.server import TensorlineServer
+from tensorline.server.nodes import NodeRegistry
+from tests.nodes.server_only import ServerOnlyScale
 from tests.server.conftest import UNTRUSTED
 
 MIXED = {"nodes": [
@@ -55,15 +61,21 @@ def one(node_type: str, **params: Any) -> dict[str, Any]:
     return {"nodes": [{"id": "bad", "node_type": node_type, "params": params}]}
 
 
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+CAPPED = grpc.StatusCode.RESOURCE_EXHAUSTED
+KILLED = grpc.StatusCode.ABORTED
+
+
 async def expect_sandbox_error(client: AsyncClient, manifest: dict[str, Any],
-                               *fragments: str) -> SandboxError:
+                               code: grpc.StatusCode, *fragments: str) -> TensorlineError:
     bystander = asyncio.ensure_future(check_still_serving(client))
-    with pytest.raises(SandboxError) as info:
+    with pytest.raises(TensorlineError) as info:
         await client.execute(manifest, {"bad": np.ones(2)}, timeout=60)
     await bystander
     error = info.value
-    assert error.code == grpc.StatusCode.ABORTED
-    assert error.node_id == "bad"
+    assert error.code == code, error
+    assert error.reason == "SANDBOX_FAILURE"
+    assert error.metadata["node_id"] == "bad"
     assert "node 'bad'" in error.message
     for fragment in fragments:
         assert fragment in error.message, error.message
@@ -82,32 +94,33 @@ async def test_escape_and_crash_suite(sandboxed: tuple[TensorlineServer, AsyncCl
         listener.listen()
         listener.setblocking(False)
         await expect_sandbox_error(client, one("TcpConnect", port=listener.getsockname()[1]),
-                                   "blocked by the sandbox")
+                                   DENIED, "blocked by the sandbox")
         with pytest.raises(BlockingIOError):
             listener.accept()
 
     outside = tmp_path.parent / "escaped.txt"
-    await expect_sandbox_error(client, one("WriteOutside", path=str(outside)),
+    await expect_sandbox_error(client, one("WriteOutside", path=str(outside)), DENIED,
                                "blocked by the sandbox")
     assert not outside.exists()
-    await expect_sandbox_error(client, one("Shell"), "blocked by the sandbox")
-    await expect_sandbox_error(client, one("ForkBomb"), "blocked by the sandbox")
+    await expect_sandbox_error(client, one("Shell"), DENIED, "blocked by the sandbox")
+    await expect_sandbox_error(client, one("ForkBomb"), DENIED, "blocked by the sandbox")
     import os
 
-    await expect_sandbox_error(client, one("SignalPid", pid=os.getpid()), "blocked by the sandbox")
+    await expect_sandbox_error(client, one("SignalPid", pid=os.getpid()), DENIED,
+                               "blocked by the sandbox")
     from multiprocessing import shared_memory
 
     segment = shared_memory.SharedMemory(create=True, size=4096)
     try:
         await expect_sandbox_error(client, one("OpenFile", path=f"/dev/shm/{segment.name}"),
-                                   "blocked by the sandbox")
+                                   DENIED, "blocked by the sandbox")
     finally:
         segment.close()
         segment.unlink()
 
-    await expect_sandbox_error(client, one("Segfault"), "signal 11")
-    await expect_sandbox_error(client, one("MemoryHog"), "memory limit")
-    await expect_sandbox_error(client, one("CpuLoop"), "CPU time limit")
+    await expect_sandbox_error(client, one("Segfault"), KILLED, "signal 11")
+    await expect_sandbox_error(client, one("MemoryHog"), CAPPED, "memory limit")
+    await expect_sandbox_error(client, one("CpuLoop"), CAPPED, "CPU time limit")
     with pytest.raises(DeadlineExceededError):
         await client.execute(one("Sleeper"), {"bad": np.ones(1)}, timeout=1.5)
     await check_still_serving(client)
@@ -117,29 +130,130 @@ async def test_escape_and_crash_suite(sandboxed: tuple[TensorlineServer, AsyncCl
     assert stats["worker_restarts"] >= 1
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-async def test_fallback_only_for_sandbox_caused_failures(
-        server_factory: Callable[..., Any], leak_check: None, enabled: bool) -> None:
-    """Trusted nodes: a blocked syscall while initializing falls back in-process (when enabled);
-    a crash of the node's own process() and the node's own exceptions never do."""
-    server = await server_factory(node_modules=["tests.nodes.basic", UNTRUSTED],
-                                  enable_fallback=enabled)
-    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
-        blocked = {"nodes": [{"id": "bad", "node_type": "BlockedInit", "runtime_hint": "sandbox"}]}
-        if enabled:
-            result = await client.execute(blocked, {"bad": np.ones(2)})
-            metrics = result.metrics.nodes[0]
-            assert metrics.runtime == "inprocess"
-            assert metrics.selection_reason.startswith("fallback from sandbox")
-            assert "blocked by the sandbox" in metrics.fallback
-        else:
-            with pytest.raises(SandboxError, match="blocked by the sandbox"):
-                await client.execute(blocked, {"bad": np.ones(2)})
-        crash = {"nodes": [{"id": "bad", "node_type": "Segfault", "runtime_hint": "sandbox"}]}
-        with pytest.raises(SandboxError, match="signal 11"):
-            await client.execute(crash, {"bad": np.ones(2)})
-        from tensorline.client import NodeError
+# --- trusted nodes: the fallback rules --------------------------------------------------------
 
-        own = {"nodes": [{"id": "bad", "node_type": "Fail", "runtime_hint": "sandbox"}]}
-        with pytest.raises(NodeError, match="boom"):
-            await client.execute(own, {"bad": np.ones(2)})
+
+def hinted(node_type: str, **params: Any) -> dict[str, Any]:
+    """One trusted node ``bad`` that asks for the sandbox."""
+    return {"nodes": [{"id": "bad", "node_type": node_type, "params": params,
+                       "runtime_hint": "sandbox"}]}
+
+
+async def scrape_fallbacks(server: TensorlineServer) -> dict[str, float]:
+    """``tensorline_fallbacks_total`` samples from the real /metrics endpoint, by label text."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+    samples = {}
+    for line in text.decode().splitlines():
+        if line.startswith("tensorline_fallbacks_total{"):
+            labels, value = line.rsplit(" ", 1)
+            samples[labels.removeprefix("tensorline_fallbacks_total")] = float(value)
+    return samples
+
+
+async def expect_denied(client: AsyncClient, manifest: dict[str, Any], code: grpc.StatusCode,
+                        fragment: str = "blocked by the sandbox") -> None:
+    with pytest.raises(TensorlineError) as caught:
+        await client.execute(manifest, {"bad": np.ones(2)}, timeout=60)
+    error = caught.value
+    assert error.code == code, error
+    assert error.metadata["node_id"] == "bad" and "node 'bad'" in error.message
+    assert fragment in error.message, error.message
+
+
+async def test_a_trusted_node_the_sandbox_denied_is_never_re_run_in_process(
+        server_factory: Callable[..., Any], leak_check: None, tmp_path: Path) -> None:
+    """Fallback on (the default), trusted nodes hinted to the sandbox: each blocked action fails
+    with a status naming the node and did not happen anywhere, the server included."""
+    server = await server_factory(node_modules=["tests.nodes.basic", UNTRUSTED],
+                                  enable_fallback=True, sandbox_cpu_seconds=2.0,
+                                  sandbox_scratch_dir=tmp_path / "scratch", metrics_port=0,
+                                  metrics_host="127.0.0.1")
+    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
+        layers = {layer.name for layer in (await client.server_info()).sandbox_layers
+                  if layer.active}
+        assert {"seccomp", "landlock", "rlimits"} <= layers, layers
+
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            listener.setblocking(False)
+            port = listener.getsockname()[1]
+            await expect_denied(client, hinted("TcpConnect", port=port), DENIED)
+            await expect_denied(client, hinted("BlockedInit"), DENIED)
+            with pytest.raises(BlockingIOError):
+                listener.accept()
+
+        outside = tmp_path / "escaped.txt"
+        await expect_denied(client, hinted("WriteOutside", path=str(outside)), DENIED)
+        assert not outside.exists()
+        await expect_denied(client, hinted("Shell"), DENIED)
+        await expect_denied(client, hinted("MemoryHog"), CAPPED, "memory limit")
+        await expect_denied(client, hinted("CpuLoop"), CAPPED, "CPU time limit")
+        await expect_denied(client, hinted("Segfault"), KILLED, "signal 11")
+        sleeper = hinted("Sleeper")
+        sleeper["nodes"][0]["timeout_s"] = 1.0  # the server's deadline, which names the node
+        with pytest.raises(DeadlineExceededError, match="node 'bad'"):
+            await client.execute(sleeper, {"bad": np.ones(1)}, timeout=60)
+        # In-process, each of these would have succeeded; none was retried there.
+        assert await scrape_fallbacks(server) == {}
+
+
+@pytest.fixture
+def server_only() -> NodeRegistry:
+    registry = NodeRegistry.default(modules=["tests.nodes.basic"], entry_points=False)
+    registry.register(ServerOnlyScale)
+    return registry
+
+
+async def test_a_node_the_worker_cannot_load_falls_back_and_is_reported(
+        server_factory: Callable[..., Any], leak_check: None, server_only: NodeRegistry,
+        caplog: pytest.LogCaptureFixture) -> None:
+    server = await server_factory(registry=server_only, metrics_port=0,
+                                  metrics_host="127.0.0.1")
+    manifest = {"nodes": [{"id": "s", "node_type": "ServerOnlyScale", "params": {"factor": 3},
+                           "runtime_hint": "sandbox"}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
+        before = await scrape_fallbacks(server)
+        with caplog.at_level(logging.WARNING, logger="tensorline.server.selector"):
+            result = await client.execute(manifest, {"s": np.arange(3.0)})
+        np.testing.assert_array_equal(result["s"], [0.0, 3.0, 6.0])
+        metrics = result.metrics.nodes[0]
+        assert metrics.runtime == "inprocess"
+        assert metrics.selection_reason.startswith("fallback from sandbox: ")
+        assert "cannot load tensorline_tests_server_only.ServerOnlyScale" in metrics.fallback
+        assert "No module named" in metrics.fallback
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and warnings[0].startswith(
+            "node s (ServerOnlyScale): the sandbox could not host it (ModuleNotFoundError")
+        label = '{node_type="ServerOnlyScale",reason="import"}'
+        assert (await scrape_fallbacks(server)).get(label, 0.0) == before.get(label, 0.0) + 1.0
+
+        info = await client.server_info()
+        pids = server.engine.runtimes["sandbox"].worker_pids()
+        assert info.worker_pool_size == len(pids) >= 1
+
+
+async def test_a_node_the_worker_cannot_load_fails_without_fallback(
+        server_factory: Callable[..., Any], leak_check: None, server_only: NodeRegistry) -> None:
+    server = await server_factory(registry=server_only, enable_fallback=False)
+    manifest = {"nodes": [{"id": "s", "node_type": "ServerOnlyScale", "runtime_hint": "sandbox"}]}
+    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
+        with pytest.raises(TensorlineError) as caught:
+            await client.execute(manifest, {"s": np.ones(2)})
+    assert caught.value.code == KILLED
+    assert caught.value.metadata["kind"] == "import"
+    assert "node 's'" in caught.value.message and "No module named" in caught.value.message
+
+
+async def test_a_server_without_its_sandbox_refuses_sandbox_nodes_without_fallback(
+        server_factory: Callable[..., Any]) -> None:
+    server = await server_factory(sandbox=False, enable_fallback=False)
+    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
+        with pytest.raises(TensorlineError) as caught:
+            await client.execute(hinted("PassThrough"), {"bad": np.ones(2)})
+        info = await client.server_info()
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.message.startswith(
+        "node 'bad' (PassThrough) must run in the sandbox runtime, which is not available")
+    assert info.worker_pool_size == 0

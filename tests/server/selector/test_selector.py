@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -9,12 +10,16 @@ import numpy as np
 import pytest
 
 from tensorline.client import AsyncClient
-from tensorline.server import PermissionDenied
+from tensorline.server import PermissionDenied, SandboxFailure
+from tensorline.server._errors import RuntimeUnavailable
 from tensorline.server.nodes import Node, NodeEntry, NodeTraits
+from tensorline.server.runtime._sandbox import WorkerFailure
 from tensorline.server.selector import (
+    FALLBACK_KINDS,
     HINT_ALIASES,
     INPROCESS,
     SANDBOX,
+    UNAVAILABLE,
     Selector,
     heavy_library_in,
     normalize_hint,
@@ -40,6 +45,9 @@ def named(node_type: str) -> type[Node]:
 
 SANDBOXED = Selector(sandbox_available=True)
 
+# What the sandbox denied or stopped: never re-run in-process, whatever the settings.
+DENIALS = frozenset({"permission", "memory", "cpu", "crash", "protocol", "seccomp", ""})
+
 
 # --- 1. trust policy ---------------------------------------------------------------------------
 
@@ -64,10 +72,12 @@ def test_untrusted_node_without_a_sandbox_is_refused() -> None:
         Selector(sandbox_available=False).decide("n", entry(trusted=False), None)
 
 
-def test_untrusted_node_never_falls_back() -> None:
+@pytest.mark.parametrize("kind", sorted(FALLBACK_KINDS | DENIALS))
+def test_untrusted_node_never_falls_back(kind: str) -> None:
     untrusted = entry(trusted=False)
     decision = SANDBOXED.decide("n", untrusted, None)
-    assert SANDBOXED.fallback("n", untrusted, decision, "worker died") is None
+    failure = SandboxFailure("n", "worker could not load it", kind=kind)
+    assert SANDBOXED.fallback("n", untrusted, decision, failure) is None
 
 
 # --- 2. manifest hint and aliases --------------------------------------------------------------
@@ -108,11 +118,25 @@ def test_auto_hint_runs_auto_detection_with_its_prefix() -> None:
         INPROCESS, "runtime_hint=auto; default: trusted node in-process")
 
 
-def test_sandbox_hint_without_a_sandbox_runs_in_process_and_says_so() -> None:
-    decision = Selector(sandbox_available=False).decide("n", entry(), "rust_python")
+def test_sandbox_hint_without_a_sandbox_runs_in_process_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="tensorline.server.selector"):
+        decision = Selector(sandbox_available=False).decide("n", entry(), "rust_python")
     assert decision.runtime == INPROCESS
     assert decision.reason == ("manifest runtime_hint=sandbox; sandbox unavailable on this "
                                "server, in-process")
+    assert (decision.fallback, decision.fallback_reason) == ("sandbox runtime unavailable",
+                                                             UNAVAILABLE)
+    assert [r.getMessage() for r in caplog.records] == [
+        "node n (Plain): the sandbox could not host it (sandbox runtime unavailable); "
+        "falling back to in-process"]
+
+
+def test_sandbox_hint_without_a_sandbox_and_without_fallback_is_refused() -> None:
+    selector = Selector(sandbox_available=False, fallback_enabled=False)
+    with pytest.raises(RuntimeUnavailable, match=r"node 'n' \(Plain\) must run in the sandbox "
+                                                 r"runtime.*TENSORLINE_ENABLE_FALLBACK=false"):
+        selector.decide("n", entry(), "sandbox")
 
 
 # --- 3. TENSORLINE_RUNTIME ---------------------------------------------------------------------
@@ -148,21 +172,89 @@ def test_fallback_environment_flag(value: str, enabled: bool) -> None:
     selector = Selector.from_environ({"TENSORLINE_ENABLE_FALLBACK": value}, sandbox_available=True)
     trusted = entry(with_traits(isolation="sandbox"))
     decision = selector.decide("n", trusted, None)
-    retry = selector.fallback("n", trusted, decision, "worker killed by SIGKILL")
+    failure = SandboxFailure("n", "ModuleNotFoundError: no module acme", kind="import")
+    retry = selector.fallback("n", trusted, decision, failure)
     if enabled:
         assert retry is not None
         assert retry.runtime == INPROCESS
-        assert retry.reason == "fallback from sandbox: worker killed by SIGKILL"
+        assert retry.reason == "fallback from sandbox: ModuleNotFoundError: no module acme"
+        assert (retry.fallback, retry.fallback_reason) == (failure.cause, "import")
         assert retry.fallback_allowed is False
     else:
         assert retry is None
     assert Selector.from_environ({}).fallback_enabled is True
 
 
+@pytest.mark.parametrize(("kind", "falls_back"), [
+    *((kind, True) for kind in sorted(FALLBACK_KINDS)),
+    *((kind, False) for kind in sorted(DENIALS)),
+])
+def test_fallback_decision_table(kind: str, falls_back: bool,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Trusted sandbox node, fallback on: only a sandbox that could not host the node at all
+    moves it in-process; a denial, a cap, a crash or anything unknown never does."""
+    trusted = entry()
+    decision = SANDBOXED.decide("n", trusted, "sandbox")
+    with caplog.at_level(logging.WARNING, logger="tensorline.server.selector"):
+        retry = SANDBOXED.fallback("n", trusted, decision,
+                                   SandboxFailure("n", f"why: {kind}", kind=kind))
+    assert (retry is not None) is falls_back
+    if retry is not None:
+        assert (retry.runtime, retry.fallback, retry.fallback_reason) == (
+            INPROCESS, f"why: {kind}", kind)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"node n (Plain): the sandbox could not host it (why: {kind}); falling back to "
+            "in-process"]
+    else:
+        assert caplog.records == []
+
+
+def test_an_unclassified_sandbox_failure_never_falls_back() -> None:
+    decision = SANDBOXED.decide("n", entry(), "sandbox")
+    assert SANDBOXED.fallback("n", entry(), decision, SandboxFailure("n", "worker died")) is None
+
+
+@pytest.mark.parametrize(("cause", "eligible"), [
+    ("ModuleNotFoundError: cannot load acme.Node in the worker: No module named 'acme'", True),
+    ("PermissionError: cannot load acme.Node in the worker: [Errno 13] Permission denied: "
+     "'/etc/acme.key'", False),
+    ("OSError: cannot load acme.Node in the worker: x (caused by PermissionError: "
+     "[Errno 1] Operation not permitted)", False),
+])
+def test_an_import_that_hit_the_sandbox_is_a_denial(cause: str, eligible: bool) -> None:
+    failure = WorkerFailure("n", cause, during="initialize", kind="import")
+    assert failure.fallback_eligible is eligible
+    decision = SANDBOXED.decide("n", entry(), "sandbox")
+    assert (SANDBOXED.fallback("n", entry(), decision, failure) is not None) is eligible
+
+
+@pytest.mark.parametrize("kind", ["permission", "memory", "cpu", "crash", "protocol"])
+def test_worker_denials_are_never_eligible_even_while_initializing(kind: str) -> None:
+    assert not WorkerFailure("n", "x", during="initialize", kind=kind).fallback_eligible
+    assert not WorkerFailure("n", "x", during="process", kind=kind).fallback_eligible
+
+
 def test_no_fallback_for_in_process_decisions() -> None:
     decision = SANDBOXED.decide("n", entry(), None)
     assert decision.runtime == INPROCESS
-    assert SANDBOXED.fallback("n", entry(), decision, "x") is None
+    failure = SandboxFailure("n", "x", kind="import")
+    assert SANDBOXED.fallback("n", entry(), decision, failure) is None
+
+
+def test_a_missing_runtime_falls_back_only_when_allowed() -> None:
+    trusted, untrusted = entry(), entry(trusted=False, module="evil.nodes")
+    decision = SANDBOXED.decide("n", trusted, "sandbox")
+    moved = SANDBOXED.runtime_missing("n", trusted, decision)
+    assert (moved.runtime, moved.fallback, moved.fallback_reason) == (
+        INPROCESS, "sandbox runtime unavailable", UNAVAILABLE)
+    strict = Selector(sandbox_available=True, fallback_enabled=False)
+    with pytest.raises(RuntimeUnavailable, match=r"node 'n' .* sandbox runtime") as refused:
+        strict.runtime_missing("n", trusted, strict.decide("n", trusted, "sandbox"))
+    assert (refused.value.node_id, refused.value.runtime) == ("n", SANDBOX)
+    with pytest.raises(PermissionDenied, match="untrusted and must run sandboxed"):
+        SANDBOXED.runtime_missing("n", untrusted, SANDBOXED.decide("n", untrusted, None))
+    with pytest.raises(RuntimeUnavailable, match="no other runtime"):
+        SANDBOXED.runtime_missing("n", trusted, SANDBOXED.decide("n", trusted, "inprocess"))
 
 
 # --- 4. traits and heavy libraries -------------------------------------------------------------
