@@ -183,11 +183,12 @@ async def test_initialize_errors_are_classified(sandbox: SandboxRuntime) -> None
     with pytest.raises(WorkerFailure) as blocked:
         await sandbox.acquire(make_spec(nodes.BlockedInit), ExecutionScope("i2"))
     assert blocked.value.during == "initialize" and blocked.value.kind == "permission"
-    assert "PermissionError" in blocked.value.cause and blocked.value.fallback_eligible
+    # A denial is never undone by running the node in the server.
+    assert "PermissionError" in blocked.value.cause and not blocked.value.fallback_eligible
     with pytest.raises(WorkerFailure) as crashed:
         await sandbox.acquire(make_spec(nodes.CrashInit), ExecutionScope("i3"))
     assert crashed.value.during == "initialize" and "SIGSEGV" in crashed.value.cause
-    assert crashed.value.fallback_eligible
+    assert not crashed.value.fallback_eligible
     await assert_serving(sandbox)
 
 
@@ -271,7 +272,7 @@ async def test_idle_instance_survives_its_worker_dying(sandbox: SandboxRuntime,
     (nodes.Segfault, "worker killed by signal 11 (SIGSEGV)", False),
     (nodes.KillSelf, "worker killed by signal 9 (SIGKILL)", False),
     (nodes.CpuLoop, "CPU time limit exceeded (SIGXCPU)", False),
-    (nodes.MemoryHog, "memory limit 256 MiB exceeded", True),
+    (nodes.MemoryHog, "memory limit 256 MiB exceeded", False),
 ])
 async def test_crash_fails_only_that_call(sandbox: SandboxRuntime, cls: type[nodes.Node],
                                          cause: str, fallback: bool) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tensorline.client import AsyncClient
+from tensorline.client import AsyncClient, PermissionDeniedError
 from tests.server.nodes.ecosystem.conftest import check_runtime
 
 # probe -> (works in-process, layers of which any one blocks it in the sandbox; empty = works)
@@ -100,20 +100,27 @@ async def test_no_gpu_in_either_runtime_here(probe_client: AsyncClient) -> None:
         assert outcome["ok"] is False and "no CUDA device" in outcome["detail"]
 
 
-async def test_a_blocked_operation_falls_back_in_process(probe_client: AsyncClient,
-                                                        listener: int) -> None:
-    """A trusted node whose operation the sandbox blocks is retried in-process (fallback on by
-    default) and the metrics say so; this is what docs/compatibility.md promises."""
-    manifest = {"nodes": [{"id": "p", "node_type": "Probe", "runtime_hint": "sandbox",
-                           "params": {"what": "tcp_connect", "port": listener,
-                                      "propagate": True}}]}
-    result = await probe_client.execute(manifest, {})
-    node = result.metrics.nodes[0]
-    if "sandbox unavailable" in node.selection_reason:
-        pytest.skip("this server has no sandbox runtime")
+async def test_a_blocked_operation_is_never_retried_in_process(
+        probe_client: AsyncClient) -> None:
+    """A trusted node whose operation the sandbox blocks fails with PERMISSION_DENIED naming
+    it, even with fallback on (the default): running it in the server would undo the sandbox.
+    This is what docs/compatibility.md and docs/runtime-selection.md promise."""
     info = await probe_client.server_info()
+    if not info.sandbox_layers:
+        pytest.skip("this server has no sandbox runtime")
     if not {"seccomp", "network namespace", "landlock network"} & {
             layer.name for layer in info.sandbox_layers if layer.active}:
         pytest.skip("no active layer blocks TCP connect here")
-    assert node.runtime == "inprocess" and node.fallback, node
-    assert result["p"].value["ok"] is True
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        manifest = {"nodes": [{"id": "p", "node_type": "Probe", "runtime_hint": "sandbox",
+                               "params": {"what": "tcp_connect",
+                                          "port": listener.getsockname()[1],
+                                          "propagate": True}}]}
+        with pytest.raises(PermissionDeniedError) as err:
+            await probe_client.execute(manifest, {})
+        assert "'p'" in str(err.value)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing connected, in the sandbox or in the server
