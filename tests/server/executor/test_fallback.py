@@ -50,8 +50,13 @@ class DyingSandbox(Runtime):
 
 def engine_with(sandbox: DyingSandbox, *, fallback: bool = True,
                 untrusted: tuple[str, ...] = ()) -> PipelineEngine:
-    registry = NodeRegistry.default(modules=["tests.nodes.basic", "tests.nodes.spine"],
-                                    untrusted_modules=untrusted, entry_points=False)
+    registry = NodeRegistry.default(
+        modules=[m for m in ("tests.nodes.basic", "tests.nodes.spine") if m not in untrusted],
+        entry_points=False)
+    for module in untrusted:
+        # In-process on purpose: the fake sandbox needs the classes (a real server describes
+        # untrusted modules in a sandboxed worker instead).
+        registry.load_module(module, trusted=False)
     selector = Selector(sandbox_available=True, fallback_enabled=fallback)
     return PipelineEngine(registry, selector, {"inprocess": InProcessRuntime(), "sandbox": sandbox})
 
