@@ -189,9 +189,9 @@ def parse_catalogue(module: str, reply: Any) -> list[NodeDescription]:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
-            log.error("untrusted module %s: node description #%d rejected (%d problem(s); "
-                      "first: %s: %s)", module, index, exc.error_count(), where[:MAX_NAME],
-                      first["msg"][:MAX_TEXT])
+            log.error("untrusted module %s: node description #%d (node type %r) rejected "
+                      "(%d problem(s); first: %s: %s)", module, index, _claimed_type(raw),
+                      exc.error_count(), where[:MAX_NAME], first["msg"][:MAX_TEXT])
             continue
         if not (description.class_module == module
                 or description.class_module.startswith(module + ".")):
@@ -201,6 +201,12 @@ def parse_catalogue(module: str, reply: Any) -> list[NodeDescription]:
             continue
         found.append(description)
     return found
+
+
+def _claimed_type(raw: Any) -> str | None:
+    """The node type a rejected description claims, for the log line (bounded)."""
+    claimed = raw.get("node_type") if isinstance(raw, dict) else None
+    return claimed[:MAX_NAME] if isinstance(claimed, str) else None
 
 
 def entry_of(description: NodeDescription, module: str) -> NodeEntry:

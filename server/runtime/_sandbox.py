@@ -1166,13 +1166,21 @@ class SandboxRuntime(Runtime):
         ModuleUnavailable when it cannot be imported or described; its domain's workers are
         then retired, as no node of it can ever run."""
         self._check_open()
+        # While the import runs the domain is not kept at strength: a worker the import kills
+        # is not replaced (the replacement would only idle if the module turns out broken).
+        kept = module in self.domains
+        self.domains = tuple(d for d in self.domains if d != module)
         try:
-            return parse_catalogue(module, await self._describe(module))
+            catalogue = parse_catalogue(module, await self._describe(module))
         except (ModuleUnavailable, CatalogueInvalid) as exc:
-            await self._drop_domain(module)
+            self._retire_domain(module)
             if isinstance(exc, ModuleUnavailable):
                 raise
             raise ModuleUnavailable(module, str(exc)) from None
+        if kept:
+            self.domains = (*self.domains, module)
+            self._replace((self.memory_mb_default, module))
+        return catalogue
 
     async def _describe(self, module: str) -> Any:
         """The raw ``describe`` reply for ``module``, within ``init_timeout_s`` (an import)."""
@@ -1212,18 +1220,13 @@ class SandboxRuntime(Runtime):
         self._misbehaved(worker, f"unexpected reply {status!r} to describe")
         raise ModuleUnavailable(module, "its worker broke the control protocol")
 
-    async def _drop_domain(self, module: str) -> None:
-        """No node of ``module`` can run: stop keeping workers for its trust domain (a
-        replacement for a worker its import killed may still be starting: wait for it)."""
-        self.domains = tuple(d for d in self.domains if d != module)
+    def _retire_domain(self, module: str) -> None:
+        """No node of ``module`` can run: end its domain's workers (none is starting: nothing
+        replaces them while the module is described)."""
         for worker in list(self._workers.values()):
-            if worker.domain != module:
-                continue
-            if worker.state == "starting" and worker.ready is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(worker.ready)
-            self._retire(worker, f"untrusted module {module} could not be loaded",
-                         replace=False)
+            if worker.domain == module:
+                self._retire(worker, f"untrusted module {module} could not be loaded",
+                             replace=False)
 
     # --- the Runtime interface ----------------------------------------------------------------
 
