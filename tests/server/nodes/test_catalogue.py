@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tensorline.server._errors import PermissionDenied
+from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import NodeEntry
 from tensorline.server.nodes._catalogue import (
     MAX_NODES,
@@ -21,6 +23,8 @@ from tensorline.server.nodes._catalogue import (
 )
 from tensorline.server.nodes._params_schema import check_schema, schema_violations
 from tensorline.server.nodes.builtin import Scale
+from tensorline.server.runtime import ExecutionScope, InProcessRuntime
+from tensorline.server.selector import RuntimeDecision, Selector
 from tests.nodes.basic import Split
 
 MODULE = "acme.nodes"
@@ -142,3 +146,19 @@ def test_a_schema_that_cannot_be_applied_is_a_violation_not_an_error(
     (violation,) = schema_violations(check_schema(json.dumps(schema)), {})
     assert violation.kind == "invalid"
     assert "params schema cannot be applied" in violation.message
+
+
+async def test_a_class_less_entry_never_runs_in_process() -> None:
+    (description,) = parse_catalogue(MODULE, {"nodes": [described(Split)], "errors": []})
+    entry = entry_of(description, MODULE)
+    assert Selector(sandbox_available=True).decide("n", entry, None).runtime == "sandbox"
+    spec = NodeSpec(node_id="n", entry=entry, params=None, params_key="{}",
+                    decision=RuntimeDecision("inprocess", "forced by the test"), timeout_s=None,
+                    wiring={})
+    runtime = InProcessRuntime()
+    await runtime.start()
+    try:
+        with pytest.raises(PermissionDenied, match=r"untrusted module acme\.nodes"):
+            await runtime.call(spec, ExecutionScope("x"), {"in": 1})
+    finally:
+        await runtime.shutdown()
