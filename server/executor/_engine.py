@@ -6,6 +6,7 @@ service (and tests, and the CLI's local ``validate``) drive pipelines through on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -23,8 +24,15 @@ from tensorline.server.manifest import (
     parse_manifest_json,
 )
 from tensorline.server.nodes import NodeRegistry
-from tensorline.server.runtime import ExecutionScope, InProcessRuntime, Runtime
-from tensorline.server.selector import INPROCESS, Selector
+from tensorline.server.nodes._catalogue import NodeDescription, entry_of
+from tensorline.server.runtime import (
+    ExecutionScope,
+    InProcessRuntime,
+    ModuleUnavailable,
+    Runtime,
+    SandboxRuntime,
+)
+from tensorline.server.selector import INPROCESS, SANDBOX, Selector
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,52 @@ class PipelineEngine:
                 await runtime.shutdown()
                 del self.runtimes[name]
                 self.selector.sandbox_available = False
+
+    async def load_untrusted(self, modules: Sequence[str]) -> None:
+        """Register the nodes of the untrusted ``modules`` from their description by sandboxed
+        workers (each module in its own trust domain), never by importing them here: their
+        top-level code must not run in the server. Call after ``start``. A module that cannot
+        be loaded is logged and named in ``registry.unavailable`` (and so in "unknown node
+        type" errors); the others load regardless."""
+        modules = list(dict.fromkeys(modules))
+        if not modules:
+            return
+        sandbox = self.runtimes.get(SANDBOX)
+        if not isinstance(sandbox, SandboxRuntime):
+            for module in modules:
+                self._not_loaded(module, "this server has no sandbox runtime (disabled by "
+                                         "configuration, or it failed to start), and untrusted "
+                                         "modules are only ever loaded in the sandbox")
+            return
+        results = await asyncio.gather(*(sandbox.describe_module(m) for m in modules),
+                                       return_exceptions=True)
+        for module, result in zip(modules, results, strict=True):
+            if isinstance(result, ModuleUnavailable):
+                self._not_loaded(module, result.cause)
+            elif isinstance(result, Exception):
+                log.error("describing untrusted module %s failed", module, exc_info=result)
+                self._not_loaded(module, f"{type(result).__name__}: {result}")
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self._register_untrusted(module, result)
+
+    def _register_untrusted(self, module: str, descriptions: list[NodeDescription]) -> None:
+        added = []
+        for description in descriptions:
+            try:
+                self.registry.add(entry_of(description, module))
+            except ValueError as exc:
+                log.error("untrusted module %s: node type %r rejected: %s", module,
+                          description.node_type, exc)
+                continue
+            added.append(description.node_type)
+        log.info("loaded %d node(s) from %s (untrusted: described by a sandboxed worker)",
+                 len(added), module)
+
+    def _not_loaded(self, module: str, why: str) -> None:
+        log.error("untrusted node module %s NOT loaded: %s", module, why)
+        self.registry.unavailable[module] = why
 
     async def shutdown(self) -> None:
         if self._closed:

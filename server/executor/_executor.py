@@ -66,7 +66,7 @@ class ExecutionResult:
 def normalize_outputs(spec: NodeSpec, raw: Any, *, partial: bool = False) -> dict[str, Any]:
     """The node's return value as {output port: value}, checked against the declared ports.
     ``partial``: a streaming node's yield, which may leave ports out."""
-    ports = spec.entry.cls.outputs
+    ports = spec.entry.outputs
     if type(raw) is np.ndarray and len(ports) == 1 and raw.dtype in SENDABLE_DTYPES and (
             ports[0].kind in ("tensor", "any")):
         # The commonest result, one plain array of a wire dtype: nothing below can object.
@@ -230,7 +230,7 @@ class Executor:
     def _gather(spec: NodeSpec, inputs: BoundInputs,
                 produced: Mapping[tuple[str, str], Any]) -> dict[str, Any]:
         node_inputs: dict[str, Any] = {}
-        for port in spec.entry.cls.inputs:
+        for port in spec.entry.inputs:
             sources = spec.wiring.get(port.name)
             if sources:
                 values = [value_for_port(port, produced[(s.node_id, s.port)]) for s in sources]

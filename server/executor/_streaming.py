@@ -416,7 +416,7 @@ class StreamSession:
             runtime = self._executor.runtime_for(spec, retry, report)
             instance = await runtime.acquire(spec, self.scope)
         self._acquired.append((runtime, instance))
-        if spec.entry.cls.streaming and not instance.can_stream:
+        if spec.entry.streaming and not instance.can_stream:
             raise RequestInvalid([Violation(
                 f"nodes[{spec.node_id}]",
                 f"node '{spec.node_id}' ({spec.node_type}) is a streaming node and the "
@@ -434,8 +434,8 @@ class StreamSession:
             spec = stage.spec
             upstream: set[str] = set()
             optional: list[str] = []
-            fed_by_client = not spec.entry.cls.inputs
-            for port in spec.entry.cls.inputs:
+            fed_by_client = not spec.entry.inputs
+            for port in spec.entry.inputs:
                 sources = spec.wiring.get(port.name)
                 if sources:
                     for source in sources:
@@ -499,7 +499,7 @@ class StreamSession:
         self._input_ended = True
         self._routes.clear()
         for stage in self._stages.values():
-            if stage.external or not stage.spec.entry.cls.inputs:
+            if stage.external or not stage.spec.entry.inputs:
                 stage.inbox.force_put((_EOS, 0, None))
 
     # --- running ---
@@ -510,7 +510,7 @@ class StreamSession:
         The first stage failure cancels the others and propagates."""
         for node_id in self.plan.order:
             stage = self._stages[node_id]
-            body = self._run_streaming if stage.spec.entry.cls.streaming else self._run_plain
+            body = self._run_streaming if stage.spec.entry.streaming else self._run_plain
             self._tasks.append(asyncio.ensure_future(body(stage)))
         pending: set[asyncio.Task[None]] = set(self._tasks)
         while pending:

@@ -25,7 +25,8 @@ from tensorline.server.manifest._model import (
     NodeDecl,
 )
 from tensorline.server.manifest._plan import ExecutionPlan, NodeSpec, Source
-from tensorline.server.nodes import NodeEntry, NodeRegistry, Port, UnknownNodeType
+from tensorline.server.nodes import NodeEntry, NodeParams, NodeRegistry, Port, UnknownNodeType
+from tensorline.server.nodes._params_schema import SchemaViolation, schema_violations
 from tensorline.server.selector import Selector, normalize_hint
 
 
@@ -60,6 +61,41 @@ def _validate(model: type[BaseModel], data: Any, prefix: str, known: Sequence[st
     except ValidationError as exc:
         out.extend(_pydantic_violations(prefix, exc, known, who))
         return None
+
+
+def _validate_params(entry: NodeEntry, data: dict[str, Any], prefix: str,
+                     out: list[Violation], who: str) -> tuple[NodeParams | None, str] | None:
+    """The node's validated params and their canonical JSON (the key of warm instances and
+    what a sandbox worker builds the params from), or None after adding the violations."""
+    if entry.cls is not None:
+        model = entry.cls.Params
+        value = _validate(model, data, prefix, tuple(model.model_fields), out, who)
+        return None if value is None else (value, value.model_dump_json())
+    # An untrusted node: the server has its exported JSON schema, never its pydantic model.
+    # Custom validators of its Params therefore run only in the sandbox, when the worker
+    # creates the node from these params; a failure there is a node error naming the node.
+    schema_json = entry.params_schema_json()
+    found = schema_violations(schema_json, data)
+    if found:
+        known = tuple(json.loads(schema_json).get("properties", {}))
+        out.extend(_schema_violations(prefix, found, known, who))
+        return None
+    return None, json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _schema_violations(prefix: str, found: Sequence[SchemaViolation], known: Sequence[str],
+                       who: str) -> list[Violation]:
+    """JSON schema violations in the words the pydantic path uses for the same problems."""
+    out = []
+    for v in found:
+        desc = v.message
+        if v.kind == "unknown" and v.loc:
+            name = str(v.loc[-1])
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            desc = f"unknown field '{name}'{hint}"
+        out.append(Violation(_loc(prefix, v.loc), f"{who}{desc}"))
+    return out
 
 
 def parse_manifest_json(text: str) -> dict[str, Any]:
@@ -114,13 +150,12 @@ def compile_manifest(
             problems.append(Violation(f"{prefix}.runtime_hint", f"node '{decl.id}': {exc}"))
         decls[decl.id] = (index, decl, entry)
 
-    params: dict[str, Any] = {}
+    params: dict[str, tuple[NodeParams | None, str]] = {}
     for node_id, (index, decl, entry) in decls.items():
         if entry is None:
             continue
-        model = entry.cls.Params
-        value = _validate(model, decl.params, f"nodes[{index}].params",
-                          tuple(model.model_fields), problems, who=f"node '{node_id}': ")
+        value = _validate_params(entry, decl.params, f"nodes[{index}].params", problems,
+                                 who=f"node '{node_id}': ")
         if value is not None:
             params[node_id] = value
 
@@ -143,9 +178,9 @@ def compile_manifest(
         src_entry, dst_entry = decls[conn.from_][2], decls[conn.to][2]
         if src_entry is None or dst_entry is None:
             continue  # unknown type already reported
-        src_port = _resolve_port(src_entry.cls.outputs, conn.from_port, conn.from_, "output",
+        src_port = _resolve_port(src_entry.outputs, conn.from_port, conn.from_, "output",
                                  f"{prefix}.from_port", problems)
-        dst_port = _resolve_port(dst_entry.cls.inputs, conn.to_port, conn.to, "input",
+        dst_port = _resolve_port(dst_entry.inputs, conn.to_port, conn.to, "input",
                                  f"{prefix}.to_port", problems)
         if src_port is None or dst_port is None:
             continue
@@ -169,14 +204,14 @@ def compile_manifest(
     nodes: dict[str, NodeSpec] = {}
     for node_id, (_, decl, entry) in decls.items():
         assert entry is not None
-        node_params = params[node_id]
+        node_params, params_key = params[node_id]
         nodes[node_id] = NodeSpec(
             node_id=node_id,
             entry=entry,
             params=node_params,
-            params_key=node_params.model_dump_json(),
+            params_key=params_key,
             decision=selector.decide(node_id, entry, decl.runtime_hint),
-            timeout_s=decl.timeout_s or entry.cls.traits.timeout_s,
+            timeout_s=decl.timeout_s or entry.traits.timeout_s,
             wiring={port: tuple(srcs) for port, srcs in wiring[node_id].items()},
         )
     return _build_plan(manifest, nodes, consumed)
@@ -250,7 +285,7 @@ def _build_plan(manifest: ManifestDecl, nodes: dict[str, NodeSpec],
     dependents: dict[str, list[str]] = {nid: [] for nid in nodes}
     for node_id in order:
         spec = nodes[node_id]
-        for port in spec.entry.cls.inputs:
+        for port in spec.entry.inputs:
             if port.name in spec.wiring:
                 for src in spec.wiring[port.name]:
                     if node_id not in dependents[src.node_id]:
@@ -259,7 +294,7 @@ def _build_plan(manifest: ManifestDecl, nodes: dict[str, NodeSpec],
                 external.append((node_id, port.name))
                 if port.required:
                     required.add((node_id, port.name))
-        for port in spec.entry.cls.outputs:
+        for port in spec.entry.outputs:
             if (node_id, port.name) not in consumed:
                 sinks.append((node_id, port.name))
     return ExecutionPlan(

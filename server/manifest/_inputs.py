@@ -34,7 +34,7 @@ def resolve_input_port(plan: ExecutionPlan, node_id: str, port_name: str,
     if spec is None:
         return None, Violation(f"{field}.node_id",
                                f"no node '{node_id}' in the manifest (nodes: {', '.join(plan.nodes)})")
-    external = [p for p in spec.entry.cls.inputs if p.name not in spec.wiring]
+    external = [p for p in spec.entry.inputs if p.name not in spec.wiring]
     if not port_name:
         if len(external) == 1:
             return external[0], None

@@ -20,11 +20,13 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
-    """One node of a plan: its class, validated params and where it runs."""
+    """One node of a plan: its registry entry, validated params and where it runs."""
 
     node_id: str
     entry: NodeEntry
-    params: NodeParams
+    # None for a node of an untrusted module: its params model exists only in the sandbox,
+    # which builds it from ``params_key``.
+    params: NodeParams | None
     # Canonical JSON of the params: with the node type, the key of warm reusable instances.
     params_key: str
     decision: RuntimeDecision
@@ -38,11 +40,11 @@ class NodeSpec:
 
     @property
     def input_ports(self) -> dict[str, Port]:
-        return {p.name: p for p in self.entry.cls.inputs}
+        return {p.name: p for p in self.entry.inputs}
 
     @property
     def output_ports(self) -> dict[str, Port]:
-        return {p.name: p for p in self.entry.cls.outputs}
+        return {p.name: p for p in self.entry.outputs}
 
     @property
     def warm_key(self) -> str:

@@ -19,13 +19,13 @@ import inspect
 import json
 import logging
 import pkgutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any
 
-from tensorline.server.nodes._node import Node, is_async, overrides
+from tensorline.server.nodes._node import Node, NodeTraits, Port, is_async, overrides
 
 log = logging.getLogger(__name__)
 
@@ -35,69 +35,125 @@ BUILTIN_MODULE = "tensorline.server.nodes.builtin"
 
 @dataclass(frozen=True, slots=True)
 class NodeEntry:
-    """A registered node class and what the runtimes need to know about it, computed once."""
+    """A registered node type and what the runtimes need to know about it, computed once.
 
-    cls: type[Node]
+    Everything but ``cls`` is plain data, so an entry can also describe a node of an untrusted
+    module, whose class exists only in sandboxed workers (``cls`` is None; see ``_catalogue``):
+    the server then knows where the class lives (``class_module``, ``qualname``) without ever
+    importing it.
+    """
+
+    node_type: str
     module: str
     trusted: bool
+    # Where workers import the class from: (module of the class, qualified name).
+    class_ref: tuple[str, str]
+    description: str
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+    traits: NodeTraits
+    reusable: bool
+    streaming: bool
     async_process: bool
     async_initialize: bool
     async_cleanup: bool
     has_initialize: bool
     has_cleanup: bool
+    # The class, for nodes of trusted modules; None for an untrusted module's node.
+    cls: type[Node] | None = None
+    # JSON schema of the params as the sandboxed worker exported it (when ``cls`` is None).
+    schema_json: str = ""
 
     @property
-    def node_type(self) -> str:
-        return self.cls.node_type
+    def class_module(self) -> str:
+        return self.class_ref[0]
+
+    @property
+    def qualname(self) -> str:
+        return self.class_ref[1]
 
     @classmethod
     def of(cls, node_cls: type[Node], module: str, trusted: bool) -> NodeEntry:
         return cls(
-            cls=node_cls,
+            node_type=node_cls.node_type,
             module=module,
             trusted=trusted,
+            class_ref=(node_cls.__module__, node_cls.__qualname__),
+            description=node_cls.description,
+            inputs=tuple(node_cls.inputs),
+            outputs=tuple(node_cls.outputs),
+            traits=node_cls.traits,
+            reusable=bool(node_cls.reusable),
+            streaming=bool(node_cls.streaming),
             async_process=is_async(node_cls, "process"),
             async_initialize=is_async(node_cls, "initialize"),
             async_cleanup=is_async(node_cls, "cleanup"),
             has_initialize=overrides(node_cls, "initialize"),
             has_cleanup=overrides(node_cls, "cleanup"),
+            cls=node_cls,
         )
 
     def params_schema_json(self) -> str:
+        if self.cls is None:
+            return self.schema_json
         return json.dumps(self.cls.Params.model_json_schema(), sort_keys=True)
 
 
 class UnknownNodeType(KeyError):
-    def __init__(self, node_type: str, known: Iterable[str]) -> None:
+    def __init__(self, node_type: str, known: Iterable[str],
+                 unavailable: Mapping[str, str] | None = None) -> None:
         known = sorted(known)
         close = difflib.get_close_matches(node_type, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        super().__init__(f"unknown node type '{node_type}'{hint}; known types: {', '.join(known)}")
+        # The type may well be one of a module that could not be loaded: say which and why.
+        missing = "".join(f"; module {name} is not loaded: {why}"
+                          for name, why in sorted((unavailable or {}).items()))
+        super().__init__(f"unknown node type '{node_type}'{hint}; known types: "
+                         f"{', '.join(known)}{missing}")
         self.message = self.args[0]
 
 
 class NodeRegistry:
-    """Maps node type names to registered classes."""
+    """Maps node type names to registered entries.
+
+    Untrusted modules are never imported here: ``default`` skips them, and the server adds
+    their nodes from a sandboxed worker's description (``add``, see
+    ``PipelineEngine.load_untrusted``). ``load_module`` imports into this process whatever it
+    is given, whatever ``trusted`` says (tests and tools use it for untrusted classes).
+    """
 
     def __init__(self) -> None:
         self._entries: dict[str, NodeEntry] = {}
+        # Modules whose nodes could not be loaded -> why (named in UnknownNodeType messages).
+        self.unavailable: dict[str, str] = {}
 
     def register(self, node_cls: type[Node], *, trusted: bool = True, module: str = "") -> None:
         module = module or node_cls.__module__
         existing = self._entries.get(node_cls.node_type)
-        if existing is not None and existing.cls is not node_cls:
+        if existing is not None and existing.cls is node_cls:
+            self._entries[node_cls.node_type] = NodeEntry.of(node_cls, module, trusted)
+            return
+        self.add(NodeEntry.of(node_cls, module, trusted))
+
+    def add(self, entry: NodeEntry) -> None:
+        """Register a prepared entry; ValueError when its type is taken (never replaced: an
+        untrusted module must not shadow a node of another module)."""
+        existing = self._entries.get(entry.node_type)
+        if existing is not None:
             raise ValueError(
-                f"node type '{node_cls.node_type}' from {module} clashes with the one from "
+                f"node type '{entry.node_type}' from {entry.module} clashes with the one from "
                 f"{existing.module}"
             )
-        self._entries[node_cls.node_type] = NodeEntry.of(node_cls, module, trusted)
+        self._entries[entry.node_type] = entry
 
     def load_module(self, name: str, *, trusted: bool = True,
-                    skip_missing_dependencies: bool = False) -> list[str]:
+                    skip_missing_dependencies: bool = False,
+                    exclude: frozenset[str] = frozenset()) -> list[str]:
         """Import ``name`` (and its submodules, for a package) and register its nodes.
 
         ``skip_missing_dependencies``: a module whose import fails because some *other* module
         is not installed is skipped with a warning instead of failing (entry points).
+        ``exclude``: submodules (with theirs) never to import, e.g. untrusted ones.
         """
         try:
             module = importlib.import_module(name)
@@ -108,7 +164,7 @@ class NodeRegistry:
                         name, exc.name)
             return []
         added = []
-        for node_cls in _nodes_of(module):
+        for node_cls in _nodes_of(module, exclude):
             self.register(node_cls, trusted=trusted, module=name)
             added.append(node_cls.node_type)
         log.info("loaded %d node(s) from %s (%s)", len(added), name,
@@ -117,16 +173,16 @@ class NodeRegistry:
 
     def load_entry_points(self, *, untrusted: frozenset[str] = frozenset()) -> None:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.value == BUILTIN_MODULE:
-                continue
-            self.load_module(ep.value, trusted=ep.value not in untrusted,
-                             skip_missing_dependencies=True)
+            if ep.value == BUILTIN_MODULE or _within(ep.value, untrusted):
+                continue  # untrusted ones are described by a sandboxed worker instead
+            self.load_module(ep.value, trusted=True, skip_missing_dependencies=True,
+                             exclude=untrusted)
 
     def get(self, node_type: str) -> NodeEntry:
         try:
             return self._entries[node_type]
         except KeyError:
-            raise UnknownNodeType(node_type, self._entries) from None
+            raise UnknownNodeType(node_type, self._entries, self.unavailable) from None
 
     def __contains__(self, node_type: object) -> bool:
         return node_type in self._entries
@@ -145,17 +201,30 @@ class NodeRegistry:
         untrusted_modules: Iterable[str] = (),
         entry_points: bool = True,
     ) -> NodeRegistry:
-        """Built-ins, then entry points, then the operator's trusted and untrusted modules."""
+        """Built-ins, then entry points, then the operator's trusted modules.
+
+        Untrusted modules are not imported: importing runs their top-level code, in this
+        process. A module named both ways counts as untrusted, and so does one inside an
+        untrusted package (importing it would run the package's ``__init__``); trusted
+        packages are walked without importing their untrusted submodules.
+        """
         registry = cls()
         untrusted = frozenset(untrusted_modules)
         registry.load_module(BUILTIN_MODULE, trusted=True)
         if entry_points:
             registry.load_entry_points(untrusted=untrusted)
         for name in modules:
-            registry.load_module(name, trusted=name not in untrusted)
-        for name in untrusted:
-            registry.load_module(name, trusted=False)
+            if _within(name, untrusted):
+                log.info("node module %s is untrusted: its nodes come from a sandboxed worker",
+                         name)
+                continue
+            registry.load_module(name, trusted=True, exclude=untrusted)
         return registry
+
+
+def _within(name: str, modules: frozenset[str]) -> bool:
+    """True when ``name`` is one of ``modules`` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 def _is_self(exc: ModuleNotFoundError, name: str) -> bool:
@@ -186,7 +255,22 @@ def _requirements_met(module: ModuleType) -> bool:
     return not missing
 
 
-def _nodes_of(module: ModuleType) -> list[type[Node]]:
+def _submodules(package: ModuleType, exclude: frozenset[str]) -> list[ModuleType]:
+    """Every submodule of ``package``, imported, except those in (or inside) ``exclude``,
+    which are never imported (``pkgutil.walk_packages`` would import subpackages to walk
+    them)."""
+    found = []
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        if _within(info.name, exclude):
+            continue
+        sub = importlib.import_module(info.name)
+        found.append(sub)
+        if info.ispkg and hasattr(sub, "__path__"):
+            found.extend(_submodules(sub, exclude))
+    return found
+
+
+def _nodes_of(module: ModuleType, exclude: frozenset[str] = frozenset()) -> list[type[Node]]:
     if not _requirements_met(module):
         return []
     declared: Any = getattr(module, "TENSORLINE_NODES", None)
@@ -194,8 +278,7 @@ def _nodes_of(module: ModuleType) -> list[type[Node]]:
         return list(declared)
     modules = [module]
     if hasattr(module, "__path__"):
-        for info in pkgutil.walk_packages(module.__path__, module.__name__ + "."):
-            modules.append(importlib.import_module(info.name))
+        modules.extend(_submodules(module, exclude))
     found: dict[str, type[Node]] = {}
     skipped: set[str] = set()
     for mod in modules:

@@ -10,13 +10,19 @@ from tensorline.server.runtime._base import (
     Runtime,
 )
 from tensorline.server.runtime._inprocess import InProcessInstance, InProcessRuntime, node_failed
-from tensorline.server.runtime._sandbox import SandboxInstance, SandboxRuntime, WorkerFailure
+from tensorline.server.runtime._sandbox import (
+    ModuleUnavailable,
+    SandboxInstance,
+    SandboxRuntime,
+    WorkerFailure,
+)
 
 __all__ = [
     "ExecutionScope",
     "InProcessInstance",
     "InProcessRuntime",
     "LayerStatus",
+    "ModuleUnavailable",
     "NodeInstance",
     "Runtime",
     "SandboxInstance",

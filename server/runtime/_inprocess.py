@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, ClassVar
 
-from tensorline.server._errors import NodeFailed, TensorlineServerError
+from tensorline.server._errors import NodeFailed, PermissionDenied, TensorlineServerError
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Node, NodeContext, NodeEntry
 from tensorline.server.runtime._base import (
@@ -142,7 +142,7 @@ class InProcessInstance(NodeInstance):
     def _reset_cancelled(self) -> None:
         """A warm instance outlives its requests: once no abandoned sync call is left running,
         clear ``cancelled`` so the next request does not see an old request's cancellation."""
-        if self.entry.cls.reusable and not self.running:
+        if self.entry.reusable and not self.running:
             self.node.context.cancelled.clear()
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
@@ -285,7 +285,7 @@ class InProcessRuntime(Runtime):
     async def call(self, spec: NodeSpec, scope: ExecutionScope,
                    inputs: Mapping[str, Any]) -> Any:
         entry = spec.entry
-        if entry.async_process and not (entry.cls.reusable or entry.has_initialize
+        if entry.async_process and not (entry.reusable or entry.has_initialize
                                         or entry.has_cleanup):
             # A fresh instance with nothing to initialize or clean up, run on the loop: create
             # it and await its process, without the instance bookkeeping acquire/release keep
@@ -295,7 +295,7 @@ class InProcessRuntime(Runtime):
         return await super().call(spec, scope, inputs)
 
     async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
-        if spec.entry.cls.reusable:
+        if spec.entry.reusable:
             return await self._acquire_warm(spec, scope)
         instance = self._create(spec, scope)
         try:
@@ -309,15 +309,22 @@ class InProcessRuntime(Runtime):
         return InProcessInstance(spec, self._new_node(spec, scope), self)
 
     def _new_node(self, spec: NodeSpec, scope: ExecutionScope) -> Node:
+        cls, params = spec.entry.cls, spec.params
+        if cls is None or params is None:
+            # A node of an untrusted module: its class exists in sandboxed workers only (the
+            # selector never sends one here; this keeps it so if that ever changed).
+            raise PermissionDenied(f"node '{spec.node_id}' ({spec.node_type}) comes from "
+                                   f"untrusted module {spec.entry.module} and cannot run "
+                                   "in-process")
         context = NodeContext(node_id=spec.node_id, execution_id=scope.execution_id,
                               runtime=self.name)
         if scope.extra:
             report = scope.extra.get("on_event")
-            if report is not None and not spec.entry.cls.reusable:
+            if report is not None and not spec.entry.reusable:
                 # Not for warm instances: they outlive the session that created them.
                 context.on_event = functools.partial(report, spec.node_id)
         try:
-            return spec.entry.cls(spec.params, context)
+            return cls(params, context)
         except Exception as exc:
             raise node_failed(spec, exc) from exc
 
@@ -393,7 +400,7 @@ class InProcessRuntime(Runtime):
 
     async def release(self, instance: NodeInstance) -> None:
         assert isinstance(instance, InProcessInstance)
-        if instance.spec.entry.cls.reusable:
+        if instance.spec.entry.reusable:
             instance.users -= 1
             if instance.warm_task is not None:
                 self._retire_if_idle(instance.warm_task)

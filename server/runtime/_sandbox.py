@@ -103,6 +103,7 @@ from tensorline.server._errors import (
 )
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Emit, NodeEntry
+from tensorline.server.nodes._catalogue import CatalogueInvalid, NodeDescription, parse_catalogue
 from tensorline.server.runtime import _isolation, _shm
 from tensorline.server.runtime._base import (
     ExecutionScope,
@@ -126,6 +127,15 @@ log = logging.getLogger(__name__)
 # permissions, signals and RLIMIT_NPROC separate workers from the server and from each other.
 WORKER_UID_BASE = 1_900_000
 WORKER_UID_COUNT = 65_536
+
+
+class ModuleUnavailable(Exception):
+    """An untrusted module could not be imported or described in its sandboxed worker."""
+
+    def __init__(self, module: str, cause: str) -> None:
+        super().__init__(f"untrusted module {module} could not be loaded in the sandbox: {cause}")
+        self.module = module
+        self.cause = cause
 
 
 class WorkerFailure(SandboxFailure):
@@ -166,8 +176,8 @@ _Group = tuple[int, str]
 _ATTEMPTS = 5
 
 
-# A worker's name for a one-shot node class with its params: (class, params key).
-_KindKey = tuple[type, str]
+# A worker's name for a one-shot node class with its params: ((module, qualname), params key).
+_KindKey = tuple[tuple[str, str], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,9 +407,8 @@ def _init_request(instance: SandboxInstance) -> tuple[str, str, str, str, str] |
     if instance.initialized:
         return None
     spec = instance.spec
-    cls = spec.entry.cls
-    return (cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
-            instance.scope.execution_id)
+    module, qualname = spec.entry.class_ref
+    return (module, qualname, spec.params_key, spec.node_id, instance.scope.execution_id)
 
 
 def _signal_name(sig: int) -> str:
@@ -491,7 +500,8 @@ class SandboxRuntime(Runtime):
         self._wids = itertools.count(1)
         self._iids = itertools.count(1)
         self._kids = itertools.count(1)
-        self._class_plans: dict[type, _ClassPlan] = {}
+        # By NodeEntry.class_ref: untrusted nodes have no class object in the server.
+        self._class_plans: dict[tuple[str, str], _ClassPlan] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._layers: list[LayerStatus] = []
         self._launcher: Launcher | None = None
@@ -951,15 +961,14 @@ class SandboxRuntime(Runtime):
         return self._class_plan(spec.entry).group
 
     def _class_plan(self, entry: NodeEntry) -> _ClassPlan:
-        plan = self._class_plans.get(entry.cls)
+        plan = self._class_plans.get(entry.class_ref)
         if plan is None or plan.entry is not entry:
-            cls = entry.cls
-            declared = cls.traits.memory_mb
+            declared = entry.traits.memory_mb
             cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
-            lazy = not (cls.reusable or cls.streaming or entry.has_initialize)
-            plan = self._class_plans[cls] = _ClassPlan(
+            lazy = not (entry.reusable or entry.streaming or entry.has_initialize)
+            plan = self._class_plans[entry.class_ref] = _ClassPlan(
                 entry=entry, group=(cap, "" if entry.trusted else entry.module),
-                module=cls.__module__, lazy=lazy, oneshot=lazy and not entry.has_cleanup)
+                module=entry.class_module, lazy=lazy, oneshot=lazy and not entry.has_cleanup)
         return plan
 
     async def _pick(self, group: _Group, exclusive: bool = False) -> _Worker:
@@ -1052,7 +1061,7 @@ class SandboxRuntime(Runtime):
         """Absolute loop time a call must finish by: the execution's deadline, and the node's
         timeout (``default=None``: for ``process``) or ``default`` seconds (initialize)."""
         if default is None:
-            limit = spec.timeout_s or spec.entry.cls.traits.timeout_s or self.call_timeout_s
+            limit = spec.timeout_s or spec.entry.traits.timeout_s or self.call_timeout_s
         else:
             limit = default
         deadline = self._now() + limit
@@ -1221,6 +1230,76 @@ class SandboxRuntime(Runtime):
         raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
                             kind="protocol")
 
+    # --- catalogues of untrusted modules ------------------------------------------------------
+
+    async def describe_module(self, module: str) -> list[NodeDescription]:
+        """The node classes of the untrusted ``module``, described by a worker of its own trust
+        domain: the module is imported there, never in the server (see ``nodes._catalogue``).
+        ModuleUnavailable when it cannot be imported or described; its domain's workers are
+        then retired, as no node of it can ever run."""
+        self._check_open()
+        # While the import runs the domain is not kept at strength: a worker the import kills
+        # is not replaced (the replacement would only idle if the module turns out broken).
+        kept = module in self.domains
+        self.domains = tuple(d for d in self.domains if d != module)
+        try:
+            catalogue = parse_catalogue(module, await self._describe(module))
+        except (ModuleUnavailable, CatalogueInvalid) as exc:
+            self._retire_domain(module)
+            if isinstance(exc, ModuleUnavailable):
+                raise
+            raise ModuleUnavailable(module, str(exc)) from None
+        if kept:
+            self.domains = (*self.domains, module)
+            self._replace((self.memory_mb_default, module))
+        return catalogue
+
+    async def _describe(self, module: str) -> Any:
+        """The raw ``describe`` reply for ``module``, within ``init_timeout_s`` (an import)."""
+        group: _Group = (self.memory_mb_default, module)
+        deadline = self._now() + self.init_timeout_s
+        for _ in range(_ATTEMPTS):
+            try:
+                worker = await self._pick(group)
+            except ServiceUnavailable:
+                raise
+            except Exception as exc:
+                raise ModuleUnavailable(module, f"no sandbox worker available: {exc}") from exc
+            try:
+                reply = await self._request(worker, ("describe", module), None, "initialize", 0,
+                                            deadline)
+            except _WorkerGone:
+                continue  # died under another request before ours was sent
+            except DeadlineExceeded:
+                raise ModuleUnavailable(
+                    module, f"its import did not finish within {self.init_timeout_s:g} s; "
+                            "the worker was killed") from None
+            except SandboxFailure as exc:
+                raise ModuleUnavailable(module, f"its worker failed: {exc.cause}") from None
+            return self._describe_reply(worker, module, reply)
+        raise ModuleUnavailable(module, "sandbox workers kept dying before it could be described")
+
+    def _describe_reply(self, worker: _Worker, module: str, reply: tuple[Any, ...]) -> Any:
+        status = reply[0]
+        if status == "ok" and len(reply) == 3:
+            return reply[1]
+        if status == "error" and len(reply) == 6:
+            _, kind, exc_type, message, _, _ = reply
+            if kind == "memory":
+                self._retire(worker, "MemoryError")
+            # Whatever the worker says goes into logs: keep it bounded.
+            raise ModuleUnavailable(module, f"{str(exc_type)[:200]}: {str(message)[:4000]}")
+        self._misbehaved(worker, f"unexpected reply {status!r} to describe")
+        raise ModuleUnavailable(module, "its worker broke the control protocol")
+
+    def _retire_domain(self, module: str) -> None:
+        """No node of ``module`` can run: end its domain's workers (none is starting: nothing
+        replaces them while the module is described)."""
+        for worker in list(self._workers.values()):
+            if worker.domain == module:
+                self._retire(worker, f"untrusted module {module} could not be loaded",
+                             replace=False)
+
     # --- the Runtime interface ----------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -1388,13 +1467,12 @@ class SandboxRuntime(Runtime):
                                                          tuple[str, str, str] | None]:
         """The ``run`` request for ``worker``: with the class id it knows, else a new one and
         the class's definition."""
-        cls = spec.entry.cls
-        key = (cls, spec.params_key)
+        key = (spec.entry.class_ref, spec.params_key)
         kid = worker.kinds.get(key)
         define: tuple[str, str, str] | None = None
         if kid is None:
             kid = next(self._kids)
-            define = (cls.__module__, cls.__qualname__, spec.params_key)
+            define = (*spec.entry.class_ref, spec.params_key)
         request = ("run", kid, inputs if type(inputs) is dict else dict(inputs), spec.node_id,
                    scope.execution_id, define, None)
         return request, key, kid, define
@@ -1415,7 +1493,7 @@ class SandboxRuntime(Runtime):
         placed = self._place(spec, scope)
         if placed is not None:
             return placed
-        if spec.entry.cls.reusable:
+        if spec.entry.reusable:
             worker, iid = await self._acquire_warm(spec, scope)
             initialized = True
         else:
@@ -1428,7 +1506,7 @@ class SandboxRuntime(Runtime):
 
     @staticmethod
     def _exclusive(spec: NodeSpec) -> bool:
-        return bool(spec.entry.cls.streaming) and not spec.entry.cls.reusable
+        return spec.entry.streaming and not spec.entry.reusable
 
     def _dedicate(self, instance: SandboxInstance) -> None:
         """A fresh streaming instance owns its worker until released (see ``_pick``); ``_create``
@@ -1437,8 +1515,8 @@ class SandboxRuntime(Runtime):
             instance.dedicated = True
 
     def _init_request(self, spec: NodeSpec, scope: ExecutionScope, iid: int) -> tuple[Any, ...]:
-        cls = spec.entry.cls
-        return ("init", iid, cls.__module__, cls.__qualname__, spec.params_key, spec.node_id,
+        module, qualname = spec.entry.class_ref
+        return ("init", iid, module, qualname, spec.params_key, spec.node_id,
                 scope.execution_id)
 
     async def _init_on(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope, iid: int,
@@ -1475,7 +1553,7 @@ class SandboxRuntime(Runtime):
             if exclusive:
                 # At once, before any await: nobody else may be placed here meanwhile.
                 worker.exclusive.add(iid)
-            if not spec.entry.has_initialize and spec.entry.cls.__module__ in worker.modules:
+            if not spec.entry.has_initialize and spec.entry.class_module in worker.modules:
                 worker.reserved += 1
                 return worker, iid, False
 
@@ -1496,7 +1574,7 @@ class SandboxRuntime(Runtime):
             except BaseException:
                 worker.pinned.discard(iid)
                 raise
-            worker.modules.add(spec.entry.cls.__module__)
+            worker.modules.add(spec.entry.class_module)
             return worker, iid, True
         raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could start",
                             during="initialize", kind="crash")
@@ -1544,7 +1622,7 @@ class SandboxRuntime(Runtime):
         iid = next(self._iids)
         # The first caller's deadline does not bind a shared instance.
         await self._init_on(worker, spec, ExecutionScope(scope.execution_id), iid)
-        worker.modules.add(spec.entry.cls.__module__)
+        worker.modules.add(spec.entry.class_module)
         log.info("warm sandboxed instance of %s ready in worker %s (%s)", spec.node_type,
                  worker.wid, spec.params_key)
         return iid
@@ -1724,7 +1802,7 @@ class SandboxRuntime(Runtime):
                      instance.worker.cause or "instance evicted")
         instance.worker.pinned.discard(instance.iid)
         instance.unreserve()
-        if spec.entry.cls.reusable:
+        if spec.entry.reusable:
             old = instance.worker.warm.get(spec.warm_key)
             if old is not None and old.done() and not old.cancelled() and (
                     old.exception() is None and old.result() == instance.iid):
@@ -1752,7 +1830,7 @@ class SandboxRuntime(Runtime):
             instance.dedicated = False
             if instance.worker.queued == 0 and instance.worker.reserved == 0:
                 self._notify()
-        if instance.spec.entry.cls.reusable:
+        if instance.spec.entry.reusable:
             return
         instance.worker.pinned.discard(instance.iid)
         if instance.initialized and instance.worker.alive:

@@ -11,6 +11,7 @@ the server one at a time over its control socket:
     ("run", kind, inputs, node_id, execution_id, define, releases)        one-shot nodes
     ("stream", iid, init, releases)                                        streaming session
     ("release", iids)
+    ("describe", module)                                                   untrusted catalogue
     ("exit",)
 
 A ``call`` does in one round trip what would otherwise take three: it first runs the cleanup of
@@ -24,6 +25,10 @@ no instance and the server sends no release. Its class and params are named once
 ``define`` is ``(module, qualname, params_json)`` on the first request for the server-assigned
 id ``kind`` and None afterwards. A worker keeps ``MAX_KINDS`` ids at most and answers ``gone``
 for an id it does not know (the server then forgets it and creates the node the general way).
+
+A ``describe`` imports an untrusted module, which the server never does, and replies with its
+catalogue as plain data (``nodes._catalogue``); a module that fails to import is an ``import``
+error.
 
 Replies are ``("ok", value, cpu_used)`` or ``("error", kind, exc_type, message, cpu_used,
 during)`` where ``during`` is ``initialize`` or ``process`` and ``kind`` tells the server how to
@@ -251,8 +256,26 @@ class _Worker:
         if op == "release":
             await self._release(request[1])
             return ("ok", None, _isolation.cpu_used())
+        if op == "describe":
+            return self._describe(request[1])
         return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used(),
                 "process")
+
+    def _describe(self, module: str) -> tuple[Any, ...]:
+        """``("describe", module)``: import an untrusted module here, where its top-level code
+        may run, and reply with its catalogue as plain data (see ``nodes._catalogue``)."""
+        # Imported on first use: only workers of untrusted domains are ever asked.
+        from tensorline.server.nodes._catalogue import describe_module
+
+        try:
+            catalogue = describe_module(str(module))
+        except BaseException as exc:
+            # SystemExit or KeyboardInterrupt raised by the module's top level included: the
+            # module failed to load, the worker carries on.
+            kind = "memory" if isinstance(exc, MemoryError) else "import"
+            return ("error", kind, type(exc).__name__, describe(exc), _isolation.cpu_used(),
+                    "initialize")
+        return ("ok", catalogue, _isolation.cpu_used())
 
     async def _run_once(self, request: tuple[Any, ...]) -> tuple[Any, ...]:
         """``("run", kind, inputs, node_id, execution_id, define, releases)``: create an

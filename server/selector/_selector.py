@@ -215,7 +215,7 @@ class Selector:
         return self._auto(entry, "runtime_hint=auto" if hint == "auto" else None)
 
     def _auto(self, entry: NodeEntry, prefix: str | None) -> RuntimeDecision:
-        traits = entry.cls.traits
+        traits = entry.traits
 
         def because(text: str) -> str:
             return f"{prefix}; {text}" if prefix else text

@@ -111,6 +111,9 @@ class TensorlineServer:
 
     async def start(self) -> None:
         await self.engine.start()
+        # The untrusted modules' catalogues come from sandboxed workers, so only now, and
+        # before any request can be served.
+        await self.engine.load_untrusted(self.settings.untrusted_modules)
         await self.grpc.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.telemetry.serve_http(self.settings.metrics_host,

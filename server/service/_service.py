@@ -143,20 +143,19 @@ class PipelineService:
 def catalogue(engine: PipelineEngine) -> pb.ListNodesResponse:
     nodes = []
     for entry in engine.registry:
-        cls = entry.cls
         allowed = ["sandbox"] if not entry.trusted else sorted(engine.runtimes)
         nodes.append(pb.NodeInfo(
             node_type=entry.node_type,
-            description=cls.description,
+            description=entry.description,
             params_schema_json=entry.params_schema_json(),
             inputs=[pb.PortInfo(name=p.name, kind=p.kind, description=p.description,
-                                required=p.required) for p in cls.inputs],
+                                required=p.required) for p in entry.inputs],
             outputs=[pb.PortInfo(name=p.name, kind=p.kind, description=p.description)
-                     for p in cls.outputs],
+                     for p in entry.outputs],
             allowed_runtimes=allowed,
             module=entry.module,
-            streaming=bool(getattr(cls, "streaming", False)),
-            reusable=cls.reusable,
+            streaming=entry.streaming,
+            reusable=entry.reusable,
             trusted=entry.trusted,
         ))
     return pb.ListNodesResponse(nodes=nodes)

@@ -84,8 +84,13 @@ class CountingInProcess(InProcessRuntime):
 
 def engine_with(runtimes: dict[str, Runtime], *, fallback: bool = True,
                 untrusted: tuple[str, ...] = ()) -> PipelineEngine:
-    registry = NodeRegistry.default(modules=["tests.nodes.basic", "tests.nodes.spine"],
-                                    untrusted_modules=untrusted, entry_points=False)
+    registry = NodeRegistry.default(
+        modules=[m for m in ("tests.nodes.basic", "tests.nodes.spine") if m not in untrusted],
+        entry_points=False)
+    for module in untrusted:
+        # In-process on purpose: the fake sandbox needs the classes (a real server describes
+        # untrusted modules in a sandboxed worker instead).
+        registry.load_module(module, trusted=False)
     # The selector believes in a sandbox even when ``runtimes`` has none: a plan compiled
     # before the runtime went away.
     selector = Selector(sandbox_available=True, fallback_enabled=fallback)

@@ -329,11 +329,17 @@ async def test_untrusted_node_with_inprocess_hint_is_permission_denied(
 
 
 async def test_untrusted_node_is_refused_by_a_server_without_sandbox(server_factory: Any) -> None:
+    """Without a sandbox an untrusted module cannot be loaded at all (it is never imported in
+    the server): its node types are unknown, and the error says which module and why."""
     server = await server_factory(node_modules=["tests.nodes.basic"],
                                   untrusted_modules=["tests.nodes.spine"], sandbox=False)
     async with AsyncClient(f"127.0.0.1:{server.port}") as client:
-        with pytest.raises(PermissionDeniedError, match="sandbox"):
+        with pytest.raises(InvalidRequestError) as caught:
             await client.execute(manifest(node("p", "Probe")), {"p": np.zeros(1)})
+        (violation,) = caught.value.violations
+        assert violation.field == "nodes[0].node_type"
+        assert "module tests.nodes.spine is not loaded" in violation.description
+        assert "no sandbox runtime" in violation.description
 
 
 async def test_corrupted_requests_never_cause_internal_errors(target: str) -> None:

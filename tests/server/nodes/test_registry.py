@@ -23,15 +23,41 @@ def test_builtins_only() -> None:
 
 
 def test_operator_modules_trusted_and_untrusted() -> None:
+    """Untrusted modules are never imported in the server: their nodes come from a sandboxed
+    worker's description later (PipelineEngine.load_untrusted)."""
     registry = NodeRegistry.default(modules=["tests.nodes.basic"],
                                     untrusted_modules=["tests.nodes.spine"], entry_points=False)
     assert registry.get("Split").trusted is True
     assert registry.get("Split").module == "tests.nodes.basic"
-    assert registry.get("Probe").trusted is False
+    assert registry.get("Split").cls is not None
+    assert "Probe" not in registry
     # Untrusted wins when a module is named in both lists.
     both = NodeRegistry.default(modules=["tests.nodes.spine"],
                                 untrusted_modules=["tests.nodes.spine"], entry_points=False)
-    assert both.get("Probe").trusted is False
+    assert "Probe" not in both
+
+
+def test_untrusted_submodule_of_a_trusted_package_is_never_imported() -> None:
+    registry = NodeRegistry.default(modules=["tests.nodes.mixed"],
+                                    untrusted_modules=["tests.nodes.mixed.evil"],
+                                    entry_points=False)
+    assert registry.get("MixedFriendly").trusted is True
+    assert "MixedEvil" not in registry
+    assert "tests.nodes.mixed.evil" not in sys.modules
+
+
+def test_trusted_module_inside_an_untrusted_package_is_not_imported() -> None:
+    # Importing it would run the untrusted package's __init__ first.
+    registry = NodeRegistry.default(modules=["tests.nodes.mixed.friendly"],
+                                    untrusted_modules=["tests.nodes.mixed"], entry_points=False)
+    assert "MixedFriendly" not in registry
+
+
+def test_unknown_type_names_the_modules_that_could_not_load() -> None:
+    registry = NodeRegistry.default(entry_points=False)
+    registry.unavailable["acme.evil"] = "RuntimeError: no"
+    with pytest.raises(UnknownNodeType, match=r"module acme\.evil is not loaded: RuntimeError: no"):
+        registry.get("EvilNode")
 
 
 def test_entry_points_are_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,7 +74,7 @@ def test_entry_points_are_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry_module, "entry_points", fake_entry_points)
     registry = NodeRegistry.default(untrusted_modules=["tests.nodes.spine"])
     assert registry.get("Split").trusted is True
-    assert registry.get("Probe").trusted is False
+    assert "Probe" not in registry  # an untrusted entry point is described in the sandbox
     assert registry.get("Scale").module == "tensorline.server.nodes.builtin"
 
 

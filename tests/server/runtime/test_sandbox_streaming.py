@@ -28,8 +28,9 @@ from tests.support.polling import eventually
 
 @pytest.fixture
 async def engine(sandbox: SandboxRuntime) -> AsyncIterator[PipelineEngine]:
-    registry = NodeRegistry.default(modules=["tests.nodes.streaming"],
-                                    untrusted_modules=[TEST_NODES], entry_points=False)
+    registry = NodeRegistry.default(modules=["tests.nodes.streaming"], entry_points=False)
+    # In-process on purpose (the tests use the classes too); a server describes it in a worker.
+    registry.load_module(TEST_NODES, trusted=False)
     inprocess = InProcessRuntime()
     yield PipelineEngine(registry, Selector(sandbox_available=True),
                          {"inprocess": inprocess, "sandbox": sandbox})
