@@ -8,10 +8,11 @@
     ├── NodeFailed            UNKNOWN            a node's own exception (names node + exception)
     ├── SandboxFailure        by ``kind``: the sandbox denied, stopped or could not host a call
     │                         PERMISSION_DENIED  permission (EPERM/EACCES, seccomp, Landlock)
-    │                         RESOURCE_EXHAUSTED memory, cpu (a cap of the sandbox)
+    │                         RESOURCE_EXHAUSTED memory, cpu, limit (a cap of the sandbox)
     │                         UNAVAILABLE        unavailable (no worker could be started)
     │                         ABORTED            crash, protocol, import, transfer, anything else
     ├── RuntimeUnavailable    FAILED_PRECONDITION a node's runtime is missing and it may not fall back
+    ├── LayerMissing          FAILED_PRECONDITION a sandbox layer untrusted nodes require is missing
     ├── DeadlineExceeded      DEADLINE_EXCEEDED  request deadline or node timeout
     ├── SessionCancelled      CANCELLED          the client cancelled its stream (StreamCancel)
     └── ServiceUnavailable    UNAVAILABLE        draining / shutting down
@@ -28,6 +29,7 @@ from tensorline.client._codec import Violation
 __all__ = [
     "FALLBACK_KINDS",
     "DeadlineExceeded",
+    "LayerMissing",
     "LimitExceeded",
     "NodeFailed",
     "PermissionDenied",
@@ -108,7 +110,8 @@ class SandboxFailure(TensorlineServerError):
     """The sandbox denied, stopped or could not host a node's call.
 
     ``kind`` says which: ``permission`` (a blocked syscall: EPERM/EACCES, seccomp, Landlock),
-    ``memory`` / ``cpu`` (a resource cap), ``crash`` (the worker died or was killed),
+    ``memory`` / ``cpu`` / ``limit`` (a resource cap: memory, CPU, scratch quota, file size,
+    descriptors, threads), ``crash`` (the worker died or was killed),
     ``protocol`` (the worker broke the control protocol), or one of ``FALLBACK_KINDS``. An
     unclassified failure is a ``crash``: it must never look eligible for an in-process retry.
     """
@@ -140,6 +143,20 @@ class RuntimeUnavailable(TensorlineServerError):
         self.runtime = runtime
         super().__init__(f"node '{node_id}' ({node_type}) must run in the {runtime} runtime, "
                          f"which is not available on this server: {why}")
+
+
+class LayerMissing(TensorlineServerError):
+    """Untrusted code was refused: a sandbox layer the operator requires for it
+    (``sandbox_required_layers``) is not active on this host."""
+
+    reason = "SANDBOX_LAYER_MISSING"
+
+    def __init__(self, subject: str, layers: Sequence[str]) -> None:
+        self.subject = subject
+        self.layers = list(layers)
+        super().__init__(f"{subject} is untrusted and was refused: the sandbox layer(s) "
+                         f"{', '.join(self.layers)} required for untrusted code are not active "
+                         "on this server (see GetServerInfo sandbox_layers)")
 
 
 class DeadlineExceeded(TensorlineServerError):

@@ -19,6 +19,10 @@ MiB = 1024 * 1024
 # Device nodes a GPU node opens read/write: NVIDIA (CUDA), DRM render nodes (Vulkan, OpenCL,
 # VA-API) and AMD's compute driver (ROCm). The selector sends ``needs_gpu`` nodes to the sandbox,
 # so its workers get these (those that exist) by default.
+# Sandbox layers untrusted code requires by default: those a default container profile (no
+# namespaces, a non-root user) still provides. See docs/security.md.
+DEFAULT_REQUIRED_LAYERS = ("rlimits", "environment", "descriptors", "capabilities", "landlock",
+                           "seccomp")
 GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps/*", "/dev/dri/renderD*", "/dev/kfd")
 
 
@@ -65,7 +69,7 @@ class Settings(BaseSettings):
     sandbox_max_workers: int | None = Field(
         None, ge=1, description="worker processes at most (default: workers + 2)")
     sandbox_memory_mb: int = Field(
-        2048, ge=256, description="default memory cap (RLIMIT_DATA) of a worker, MiB")
+        2048, ge=256, description="default memory cap of a worker (RLIMIT_DATA, RLIMIT_AS), MiB")
     sandbox_cpu_seconds: float = Field(60.0, gt=0, description="CPU seconds one call may use")
     sandbox_call_timeout_s: float = Field(
         300.0, gt=0, description="wall-clock limit of one sandboxed call without a deadline")
@@ -78,6 +82,31 @@ class Settings(BaseSettings):
         default_factory=lambda: list(GPU_DEVICES),
         description="device nodes workers may open read/write (comma-separated globs; "
                     "default: the GPU devices)")
+    sandbox_threads: int = Field(64, ge=4, description="threads a worker may run (RLIMIT_NPROC; "
+                                                       "enforced when workers get uids of their own)")
+    sandbox_scratch_mb: int = Field(512, ge=1, description="disk quota of a worker's scratch "
+                                                           "dir (a private tmpfs), MiB")
+    sandbox_file_mb: int = Field(256, ge=1, description="largest file a worker may write, MiB")
+    sandbox_open_files: int = Field(256, ge=32, description="file descriptors a worker may hold")
+    sandbox_read_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra paths workers may read (comma-separated), "
+                                          "e.g. a model directory")
+    sandbox_env: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="server environment variables passed to workers "
+                                          "(comma-separated names); nothing else is")
+    sandbox_separate_uids: bool = Field(
+        True, description="run each worker under a uid of its own when the server is root")
+    sandbox_max_calls: int = Field(0, ge=0, description="replace a worker after this many "
+                                                        "calls (0 = never)")
+    sandbox_recycle_rss_mb: int | None = Field(
+        None, ge=0, description="replace a worker whose peak RSS passes this, MiB (default: "
+                                "3/4 of its memory cap; 0 = never)")
+    sandbox_probe_interval_s: float = Field(
+        30.0, ge=0, description="health-probe workers idle this long (0 = never)")
+    sandbox_required_layers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_REQUIRED_LAYERS),
+        description="sandbox layers untrusted code requires (comma-separated); missing = "
+                    "untrusted nodes refused with FAILED_PRECONDITION")
 
     max_concurrent_executions: int = Field(
         256, ge=0, description="unary executions in progress before RESOURCE_EXHAUSTED (0 = no limit)")
@@ -115,6 +144,7 @@ class Settings(BaseSettings):
                             "or the standard asyncio loop")
 
     @field_validator("node_modules", "untrusted_modules", "auth_tokens", "sandbox_devices",
+                     "sandbox_read_paths", "sandbox_env", "sandbox_required_layers",
                      mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:

@@ -241,13 +241,12 @@ def readable_by_others(path: str) -> bool:
     return info.st_mode & need == need and _blocked_ancestor(path) is None
 
 
-def private_mounts(scratch_dir: str, scratch_mb: int, owner: int | None,
-                   read_paths: Sequence[str]) -> tuple[list[LayerReport], bool]:
-    """As root, before giving root up: a mount namespace of the worker's own, in which its
-    scratch dir is a size-limited tmpfs (its disk quota) owned by ``owner``, and in which the
-    paths it must read stay reachable after the uid switch: a directory that other users cannot
-    traverse (``/root`` holding a pyenv Python) is covered by an empty tmpfs into which only
-    those paths are bind-mounted. Returns the reports and whether the namespace exists."""
+def private_mount_namespace(bridge: Sequence[str]) -> tuple[list[LayerReport], bool]:
+    """As root, before giving root up: a mount namespace of the worker's own (its scratch tmpfs
+    goes there, see ``mount_scratch``), in which the ``bridge`` paths stay reachable after a uid
+    switch: a directory other users cannot traverse (``/root`` holding a pyenv Python, pytest's
+    temp root above the scratch dir) is covered by an empty tmpfs into which only those paths
+    are bind-mounted. Returns the reports and whether the namespace exists."""
     if libc().unshare(CLONE_NEWNS) != 0:
         err = ctypes.get_errno()
         return [("scratch quota", False, f"no mount namespace as root: {os.strerror(err)}")], False
@@ -255,19 +254,18 @@ def private_mounts(scratch_dir: str, scratch_mb: int, owner: int | None,
         # Nothing mounted here may propagate back to the host.
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     except OSError as exc:
-        return [("scratch quota", False, str(exc))], True
-    reports: list[LayerReport] = []
-    if owner is not None:
-        # The scratch dir too: it may lie below a directory only root can enter (pytest's).
-        reports += _bridge([*read_paths, scratch_dir])
+        return [("scratch quota", False, str(exc))], False
+    return _bridge(bridge), True
+
+
+def mount_scratch(scratch_dir: str, scratch_mb: int, owner: int | None) -> LayerReport:
+    """The scratch dir as a size-limited tmpfs (its disk quota), owned by ``owner``."""
     try:
         _mount("tmpfs", scratch_dir, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
                _scratch_options(scratch_mb, owner))
     except OSError as exc:
-        return [*reports, ("scratch quota", False, str(exc))], True
-    reports.append(
-        ("scratch quota", True, f"scratch is a private {scratch_mb} MiB tmpfs (65536 files)"))
-    return reports, True
+        return ("scratch quota", False, str(exc))
+    return ("scratch quota", True, f"scratch is a private {scratch_mb} MiB tmpfs (65536 files)")
 
 
 def _bridge(paths: Sequence[str]) -> list[LayerReport]:
@@ -297,21 +295,30 @@ def _bridge(paths: Sequence[str]) -> list[LayerReport]:
     return reports
 
 
-def switch_user(uid: int | None, read_paths: Sequence[str], threads: int,
-                devices: Sequence[str] = ()) -> LayerReport:
-    """Give up root for the worker's own unprivileged uid (before the user namespace, so that
-    file permissions, signals and RLIMIT_NPROC apply to a real uid of its own), when the worker
-    can still read what it needs as that uid. It keeps the groups that own the granted device
-    nodes (``/dev/dri/renderD*`` is ``root:render 0660``), and no other."""
+def usable_uid(uid: int | None, read_paths: Sequence[str]) -> tuple[int | None, str]:
+    """``uid`` when the worker could still read everything it needs as that uid (after any
+    bridging), else None and why."""
     if uid is None:
-        return ("unprivileged uid", os.geteuid() != 0,
-                f"runs as the server's uid {os.geteuid()}" + (
-                    "" if os.geteuid() != 0 else
-                    " (root: file permissions do not separate it; Landlock does)"))
+        return None, ""
     unreadable = [path for path in read_paths if not readable_by_others(path)]
     if unreadable:
-        return ("unprivileged uid", False,
-                f"kept root: {unreadable[0]} is not readable by other users")
+        return None, f"kept root: {unreadable[0]} is not readable by other users"
+    return uid, ""
+
+
+def switch_user(uid: int | None, threads: int, devices: Sequence[str] = (),
+                why_not: str = "") -> LayerReport:
+    """Give up root for the worker's own unprivileged uid (before the user namespace, so that
+    file permissions, signals and RLIMIT_NPROC apply to a real uid of its own). It keeps the
+    groups that own the granted device nodes (``/dev/dri/renderD*`` is ``root:render 0660``),
+    and no other."""
+    if uid is None:
+        detail = f"runs as the server's uid {os.geteuid()}"
+        if os.geteuid() == 0:
+            detail += " (root: file permissions do not separate it; Landlock does)"
+        if why_not:
+            detail += f"; {why_not}"
+        return ("unprivileged uid", os.geteuid() != 0, detail)
     groups = sorted({os.stat(path).st_gid for path in devices if os.path.exists(path)} - {0})
     try:
         os.setgroups(groups)

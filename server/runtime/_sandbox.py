@@ -97,6 +97,7 @@ from typing import Any, ClassVar
 
 from tensorline.server._errors import (
     DeadlineExceeded,
+    LayerMissing,
     NodeFailed,
     SandboxFailure,
     ServiceUnavailable,
@@ -302,6 +303,8 @@ class _Worker:
     # SIGKILL sent: the worker may still look alive until its exit is seen, but nothing more
     # may be sent to it (the request would die with it, blamed on the kill's cause).
     killed: bool = False
+    # Requests answered (see ``SandboxRuntime.max_calls``).
+    calls: int = 0
     cause: str = ""
     cpu_used: float = 0.0
     layers: list[_isolation.LayerReport] = field(default_factory=list)
@@ -452,6 +455,10 @@ class SandboxRuntime(Runtime):
         read_paths: Sequence[str] = (),
         environment: Sequence[str] = (),
         separate_uids: bool = True,
+        max_calls: int = 0,
+        recycle_rss_mb: int | None = None,
+        probe_interval_s: float = 30.0,
+        required_layers: Sequence[str] = (),
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -478,6 +485,16 @@ class SandboxRuntime(Runtime):
         self.extra_read_paths = tuple(read_paths)
         self.environment = tuple(environment)
         self.separate_uids = separate_uids
+        # Recycling: a worker is replaced after ``max_calls`` requests (0: never), when its
+        # peak RSS passes ``recycle_rss_mb`` (default: 3/4 of its cap), when it runs low on
+        # descriptors, or when an idle worker fails a probe every ``probe_interval_s``.
+        self.max_calls = max_calls
+        self.recycle_rss_mb = recycle_rss_mb
+        self.probe_interval_s = probe_interval_s
+        self._recycles = 0
+        # Layers without which untrusted code is refused (see ``_require_layers``).
+        self.required_layers = tuple(required_layers)
+        self._prober: asyncio.Task[None] | None = None
         self._read_paths: tuple[str, ...] = ()
         self._list_paths: tuple[str, ...] = ()
         self._uids_usable = False
@@ -553,11 +570,51 @@ class SandboxRuntime(Runtime):
             raise RuntimeError(f"no sandbox worker could start: {failures[0]}") from failures[0]
         for failure in failures:
             log.error("a sandbox worker failed to start: %s", failure)
+        if self.probe_interval_s > 0:
+            self._prober = asyncio.ensure_future(self._probe_idle_workers())
+        missing = self.missing_layers()
+        if missing and self.domains:
+            log.error("untrusted node modules will be refused: required sandbox layer(s) %s "
+                      "not active on this host", ", ".join(missing))
+
+    def missing_layers(self) -> list[str]:
+        """Required layers (``required_layers``) that are not active on every live worker."""
+        active = {layer.name for layer in self._layers if layer.active}
+        return [name for name in self.required_layers if name not in active]
+
+    def _require_layers(self, domain: str, subject: str) -> None:
+        """Untrusted code runs only with every layer the operator requires for it."""
+        if domain and self.required_layers:
+            missing = self.missing_layers()
+            if missing:
+                raise LayerMissing(subject, missing)
+
+    async def _probe_idle_workers(self) -> None:
+        """Every ``probe_interval_s``, each worker idle that long answers a probe (and checks its
+        own health before it does, see ``_worker._check_health``); one that does not answer
+        within ``cancel_grace_s`` is killed and replaced like any call past its deadline."""
+        while not self._closed:
+            await asyncio.sleep(self.probe_interval_s)
+            now = self._now()
+            for worker in list(self._workers.values()):
+                if (worker.state == "ready" and not worker.killed and worker.queued == 0
+                        and worker.reserved == 0 and not worker.dedicated
+                        and now - worker.last_used >= self.probe_interval_s):
+                    self._track(asyncio.ensure_future(self._probe(worker)))
+
+    async def _probe(self, worker: _Worker) -> None:
+        with contextlib.suppress(Exception):
+            await self._request(worker, ("probe",), None, "probe", 0,
+                                 self._now() + self.cancel_grace_s)
 
     async def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
         self._notify(everyone=True)
         workers = list(self._workers.values())
 
@@ -599,6 +656,7 @@ class SandboxRuntime(Runtime):
 
     def stats(self) -> dict[str, float]:
         return {"worker_restarts": float(self._restarts),
+                "worker_recycles": float(self._recycles),
                 "workers": float(sum(1 for w in self._workers.values() if w.alive))}
 
     @property
@@ -635,9 +693,9 @@ class SandboxRuntime(Runtime):
         wid = next(self._wids)
         scratch = os.path.join(self._scratch_root, f"w{wid}")
         os.makedirs(scratch, mode=0o700, exist_ok=True)
+        # The worker takes this uid if it can still read what it needs as it (and then owns
+        # its scratch dir); it reports the outcome as the "unprivileged uid" layer.
         uid = WORKER_UID_BASE + wid % WORKER_UID_COUNT if self._uids_usable else None
-        if uid is not None:
-            os.chown(scratch, uid, uid)
         worker = _Worker(wid=wid, cap_mb=cap_mb, domain=domain, scratch_dir=scratch,
                          inline_max=self.inline_max_bytes, uid=uid)
         worker.outbox = _shm.Outbox(inline_max=self.inline_max_bytes, name=f"tensorline-w{wid}")
@@ -657,6 +715,8 @@ class SandboxRuntime(Runtime):
             read_paths=self._read_paths,
             list_paths=self._list_paths,
             uid=uid,
+            recycle_rss_mb=(self.recycle_rss_mb if self.recycle_rss_mb is not None
+                            else cap_mb * 3 // 4),
             **self._isolation,
         )
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -750,6 +810,9 @@ class SandboxRuntime(Runtime):
                 worker.ready.set_result(None)
             self._notify(everyone=True)
             return
+        if message[0] == "unhealthy" and len(message) == 2:
+            self._recycle(worker, str(message[1])[:300])
+            return
         if message[0] == "segment" and len(message) == 2 and type(message[1]) is int:
             self._grant_segment(worker, message[1])
             return
@@ -791,6 +854,15 @@ class SandboxRuntime(Runtime):
             self._misbehaved(worker, f"segment could not be sent ({exc})")
         finally:
             os.close(fd)
+
+    def _recycle(self, worker: _Worker, why: str) -> None:
+        """Replace a worker that is broken or worn before it gets another call (the call in
+        flight, if any, still completes there)."""
+        if worker.state != "ready":
+            return
+        log.warning("recycling sandbox worker %s (pid %s): %s", worker.wid, worker.pid, why)
+        self._recycles += 1
+        self._retire(worker, why)
 
     def _misbehaved(self, worker: _Worker, what: str) -> None:
         log.error("sandbox worker %s (pid %s) broke the protocol: %s; killing it", worker.wid,
@@ -1152,6 +1224,9 @@ class SandboxRuntime(Runtime):
         worker.queued -= 1
         if self._loop is not None:
             worker.last_used = self._loop.time()
+        worker.calls += 1
+        if self.max_calls and worker.calls >= self.max_calls:
+            self._recycle(worker, f"served {worker.calls} calls")
         worker.lock.release()
         if worker.queued == 0 and not self._dispatch(worker):
             self._notify()
@@ -1221,6 +1296,9 @@ class SandboxRuntime(Runtime):
         if kind == "permission":
             raise WorkerFailure(spec.node_id, f"blocked by the sandbox: {exc_type}: {message}",
                                 during=during, kind="permission")
+        if kind == "limit":
+            raise WorkerFailure(spec.node_id, f"a sandbox limit was hit: {exc_type}: {message}",
+                                during=during, kind="limit")
         if kind == "import":
             raise WorkerFailure(spec.node_id, f"{exc_type}: {message}", during="initialize",
                                 kind="import")
@@ -1238,6 +1316,7 @@ class SandboxRuntime(Runtime):
         ModuleUnavailable when it cannot be imported or described; its domain's workers are
         then retired, as no node of it can ever run."""
         self._check_open()
+        self._require_layers(module, f"module {module}")
         # While the import runs the domain is not kept at strength: a worker the import kills
         # is not replaced (the replacement would only idle if the module turns out broken).
         kept = module in self.domains
@@ -1312,6 +1391,7 @@ class SandboxRuntime(Runtime):
                    inputs: Mapping[str, Any]) -> Any:
         self._check_open()
         plan = self._class_plan(spec.entry)
+        self._require_layers(plan.group[1], f"node '{spec.node_id}' ({spec.node_type})")
         if plan.oneshot:
             while True:
                 worker = self._idle(plan.group)
@@ -1490,6 +1570,7 @@ class SandboxRuntime(Runtime):
 
     async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> SandboxInstance:
         self._check_open()
+        self._require_layers(self._group_of(spec)[1], f"node '{spec.node_id}' ({spec.node_type})")
         placed = self._place(spec, scope)
         if placed is not None:
             return placed

@@ -76,6 +76,7 @@ import errno
 import importlib
 import inspect
 import os
+import resource
 import signal
 import socket
 import sys
@@ -95,6 +96,9 @@ RUNTIME_NAME = "sandbox"
 # The server's answers to a worker's ``("segment", size)`` request (see ``_Worker._allocate``).
 SEGMENT_GRANTED = b"segment"
 SEGMENT_REFUSED = b"refused"
+# Descriptors a worker keeps free for its own work (a segment, a listing): with fewer left it
+# asks to be replaced.
+FD_RESERVE = 16
 # Class ids (``run`` requests) a worker keeps; past this it forgets them all, and answers
 # ``gone`` for an id it no longer knows (the server then starts over for that node).
 MAX_KINDS = 1024
@@ -116,6 +120,8 @@ class WorkerConfig:
     list_paths: tuple[str, ...] = ()
     # The worker's own uid (and gid; None: keep the server's).
     uid: int | None = None
+    # Peak RSS past which the worker asks to be replaced (0: never).
+    recycle_rss_mb: int = 0
 
 
 class _StreamStopped(BaseException):
@@ -168,6 +174,8 @@ class _Worker:
         self.generation_lock = threading.Lock()
         self.cancel_r, self.cancel_w = os.pipe()
         os.set_blocking(self.cancel_w, False)
+        # Told the server it should be replaced (see ``_check_health``).
+        self.unhealthy = False
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -204,7 +212,33 @@ class _Worker:
                 return
             self._reply(reply)
 
+    def _check_health(self) -> None:
+        """Before each reply: a worker close to running out of descriptors, or whose peak RSS
+        passed the recycling threshold, says so (once), so that the server retires it before
+        it gives it another call, instead of letting the next call fail here. Two cheap
+        syscalls: ``stat`` of ``/proc/self/fd`` counts open fds (Linux 6.2+; a listing
+        before), ``getrusage`` has the peak RSS."""
+        if self.unhealthy:
+            return
+        limits = self.config.limits
+        try:
+            fds = os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
+        except OSError:
+            fds = limits.nofile  # no descriptor left even to list them
+        reason = ""
+        if fds > limits.nofile - FD_RESERVE:
+            reason = f"{fds} of {limits.nofile} file descriptors in use"
+        elif self.config.recycle_rss_mb:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+            if peak_mb > self.config.recycle_rss_mb:
+                reason = (f"peak RSS {peak_mb} MiB passed the recycling threshold of "
+                          f"{self.config.recycle_rss_mb} MiB")
+        if reason:
+            self.unhealthy = True
+            self._send(("unhealthy", reason))
+
     def _reply(self, reply: tuple[Any, ...]) -> None:
+        self._check_health()
         try:
             message, fresh = _shm.pack(reply, self.outbox, self.inbox.segment)
         except TypeError as exc:
@@ -258,6 +292,9 @@ class _Worker:
             return ("ok", None, _isolation.cpu_used())
         if op == "describe":
             return self._describe(request[1])
+        if op == "probe":
+            # The health check runs before this reply is sent (``_check_health``).
+            return ("ok", None, _isolation.cpu_used())
         return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used(),
                 "process")
 
@@ -618,13 +655,22 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+# A cap of the sandbox, hit: the scratch quota, the file size, descriptors, threads.
+_LIMIT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE})
+
+
 def classify(exc: BaseException) -> str:
-    """``memory`` / ``permission`` for failures the sandbox causes, ``node`` otherwise."""
+    """``memory`` / ``permission`` / ``limit`` for failures the sandbox causes, ``node``
+    otherwise."""
     for item in _chain(exc):
         if isinstance(item, MemoryError):
             return "memory"
         if isinstance(item, OSError) and item.errno in (errno.EPERM, errno.EACCES):
             return "permission"
+        if isinstance(item, OSError) and item.errno in _LIMIT_ERRNOS:
+            return "limit"
+        if isinstance(item, RuntimeError) and "can't start new thread" in str(item):
+            return "limit"
     return "node"
 
 
@@ -642,6 +688,8 @@ def describe(exc: BaseException) -> str:
 def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) -> None:
     """Entry point of a worker process, called by the launcher right after the fork."""
     sock.setblocking(True)
+    # A write past RLIMIT_FSIZE fails with EFBIG rather than killing the worker.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # The launcher's environment is already minimal; HOME and TMPDIR point at the scratch dir.
     os.environ["HOME"] = os.environ["TMPDIR"] = config.scratch_dir
     tempfile.tempdir = config.scratch_dir
@@ -655,12 +703,15 @@ def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) ->
     limits = config.limits
     mounted = False
     if config.namespaces and os.geteuid() == 0:
-        mount_reports, mounted = _isolation.private_mounts(
-            config.scratch_dir, limits.scratch_mb, config.uid,
-            [*config.read_paths, *config.devices])
+        bridge = [*config.read_paths, *config.devices, config.scratch_dir] if config.uid else []
+        mount_reports, mounted = _isolation.private_mount_namespace(bridge)
         reports.extend(mount_reports)
-    reports.append(_isolation.switch_user(config.uid, config.read_paths, limits.threads,
-                                          config.devices))
+    uid, why_not = _isolation.usable_uid(config.uid, config.read_paths)
+    if mounted:
+        reports.append(_isolation.mount_scratch(config.scratch_dir, limits.scratch_mb, uid))
+    elif uid is not None:
+        os.chown(config.scratch_dir, uid, uid)
+    reports.append(_isolation.switch_user(uid, limits.threads, config.devices, why_not))
     if config.namespaces:
         reports.extend(_isolation.apply_namespaces(config.scratch_dir, limits.scratch_mb,
                                                    mounted=mounted))
@@ -669,6 +720,8 @@ def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) ->
         reports.append(("scratch quota", False, "needs the namespaces (disabled)"))
     reports.append(_isolation.drop_capabilities())
     reports.append(_isolation.apply_parent_death(launcher_pid))
+    # Relative paths resolve in the scratch dir (the launcher's cwd is "/").
+    os.chdir(config.scratch_dir)
     worker = _Worker(config, sock)
     threading.Thread(target=worker.cancel_thread, name="tensorline-cancel", daemon=True).start()
     signal.signal(signal.SIGUSR1, worker.on_cancel_signal)

@@ -84,6 +84,17 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
             landlock=settings.sandbox_landlock,
             seccomp=settings.sandbox_seccomp,
             devices=settings.sandbox_devices,
+            threads=settings.sandbox_threads,
+            scratch_mb=settings.sandbox_scratch_mb,
+            fsize_mb=settings.sandbox_file_mb,
+            nofile=settings.sandbox_open_files,
+            read_paths=settings.sandbox_read_paths,
+            environment=settings.sandbox_env,
+            separate_uids=settings.sandbox_separate_uids,
+            max_calls=settings.sandbox_max_calls,
+            recycle_rss_mb=settings.sandbox_recycle_rss_mb,
+            probe_interval_s=settings.sandbox_probe_interval_s,
+            required_layers=settings.sandbox_required_layers,
         )
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
                         sandbox_available="sandbox" in runtimes)

@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from tensorline.server._errors import (
     DeadlineExceeded,
+    LayerMissing,
     LimitExceeded,
     NodeFailed,
     PermissionDenied,
@@ -43,6 +44,7 @@ _CODES: list[tuple[type[TensorlineServerError], grpc.StatusCode]] = [
     (NodeFailed, grpc.StatusCode.UNKNOWN),
     (SandboxFailure, grpc.StatusCode.ABORTED),
     (RuntimeUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (LayerMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ServiceUnavailable, grpc.StatusCode.UNAVAILABLE),
     (SessionCancelled, grpc.StatusCode.CANCELLED),
@@ -56,6 +58,7 @@ _SANDBOX_CODES: dict[str, grpc.StatusCode] = {
     "permission": grpc.StatusCode.PERMISSION_DENIED,
     "memory": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "cpu": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -88,6 +91,8 @@ def _error_metadata(error: TensorlineServerError) -> dict[str, str]:
                 "kind": error.kind}
     if isinstance(error, RuntimeUnavailable):
         return {"node_id": error.node_id, "runtime": error.runtime}
+    if isinstance(error, LayerMissing):
+        return {"layers": ",".join(error.layers)}
     return {}
 
 

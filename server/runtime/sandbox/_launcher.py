@@ -109,7 +109,7 @@ class Launcher:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(theirs.fileno()),
                 env=self._env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+                stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
         except BaseException:
             ours.close()
             raise

@@ -29,6 +29,7 @@ import select
 import signal
 import socket
 import sys
+import traceback
 from typing import Any
 
 # The worker's control socket is moved to this fd in the child.
@@ -106,6 +107,9 @@ def _spawn(ctl: socket.socket, wake_r: int, wake_w: int, message: tuple[Any, ...
         try:
             _child(ctl, wake_r, wake_w, config, sock_fd, out_fd, launcher_pid)
             code = 0
+        except BaseException:
+            # Goes to the worker's output pipe (fd 2 by now, else the launcher's stderr).
+            traceback.print_exc()
         finally:
             os._exit(code)
     os.close(sock_fd)
