@@ -9,12 +9,13 @@ ports, ports fed twice, and cycles (with the cycle path).
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from tensorline.client._json import JsonRejected, loads
 from tensorline.server._errors import RequestInvalid, Violation
 from tensorline.server.manifest._model import (
     CONNECTION_FIELDS,
@@ -62,18 +63,31 @@ def _validate(model: type[BaseModel], data: Any, prefix: str, known: Sequence[st
         return None
 
 
-def parse_manifest_json(text: str) -> dict[str, Any]:
-    """The manifest JSON object; RequestInvalid when it is not valid JSON or not an object."""
+@dataclass(frozen=True, slots=True)
+class ManifestLimits:
+    """Bounds on what a manifest may be (0 = unbounded): its size in UTF-8 bytes and how deeply
+    its arrays and objects nest (params included)."""
+
+    max_manifest_bytes: int = 0
+    max_json_depth: int = 0
+
+
+def parse_manifest_json(text: str, limits: ManifestLimits = ManifestLimits()) -> dict[str, Any]:
+    """The manifest JSON object; RequestInvalid when it is not valid JSON, not an object, or
+    beyond ``limits``."""
+    max_bytes = limits.max_manifest_bytes
     if not text.strip():
         raise RequestInvalid([Violation("manifest_json", "empty manifest")], "invalid manifest")
+    if max_bytes and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
+        raise RequestInvalid([Violation("manifest_json", f"{len(text.encode())} bytes exceed "
+                                        f"the server limit of {max_bytes} bytes", kind="limit")],
+                             "manifest too large")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestInvalid(
-            [Violation("manifest_json",
-                       f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")],
-            "invalid manifest",
-        ) from None
+        data = loads(text, max_depth=limits.max_json_depth)
+    except JsonRejected as exc:
+        raise RequestInvalid([Violation("manifest_json", exc.reason,
+                                        kind="limit" if exc.limit else "invalid")],
+                             "invalid manifest") from None
     if not isinstance(data, dict):
         raise RequestInvalid(
             [Violation("manifest_json", f"must be a JSON object, got {type(data).__name__}")],
@@ -200,49 +214,56 @@ def _resolve_port(ports: Sequence[Port], name: str | None, node_id: str, side: s
 
 
 def _find_cycle(deps: Mapping[str, Sequence[str]]) -> list[str] | None:
-    """A cycle in the dependency graph as a path (first node repeated at the end), or None."""
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for dep in deps.get(node, ()):
-            if state.get(dep) == 1:
-                path = [*stack[stack.index(dep):], dep]
-                return list(reversed(path))  # data-flow order: producer -> consumer
-            if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in deps:
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
+    """A cycle in the dependency graph as a path in data-flow order (first node repeated at
+    the end), or None. Iterative: a manifest may chain more nodes than Python's recursion
+    limit allows frames."""
+    state: dict[str, int] = {}  # 1 = on the path, 2 = done
+    for root in deps:
+        if root in state:
+            continue
+        state[root] = 1
+        path = [root]
+        pending = [iter(deps.get(root, ()))]
+        while pending:
+            dep = next(pending[-1], None)
+            if dep is None:
+                state[path.pop()] = 2
+                pending.pop()
+            elif state.get(dep) == 1:
+                return list(reversed([*path[path.index(dep):], dep]))
+            elif dep not in state:
+                state[dep] = 1
+                path.append(dep)
+                pending.append(iter(deps.get(dep, ())))
     return None
+
+
+def _topological_order(nodes: dict[str, NodeSpec]) -> list[str]:
+    """Every node after the nodes it depends on, in manifest order otherwise (iterative, like
+    ``_find_cycle``; the graph is known to be acyclic here)."""
+    order: list[str] = []
+    done: set[str] = set()
+    for root in nodes:
+        if root in done:
+            continue
+        done.add(root)
+        stack = [(root, iter([s.node_id for srcs in nodes[root].wiring.values() for s in srcs]))]
+        while stack:
+            node_id, sources = stack[-1]
+            src = next(sources, None)
+            if src is None:
+                order.append(node_id)
+                stack.pop()
+            elif src not in done:
+                done.add(src)
+                stack.append((src, iter([s.node_id for srcs in nodes[src].wiring.values()
+                                         for s in srcs])))
+    return order
 
 
 def _build_plan(manifest: ManifestDecl, nodes: dict[str, NodeSpec],
                 consumed: set[tuple[str, str]]) -> ExecutionPlan:
-    order: list[str] = []
-    done: set[str] = set()
-
-    def visit(node_id: str) -> None:
-        if node_id in done:
-            return
-        done.add(node_id)
-        for sources in nodes[node_id].wiring.values():
-            for src in sources:
-                visit(src.node_id)
-        order.append(node_id)
-
-    for node_id in nodes:
-        visit(node_id)
+    order = _topological_order(nodes)
 
     external: list[tuple[str, str]] = []
     required: set[tuple[str, str]] = set()
