@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from tensorline.client._json import JsonRejected, loads
-from tensorline.server._errors import RequestInvalid, Violation
+from tensorline.server._errors import RequestInvalid, Violation, clip
 from tensorline.server.manifest._model import (
     CONNECTION_FIELDS,
     MANIFEST_FIELDS,
@@ -37,17 +37,42 @@ def _loc(prefix: str, loc: Sequence[int | str]) -> str:
     return path
 
 
+# "Did you mean" compares a name with every candidate (difflib, quadratic in the worst case):
+# offered for the first few problems of a manifest, with few enough candidates, for names of
+# sane length, so a manifest of thousands of broken references still compiles in linear time.
+MAX_HINTS = 16
+MAX_HINT_CANDIDATES = 2000
+MAX_HINT_NAME = 128
+
+
+class _Hints:
+    """The "did you mean" budget of one compilation."""
+
+    def __init__(self) -> None:
+        self.left = MAX_HINTS
+
+    def available(self, name: str, candidates: int) -> bool:
+        if self.left <= 0 or candidates > MAX_HINT_CANDIDATES or len(name) > MAX_HINT_NAME:
+            return False
+        self.left -= 1
+        return True
+
+    def __call__(self, name: str, known: Sequence[str]) -> str:
+        if not self.available(name, len(known)):
+            return ""
+        close = difflib.get_close_matches(name, known, n=1)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _pydantic_violations(
-    prefix: str, error: ValidationError, known: Sequence[str], who: str = ""
+    prefix: str, error: ValidationError, known: Sequence[str], hints: _Hints, who: str = ""
 ) -> list[Violation]:
     out = []
     for err in error.errors():
         loc = err["loc"]
         if err["type"] == "extra_forbidden" and loc:
             name = str(loc[-1])
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            desc = f"unknown field '{name}'{hint}"
+            desc = f"unknown field '{clip(name)}'{hints(name, known)}"
         else:
             desc = err["msg"]
         out.append(Violation(_loc(prefix, loc), f"{who}{desc}"))
@@ -55,11 +80,11 @@ def _pydantic_violations(
 
 
 def _validate(model: type[BaseModel], data: Any, prefix: str, known: Sequence[str],
-              out: list[Violation], who: str = "") -> Any:
+              out: list[Violation], hints: _Hints, who: str = "") -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        out.extend(_pydantic_violations(prefix, exc, known, who))
+        out.extend(_pydantic_violations(prefix, exc, known, hints, who))
         return None
 
 
@@ -102,14 +127,15 @@ def compile_manifest(
     """Validate a manifest completely and compile it. Raises RequestInvalid with every problem,
     or PermissionDenied when the trust policy refuses a node's runtime hint."""
     problems: list[Violation] = []
-    manifest = _validate(ManifestDecl, data, "", MANIFEST_FIELDS, problems)
+    hints = _Hints()
+    manifest = _validate(ManifestDecl, data, "", MANIFEST_FIELDS, problems, hints)
     if manifest is None:
         raise RequestInvalid(problems, "invalid manifest")
 
     decls: dict[str, tuple[int, NodeDecl, NodeEntry | None]] = {}
     for index, raw in enumerate(manifest.nodes):
         prefix = f"nodes[{index}]"
-        decl = _validate(NodeDecl, raw, prefix, NODE_FIELDS, problems)
+        decl = _validate(NodeDecl, raw, prefix, NODE_FIELDS, problems, hints)
         if decl is None:
             continue
         if decl.id in decls:
@@ -117,11 +143,7 @@ def compile_manifest(
             problems.append(Violation(f"{prefix}.id", f"duplicate node id '{decl.id}' "
                                                       f"(first used by nodes[{first}])"))
             continue
-        entry: NodeEntry | None = None
-        try:
-            entry = registry.get(decl.node_type)
-        except UnknownNodeType as exc:
-            problems.append(Violation(f"{prefix}.node_type", f"node '{decl.id}': {exc.message}"))
+        entry = _node_entry(registry, decl, f"{prefix}.node_type", problems, hints)
         try:
             normalize_hint(decl.runtime_hint)
         except ValueError as exc:
@@ -134,7 +156,7 @@ def compile_manifest(
             continue
         model = entry.cls.Params
         value = _validate(model, decl.params, f"nodes[{index}].params",
-                          tuple(model.model_fields), problems, who=f"node '{node_id}': ")
+                          tuple(model.model_fields), problems, hints, who=f"node '{node_id}': ")
         if value is not None:
             params[node_id] = value
 
@@ -142,15 +164,14 @@ def compile_manifest(
     consumed: set[tuple[str, str]] = set()
     for index, raw in enumerate(manifest.connections):
         prefix = f"connections[{index}]"
-        conn = _validate(ConnectionDecl, raw, prefix, CONNECTION_FIELDS, problems)
+        conn = _validate(ConnectionDecl, raw, prefix, CONNECTION_FIELDS, problems, hints)
         if conn is None:
             continue
         ok = True
         for side, node_id in (("from", conn.from_), ("to", conn.to)):
             if node_id not in decls:
-                close = difflib.get_close_matches(node_id, list(decls), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                problems.append(Violation(f"{prefix}.{side}", f"no node '{node_id}'{hint}"))
+                problems.append(Violation(f"{prefix}.{side}", f"no node '{clip(node_id)}'"
+                                                              f"{hints(node_id, list(decls))}"))
                 ok = False
         if not ok:
             continue
@@ -194,6 +215,23 @@ def compile_manifest(
             wiring={port: tuple(srcs) for port, srcs in wiring[node_id].items()},
         )
     return _build_plan(manifest, nodes, consumed)
+
+
+def _node_entry(registry: NodeRegistry, decl: NodeDecl, field: str, problems: list[Violation],
+                hints: _Hints) -> NodeEntry | None:
+    """The registered entry of ``decl``'s node type, or None with the problem recorded (the
+    registry's message, with its suggestion, while the hint budget lasts)."""
+    if decl.node_type in registry:
+        return registry.get(decl.node_type)
+    if hints.available(decl.node_type, len(registry)):
+        try:
+            registry.get(decl.node_type)
+        except UnknownNodeType as exc:
+            problems.append(Violation(field, f"node '{decl.id}': {exc.message}"))
+    else:
+        problems.append(Violation(field, f"node '{decl.id}': unknown node type "
+                                         f"'{clip(decl.node_type)}'"))
+    return None
 
 
 def _resolve_port(ports: Sequence[Port], name: str | None, node_id: str, side: str,
