@@ -66,4 +66,7 @@ def safe_load(text: str) -> Any:
     """``yaml.safe_load`` that refuses oversized text and alias bombs with a ValueError."""
     if len(text) > MAX_CHARS:
         raise ValueError(f"YAML text of {len(text)} characters exceeds the limit of {MAX_CHARS}")
-    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no arbitrary objects
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no arbitrary objects
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ValueError("YAML document nested too deeply") from None
