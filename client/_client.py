@@ -31,6 +31,7 @@ from tensorline.client._codec import (
     encode_execute_request,
 )
 from tensorline.client._exceptions import TensorlineError, TransportError, from_rpc_error
+from tensorline.client._yaml import safe_load
 from tensorline.v1 import tensorline_pb2 as pb
 
 if TYPE_CHECKING:
@@ -39,6 +40,12 @@ if TYPE_CHECKING:
 SERVICE_NAME = "tensorline.v1.PipelineService"
 SERVICE = f"/{SERVICE_NAME}/"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Deadlines when neither the call nor the client names one: a server that never answers (a
+# stuck node, a lost replica) must not hang a caller forever. Unary calls get five minutes (the
+# server's own limit of one sandboxed call), a streaming session an hour. ``None`` in the
+# client's configuration means no deadline.
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_STREAM_TIMEOUT_S = 3600.0
 
 ManifestLike = Mapping[str, Any] | str | os.PathLike[str]
 InputsLike = Mapping[str, Any] | Sequence[PortItem] | None
@@ -47,7 +54,7 @@ InputsLike = Mapping[str, Any] | Sequence[PortItem] | None
 def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a manifest file (.json, .yaml or .yml)."""
     text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    data = json.loads(text) if str(path).endswith(".json") else safe_load(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a manifest must be a mapping")
     return data
@@ -65,7 +72,7 @@ def manifest_json(manifest: ManifestLike) -> str:
     if "\n" not in text and text.lower().endswith((".json", ".yaml", ".yml")):
         return json.dumps(load_manifest(text), separators=(",", ":"))  # a file name
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"manifest text is not valid YAML: {exc}") from None
     if isinstance(data, dict):
@@ -152,7 +159,9 @@ class ClientConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Retry calls refused with UNAVAILABLE (draining replica, balancer failover).
     retry_unavailable: bool = True
-    timeout: float | None = None
+    # Deadline of unary calls and of whole streaming sessions, seconds (None: none).
+    timeout: float | None = DEFAULT_TIMEOUT_S
+    stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT_S
     # "round_robin" spreads calls over every resolved address (e.g. a headless Service).
     load_balancing: str | None = None
     extra_options: tuple[tuple[str, Any], ...] = ()
@@ -279,12 +288,13 @@ class AsyncClient:
                max_buffered: int = 0) -> AsyncStream:
         """A StreamPipeline session, used as ``async with client.stream(manifest) as s``
         (see ``tensorline.client._stream``). ``queue_size`` overrides the server's per-node
-        buffer; ``timeout`` is the deadline of the whole session (only when given: the
-        client's default timeout is meant for single calls, not minutes-long streams)."""
+        buffer; ``timeout`` is the deadline of the whole session (default: the client's
+        ``stream_timeout``, an hour unless configured; its ``timeout`` is meant for single
+        calls, not long streams)."""
         from tensorline.client._stream import AsyncStream
 
         return AsyncStream(self._channel, manifest_json(manifest), queue_size=queue_size,
-                           timeout=timeout,
+                           timeout=timeout if timeout is not None else self.config.stream_timeout,
                            metadata=self.config.metadata(request_id), on_event=on_event,
                            max_buffered=max_buffered)
 

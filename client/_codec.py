@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
+from tensorline.client._json import JsonRejected, loads
 from tensorline.client._values import Audio, Json, Tagged
 from tensorline.v1 import tensorline_pb2 as pb
 
@@ -94,6 +95,12 @@ class MalformedMessage(ValueError):
     """The bytes are not a valid protobuf encoding of the expected message."""
 
 
+# What decoding bad bytes can raise (UnicodeDecodeError is a ValueError; DecodeError comes from
+# the generated parsers of small messages; IndexError and OverflowError from the hand-written
+# scans). Decoders turn these into violations: nothing a peer sends escapes as an exception.
+BAD_CONTENT = (MalformedMessage, DecodeError, ValueError, IndexError, OverflowError)
+
+
 @dataclass(slots=True)
 class PortItem:
     """A value addressed to or produced by one port of one node ("" = the default port)."""
@@ -123,6 +130,8 @@ class Limits:
     """Limits the decoder enforces (0 = unlimited)."""
 
     max_tensor_bytes: int = 0
+    # Nesting of a JSON value: deeper documents are refused before parsing.
+    max_json_depth: int = 0
 
 
 # --- low-level wire helpers ----------------------------------------------------------------------
@@ -368,7 +377,7 @@ def _decode_value(
         elif number == 3:
             kind, value = "text", _decode_text(buf, a, b, f"{path}.text", out)
         elif number == 4:
-            kind, value = "json", _decode_json(buf, a, b, f"{path}.json", out)
+            kind, value = "json", _decode_json(buf, a, b, f"{path}.json", limits, out)
         elif number == 5:
             kind, value = "binary", buf[a:b]
         elif number == 15:
@@ -423,14 +432,15 @@ def _decode_text(buf: bytes, start: int, end: int, path: str, out: list[Violatio
         return None
 
 
-def _decode_json(buf: bytes, start: int, end: int, path: str, out: list[Violation]) -> Json | None:
+def _decode_json(buf: bytes, start: int, end: int, path: str, limits: Limits,
+                 out: list[Violation]) -> Json | None:
     text = _decode_text(buf, start, end, path, out)
     if text is None:
         return None
     try:
-        return Json(json.loads(text))
-    except json.JSONDecodeError as exc:
-        out.append(Violation(path, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"))
+        return Json(loads(text, max_depth=limits.max_json_depth))
+    except JsonRejected as exc:
+        out.append(Violation(path, exc.reason, kind="limit" if exc.limit else "invalid"))
         return None
 
 
@@ -552,7 +562,7 @@ def decode_execute_request(raw: bytes, limits: Limits = Limits()) -> DecodedExec
                 request.inputs.append(
                     _decode_port_value(raw, a, b, path, limits, request.violations)
                 )
-    except (MalformedMessage, UnicodeDecodeError) as exc:
+    except BAD_CONTENT as exc:
         request.violations.append(Violation("request", f"malformed ExecuteRequest: {exc}"))
     return request
 
@@ -852,7 +862,7 @@ def decode_stream_request(raw: bytes, limits: Limits = Limits()) -> DecodedStrea
             elif number == 4:
                 request.kind = "cancel"
                 request.cancel_reason = pb.StreamCancel.FromString(raw[a:b]).reason
-    except (MalformedMessage, UnicodeDecodeError, ValueError) as exc:
+    except BAD_CONTENT as exc:
         request.violations.append(Violation("request", f"malformed StreamRequest: {exc}"))
     if not request.kind and not request.violations:
         request.violations.append(Violation("request", "empty StreamRequest (set init, data, "

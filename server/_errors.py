@@ -26,6 +26,19 @@ from collections.abc import Sequence
 
 from tensorline.client._codec import Violation
 
+# How much of one piece of request-supplied text (a name, an id, a node's exception message)
+# goes into an error message or a log line: enough to recognize it, never megabytes.
+TEXT_LIMIT = 200
+MESSAGE_LIMIT = 2000
+
+
+def clip(text: object, limit: int = TEXT_LIMIT) -> str:
+    """``text`` as a string of at most about ``limit`` characters, saying how much was cut."""
+    value = str(text)
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value) - limit} more characters)"
+
 __all__ = [
     "FALLBACK_KINDS",
     "DeadlineExceeded",
@@ -40,6 +53,7 @@ __all__ = [
     "SessionCancelled",
     "TensorlineServerError",
     "Violation",
+    "clip",
 ]
 
 
@@ -49,6 +63,7 @@ class TensorlineServerError(Exception):
     reason = "TENSORLINE_ERROR"
 
     def __init__(self, message: str) -> None:
+        message = clip(message, MESSAGE_LIMIT)
         super().__init__(message)
         self.message = message
 

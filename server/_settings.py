@@ -45,6 +45,12 @@ class Settings(BaseSettings):
                                    description="gRPC send/receive message limit")
     max_tensor_bytes: int = Field(192 * MiB, gt=0, description="largest single tensor accepted")
     plan_cache_size: int = Field(256, ge=0, description="compiled manifests kept")
+    plan_cache_bytes: int = Field(64 * MiB, ge=0, description="manifest text the plan cache "
+                                                             "keeps at most, bytes")
+    max_manifest_bytes: int = Field(4 * MiB, gt=0, description="largest manifest accepted, "
+                                                              "bytes of JSON")
+    max_json_depth: int = Field(64, ge=1, description="deepest nesting of arrays/objects in a "
+                                                      "manifest or a JSON value")
     warm_instances: int = Field(32, ge=0,
                                 description="warm reusable node instances kept (LRU)")
     node_threads: int = Field(8, ge=1, description="threads running sync in-process nodes")

@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tensorline.client._codec import PortItem, Violation
-from tensorline.server._errors import RequestInvalid
+from tensorline.server._errors import RequestInvalid, clip
 from tensorline.server.executor._executor import ExecutionResult, Executor
 from tensorline.server.executor._streaming import StreamingExecutor
 from tensorline.server.manifest import (
     ExecutionPlan,
+    ManifestLimits,
     PlanCache,
     bind_inputs,
     compile_manifest,
@@ -37,6 +38,21 @@ from tensorline.server.selector import INPROCESS, SANDBOX, Selector
 log = logging.getLogger(__name__)
 
 
+# A plan's decisions are logged node by node up to this many; the rest as a count.
+LOGGED_NODES = 32
+
+
+def _log_plan(plan: ExecutionPlan) -> None:
+    """Where the nodes of a new plan run. Names and ids come from the request: clipped, and
+    a manifest of thousands of nodes logs a bounded number of lines."""
+    name = clip(plan.name, 80)
+    for spec in list(plan.nodes.values())[:LOGGED_NODES]:
+        log.info("plan %r: node %s (%s) runs %s: %s", name, clip(spec.node_id, 80),
+                 clip(spec.node_type, 80), spec.decision.runtime, spec.decision.reason)
+    if len(plan.nodes) > LOGGED_NODES:
+        log.info("plan %r: %d more nodes", name, len(plan.nodes) - LOGGED_NODES)
+
+
 @dataclass(slots=True)
 class PlanLookup:
     plan: ExecutionPlan
@@ -51,13 +67,16 @@ class PipelineEngine:
         runtimes: Mapping[str, Runtime],
         *,
         plan_cache_size: int = 256,
+        plan_cache_bytes: int = 0,
+        limits: ManifestLimits | None = None,
     ) -> None:
         if INPROCESS not in runtimes:
             raise ValueError("the in-process runtime is required")
         self.registry = registry
         self.selector = selector
         self.runtimes = dict(runtimes)
-        self.plans = PlanCache(plan_cache_size)
+        self.plans = PlanCache(plan_cache_size, plan_cache_bytes)
+        self.limits = limits or ManifestLimits()
         self.executor = Executor(self.runtimes, selector)
         self.streaming = StreamingExecutor(self.runtimes, selector)
         self._started = False
@@ -147,11 +166,10 @@ class PipelineEngine:
         plan = self.plans.get(manifest_json)
         if plan is not None:
             return PlanLookup(plan, True)
-        plan = compile_manifest(parse_manifest_json(manifest_json), self.registry, self.selector)
+        plan = compile_manifest(parse_manifest_json(manifest_json, self.limits), self.registry,
+                                self.selector)
         self.plans.put(manifest_json, plan)
-        for spec in plan.nodes.values():
-            log.info("plan %r: node %s (%s) runs %s: %s", plan.name, spec.node_id, spec.node_type,
-                     spec.decision.runtime, spec.decision.reason)
+        _log_plan(plan)
         return PlanLookup(plan, False)
 
     async def execute(

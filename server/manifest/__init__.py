@@ -1,6 +1,10 @@
 """Pipeline manifests: the model, validation and compilation into cached execution plans."""
 
-from tensorline.server.manifest._compile import compile_manifest, parse_manifest_json
+from tensorline.server.manifest._compile import (
+    ManifestLimits,
+    compile_manifest,
+    parse_manifest_json,
+)
 from tensorline.server.manifest._inputs import (
     BoundInputs,
     bind_inputs,
@@ -17,6 +21,7 @@ __all__ = [
     "ConnectionDecl",
     "ExecutionPlan",
     "ManifestDecl",
+    "ManifestLimits",
     "NodeDecl",
     "NodeSpec",
     "PlanCache",

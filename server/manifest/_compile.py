@@ -11,11 +11,13 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tensorline.server._errors import RequestInvalid, Violation
+from tensorline.client._json import JsonRejected, loads
+from tensorline.server._errors import RequestInvalid, Violation, clip
 from tensorline.server.manifest._model import (
     CONNECTION_FIELDS,
     MANIFEST_FIELDS,
@@ -37,17 +39,42 @@ def _loc(prefix: str, loc: Sequence[int | str]) -> str:
     return path
 
 
+# "Did you mean" compares a name with every candidate (difflib, quadratic in the worst case):
+# offered for the first few problems of a manifest, with few enough candidates, for names of
+# sane length, so a manifest of thousands of broken references still compiles in linear time.
+MAX_HINTS = 16
+MAX_HINT_CANDIDATES = 2000
+MAX_HINT_NAME = 128
+
+
+class _Hints:
+    """The "did you mean" budget of one compilation."""
+
+    def __init__(self) -> None:
+        self.left = MAX_HINTS
+
+    def available(self, name: str, candidates: int) -> bool:
+        if self.left <= 0 or candidates > MAX_HINT_CANDIDATES or len(name) > MAX_HINT_NAME:
+            return False
+        self.left -= 1
+        return True
+
+    def __call__(self, name: str, known: Sequence[str]) -> str:
+        if not self.available(name, len(known)):
+            return ""
+        close = difflib.get_close_matches(name, known, n=1)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _pydantic_violations(
-    prefix: str, error: ValidationError, known: Sequence[str], who: str = ""
+    prefix: str, error: ValidationError, known: Sequence[str], hints: _Hints, who: str = ""
 ) -> list[Violation]:
     out = []
     for err in error.errors():
         loc = err["loc"]
         if err["type"] == "extra_forbidden" and loc:
             name = str(loc[-1])
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            desc = f"unknown field '{name}'{hint}"
+            desc = f"unknown field '{clip(name)}'{hints(name, known)}"
         else:
             desc = err["msg"]
         out.append(Violation(_loc(prefix, loc), f"{who}{desc}"))
@@ -55,21 +82,22 @@ def _pydantic_violations(
 
 
 def _validate(model: type[BaseModel], data: Any, prefix: str, known: Sequence[str],
-              out: list[Violation], who: str = "") -> Any:
+              out: list[Violation], hints: _Hints, who: str = "") -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        out.extend(_pydantic_violations(prefix, exc, known, who))
+        out.extend(_pydantic_violations(prefix, exc, known, hints, who))
         return None
 
 
 def _validate_params(entry: NodeEntry, data: dict[str, Any], prefix: str,
-                     out: list[Violation], who: str) -> tuple[NodeParams | None, str] | None:
+                     out: list[Violation], hints: _Hints,
+                     who: str) -> tuple[NodeParams | None, str] | None:
     """The node's validated params and their canonical JSON (the key of warm instances and
     what a sandbox worker builds the params from), or None after adding the violations."""
     if entry.cls is not None:
         model = entry.cls.Params
-        value = _validate(model, data, prefix, tuple(model.model_fields), out, who)
+        value = _validate(model, data, prefix, tuple(model.model_fields), out, hints, who)
         return None if value is None else (value, value.model_dump_json())
     # An untrusted node: the server has its exported JSON schema, never its pydantic model.
     # Custom validators of its Params therefore run only in the sandbox, when the worker
@@ -78,38 +106,50 @@ def _validate_params(entry: NodeEntry, data: dict[str, Any], prefix: str,
     found = schema_violations(schema_json, data)
     if found:
         known = tuple(json.loads(schema_json).get("properties", {}))
-        out.extend(_schema_violations(prefix, found, known, who))
+        out.extend(_schema_violations(prefix, found, known, hints, who))
         return None
     return None, json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def _schema_violations(prefix: str, found: Sequence[SchemaViolation], known: Sequence[str],
-                       who: str) -> list[Violation]:
+                       hints: _Hints, who: str) -> list[Violation]:
     """JSON schema violations in the words the pydantic path uses for the same problems."""
     out = []
     for v in found:
         desc = v.message
         if v.kind == "unknown" and v.loc:
             name = str(v.loc[-1])
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            desc = f"unknown field '{name}'{hint}"
+            desc = f"unknown field '{clip(name)}'{hints(name, known)}"
         out.append(Violation(_loc(prefix, v.loc), f"{who}{desc}"))
     return out
 
 
-def parse_manifest_json(text: str) -> dict[str, Any]:
-    """The manifest JSON object; RequestInvalid when it is not valid JSON or not an object."""
+
+@dataclass(frozen=True, slots=True)
+class ManifestLimits:
+    """Bounds on what a manifest may be (0 = unbounded): its size in UTF-8 bytes and how deeply
+    its arrays and objects nest (params included)."""
+
+    max_manifest_bytes: int = 0
+    max_json_depth: int = 0
+
+
+def parse_manifest_json(text: str, limits: ManifestLimits = ManifestLimits()) -> dict[str, Any]:
+    """The manifest JSON object; RequestInvalid when it is not valid JSON, not an object, or
+    beyond ``limits``."""
+    max_bytes = limits.max_manifest_bytes
     if not text.strip():
         raise RequestInvalid([Violation("manifest_json", "empty manifest")], "invalid manifest")
+    if max_bytes and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
+        raise RequestInvalid([Violation("manifest_json", f"{len(text.encode())} bytes exceed "
+                                        f"the server limit of {max_bytes} bytes", kind="limit")],
+                             "manifest too large")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestInvalid(
-            [Violation("manifest_json",
-                       f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")],
-            "invalid manifest",
-        ) from None
+        data = loads(text, max_depth=limits.max_json_depth)
+    except JsonRejected as exc:
+        raise RequestInvalid([Violation("manifest_json", exc.reason,
+                                        kind="limit" if exc.limit else "invalid")],
+                             "invalid manifest") from None
     if not isinstance(data, dict):
         raise RequestInvalid(
             [Violation("manifest_json", f"must be a JSON object, got {type(data).__name__}")],
@@ -124,14 +164,15 @@ def compile_manifest(
     """Validate a manifest completely and compile it. Raises RequestInvalid with every problem,
     or PermissionDenied when the trust policy refuses a node's runtime hint."""
     problems: list[Violation] = []
-    manifest = _validate(ManifestDecl, data, "", MANIFEST_FIELDS, problems)
+    hints = _Hints()
+    manifest = _validate(ManifestDecl, data, "", MANIFEST_FIELDS, problems, hints)
     if manifest is None:
         raise RequestInvalid(problems, "invalid manifest")
 
     decls: dict[str, tuple[int, NodeDecl, NodeEntry | None]] = {}
     for index, raw in enumerate(manifest.nodes):
         prefix = f"nodes[{index}]"
-        decl = _validate(NodeDecl, raw, prefix, NODE_FIELDS, problems)
+        decl = _validate(NodeDecl, raw, prefix, NODE_FIELDS, problems, hints)
         if decl is None:
             continue
         if decl.id in decls:
@@ -139,11 +180,7 @@ def compile_manifest(
             problems.append(Violation(f"{prefix}.id", f"duplicate node id '{decl.id}' "
                                                       f"(first used by nodes[{first}])"))
             continue
-        entry: NodeEntry | None = None
-        try:
-            entry = registry.get(decl.node_type)
-        except UnknownNodeType as exc:
-            problems.append(Violation(f"{prefix}.node_type", f"node '{decl.id}': {exc.message}"))
+        entry = _node_entry(registry, decl, f"{prefix}.node_type", problems, hints)
         try:
             normalize_hint(decl.runtime_hint)
         except ValueError as exc:
@@ -155,7 +192,7 @@ def compile_manifest(
         if entry is None:
             continue
         value = _validate_params(entry, decl.params, f"nodes[{index}].params", problems,
-                                 who=f"node '{node_id}': ")
+                                 hints, who=f"node '{node_id}': ")
         if value is not None:
             params[node_id] = value
 
@@ -163,15 +200,14 @@ def compile_manifest(
     consumed: set[tuple[str, str]] = set()
     for index, raw in enumerate(manifest.connections):
         prefix = f"connections[{index}]"
-        conn = _validate(ConnectionDecl, raw, prefix, CONNECTION_FIELDS, problems)
+        conn = _validate(ConnectionDecl, raw, prefix, CONNECTION_FIELDS, problems, hints)
         if conn is None:
             continue
         ok = True
         for side, node_id in (("from", conn.from_), ("to", conn.to)):
             if node_id not in decls:
-                close = difflib.get_close_matches(node_id, list(decls), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                problems.append(Violation(f"{prefix}.{side}", f"no node '{node_id}'{hint}"))
+                problems.append(Violation(f"{prefix}.{side}", f"no node '{clip(node_id)}'"
+                                                              f"{hints(node_id, list(decls))}"))
                 ok = False
         if not ok:
             continue
@@ -217,6 +253,23 @@ def compile_manifest(
     return _build_plan(manifest, nodes, consumed)
 
 
+def _node_entry(registry: NodeRegistry, decl: NodeDecl, field: str, problems: list[Violation],
+                hints: _Hints) -> NodeEntry | None:
+    """The registered entry of ``decl``'s node type, or None with the problem recorded (the
+    registry's message, with its suggestion, while the hint budget lasts)."""
+    if decl.node_type in registry:
+        return registry.get(decl.node_type)
+    if hints.available(decl.node_type, len(registry)):
+        try:
+            registry.get(decl.node_type)
+        except UnknownNodeType as exc:
+            problems.append(Violation(field, f"node '{decl.id}': {exc.message}"))
+    else:
+        problems.append(Violation(field, f"node '{decl.id}': unknown node type "
+                                         f"'{clip(decl.node_type)}'"))
+    return None
+
+
 def _resolve_port(ports: Sequence[Port], name: str | None, node_id: str, side: str,
                   field: str, problems: list[Violation]) -> Port | None:
     names = [p.name for p in ports]
@@ -235,49 +288,56 @@ def _resolve_port(ports: Sequence[Port], name: str | None, node_id: str, side: s
 
 
 def _find_cycle(deps: Mapping[str, Sequence[str]]) -> list[str] | None:
-    """A cycle in the dependency graph as a path (first node repeated at the end), or None."""
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for dep in deps.get(node, ()):
-            if state.get(dep) == 1:
-                path = [*stack[stack.index(dep):], dep]
-                return list(reversed(path))  # data-flow order: producer -> consumer
-            if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in deps:
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
+    """A cycle in the dependency graph as a path in data-flow order (first node repeated at
+    the end), or None. Iterative: a manifest may chain more nodes than Python's recursion
+    limit allows frames."""
+    state: dict[str, int] = {}  # 1 = on the path, 2 = done
+    for root in deps:
+        if root in state:
+            continue
+        state[root] = 1
+        path = [root]
+        pending = [iter(deps.get(root, ()))]
+        while pending:
+            dep = next(pending[-1], None)
+            if dep is None:
+                state[path.pop()] = 2
+                pending.pop()
+            elif state.get(dep) == 1:
+                return list(reversed([*path[path.index(dep):], dep]))
+            elif dep not in state:
+                state[dep] = 1
+                path.append(dep)
+                pending.append(iter(deps.get(dep, ())))
     return None
+
+
+def _topological_order(nodes: dict[str, NodeSpec]) -> list[str]:
+    """Every node after the nodes it depends on, in manifest order otherwise (iterative, like
+    ``_find_cycle``; the graph is known to be acyclic here)."""
+    order: list[str] = []
+    done: set[str] = set()
+    for root in nodes:
+        if root in done:
+            continue
+        done.add(root)
+        stack = [(root, iter([s.node_id for srcs in nodes[root].wiring.values() for s in srcs]))]
+        while stack:
+            node_id, sources = stack[-1]
+            src = next(sources, None)
+            if src is None:
+                order.append(node_id)
+                stack.pop()
+            elif src not in done:
+                done.add(src)
+                stack.append((src, iter([s.node_id for srcs in nodes[src].wiring.values()
+                                         for s in srcs])))
+    return order
 
 
 def _build_plan(manifest: ManifestDecl, nodes: dict[str, NodeSpec],
                 consumed: set[tuple[str, str]]) -> ExecutionPlan:
-    order: list[str] = []
-    done: set[str] = set()
-
-    def visit(node_id: str) -> None:
-        if node_id in done:
-            return
-        done.add(node_id)
-        for sources in nodes[node_id].wiring.values():
-            for src in sources:
-                visit(src.node_id)
-        order.append(node_id)
-
-    for node_id in nodes:
-        visit(node_id)
+    order = _topological_order(nodes)
 
     external: list[tuple[str, str]] = []
     required: set[tuple[str, str]] = set()

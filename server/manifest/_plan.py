@@ -71,10 +71,14 @@ class ExecutionPlan:
 
 
 class PlanCache:
-    """LRU cache of compiled plans keyed by the manifest text."""
+    """LRU cache of compiled plans keyed by the manifest text, bounded by entries and by the
+    total length of the texts it keys on (a plan's memory grows with its manifest's size, so a
+    few huge manifests must not hold what many small ones would)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int = 0) -> None:
         self._capacity = capacity
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._plans: OrderedDict[str, ExecutionPlan] = OrderedDict()
 
     def get(self, key: str) -> ExecutionPlan | None:
@@ -84,12 +88,21 @@ class PlanCache:
         return plan
 
     def put(self, key: str, plan: ExecutionPlan) -> None:
-        if self._capacity <= 0:
+        if self._capacity <= 0 or (self._max_bytes and len(key) > self._max_bytes):
             return
+        if key not in self._plans:
+            self._bytes += len(key)
         self._plans[key] = plan
         self._plans.move_to_end(key)
-        while len(self._plans) > self._capacity:
-            self._plans.popitem(last=False)
+        while len(self._plans) > self._capacity or (self._max_bytes
+                                                    and self._bytes > self._max_bytes):
+            evicted, _ = self._plans.popitem(last=False)
+            self._bytes -= len(evicted)
+
+    @property
+    def bytes(self) -> int:
+        """Total length of the manifest texts held."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._plans)

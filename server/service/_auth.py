@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 
+from tensorline.server.service._status import await_first_message
+
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
 
@@ -25,6 +27,16 @@ def _deny_stream(message: str) -> Callable[..., Any]:
     async def streaming(request: Any, context: Any) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
+
+    return streaming
+
+
+def _deny_request_stream(message: str) -> Callable[..., Any]:
+    """Refuse a call whose client streams: only once its first message has arrived (see
+    ``await_first_message``), so the client sees UNAUTHENTICATED rather than INTERNAL."""
+    async def streaming(request: Any, context: Any) -> None:
+        await await_first_message(context)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     return streaming
 
@@ -59,11 +71,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if reason is None:
             return handler
         if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                _deny_stream(reason))
+            return grpc.stream_stream_rpc_method_handler(_deny_request_stream(reason))
         if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                _deny(reason))
+            return grpc.stream_unary_rpc_method_handler(_deny_request_stream(reason))
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
                 _deny_stream(reason))

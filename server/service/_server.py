@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tensorline.server._settings import Settings
 from tensorline.server.executor import PipelineEngine
+from tensorline.server.manifest import ManifestLimits
 from tensorline.server.nodes import NodeRegistry
 from tensorline.server.runtime import InProcessRuntime, Runtime, SandboxRuntime
 from tensorline.server.selector import INPROCESS, SANDBOX, Selector
@@ -98,14 +99,42 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
         )
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
                         sandbox_available="sandbox" in runtimes)
-    return PipelineEngine(registry, selector, runtimes, plan_cache_size=settings.plan_cache_size)
+    return PipelineEngine(registry, selector, runtimes, plan_cache_size=settings.plan_cache_size,
+                          plan_cache_bytes=settings.plan_cache_bytes,
+                          limits=ManifestLimits(max_manifest_bytes=settings.max_manifest_bytes,
+                                                max_json_depth=settings.max_json_depth))
+
+
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+    """gRPC health whose Watch calls end when the server stops. The stock servicer keeps a Watch
+    open until the gRPC server cancels it, so one open Watch made every shutdown wait out its
+    whole grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ended = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            await asyncio.wait({watching, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watching, ended):
+                task.cancel()
+            await asyncio.gather(watching, ended, return_exceptions=True)
+
+    def end_watches(self) -> None:
+        """End every Watch (with OK): called once NOT_SERVING has gone out and the work in
+        flight is done, so the watchers have seen it and nothing waits on them."""
+        self._ended.set()
 
 
 class TensorlineServer:
     """A running tensorline server: gRPC server + health + engine."""
 
     def __init__(self, settings: Settings, engine: PipelineEngine, server: grpc.aio.Server,
-                 health_servicer: Any, port: int, telemetry: Telemetry,
+                 health_servicer: HealthServicer, port: int, telemetry: Telemetry,
                  service: PipelineService) -> None:
         self.service = service
         self.settings = settings
@@ -184,6 +213,7 @@ class TensorlineServer:
         self.service.admission.draining = True
         if not await self.service.admission.wait_idle(grace):
             log.warning("drain: grace of %.1f s over with work in flight; cancelling it", grace)
+        self.health.end_watches()
         await self.grpc.stop(max(0.0, deadline - loop.time()))
         await self.engine.shutdown()
         self.telemetry.close()
@@ -209,7 +239,7 @@ async def create_server(
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
     service = PipelineService(engine, settings, admission, telemetry)
     server.add_generic_rpc_handlers((service.handler(),))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(

@@ -112,7 +112,8 @@ class PipelineService:
         # Imported here: the stream handler module imports this one.
         from tensorline.server.service._stream import StreamHandler
 
-        limits = Limits(max_tensor_bytes=self.settings.max_tensor_bytes)
+        limits = Limits(max_tensor_bytes=self.settings.max_tensor_bytes,
+                        max_json_depth=self.settings.max_json_depth)
         stream = StreamHandler(self.engine, self.settings, self.admission, self.telemetry)
         methods = {
             "ExecutePipeline": grpc.unary_unary_rpc_method_handler(

@@ -4,9 +4,11 @@ statuses with google.rpc rich details (BadRequest field violations, ErrorInfo, R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,6 +32,7 @@ from tensorline.server._errors import (
     SessionCancelled,
     TensorlineServerError,
     Violation,
+    clip,
 )
 from tensorline.server._logging import request_id_var
 
@@ -96,27 +99,94 @@ def _error_metadata(error: TensorlineServerError) -> dict[str, str]:
     return {}
 
 
+# The status travels in trailing metadata: its message percent-encoded in grpc-message and
+# again, with the details, base64-encoded in grpc-status-details-bin. grpc clients refuse
+# metadata above 8 KiB by default (RESOURCE_EXHAUSTED "received metadata size exceeds limit",
+# losing every detail), so both are capped: worst case 3 x MESSAGE_BYTES + 4/3 x (MESSAGE_BYTES
+# + DETAILS_BYTES) + the fixed headers stays under 6.5 KiB.
+MESSAGE_BYTES = 512
+DETAILS_BYTES = 3000
+# Room kept for the closing "N more problems" entry.
+_MORE_BYTES = 80
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit - 3].decode(errors="ignore") + "..."
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _prioritized(violations: list[Violation]) -> list[Violation]:
+    """Violations with one of each kind of problem first (same field path and description but
+    for the numbers in them), then the repeats: a thousand duplicate inputs must not hide the
+    one unknown node type behind them."""
+    firsts: list[Violation] = []
+    repeats: list[Violation] = []
+    seen: set[tuple[str, str]] = set()
+    for violation in violations:
+        key = (_DIGITS.sub("#", violation.field), _DIGITS.sub("#", violation.description))
+        (repeats if key in seen else firsts).append(violation)
+        seen.add(key)
+    return firsts + repeats
+
+
+def _bad_request(violations: list[Violation], budget: int) -> error_details_pb2.BadRequest:
+    """The field violations that fit ``budget`` serialized bytes, most useful first, and an
+    entry counting the rest."""
+    bad = error_details_pb2.BadRequest()
+    ordered = _prioritized(violations)
+    for shown, violation in enumerate(ordered):
+        entry = error_details_pb2.BadRequest.FieldViolation(
+            field=clip(violation.field), description=clip(violation.description, 1000))
+        # 3 bytes of framing per entry at most (tag and a 2-byte length).
+        if bad.ByteSize() + entry.ByteSize() + 3 > budget - _MORE_BYTES:
+            bad.field_violations.append(error_details_pb2.BadRequest.FieldViolation(
+                field="...", description=f"{len(ordered) - shown} more problem(s) not shown"))
+            break
+        bad.field_violations.append(entry)
+    return bad
+
+
 def to_status(error: TensorlineServerError) -> status_pb2.Status:
+    """The google.rpc.Status of ``error``, sized to fit a client's default metadata limit."""
     code = status_code_of(error)
-    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN,
-                                                 metadata=_error_metadata(error)))]
-    violations: list[Violation] = list(getattr(error, "violations", []))
-    if violations:
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in violations
-        ])))
+    details = [_pack(error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=DOMAIN,
+        metadata={k: clip(v) for k, v in _error_metadata(error).items()}))]
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         seconds = int(retry_after)
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
             seconds=seconds, nanos=int((retry_after - seconds) * 1e9)))))
-    return status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message,
-                             details=details)
+    violations: list[Violation] = list(getattr(error, "violations", []))
+    if violations:
+        used = sum(detail.ByteSize() for detail in details)
+        details.insert(1, _pack(_bad_request(violations, DETAILS_BYTES - used)))
+    return status_pb2.Status(code=getattr(code_pb2, code.name),
+                             message=_clip_utf8(error.message, MESSAGE_BYTES), details=details)
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: TensorlineServerError) -> None:
     await context.abort_with_status(rpc_status.to_status(to_status(error)))
+
+
+# How long a stream about to be refused waits for the client's first message.
+FIRST_MESSAGE_WAIT_S = 2.0
+
+
+async def await_first_message(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Before refusing a stream whose first message was not read yet: wait (bounded) for it.
+
+    A grpc.aio client whose write fails because the call has already ended reports INTERNAL
+    "Internal error from Core" in place of the server's status (grpc/grpc#36066). A client's
+    first write is its init; once that has arrived, its write is complete and the refusal
+    reaches it as sent. A client that sends nothing is refused when the wait is over."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
@@ -142,7 +212,7 @@ def translate_errors(name: str) -> Callable[[Handler], Handler]:
                 return await method(self, request, context)
             except TensorlineServerError as error:
                 code = status_code_of(error).name
-                log.info("%s: %s", name, error.message)
+                log.info("%s: %s", name, clip(error.message, 500))
                 await abort(context, error)
             except asyncio.CancelledError:
                 code = "CANCELLED"

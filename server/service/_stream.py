@@ -55,7 +55,7 @@ from tensorline.server.executor import (
 )
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._service import scope_for
-from tensorline.server.service._status import to_status, translate_errors
+from tensorline.server.service._status import await_first_message, to_status, translate_errors
 from tensorline.server.service._telemetry import Telemetry
 from tensorline.v1 import tensorline_pb2 as pb
 
@@ -251,8 +251,15 @@ class StreamHandler:
 
     @translate_errors("StreamPipeline")
     async def stream_pipeline(self, requests: Any, context: Context) -> None:
-        with self.admission.stream():
-            await self._session(context)
+        admitted = False
+        try:
+            with self.admission.stream():
+                admitted = True
+                await self._session(context)
+        except TensorlineServerError:
+            if not admitted:  # shed or draining: refused before its init was read
+                await await_first_message(context)
+            raise
 
     async def _session(self, context: Context) -> None:
         first: Any = await context.read()
