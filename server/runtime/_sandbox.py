@@ -762,6 +762,13 @@ class SandboxRuntime(Runtime):
         sock = worker.sock
         if sock is None or worker.state == "dead":
             return
+        if worker.killed:
+            # Nothing a worker sent after it was condemned counts (a reply queued behind the
+            # message that broke the protocol must not complete the call): its death does.
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            worker.eof = True
+            return
         try:
             data, fds = _shm.recv_raw(sock)
         except (BlockingIOError, InterruptedError):

@@ -663,7 +663,8 @@ def classify(exc: BaseException) -> str:
     """``memory`` / ``permission`` / ``limit`` for failures the sandbox causes, ``node``
     otherwise."""
     for item in _chain(exc):
-        if isinstance(item, MemoryError):
+        if isinstance(item, MemoryError) or (
+                isinstance(item, OSError) and item.errno == errno.ENOMEM):
             return "memory"
         if isinstance(item, OSError) and item.errno in (errno.EPERM, errno.EACCES):
             return "permission"

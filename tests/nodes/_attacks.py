@@ -1,0 +1,222 @@
+"""Hostile node code for the sandbox escape suite (tests/server/test_sandbox_escape.py): each
+function tries one thing a hostile node would and lets every exception out, so a blocked attempt
+reaches the client as the status the sandbox gives it. The "look" attacks (``environ``, ``fds``,
+``listdir``) return what they saw instead, and the test checks that nothing of the server's is
+in it. ``hostile`` (an untrusted module) and ``hostile_trusted`` (trusted code the manifest sends
+to the sandbox) define the nodes that run them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pydantic import Field
+
+from tensorline.client import Json
+from tensorline.server.nodes import NodeParams
+
+
+class Attacker(Protocol):
+    @property
+    def params(self) -> AttackParams: ...
+
+
+class AttackParams(NodeParams):
+    what: str
+    path: str = Field("", description="a file or directory to read or list")
+    count: int = Field(0, description="how many (threads, GiB, files)")
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read(65536).decode("utf-8", "replace")
+
+
+def _try_read(path: str) -> str:
+    try:
+        return _read(path)
+    except OSError as exc:
+        return f"refused: {exc}"
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        for line in _read(f"/proc/{pid}/status").splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def environ(node: Attacker) -> Any:
+    """Every way to the server's environment a worker might have."""
+    launcher = os.getppid()
+    server = _parent_of(launcher)
+    found: dict[str, Any] = {"os.environ": dict(os.environ)}
+    for name in ("self", "thread-self"):
+        found[f"/proc/{name}/environ"] = _try_read(f"/proc/{name}/environ")
+    for label, pid in (("launcher", launcher), ("server", server), ("init", 1)):
+        found[f"{label} environ"] = _try_read(f"/proc/{pid}/environ")
+        found[f"{label} task environ"] = _try_read(f"/proc/{pid}/task/{pid}/environ")
+        found[f"{label} cmdline"] = _try_read(f"/proc/{pid}/cmdline")
+    found["server pid"] = str(server)
+    return Json(found)
+
+
+def read(node: Attacker) -> Any:
+    return _read(node.params.path)
+
+
+def listdir(node: Attacker) -> Any:
+    return Json(sorted(os.listdir(node.params.path)))
+
+
+def fds(node: Attacker) -> Any:
+    """The descriptors the worker holds (the listing's own fd aside)."""
+    entries = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            entries[name] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+    return Json(entries)
+
+
+def write_fds(node: Attacker) -> Any:
+    """A line to every descriptor a worker might have inherited (the server's resource
+    tracker, its forkserver's "alive" pipe, its log): how many writes went through."""
+    written = 0
+    for fd in range(4, 1024):
+        try:
+            os.write(fd, b"tensorline-escape\n")
+            written += 1
+        except OSError:
+            continue
+    return written
+
+
+def forge_log(node: Attacker) -> Any:
+    """A forged server log line on stdout and stderr, then an attempt to truncate both."""
+    forged = "2026-12-06 10:00:00,000 INFO tensorline.server.service._server [-] FORGED-LINE"
+    print(forged, flush=True)
+    os.write(2, (forged + "\r\n").encode())
+    for fd in (1, 2):
+        os.ftruncate(fd, 0)  # a pipe: EINVAL, which the client sees
+    return "truncated"
+
+
+def garbage_on_control_socket(node: Attacker) -> Any:
+    os.write(3, b"\x00garbage that is not a framed message")
+    return "sent"
+
+
+def mmap_shared(node: Attacker) -> Any:
+    size = node.params.count << 30
+    region = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    for offset in range(0, size, mmap.PAGESIZE):
+        region[offset] = 1
+    return "mapped"
+
+
+def memfds(node: Attacker) -> Any:
+    held = []
+    for _ in range(node.params.count):
+        fd = os.memfd_create("hoard")
+        os.ftruncate(fd, 512 << 20)
+        os.write(fd, b"x" * (1 << 20))
+        held.append(fd)
+    return len(held)
+
+
+def sysv_shm(node: Attacker) -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    shmid = libc.shmget(0, ctypes.c_size_t(1 << 30), 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+    if shmid < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return shmid
+
+
+def private_memory(node: Attacker) -> Any:
+    return len(bytearray(node.params.count << 30))
+
+
+def dev_shm(node: Attacker) -> Any:
+    with open("/dev/shm/tensorline-escape", "wb") as f:
+        f.write(b"x")
+    return "wrote /dev/shm"
+
+
+def fill_scratch(node: Attacker) -> Any:
+    """``count`` files of 1000 MiB each in the scratch dir."""
+    for index in range(node.params.count):
+        fd = os.open(f"fill-{index}", os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, 1000 << 20)
+        finally:
+            os.close(fd)
+    return "filled"
+
+
+def fill_scratch_small_files(node: Attacker) -> Any:
+    """The quota as a whole, not per file: many files under the per-file limit."""
+    chunk = b"x" * (1 << 20)
+    for index in range(node.params.count):
+        with open(f"small-{index}", "wb") as f:
+            for _ in range(64):
+                f.write(chunk)
+    return "filled"
+
+
+def threads(node: Attacker) -> Any:
+    stop = threading.Event()
+    started: list[threading.Thread] = []
+    try:
+        for _ in range(node.params.count):
+            thread = threading.Thread(target=stop.wait)
+            thread.start()
+            started.append(thread)
+    finally:
+        stop.set()
+        for thread in started:
+            thread.join()
+    return len(started)
+
+
+_LEAKED: list[int] = []
+
+
+def leak_fds(node: Attacker) -> Any:
+    """Open descriptors until none is left and keep them: the worker is poisoned for any later
+    call unless the server replaces it."""
+    try:
+        while True:
+            _LEAKED.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    if node.params.count:
+        os.close(_LEAKED.pop(0))  # a hole, so a probe of the lowest free fd looks fine
+    return Json({"leaked": len(_LEAKED)})
+
+
+def fork(node: Attacker) -> Any:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return pid
+
+
+ATTACKS: dict[str, Callable[[Attacker], Any]] = {
+    fn.__name__: fn for fn in (
+        environ, read, listdir, fds, write_fds, forge_log, garbage_on_control_socket,
+        mmap_shared, memfds, sysv_shm, private_memory, dev_shm, fill_scratch,
+        fill_scratch_small_files, threads, leak_fds, fork)
+}
+
+

@@ -1,0 +1,322 @@
+"""The sandbox escape suite: hostile node code against a real ``tensorline serve`` process.
+
+Each attack runs as a node in a real worker, twice: from an untrusted module (its own trust
+domain) and as trusted code sent to the sandbox by ``runtime_hint`` with fallback on (a call the
+sandbox denied must never be retried in the server). Every attack must be blocked with a status
+naming the node, or, for the ones that look around, see nothing of the server's; after each, the
+server still serves a normal sandboxed call and answers SERVING. A separate server shows that
+SIGTERM leaves no worker, launcher, scratch dir or /dev/shm name behind.
+
+An assertion that depends on a layer the host lacks (namespaces in a container, Landlock on an
+old kernel) is skipped, naming the layer; GetServerInfo says which layers are active.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+
+from tensorline.client import Client, TensorlineError
+from tests.server.runtime.conftest import shm_segments
+from tests.support.processes import ServerProcess, wait_until
+
+SECRET = f"hunter2-{uuid.uuid4().hex}"
+UNTRUSTED = "tests.nodes.hostile"
+TRUSTED = "tests.nodes.hostile_trusted"
+# The untrusted module's node, and the trusted one the manifest sends to the sandbox.
+DOMAINS = {"untrusted": ("Attack", None), "trusted": ("TrustedAttack", "sandbox")}
+# What a worker's environment may hold (docs/security.md).
+WORKER_ENVIRONMENT = {"PATH", "LANG", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                      "MKL_NUM_THREADS", "MALLOC_ARENA_MAX", "PYTHONDONTWRITEBYTECODE", "HOME",
+                      "TMPDIR"}
+
+
+def server_env(scratch: Path) -> dict[str, str]:
+    return {"TL_SECRET": SECRET, "TENSORLINE_SANDBOX_SCRATCH_DIR": str(scratch),
+            "TENSORLINE_SANDBOX_WORKERS": "2", "TENSORLINE_SANDBOX_CPU_SECONDS": "10",
+            "TENSORLINE_SANDBOX_MEMORY_MB": "1024", "TENSORLINE_NODE_MODULES": TRUSTED,
+            "TENSORLINE_UNTRUSTED_MODULES": UNTRUSTED}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Client]]:
+    scratch = tmp_path_factory.mktemp("escape-scratch")
+    with ServerProcess.start(env=server_env(scratch), pythonpath_repo=True,
+                             log_dir=tmp_path_factory.mktemp("escape-log")) as server, \
+            Client(server.target, timeout=60) as client:
+        yield server, client
+
+
+@pytest.fixture(scope="module")
+def layers(served: tuple[ServerProcess, Client]) -> dict[str, bool]:
+    return {layer.name: layer.active for layer in served[1].server_info().sandbox_layers}
+
+
+def require(layers: dict[str, bool], *names: str) -> None:
+    """Skip unless one of ``names`` is active here."""
+    if not any(layers.get(name) for name in names):
+        pytest.skip(f"none of the sandbox layers {names} is active on this host")
+
+
+def manifest(domain: str, what: str, **params: Any) -> dict[str, Any]:
+    node_type, hint = DOMAINS[domain]
+    node: dict[str, Any] = {"id": "bad", "node_type": node_type,
+                            "params": {"what": what, **params}}
+    if hint:
+        node["runtime_hint"] = hint
+    return {"nodes": [node]}
+
+
+def still_serving(server: ServerProcess, client: Client) -> None:
+    x = np.arange(6.0)
+    result = client.execute({"nodes": [{"id": "ok", "node_type": "PassThrough",
+                                        "runtime_hint": "sandbox"}]}, {"ok": x})
+    np.testing.assert_array_equal(result["ok"], x)
+    assert result.metrics.nodes[0].runtime == "sandbox"
+    assert server.health() == "SERVING"
+
+
+def look(served: tuple[ServerProcess, Client], domain: str, what: str, **params: Any) -> Any:
+    """An attack that returns what it saw."""
+    server, client = served
+    result = client.execute(manifest(domain, what, **params))
+    node = result.metrics.nodes[0]
+    assert node.runtime == "sandbox" and not node.fallback, node
+    still_serving(server, client)
+    return result["bad"]
+
+
+def blocked(served: tuple[ServerProcess, Client], domain: str, what: str,
+            *codes: grpc.StatusCode, **params: Any) -> TensorlineError:
+    """An attack that must fail with one of ``codes``, naming the node, nothing of it run in
+    the server."""
+    server, client = served
+    with pytest.raises(TensorlineError) as caught:
+        client.execute(manifest(domain, what, **params))
+    error = caught.value
+    assert error.code in codes, (error.code, error.message)
+    assert "'bad'" in error.message, error.message
+    assert SECRET not in error.message
+    still_serving(server, client)
+    return error
+
+
+# --- environment ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_environment_holds_nothing_of_the_servers(served: tuple[ServerProcess, Client],
+                                                  domain: str) -> None:
+    seen = look(served, domain, "environ").value
+    assert SECRET not in json.dumps(seen)
+    environ = seen["os.environ"]
+    assert set(environ) <= WORKER_ENVIRONMENT, set(environ) - WORKER_ENVIRONMENT
+    assert "TL_SECRET" not in seen["/proc/self/environ"]
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "token"
+    path.write_text(SECRET)
+    path.chmod(0o600)
+    return path
+
+
+READS = ["/etc/shadow", "{secret}", "/proc/{server}/environ", "/proc/{server}/cmdline",
+         "/proc/{server}/root/etc/shadow", "/proc/self/root/etc/shadow",
+         "/proc/self/cwd/../../../../etc/shadow", "/proc/1/environ", "/root/.bash_history"]
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("template", READS)
+def test_reads_outside_the_allow_list_are_refused(served: tuple[ServerProcess, Client],
+                                                  layers: dict[str, bool], secret_file: Path,
+                                                  domain: str, template: str) -> None:
+    require(layers, "landlock", "unprivileged uid")
+    path = template.format(secret=secret_file, server=served[0].pid)
+    # Refused (Landlock, file permissions) or not there at all (a worker of its own uid sees
+    # only what its mount namespace bridges below directories only root may enter).
+    error = blocked(served, domain, "read", grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNKNOWN, path=path)
+    if error.code == grpc.StatusCode.UNKNOWN:
+        assert "FileNotFoundError" in error.message or "No such file" in error.message
+
+
+def test_another_workers_scratch_is_out_of_reach(served: tuple[ServerProcess, Client],
+                                                 layers: dict[str, bool]) -> None:
+    require(layers, "landlock", "unprivileged uid")
+    server, client = served
+    trusted = client.execute({"nodes": [{"id": "t", "node_type": "Scratch",
+                                         "runtime_hint": "sandbox"}]})["t"].value
+    scratch, pid = trusted["dir"], trusted["pid"]
+    root = os.path.dirname(scratch)
+    for what, path in (("listdir", root), ("listdir", scratch),
+                       ("read", f"{scratch}/secret.txt"),
+                       ("read", f"/proc/{pid}/root{scratch}/secret.txt"),
+                       ("listdir", f"/proc/{pid}/root{scratch}")):
+        try:
+            seen = look(served, "untrusted", what, path=path)
+        except TensorlineError as error:
+            assert error.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNKNOWN)
+            assert "'bad'" in error.message and "trusted-scratch-secret" not in error.message
+            continue
+        # A listing that succeeded shows this worker's own (bridged, empty) view, never the
+        # trusted worker's file.
+        assert "secret.txt" not in json.dumps(getattr(seen, "value", seen)), (what, path)
+    still_serving(server, client)
+
+
+# --- descriptors and the server's log --------------------------------------------------------
+
+
+def _targets(pid: int) -> set[str]:
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return targets
+
+
+def _one_object(target: str) -> bool:
+    """A descriptor target that names one object: a pipe or socket (by inode) or a file;
+    not a name every process has (/dev/null, an eventpoll) nor a data segment (memfd)."""
+    if target.startswith(("pipe:[", "socket:[")):
+        return True
+    return target.startswith("/") and not target.startswith(("/dev/null", "/memfd:"))
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_no_descriptor_is_inherited(served: tuple[ServerProcess, Client], domain: str) -> None:
+    """A worker holds stdin (/dev/null), its output pipe on 1 and 2, its control socket on 3,
+    and what it opened itself: nothing it shares with the server or the launcher (no resource
+    tracker, forkserver "alive" fd or log), data segments (memfds) aside."""
+    server, _ = served
+    seen = look(served, domain, "fds").value
+    assert seen["0"] == "/dev/null"
+    assert seen["1"].startswith("pipe:") and seen["1"] == seen["2"]
+    assert seen["3"].startswith("socket:")
+    launcher = next(p for p in psutil.Process(server.pid).children()
+                    if "sandbox._zygote" in " ".join(p.cmdline()))
+    theirs = _targets(server.pid) | _targets(launcher.pid)
+    shared = {fd: target for fd, target in seen.items()
+              if fd not in ("1", "2") and target in theirs and _one_object(target)}
+    assert not shared, shared
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_the_server_log_cannot_be_forged_or_truncated(served: tuple[ServerProcess, Client],
+                                                      domain: str) -> None:
+    server, _ = served
+    size_before = len(server.logs())
+    # Writing the forged lines works (they are the worker's own output); ftruncate of a pipe
+    # does not, and the node's error says so.
+    blocked(served, domain, "forge_log", grpc.StatusCode.UNKNOWN)
+    wait_until(lambda: "FORGED-LINE" in server.logs(), timeout=10.0,
+               what="the worker's output to be logged")
+    log = server.logs()
+    assert len(log) >= size_before and "tensorline serving on port" in log
+    forged = [line for line in log.splitlines() if "FORGED-LINE" in line]
+    assert forged and all("sandbox worker" in line and "(node bad)" in line for line in forged)
+
+
+def test_garbage_on_the_control_socket_ends_only_that_worker(
+        served: tuple[ServerProcess, Client]) -> None:
+    blocked(served, "untrusted", "garbage_on_control_socket", grpc.StatusCode.ABORTED)
+
+
+# --- resources -----------------------------------------------------------------------------
+
+
+MEMORY = [("mmap_shared", 3, grpc.StatusCode.RESOURCE_EXHAUSTED, ("rlimits",)),
+          ("private_memory", 3, grpc.StatusCode.RESOURCE_EXHAUSTED, ("rlimits",)),
+          ("memfds", 6, grpc.StatusCode.PERMISSION_DENIED, ("seccomp",)),
+          ("sysv_shm", 0, grpc.StatusCode.PERMISSION_DENIED, ("seccomp",)),
+          ("dev_shm", 0, grpc.StatusCode.PERMISSION_DENIED, ("landlock",))]
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize(("what", "count", "code", "needs"), MEMORY)
+def test_memory_beyond_the_cap_is_refused(served: tuple[ServerProcess, Client],
+                                          layers: dict[str, bool], domain: str, what: str,
+                                          count: int, code: grpc.StatusCode,
+                                          needs: tuple[str, ...]) -> None:
+    """Private, shared-anonymous, memfd, SysV and /dev/shm memory: 3 GiB against a 1 GiB cap."""
+    require(layers, *needs)
+    blocked(served, domain, what, code, count=count)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_threads_are_capped(served: tuple[ServerProcess, Client], layers: dict[str, bool],
+                            domain: str) -> None:
+    require(layers, "rlimits")
+    error = blocked(served, domain, "threads", grpc.StatusCode.RESOURCE_EXHAUSTED, count=2000)
+    assert "thread" in error.message
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize(("what", "count"), [("fill_scratch", 4),
+                                             ("fill_scratch_small_files", 16)])
+def test_scratch_has_a_quota(served: tuple[ServerProcess, Client], layers: dict[str, bool],
+                             domain: str, what: str, count: int) -> None:
+    """4 x 1000 MiB (past the per-file limit) and 16 x 64 MiB (past the total quota)."""
+    require(layers, "scratch quota")
+    blocked(served, domain, what, grpc.StatusCode.RESOURCE_EXHAUSTED, count=count)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_fork_is_refused(served: tuple[ServerProcess, Client], layers: dict[str, bool],
+                         domain: str) -> None:
+    require(layers, "seccomp")
+    blocked(served, domain, "fork", grpc.StatusCode.PERMISSION_DENIED)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("hole", [0, 1])
+def test_a_worker_out_of_descriptors_is_replaced_before_the_next_call(
+        served: tuple[ServerProcess, Client], domain: str, hole: int) -> None:
+    """The leaking call succeeds; the worker is recycled, so no later call of that domain fails
+    with EMFILE (with a hole left, the lowest free fd looks fine)."""
+    leaked = look(served, domain, "leak_fds", count=hole).value["leaked"]
+    assert leaked > 100
+    for _ in range(6):  # each lists /proc/self/fd: it needs a free descriptor
+        assert "3" in look(served, domain, "fds").value
+
+
+# --- the server's state afterwards ---------------------------------------------------------
+
+
+def test_sigterm_leaves_no_worker_scratch_or_segment(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    shm_before = shm_segments()
+    with ServerProcess.start(env=server_env(scratch), pythonpath_repo=True,
+                             log_dir=tmp_path / "log") as server:
+        with Client(server.target, timeout=60) as client:
+            client.execute({"nodes": [{"id": "t", "node_type": "Scratch",
+                                       "runtime_hint": "sandbox"}]})
+            client.execute(manifest("untrusted", "fds"))
+            client.execute({"nodes": [{"id": "big", "node_type": "PassThrough",
+                                       "runtime_hint": "sandbox"}]},
+                           {"big": np.ones(4 << 20)})
+        processes = psutil.Process(server.pid).children(recursive=True)
+        assert len(processes) >= 3  # the launcher and its workers
+        assert any(scratch.iterdir())
+        assert server.terminate() == 0
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, alive
+    assert not any(scratch.iterdir()), list(scratch.iterdir())
+    assert shm_segments() - shm_before == set()
