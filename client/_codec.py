@@ -87,7 +87,9 @@ class Violation:
 
     field: str
     description: str
-    # "invalid" -> INVALID_ARGUMENT; "limit" -> RESOURCE_EXHAUSTED.
+    # "invalid" -> INVALID_ARGUMENT; "limit" -> RESOURCE_EXHAUSTED; "precondition" ->
+    # FAILED_PRECONDITION (the server cannot run it as configured, e.g. a sandbox layer the
+    # policy requires for untrusted code is missing).
     kind: str = "invalid"
 
 

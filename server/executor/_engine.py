@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tensorline.client._codec import PortItem, Violation
-from tensorline.server._errors import RequestInvalid, clip
+from tensorline.server._errors import LayerMissing, RequestInvalid, clip
 from tensorline.server.executor._executor import ExecutionResult, Executor
 from tensorline.server.executor._streaming import StreamingExecutor
 from tensorline.server.manifest import (
@@ -124,7 +124,10 @@ class PipelineEngine:
         results = await asyncio.gather(*(sandbox.describe_module(m) for m in modules),
                                        return_exceptions=True)
         for module, result in zip(modules, results, strict=True):
-            if isinstance(result, ModuleUnavailable):
+            if isinstance(result, LayerMissing):
+                self.registry.refused.add(module)
+                self._not_loaded(module, result.message)
+            elif isinstance(result, ModuleUnavailable):
                 self._not_loaded(module, result.cause)
             elif isinstance(result, Exception):
                 log.error("describing untrusted module %s failed", module, exc_info=result)

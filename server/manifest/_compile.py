@@ -259,6 +259,15 @@ def _node_entry(registry: NodeRegistry, decl: NodeDecl, field: str, problems: li
     registry's message, with its suggestion, while the hint budget lasts)."""
     if decl.node_type in registry:
         return registry.get(decl.node_type)
+    if registry.refused:
+        # Maybe a node of an untrusted module the sandbox policy refused: say so, as a
+        # precondition of this server rather than a mistake in the request.
+        problems.append(Violation(field, f"node '{decl.id}': unknown node type "
+                                         f"'{clip(decl.node_type)}'; "
+                                         + "; ".join(registry.unavailable[m]
+                                                     for m in sorted(registry.refused)),
+                                  kind="precondition"))
+        return None
     if hints.available(decl.node_type, len(registry)):
         try:
             registry.get(decl.node_type)

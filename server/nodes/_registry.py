@@ -126,6 +126,9 @@ class NodeRegistry:
         self._entries: dict[str, NodeEntry] = {}
         # Modules whose nodes could not be loaded -> why (named in UnknownNodeType messages).
         self.unavailable: dict[str, str] = {}
+        # Of those, the ones the sandbox policy refused (a required layer is missing): a request
+        # naming a node type this server does not know may be one of theirs.
+        self.refused: set[str] = set()
 
     def register(self, node_cls: type[Node], *, trusted: bool = True, module: str = "") -> None:
         module = module or node_cls.__module__

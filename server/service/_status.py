@@ -67,8 +67,12 @@ _SANDBOX_CODES: dict[str, grpc.StatusCode] = {
 
 
 def status_code_of(error: TensorlineServerError) -> grpc.StatusCode:
-    if isinstance(error, RequestInvalid) and any(v.kind == "limit" for v in error.violations):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, RequestInvalid):
+        kinds = {v.kind for v in error.violations}
+        if "limit" in kinds:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+        if "precondition" in kinds:
+            return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(error, SandboxFailure):
         return _SANDBOX_CODES.get(error.kind, grpc.StatusCode.ABORTED)
     for cls, code in _CODES:

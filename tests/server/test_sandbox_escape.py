@@ -320,3 +320,20 @@ def test_sigterm_leaves_no_worker_scratch_or_segment(tmp_path: Path) -> None:
     assert not alive, alive
     assert not any(scratch.iterdir()), list(scratch.iterdir())
     assert shm_segments() - shm_before == set()
+
+
+def test_untrusted_code_is_refused_without_a_required_layer(tmp_path: Path) -> None:
+    """seccomp off while the policy requires it: the untrusted module is never imported, its
+    nodes are refused with FAILED_PRECONDITION naming the layer, the server says so at startup,
+    and trusted nodes still run in the sandbox."""
+    env = {**server_env(tmp_path), "TENSORLINE_SANDBOX_SECCOMP": "false"}
+    with ServerProcess.start(env=env, pythonpath_repo=True, log_dir=tmp_path / "log") as server, \
+            Client(server.target, timeout=60) as client:
+        layers = {layer.name: layer.active for layer in client.server_info().sandbox_layers}
+        assert layers["seccomp"] is False
+        with pytest.raises(TensorlineError) as caught:
+            client.execute(manifest("untrusted", "environ"))
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "seccomp" in caught.value.message and "'bad'" in caught.value.message
+        assert "required sandbox layer(s) seccomp not active" in server.logs()
+        still_serving(server, client)
