@@ -67,8 +67,9 @@ class Settings(BaseSettings):
 
     runtime: Literal["inprocess", "sandbox", "auto"] | None = Field(
         None, description="TENSORLINE_RUNTIME: runtime override for nodes without a hint")
-    enable_fallback: bool = Field(True, description="TENSORLINE_ENABLE_FALLBACK: retry "
-                                                    "sandbox failures in-process (trusted only)")
+    enable_fallback: bool = Field(True, description="TENSORLINE_ENABLE_FALLBACK: run a trusted "
+                                                    "node in-process when the sandbox cannot "
+                                                    "host it (never after a denial)")
 
     sandbox: bool = Field(True, description="run the sandboxed worker pool")
     sandbox_workers: int = Field(2, ge=1, description="worker processes started up front")
