@@ -72,7 +72,7 @@ class Launcher:
         self._env = dict(env)
         self._on_exit = on_exit
         self._start_timeout_s = start_timeout_s
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[int] | None = None
@@ -104,12 +104,13 @@ class Launcher:
         self._loop = loop
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # A new session: a terminal's Ctrl-C goes to the server, which then shuts the pool
-            # down in order, not to the launcher and every worker at once.
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(theirs.fileno()),
+            # subprocess (vfork + exec) rather than the event loop's own spawning, which may
+            # fork() a process full of gRPC threads (uvloop does).
+            self._process = await asyncio.to_thread(
+                subprocess.Popen,
+                [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(theirs.fileno())],
                 env=self._env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
+                stdout=subprocess.DEVNULL, close_fds=True, cwd="/")
         except BaseException:
             ours.close()
             raise
@@ -194,7 +195,7 @@ class Launcher:
         children, self._children = self._children, set()
         for pid in children:
             self._on_exit(pid, -9)
-        if self._process is not None and self._process.returncode is None:
+        if self._process is not None and self._process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
 
@@ -213,11 +214,11 @@ class Launcher:
         if process is None:
             return
         try:
-            await asyncio.wait_for(process.wait(), 10.0)
-        except TimeoutError:
+            await asyncio.to_thread(process.wait, 10.0)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            await process.wait()
+            await asyncio.to_thread(process.wait)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(LauncherGone("the sandbox launcher was shut down"))

@@ -133,6 +133,9 @@ def main(control_fd: int) -> None:
     """Serve spawn requests until the server goes away."""
     ctl = socket.socket(fileno=control_fd)
     ctl.setblocking(True)
+    # A session of our own: a terminal's Ctrl-C goes to the server, which then shuts the pool
+    # down in order, not to the launcher and every worker at once.
+    os.setsid()
     # The server's Ctrl-C or SIGTERM is for the server, which then closes our socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
