@@ -204,6 +204,11 @@ class _Worker:
                 if op in ("call", "stream") and request[1] in self.instances:
                     self.instances[request[1]].context.cancelled.clear()
             if op == "run":
+                if self.unhealthy:
+                    # Sent before the server read our "unhealthy": it tries another worker.
+                    self._reply(("error", "gone", "", "worker is being replaced",
+                                 _isolation.cpu_used(), "process"))
+                    continue
                 self._reply(await self._run_once(request))
                 continue
             try:
@@ -213,10 +218,11 @@ class _Worker:
             self._reply(reply)
 
     def _check_health(self) -> None:
-        """Before each reply: a worker close to running out of descriptors, or whose peak RSS
-        passed the recycling threshold, says so (once), so that the server retires it before
-        it gives it another call, instead of letting the next call fail here. Two cheap
-        syscalls: ``stat`` of ``/proc/self/fd`` counts open fds (Linux 6.2+; a listing
+        """After each reply (off the caller's path): a worker close to running out of
+        descriptors, or whose peak RSS passed the recycling threshold, says so (once), and the
+        server retires it. A one-shot request the server sent before it read that is answered
+        ``gone``, which sends the call to another worker, so the next call does not fail here.
+        Two syscalls: ``stat`` of ``/proc/self/fd`` counts open fds (Linux 6.2+; a listing
         before), ``getrusage`` has the peak RSS."""
         if self.unhealthy:
             return
@@ -238,7 +244,6 @@ class _Worker:
             self._send(("unhealthy", reason))
 
     def _reply(self, reply: tuple[Any, ...]) -> None:
-        self._check_health()
         try:
             message, fresh = _shm.pack(reply, self.outbox, self.inbox.segment)
         except TypeError as exc:
@@ -253,6 +258,7 @@ class _Worker:
                      f"the output could not be sent: {exc}", _isolation.cpu_used(), "process")
             message, fresh = _shm.pack(reply, self.outbox)
         _shm.send(self.sock, message, fresh)
+        self._check_health()
 
     async def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
         """The reply to one request: ``("ok", value, cpu)`` or ``("error", kind, type,

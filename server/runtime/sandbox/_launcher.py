@@ -43,6 +43,12 @@ _BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
          "from tensorline.server.runtime.sandbox._zygote import main; main(int(sys.argv[2]))")
 
 
+def _import_path() -> list[str]:
+    """The server's ``sys.path`` with "" (the current directory) made absolute: the launcher
+    runs in "/"."""
+    return [entry or os.getcwd() for entry in sys.path]
+
+
 class LauncherGone(RuntimeError):
     """The launcher process is not running (it died, or was never started)."""
 
@@ -108,7 +114,7 @@ class Launcher:
             # fork() a process full of gRPC threads (uvloop does).
             self._process = await asyncio.to_thread(
                 subprocess.Popen,
-                [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(theirs.fileno())],
+                [sys.executable, "-I", "-c", _BOOT, json.dumps(_import_path()), str(theirs.fileno())],
                 env=self._env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, close_fds=True, cwd="/")
         except BaseException:
