@@ -305,6 +305,8 @@ class _Worker:
     killed: bool = False
     # Requests answered (see ``SandboxRuntime.max_calls``).
     calls: int = 0
+    # Sent "exit": nothing else may follow (the request would go to a worker that is leaving).
+    exiting: bool = False
     cause: str = ""
     cpu_used: float = 0.0
     layers: list[_isolation.LayerReport] = field(default_factory=list)
@@ -1178,10 +1180,14 @@ class SandboxRuntime(Runtime):
         assert loop is not None
         call = _Call(loop.create_future(), spec if spec is not None else _NO_SPEC, during, iid,
                      deadline, on_abandoned=on_abandoned)
-        if not worker.alive or worker.sock is None or worker.killed:
+        op = request[0]
+        if not worker.alive or worker.sock is None or worker.killed or (
+                worker.exiting and op != "exit"):
             self._finish(worker, call)
             raise _WorkerGone(worker.cause or worker.kill_reason or "worker gone")
-        op = request[0]
+        if op == "exit":
+            # Whatever comes after this would reach a worker that has left its loop.
+            worker.exiting = True
         if op == "run" or op == "call" or op == "release":
             # Piggyback the cleanups released since the last request (the last field, None
             # when there are none).

@@ -258,7 +258,8 @@ class _Worker:
                      f"the output could not be sent: {exc}", _isolation.cpu_used(), "process")
             message, fresh = _shm.pack(reply, self.outbox)
         _shm.send(self.sock, message, fresh)
-        self._check_health()
+        if reply[0] != "ready":
+            self._check_health()
 
     async def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
         """The reply to one request: ``("ok", value, cpu)`` or ``("error", kind, type,

@@ -41,6 +41,9 @@ class _RuntimeCollector(Collector):
     def collect(self) -> Iterator[Any]:
         restarts = CounterMetricFamily("tensorline_worker_restarts",
                                        "sandbox worker processes replaced", labels=["runtime"])
+        recycles = CounterMetricFamily(
+            "tensorline_worker_recycles", "sandbox workers replaced while healthy enough to ask "
+            "(low on descriptors, peak RSS, max calls, a failed probe)", labels=["runtime"])
         workers = GaugeMetricFamily("tensorline_workers", "live sandbox worker processes",
                                     labels=["runtime"])
         layers = GaugeMetricFamily("tensorline_sandbox_layer_active",
@@ -49,11 +52,14 @@ class _RuntimeCollector(Collector):
             stats = runtime.stats()
             if "worker_restarts" in stats:
                 restarts.add_metric([name], stats["worker_restarts"])
+            if "worker_recycles" in stats:
+                recycles.add_metric([name], stats["worker_recycles"])
             if "workers" in stats:
                 workers.add_metric([name], stats["workers"])
             for layer in runtime.layers():
                 layers.add_metric([layer.name], 1.0 if layer.active else 0.0)
         yield restarts
+        yield recycles
         yield workers
         yield layers
 
