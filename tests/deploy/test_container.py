@@ -22,7 +22,7 @@ import json
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -201,7 +201,7 @@ def escape_suite_core(client: Client, target: str, secret: str) -> None:
 
 def test_escape_suite_core_in_the_image(tensorline_image: str, container_name: str,
                                         capsys: pytest.CaptureFixture[str],
-                                        record_property: pytest.RecordProperty) -> None:
+                                        record_property: Callable[[str, object], None]) -> None:
     """The image run as production runs it (uid 10001, read-only root, no capabilities,
     no_new_privs) with a secret in its environment and the escape suite's hostile modules:
     report the sandbox layers it has; with every layer untrusted code requires by default,
