@@ -1,7 +1,7 @@
 """The deployment files in docker/ parse and agree with each other and with the server.
 
 Kubernetes manifests, docker-compose.yml and the Dockerfile are checked for the fields the
-deployment depends on (probes, /dev/shm, drain timing, non-root user, selectors); every
+deployment depends on (probes, no /dev/shm, drain timing, non-root user, selectors); every
 ``TENSORLINE_*`` variable they set must be a real server setting; nginx.conf passes ``nginx -t``.
 """
 
@@ -64,7 +64,7 @@ def test_every_k8s_document_is_well_formed() -> None:
         assert doc.get("apiVersion") and doc["metadata"].get("name"), doc["__file__"]
 
 
-def test_deployment_probes_shm_drain_and_security() -> None:
+def test_deployment_probes_memory_drain_and_security() -> None:
     deployment = only("Deployment", "tensorline")
     pod = deployment["spec"]["template"]["spec"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -78,11 +78,9 @@ def test_deployment_probes_shm_drain_and_security() -> None:
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
 
-    # /dev/shm: an in-memory emptyDir with a size limit.
-    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
-    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-    assert volume["emptyDir"]["medium"] == "Memory"
-    assert volume["emptyDir"]["sizeLimit"]
+    # No /dev/shm volume: tensors reach sandboxed workers in memfd segments, which count against
+    # the container's memory limit (asserted below) and the worker cap, not /dev/shm.
+    assert all(m["mountPath"] != "/dev/shm" for m in container["volumeMounts"])
 
     # Drain: the delay before refusing calls plus the server's grace fit inside
     # terminationGracePeriodSeconds, and liveness does not kill a draining pod before that.
@@ -135,7 +133,7 @@ def test_compose_has_three_replicas_behind_the_balancer() -> None:
     for name in replicas:
         service = services[name]
         ids.add(service["environment"]["TENSORLINE_INSTANCE_ID"])
-        assert service["shm_size"]
+        assert "shm_size" not in service  # memfd segments, not /dev/shm (README.md)
         assert service["build"]["dockerfile"] == "docker/Dockerfile"
         grace = float(service["environment"]["TENSORLINE_GRACE_S"])
         assert float(service["stop_grace_period"].rstrip("s")) > grace
@@ -154,7 +152,8 @@ def test_dockerfile_contract() -> None:
     assert re.search(r"CMD tensorline health --server \"127\.0\.0\.1:\$\{TENSORLINE_PORT\}\"",
                      text)
     assert 'ENTRYPOINT ["tensorline", "serve"]' in text
-    assert "--shm-size" in text
+    # The memory note: memfd segments, bounded by the worker cap and the container's limit.
+    assert "memfd" in text and "TENSORLINE_SANDBOX_MEMORY_MB" in text
     dockerignore = (REPO_ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests"} <= set(dockerignore)
 

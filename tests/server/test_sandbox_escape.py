@@ -27,17 +27,11 @@ import pytest
 
 from tensorline.client import Client, TensorlineError
 from tests.server.runtime.conftest import shm_segments
+from tests.support import escape
+from tests.support.escape import DOMAINS, TRUSTED, UNTRUSTED, WORKER_ENVIRONMENT, manifest
 from tests.support.processes import ServerProcess, wait_until
 
 SECRET = f"hunter2-{uuid.uuid4().hex}"
-UNTRUSTED = "tests.nodes.hostile"
-TRUSTED = "tests.nodes.hostile_trusted"
-# The untrusted module's node, and the trusted one the manifest sends to the sandbox.
-DOMAINS = {"untrusted": ("Attack", None), "trusted": ("TrustedAttack", "sandbox")}
-# What a worker's environment may hold (docs/security.md).
-WORKER_ENVIRONMENT = {"PATH", "LANG", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                      "MKL_NUM_THREADS", "MALLOC_ARENA_MAX", "PYTHONDONTWRITEBYTECODE", "HOME",
-                      "TMPDIR"}
 
 
 def server_env(scratch: Path) -> dict[str, str]:
@@ -67,32 +61,17 @@ def require(layers: dict[str, bool], *names: str) -> None:
         pytest.skip(f"none of the sandbox layers {names} is active on this host")
 
 
-def manifest(domain: str, what: str, **params: Any) -> dict[str, Any]:
-    node_type, hint = DOMAINS[domain]
-    node: dict[str, Any] = {"id": "bad", "node_type": node_type,
-                            "params": {"what": what, **params}}
-    if hint:
-        node["runtime_hint"] = hint
-    return {"nodes": [node]}
-
-
 def still_serving(server: ServerProcess, client: Client) -> None:
-    x = np.arange(6.0)
-    result = client.execute({"nodes": [{"id": "ok", "node_type": "PassThrough",
-                                        "runtime_hint": "sandbox"}]}, {"ok": x})
-    np.testing.assert_array_equal(result["ok"], x)
-    assert result.metrics.nodes[0].runtime == "sandbox"
+    escape.sandboxed_call_works(client)
     assert server.health() == "SERVING"
 
 
 def look(served: tuple[ServerProcess, Client], domain: str, what: str, **params: Any) -> Any:
     """An attack that returns what it saw."""
     server, client = served
-    result = client.execute(manifest(domain, what, **params))
-    node = result.metrics.nodes[0]
-    assert node.runtime == "sandbox" and not node.fallback, node
+    seen = escape.look(client, domain, what, **params)
     still_serving(server, client)
-    return result["bad"]
+    return seen
 
 
 def blocked(served: tuple[ServerProcess, Client], domain: str, what: str,
@@ -100,12 +79,7 @@ def blocked(served: tuple[ServerProcess, Client], domain: str, what: str,
     """An attack that must fail with one of ``codes``, naming the node, nothing of it run in
     the server."""
     server, client = served
-    with pytest.raises(TensorlineError) as caught:
-        client.execute(manifest(domain, what, **params))
-    error = caught.value
-    assert error.code in codes, (error.code, error.message)
-    assert "'bad'" in error.message, error.message
-    assert SECRET not in error.message
+    error = escape.refused(client, domain, what, codes, secret=SECRET, **params)
     still_serving(server, client)
     return error
 
