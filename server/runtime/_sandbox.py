@@ -105,7 +105,6 @@ from tensorline.server._errors import (
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Emit, NodeEntry
 from tensorline.server.nodes._catalogue import CatalogueInvalid, NodeDescription, parse_catalogue
-from tensorline.server.runtime import _isolation, _shm
 from tensorline.server.runtime._base import (
     ExecutionScope,
     LayerStatus,
@@ -113,14 +112,14 @@ from tensorline.server.runtime._base import (
     Runtime,
     within_node_timeout,
 )
-from tensorline.server.runtime._worker import (
+from tensorline.server.runtime.sandbox import Launcher, _isolation, _paths, _shm, minimal_environment
+from tensorline.server.runtime.sandbox._output import WorkerOutput
+from tensorline.server.runtime.sandbox._worker import (
     MAX_KINDS,
     SEGMENT_GRANTED,
     SEGMENT_REFUSED,
     WorkerConfig,
 )
-from tensorline.server.runtime.sandbox import Launcher, _paths, minimal_environment
-from tensorline.server.runtime.sandbox._output import WorkerOutput
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,7 @@ from typing import Any
 
 from tensorline.server.nodes._node import Node, NodeContext
 from tensorline.server.nodes._streaming import Chunk, Emit
-from tensorline.server.runtime import _isolation, _shm
+from tensorline.server.runtime.sandbox import _isolation, _shm
 
 RUNTIME_NAME = "sandbox"
 # The server's answers to a worker's ``("segment", size)`` request (see ``_Worker._allocate``).
