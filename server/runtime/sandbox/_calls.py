@@ -29,6 +29,33 @@ from tensorline.server.nodes import NodeEntry
 from tensorline.server.runtime._base import ExecutionScope
 from tensorline.server.runtime.sandbox import _shm
 from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
+from tensorline.server.runtime.sandbox._messages import (
+    CARRIES_RELEASES,
+    ERROR,
+    EVENT,
+    GONE,
+    IMPORT,
+    INITIALIZE,
+    LIMIT,
+    MAX_KINDS,
+    MEMORY,
+    NEED,
+    NODE,
+    OK,
+    OUT,
+    PERMISSION,
+    PROCESS,
+    READY,
+    RELEASE,
+    RUN,
+    SEGMENT,
+    SEGMENT_GRANTED,
+    SEGMENT_REFUSED,
+    UNHEALTHY,
+    error_fields,
+    reached_process,
+    with_releases,
+)
 from tensorline.server.runtime.sandbox._pool import _Pool
 from tensorline.server.runtime.sandbox._records import (
     _NO_SPEC,
@@ -40,7 +67,6 @@ from tensorline.server.runtime.sandbox._records import (
     _Started,
     _Worker,
 )
-from tensorline.server.runtime.sandbox._worker import MAX_KINDS, SEGMENT_GRANTED, SEGMENT_REFUSED
 
 
 class _Calls(_Pool):
@@ -77,7 +103,7 @@ class _Calls(_Pool):
 
     def _on_message(self, worker: _Worker, message: Any) -> None:
         call = worker.inflight
-        if (type(message) is tuple and len(message) == 3 and message[0] == "ok"
+        if (type(message) is tuple and len(message) == 3 and message[0] == OK
                 and type(message[2]) is float and call is not None and not call.streaming):
             # The usual reply, checked first: ("ok", value, cpu_used) to a call.
             worker.cpu_used = message[2]
@@ -90,7 +116,7 @@ class _Calls(_Pool):
         if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
             self._misbehaved(worker, "malformed reply")
             return
-        if message[0] == "ready" and worker.state == "starting":
+        if message[0] == READY and worker.state == "starting":
             try:
                 worker.layers = [(str(n), bool(a), str(d)) for n, a, d in message[1]]
             except (TypeError, ValueError):
@@ -102,23 +128,25 @@ class _Calls(_Pool):
                 worker.ready.set_result(None)
             self._notify(everyone=True)
             return
-        if message[0] == "unhealthy" and len(message) == 2:
-            self._recycle(worker, str(message[1])[:300])
+        if message[0] == UNHEALTHY and len(message) == 2:
+            _, reason = message
+            self._recycle(worker, str(reason)[:300])
             return
-        if message[0] == "segment" and len(message) == 2 and type(message[1]) is int:
-            self._grant_segment(worker, message[1])
+        if message[0] == SEGMENT and len(message) == 2 and type(message[1]) is int:
+            _, size = message
+            self._grant_segment(worker, size)
             return
-        if message[0] == "event":
+        if message[0] == EVENT:
             # NodeContext.report during a stream; dropped when nobody listens any more.
             if call is not None and call.on_event is not None and len(message) == 4:
+                _, kind, text, progress = message
                 with contextlib.suppress(Exception):
-                    call.on_event(str(message[1])[:100], str(message[2])[:4000],
-                                  float(message[3]))
+                    call.on_event(str(kind)[:100], str(text)[:4000], float(progress))
             return
         if call is None:
             self._misbehaved(worker, "reply without a request")
             return
-        if call.streaming and message[0] in ("need", "out"):
+        if call.streaming and message[0] in (NEED, OUT):
             self._on_stream_message(worker, call, message)
             return
         if len(message) >= 3 and isinstance(message[-1], float | int):
@@ -222,15 +250,15 @@ class _Calls(_Pool):
             self._finish(worker, call)
             raise _WorkerGone(worker.cause or worker.kill_reason or "worker gone")
         op = request[0]
-        if op == "run" or op == "call" or op == "release":
+        if op in CARRIES_RELEASES:
             # Piggyback the cleanups released since the last request (the last field, None
             # when there are none).
             if worker.releases:
                 releases, worker.releases = worker.releases, []
-                request = (*request[:-1], releases)
-            elif op == "release":
+                request = with_releases(request, releases)
+            elif op == RELEASE:
                 self._finish(worker, call)
-                return ("ok", None, worker.cpu_used)
+                return (OK, None, worker.cpu_used)
         try:
             message, fresh = _shm.pack(request, worker.outbox)
         except BaseException:
@@ -322,34 +350,34 @@ class _Calls(_Pool):
     def _check_reply(self, worker: _Worker, reply: tuple[Any, ...], spec: NodeSpec,
                      during: str) -> Any:
         status = reply[0]
-        if status == "ok" and len(reply) == 3:
+        if status == OK and len(reply) == 3:
             if worker.cpu_used > self.cpu_seconds_lifetime - self.cpu_seconds * 2:
                 self._retire(worker, "close to its lifetime CPU limit")
             return reply[1]
-        if status != "error" or len(reply) != 6 or reply[5] not in ("initialize", "process"):
+        if status != ERROR or len(reply) != 6 or reply[5] not in (INITIALIZE, PROCESS):
             self._misbehaved(worker, f"unexpected reply {status!r}")
             raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
                                 kind="protocol")
-        _, kind, exc_type, message, _, during = reply
+        kind, exc_type, message, during = error_fields(reply)
         # Whatever the worker says goes into statuses and logs: keep it bounded.
         exc_type, message = str(exc_type)[:200], str(message)[:4000]
-        if kind == "node":
+        if kind == NODE:
             raise NodeFailed(spec.node_id, exc_type, message)
-        if kind == "memory":
+        if kind == MEMORY:
             self._retire(worker, "MemoryError")
             raise WorkerFailure(
                 spec.node_id, f"memory limit {worker.cap_mb} MiB exceeded ({exc_type}: {message})",
                 during=during, kind="memory")
-        if kind == "permission":
+        if kind == PERMISSION:
             raise WorkerFailure(spec.node_id, f"blocked by the sandbox: {exc_type}: {message}",
                                 during=during, kind="permission")
-        if kind == "limit":
+        if kind == LIMIT:
             raise WorkerFailure(spec.node_id, f"a sandbox limit was hit: {exc_type}: {message}",
                                 during=during, kind="limit")
-        if kind == "import":
+        if kind == IMPORT:
             raise WorkerFailure(spec.node_id, f"{exc_type}: {message}", during="initialize",
                                 kind="import")
-        if kind == "gone":
+        if kind == GONE:
             raise _WorkerGone(message)
         self._misbehaved(worker, f"unknown error kind {kind!r}")
         raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
@@ -459,15 +487,15 @@ class _Calls(_Pool):
         if kid is None:
             kid = next(self._kids)
             define = (*spec.entry.class_ref, spec.params_key)
-        request = ("run", kid, inputs if type(inputs) is dict else dict(inputs), spec.node_id,
+        request = (RUN, kid, inputs if type(inputs) is dict else dict(inputs), spec.node_id,
                    scope.execution_id, define, None)
         return request, key, kid, define
 
     def _run_reply(self, worker: _Worker, spec: NodeSpec, reply: tuple[Any, ...],
                    key: _KindKey, kid: int, define: tuple[str, str, str] | None) -> Any:
-        if reply[0] == "error" and reply[1] == "gone":
+        if reply[0] == ERROR and reply[1] == GONE:  # is_gone(reply), inline: per request
             worker.kinds.pop(key, None)
-        elif define is not None and (reply[0] == "ok" or reply[-1] == "process"):
+        elif define is not None and reached_process(reply):
             # The worker created the instance, so it holds the id.
             if len(worker.kinds) >= MAX_KINDS:  # the worker keeps as many
                 worker.kinds.clear()

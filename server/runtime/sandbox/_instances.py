@@ -22,6 +22,14 @@ from tensorline.server.manifest import NodeSpec
 from tensorline.server.runtime._base import ExecutionScope, NodeInstance
 from tensorline.server.runtime.sandbox._calls import _Calls
 from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
+from tensorline.server.runtime.sandbox._messages import (
+    OK,
+    Init,
+    call_request,
+    init_request,
+    reached_process,
+    release_request,
+)
 from tensorline.server.runtime.sandbox._records import _ATTEMPTS, _Worker
 
 log = logging.getLogger(__name__)
@@ -59,7 +67,7 @@ class SandboxInstance(NodeInstance):
         return self._runtime._stream(self, chunks)
 
 
-def _init_request(instance: SandboxInstance) -> tuple[str, str, str, str, str] | None:
+def _init_request(instance: SandboxInstance) -> Init | None:
     """What the worker needs to create a not-yet-initialized instance with its first request:
     where the class lives, its validated params, node and execution ids (None once created)."""
     if instance.initialized:
@@ -101,8 +109,8 @@ class _Instances(_Calls):
 
     def _init_request(self, spec: NodeSpec, scope: ExecutionScope, iid: int) -> tuple[Any, ...]:
         module, qualname = spec.entry.class_ref
-        return ("init", iid, module, qualname, spec.params_key, spec.node_id,
-                scope.execution_id)
+        return init_request(iid, module, qualname, spec.params_key, spec.node_id,
+                            scope.execution_id)
 
     async def _init_on(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope, iid: int,
                        on_abandoned: Callable[[tuple[Any, ...]], None] | None = None) -> None:
@@ -146,7 +154,7 @@ class _Instances(_Calls):
                           iid: int = iid) -> None:
                 # Initialized after its caller left: release it.
                 worker.pinned.discard(iid)
-                if reply[0] == "ok":
+                if reply[0] == OK:
                     self._release_on(worker, spec, iid)
 
             try:
@@ -240,12 +248,11 @@ class _Instances(_Calls):
             deadline = self._deadline(spec, instance.scope, None)
             try:
                 reply = await self._request(
-                    worker, ("call", instance.iid,
-                             inputs if type(inputs) is dict else dict(inputs), init, None),
+                    worker, call_request(instance.iid, inputs, init, None),
                     spec, "process", instance.iid, deadline)
             except _WorkerGone:
                 continue
-            if init is not None and (reply[0] == "ok" or reply[-1] == "process"):
+            if init is not None and reached_process(reply):
                 instance.initialized = True
             try:
                 return self._check_reply(worker, reply, spec, "process")
@@ -315,7 +322,7 @@ class _Instances(_Calls):
             worker.releases.append(iid)
         try:
             if worker.alive:
-                await self._request(worker, ("release", None), spec, "cleanup", 0,
+                await self._request(worker, release_request(None), spec, "cleanup", 0,
                                     self._now() + self.call_timeout_s)
         except _WorkerGone:
             pass  # died with the worker: nothing left to clean up

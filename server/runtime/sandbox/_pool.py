@@ -25,6 +25,7 @@ from tensorline.server.runtime._base import LayerStatus
 from tensorline.server.runtime.sandbox import _isolation, _shm
 from tensorline.server.runtime.sandbox._core import _Core
 from tensorline.server.runtime.sandbox._failures import _signal_name
+from tensorline.server.runtime.sandbox._messages import EXIT_REQUEST, PROBE_REQUEST
 from tensorline.server.runtime.sandbox._output import WorkerOutput
 from tensorline.server.runtime.sandbox._records import _current_node, _Group, _Worker
 from tensorline.server.runtime.sandbox._worker import WorkerConfig
@@ -262,7 +263,7 @@ class _Pool(_Core):
 
         async def retire() -> None:
             with contextlib.suppress(Exception):
-                await self._request(worker, ("exit",), None, "cleanup", 0,
+                await self._request(worker, EXIT_REQUEST, None, "cleanup", 0,
                                     self._now() + self.cancel_grace_s)
             worker.kill("retired")
 
@@ -285,7 +286,7 @@ class _Pool(_Core):
 
     async def _probe(self, worker: _Worker) -> None:
         with contextlib.suppress(Exception):
-            await self._request(worker, ("probe",), None, "probe", 0,
+            await self._request(worker, PROBE_REQUEST, None, "probe", 0,
                                  self._now() + self.cancel_grace_s)
 
     # --- choosing a worker --------------------------------------------------------------------

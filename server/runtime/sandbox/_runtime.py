@@ -36,6 +36,14 @@ from tensorline.server.runtime.sandbox import _paths
 from tensorline.server.runtime.sandbox._failures import ModuleUnavailable, _WorkerGone
 from tensorline.server.runtime.sandbox._instances import SandboxInstance
 from tensorline.server.runtime.sandbox._launcher import Launcher, minimal_environment
+from tensorline.server.runtime.sandbox._messages import (
+    EXIT_REQUEST,
+    MEMORY,
+    describe_request,
+    error_fields,
+    is_error,
+    is_ok,
+)
 from tensorline.server.runtime.sandbox._records import _ATTEMPTS, _Group, _Worker
 from tensorline.server.runtime.sandbox._streaming import _Streaming
 
@@ -122,7 +130,7 @@ class SandboxRuntime(_Streaming):
                 # Idle: let it run the cleanup of its warm instances, briefly.
                 worker.kill_reason = worker.kill_reason or "server shutting down"
                 with contextlib.suppress(Exception):
-                    await self._request(worker, ("exit",), None, "cleanup", 0,
+                    await self._request(worker, EXIT_REQUEST, None, "cleanup", 0,
                                         self._now() + 2.0)
             worker.kill("server shutting down")
             if worker.dead is not None:
@@ -205,7 +213,7 @@ class SandboxRuntime(_Streaming):
             except Exception as exc:
                 raise ModuleUnavailable(module, f"no sandbox worker available: {exc}") from exc
             try:
-                reply = await self._request(worker, ("describe", module), None, "initialize", 0,
+                reply = await self._request(worker, describe_request(module), None, "initialize", 0,
                                             deadline)
             except _WorkerGone:
                 continue  # died under another request before ours was sent
@@ -220,11 +228,12 @@ class SandboxRuntime(_Streaming):
 
     def _describe_reply(self, worker: _Worker, module: str, reply: tuple[Any, ...]) -> Any:
         status = reply[0]
-        if status == "ok" and len(reply) == 3:
-            return reply[1]
-        if status == "error" and len(reply) == 6:
-            _, kind, exc_type, message, _, _ = reply
-            if kind == "memory":
+        if is_ok(reply):
+            _, catalogue, _ = reply
+            return catalogue
+        if is_error(reply):
+            kind, exc_type, message, _ = error_fields(reply)
+            if kind == MEMORY:
                 self._retire(worker, "MemoryError")
             # Whatever the worker says goes into logs: keep it bounded.
             raise ModuleUnavailable(module, f"{str(exc_type)[:200]}: {str(message)[:4000]}")

@@ -19,6 +19,17 @@ from tensorline.server.nodes import Emit
 from tensorline.server.runtime.sandbox import _shm
 from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
 from tensorline.server.runtime.sandbox._instances import SandboxInstance, _init_request, _Instances
+from tensorline.server.runtime.sandbox._messages import (
+    CANCEL_MESSAGE,
+    END_MESSAGE,
+    ERROR,
+    NEED,
+    NEXT_MESSAGE,
+    OUT,
+    PROCESS,
+    chunk_message,
+    stream_request,
+)
 from tensorline.server.runtime.sandbox._records import _Call, _Worker
 
 
@@ -28,15 +39,15 @@ class _Streaming(_Instances):
     def _on_stream_message(self, worker: _Worker, call: _Call, message: tuple[Any, ...]) -> None:
         """A step of a stream ended (the generator pulls, or yielded): hand it to the session,
         or, once the session left, answer with a cancel."""
-        if (message[0] == "need" and len(message) != 2) or (
-                message[0] == "out" and (len(message) != 4 or not (
+        if (message[0] == NEED and len(message) != 2) or (
+                message[0] == OUT and (len(message) != 4 or not (
                     message[2] is None or type(message[2]) is int))):
             self._misbehaved(worker, f"malformed {message[0]!r} message")
             return
         with contextlib.suppress(TypeError, ValueError):
             worker.cpu_used = float(message[-1])
         if call.abandoned:
-            self._send_stream(worker, call, ("cancel",))
+            self._send_stream(worker, call, CANCEL_MESSAGE)
             return
         if call.timer is not None:
             call.timer.cancel()
@@ -106,21 +117,22 @@ class _Streaming(_Instances):
             return reply
 
         try:
-            reply = await exchange(("stream", instance.iid, init, releases))
-            if init is not None and (reply[0] != "error" or reply[-1] == "process"):
+            reply = await exchange(stream_request(instance.iid, init, releases))
+            # Created unless the worker failed before ``process`` (a need/out counts).
+            if init is not None and (reply[0] != ERROR or reply[-1] == PROCESS):
                 instance.initialized = True
             while True:
-                if reply[0] == "need":
+                if reply[0] == NEED:
                     try:
                         chunk = await chunks.__anext__()
                     except StopAsyncIteration:
-                        reply = await exchange(("end",))
+                        reply = await exchange(END_MESSAGE)
                         continue
-                    reply = await exchange(("chunk", chunk.sequence, dict(chunk.inputs)))
-                elif reply[0] == "out":
+                    reply = await exchange(chunk_message(chunk.sequence, chunk.inputs))
+                elif reply[0] == OUT:
                     _, value, sequence, _ = reply
                     yield value if sequence is None else Emit(value, sequence)
-                    reply = await exchange(("next",))
+                    reply = await exchange(NEXT_MESSAGE)
                 else:
                     try:
                         self._check_reply(worker, reply, spec, "process")
@@ -136,7 +148,7 @@ class _Streaming(_Instances):
                 # Its final reply (or death) frees the worker, without holding the caller.
                 if our_turn:
                     call.abandoned = True
-                    if self._send_stream(worker, call, ("cancel",)):
+                    if self._send_stream(worker, call, CANCEL_MESSAGE):
                         # From now: the step deadline did not run while the worker waited.
                         call.timer = loop.call_at(self._now() + self.cancel_grace_s,
                                                   self._on_deadline, worker, call)
