@@ -17,7 +17,8 @@ Shared by both sides: ``_messages`` (the control protocol's requests and replies
 (framing, shared-memory segments, the restricted unpickler).
 
 Inside the launcher and the workers (never gRPC state): ``_zygote`` (the launcher process),
-``_worker`` (a worker's request loop), ``_isolation`` (the layers a worker applies to itself).
+``_bootstrap`` (a worker's start), ``_isolation`` (the layers a worker applies to itself),
+``_worker`` (a worker's request loop), ``_worker_errors`` (how it reports a failure).
 """
 
 from tensorline.server.runtime.sandbox._failures import ModuleUnavailable, WorkerFailure

@@ -3,9 +3,10 @@ only for ``WorkerConfig``).
 
 A worker is forked by the sandbox launcher (``_zygote``: numpy, pydantic and this module
 preloaded, a minimal environment, no inherited fds but its control socket and output pipe),
-applies its isolation layers (``_isolation``), reports ``ready`` and then serves requests from
-the server one at a time over its control socket. The requests and replies, their fields and
-the stream conversation are listed in ``_messages``, which both sides build and read them with.
+applies its isolation layers (``_bootstrap``, ``_isolation``), reports ``ready`` and then
+serves requests from the server one at a time over its control socket. The requests and
+replies, their fields and the stream conversation are listed in ``_messages``, which both sides
+build and read them with.
 
 A ``call`` does in one round trip what would otherwise take three: it first runs the cleanup of
 the instances in ``releases`` (released by the server since the last request; None when there
@@ -62,17 +63,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import importlib
 import inspect
 import os
 import resource
-import signal
 import socket
 import sys
-import tempfile
 import threading
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import CoroutineType
@@ -91,14 +88,12 @@ from tensorline.server.runtime.sandbox._messages import (
     IMPORT,
     INIT,
     INITIALIZE,
-    LIMIT,
     MAX_KINDS,
     MEMORY,
     NEXT,
     NODE,
     OK,
     PER_INSTANCE,
-    PERMISSION,
     PROBE,
     PROCESS,
     RELEASE,
@@ -112,9 +107,14 @@ from tensorline.server.runtime.sandbox._messages import (
     need_message,
     ok,
     out_message,
-    ready_message,
     segment_message,
     unhealthy_message,
+)
+from tensorline.server.runtime.sandbox._worker_errors import (
+    _failure,
+    _LoadFailed,
+    classify,
+    describe,
 )
 
 RUNTIME_NAME = "sandbox"
@@ -150,15 +150,6 @@ class _StreamStopped(BaseException):
 
 class _ServerGone(BaseException):
     """The control socket closed in the middle of a stream."""
-
-
-class _LoadFailed(Exception):
-    """The node class could not be imported in the worker (classified as the sandbox's doing:
-    in the server the same import had succeeded)."""
-
-    def __init__(self, kind: str, exc_type: str, message: str) -> None:
-        super().__init__(message)
-        self.kind, self.exc_type, self.message = kind, exc_type, message
 
 
 @dataclass(slots=True)
@@ -652,120 +643,3 @@ class _Worker:
 
 # The base class's initialize and cleanup do nothing: not calling them saves a call per request.
 _NO_OPS = frozenset({Node.initialize, Node.cleanup})
-
-
-def _failure(exc: BaseException, during: str) -> tuple[Any, ...]:
-    """The ``error`` reply for an exception a node method (or loading the node) raised
-    ``during`` initialize or process; the CPU reading is taken last."""
-    if isinstance(exc, _LoadFailed):
-        kind, exc_type, message = exc.kind, exc.exc_type, exc.message
-    elif isinstance(exc, KeyboardInterrupt | SystemExit):
-        # A node calling sys.exit() must not end the worker silently.
-        kind, exc_type, message = NODE, type(exc).__name__, str(exc)
-    else:
-        kind, exc_type, message = classify(exc), type(exc).__name__, describe(exc)
-    return error(kind, exc_type, message, _isolation.cpu_used(), during)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < 16:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-# A cap of the sandbox, hit: the scratch quota, the file size, descriptors, threads.
-_LIMIT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE})
-
-
-def classify(exc: BaseException) -> str:
-    """``memory`` / ``permission`` / ``limit`` for failures the sandbox causes, ``node``
-    otherwise."""
-    for item in _chain(exc):
-        if isinstance(item, MemoryError):
-            return MEMORY
-        if isinstance(item, OSError) and item.errno in (errno.EPERM, errno.EACCES):
-            return PERMISSION
-        if isinstance(item, OSError) and item.errno in _LIMIT_ERRNOS:
-            return LIMIT
-        if isinstance(item, RuntimeError) and "can't start new thread" in str(item):
-            return LIMIT
-    return NODE
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc)
-    if classify(exc) == PERMISSION:
-        for item in _chain(exc):
-            if isinstance(item, OSError) and item.errno in (errno.EPERM, errno.EACCES):
-                if item is not exc:
-                    text = f"{text} (caused by {type(item).__name__}: {item})"
-                break
-    return text
-
-
-def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) -> None:
-    """Entry point of a worker process, called by the launcher right after the fork."""
-    sock.setblocking(True)
-    # A write past RLIMIT_FSIZE fails with EFBIG rather than killing the worker.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # The launcher's environment is already minimal; HOME and TMPDIR point at the scratch dir.
-    os.environ["HOME"] = os.environ["TMPDIR"] = config.scratch_dir
-    tempfile.tempdir = config.scratch_dir
-    reports: list[_isolation.LayerReport] = [
-        ("process", True, "separate worker process, forked by the sandbox launcher"),
-        ("environment", True, f"minimal: {', '.join(sorted(os.environ))}"),
-        ("descriptors", True, "stdin /dev/null, stdout/stderr a pipe the server logs, the "
-                              "control socket; nothing else inherited"),
-    ]
-    reports.append(_isolation.apply_rlimits(config.limits))
-    limits = config.limits
-    mounted = False
-    if config.namespaces and os.geteuid() == 0:
-        bridge = [*config.read_paths, *config.devices, config.scratch_dir] if config.uid else []
-        mount_reports, mounted = _isolation.private_mount_namespace(bridge)
-        reports.extend(mount_reports)
-    uid, why_not = _isolation.usable_uid(config.uid, config.read_paths)
-    if mounted:
-        reports.append(_isolation.mount_scratch(config.scratch_dir, limits.scratch_mb, uid))
-    elif uid is not None:
-        os.chown(config.scratch_dir, uid, uid)
-    reports.append(_isolation.switch_user(uid, limits.threads, config.devices, why_not))
-    if config.namespaces:
-        reports.extend(_isolation.apply_namespaces(config.scratch_dir, limits.scratch_mb,
-                                                   mounted=mounted))
-    else:
-        reports.append(("network namespace", False, "disabled by configuration"))
-        reports.append(("scratch quota", False, "needs the namespaces (disabled)"))
-    reports.append(_isolation.drop_capabilities())
-    reports.append(_isolation.apply_parent_death(launcher_pid))
-    # Relative paths resolve in the scratch dir (the launcher's cwd is "/").
-    os.chdir(config.scratch_dir)
-    worker = _Worker(config, sock)
-    threading.Thread(target=worker.cancel_thread, name="tensorline-cancel", daemon=True).start()
-    signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
-    if config.landlock:
-        reports.extend(_isolation.apply_landlock(config.scratch_dir, config.devices,
-                                                 config.read_paths, config.list_paths))
-    else:
-        reports.append(("landlock", False, "disabled by configuration"))
-    if config.seccomp:
-        reports.append(_isolation.apply_seccomp())
-    else:
-        reports.append(("seccomp", False, "disabled by configuration"))
-    code = 0
-    try:
-        worker._reply(ready_message(reports, _isolation.cpu_used()))
-        worker.run()
-    except BaseException:
-        # A bug in this module, not in a node (their exceptions are replies): say so in the
-        # worker's output, which the server logs, and exit non-zero.
-        traceback.print_exc()
-        code = 1
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
