@@ -14,7 +14,7 @@ module a lever on the server:
 
 What is skipped here, and every custom validator of the node's ``Params`` model, runs in the
 sandbox only: the worker validates the params with the model when it creates the node
-(``Params.model_validate_json`` in ``runtime._worker``), and a failure there is a node error
+(``Params.model_validate_json`` in ``runtime.sandbox._worker``), and a failure there is a node error
 naming the node.
 """
 

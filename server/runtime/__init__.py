@@ -10,7 +10,7 @@ from tensorline.server.runtime._base import (
     Runtime,
 )
 from tensorline.server.runtime._inprocess import InProcessInstance, InProcessRuntime, node_failed
-from tensorline.server.runtime._sandbox import (
+from tensorline.server.runtime.sandbox import (
     ModuleUnavailable,
     SandboxInstance,
     SandboxRuntime,

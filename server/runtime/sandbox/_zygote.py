@@ -43,7 +43,7 @@ def _preload() -> None:
     import numpy  # noqa: F401
     import pydantic  # noqa: F401
 
-    from tensorline.server.runtime import _worker  # noqa: F401
+    from tensorline.server.runtime.sandbox import _bootstrap  # noqa: F401
 
 
 def _send(ctl: socket.socket, message: tuple[Any, ...]) -> None:
@@ -69,7 +69,7 @@ def _child(ctl: socket.socket, wake_r: int, wake_w: int, config: Any, sock_fd: i
     with contextlib.suppress(Exception):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    from tensorline.server.runtime._worker import worker_main
+    from tensorline.server.runtime.sandbox._bootstrap import worker_main
 
     worker_main(config, socket.socket(fileno=WORKER_SOCKET_FD), launcher_pid)
 

@@ -19,7 +19,7 @@ from tensorline.server._errors import LimitExceeded, NodeFailed
 from tensorline.server.executor import PipelineEngine, SessionClosed, StreamItem
 from tensorline.server.nodes import Chunk, Emit, Node, NodeRegistry
 from tensorline.server.runtime import ExecutionScope, InProcessRuntime, SandboxRuntime
-from tensorline.server.runtime._sandbox import WorkerFailure
+from tensorline.server.runtime.sandbox import WorkerFailure
 from tensorline.server.selector import Selector
 from tests.server.runtime import sandbox_nodes
 from tests.server.runtime.conftest import TEST_NODES, make_spec

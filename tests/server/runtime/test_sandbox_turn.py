@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tensorline.server.runtime._sandbox import _Turn
+from tensorline.server.runtime.sandbox._records import _Turn
 
 
 async def test_turns_are_taken_first_come_first_served() -> None:

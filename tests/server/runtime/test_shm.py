@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tensorline.client._values import Audio, Json, Tagged
-from tensorline.server.runtime import _shm
+from tensorline.server.runtime.sandbox import _shm
 
 
 def transfer(value: object, *, safe: bool = True, inline_max: int = 1024) -> object:

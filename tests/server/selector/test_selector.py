@@ -13,7 +13,7 @@ from tensorline.client import AsyncClient
 from tensorline.server import PermissionDenied, SandboxFailure
 from tensorline.server._errors import RuntimeUnavailable
 from tensorline.server.nodes import Node, NodeEntry, NodeTraits
-from tensorline.server.runtime._sandbox import WorkerFailure
+from tensorline.server.runtime.sandbox import WorkerFailure
 from tensorline.server.selector import (
     FALLBACK_KINDS,
     HINT_ALIASES,

@@ -1,18 +1,12 @@
 """The code that runs inside a sandbox worker process (imports nothing gRPC; the server imports it
-only for ``WorkerConfig`` and the message kinds).
+only for ``WorkerConfig``).
 
-A worker is forked by the sandbox launcher (``sandbox/_zygote``: numpy, pydantic and this module
+A worker is forked by the sandbox launcher (``_zygote``: numpy, pydantic and this module
 preloaded, a minimal environment, no inherited fds but its control socket and output pipe),
-applies its isolation layers (``_isolation``), reports ``ready`` and then serves requests from
-the server one at a time over its control socket:
-
-    ("init", iid, module, qualname, params_json, node_id, execution_id)   warm instances
-    ("call", iid, inputs, init, releases)
-    ("run", kind, inputs, node_id, execution_id, define, releases)        one-shot nodes
-    ("stream", iid, init, releases)                                        streaming session
-    ("release", iids)
-    ("describe", module)                                                   untrusted catalogue
-    ("exit",)
+applies its isolation layers (``_bootstrap``, ``_isolation``), reports ``ready`` and then
+serves requests from the server one at a time over its control socket. The requests and
+replies, their fields and the stream conversation are listed in ``_messages``, which both sides
+build and read them with.
 
 A ``call`` does in one round trip what would otherwise take three: it first runs the cleanup of
 the instances in ``releases`` (released by the server since the last request; None when there
@@ -30,12 +24,9 @@ A ``describe`` imports an untrusted module, which the server never does, and rep
 catalogue as plain data (``nodes._catalogue``); a module that fails to import is an ``import``
 error.
 
-Replies are ``("ok", value, cpu_used)`` or ``("error", kind, exc_type, message, cpu_used,
-during)`` where ``during`` is ``initialize`` or ``process`` and ``kind`` tells the server how to
-classify the failure: ``node`` (the node's own exception), ``memory`` (MemoryError under the
-cap), ``permission`` (a blocked syscall surfaced as EPERM/EACCES), ``import`` (the node class
-cannot be loaded here), ``gone`` (no such instance: evicted, re-create it). Crashes need no
-reply: the server sees the process die.
+Replies are ``ok`` or ``error``, whose ``kind`` tells the server how to classify the failure
+(``_messages.ERROR_KINDS``; ``classify`` below). Crashes need no reply: the server sees the
+process die.
 
 A ``stream`` request runs the node's ``stream`` generator (async or sync) as a conversation
 that ends with the usual final reply. The worker asks for input only when the generator pulls
@@ -72,17 +63,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import importlib
 import inspect
 import os
 import resource
-import signal
 import socket
 import sys
-import tempfile
 import threading
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import CoroutineType
@@ -90,18 +77,50 @@ from typing import Any
 
 from tensorline.server.nodes._node import Node, NodeContext
 from tensorline.server.nodes._streaming import Chunk, Emit
-from tensorline.server.runtime import _isolation, _shm
+from tensorline.server.runtime.sandbox import _isolation, _shm
+from tensorline.server.runtime.sandbox._messages import (
+    CALL,
+    CHUNK,
+    DESCRIBE,
+    END,
+    EXIT,
+    GONE,
+    IMPORT,
+    INIT,
+    INITIALIZE,
+    MAX_KINDS,
+    MEMORY,
+    NEXT,
+    NODE,
+    OK,
+    PER_INSTANCE,
+    PROBE,
+    PROCESS,
+    RELEASE,
+    RUN,
+    SEGMENT_GRANTED,
+    SEGMENT_REFUSED,
+    STREAM,
+    chunk_fields,
+    error,
+    event_message,
+    need_message,
+    ok,
+    out_message,
+    segment_message,
+    unhealthy_message,
+)
+from tensorline.server.runtime.sandbox._worker_errors import (
+    _failure,
+    _LoadFailed,
+    classify,
+    describe,
+)
 
 RUNTIME_NAME = "sandbox"
-# The server's answers to a worker's ``("segment", size)`` request (see ``_Worker._allocate``).
-SEGMENT_GRANTED = b"segment"
-SEGMENT_REFUSED = b"refused"
 # Descriptors a worker keeps free for its own work (a segment, a listing): with fewer left it
 # asks to be replaced.
 FD_RESERVE = 16
-# Class ids (``run`` requests) a worker keeps; past this it forgets them all, and answers
-# ``gone`` for an id it no longer knows (the server then starts over for that node).
-MAX_KINDS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +150,6 @@ class _StreamStopped(BaseException):
 
 class _ServerGone(BaseException):
     """The control socket closed in the middle of a stream."""
-
-
-class _LoadFailed(Exception):
-    """The node class could not be imported in the worker (classified as the sandbox's doing:
-    in the server the same import had succeeded)."""
-
-    def __init__(self, kind: str, exc_type: str, message: str) -> None:
-        super().__init__(message)
-        self.kind, self.exc_type, self.message = kind, exc_type, message
 
 
 @dataclass(slots=True)
@@ -192,22 +202,22 @@ class _Worker:
             if request is None:
                 return
             op = request[0]
-            if op == "exit":
+            if op == EXIT:
                 await self._cleanup_all()
-                self._reply(("ok", None, _isolation.cpu_used()))
+                self._reply(ok(None, _isolation.cpu_used()))
                 return
             _isolation.set_call_cpu_budget(budget)
             with self.generation_lock:
                 # A new request: a cancellation signalled for an earlier one no longer applies,
                 # and a warm instance must not see an earlier call's cancellation.
                 self.generation += 1
-                if op in ("call", "stream") and request[1] in self.instances:
+                if op in PER_INSTANCE and request[1] in self.instances:  # [1]: the iid
                     self.instances[request[1]].context.cancelled.clear()
-            if op == "run":
+            if op == RUN:
                 if self.unhealthy:
                     # Sent before the server read our "unhealthy": it tries another worker.
-                    self._reply(("error", "gone", "", "worker is being replaced",
-                                 _isolation.cpu_used(), "process"))
+                    self._reply(error(GONE, "", "worker is being replaced",
+                                      _isolation.cpu_used(), PROCESS))
                     continue
                 self._reply(await self._run_once(request))
                 continue
@@ -241,21 +251,20 @@ class _Worker:
                           f"{self.config.recycle_rss_mb} MiB")
         if reason:
             self.unhealthy = True
-            self._send(("unhealthy", reason))
+            self._send(unhealthy_message(reason))
 
     def _reply(self, reply: tuple[Any, ...]) -> None:
         try:
             message, fresh = _shm.pack(reply, self.outbox, self.inbox.segment)
         except TypeError as exc:
-            reply = ("error", "node", "TypeError", str(exc), _isolation.cpu_used(), "process")
+            reply = error(NODE, "TypeError", str(exc), _isolation.cpu_used(), PROCESS)
             message, fresh = _shm.pack(reply, self.outbox)
         except MemoryError as exc:
-            reply = ("error", "memory", "MemoryError", str(exc), _isolation.cpu_used(),
-                     "process")
+            reply = error(MEMORY, "MemoryError", str(exc), _isolation.cpu_used(), PROCESS)
             message, fresh = _shm.pack(reply, self.outbox)
         except OSError as exc:
-            reply = ("error", classify(exc), type(exc).__name__,
-                     f"the output could not be sent: {exc}", _isolation.cpu_used(), "process")
+            reply = error(classify(exc), type(exc).__name__,
+                          f"the output could not be sent: {exc}", _isolation.cpu_used(), PROCESS)
             message, fresh = _shm.pack(reply, self.outbox)
         _shm.send(self.sock, message, fresh)
         if reply[0] != "ready":
@@ -264,7 +273,7 @@ class _Worker:
     async def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
         """The reply to one request: ``("ok", value, cpu)`` or ``("error", kind, type,
         message, cpu, during)``; the CPU reading is taken once, last."""
-        if op == "call":
+        if op == CALL:
             _, iid, inputs, init, releases = request
             hosted = await self._prepare(iid, init, releases)
             if type(hosted) is tuple:
@@ -273,9 +282,9 @@ class _Worker:
             try:
                 value = await self._run(hosted, "process", inputs)
             except BaseException as exc:
-                return (*_failure(exc), _isolation.cpu_used(), "process")
-            return ("ok", value, _isolation.cpu_used())
-        if op == "stream":
+                return _failure(exc, PROCESS)
+            return (OK, value, _isolation.cpu_used())  # ok(), inline: per request
+        if op == STREAM:
             _, iid, init, releases = request
             hosted = await self._prepare(iid, init, releases)
             if type(hosted) is tuple:
@@ -286,24 +295,26 @@ class _Worker:
             except _ServerGone:
                 raise
             except BaseException as exc:
-                return (*_failure(exc), _isolation.cpu_used(), "process")
-            return ("ok", None, _isolation.cpu_used())
-        if op == "init":
+                return _failure(exc, PROCESS)
+            return ok(None, _isolation.cpu_used())
+        if op == INIT:
             try:
-                await self._init(*request[1:])
+                _, iid, module, qualname, params_json, node_id, execution_id = request
+                await self._init(iid, module, qualname, params_json, node_id, execution_id)
             except BaseException as exc:
-                return (*_failure(exc), _isolation.cpu_used(), "initialize")
-            return ("ok", None, _isolation.cpu_used())
-        if op == "release":
-            await self._release(request[1])
-            return ("ok", None, _isolation.cpu_used())
-        if op == "describe":
-            return self._describe(request[1])
-        if op == "probe":
+                return _failure(exc, INITIALIZE)
+            return ok(None, _isolation.cpu_used())
+        if op == RELEASE:
+            _, iids = request
+            await self._release(iids)
+            return ok(None, _isolation.cpu_used())
+        if op == DESCRIBE:
+            _, module = request
+            return self._describe(module)
+        if op == PROBE:
             # The health check runs before this reply is sent (``_check_health``).
-            return ("ok", None, _isolation.cpu_used())
-        return ("error", "node", "ValueError", f"unknown op {op!r}", _isolation.cpu_used(),
-                "process")
+            return ok(None, _isolation.cpu_used())
+        return error(NODE, "ValueError", f"unknown op {op!r}", _isolation.cpu_used(), PROCESS)
 
     def _describe(self, module: str) -> tuple[Any, ...]:
         """``("describe", module)``: import an untrusted module here, where its top-level code
@@ -316,10 +327,10 @@ class _Worker:
         except BaseException as exc:
             # SystemExit or KeyboardInterrupt raised by the module's top level included: the
             # module failed to load, the worker carries on.
-            kind = "memory" if isinstance(exc, MemoryError) else "import"
-            return ("error", kind, type(exc).__name__, describe(exc), _isolation.cpu_used(),
-                    "initialize")
-        return ("ok", catalogue, _isolation.cpu_used())
+            kind = MEMORY if isinstance(exc, MemoryError) else IMPORT
+            return error(kind, type(exc).__name__, describe(exc), _isolation.cpu_used(),
+                         INITIALIZE)
+        return ok(catalogue, _isolation.cpu_used())
 
     async def _run_once(self, request: tuple[Any, ...]) -> tuple[Any, ...]:
         """``("run", kind, inputs, node_id, execution_id, define, releases)``: create an
@@ -333,8 +344,8 @@ class _Worker:
             kind = self.kinds.get(kid)
             if kind is None:
                 if define is None:
-                    return ("error", "gone", "", "unknown node class id",
-                            _isolation.cpu_used(), "initialize")
+                    return error(GONE, "", "unknown node class id", _isolation.cpu_used(),
+                                 INITIALIZE)
                 kind = self._kind(*define)
                 if len(self.kinds) >= MAX_KINDS:
                     self.kinds.clear()
@@ -343,7 +354,7 @@ class _Worker:
                                   runtime=RUNTIME_NAME, scratch_dir=self.config.scratch_dir)
             node = kind[0](kind[1], context)
         except BaseException as exc:
-            return (*_failure(exc), _isolation.cpu_used(), "initialize")
+            return _failure(exc, INITIALIZE)
         # What _run does, inline (one coroutine less per call).
         self.current = _Hosted(node, context)
         try:
@@ -355,12 +366,12 @@ class _Worker:
                 finally:
                     self._settle()
         except BaseException as exc:
-            return (*_failure(exc), _isolation.cpu_used(), "process")
+            return _failure(exc, PROCESS)
         finally:
             self.current = None
         # A reading up to 10 ms old is fine for the lifetime limit (see cpu_used_recent); one
         # syscall less per call.
-        return ("ok", value, _isolation.cpu_used_recent())
+        return (OK, value, _isolation.cpu_used_recent())  # ok(), inline: per request
 
     async def _prepare(self, iid: int, init: tuple[Any, ...] | None,
                        releases: list[int] | None) -> _Hosted | tuple[Any, ...]:
@@ -372,11 +383,10 @@ class _Worker:
             try:
                 await self._init(iid, *init)
             except BaseException as exc:
-                return (*_failure(exc), _isolation.cpu_used(), "initialize")
+                return _failure(exc, INITIALIZE)
         hosted = self.instances.get(iid)
         if hosted is None:
-            return ("error", "gone", "", "instance not hosted here", _isolation.cpu_used(),
-                    "process")
+            return error(GONE, "", "instance not hosted here", _isolation.cpu_used(), PROCESS)
         return hosted
 
     # --- streaming ----------------------------------------------------------------------------
@@ -385,7 +395,7 @@ class _Worker:
         """A reply segment of ``size`` bytes, made by the server (seccomp denies memfd_create
         here): ``("segment", size)`` is answered by ``SEGMENT_GRANTED`` with the fd, or
         ``SEGMENT_REFUSED`` past the server's message limit."""
-        self._send(("segment", size))
+        self._send(segment_message(size))
         while True:
             try:
                 data, fds = _shm.recv_raw(self.sock)
@@ -437,11 +447,11 @@ class _Worker:
             nonlocal ended
             if ended:
                 return None
-            self._send(("need", _isolation.cpu_used()))
+            self._send(need_message(_isolation.cpu_used()))
             message = self._receive()
-            if message[0] == "chunk":
-                return Chunk(int(message[1]), message[2])
-            if message[0] == "end":
+            if message[0] == CHUNK:
+                return Chunk(*chunk_fields(message))
+            if message[0] == END:
                 ended = True
                 return None
             raise _StreamStopped
@@ -451,7 +461,7 @@ class _Worker:
 
         def on_event(kind: str, message: str, progress: float) -> None:
             # Any thread; small messages, inline: they never touch the data segment.
-            event = ("event", str(kind)[:100], str(message)[:4000], float(progress))
+            event = event_message(str(kind)[:100], str(message)[:4000], float(progress))
             with events_lock, contextlib.suppress(Exception):
                 packed, fresh = _shm.pack(event, events)
                 if fresh is None:
@@ -483,12 +493,11 @@ class _Worker:
                 except _StreamStopped:
                     return
                 if isinstance(out, Emit):
-                    message: tuple[Any, ...] = ("out", out.value, int(out.sequence),
-                                                _isolation.cpu_used())
+                    message = out_message(out.value, int(out.sequence), _isolation.cpu_used())
                 else:
-                    message = ("out", out, None, _isolation.cpu_used())
+                    message = out_message(out, None, _isolation.cpu_used())
                 self._send(message)
-                if self._receive()[0] != "next":
+                if self._receive()[0] != NEXT:
                     return
         finally:
             hosted.context.on_event = None
@@ -534,7 +543,7 @@ class _Worker:
                 for part in qualname.split("."):
                     cls = getattr(cls, part)
             except BaseException as exc:
-                raise _LoadFailed("memory" if isinstance(exc, MemoryError) else "import",
+                raise _LoadFailed(MEMORY if isinstance(exc, MemoryError) else IMPORT,
                                   type(exc).__name__,
                                   f"cannot load {module}.{qualname} in the worker: "
                                   f"{describe(exc)}") from exc
@@ -641,118 +650,3 @@ class _Worker:
 
 # The base class's initialize and cleanup do nothing: not calling them saves a call per request.
 _NO_OPS = frozenset({Node.initialize, Node.cleanup})
-
-
-def _failure(exc: BaseException) -> tuple[str, str, str, str]:
-    """``("error", kind, exc_type, message)`` for an exception a node method raised."""
-    if isinstance(exc, _LoadFailed):
-        return ("error", exc.kind, exc.exc_type, exc.message)
-    if isinstance(exc, KeyboardInterrupt | SystemExit):
-        # A node calling sys.exit() must not end the worker silently.
-        return ("error", "node", type(exc).__name__, str(exc))
-    return ("error", classify(exc), type(exc).__name__, describe(exc))
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < 16:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-# A cap of the sandbox, hit: the scratch quota, the file size, descriptors, threads.
-_LIMIT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE})
-
-
-def classify(exc: BaseException) -> str:
-    """``memory`` / ``permission`` / ``limit`` for failures the sandbox causes, ``node``
-    otherwise."""
-    for item in _chain(exc):
-        if isinstance(item, MemoryError) or (
-                isinstance(item, OSError) and item.errno == errno.ENOMEM):
-            return "memory"
-        if isinstance(item, OSError) and item.errno in (errno.EPERM, errno.EACCES):
-            return "permission"
-        if isinstance(item, OSError) and item.errno in _LIMIT_ERRNOS:
-            return "limit"
-        if isinstance(item, RuntimeError) and "can't start new thread" in str(item):
-            return "limit"
-    return "node"
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc)
-    if classify(exc) == "permission":
-        for item in _chain(exc):
-            if isinstance(item, OSError) and item.errno in (errno.EPERM, errno.EACCES):
-                if item is not exc:
-                    text = f"{text} (caused by {type(item).__name__}: {item})"
-                break
-    return text
-
-
-def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) -> None:
-    """Entry point of a worker process, called by the launcher right after the fork."""
-    sock.setblocking(True)
-    # A write past RLIMIT_FSIZE fails with EFBIG rather than killing the worker.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # The launcher's environment is already minimal; HOME and TMPDIR point at the scratch dir.
-    os.environ["HOME"] = os.environ["TMPDIR"] = config.scratch_dir
-    tempfile.tempdir = config.scratch_dir
-    reports: list[_isolation.LayerReport] = [
-        ("process", True, "separate worker process, forked by the sandbox launcher"),
-        ("environment", True, f"minimal: {', '.join(sorted(os.environ))}"),
-        ("descriptors", True, "stdin /dev/null, stdout/stderr a pipe the server logs, the "
-                              "control socket; nothing else inherited"),
-    ]
-    reports.append(_isolation.apply_rlimits(config.limits))
-    limits = config.limits
-    mounted = False
-    if config.namespaces and os.geteuid() == 0:
-        bridge = [*config.read_paths, *config.devices, config.scratch_dir] if config.uid else []
-        mount_reports, mounted = _isolation.private_mount_namespace(bridge)
-        reports.extend(mount_reports)
-    uid, why_not = _isolation.usable_uid(config.uid, config.read_paths)
-    if mounted:
-        reports.append(_isolation.mount_scratch(config.scratch_dir, limits.scratch_mb, uid))
-    elif uid is not None:
-        os.chown(config.scratch_dir, uid, uid)
-    reports.append(_isolation.switch_user(uid, limits.threads, config.devices, why_not))
-    if config.namespaces:
-        reports.extend(_isolation.apply_namespaces(config.scratch_dir, limits.scratch_mb,
-                                                   mounted=mounted))
-    else:
-        reports.append(("network namespace", False, "disabled by configuration"))
-        reports.append(("scratch quota", False, "needs the namespaces (disabled)"))
-    reports.append(_isolation.drop_capabilities())
-    reports.append(_isolation.apply_parent_death(launcher_pid))
-    # Relative paths resolve in the scratch dir (the launcher's cwd is "/").
-    os.chdir(config.scratch_dir)
-    worker = _Worker(config, sock)
-    threading.Thread(target=worker.cancel_thread, name="tensorline-cancel", daemon=True).start()
-    signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
-    if config.landlock:
-        reports.extend(_isolation.apply_landlock(config.scratch_dir, config.devices,
-                                                 config.read_paths, config.list_paths))
-    else:
-        reports.append(("landlock", False, "disabled by configuration"))
-    if config.seccomp:
-        reports.append(_isolation.apply_seccomp())
-    else:
-        reports.append(("seccomp", False, "disabled by configuration"))
-    code = 0
-    try:
-        worker._reply(("ready", reports, _isolation.cpu_used()))
-        worker.run()
-    except BaseException:
-        # A bug in this module, not in a node (their exceptions are replies): say so in the
-        # worker's output, which the server logs, and exit non-zero.
-        traceback.print_exc()
-        code = 1
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)

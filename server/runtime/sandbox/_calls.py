@@ -1,0 +1,515 @@
+"""The call path: one request to a worker and its reply.
+
+``_send`` packs a request (piggybacking the cleanups released since the last one) onto the
+worker's control socket; the socket's reader callback (``_on_readable``, ``_on_message``) reads
+one message per wake-up and resolves the waiting future right there (the usual ``ok`` reply is
+checked first). ``_finish`` frees the worker and, when the longest waiter is a one-shot call it
+can serve, ``_dispatch`` sends that call's request from the same callback. Every call has a
+wall-clock deadline, enforced by one watchdog timer per worker (``_watch``); past it the worker
+is killed; a cancelled caller abandons its call (SIGUSR1, then a kill after ``cancel_grace_s``).
+``_check_reply`` turns a reply into the node's value or the right exception. One-shot nodes
+(``_ClassPlan.oneshot``, computed once per class by ``_class_plan``) take the ``run`` request:
+one round trip creates, runs and drops the instance, naming its class by a per-worker id.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tensorline.server._errors import DeadlineExceeded, NodeFailed
+from tensorline.server.manifest import NodeSpec
+from tensorline.server.nodes import NodeEntry
+from tensorline.server.runtime._base import ExecutionScope
+from tensorline.server.runtime.sandbox import _shm
+from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
+from tensorline.server.runtime.sandbox._messages import (
+    CARRIES_RELEASES,
+    ERROR,
+    EVENT,
+    EXIT,
+    GONE,
+    IMPORT,
+    INITIALIZE,
+    LIMIT,
+    MAX_KINDS,
+    MEMORY,
+    NEED,
+    NODE,
+    OK,
+    OUT,
+    PERMISSION,
+    PROCESS,
+    READY,
+    RELEASE,
+    RUN,
+    SEGMENT,
+    SEGMENT_GRANTED,
+    SEGMENT_REFUSED,
+    UNHEALTHY,
+    error_fields,
+    reached_process,
+    with_releases,
+)
+from tensorline.server.runtime.sandbox._pool import _Pool
+from tensorline.server.runtime.sandbox._records import (
+    _NO_SPEC,
+    MIN_MEMORY_MB,
+    _Call,
+    _ClassPlan,
+    _Group,
+    _KindKey,
+    _Started,
+    _Worker,
+)
+
+
+class _Calls(_Pool):
+    """Requests and replies, deadlines and cancellation, one-shot ``run`` requests."""
+
+    # --- replies ------------------------------------------------------------------------------
+
+    def _on_readable(self, worker: _Worker) -> None:
+        # One message per callback: the selector is level-triggered, so a second queued message
+        # calls back again, and the usual single reply saves a recvmsg that would only fail.
+        sock = worker.sock
+        if sock is None or worker.state == "dead":
+            return
+        if worker.killed:
+            # Nothing a worker sent after it was condemned counts (a reply queued behind the
+            # message that broke the protocol must not complete the call): its death does.
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            worker.eof = True
+            return
+        try:
+            data, fds = _shm.recv_raw(sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except _shm.ProtocolError as exc:
+            self._misbehaved(worker, str(exc))
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self._on_eof(worker)
+            return
+        try:
+            message = _shm.unpack(data, fds, worker.inbox, safe=True, copy=True,
+                                  max_segment=self.max_message_bytes * 2,
+                                  echo=worker.outbox.segment)
+        except Exception as exc:
+            self._misbehaved(worker, f"undecodable message ({exc})")
+            return
+        self._on_message(worker, message)
+
+    def _on_message(self, worker: _Worker, message: Any) -> None:
+        call = worker.inflight
+        if (type(message) is tuple and len(message) == 3 and message[0] == OK
+                and type(message[2]) is float and call is not None and not call.streaming):
+            # The usual reply, checked first: ("ok", value, cpu_used) to a call.
+            worker.cpu_used = message[2]
+            self._finish(worker, call)
+            if not call.future.done():
+                call.future.set_result(message)
+            elif call.on_abandoned is not None:
+                call.on_abandoned(message)
+            return
+        if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
+            self._misbehaved(worker, "malformed reply")
+            return
+        if message[0] == READY and worker.state == "starting":
+            try:
+                worker.layers = [(str(n), bool(a), str(d)) for n, a, d in message[1]]
+            except (TypeError, ValueError):
+                self._misbehaved(worker, "malformed ready message")
+                return
+            worker.state = "ready"
+            self._record_layers(worker)
+            if worker.ready is not None and not worker.ready.done():
+                worker.ready.set_result(None)
+            self._notify(everyone=True)
+            return
+        if message[0] == UNHEALTHY and len(message) == 2:
+            _, reason = message
+            self._recycle(worker, str(reason)[:300])
+            return
+        if message[0] == SEGMENT and len(message) == 2 and type(message[1]) is int:
+            _, size = message
+            self._grant_segment(worker, size)
+            return
+        if message[0] == EVENT:
+            # NodeContext.report during a stream; dropped when nobody listens any more.
+            if call is not None and call.on_event is not None and len(message) == 4:
+                _, kind, text, progress = message
+                with contextlib.suppress(Exception):
+                    call.on_event(str(kind)[:100], str(text)[:4000], float(progress))
+            return
+        if call is None:
+            self._misbehaved(worker, "reply without a request")
+            return
+        if call.streaming and message[0] in (NEED, OUT):
+            self._on_stream_message(worker, call, message)
+            return
+        if len(message) >= 3 and isinstance(message[-1], float | int):
+            worker.cpu_used = float(message[-1])
+        self._finish(worker, call)
+        if not call.future.done():
+            call.future.set_result(message)
+        elif call.on_abandoned is not None:
+            call.on_abandoned(message)
+
+    def _grant_segment(self, worker: _Worker, size: int) -> None:
+        """A worker's reply needs a larger segment; it may not make memfds itself."""
+        sock = worker.sock
+        if sock is None:
+            return
+        if not 0 < size <= self.max_message_bytes * 2:
+            with contextlib.suppress(OSError):
+                sock.send(SEGMENT_REFUSED)
+            return
+        fd = _shm.new_segment_fd(size, f"tensorline-w{worker.wid}-out")
+        try:
+            sock.sendmsg([SEGMENT_GRANTED], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", [fd]))])
+        except OSError as exc:
+            self._misbehaved(worker, f"segment could not be sent ({exc})")
+        finally:
+            os.close(fd)
+
+    def _death_error(self, call: _Call, cause: str) -> Exception:
+        if call.deadline_hit:
+            return DeadlineExceeded(
+                f"node '{call.spec.node_id}' ({call.spec.node_type}) exceeded its deadline "
+                f"during {call.during} in the sandbox; its worker was killed and replaced"
+            )
+        kind = "cpu" if "SIGXCPU" in cause else "crash"
+        if cause.startswith("worker broke the control protocol"):
+            kind = "protocol"
+        return WorkerFailure(call.spec.node_id, cause, during=call.during, kind=kind)
+
+    # --- class plans --------------------------------------------------------------------------
+
+    def _group_of(self, spec: NodeSpec) -> _Group:
+        return self._class_plan(spec.entry).group
+
+    def _class_plan(self, entry: NodeEntry) -> _ClassPlan:
+        plan = self._class_plans.get(entry.class_ref)
+        if plan is None or plan.entry is not entry:
+            declared = entry.traits.memory_mb
+            cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
+            lazy = not (entry.reusable or entry.streaming or entry.has_initialize)
+            plan = self._class_plans[entry.class_ref] = _ClassPlan(
+                entry=entry, group=(cap, "" if entry.trusted else entry.module),
+                module=entry.class_module, lazy=lazy, oneshot=lazy and not entry.has_cleanup)
+        return plan
+
+    # --- calls --------------------------------------------------------------------------------
+
+    def _deadline(self, spec: NodeSpec, scope: ExecutionScope, default: float | None) -> float:
+        """Absolute loop time a call must finish by: the execution's deadline, and the node's
+        timeout (``default=None``: for ``process``) or ``default`` seconds (initialize)."""
+        if default is None:
+            limit = spec.timeout_s or spec.entry.traits.timeout_s or self.call_timeout_s
+        else:
+            limit = default
+        deadline = self._now() + limit
+        if scope.deadline is not None:
+            deadline = min(deadline, scope.deadline)
+        return deadline
+
+    async def _request(self, worker: _Worker, request: tuple[Any, ...], spec: NodeSpec | None,
+                       during: str, iid: int, deadline: float,
+                       on_abandoned: Callable[[tuple[Any, ...]], None] | None = None,
+                       ) -> tuple[Any, ...]:
+        """Send one request to ``worker`` and await its reply (calls are serialized).
+
+        The worker's lock is held until the worker has answered (or died), even when the caller
+        is cancelled first: ``_finish`` releases it, from the reply or death callbacks.
+        """
+        worker.queued += 1
+        if not worker.lock.try_acquire():
+            try:
+                await worker.lock.acquire()
+            except BaseException:
+                worker.queued -= 1
+                raise
+        sent = self._send(worker, request, spec, during, iid, deadline, on_abandoned)
+        if isinstance(sent, tuple):
+            return sent
+        return await self._reply(worker, sent, on_abandoned)
+
+    def _send(self, worker: _Worker, request: tuple[Any, ...], spec: NodeSpec | None,
+              during: str, iid: int, deadline: float,
+              on_abandoned: Callable[[tuple[Any, ...]], None] | None) -> _Call | tuple[Any, ...]:
+        """(The caller counted itself in ``queued`` and holds the worker's turn.) Send
+        ``request``: the call in flight, or the reply itself when there was nothing to send."""
+        loop = self._loop
+        assert loop is not None
+        call = _Call(loop.create_future(), spec if spec is not None else _NO_SPEC, during, iid,
+                     deadline, on_abandoned=on_abandoned)
+        op = request[0]
+        if not worker.alive or worker.sock is None or worker.killed or (
+                worker.exiting and op != EXIT):
+            self._finish(worker, call)
+            raise _WorkerGone(worker.cause or worker.kill_reason or "worker gone")
+        if op == EXIT:
+            # Whatever comes after this would reach a worker that has left its loop.
+            worker.exiting = True
+        if op in CARRIES_RELEASES:
+            # Piggyback the cleanups released since the last request (the last field, None
+            # when there are none).
+            if worker.releases:
+                releases, worker.releases = worker.releases, []
+                request = with_releases(request, releases)
+            elif op == RELEASE:
+                self._finish(worker, call)
+                return (OK, None, worker.cpu_used)
+        try:
+            message, fresh = _shm.pack(request, worker.outbox)
+        except BaseException:
+            self._finish(worker, call)
+            raise
+        worker.inflight = call
+        try:
+            _shm.send(worker.sock, message, fresh)
+        except OSError as exc:
+            self._finish(worker, call)
+            worker.kill(f"control channel failed ({exc})")
+            raise _WorkerGone(f"control channel failed ({exc})") from None
+        self._watch(worker, deadline)
+        return call
+
+    async def _reply(self, worker: _Worker, call: _Call,
+                     on_abandoned: Callable[[tuple[Any, ...]], None] | None) -> tuple[Any, ...]:
+        """Await the reply to ``call``; a cancelled caller abandons it (see ``_abandon``)."""
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            if not call.finished:
+                self._abandon(worker, call)
+            elif call.future.done() and not call.future.cancelled() and (
+                    call.future.exception() is None and on_abandoned is not None):
+                on_abandoned(call.future.result())
+            raise
+
+    def _finish(self, worker: _Worker, call: _Call) -> None:
+        """The worker is done with ``call`` (answered or died): free it for the next one."""
+        if call.finished:
+            return
+        call.finished = True
+        if call.timer is not None:
+            call.timer.cancel()
+        if worker.inflight is call:
+            worker.inflight = None
+        worker.queued -= 1
+        if self._loop is not None:
+            worker.last_used = self._loop.time()
+        worker.calls += 1
+        if self.max_calls and worker.calls >= self.max_calls:
+            self._recycle(worker, f"served {worker.calls} calls")
+        worker.lock.release()
+        if worker.queued == 0 and not self._dispatch(worker):
+            self._notify()
+
+    def _watch(self, worker: _Worker, deadline: float) -> None:
+        """Make the worker's watchdog fire by ``deadline``. One timer serves call after call:
+        re-armed only when a call's deadline comes before it (a new timer plus a cancelled one
+        per call cost more than the call's own bookkeeping)."""
+        timer = worker.watchdog
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            assert self._loop is not None
+            worker.watchdog = self._loop.call_at(deadline, self._on_watchdog, worker)
+
+    def _on_watchdog(self, worker: _Worker) -> None:
+        worker.watchdog = None
+        call = worker.inflight
+        # Streaming sessions have timers of their own (waiting for the consumer does not count).
+        if call is None or call.finished or call.streaming:
+            return
+        if call.deadline <= self._now():
+            self._on_deadline(worker, call)
+        else:
+            self._watch(worker, call.deadline)
+
+    def _on_deadline(self, worker: _Worker, call: _Call) -> None:
+        if worker.inflight is not call:
+            return
+        if call.abandoned:
+            worker.kill(f"did not stop within {self.cancel_grace_s:g} s of being cancelled")
+        else:
+            call.deadline_hit = True
+            worker.kill("deadline exceeded")
+
+    def _abandon(self, worker: _Worker, call: _Call) -> None:
+        """The caller went away: ask the worker to stop, kill it if it does not in time."""
+        call.abandoned = True
+        worker.signal(signal.SIGUSR1)
+        assert self._loop is not None
+        if call.timer is not None:
+            call.timer.cancel()
+        when = min(call.deadline, self._now() + self.cancel_grace_s)
+        call.timer = self._loop.call_at(when, self._on_deadline, worker, call)
+
+    def _check_reply(self, worker: _Worker, reply: tuple[Any, ...], spec: NodeSpec,
+                     during: str) -> Any:
+        status = reply[0]
+        if status == OK and len(reply) == 3:
+            if worker.cpu_used > self.cpu_seconds_lifetime - self.cpu_seconds * 2:
+                self._retire(worker, "close to its lifetime CPU limit")
+            return reply[1]
+        if status != ERROR or len(reply) != 6 or reply[5] not in (INITIALIZE, PROCESS):
+            self._misbehaved(worker, f"unexpected reply {status!r}")
+            raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
+                                kind="protocol")
+        kind, exc_type, message, during = error_fields(reply)
+        # Whatever the worker says goes into statuses and logs: keep it bounded.
+        exc_type, message = str(exc_type)[:200], str(message)[:4000]
+        if kind == NODE:
+            raise NodeFailed(spec.node_id, exc_type, message)
+        if kind == MEMORY:
+            self._retire(worker, "MemoryError")
+            raise WorkerFailure(
+                spec.node_id, f"memory limit {worker.cap_mb} MiB exceeded ({exc_type}: {message})",
+                during=during, kind="memory")
+        if kind == PERMISSION:
+            raise WorkerFailure(spec.node_id, f"blocked by the sandbox: {exc_type}: {message}",
+                                during=during, kind="permission")
+        if kind == LIMIT:
+            raise WorkerFailure(spec.node_id, f"a sandbox limit was hit: {exc_type}: {message}",
+                                during=during, kind="limit")
+        if kind == IMPORT:
+            raise WorkerFailure(spec.node_id, f"{exc_type}: {message}", during="initialize",
+                                kind="import")
+        if kind == GONE:
+            raise _WorkerGone(message)
+        self._misbehaved(worker, f"unknown error kind {kind!r}")
+        raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
+                            kind="protocol")
+
+    # --- one-shot run requests ----------------------------------------------------------------
+
+    async def _wait_for_run(self, plan: _ClassPlan, spec: NodeSpec, scope: ExecutionScope,
+                            inputs: Mapping[str, Any]) -> _Started | None:
+        """Wait for an idle worker like ``_pool_change`` (first come, first served with the
+        other waiters). The reply callback that frees a worker sends this call's request at
+        once when it is first in line (``_dispatch``): then the call in flight is returned;
+        None means "look again"."""
+        assert self._loop is not None
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        self._waiters.append(waiter)
+        self._runs[waiter] = (plan, spec, scope, inputs)
+        try:
+            started: _Started | None = await waiter
+            return started
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                if waiter.result() is None:
+                    self._notify()  # pass on the wake-up this cancelled waiter consumed
+                else:
+                    worker, call = waiter.result()[:2]
+                    if not call.finished:
+                        self._abandon(worker, call)
+            raise
+        finally:
+            self._runs.pop(waiter, None)
+            if not waiter.done():
+                waiter.cancel()
+
+    def _dispatch(self, worker: _Worker) -> bool:
+        """``worker`` just became idle: when the longest waiter is a one-shot call it can
+        serve, send that call's request now, from the callback that freed the worker (no loop
+        iteration for the waiter to wake up in, and the worker gets its next request before it
+        goes back to sleep), and hand the waiter the call in flight. False: nothing sent."""
+        waiters = self._waiters
+        while waiters and waiters[0].done():
+            waiters.popleft()
+        if not waiters:
+            return False
+        waiter = waiters[0]
+        run = self._runs.get(waiter)
+        if run is None:
+            return False
+        plan, spec, scope, inputs = run
+        cap, domain = plan.group
+        if (worker.state != "ready" or worker.killed or worker.reserved
+                or worker.cap_mb != cap or worker.domain != domain
+                or plan.module not in worker.modules or worker.dedicated
+                or not worker.lock.try_acquire()):
+            return False
+        waiters.popleft()
+        del self._runs[waiter]
+        worker.queued += 1
+        request, key, kid, define = self._run_request(worker, spec, scope, inputs)
+        try:
+            sent = self._send(worker, request, spec, "process", 0,
+                              self._deadline(spec, scope, None), None)
+        except Exception as exc:  # _WorkerGone, or inputs that cannot be sent: the caller's
+            waiter.set_exception(exc)
+            return True
+        assert not isinstance(sent, tuple)
+        waiter.set_result((worker, sent, key, kid, define))
+        return True
+
+    async def _run_dispatched(self, started: _Started, spec: NodeSpec) -> Any:
+        worker, call, key, kid, define = started
+        reply = await self._reply(worker, call, None)
+        return self._run_reply(worker, spec, reply, key, kid, define)
+
+    def _serving(self, plan: _ClassPlan) -> bool:
+        """A ready worker of the class's group has imported its module and is not owned by a
+        streaming session: once it is idle, ``_run_once`` can use it."""
+        cap, domain = plan.group
+        for w in self._workers.values():
+            if (w.state == "ready" and not w.killed and w.cap_mb == cap and w.domain == domain
+                    and plan.module in w.modules and not w.dedicated):
+                return True
+        return False
+
+    async def _run_once(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope,
+                        inputs: Mapping[str, Any]) -> Any:
+        """Run a one-shot node (``_ClassPlan.oneshot``) on ``worker`` (idle, its module
+        imported): one ``run`` request creates the instance, runs ``process`` and drops it, so
+        nothing is pinned, reserved or released. The class and params travel once per worker:
+        the first request names them with a new id (``kinds``), later ones send the id only. A
+        worker that does not know an id (replaced workers start empty; a worker drops ids past
+        its bound) answers ``gone``: the id is forgotten and ``_WorkerGone`` sends the caller
+        down the general path, which creates the instance from scratch."""
+        request, key, kid, define = self._run_request(worker, spec, scope, inputs)
+        reply = await self._request(worker, request, spec, "process", 0,
+                                    self._deadline(spec, scope, None))
+        return self._run_reply(worker, spec, reply, key, kid, define)
+
+    def _run_request(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope,
+                     inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], _KindKey, int,
+                                                         tuple[str, str, str] | None]:
+        """The ``run`` request for ``worker``: with the class id it knows, else a new one and
+        the class's definition."""
+        key = (spec.entry.class_ref, spec.params_key)
+        kid = worker.kinds.get(key)
+        define: tuple[str, str, str] | None = None
+        if kid is None:
+            kid = next(self._kids)
+            define = (*spec.entry.class_ref, spec.params_key)
+        request = (RUN, kid, inputs if type(inputs) is dict else dict(inputs), spec.node_id,
+                   scope.execution_id, define, None)
+        return request, key, kid, define
+
+    def _run_reply(self, worker: _Worker, spec: NodeSpec, reply: tuple[Any, ...],
+                   key: _KindKey, kid: int, define: tuple[str, str, str] | None) -> Any:
+        if reply[0] == ERROR and reply[1] == GONE:  # is_gone(reply), inline: per request
+            worker.kinds.pop(key, None)
+        elif define is not None and reached_process(reply):
+            # The worker created the instance, so it holds the id.
+            if len(worker.kinds) >= MAX_KINDS:  # the worker keeps as many
+                worker.kinds.clear()
+            worker.kinds[key] = kid
+        return self._check_reply(worker, reply, spec, "process")

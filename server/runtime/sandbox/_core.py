@@ -1,0 +1,195 @@
+"""The sandbox runtime's settings and state, shared by its parts, and the seams between them.
+
+``SandboxRuntime`` is one object assembled from one class per concern, each built on the one
+before it: ``_Core`` (this module) <- ``_Pool`` (``_pool``: workers, their lives and deaths,
+choosing one) <- ``_Calls`` (``_calls``: a request and its reply, deadlines, one-shot ``run``
+requests) <- ``_Instances`` (``_instances``: node instances placed in workers, warm instances,
+releases) <- ``_Streaming`` (``_streaming``: stream sessions) <- ``SandboxRuntime``
+(``_runtime``: the public surface). A part calls what lies before it directly; the few calls
+that go the other way (the pool failing the call a dead worker had in flight, the reply
+callback handing a stream step to its session) are declared below and defined by the part
+that owns them. Mixins rather than composition keep the per-request path as it was: one
+object, plain attribute and method lookups, no delegation hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tensorline.server.manifest import NodeSpec
+from tensorline.server.runtime._base import ExecutionScope, LayerStatus, Runtime
+from tensorline.server.runtime.sandbox import _shm
+from tensorline.server.runtime.sandbox._launcher import Launcher
+from tensorline.server.runtime.sandbox._records import (
+    MIN_MEMORY_MB,
+    _Call,
+    _ClassPlan,
+    _Group,
+    _Worker,
+)
+
+if TYPE_CHECKING:
+    from tensorline.server.runtime.sandbox._instances import SandboxInstance
+
+
+class _Core(Runtime):
+    """Settings (the constructor's arguments) and the state every part of the runtime shares."""
+
+    def __init__(
+        self,
+        *,
+        workers: int = 2,
+        max_workers: int | None = None,
+        memory_mb_default: int = 2048,
+        domains: Sequence[str] = (),
+        workers_per_domain: int = 1,
+        cpu_seconds: float = 60.0,
+        cpu_seconds_lifetime: float = 3600.0,
+        nofile: int = 256,
+        fsize_mb: int = 1024,
+        scratch_root: str | None = None,
+        call_timeout_s: float = 300.0,
+        init_timeout_s: float = 120.0,
+        cancel_grace_s: float = 5.0,
+        start_timeout_s: float = 60.0,
+        warm_per_worker: int = 8,
+        inline_max_bytes: int = _shm.DEFAULT_INLINE_MAX,
+        max_message_bytes: int = 1 << 30,
+        namespaces: bool = True,
+        landlock: bool = True,
+        seccomp: bool = True,
+        devices: Sequence[str] = (),
+        threads: int = 64,
+        scratch_mb: int = 512,
+        read_paths: Sequence[str] = (),
+        environment: Sequence[str] = (),
+        separate_uids: bool = True,
+        max_calls: int = 0,
+        recycle_rss_mb: int | None = None,
+        probe_interval_s: float = 30.0,
+        required_layers: Sequence[str] = (),
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if memory_mb_default < MIN_MEMORY_MB:
+            raise ValueError(f"memory_mb_default must be at least {MIN_MEMORY_MB} MiB")
+        self.workers = workers
+        self.memory_mb_default = memory_mb_default
+        # Untrusted modules whose workers start with the pool (others start on first use).
+        self.domains = tuple(dict.fromkeys(domains))
+        self.workers_per_domain = max(1, workers_per_domain)
+        self._default_group: _Group = (memory_mb_default, "")
+        baseline = workers + self.workers_per_domain * len(self.domains)
+        # Room for two workers of groups started on demand (node-specific caps, other modules).
+        self.max_workers = max(max_workers if max_workers is not None else baseline + 2,
+                               baseline)
+        self.cpu_seconds = cpu_seconds
+        self.cpu_seconds_lifetime = max(cpu_seconds_lifetime, cpu_seconds * 2)
+        self.nofile = nofile
+        # Per file in the scratch dir (reply segments are memfds the server makes).
+        self.fsize_mb = fsize_mb
+        self.threads = threads
+        self.scratch_mb = scratch_mb
+        # Operator-named paths workers may read, and server environment variables they get.
+        self.extra_read_paths = tuple(read_paths)
+        self.environment = tuple(environment)
+        self.separate_uids = separate_uids
+        # Recycling: a worker is replaced after ``max_calls`` requests (0: never), when its
+        # peak RSS passes ``recycle_rss_mb`` (default: 3/4 of its cap), when it runs low on
+        # descriptors, or when an idle worker fails a probe every ``probe_interval_s``.
+        self.max_calls = max_calls
+        self.recycle_rss_mb = recycle_rss_mb
+        self.probe_interval_s = probe_interval_s
+        self._recycles = 0
+        # Layers without which untrusted code is refused (see ``_require_layers``).
+        self.required_layers = tuple(required_layers)
+        self._prober: asyncio.Task[None] | None = None
+        self._read_paths: tuple[str, ...] = ()
+        self._list_paths: tuple[str, ...] = ()
+        self._uids_usable = False
+        self.call_timeout_s = call_timeout_s
+        self.init_timeout_s = init_timeout_s
+        self.cancel_grace_s = cancel_grace_s
+        self.start_timeout_s = start_timeout_s
+        self.warm_per_worker = warm_per_worker
+        self.inline_max_bytes = inline_max_bytes
+        # Largest reply a worker may send (its segments are capped at twice this); match the
+        # server's tensor limit.
+        self.max_message_bytes = max_message_bytes
+        self._isolation = {"namespaces": namespaces, "landlock": landlock, "seccomp": seccomp}
+        # Device nodes (globs) workers may open read/write: GPU nodes run here by default.
+        self.devices = tuple(devices)
+        self._scratch_root_arg = scratch_root
+        self._scratch_root = ""
+        self._owns_scratch_root = False
+        self._workers: dict[int, _Worker] = {}
+        self._wids = itertools.count(1)
+        self._iids = itertools.count(1)
+        self._kids = itertools.count(1)
+        # By NodeEntry.class_ref: untrusted nodes have no class object in the server.
+        self._class_plans: dict[tuple[str, str], _ClassPlan] = {}
+        self._background: set[asyncio.Future[Any]] = set()
+        self._layers: list[LayerStatus] = []
+        self._launcher: Launcher | None = None
+        self._by_pid: dict[int, _Worker] = {}
+        self._started = False
+        self._closed = False
+        self._spawn_failures = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Waiters for a worker to become idle (``_pool_change``, ``_wait_for_run``); those of
+        # one-shot calls are in ``_runs`` with what ``_dispatch`` needs to send their request.
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._runs: dict[asyncio.Future[Any], tuple[_ClassPlan, NodeSpec, ExecutionScope,
+                                                    Mapping[str, Any]]] = {}
+        self._restarts = 0
+
+    # --- shared helpers -----------------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _track(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        self._background.add(future)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._background.discard(f)
+            if not f.cancelled():
+                f.exception()
+
+        future.add_done_callback(done)
+        return future
+
+    # --- seams: declared here, defined by the part named -------------------------------------
+
+    async def _request(self, worker: _Worker, request: tuple[Any, ...], spec: NodeSpec | None,
+                       during: str, iid: int, deadline: float,
+                       on_abandoned: Callable[[tuple[Any, ...]], None] | None = None,
+                       ) -> tuple[Any, ...]:
+        """(``_calls``) Send one request to ``worker`` and await its reply."""
+        raise NotImplementedError
+
+    def _finish(self, worker: _Worker, call: _Call) -> None:
+        """(``_calls``) The worker is done with ``call``: free it for the next one."""
+        raise NotImplementedError
+
+    def _death_error(self, call: _Call, cause: str) -> Exception:
+        """(``_calls``) What the call in flight on a worker that died raises."""
+        raise NotImplementedError
+
+    def _on_readable(self, worker: _Worker) -> None:
+        """(``_calls``) The reader callback of a worker's control socket."""
+        raise NotImplementedError
+
+    def _on_stream_message(self, worker: _Worker, call: _Call, message: tuple[Any, ...]) -> None:
+        """(``_streaming``) A step of a stream session ended in the worker."""
+        raise NotImplementedError
+
+    def _stream(self, instance: SandboxInstance,
+                chunks: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+        """(``_streaming``) Run a streaming node's generator in its worker."""
+        raise NotImplementedError

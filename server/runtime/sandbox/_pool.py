@@ -1,0 +1,376 @@
+"""The sandbox's worker pool: workers' lives and choosing one for a call.
+
+Workers are started through the launcher (``_spawn``, ``_start_worker``) for one group
+``(memory cap, trust domain)`` each; the groups ``start()`` started are kept at strength
+(``_replace``), others start on first use, up to ``max_workers``. The launcher reports each
+worker's exit (``_on_exit``): its call in flight fails, its record is forgotten, its scratch
+removed. A worker that is broken or worn is recycled (``_recycle``) and one that is no longer
+wanted retired (``_retire``: no new work, its cleanups run, then it ends); idle workers answer a
+probe every ``probe_interval_s``. A call gets the most recently used idle worker of its group
+(``_idle``, ``_pick``), or waits first come, first served (``_pool_change``, ``_notify``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+
+from tensorline.server._errors import ServiceUnavailable
+from tensorline.server.runtime._base import LayerStatus
+from tensorline.server.runtime.sandbox import _isolation, _shm
+from tensorline.server.runtime.sandbox._core import _Core
+from tensorline.server.runtime.sandbox._failures import _signal_name
+from tensorline.server.runtime.sandbox._messages import EXIT_REQUEST, PROBE_REQUEST
+from tensorline.server.runtime.sandbox._output import WorkerOutput
+from tensorline.server.runtime.sandbox._records import _current_node, _Group, _Worker
+from tensorline.server.runtime.sandbox._worker import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+# Workers get uids from this range when the server runs as root: one uid per worker, so file
+# permissions, signals and RLIMIT_NPROC separate workers from the server and from each other.
+WORKER_UID_BASE = 1_900_000
+WORKER_UID_COUNT = 65_536
+
+
+class _Pool(_Core):
+    """Starting, replacing, recycling, retiring and probing workers; picking an idle one."""
+
+    # --- spawning and death -------------------------------------------------------------------
+
+    async def _spawn(self, group: _Group) -> _Worker:
+        """Start a worker and wait until it is ready. The start itself is shielded: a caller
+        that gives up does not leave a half-started process behind (the worker joins the pool).
+        """
+        if self._closed:
+            raise ServiceUnavailable("the sandbox runtime is shut down")
+        task = self._track(asyncio.ensure_future(self._start_worker(group)))
+        return await asyncio.shield(task)  # type: ignore[no-any-return]
+
+    async def _start_worker(self, group: _Group) -> _Worker:
+        cap_mb, domain = group
+        loop = asyncio.get_running_loop()
+        wid = next(self._wids)
+        scratch = os.path.join(self._scratch_root, f"w{wid}")
+        os.makedirs(scratch, mode=0o700, exist_ok=True)
+        # The worker takes this uid if it can still read what it needs as it (and then owns
+        # its scratch dir); it reports the outcome as the "unprivileged uid" layer.
+        uid = WORKER_UID_BASE + wid % WORKER_UID_COUNT if self._uids_usable else None
+        worker = _Worker(wid=wid, cap_mb=cap_mb, domain=domain, scratch_dir=scratch,
+                         inline_max=self.inline_max_bytes, uid=uid)
+        worker.outbox = _shm.Outbox(inline_max=self.inline_max_bytes, name=f"tensorline-w{wid}")
+        worker.ready = loop.create_future()
+        worker.dead = loop.create_future()
+        self._workers[wid] = worker
+        config = WorkerConfig(
+            worker_id=wid,
+            limits=_isolation.Limits(memory_mb=cap_mb, cpu_seconds=self.cpu_seconds,
+                                     cpu_seconds_lifetime=self.cpu_seconds_lifetime,
+                                     nofile=self.nofile, fsize_mb=self.fsize_mb,
+                                     threads=self.threads, scratch_mb=self.scratch_mb),
+            scratch_dir=scratch,
+            inline_max=self.inline_max_bytes,
+            # Resolved here: the worker cannot look below a directory it cannot enter.
+            devices=tuple(_isolation.device_paths(self.devices)),
+            read_paths=self._read_paths,
+            list_paths=self._list_paths,
+            uid=uid,
+            recycle_rss_mb=(self.recycle_rss_mb if self.recycle_rss_mb is not None
+                            else cap_mb * 3 // 4),
+            **self._isolation,
+        )
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        output_r, output_w = os.pipe()
+        assert self._launcher is not None
+        try:
+            pid = await self._launcher.spawn(config, child, output_w)
+        except BaseException:
+            parent.close()
+            os.close(output_r)
+            self._workers.pop(wid, None)
+            shutil.rmtree(scratch, ignore_errors=True)
+            self._spawn_failures += 1
+            raise
+        finally:
+            child.close()
+            os.close(output_w)
+        worker.process_id = pid
+        with contextlib.suppress(OSError):
+            worker.pidfd = os.pidfd_open(pid)
+        self._by_pid[pid] = worker
+        worker.output = WorkerOutput(loop, output_r, wid, lambda: _current_node(worker))
+        parent.setblocking(False)
+        worker.sock = parent
+        loop.add_reader(parent.fileno(), self._on_readable, worker)
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.ready), self.start_timeout_s)
+        except BaseException as exc:
+            worker.kill("did not become ready in time" if isinstance(exc, TimeoutError) else
+                        "start abandoned")
+            self._spawn_failures += 1
+            raise
+        self._spawn_failures = 0
+        worker.last_used = self._now()
+        if self._closed:
+            worker.kill("server shutting down")
+            raise ServiceUnavailable("the sandbox runtime is shut down")
+        return worker
+
+    def _recycle(self, worker: _Worker, why: str) -> None:
+        """Replace a worker that is broken or worn before it gets another call (the call in
+        flight, if any, still completes there)."""
+        if worker.state != "ready":
+            return
+        log.warning("recycling sandbox worker %s (pid %s): %s", worker.wid, worker.pid, why)
+        self._recycles += 1
+        self._retire(worker, why)
+
+    def _misbehaved(self, worker: _Worker, what: str) -> None:
+        log.error("sandbox worker %s (pid %s) broke the protocol: %s; killing it", worker.wid,
+                  worker.pid, what)
+        worker.kill(f"worker broke the control protocol ({what})")
+
+    def _on_eof(self, worker: _Worker) -> None:
+        # The socket closes when the process exits; a worker that closed it and lives on is
+        # broken either way. SIGKILL does not change the status of an already dying process.
+        worker.eof = True
+        if worker.sock is not None and self._loop is not None:
+            self._loop.remove_reader(worker.sock.fileno())
+        worker.kill(None)
+
+    def _on_exit(self, pid: int, code: int) -> None:
+        """The launcher reaped a worker (or died, taking its workers with it)."""
+        worker = self._by_pid.pop(pid, None)
+        if worker is None or worker.state == "dead":
+            return
+        cause = self._cause(worker, code)
+        was_starting = worker.state == "starting"
+        worker.state = "dead"
+        worker.cause = cause
+        level = logging.INFO if worker.kill_reason in ("server shutting down", "retired") or (
+            self._closed) else logging.WARNING
+        log.log(level, "sandbox worker %s (pid %s, cap %d MiB) ended: %s", worker.wid,
+                worker.pid, worker.cap_mb, cause)
+        call = worker.inflight
+        if call is not None:
+            self._finish(worker, call)
+            if not call.future.done():
+                call.future.set_exception(self._death_error(call, cause))
+        # Pending warm initializations fail on their own (their request gets the death error,
+        # or _WorkerGone if it was not sent): cancelling them would look like a cancelled caller.
+        worker.warm.clear()
+        if worker.ready is not None and not worker.ready.done():
+            worker.ready.set_exception(RuntimeError(f"sandbox worker failed to start: {cause}"))
+            worker.ready.exception()
+        if worker.dead is not None and not worker.dead.done():
+            worker.dead.set_result(cause)
+        self._forget(worker)
+        if not self._closed and not was_starting:
+            self._restarts += 1
+            if worker.kill_reason != "retired":
+                self._replace(worker.group)
+        self._notify(everyone=True)
+
+    def _cause(self, worker: _Worker, code: int) -> str:
+        if worker.kill_reason is not None:
+            return worker.kill_reason
+        if code < 0:
+            sig = -code
+            if sig == signal.SIGXCPU:
+                return (f"CPU time limit exceeded (SIGXCPU): more than {self.cpu_seconds:g} s "
+                        "of CPU in one call")
+            return f"worker killed by signal {sig} ({_signal_name(sig)})"
+        if code == 70:
+            return "worker exited: the server went away"
+        return f"worker exited with status {code}"
+
+    def _forget(self, worker: _Worker) -> None:
+        loop = self._loop
+        if worker.watchdog is not None:
+            worker.watchdog.cancel()
+            worker.watchdog = None
+        if worker.sock is not None:
+            if loop is not None and not worker.eof:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(worker.sock.fileno())
+            worker.sock.close()
+            worker.sock = None
+        if worker.state == "dead":
+            if worker.pidfd >= 0:
+                os.close(worker.pidfd)
+                worker.pidfd = -1
+            if worker.output is not None:
+                worker.output.close()
+        worker.outbox.close()
+        worker.inbox.close()
+        if worker.state == "dead":
+            self._workers.pop(worker.wid, None)
+            shutil.rmtree(worker.scratch_dir, ignore_errors=True)
+
+    def _replace(self, group: _Group) -> None:
+        """Keep the groups started by ``start()`` at strength; others restart on demand."""
+        if group not in self._baseline():
+            return
+        want = self.workers if group == self._default_group else self.workers_per_domain
+        live = sum(1 for w in self._workers.values()
+                   if w.group == group and w.state in ("starting", "ready"))
+        if live >= want:
+            return
+        self._spawn_background(group)
+
+    def _baseline(self) -> list[_Group]:
+        return [self._default_group] + [(self.memory_mb_default, d) for d in self.domains]
+
+    def _spawn_background(self, group: _Group) -> None:
+        async def spawn() -> None:
+            try:
+                await self._spawn(group)
+            except Exception as exc:
+                if not self._closed:
+                    log.error("could not start a replacement sandbox worker: %s", exc)
+
+        self._track(asyncio.ensure_future(spawn()))
+
+    def _record_layers(self, worker: _Worker) -> None:
+        """A layer counts as active only when every live worker has it; changes are logged."""
+        merged: dict[str, LayerStatus] = {}
+        for w in [*(w for w in self._workers.values() if w.alive and w is not worker), worker]:
+            for name, active, detail in w.layers:
+                known = merged.get(name)
+                if known is None or (known.active and not active):
+                    merged[name] = LayerStatus(name, active, detail)
+        layers = list(merged.values())
+        if layers != self._layers:
+            for layer in layers:
+                if layer not in self._layers:
+                    log.log(logging.INFO if layer.active else logging.WARNING,
+                            "sandbox layer %s: %s (%s)", layer.name,
+                            "active" if layer.active else "NOT ACTIVE", layer.detail)
+            self._layers = layers
+
+    def _retire(self, worker: _Worker, why: str, *, replace: bool = True) -> None:
+        """Stop giving the worker new work; end it (running its cleanups) once it is idle."""
+        if worker.state != "ready":
+            return
+        worker.state = "retiring"
+        worker.kill_reason = "retired"
+        log.info("retiring sandbox worker %s: %s", worker.wid, why)
+
+        async def retire() -> None:
+            with contextlib.suppress(Exception):
+                await self._request(worker, EXIT_REQUEST, None, "cleanup", 0,
+                                    self._now() + self.cancel_grace_s)
+            worker.kill("retired")
+
+        self._track(asyncio.ensure_future(retire()))
+        if replace:
+            self._replace(worker.group)
+
+    async def _probe_idle_workers(self) -> None:
+        """Every ``probe_interval_s``, each worker idle that long answers a probe (and checks its
+        own health before it does, see ``_worker._check_health``); one that does not answer
+        within ``cancel_grace_s`` is killed and replaced like any call past its deadline."""
+        while not self._closed:
+            await asyncio.sleep(self.probe_interval_s)
+            now = self._now()
+            for worker in list(self._workers.values()):
+                if (worker.state == "ready" and not worker.killed and worker.queued == 0
+                        and worker.reserved == 0 and not worker.dedicated
+                        and now - worker.last_used >= self.probe_interval_s):
+                    self._track(asyncio.ensure_future(self._probe(worker)))
+
+    async def _probe(self, worker: _Worker) -> None:
+        with contextlib.suppress(Exception):
+            await self._request(worker, PROBE_REQUEST, None, "probe", 0,
+                                 self._now() + self.cancel_grace_s)
+
+    # --- choosing a worker --------------------------------------------------------------------
+
+    async def _pick(self, group: _Group, exclusive: bool = False) -> _Worker:
+        """An idle worker of ``group``; ``exclusive`` (a streaming instance, which may hold
+        its worker for a whole session): one hosting no other instance, else a new worker
+        (within ``max_workers``), else wait for one to free up."""
+        while True:
+            if self._closed:
+                raise ServiceUnavailable("the sandbox runtime is shut down")
+            if not exclusive and (idle_worker := self._idle(group)) is not None:
+                return idle_worker
+            ready = [w for w in self._workers.values() if w.state == "ready" and not w.killed
+                     and w.group == group and not w.dedicated]
+            if exclusive:
+                ready = [w for w in ready if not w.pinned]
+                live = [w for w in self._workers.values() if w.state != "dead"]
+                coming = any(w.state == "starting" and w.group == group for w in live)
+                if len(live) < self.max_workers and not coming and not [
+                        w for w in ready if w.queued == 0 and w.reserved == 0]:
+                    return await self._spawn(group)
+            if ready:
+                idle = [w for w in ready if w.queued == 0 and w.reserved == 0]
+                if idle:
+                    return max(idle, key=lambda w: w.last_used)  # as in ``_idle``
+                # All busy: wait for the first to free up rather than queue behind one that may
+                # be stuck in a long call.
+                await self._pool_change()
+                continue
+            starting = [w for w in self._workers.values() if w.state == "starting"
+                        and w.group == group and w.ready is not None]
+            if starting:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(starting[0].ready)  # type: ignore[arg-type]
+                continue
+            live = [w for w in self._workers.values() if w.state != "dead"]
+            if len(live) >= self.max_workers and any(
+                    w.state == "ready" and w.group == group for w in live):
+                # The group's workers are all owned by streaming sessions (or, for an exclusive
+                # pick, host other instances): wait for one rather than exceed the limit.
+                await self._pool_change()
+                continue
+            if len(live) >= self.max_workers:
+                idle = [w for w in live if w.state == "ready" and w.group != group
+                        and not w.pinned and not w.lock.locked() and w.reserved == 0]
+                if idle:
+                    self._retire(min(idle, key=lambda w: w.last_used),
+                                 f"making room for a worker of group {group}", replace=False)
+            return await self._spawn(group)
+
+    def _idle(self, group: _Group) -> _Worker | None:
+        """The most recently used idle worker of ``group``, if any: at low concurrency the same
+        worker keeps serving, with its caches warm (measured faster than spreading calls)."""
+        cap, domain = group
+        best: _Worker | None = None
+        for w in self._workers.values():
+            if (w.state == "ready" and not w.killed and w.queued == 0 and w.reserved == 0
+                    and w.cap_mb == cap
+                    and w.domain == domain and not (w.exclusive and w.dedicated)
+                    and (best is None or w.last_used > best.last_used)):
+                best = w
+        return best
+
+    async def _pool_change(self) -> None:
+        """Wait (first come, first served) until a worker becomes idle, ready or dead."""
+        assert self._loop is not None
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._notify()  # pass on the wake-up this cancelled waiter consumed
+            raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def _notify(self, everyone: bool = False) -> None:
+        """Wake the longest waiter (a worker became idle: one can use it), or all of them."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
