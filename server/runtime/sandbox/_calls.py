@@ -127,7 +127,7 @@ class _Calls(_Pool):
         if message[0] == READY and worker.state == "starting":
             try:
                 worker.layers = [(str(n), bool(a), str(d)) for n, a, d in message[1]]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, IndexError):
                 self._misbehaved(worker, "malformed ready message")
                 return
             worker.state = "ready"
@@ -157,8 +157,10 @@ class _Calls(_Pool):
         if call.streaming and message[0] in (NEED, OUT):
             self._on_stream_message(worker, call, message)
             return
-        if len(message) >= 3 and isinstance(message[-1], float | int):
-            worker.cpu_used = float(message[-1])
+        # The CPU reading: last in an "ok" reply, before ``during`` in an "error" one.
+        cpu = message[4] if message[0] == ERROR and len(message) == 6 else message[-1]
+        if len(message) >= 3 and isinstance(cpu, float | int) and not isinstance(cpu, bool):
+            worker.cpu_used = float(cpu)
         self._finish(worker, call)
         if not call.future.done():
             call.future.set_result(message)
@@ -166,14 +168,18 @@ class _Calls(_Pool):
             call.on_abandoned(message)
 
     def _grant_segment(self, worker: _Worker, size: int) -> None:
-        """A worker's reply needs a larger segment; it may not make memfds itself."""
+        """A worker's reply needs a larger segment; it may not make memfds itself. Grants only
+        grow (as a worker's own segment does): a worker that keeps the fds of earlier grants and
+        writes into them unmapped (memory no rlimit counts) holds less than twice the largest
+        message in all."""
         sock = worker.sock
         if sock is None:
             return
-        if not 0 < size <= self.max_message_bytes * 2:
+        if not worker.granted < size <= self.max_message_bytes * 2:
             with contextlib.suppress(OSError):
                 sock.send(SEGMENT_REFUSED)
             return
+        worker.granted = size
         fd = _shm.new_segment_fd(size, f"tensorline-w{worker.wid}-out")
         try:
             sock.sendmsg([SEGMENT_GRANTED], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,

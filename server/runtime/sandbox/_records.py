@@ -160,6 +160,8 @@ class _Worker:
     killed: bool = False
     # Requests answered (see ``SandboxRuntime.max_calls``).
     calls: int = 0
+    # The largest reply segment granted to the worker so far (see ``_Calls._grant_segment``).
+    granted: int = 0
     # Sent "exit": nothing else may follow (the request would go to a worker that is leaving).
     exiting: bool = False
     cause: str = ""
