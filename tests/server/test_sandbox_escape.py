@@ -109,6 +109,7 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 READS = ["/etc/shadow", "{secret}", "/proc/{server}/environ", "/proc/{server}/cmdline",
+         "/proc/{server}/mem", "/proc/{server}/maps", "/proc/{server}/fd/0",
          "/proc/{server}/root/etc/shadow", "/proc/self/root/etc/shadow",
          "/proc/self/cwd/../../../../etc/shadow", "/proc/1/environ", "/root/.bash_history"]
 
