@@ -5,11 +5,13 @@ which ships them: no cluster, no network) of pinned Kubernetes versions, strictl
 are errors, so a misspelt probe is not silently ignored by the check either). On top of that,
 Kubernetes manifests, docker-compose.yml and the Dockerfile are checked for the fields the
 deployment depends on (probes, no /dev/shm, drain timing, non-root user, selectors); every
-``TENSORLINE_*`` variable they set must be a real server setting; nginx.conf passes ``nginx -t``.
+``TENSORLINE_*`` variable they set must be a real server setting; nginx.conf passes ``nginx -t``
+and haproxy.cfg ``haproxy -c``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +24,8 @@ import yaml
 from kubernetes_validate.utils import all_versions
 
 from tensorline.server import Settings
+from tests.support.haproxy import SERVING_MESSAGE, grpc_health_check_bytes, haproxy_binary
+from tests.support.haproxy import render_config as render_haproxy
 from tests.support.processes import REPO_ROOT, free_port
 
 DOCKER = REPO_ROOT / "docker"
@@ -274,3 +278,33 @@ def test_nginx_conf_is_valid(tmp_path: Path) -> None:
                              "-e", str(tmp_path / "error.log")],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_haproxy_cfg_balances_the_compose_replicas_and_is_valid(tmp_path: Path) -> None:
+    text = (DOCKER / "haproxy.cfg").read_text()
+    services = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())["services"]
+    replicas = sorted(name for name in services if name.startswith("tensorline-"))
+    servers = re.findall(r"^\s*server\s+(\S+)\s+([\w.-]+):50051\s*$", text, re.MULTILINE)
+    assert sorted(host for _, host in servers) == replicas
+    assert re.search(r"^\s*bind\s+:50051\s+proto h2$", text, re.MULTILINE)
+    assert re.search(r"^\s*default-server\s+proto h2\s+check\s+check-proto none\b", text,
+                     re.MULTILINE)
+    # The health check's bytes are the gRPC Health/Check call the support module builds.
+    sent = re.search(r"^\s*tcp-check send-binary ([0-9a-f]+)$", text, re.MULTILINE)
+    assert sent and bytes.fromhex(sent[1]) == grpc_health_check_bytes()
+    assert re.search(rf"^\s*tcp-check expect binary {SERVING_MESSAGE}$", text, re.MULTILINE)
+
+    haproxy = haproxy_binary()
+    if haproxy is None:
+        # .ci/run installs it: a CI machine without it is a broken CI machine, not a skip.
+        assert os.environ.get("CI", "").lower() not in ("1", "true", "yes"), "haproxy missing"
+        pytest.skip("haproxy is not installed (apt-get install -y haproxy)")
+    # The compose hostnames do not resolve here: the test's rendering puts loopback in their
+    # place; everything else is the file as shipped.
+    conf = tmp_path / "haproxy.cfg"
+    conf.write_text(render_haproxy([f"127.0.0.1:{free_port()}" for _ in replicas],
+                                   listen=f"127.0.0.1:{free_port()}",
+                                   admin_socket=tmp_path / "admin.sock"))
+    result = subprocess.run([haproxy, "-c", "-f", str(conf)], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
