@@ -412,7 +412,7 @@ class _Calls(_Pool):
     # --- one-shot run requests ----------------------------------------------------------------
 
     async def _wait_for_run(self, plan: _ClassPlan, spec: NodeSpec, scope: ExecutionScope,
-                            inputs: Mapping[str, Any]) -> _Started | None:
+                            inputs: Mapping[str, Any], again: bool = False) -> _Started | None:
         """Wait for an idle worker like ``_pool_change`` (in the caller's line, round robin
         with the other callers; bounded by the call's deadline: then ``LimitExceeded``). The
         reply callback that frees a worker sends this call's request at once when its turn has
@@ -420,7 +420,7 @@ class _Calls(_Pool):
         loop = self._loop
         assert loop is not None
         waiter: asyncio.Future[Any] = loop.create_future()
-        self._line(plan.group).add(scope.caller or scope.execution_id, waiter)
+        self._line(plan.group).add(scope.caller or scope.execution_id, waiter, again)
         self._runs[waiter] = (plan, spec, scope, inputs)
         began = loop.time()
         timer = loop.call_at(self._wait_deadline(self._deadline(spec, scope, None)), _expire,

@@ -140,6 +140,8 @@ class _Core(Runtime):
         self._layers: list[LayerStatus] = []
         self._launcher: Launcher | None = None
         self._by_pid: dict[int, _Worker] = {}
+        # Workers asked for whose start has not registered them yet (see ``_spawn``).
+        self._pending: dict[_Group, int] = {}
         self._started = False
         self._closed = False
         self._spawn_failures = 0

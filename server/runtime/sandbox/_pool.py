@@ -53,13 +53,19 @@ class _Pool(_Core):
         """Start a worker and wait until it is ready. The start itself is shielded: a caller
         that gives up does not leave a half-started process behind (the worker joins the pool).
         """
+        return await asyncio.shield(self._start(group))
+
+    def _start(self, group: _Group) -> asyncio.Future[_Worker]:
         if self._closed:
             raise ServiceUnavailable("the sandbox runtime is shut down")
-        task = self._track(asyncio.ensure_future(self._start_worker(group)))
-        return await asyncio.shield(task)  # type: ignore[no-any-return]
+        # Counted at once, until the task registers the worker (a loop iteration later): the
+        # pool's size must include it, or every waiter in between would grow the pool again.
+        self._pending[group] = self._pending.get(group, 0) + 1
+        return self._track(asyncio.ensure_future(self._start_worker(group)))
 
     async def _start_worker(self, group: _Group) -> _Worker:
         cap_mb, domain = group
+        self._pending[group] -= 1
         loop = asyncio.get_running_loop()
         wid = next(self._wids)
         scratch = os.path.join(self._scratch_root, f"w{wid}")
@@ -233,14 +239,13 @@ class _Pool(_Core):
         return [self._default_group] + [(self.memory_mb_default, d) for d in self.domains]
 
     def _spawn_background(self, group: _Group) -> None:
-        async def spawn() -> None:
-            try:
-                await self._spawn(group)
-            except Exception as exc:
-                if not self._closed:
-                    log.error("could not start a replacement sandbox worker: %s", exc)
+        def started(task: asyncio.Future[_Worker]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None and (
+                    not self._closed):
+                log.error("could not start a sandbox worker for pool %s: %s",
+                          self._pool_name(group), exc)
 
-        self._track(asyncio.ensure_future(spawn()))
+        self._start(group).add_done_callback(started)
 
     def _record_layers(self, worker: _Worker) -> None:
         """A layer counts as active only when every live worker has it; changes are logged."""
@@ -325,7 +330,8 @@ class _Pool(_Core):
         """Workers of ``domain`` that count against ``max_workers`` (starting or serving, not
         owned by a streaming session)."""
         return sum(1 for w in self._workers.values() if w.domain == domain
-                   and w.state in ("starting", "ready") and not w.killed and not w.dedicated)
+                   and w.state in ("starting", "ready") and not w.killed and not w.dedicated
+                   ) + sum(n for g, n in self._pending.items() if g[1] == domain)
 
     def _grow(self, group: _Group) -> bool:
         """A call of ``group`` found every worker busy: start one more in the background when
@@ -333,6 +339,8 @@ class _Pool(_Core):
         next waiter grows it again once this one is ready). True if one is coming."""
         if self._closed:
             return False
+        if self._pending.get(group):
+            return True
         for w in self._workers.values():
             if w.state == "starting" and w.group == group:
                 return True
@@ -361,6 +369,7 @@ class _Pool(_Core):
         """
         began = self._now() if self._loop is not None else 0.0
         expire = None if deadline is None else self._wait_deadline(deadline)
+        again = False
         while True:
             if self._closed:
                 raise ServiceUnavailable("the sandbox runtime is shut down")
@@ -396,7 +405,8 @@ class _Pool(_Core):
                                  replace=False)
                     return await self._spawn(group)
             await self._pool_change(group, caller, expire, lambda: self._exhausted(
-                spec, group, self._now() - began, "every worker stayed busy"))
+                spec, group, self._now() - began, "every worker stayed busy"), again)
+            again = True
 
     def _idle(self, group: _Group) -> _Worker | None:
         """The most recently used idle worker of ``group``, if any: at low concurrency the same
@@ -412,12 +422,13 @@ class _Pool(_Core):
         return best
 
     async def _pool_change(self, group: _Group, caller: str = "", expire: float | None = None,
-                           refusal: Callable[[], Exception] | None = None) -> None:
+                           refusal: Callable[[], Exception] | None = None,
+                           again: bool = False) -> None:
         """Wait (in ``caller``'s line of ``group``, see ``_Waiters``) until a worker becomes
         idle, ready or dead; past ``expire`` (loop time) raise ``refusal()``."""
         assert self._loop is not None
         waiter: asyncio.Future[None] = self._loop.create_future()
-        self._line(group).add(caller, waiter)
+        self._line(group).add(caller, waiter, again)
         timer = None
         if expire is not None and refusal is not None:
             timer = self._loop.call_at(expire, _expire, waiter, refusal)

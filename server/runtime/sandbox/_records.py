@@ -116,11 +116,18 @@ class _Waiters:
     def __bool__(self) -> bool:
         return self.first() is not None
 
-    def add(self, caller: str, waiter: asyncio.Future[Any]) -> None:
+    def add(self, caller: str, waiter: asyncio.Future[Any], again: bool = False) -> None:
+        """``again``: a waiter that was woken but found the worker taken by the time it ran
+        keeps its place (front of its line, its line first in the round), or a caller's cheap
+        call would lose its turn to the flood it was let ahead of."""
         line = self._lines.get(caller)
         if line is None:
             line = self._lines[caller] = deque()
-        line.append(waiter)
+        if again:
+            line.appendleft(waiter)
+            self._lines.move_to_end(caller, last=False)
+        else:
+            line.append(waiter)
 
     def first(self) -> asyncio.Future[Any] | None:
         """The waiter whose turn it is (left in place)."""

@@ -265,6 +265,7 @@ class SandboxRuntime(_Streaming):
         plan = self._class_plan(spec.entry)
         self._require_layers(plan.group[1], f"node '{spec.node_id}' ({spec.node_type})")
         if plan.oneshot:
+            again = False
             while True:
                 worker = self._idle(plan.group)
                 if worker is None:
@@ -276,9 +277,10 @@ class SandboxRuntime(_Streaming):
                     # call's request at once.
                     self._grow(plan.group)
                     try:
-                        started = await self._wait_for_run(plan, spec, scope, inputs)
+                        started = await self._wait_for_run(plan, spec, scope, inputs, again)
                         if started is None:
                             self._check_open()
+                            again = True
                             continue
                         if spec.timeout_s is None:
                             return await self._run_dispatched(started, spec)
