@@ -69,6 +69,7 @@ class SandboxRuntime(_Streaming):
         else:
             self._scratch_root = os.path.join(tempfile.gettempdir(),
                                               f"tensorline-sandbox-{os.getpid()}")
+        _remove_stale_scratch(os.path.dirname(self._scratch_root))
         os.makedirs(self._scratch_root, mode=0o700, exist_ok=True)
         self._owns_scratch_root = True
         self._read_paths, self._list_paths = _paths.worker_paths(self.extra_read_paths)
@@ -352,3 +353,20 @@ class SandboxRuntime(_Streaming):
             return
         assert isinstance(instance, SandboxInstance)
         self._release_now(instance)
+
+
+def _remove_stale_scratch(root: str) -> None:
+    """Remove the scratch roots of servers that died without cleaning up (SIGKILL), and only
+    those: a ``tensorline-sandbox-<pid>`` whose pid is no longer alive."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            prefix, _, pid = name.rpartition("-")
+            if prefix != "tensorline-sandbox" or not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                log.info("removing the scratch dir of a dead server: %s", name)
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            except OSError:
+                pass  # alive (another user's): not ours to remove
