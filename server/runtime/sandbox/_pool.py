@@ -136,7 +136,7 @@ class _Pool(_Core):
     def _recycle(self, worker: _Worker, why: str) -> None:
         """Replace a worker that is broken or worn before it gets another call (the call in
         flight, if any, still completes there)."""
-        if worker.state != "ready":
+        if worker.state != "ready" or self._closed:
             return
         log.warning("recycling sandbox worker %s (pid %s): %s", worker.wid, worker.pid, why)
         self._recycles += 1
@@ -226,7 +226,7 @@ class _Pool(_Core):
 
     def _replace(self, group: _Group) -> None:
         """Keep the groups started by ``start()`` at strength; others restart on demand."""
-        if group not in self._baseline():
+        if self._closed or group not in self._baseline():
             return
         want = self.workers if group == self._default_group else self.workers_per_domain
         live = sum(1 for w in self._workers.values()
@@ -245,7 +245,8 @@ class _Pool(_Core):
                 log.error("could not start a sandbox worker for pool %s: %s",
                           self._pool_name(group), exc)
 
-        self._start(group).add_done_callback(started)
+        if not self._closed:  # called from loop callbacks: must not raise
+            self._start(group).add_done_callback(started)
 
     def _record_layers(self, worker: _Worker) -> None:
         """A layer counts as active only when every live worker has it; changes are logged."""
