@@ -206,7 +206,10 @@ def run(
         raise _report_error(exc) from None
     print_result(result)
     if output:
-        write_outputs(output, result.outputs)
+        try:
+            write_outputs(output, result.outputs)
+        except (OSError, ValueError) as exc:
+            raise _fail(str(exc)) from None
         console.print(f"wrote {output}")
 
 
