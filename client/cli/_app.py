@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,10 +75,16 @@ def _module_not_found(exc: ModuleNotFoundError, modules: list[str]) -> str:
 
 def _report_error(exc: TensorlineError) -> typer.Exit:
     errors.print(f"[red]{type(exc).__name__}[/red] ({exc.code.name if exc.code else '-'}): "
-                 f"{exc.message}", highlight=False)
-    for violation in exc.violations:
-        errors.print(f"  - {violation.field}: {violation.description}", highlight=False)
+                 f"{escape(exc.message)}", highlight=False, soft_wrap=True)
+    _print_violations(exc.violations)
     return typer.Exit(1)
+
+
+def _print_violations(violations: Sequence[Any]) -> None:
+    """One line per problem (``field: description``), however narrow the terminal."""
+    for violation in violations:
+        errors.print(f"  - {escape(violation.field)}: {escape(violation.description)}",
+                     highlight=False, soft_wrap=True)
 
 
 def print_result(result: ExecuteResult) -> None:
@@ -239,9 +246,9 @@ def validate(
     try:
         plan = compile_manifest(data, registry, Selector(sandbox_available=True))
     except RequestInvalid as exc:
-        errors.print(f"[red]{manifest}: {len(exc.violations)} problem(s)[/red]")
-        for v in exc.violations:
-            errors.print(f"  - {v.field}: {v.description}", highlight=False)
+        errors.print(f"[red]{escape(str(manifest))}: {len(exc.violations)} problem(s)[/red]",
+                     soft_wrap=True)
+        _print_violations(exc.violations)
         raise typer.Exit(1) from None
     except TensorlineServerError as exc:
         raise _fail(exc.message) from None

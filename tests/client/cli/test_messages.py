@@ -191,3 +191,29 @@ def test_json_logs_and_ctrl_c_print_only_json(tmp_path: Path) -> None:
     messages = [entry["message"] for entry in entries]
     assert any(m.startswith("tensorline listening on 127.0.0.1:") for m in messages)
     assert "drained; exiting" in messages
+
+
+def test_validate_reports_every_problem_once_per_line(tmp_path: Path) -> None:
+    """A top-level typo and a node-field typo hide nothing and invent nothing: one line per
+    real problem, however narrow the terminal (COLUMNS=80)."""
+    (tmp_path / "typo.yaml").write_text(
+        "version: v1\n"
+        "nodes:\n"
+        "  - {id: src, node_typ: PassThrough}\n"
+        "  - {id: s, node_type: Scale, params: {factr: 2}}\n"
+        "conections: []\n"
+        "connections:\n"
+        "  - {from: src, to: s}\n"
+        "  - {from: s, to: ghost}\n")
+    result = tensorline("validate", "typo.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = error_lines(result)
+    # (After the catalogue's own warnings, such as an optional dependency not installed.)
+    assert lines[lines.index("typo.yaml: 5 problem(s)"):] == [
+        "typo.yaml: 5 problem(s)",
+        "  - conections: unknown field 'conections' (did you mean 'connections'?)",
+        "  - nodes[0].node_type: Field required",
+        "  - nodes[0].node_typ: unknown field 'node_typ' (did you mean 'node_type'?)",
+        "  - nodes[1].params.factr: node 's': unknown field 'factr' (did you mean 'factor'?)",
+        "  - connections[1].to: no node 'ghost'",
+    ]
