@@ -74,7 +74,11 @@ class Settings(BaseSettings):
     sandbox: bool = Field(True, description="run the sandboxed worker pool")
     sandbox_workers: int = Field(2, ge=1, description="worker processes started up front")
     sandbox_max_workers: int | None = Field(
-        None, ge=1, description="worker processes at most (default: workers + 2)")
+        None, ge=1, description="worker processes each trust domain's pool grows to on demand "
+                                "(as many more for streaming sessions; default: workers + 2)")
+    sandbox_idle_s: float = Field(
+        60.0, ge=0, description="retire workers the pool grew for after this long idle "
+                                "(0 = never)")
     sandbox_memory_mb: int = Field(
         2048, ge=256, description="default memory cap of a worker (RLIMIT_DATA, RLIMIT_AS), MiB")
     sandbox_cpu_seconds: float = Field(60.0, gt=0, description="CPU seconds one call may use")

@@ -40,6 +40,9 @@ class ExecutionScope:
     request_id: str = ""
     # Absolute loop time by which the execution must end (None = no deadline).
     deadline: float | None = None
+    # Who asked (the peer, or the authenticated principal): the sandbox serves waiting callers
+    # round robin by it; empty means each execution is a caller of its own.
+    caller: str = ""
     # "on_event": (node_id, kind, message, progress) -> None, callable from any thread; a
     # runtime hands it to the node's context (``NodeContext.report``) for streaming sessions.
     extra: dict[str, Any] = field(default_factory=dict)

@@ -98,6 +98,7 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
             max_calls=settings.sandbox_max_calls,
             recycle_rss_mb=settings.sandbox_recycle_rss_mb,
             probe_interval_s=settings.sandbox_probe_interval_s,
+            idle_s=settings.sandbox_idle_s,
             required_layers=settings.sandbox_required_layers,
         )
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,

@@ -44,9 +44,12 @@ def scope_for(context: Context, execution_id: str) -> ExecutionScope:
     remaining = context.time_remaining()
     deadline = None
     if remaining is not None:
-        deadline = asyncio.get_running_loop().time() + remaining
+        # A little before the client's own deadline: the server's DEADLINE_EXCEEDED, which
+        # names the node that ran out of time, must reach the client before the client's
+        # deadline turns it into a bare "Deadline Exceeded" (and gRPC cancels this handler).
+        deadline = asyncio.get_running_loop().time() + remaining - min(0.2, remaining * 0.05)
     return ExecutionScope(execution_id=execution_id, request_id=request_id_var.get(),
-                          deadline=deadline)
+                          deadline=deadline, caller=context.peer() or "")
 
 
 class PipelineService:

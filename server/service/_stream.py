@@ -69,6 +69,12 @@ COALESCE_COUNT = 64
 MAX_QUEUE_SIZE = 1024
 # After a failure, how long the client gets to stop sending before the call ends anyway.
 ERROR_GRACE_S = 5.0
+# After the final message of a session the client closed, how long the call waits for the
+# client's half-close before ending. Trailers that overtake the half-close make grpc reset the
+# stream (RST_STREAM NO_ERROR, RFC 9113 8.1), which HAProxy passes on to the client as CANCEL
+# (haproxy/haproxy#1219): a stream that completed would fail at the client. Our client
+# half-closes right after its close message, so this is one round trip in practice.
+HALF_CLOSE_GRACE_S = 2.0
 
 
 def stream_node_metrics(report: NodeReport) -> pb.NodeMetrics:
@@ -182,8 +188,10 @@ def _invalid(request: DecodedStreamRequest) -> RequestInvalid:
     return RequestInvalid(request.violations, "invalid stream message")
 
 
-async def _read(session: StreamSession, context: Context) -> str:
-    """Feed client chunks into the session; returns "close" or "cancel:<reason>"."""
+async def _read(session: StreamSession, context: Context,
+                client_closed: asyncio.Event | None = None) -> str:
+    """Feed client chunks into the session; returns "close" or "cancel:<reason>".
+    ``client_closed`` is set on the client's close message."""
     while True:
         request: Any = await context.read()
         if request is grpc.aio.EOF:
@@ -198,6 +206,11 @@ async def _read(session: StreamSession, context: Context) -> str:
             await session.send(chunk.sequence, item.node_id, item.port, item.value)
         elif kind == "close":
             session.end_input()
+            if client_closed is not None:
+                client_closed.set()
+            # On to the half-close (see HALF_CLOSE_GRACE_S); nothing may follow a close.
+            while await context.read() is not grpc.aio.EOF:
+                pass
             return "close"
         elif kind == "cancel":
             return "cancel:" + str(request.cancel_reason)
@@ -294,7 +307,8 @@ class StreamHandler:
                     writer.result()
                 starting.result()
                 runner = asyncio.ensure_future(session.run())
-                reader = asyncio.ensure_future(_read(session, context))
+                client_closed = asyncio.Event()
+                reader = asyncio.ensure_future(_read(session, context, client_closed))
                 tasks += [runner, reader]
                 pending: set[asyncio.Task[Any]] = {runner, reader, writer}
                 while not writer.done():
@@ -306,6 +320,8 @@ class StreamHandler:
                             reason = reader.result()[len("cancel:"):]
                             raise SessionCancelled("stream cancelled by the client"
                                                    + (f": {reason}" if reason else ""))
+                if client_closed.is_set() and not reader.done():
+                    await asyncio.wait({reader}, timeout=HALF_CLOSE_GRACE_S)
         except TimeoutError:
             raise DeadlineExceeded("deadline exceeded during the stream session") from None
         except (SessionCancelled, DeadlineExceeded):

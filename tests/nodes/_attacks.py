@@ -111,6 +111,13 @@ def forge_log(node: Attacker) -> Any:
     return "truncated"
 
 
+def flood_output(node: Attacker) -> Any:
+    """``count`` lines on stdout, as fast as it can: the server's log must not take them all."""
+    for index in range(node.params.count):
+        print(f"FLOOD-LINE {index}")
+    return "flooded"
+
+
 def garbage_on_control_socket(node: Attacker) -> Any:
     os.write(3, b"\x00garbage that is not a framed message")
     return "sent"
@@ -214,7 +221,7 @@ def fork(node: Attacker) -> Any:
 
 ATTACKS: dict[str, Callable[[Attacker], Any]] = {
     fn.__name__: fn for fn in (
-        environ, read, listdir, fds, write_fds, forge_log, garbage_on_control_socket,
+        environ, read, listdir, fds, write_fds, forge_log, flood_output, garbage_on_control_socket,
         mmap_shared, memfds, sysv_shm, private_memory, dev_shm, fill_scratch,
         fill_scratch_small_files, threads, leak_fds, fork)
 }

@@ -109,6 +109,7 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 READS = ["/etc/shadow", "{secret}", "/proc/{server}/environ", "/proc/{server}/cmdline",
+         "/proc/{server}/mem", "/proc/{server}/maps", "/proc/{server}/fd/0",
          "/proc/{server}/root/etc/shadow", "/proc/self/root/etc/shadow",
          "/proc/self/cwd/../../../../etc/shadow", "/proc/1/environ", "/root/.bash_history"]
 
@@ -205,6 +206,16 @@ def test_the_server_log_cannot_be_forged_or_truncated(served: tuple[ServerProces
     assert len(log) >= size_before and "tensorline serving on port" in log
     forged = [line for line in log.splitlines() if "FORGED-LINE" in line]
     assert forged and all("sandbox worker" in line and "(node bad)" in line for line in forged)
+
+
+def test_a_flood_of_output_is_rate_limited_in_the_log(served: tuple[ServerProcess, Client]) -> None:
+    server, _ = served
+    look(served, "untrusted", "flood_output", count=3000)
+    wait_until(lambda: "output lines dropped" in server.logs(), timeout=10.0,
+               what="the dropped lines to be counted in the log")
+    logged = sum(1 for line in server.logs().splitlines() if "FLOOD-LINE" in line)
+    # A burst of 200, then 50 a second: far fewer than the 3,000 printed.
+    assert 0 < logged < 1000, logged
 
 
 def test_garbage_on_the_control_socket_ends_only_that_worker(

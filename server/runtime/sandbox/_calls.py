@@ -57,7 +57,7 @@ from tensorline.server.runtime.sandbox._messages import (
     reached_process,
     with_releases,
 )
-from tensorline.server.runtime.sandbox._pool import _Pool
+from tensorline.server.runtime.sandbox._pool import _expire, _Pool
 from tensorline.server.runtime.sandbox._records import (
     _NO_SPEC,
     MIN_MEMORY_MB,
@@ -324,7 +324,7 @@ class _Calls(_Pool):
             self._recycle(worker, f"served {worker.calls} calls")
         worker.lock.release()
         if worker.queued == 0 and not self._dispatch(worker):
-            self._notify()
+            self._notify(worker.group)
 
     def _watch(self, worker: _Worker, deadline: float) -> None:
         """Make the worker's watchdog fire by ``deadline``. One timer serves call after call:
@@ -352,7 +352,14 @@ class _Calls(_Pool):
         if worker.inflight is not call:
             return
         if call.abandoned:
-            worker.kill(f"did not stop within {self.cancel_grace_s:g} s of being cancelled")
+            # Say what happened: the grace ran out, or the call's own deadline came first (a
+            # client deadline cancels the call and kills it at once, not 5 s later).
+            after = self._now() - call.abandoned_at
+            if after >= self.cancel_grace_s - 0.01:
+                worker.kill(f"did not stop within {self.cancel_grace_s:g} s of being cancelled")
+            else:
+                worker.kill(f"deadline reached {after * 1000:.0f} ms after the call was "
+                            "cancelled, still running")
         else:
             call.deadline_hit = True
             worker.kill("deadline exceeded")
@@ -360,6 +367,7 @@ class _Calls(_Pool):
     def _abandon(self, worker: _Worker, call: _Call) -> None:
         """The caller went away: ask the worker to stop, kill it if it does not in time."""
         call.abandoned = True
+        call.abandoned_at = self._now()
         worker.signal(signal.SIGUSR1)
         assert self._loop is not None
         if call.timer is not None:
@@ -406,43 +414,51 @@ class _Calls(_Pool):
     # --- one-shot run requests ----------------------------------------------------------------
 
     async def _wait_for_run(self, plan: _ClassPlan, spec: NodeSpec, scope: ExecutionScope,
-                            inputs: Mapping[str, Any]) -> _Started | None:
-        """Wait for an idle worker like ``_pool_change`` (first come, first served with the
-        other waiters). The reply callback that frees a worker sends this call's request at
-        once when it is first in line (``_dispatch``): then the call in flight is returned;
-        None means "look again"."""
-        assert self._loop is not None
-        waiter: asyncio.Future[Any] = self._loop.create_future()
-        self._waiters.append(waiter)
+                            inputs: Mapping[str, Any], again: bool = False) -> _Started | None:
+        """Wait for an idle worker like ``_pool_change`` (in the caller's line, round robin
+        with the other callers; bounded by the call's deadline: then ``LimitExceeded``). The
+        reply callback that frees a worker sends this call's request at once when its turn has
+        come (``_dispatch``): then the call in flight is returned; None means "look again"."""
+        loop = self._loop
+        assert loop is not None
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self._line(plan.group).add(scope.caller or scope.execution_id, waiter, again)
         self._runs[waiter] = (plan, spec, scope, inputs)
+        began = loop.time()
+        timer = loop.call_at(self._wait_deadline(self._deadline(spec, scope, None)), _expire,
+                             waiter, lambda: self._exhausted(spec, plan.group,
+                                                             loop.time() - began,
+                                                             "every worker stayed busy"))
         try:
             started: _Started | None = await waiter
             return started
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 if waiter.result() is None:
-                    self._notify()  # pass on the wake-up this cancelled waiter consumed
+                    self._notify(plan.group)  # pass on the wake-up this cancelled waiter consumed
                 else:
                     worker, call = waiter.result()[:2]
                     if not call.finished:
                         self._abandon(worker, call)
             raise
         finally:
+            timer.cancel()
             self._runs.pop(waiter, None)
             if not waiter.done():
                 waiter.cancel()
 
     def _dispatch(self, worker: _Worker) -> bool:
-        """``worker`` just became idle: when the longest waiter is a one-shot call it can
-        serve, send that call's request now, from the callback that freed the worker (no loop
-        iteration for the waiter to wake up in, and the worker gets its next request before it
-        goes back to sleep), and hand the waiter the call in flight. False: nothing sent."""
-        waiters = self._waiters
-        while waiters and waiters[0].done():
-            waiters.popleft()
-        if not waiters:
+        """``worker`` just became idle: when the waiter whose turn it is is a one-shot call it
+        can serve, send that call's request now, from the callback that freed the worker (no
+        loop iteration for the waiter to wake up in, and the worker gets its next request
+        before it goes back to sleep), and hand the waiter the call in flight. False: nothing
+        sent."""
+        line = self._waiters.get(worker.group)
+        if line is None:
             return False
-        waiter = waiters[0]
+        waiter = line.first()
+        if waiter is None:
+            return False
         run = self._runs.get(waiter)
         if run is None:
             return False
@@ -453,7 +469,7 @@ class _Calls(_Pool):
                 or plan.module not in worker.modules or worker.dedicated
                 or not worker.lock.try_acquire()):
             return False
-        waiters.popleft()
+        line.pop()
         del self._runs[waiter]
         worker.queued += 1
         request, key, kid, define = self._run_request(worker, spec, scope, inputs)

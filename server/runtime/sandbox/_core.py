@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from tensorline.server.runtime.sandbox._records import (
     _Call,
     _ClassPlan,
     _Group,
+    _Waiters,
     _Worker,
 )
 
@@ -71,6 +71,7 @@ class _Core(Runtime):
         max_calls: int = 0,
         recycle_rss_mb: int | None = None,
         probe_interval_s: float = 30.0,
+        idle_s: float = 60.0,
         required_layers: Sequence[str] = (),
     ) -> None:
         if workers < 1:
@@ -83,10 +84,12 @@ class _Core(Runtime):
         self.domains = tuple(dict.fromkeys(domains))
         self.workers_per_domain = max(1, workers_per_domain)
         self._default_group: _Group = (memory_mb_default, "")
-        baseline = workers + self.workers_per_domain * len(self.domains)
-        # Room for two workers of groups started on demand (node-specific caps, other modules).
-        self.max_workers = max(max_workers if max_workers is not None else baseline + 2,
-                               baseline)
+        # Per trust domain: each domain's pool grows on demand to this many shared workers
+        # (and as many more dedicated to streaming sessions, see ``_pick``), and shrinks back to
+        # its baseline once workers have been idle ``idle_s``.
+        self.max_workers = max(max_workers if max_workers is not None else workers + 2,
+                               workers, self.workers_per_domain)
+        self.idle_s = idle_s
         self.cpu_seconds = cpu_seconds
         self.cpu_seconds_lifetime = max(cpu_seconds_lifetime, cpu_seconds * 2)
         self.nofile = nofile
@@ -108,6 +111,7 @@ class _Core(Runtime):
         # Layers without which untrusted code is refused (see ``_require_layers``).
         self.required_layers = tuple(required_layers)
         self._prober: asyncio.Task[None] | None = None
+        self._shrinker: asyncio.Task[None] | None = None
         self._read_paths: tuple[str, ...] = ()
         self._list_paths: tuple[str, ...] = ()
         self._uids_usable = False
@@ -136,13 +140,17 @@ class _Core(Runtime):
         self._layers: list[LayerStatus] = []
         self._launcher: Launcher | None = None
         self._by_pid: dict[int, _Worker] = {}
+        # Workers asked for whose start has not registered them yet (see ``_spawn``).
+        self._pending: dict[_Group, int] = {}
         self._started = False
         self._closed = False
         self._spawn_failures = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Waiters for a worker to become idle (``_pool_change``, ``_wait_for_run``); those of
-        # one-shot calls are in ``_runs`` with what ``_dispatch`` needs to send their request.
-        self._waiters: deque[asyncio.Future[Any]] = deque()
+        # Waiters for a worker of a group to become idle (``_pool_change``, ``_wait_for_run``),
+        # one line per group (a worker freed in one group is no use to a waiter of another),
+        # served round robin by caller; those of one-shot calls are in ``_runs`` with what
+        # ``_dispatch`` needs to send their request.
+        self._waiters: dict[_Group, _Waiters] = {}
         self._runs: dict[asyncio.Future[Any], tuple[_ClassPlan, NodeSpec, ExecutionScope,
                                                     Mapping[str, Any]]] = {}
         self._restarts = 0
@@ -152,6 +160,12 @@ class _Core(Runtime):
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()
+
+    def _line(self, group: _Group) -> _Waiters:
+        line = self._waiters.get(group)
+        if line is None:
+            line = self._waiters[group] = _Waiters()
+        return line
 
     def _track(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
         self._background.add(future)

@@ -3,7 +3,10 @@
 A fresh instance goes to an idle worker of its group: a plain node (no ``initialize``) whose
 module the worker has imported is placed without an await (``_place``) and created by its
 first call; others are initialized now (``_create``), so that a failure there is reported as
-``during="initialize"``. A streaming instance gets a worker of its own (``_dedicate``).
+``during="initialize"``. A streaming instance gets a worker of its own (``_dedicate``). An
+instance of a stream session is hosted (``_create(host=True)``): it never waits for an idle
+worker, a worker hosts several; a one-shot node in a session is no instance at all
+(``OneShotInstance``: each chunk is a call).
 Reusable nodes stay warm per worker (``_acquire_warm``, at most ``warm_per_worker`` each). A
 call on an instance whose worker died first re-creates it elsewhere (``_process``,
 ``_recreate``). A released instance's cleanup rides with its worker's next request, or is
@@ -17,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, ClassVar
 
-from tensorline.server._errors import ServiceUnavailable
+from tensorline.server._errors import LimitExceeded, ServiceUnavailable
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.runtime._base import ExecutionScope, NodeInstance
 from tensorline.server.runtime.sandbox._calls import _Calls
@@ -65,6 +68,21 @@ class SandboxInstance(NodeInstance):
 
     def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         return self._runtime._stream(self, chunks)
+
+
+class OneShotInstance(NodeInstance):
+    """A one-shot node (``_ClassPlan.oneshot``) acquired by a stream session: nothing is
+    placed, pinned or reserved for it; each chunk is one call, dispatched like a unary request
+    (``SandboxRuntime.call``), so the session holds no worker between chunks and cannot starve
+    the calls it needs next."""
+
+    def __init__(self, spec: NodeSpec, scope: ExecutionScope, runtime: _Instances) -> None:
+        self.spec = spec
+        self.scope = scope
+        self._runtime = runtime
+
+    def process(self, inputs: Mapping[str, Any]) -> Coroutine[Any, Any, Any]:
+        return self._runtime.call(self.spec, self.scope, inputs)
 
 
 def _init_request(instance: SandboxInstance) -> Init | None:
@@ -121,18 +139,23 @@ class _Instances(_Calls):
                                     "initialize", iid, deadline, on_abandoned)
         self._check_reply(worker, reply, spec, "initialize")
 
-    async def _pick_for(self, spec: NodeSpec, exclusive: bool = False) -> _Worker:
+    async def _pick_for(self, spec: NodeSpec, scope: ExecutionScope, exclusive: bool = False,
+                        host: bool = False) -> _Worker:
         try:
-            return await self._pick(self._group_of(spec), exclusive)
-        except (asyncio.CancelledError, ServiceUnavailable):
+            return await self._pick(self._group_of(spec), exclusive, spec=spec,
+                                    caller=scope.caller or scope.execution_id,
+                                    deadline=self._deadline(spec, scope, None), host=host)
+        except (asyncio.CancelledError, ServiceUnavailable, LimitExceeded):
             raise
         except Exception as exc:
             raise WorkerFailure(spec.node_id, f"no sandbox worker available: {exc}",
                                 during="initialize", kind="unavailable") from exc
 
-    async def _create(self, spec: NodeSpec, scope: ExecutionScope,
-                      exclusive: bool = False) -> tuple[_Worker, int, bool]:
-        """Place a fresh instance on a worker: ``(worker, iid, initialized)``.
+    async def _create(self, spec: NodeSpec, scope: ExecutionScope, exclusive: bool = False,
+                      host: bool = False) -> tuple[_Worker, int, bool]:
+        """Place a fresh instance on a worker: ``(worker, iid, initialized)``; ``host``: for a
+        stream session (see ``_pick``: no wait for an idle worker, and a lazily created
+        instance reserves nothing, as the session may not call it for a long time).
 
         A node whose class has no ``initialize`` and whose module the worker has imported
         before is created lazily by its first call (one round trip instead of two); otherwise
@@ -140,14 +163,15 @@ class _Instances(_Calls):
         such (``during="initialize"``, which the fallback rule cares about).
         """
         for _ in range(_ATTEMPTS):
-            worker = await self._pick_for(spec, exclusive)
+            worker = await self._pick_for(spec, scope, exclusive, host)
             iid = next(self._iids)
             worker.pinned.add(iid)
             if exclusive:
                 # At once, before any await: nobody else may be placed here meanwhile.
                 worker.exclusive.add(iid)
             if not spec.entry.has_initialize and spec.entry.class_module in worker.modules:
-                worker.reserved += 1
+                if not host:
+                    worker.reserved += 1
                 return worker, iid, False
 
             def abandoned(reply: tuple[Any, ...], worker: _Worker = worker,
@@ -172,7 +196,8 @@ class _Instances(_Calls):
         raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could start",
                             during="initialize", kind="crash")
 
-    async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope) -> tuple[_Worker, int]:
+    async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope,
+                            host: bool = False) -> tuple[_Worker, int]:
         key = spec.warm_key
         group = self._group_of(spec)
         for _ in range(_ATTEMPTS):
@@ -190,7 +215,7 @@ class _Instances(_Calls):
             elif holders:
                 worker = min(holders, key=lambda w: w.queued)
             else:
-                worker = await self._pick_for(spec)
+                worker = await self._pick_for(spec, scope, host=host)
             task = worker.warm.get(key)
             if task is None or (task.done() and (task.cancelled()
                                                  or task.exception() is not None)):
@@ -275,12 +300,14 @@ class _Instances(_Calls):
             if old is not None and old.done() and not old.cancelled() and (
                     old.exception() is None and old.result() == instance.iid):
                 del instance.worker.warm[spec.warm_key]
-            instance.worker, instance.iid = await self._acquire_warm(spec, instance.scope)
+            instance.worker, instance.iid = await self._acquire_warm(spec, instance.scope, True)
             instance.initialized = True
         else:
+            # Hosted (no wait for an idle worker, no reservation): the instance may belong to a
+            # stream session, whose other nodes may hold the workers it would wait for.
             instance.worker, instance.iid, instance.initialized = await self._create(
-                spec, instance.scope, self._exclusive(spec))
-            instance.reserved = not instance.initialized
+                spec, instance.scope, self._exclusive(spec), host=True)
+            instance.reserved = False
             self._dedicate(instance)
 
     def _release_now(self, instance: SandboxInstance) -> None:
@@ -291,7 +318,7 @@ class _Instances(_Calls):
             instance.unreserve()
             instance.dedicated = False
             if instance.worker.queued == 0 and instance.worker.reserved == 0:
-                self._notify()
+                self._notify(instance.worker.group)
         if instance.spec.entry.reusable:
             return
         instance.worker.pinned.discard(instance.iid)

@@ -49,6 +49,7 @@ class WorkerOutput:
         self._stamp = loop.time()
         self._dropped = 0
         self._paused: asyncio.TimerHandle | None = None
+        self._report: asyncio.TimerHandle | None = None
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable)
 
@@ -90,18 +91,24 @@ class WorkerOutput:
         self._stamp = now
         if self._tokens < 1:
             self._dropped += 1
+            if self._report is None:
+                # The count is logged a moment later, whether or not more output follows.
+                self._report = self._loop.call_later(_PAUSE_S, self._report_dropped)
             return
         self._tokens -= 1
-        if self._dropped:
-            log.warning("sandbox worker %d: %d output lines dropped (over %g lines/s)",
-                        self._worker_id, self._dropped, RATE)
-            self._dropped = 0
         text = _printable(raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
         if len(raw) > MAX_LINE:
             text += " [truncated]"
         node = self._current_node()
         log.info("sandbox worker %d%s: %s", self._worker_id,
                  f" (node {_printable(node[:200])})" if node else "", text)
+
+    def _report_dropped(self) -> None:
+        self._report = None
+        if self._dropped:
+            log.warning("sandbox worker %d: %d output lines dropped (over %g lines/s)",
+                        self._worker_id, self._dropped, RATE)
+            self._dropped = 0
 
     def _flush_partial(self) -> None:
         if self._partial and not self._skipping:
@@ -113,6 +120,9 @@ class WorkerOutput:
         if self._paused is not None:
             self._paused.cancel()
             self._paused = None
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
         if self._fd >= 0:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._fd)

@@ -7,7 +7,10 @@ worker's exit (``_on_exit``): its call in flight fails, its record is forgotten,
 removed. A worker that is broken or worn is recycled (``_recycle``) and one that is no longer
 wanted retired (``_retire``: no new work, its cleanups run, then it ends); idle workers answer a
 probe every ``probe_interval_s``. A call gets the most recently used idle worker of its group
-(``_idle``, ``_pick``), or waits first come, first served (``_pool_change``, ``_notify``).
+(``_idle``, ``_pick``); when every one is busy the pool grows (``_grow``, up to ``max_workers``
+per trust domain) and the call waits, round robin by caller and bounded by its deadline
+(``_pool_change``, ``_notify``); workers the pool grew for are retired after ``idle_s`` idle
+(``_shrink``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import os
 import shutil
 import signal
 import socket
+from collections.abc import Callable
+from typing import Any
 
-from tensorline.server._errors import ServiceUnavailable
+from tensorline.server._errors import LimitExceeded, ServiceUnavailable
+from tensorline.server.manifest import NodeSpec
 from tensorline.server.runtime._base import LayerStatus
 from tensorline.server.runtime.sandbox import _isolation, _shm
 from tensorline.server.runtime.sandbox._core import _Core
@@ -47,13 +53,19 @@ class _Pool(_Core):
         """Start a worker and wait until it is ready. The start itself is shielded: a caller
         that gives up does not leave a half-started process behind (the worker joins the pool).
         """
+        return await asyncio.shield(self._start(group))
+
+    def _start(self, group: _Group) -> asyncio.Future[_Worker]:
         if self._closed:
             raise ServiceUnavailable("the sandbox runtime is shut down")
-        task = self._track(asyncio.ensure_future(self._start_worker(group)))
-        return await asyncio.shield(task)  # type: ignore[no-any-return]
+        # Counted at once, until the task registers the worker (a loop iteration later): the
+        # pool's size must include it, or every waiter in between would grow the pool again.
+        self._pending[group] = self._pending.get(group, 0) + 1
+        return self._track(asyncio.ensure_future(self._start_worker(group)))
 
     async def _start_worker(self, group: _Group) -> _Worker:
         cap_mb, domain = group
+        self._pending[group] -= 1
         loop = asyncio.get_running_loop()
         wid = next(self._wids)
         scratch = os.path.join(self._scratch_root, f"w{wid}")
@@ -227,14 +239,13 @@ class _Pool(_Core):
         return [self._default_group] + [(self.memory_mb_default, d) for d in self.domains]
 
     def _spawn_background(self, group: _Group) -> None:
-        async def spawn() -> None:
-            try:
-                await self._spawn(group)
-            except Exception as exc:
-                if not self._closed:
-                    log.error("could not start a replacement sandbox worker: %s", exc)
+        def started(task: asyncio.Future[_Worker]) -> None:
+            if not task.cancelled() and (exc := task.exception()) is not None and (
+                    not self._closed):
+                log.error("could not start a sandbox worker for pool %s: %s",
+                          self._pool_name(group), exc)
 
-        self._track(asyncio.ensure_future(spawn()))
+        self._start(group).add_done_callback(started)
 
     def _record_layers(self, worker: _Worker) -> None:
         """A layer counts as active only when every live worker has it; changes are logged."""
@@ -291,52 +302,111 @@ class _Pool(_Core):
 
     # --- choosing a worker --------------------------------------------------------------------
 
-    async def _pick(self, group: _Group, exclusive: bool = False) -> _Worker:
-        """An idle worker of ``group``; ``exclusive`` (a streaming instance, which may hold
-        its worker for a whole session): one hosting no other instance, else a new worker
-        (within ``max_workers``), else wait for one to free up."""
+    @staticmethod
+    def _pool_name(group: _Group) -> str:
+        cap, domain = group
+        return (f"untrusted:{domain}" if domain else "trusted") + f" ({cap} MiB)"
+
+    def _exhausted(self, spec: NodeSpec | None, group: _Group, waited: float,
+                   why: str) -> LimitExceeded:
+        """Waiting for a worker ran out of time: RESOURCE_EXHAUSTED naming the node and the
+        pool, with a retry hint (a busy pool frees up; a caller may try again)."""
+        node = "a sandboxed request" if spec is None else (
+            f"node '{spec.node_id}' ({spec.node_type})")
+        busy = sum(1 for w in self._workers.values() if w.group == group and w.alive)
+        return LimitExceeded(
+            f"{node} found no free worker in sandbox pool {self._pool_name(group)}: {why} "
+            f"(waited {waited:.2f} s; {busy} worker(s), at most {self.max_workers} shared per "
+            "domain); try again later", retry_after_s=1.0)
+
+    def _wait_deadline(self, deadline: float) -> float:
+        """When a wait for a worker gives up: a little before the call's deadline, so the
+        refusal reaches the caller before its own deadline turns it into a bare
+        DEADLINE_EXCEEDED that names nothing."""
+        now = self._now()
+        return deadline - min(0.25, max(0.0, deadline - now) * 0.1)
+
+    def _shared(self, domain: str) -> int:
+        """Workers of ``domain`` that count against ``max_workers`` (starting or serving, not
+        owned by a streaming session)."""
+        return sum(1 for w in self._workers.values() if w.domain == domain
+                   and w.state in ("starting", "ready") and not w.killed and not w.dedicated
+                   ) + sum(n for g, n in self._pending.items() if g[1] == domain)
+
+    def _grow(self, group: _Group) -> bool:
+        """A call of ``group`` found every worker busy: start one more in the background when
+        the domain has room and none of the group is starting already (one at a time: the
+        next waiter grows it again once this one is ready). True if one is coming."""
+        if self._closed:
+            return False
+        if self._pending.get(group):
+            return True
+        for w in self._workers.values():
+            if w.state == "starting" and w.group == group:
+                return True
+        if self._shared(group[1]) >= self.max_workers:
+            return False
+        self._spawn_background(group)
+        return True
+
+    async def _pick(self, group: _Group, exclusive: bool = False, *,
+                    spec: NodeSpec | None = None, caller: str = "",
+                    deadline: float | None = None, host: bool = False) -> _Worker:
+        """A worker for a new instance (or a request) of ``group``.
+
+        * ``exclusive`` (a streaming instance, which holds its worker's turn for a whole
+          session): a worker hosting nothing else, else a new one. The dedicated workers have a
+          budget of their own (``max_workers`` more per domain); past it the session is refused
+          at once (never holding workers while it waits for more: that is how sessions
+          deadlock).
+        * ``host`` (an instance of a stream session, which calls it later, chunk by chunk): an
+          idle worker, else a new one if the domain has room, else the least loaded shared
+          worker; a worker hosts any number of instances and runs their calls in turn, so
+          placing one never waits for another session to end.
+        * otherwise (a call about to be sent): an idle worker, growing the pool up to
+          ``max_workers``, else wait for one to free up, round robin by ``caller``, until
+          ``deadline`` (then ``LimitExceeded`` naming the node and the pool).
+        """
+        began = self._now() if self._loop is not None else 0.0
+        expire = None if deadline is None else self._wait_deadline(deadline)
+        again = False
         while True:
             if self._closed:
                 raise ServiceUnavailable("the sandbox runtime is shut down")
-            if not exclusive and (idle_worker := self._idle(group)) is not None:
-                return idle_worker
-            ready = [w for w in self._workers.values() if w.state == "ready" and not w.killed
-                     and w.group == group and not w.dedicated]
             if exclusive:
-                ready = [w for w in ready if not w.pinned]
-                live = [w for w in self._workers.values() if w.state != "dead"]
-                coming = any(w.state == "starting" and w.group == group for w in live)
-                if len(live) < self.max_workers and not coming and not [
-                        w for w in ready if w.queued == 0 and w.reserved == 0]:
-                    return await self._spawn(group)
-            if ready:
-                idle = [w for w in ready if w.queued == 0 and w.reserved == 0]
-                if idle:
-                    return max(idle, key=lambda w: w.last_used)  # as in ``_idle``
-                # All busy: wait for the first to free up rather than queue behind one that may
-                # be stuck in a long call.
-                await self._pool_change()
-                continue
-            starting = [w for w in self._workers.values() if w.state == "starting"
-                        and w.group == group and w.ready is not None]
-            if starting:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(starting[0].ready)  # type: ignore[arg-type]
-                continue
-            live = [w for w in self._workers.values() if w.state != "dead"]
-            if len(live) >= self.max_workers and any(
-                    w.state == "ready" and w.group == group for w in live):
-                # The group's workers are all owned by streaming sessions (or, for an exclusive
-                # pick, host other instances): wait for one rather than exceed the limit.
-                await self._pool_change()
-                continue
-            if len(live) >= self.max_workers:
-                idle = [w for w in live if w.state == "ready" and w.group != group
-                        and not w.pinned and not w.lock.locked() and w.reserved == 0]
+                free = [w for w in self._workers.values() if w.state == "ready"
+                        and not w.killed and w.group == group and not w.pinned
+                        and not w.dedicated and w.queued == 0 and w.reserved == 0]
+                if free:
+                    return max(free, key=lambda w: w.last_used)
+                dedicated = sum(1 for w in self._workers.values() if w.domain == group[1]
+                                and w.alive and w.dedicated)
+                if dedicated >= self.max_workers:
+                    raise self._exhausted(spec, group, 0.0, f"{dedicated} workers are held by "
+                                          "streaming sessions")
+                return await self._spawn(group)
+            idle_worker = self._idle(group)
+            if idle_worker is not None:
+                return idle_worker
+            coming = self._grow(group)
+            shared = [w for w in self._workers.values() if w.state == "ready" and not w.killed
+                      and w.group == group and not w.dedicated]
+            if host and shared:
+                return min(shared, key=lambda w: (w.queued + w.reserved + len(w.pinned),
+                                                  -w.last_used))
+            if not shared and not coming:
+                # The domain is full of workers of other groups (other memory caps): make room.
+                idle = [w for w in self._workers.values() if w.state == "ready"
+                        and w.domain == group[1] and w.group != group and not w.pinned
+                        and not w.lock.locked() and w.reserved == 0 and not w.dedicated]
                 if idle:
                     self._retire(min(idle, key=lambda w: w.last_used),
-                                 f"making room for a worker of group {group}", replace=False)
-            return await self._spawn(group)
+                                 f"making room for a worker of pool {self._pool_name(group)}",
+                                 replace=False)
+                    return await self._spawn(group)
+            await self._pool_change(group, caller, expire, lambda: self._exhausted(
+                spec, group, self._now() - began, "every worker stayed busy"), again)
+            again = True
 
     def _idle(self, group: _Group) -> _Worker | None:
         """The most recently used idle worker of ``group``, if any: at low concurrency the same
@@ -351,26 +421,67 @@ class _Pool(_Core):
                 best = w
         return best
 
-    async def _pool_change(self) -> None:
-        """Wait (first come, first served) until a worker becomes idle, ready or dead."""
+    async def _pool_change(self, group: _Group, caller: str = "", expire: float | None = None,
+                           refusal: Callable[[], Exception] | None = None,
+                           again: bool = False) -> None:
+        """Wait (in ``caller``'s line of ``group``, see ``_Waiters``) until a worker becomes
+        idle, ready or dead; past ``expire`` (loop time) raise ``refusal()``."""
         assert self._loop is not None
         waiter: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append(waiter)
+        self._line(group).add(caller, waiter, again)
+        timer = None
+        if expire is not None and refusal is not None:
+            timer = self._loop.call_at(expire, _expire, waiter, refusal)
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._notify()  # pass on the wake-up this cancelled waiter consumed
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._notify(group)  # pass on the wake-up this cancelled waiter consumed
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             if not waiter.done():
                 waiter.cancel()
 
-    def _notify(self, everyone: bool = False) -> None:
-        """Wake the longest waiter (a worker became idle: one can use it), or all of them."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
+    def _notify(self, group: _Group | None = None, everyone: bool = False) -> None:
+        """Wake the waiter of ``group`` whose turn it is (a worker of it became idle: one can
+        use it), or (``everyone``, or no group) every waiter of every group."""
+        if group is not None and not everyone:
+            line = self._waiters.get(group)
+            if line is not None and (waiter := line.pop()) is not None:
                 waiter.set_result(None)
-                if not everyone:
-                    return
+            return
+        for line in self._waiters.values():
+            while (waiter := line.pop()) is not None:
+                waiter.set_result(None)
+
+    # --- shrinking ----------------------------------------------------------------------------
+
+    async def _shrink_idle_workers(self) -> None:
+        """Retire workers the pool grew for once they have been idle ``idle_s`` (never below a
+        group's baseline, never one holding instances: their state would be lost)."""
+        while not self._closed:
+            await asyncio.sleep(max(self.idle_s / 4, 0.05))
+            self._shrink()
+
+    def _shrink(self) -> None:
+        now = self._now()
+        baseline = self._baseline()
+        for group in {w.group for w in self._workers.values()}:
+            want = 0
+            if group in baseline:
+                want = self.workers if group == self._default_group else self.workers_per_domain
+            live = [w for w in self._workers.values() if w.group == group
+                    and w.state in ("starting", "ready") and not w.killed]
+            idle = sorted((w for w in live if w.state == "ready" and w.queued == 0
+                           and w.reserved == 0 and not w.pinned and not w.warm
+                           and not w.lock.locked() and now - w.last_used >= self.idle_s),
+                          key=lambda w: w.last_used)
+            for worker in idle[:max(0, len(live) - want)]:
+                self._retire(worker, f"idle for {now - worker.last_used:.0f} s", replace=False)
+
+
+def _expire(waiter: asyncio.Future[Any], refusal: Callable[[], Exception]) -> None:
+    if not waiter.done():
+        waiter.set_exception(refusal())

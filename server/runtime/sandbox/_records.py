@@ -2,8 +2,9 @@
 
 ``_Worker`` is the server's handle on one worker process (its group, state, the call in flight,
 the instances pinned to it, its channel's segments), ``_Call`` a request in flight on it,
-``_Turn`` a worker's turn (a FIFO lock taken without a coroutine when free), ``_ClassPlan`` what
-the per-request path needs to know about a node class (computed once per class). They hold no
+``_Turn`` a worker's turn (a FIFO lock taken without a coroutine when free), ``_Waiters`` the
+callers waiting for a worker (round robin by caller), ``_ClassPlan`` what the per-request path
+needs to know about a node class (computed once per class). They hold no
 policy: the pool (``_pool``), the call path (``_calls``) and streaming (``_streaming``) act on
 them.
 """
@@ -101,6 +102,60 @@ class _Turn:
         self._locked = False
 
 
+class _Waiters:
+    """Callers waiting for a worker: one first-come-first-served line per caller, served round
+    robin, so one caller's flood of slow calls cannot starve another caller's cheap one (a
+    single FIFO would put the cheap call behind the whole flood). Waiters that gave up (done
+    futures) are skipped lazily."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self) -> None:
+        self._lines: OrderedDict[str, deque[asyncio.Future[Any]]] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return self.first() is not None
+
+    def add(self, caller: str, waiter: asyncio.Future[Any], again: bool = False) -> None:
+        """``again``: a waiter that was woken but found the worker taken by the time it ran
+        keeps its place (front of its line, its line first in the round), or a caller's cheap
+        call would lose its turn to the flood it was let ahead of."""
+        line = self._lines.get(caller)
+        if line is None:
+            line = self._lines[caller] = deque()
+        if again:
+            line.appendleft(waiter)
+            self._lines.move_to_end(caller, last=False)
+        else:
+            line.append(waiter)
+
+    def first(self) -> asyncio.Future[Any] | None:
+        """The waiter whose turn it is (left in place)."""
+        lines = self._lines
+        while lines:
+            caller = next(iter(lines))
+            line = lines[caller]
+            while line and line[0].done():
+                line.popleft()
+            if line:
+                return line[0]
+            del lines[caller]
+        return None
+
+    def pop(self) -> asyncio.Future[Any] | None:
+        """Take the waiter whose turn it is; its caller goes to the back of the round."""
+        waiter = self.first()
+        if waiter is not None:
+            caller, line = self._lines.popitem(last=False)
+            line.popleft()
+            if line:
+                self._lines[caller] = line
+        return waiter
+
+    def callers(self) -> int:
+        return len(self._lines)
+
+
 @dataclass(slots=True)
 class _Call:
     future: asyncio.Future[tuple[Any, ...]]
@@ -111,6 +166,8 @@ class _Call:
     timer: asyncio.TimerHandle | None = None
     deadline_hit: bool = False
     abandoned: bool = False
+    # Loop time the caller went away (what the kill's reason measures the grace from).
+    abandoned_at: float = 0.0
     finished: bool = False
     # Called with the reply when it arrives after the caller was cancelled.
     on_abandoned: Callable[[tuple[Any, ...]], None] | None = None

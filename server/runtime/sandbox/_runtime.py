@@ -34,7 +34,7 @@ from tensorline.server.runtime._base import (
 )
 from tensorline.server.runtime.sandbox import _paths
 from tensorline.server.runtime.sandbox._failures import ModuleUnavailable, _WorkerGone
-from tensorline.server.runtime.sandbox._instances import SandboxInstance
+from tensorline.server.runtime.sandbox._instances import OneShotInstance, SandboxInstance
 from tensorline.server.runtime.sandbox._launcher import Launcher, minimal_environment
 from tensorline.server.runtime.sandbox._messages import (
     EXIT_REQUEST,
@@ -69,6 +69,7 @@ class SandboxRuntime(_Streaming):
         else:
             self._scratch_root = os.path.join(tempfile.gettempdir(),
                                               f"tensorline-sandbox-{os.getpid()}")
+        _remove_stale_scratch(os.path.dirname(self._scratch_root))
         os.makedirs(self._scratch_root, mode=0o700, exist_ok=True)
         self._owns_scratch_root = True
         self._read_paths, self._list_paths = _paths.worker_paths(self.extra_read_paths)
@@ -94,6 +95,8 @@ class SandboxRuntime(_Streaming):
             log.error("a sandbox worker failed to start: %s", failure)
         if self.probe_interval_s > 0:
             self._prober = asyncio.ensure_future(self._probe_idle_workers())
+        if self.idle_s > 0:
+            self._shrinker = asyncio.ensure_future(self._shrink_idle_workers())
         missing = self.missing_layers()
         if missing and self.domains:
             log.error("untrusted node modules will be refused: required sandbox layer(s) %s "
@@ -115,10 +118,11 @@ class SandboxRuntime(_Streaming):
         if self._closed:
             return
         self._closed = True
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
+        for task in (self._prober, self._shrinker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._notify(everyone=True)
         workers = list(self._workers.values())
 
@@ -207,7 +211,7 @@ class SandboxRuntime(_Streaming):
         deadline = self._now() + self.init_timeout_s
         for _ in range(_ATTEMPTS):
             try:
-                worker = await self._pick(group)
+                worker = await self._pick(group, spec=None, deadline=deadline)
             except ServiceUnavailable:
                 raise
             except Exception as exc:
@@ -262,18 +266,22 @@ class SandboxRuntime(_Streaming):
         plan = self._class_plan(spec.entry)
         self._require_layers(plan.group[1], f"node '{spec.node_id}' ({spec.node_type})")
         if plan.oneshot:
+            again = False
             while True:
                 worker = self._idle(plan.group)
                 if worker is None:
                     if not self._serving(plan):
                         break
-                    # All busy (the usual case under load): wait for one to free up, as
-                    # ``_pick`` would, but without the general path's instance bookkeeping;
-                    # usually the reply that frees it sends this call's request at once.
+                    # All busy (the usual case under load): grow the pool if the domain has
+                    # room, and wait for a worker as ``_pick`` would, but without the general
+                    # path's instance bookkeeping; usually the reply that frees one sends this
+                    # call's request at once.
+                    self._grow(plan.group)
                     try:
-                        started = await self._wait_for_run(plan, spec, scope, inputs)
+                        started = await self._wait_for_run(plan, spec, scope, inputs, again)
                         if started is None:
                             self._check_open()
+                            again = True
                             continue
                         if spec.timeout_s is None:
                             return await self._run_dispatched(started, spec)
@@ -290,10 +298,10 @@ class SandboxRuntime(_Streaming):
                         spec, self._run_once(worker, spec, scope, inputs))
                 except _WorkerGone:
                     break  # the worker died first, or forgot the class id: the general path
-            return await super().call(spec, scope, inputs)
+            return await self._call_general(spec, scope, inputs)
         instance = self._place(spec, scope)
         if instance is None:
-            return await super().call(spec, scope, inputs)
+            return await self._call_general(spec, scope, inputs)
         # What Runtime.call does, minus the coroutines of acquire and release (neither awaits
         # anything for a placed plain node).
         try:
@@ -303,25 +311,62 @@ class SandboxRuntime(_Streaming):
         finally:
             self._release_now(instance)
 
-    async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> SandboxInstance:
+    async def _call_general(self, spec: NodeSpec, scope: ExecutionScope,
+                            inputs: Mapping[str, Any]) -> Any:
+        """``Runtime.call`` with an instance placed for this one call (it may wait for an idle
+        worker: the call is about to run)."""
+        instance = self._place(spec, scope) or await self._instance(spec, scope, host=False)
+        try:
+            return await within_node_timeout(spec, instance.process(inputs))
+        finally:
+            self._release_now(instance)
+
+    async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> NodeInstance:
+        """An instance for a stream session. A one-shot node gets none (``OneShotInstance``:
+        each chunk is a call); others are hosted without waiting for an idle worker (see
+        ``_pick``), so a session's nodes never wait for workers its other nodes hold."""
         self._check_open()
-        self._require_layers(self._group_of(spec)[1], f"node '{spec.node_id}' ({spec.node_type})")
-        placed = self._place(spec, scope)
-        if placed is not None:
-            return placed
+        plan = self._class_plan(spec.entry)
+        self._require_layers(plan.group[1], f"node '{spec.node_id}' ({spec.node_type})")
+        if plan.oneshot:
+            return OneShotInstance(spec, scope, self)
+        return await self._instance(spec, scope, host=True)
+
+    async def _instance(self, spec: NodeSpec, scope: ExecutionScope,
+                        host: bool) -> SandboxInstance:
         if spec.entry.reusable:
-            worker, iid = await self._acquire_warm(spec, scope)
+            worker, iid = await self._acquire_warm(spec, scope, host)
             initialized = True
         else:
-            worker, iid, initialized = await self._create(spec, scope, self._exclusive(spec))
+            worker, iid, initialized = await self._create(spec, scope, self._exclusive(spec),
+                                                          host)
         instance = SandboxInstance(spec, scope, self, worker, iid)
         instance.initialized = initialized
-        instance.reserved = not initialized
+        instance.reserved = not initialized and not host
         self._dedicate(instance)
         return instance
 
     async def release(self, instance: NodeInstance) -> None:
         """Warm instances stay; a fresh one's cleanup runs in its worker before the worker's
         next request (or at once if the worker stays idle), without holding the caller."""
+        if isinstance(instance, OneShotInstance):
+            return
         assert isinstance(instance, SandboxInstance)
         self._release_now(instance)
+
+
+def _remove_stale_scratch(root: str) -> None:
+    """Remove the scratch roots of servers that died without cleaning up (SIGKILL), and only
+    those: a ``tensorline-sandbox-<pid>`` whose pid is no longer alive."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            prefix, _, pid = name.rpartition("-")
+            if prefix != "tensorline-sandbox" or not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                log.info("removing the scratch dir of a dead server: %s", name)
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            except OSError:
+                pass  # alive (another user's): not ours to remove

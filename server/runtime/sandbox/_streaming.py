@@ -148,6 +148,7 @@ class _Streaming(_Instances):
                 # Its final reply (or death) frees the worker, without holding the caller.
                 if our_turn:
                     call.abandoned = True
+                    call.abandoned_at = self._now()
                     if self._send_stream(worker, call, CANCEL_MESSAGE):
                         # From now: the step deadline did not run while the worker waited.
                         call.timer = loop.call_at(self._now() + self.cancel_grace_s,

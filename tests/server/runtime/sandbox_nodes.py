@@ -448,3 +448,15 @@ class StreamHold(StreamingNode):
             held = (chunk.sequence, chunk.value)
         if held is not None:
             yield Emit(held[1], held[0])
+
+
+class Nap(Node):
+    """One-shot; sleeps ``seconds`` (wall clock, no CPU) and echoes its input: a slow call that
+    occupies a worker for a known time (scheduling tests)."""
+
+    class Params(NodeParams):
+        seconds: float = 1.0
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        time.sleep(self.params.seconds)
+        return inputs["in"]

@@ -186,7 +186,7 @@ async def test_cancelling_queued_one_shot_calls(sandbox: SandboxRuntime) -> None
     await eventually(lambda: all(w.queued == 0 and w.inflight is None
                                  for w in sandbox._workers.values() if w.alive), 20.0,
                      "the workers to be idle")
-    assert not sandbox._waiters and not sandbox._runs
+    assert not any(sandbox._waiters.values()) and not sandbox._runs
     assert sandbox.stats()["worker_restarts"] == restarts
     outs = await asyncio.gather(*(probe(sandbox, execution_id=f"after{i}", value=i)
                                   for i in range(6)))
