@@ -210,8 +210,8 @@ class _Calls(_Pool):
         if plan is None or plan.entry is not entry:
             declared = entry.traits.memory_mb
             cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
-            # A streaming class's unary call is one process call like any other's (its
-            # sessions, which need a worker of their own, never take this path: ``_place``).
+            # A streaming class's unary call is one process call like any other's; its
+            # sessions, which need a worker of their own, are kept off this path (``acquire``).
             lazy = not (entry.reusable or entry.has_initialize)
             plan = self._class_plans[entry.class_ref] = _ClassPlan(
                 entry=entry, group=(cap, "" if entry.trusted else entry.module),

@@ -103,7 +103,7 @@ class _Instances(_Calls):
         neither reusable nor streaming) goes to an idle worker that has imported its module, and
         is created by its first call. None when that does not apply."""
         plan = self._class_plan(spec.entry)
-        if not plan.lazy or self._exclusive(spec):
+        if not plan.lazy:
             return None
         worker = self._idle(plan.group)
         if worker is None or plan.module not in worker.modules:
