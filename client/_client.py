@@ -31,7 +31,7 @@ from tensorline.client._codec import (
     encode_execute_request,
 )
 from tensorline.client._exceptions import TensorlineError, TransportError, from_rpc_error
-from tensorline.client._yaml import safe_load
+from tensorline.client._yaml import safe_load, syntax_error
 from tensorline.v1 import tensorline_pb2 as pb
 
 if TYPE_CHECKING:
@@ -52,11 +52,23 @@ InputsLike = Mapping[str, Any] | Sequence[PortItem] | None
 
 
 def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a manifest file (.json, .yaml or .yml)."""
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else safe_load(text)
+    """Read a manifest file (.json, .yaml or .yml). Every ValueError names the file (and, for a
+    syntax error, the line and column) in one line; OSError names the file itself."""
+    source = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{source}: not UTF-8 text") from None
+    try:
+        data = json.loads(text) if source.endswith(".json") else safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        raise syntax_error(exc, source) from None
+    except ValueError as exc:  # the YAML loader's bounds
+        raise ValueError(f"{source}: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a manifest must be a mapping")
+        raise ValueError(f"{source}: a manifest must be a mapping")
     return data
 
 
@@ -74,7 +86,7 @@ def manifest_json(manifest: ManifestLike) -> str:
     try:
         data = safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"manifest text is not valid YAML: {exc}") from None
+        raise syntax_error(exc, "manifest text") from None
     if isinstance(data, dict):
         return json.dumps(data, separators=(",", ":"))
     raise ValueError("manifest text is neither a JSON object nor a YAML mapping")

@@ -5,6 +5,9 @@ of ten aliases each); PyYAML builds them as shared objects in no time, and every
 the result (``json.dumps``, the server) then expands them, for minutes and gigabytes. The loader
 here counts what a document expands to right after composing it and refuses one beyond
 ``MAX_NODES`` (or beyond ``MAX_CHARS`` of text) with a clear ValueError.
+
+``syntax_error`` turns PyYAML's multi-line report (which names "<unicode string>", not the file)
+into one line naming the source, line and column.
 """
 
 from __future__ import annotations
@@ -70,3 +73,14 @@ def safe_load(text: str) -> Any:
         return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no arbitrary objects
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ValueError("YAML document nested too deeply") from None
+
+
+def syntax_error(exc: yaml.YAMLError, source: str) -> ValueError:
+    """One line, ``source:line:column: not valid YAML: problem (context)``, for a PyYAML error."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return ValueError(f"{source}: not valid YAML: {' '.join(str(exc).split())}")
+    mark = exc.problem_mark  # 0-based; editors count from 1
+    problem = exc.problem or "syntax error"
+    context = f" ({exc.context})" if exc.context else ""
+    return ValueError(f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: "
+                      f"{problem}{context}")

@@ -46,6 +46,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def console_line(message: str, fmt: str, *, logger: str = "tensorline") -> str:
+    """``message`` as the server prints it to its console (stdout): as is for ``text``, a JSON
+    log entry for ``json``, so that a log collector reading the server's output parses every
+    line."""
+    if fmt != "json":
+        return message
+    record = logging.LogRecord(logger, logging.INFO, __file__, 0, message, None, None)
+    return JsonFormatter().format(record)
+
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 

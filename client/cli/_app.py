@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tensorline.client._client import AsyncClient, Client, ExecuteResult, load_manifest
@@ -45,16 +49,42 @@ def _connection(token: str | None, tls: bool, ca: Path | None, cert: Path | None
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: one line however narrow the terminal; escape: messages quote "[" and "]".
+    errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _node_modules_from_cwd() -> None:
+    """Make modules in the current directory importable as node modules, as ``python -m``
+    does: the ``tensorline`` script's own sys.path starts at its bin directory instead. The
+    sandbox's workers inherit the server's sys.path, so they import them too."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _module_not_found(exc: ModuleNotFoundError, modules: list[str]) -> str:
+    missing = exc.name or ""
+    named = [m for m in modules if m == missing or m.startswith(missing + ".")]
+    if not named:  # one of the node module's own imports
+        return f"a node module needs a module that is not installed: {exc}"
+    return (f"node module '{named[0]}' not found: {exc} (looked in the current directory "
+            f"{os.getcwd()} and the installed packages; run from the folder holding "
+            f"'{missing.partition('.')[0]}', or set PYTHONPATH)")
 
 
 def _report_error(exc: TensorlineError) -> typer.Exit:
     errors.print(f"[red]{type(exc).__name__}[/red] ({exc.code.name if exc.code else '-'}): "
-                 f"{exc.message}", highlight=False)
-    for violation in exc.violations:
-        errors.print(f"  - {violation.field}: {violation.description}", highlight=False)
+                 f"{escape(exc.message)}", highlight=False, soft_wrap=True)
+    _print_violations(exc.violations)
     return typer.Exit(1)
+
+
+def _print_violations(violations: Sequence[Any]) -> None:
+    """One line per problem (``field: description``), however narrow the terminal."""
+    for violation in violations:
+        errors.print(f"  - {escape(violation.field)}: {escape(violation.description)}",
+                     highlight=False, soft_wrap=True)
 
 
 def print_result(result: ExecuteResult) -> None:
@@ -80,9 +110,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (0 = ephemeral)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON settings file")] = None,
     node_module: Annotated[list[str] | None, typer.Option(
-        "--node-module", help="extra trusted node module (repeatable)")] = None,
+        "--node-module", help="extra trusted node module (repeatable); importable from the "
+                              "current directory, as with python -m")] = None,
     untrusted_module: Annotated[list[str] | None, typer.Option(
-        "--untrusted-module", help="node module that always runs sandboxed (repeatable)")] = None,
+        "--untrusted-module", help="node module that always runs sandboxed (repeatable); "
+                                   "importable from the current directory")] = None,
     auth_token: Annotated[list[str] | None, typer.Option(
         "--auth-token", help="accepted bearer token (repeatable); none = no auth")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
@@ -116,15 +148,33 @@ def serve(
     except (ValidationError, OSError, ValueError) as exc:
         raise _fail(f"invalid settings: {exc}", code=2) from None
     configure_logging(settings.log_level, settings.log_format)
-    run_on_loop(run_server(settings), settings.event_loop)
+    if settings.node_modules or settings.untrusted_modules:
+        _node_modules_from_cwd()
+    try:
+        run_on_loop(run_server(settings), settings.event_loop)
+    except ModuleNotFoundError as exc:
+        raise _serve_failure(_module_not_found(
+            exc, [*settings.node_modules, *settings.untrusted_modules]), settings.log_format) from None
+    except OSError as exc:  # the address cannot be bound, a TLS file cannot be read, ...
+        raise _serve_failure(str(exc), settings.log_format) from None
     _exit_past_stuck_node_threads()
+
+
+def _serve_failure(message: str, log_format: str) -> typer.Exit:
+    """The server could not start: one line, a JSON log entry under ``--log-format json``."""
+    if log_format != "json":
+        return _fail(message)
+    from tensorline.server._logging import JsonFormatter
+
+    record = logging.LogRecord("tensorline.cli", logging.ERROR, __file__, 0,
+                               f"cannot start: {message}", None, None)
+    print(JsonFormatter().format(record), file=sys.stderr, flush=True)
+    return typer.Exit(1)
 
 
 def _exit_past_stuck_node_threads() -> None:
     """A sync node that ignores cancellation keeps its pool thread alive, and the interpreter
     joins pool threads at exit: after the drain, leave without waiting for such threads."""
-    import logging
-    import os
     import threading
 
     stuck = [t for t in threading.enumerate() if t.name.startswith("tensorline-node")]
@@ -163,7 +213,10 @@ def run(
         raise _report_error(exc) from None
     print_result(result)
     if output:
-        write_outputs(output, result.outputs)
+        try:
+            write_outputs(output, result.outputs)
+        except (OSError, ValueError) as exc:
+            raise _fail(str(exc)) from None
         console.print(f"wrote {output}")
 
 
@@ -171,7 +224,8 @@ def run(
 def validate(
     manifest: Annotated[Path, typer.Argument(help="manifest file (.yaml/.yml/.json)")],
     node_module: Annotated[list[str] | None, typer.Option(
-        "--node-module", help="extra node module to know (repeatable)")] = None,
+        "--node-module", help="extra node module to know (repeatable); importable from the "
+                              "current directory, as with python -m")] = None,
 ) -> None:
     """Check a manifest against the local node catalogue; report every problem at once."""
     from tensorline.server import RequestInvalid, TensorlineServerError
@@ -182,14 +236,19 @@ def validate(
     try:
         data = load_manifest(manifest)
     except (OSError, ValueError) as exc:
-        raise _fail(f"{manifest}: {exc}") from None
-    registry = NodeRegistry.default(modules=node_module or ())
+        raise _fail(str(exc)) from None
+    if node_module:
+        _node_modules_from_cwd()
+    try:
+        registry = NodeRegistry.default(modules=node_module or ())
+    except ModuleNotFoundError as exc:
+        raise _fail(_module_not_found(exc, node_module or [])) from None
     try:
         plan = compile_manifest(data, registry, Selector(sandbox_available=True))
     except RequestInvalid as exc:
-        errors.print(f"[red]{manifest}: {len(exc.violations)} problem(s)[/red]")
-        for v in exc.violations:
-            errors.print(f"  - {v.field}: {v.description}", highlight=False)
+        errors.print(f"[red]{escape(str(manifest))}: {len(exc.violations)} problem(s)[/red]",
+                     soft_wrap=True)
+        _print_violations(exc.violations)
         raise typer.Exit(1) from None
     except TensorlineServerError as exc:
         raise _fail(exc.message) from None

@@ -1,14 +1,16 @@
 """Reading inputs from files and writing outputs for the CLI.
 
-Inputs: ``.npy`` -> tensor, ``.wav`` -> audio (PCM kept as its integer dtype), ``.json`` -> JSON,
-``.txt`` -> text, anything else -> bytes. Outputs: ``.npz`` (tensors as arrays, audio as
+Inputs: ``.npy`` -> tensor, ``.wav`` -> audio, ``.json`` -> JSON, ``.txt`` -> text, anything
+else -> bytes. WAV goes through scipy.io.wavfile both ways and keeps the sample dtype: 8-bit
+(uint8), 16- and 32-bit PCM (int16, int32) and IEEE float (float32, float64); 24-bit PCM is read
+as int32 (left-justified, so full scale stays full scale). Outputs: ``.npz`` (tensors as arrays, audio as
 ``<key>`` + ``<key>.sample_rate``, text/JSON as string arrays) or a directory (one file each).
 """
 
 from __future__ import annotations
 
 import json
-import wave
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,32 +18,34 @@ import numpy as np
 
 from tensorline.client._values import Audio, Json, Tagged
 
-_WAV_DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype("<u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
+# What WAV files hold, as scipy.io.wavfile writes them; float16 is widened without loss.
+_WAV_DTYPES = ("uint8", "int16", "int32", "int64", "float32", "float64")
+_WIDENED = {"float16": np.dtype("float32")}
 
 
 def read_wav(path: Path) -> Audio:
-    with wave.open(str(path), "rb") as wav:
-        width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-        frames = wav.readframes(wav.getnframes())
-    if width not in _WAV_DTYPES:
-        raise ValueError(f"{path}: {8 * width}-bit WAV is not supported (8, 16 or 32-bit PCM)")
-    samples = np.frombuffer(frames, dtype=_WAV_DTYPES[width])
-    if channels > 1:
-        samples = samples.reshape(-1, channels)
-    return Audio(samples, rate)
+    from scipy.io import wavfile
+
+    try:
+        with warnings.catch_warnings():
+            # Chunks it skips (LIST, cue...) are metadata, not a problem with the audio.
+            warnings.simplefilter("ignore", wavfile.WavFileWarning)
+            rate, samples = wavfile.read(path)
+    except ValueError as exc:  # not RIFF/WAVE, a truncated header, an unknown format
+        raise ValueError(f"{path}: cannot read this WAV file: {exc}") from None
+    return Audio(np.ascontiguousarray(samples), int(rate))
 
 
 def write_wav(path: Path, audio: Audio) -> None:
+    from scipy.io import wavfile
+
     samples = np.asarray(audio.samples)
-    if np.issubdtype(samples.dtype, np.floating):
-        samples = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    if samples.dtype.itemsize not in _WAV_DTYPES:
-        samples = samples.astype("<i2")
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1 if samples.ndim == 1 else samples.shape[1])
-        wav.setsampwidth(samples.dtype.itemsize)
-        wav.setframerate(audio.sample_rate)
-        wav.writeframes(np.ascontiguousarray(samples).tobytes())
+    samples = samples.astype(_WIDENED.get(samples.dtype.name, samples.dtype), copy=False)
+    if samples.dtype.name not in _WAV_DTYPES or samples.ndim > 2:
+        raise ValueError(f"{path}: cannot write {samples.dtype} audio of shape "
+                         f"{list(samples.shape)} as WAV (dtypes: {', '.join(_WAV_DTYPES)}; "
+                         "frames or frames x channels); save it as .npz instead")
+    wavfile.write(path, audio.sample_rate, samples)
 
 
 def read_input(path: Path) -> Any:

@@ -197,11 +197,19 @@ def stream(
                       str(node.outputs_produced), f"{node.wall_ms:.2f}")
     console.print(table)
     if output:
-        if output.suffix.lower() == ".wav":
-            audio = [v for v in outputs.values() if isinstance(v, Audio)]
-            if len(audio) != 1:
-                raise _fail(f"a .wav output needs exactly one audio output, got {len(audio)}")
-            write_wav(output, audio[0])
-        else:
-            write_outputs(output, outputs)
+        try:
+            save(output, outputs)
+        except (OSError, ValueError) as exc:
+            raise _fail(str(exc)) from None
         console.print(f"wrote {output}")
+
+
+def save(output: Path, outputs: dict[str, Any]) -> None:
+    """Outputs to a .wav file (exactly one audio output), an .npz file or a directory."""
+    if output.suffix.lower() != ".wav":
+        write_outputs(output, outputs)
+        return
+    audio = [v for v in outputs.values() if isinstance(v, Audio)]
+    if len(audio) != 1:
+        raise ValueError(f"a .wav output needs exactly one audio output, got {len(audio)}")
+    write_wav(output, audio[0])

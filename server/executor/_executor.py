@@ -22,6 +22,7 @@ from tensorline.client._codec import SENDABLE_DTYPES, PortItem, wire_dtype
 from tensorline.client._values import Audio, Json, Tagged, kind_of
 from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
 from tensorline.server.manifest import BoundInputs, ExecutionPlan, NodeSpec, value_for_port
+from tensorline.server.nodes import Port
 from tensorline.server.runtime import ExecutionScope, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
 
@@ -71,7 +72,7 @@ def normalize_outputs(spec: NodeSpec, raw: Any, *, partial: bool = False) -> dic
             ports[0].kind in ("tensor", "any")):
         # The commonest result, one plain array of a wire dtype: nothing below can object.
         return {ports[0].name: raw}
-    if isinstance(raw, Mapping):
+    if isinstance(raw, Mapping) and not _json_document(raw, ports):
         produced = dict(raw)
     elif len(ports) == 1:
         produced = {ports[0].name: raw}
@@ -93,6 +94,8 @@ def normalize_outputs(spec: NodeSpec, raw: Any, *, partial: bool = False) -> dic
         value = produced[name]
         if port.kind == "tensor" and isinstance(value, int | float | complex | bool | np.generic):
             value = np.asarray(value)
+        elif _plain_json(port.kind, value):
+            value = Json(value)
         try:
             kind = kind_of(value)
         except TypeError as exc:
@@ -108,6 +111,24 @@ def normalize_outputs(spec: NodeSpec, raw: Any, *, partial: bool = False) -> dic
                              f"output '{name}' cannot be sent: {problem}")
         out[name] = value
     return out
+
+
+def _json_document(raw: Mapping[str, Any], ports: tuple[Port, ...]) -> bool:
+    """Whether a mapping returned by a node with one json output port is the JSON document
+    itself rather than {port: value}: it is, unless it maps exactly that port to a value already
+    made for the wire (``Json``, ``Tagged``), which no plain JSON document contains."""
+    if len(ports) != 1 or ports[0].kind != "json":
+        return False
+    name = ports[0].name
+    return not (set(raw) == {name} and isinstance(raw[name], Json | Tagged))
+
+
+def _plain_json(kind: str, value: Any) -> bool:
+    """A plain Python value sent as JSON: any JSON value on a json port; a dict or list (which
+    has no other wire form) on an ``any`` port."""
+    if kind == "json":
+        return isinstance(value, dict | list | str | int | float | bool)
+    return kind == "any" and isinstance(value, dict | list)
 
 
 def wire_problem(value: Any) -> str | None:

@@ -4,6 +4,12 @@ Every problem is collected before anything is reported, so a user fixes a manife
 unknown fields (with a "did you mean"), duplicate ids, unknown node types (listing the known
 ones), bad params (node id + field path), bad runtime hints, connections to missing nodes or
 ports, ports fed twice, and cycles (with the cycle path).
+
+A declaration with an unknown or invalid field (the manifest itself, a node, a connection) is
+reported and then checked without that field, so one typo hides nothing else and causes no
+false problem: a node keeps its id for the connection checks, its params are not checked when
+they may be what was misspelled, and a connection with a dropped field is checked only for the
+nodes it names.
 """
 
 from __future__ import annotations
@@ -90,6 +96,28 @@ def _validate(model: type[BaseModel], data: Any, prefix: str, known: Sequence[st
         return None
 
 
+def _validate_rest(model: type[BaseModel], data: Mapping[str, Any], prefix: str,
+                   known: Sequence[str], out: list[Violation],
+                   hints: _Hints) -> tuple[Any, frozenset[str]]:
+    """``model`` from ``data`` with every problem reported, and the fields left out. A field
+    that is unknown (a typo) or invalid is reported, then left out (at its default) so that
+    the rest of the declaration is still checked and a node keeps its id for the connection
+    checks; None when a required field is itself the problem."""
+    try:
+        return model.model_validate(data), frozenset()
+    except ValidationError as exc:
+        out.extend(_pydantic_violations(prefix, exc, known, hints))
+        errors = exc.errors()
+    dropped = frozenset(str(err["loc"][0]) for err in errors if err["loc"])
+    if not dropped or any(not err["loc"] for err in errors):  # not a mapping at all
+        return None, dropped
+    try:
+        rest = model.model_validate({k: v for k, v in data.items() if k not in dropped})
+    except ValidationError:  # a required field was the problem: reported above
+        return None, dropped
+    return rest, dropped
+
+
 def _validate_params(entry: NodeEntry, data: dict[str, Any], prefix: str,
                      out: list[Violation], hints: _Hints,
                      who: str) -> tuple[NodeParams | None, str] | None:
@@ -165,21 +193,30 @@ def compile_manifest(
     or PermissionDenied when the trust policy refuses a node's runtime hint."""
     problems: list[Violation] = []
     hints = _Hints()
-    manifest = _validate(ManifestDecl, data, "", MANIFEST_FIELDS, problems, hints)
+    manifest, _ = _validate_rest(ManifestDecl, data, "", MANIFEST_FIELDS, problems, hints)
     if manifest is None:
         raise RequestInvalid(problems, "invalid manifest")
 
     decls: dict[str, tuple[int, NodeDecl, NodeEntry | None]] = {}
+    # Nodes whose declaration is broken beyond use: their problems are reported, and
+    # connections naming them are not reported again as naming no node.
+    unusable: set[str] = set()
+    # Nodes declared with a field left out: their params may be under a misspelled name.
+    unchecked_params: set[str] = set()
     for index, raw in enumerate(manifest.nodes):
         prefix = f"nodes[{index}]"
-        decl = _validate(NodeDecl, raw, prefix, NODE_FIELDS, problems, hints)
+        decl, dropped = _validate_rest(NodeDecl, raw, prefix, NODE_FIELDS, problems, hints)
         if decl is None:
+            if isinstance(raw.get("id"), str):
+                unusable.add(raw["id"])
             continue
         if decl.id in decls:
             first = decls[decl.id][0]
             problems.append(Violation(f"{prefix}.id", f"duplicate node id '{decl.id}' "
                                                       f"(first used by nodes[{first}])"))
             continue
+        if dropped and "params" not in raw:
+            unchecked_params.add(decl.id)
         entry = _node_entry(registry, decl, f"{prefix}.node_type", problems, hints)
         try:
             normalize_hint(decl.runtime_hint)
@@ -189,7 +226,7 @@ def compile_manifest(
 
     params: dict[str, tuple[NodeParams | None, str]] = {}
     for node_id, (index, decl, entry) in decls.items():
-        if entry is None:
+        if entry is None or node_id in unchecked_params:
             continue
         value = _validate_params(entry, decl.params, f"nodes[{index}].params", problems,
                                  hints, who=f"node '{node_id}': ")
@@ -200,12 +237,15 @@ def compile_manifest(
     consumed: set[tuple[str, str]] = set()
     for index, raw in enumerate(manifest.connections):
         prefix = f"connections[{index}]"
-        conn = _validate(ConnectionDecl, raw, prefix, CONNECTION_FIELDS, problems, hints)
+        conn, dropped = _validate_rest(ConnectionDecl, raw, prefix, CONNECTION_FIELDS, problems,
+                                       hints)
         if conn is None:
             continue
-        ok = True
+        ok = not dropped  # a port name may be what was misspelled: check the nodes only
         for side, node_id in (("from", conn.from_), ("to", conn.to)):
-            if node_id not in decls:
+            if node_id in unusable:
+                ok = False
+            elif node_id not in decls:
                 problems.append(Violation(f"{prefix}.{side}", f"no node '{clip(node_id)}'"
                                                               f"{hints(node_id, list(decls))}"))
                 ok = False

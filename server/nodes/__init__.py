@@ -13,6 +13,10 @@
 
         def process(self, inputs):
             return inputs["in"] * self.params.gain
+
+Port values: ``tensor`` numpy arrays, ``audio`` ``Audio``, ``text`` str, ``binary`` bytes,
+``json`` ``Json`` (a node may return a plain dict, list, str, number or bool for a json output:
+the executor wraps it), any of them wrapped in ``Tagged`` to carry metadata.
 """
 
 from tensorline.client._values import Audio, Json, Tagged

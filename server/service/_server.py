@@ -8,14 +8,17 @@ sending, in-flight calls get the grace period, then the runtimes shut down.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tensorline.server._logging import console_line
 from tensorline.server._settings import Settings
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.manifest import ManifestLimits
@@ -248,12 +251,46 @@ async def create_server(
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
     credentials = server_credentials(settings)
     address = f"{host}:{settings.port}"
-    port = (server.add_insecure_port(address) if credentials is None
-            else server.add_secure_port(address, credentials))
+    check_bindable(settings.host, settings.port)
+    try:
+        port = (server.add_insecure_port(address) if credentials is None
+                else server.add_secure_port(address, credentials))
+    except RuntimeError:  # gRPC's "Failed to bind ...; set GRPC_VERBOSITY=debug"
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
+        raise OSError(f"cannot listen on {address}")
     return TensorlineServer(settings, engine, server, health_servicer, port, telemetry,
                             service), port
+
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "address already in use (is another server running on this port?)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
+
+
+def check_bindable(host: str, port: int) -> None:
+    """OSError naming the address and the reason when ``host:port`` cannot be bound. gRPC's own
+    failure says neither why nor, in its exception, much at all, and prints a C-level log line
+    to stderr first: asking the OS beforehand gives one clear message instead."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC binds: SO_REUSEADDR, so a port in TIME_WAIT is not "in use".
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                # Other errors (e.g. no IPv6 for "localhost"'s ::1) are gRPC's to judge: it
+                # listens when any one resolved address binds.
+                if exc.errno in _BIND_REASONS:
+                    raise OSError(f"cannot listen on {host}:{port}: "
+                                  f"{_BIND_REASONS[exc.errno]}") from None
 
 
 async def serve(settings: Settings) -> None:
@@ -261,8 +298,11 @@ async def serve(settings: Settings) -> None:
     server, port = await create_server(settings)
     await server.start()
     scheme = "tls" if settings.tls_cert_file else "plaintext"
-    print(f"tensorline listening on {settings.host}:{port} ({scheme}, instance "
-          f"{settings.instance_id})", flush=True)
+    # On stdout, for whoever started the server to read the port from: a log line under
+    # --log-format json, so that every line the server prints is JSON.
+    print(console_line(f"tensorline listening on {settings.host}:{port} ({scheme}, instance "
+                       f"{settings.instance_id})", settings.log_format, logger=__name__),
+          flush=True)
     loop = asyncio.get_running_loop()
     log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     stop = asyncio.Event()

@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from tensorline.client._codec import SUPPORTED_DTYPES
-from tensorline.client._values import Json
+from tensorline.server.nodes import Json
 from tensorline.server.nodes._node import Node, NodeParams, NodeTraits, Port
 
 

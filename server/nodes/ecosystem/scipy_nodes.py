@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -12,7 +12,8 @@ import numpy.typing as npt
 from pydantic import Field
 
 from tensorline.client._values import Audio
-from tensorline.server.nodes._node import Node, NodeParams, NodeTraits, Port
+from tensorline.server.nodes._node import NodeParams, NodeTraits, Port
+from tensorline.server.nodes._streaming import Chunk, StreamingNode
 
 TENSORLINE_REQUIRES = ("scipy",)
 
@@ -34,13 +35,56 @@ def butter_sos(order: int, cutoff_hz: float, sample_rate: int) -> npt.NDArray[np
     return sos
 
 
-class ButterLowpass(Node):
+class _Lowpass:
+    """One signal's filter: the design for its rate and the filter state (``zi``) between the
+    pieces it arrives in. sosfilt runs sample by sample, so carrying the state makes any split of
+    the signal give exactly the output of one call over all of it."""
+
+    def __init__(self, order: int, cutoff_hz: float, first: Audio) -> None:
+        from scipy.signal import sosfilt
+
+        self._sosfilt = sosfilt
+        self.rate = first.sample_rate
+        nyquist = self.rate / 2
+        if cutoff_hz >= nyquist:
+            raise ValueError(f"cutoff_hz={cutoff_hz} must be below the Nyquist frequency "
+                             f"{nyquist} Hz of {self.rate} Hz audio")
+        # A private copy (a few hundred bytes): sosfilt's Cython core needs a writable array
+        # and the cached design is shared read-only.
+        self.sos = butter_sos(order, cutoff_hz, self.rate).copy()
+        # At rest: sosfilt's own starting state when it is given none.
+        self.zi = np.zeros((len(self.sos), 2, *first.samples.shape[1:]))
+
+    def __call__(self, audio: Audio) -> Audio:
+        samples = audio.samples
+        if audio.sample_rate != self.rate:
+            raise ValueError(f"sample rate changed from {self.rate} to {audio.sample_rate} Hz "
+                             "mid-stream")
+        if samples.shape[1:] != self.zi.shape[2:]:
+            raise ValueError(f"channel layout changed from {self.zi.shape[2:]} to "
+                             f"{samples.shape[1:]} mid-stream")
+        integer = np.issubdtype(samples.dtype, np.integer)
+        out, self.zi = self._sosfilt(self.sos, samples.astype(np.float64) if integer else samples,
+                                     axis=0, zi=self.zi)
+        if integer:
+            info = np.iinfo(samples.dtype)
+            out = np.clip(np.rint(out), info.min, info.max).astype(samples.dtype)
+        else:
+            out = out.astype(samples.dtype, copy=False)
+        return Audio(np.ascontiguousarray(out), audio.sample_rate)
+
+
+class ButterLowpass(StreamingNode):
     """Low-pass filter audio with a Butterworth filter (scipy.signal.butter + sosfilt).
 
     Second-order sections keep high orders numerically stable. The filter is causal (one pass,
     like an analogue filter), runs along the time axis of every channel, and starts from rest.
     Integer PCM is filtered in float64 and rounded back to its dtype with clipping; float input
     keeps its dtype.
+
+    In a StreamPipeline session the filter state carries from chunk to chunk, so a signal
+    streamed in chunks of any size gives exactly (bit for bit) the output of one unary call over
+    the whole signal; one output per chunk, nothing held back.
     """
 
     Params = ButterLowpassParams
@@ -50,24 +94,15 @@ class ButterLowpass(Node):
     traits = NodeTraits(libraries=("scipy",))
 
     def process(self, inputs: Mapping[str, Any]) -> Any:
-        from scipy.signal import sosfilt
-
         audio: Audio = inputs["in"]
-        nyquist = audio.sample_rate / 2
-        if self.params.cutoff_hz >= nyquist:
-            raise ValueError(f"cutoff_hz={self.params.cutoff_hz} must be below the Nyquist "
-                             f"frequency {nyquist} Hz of {audio.sample_rate} Hz audio")
-        # A private copy (a few hundred bytes): sosfilt's Cython core needs a writable array
-        # and the cached design is shared read-only.
-        sos = butter_sos(self.params.order, self.params.cutoff_hz, audio.sample_rate).copy()
-        samples = audio.samples
-        if np.issubdtype(samples.dtype, np.integer):
-            info = np.iinfo(samples.dtype)
-            out = sosfilt(sos, samples.astype(np.float64), axis=0)
-            out = np.clip(np.rint(out), info.min, info.max).astype(samples.dtype)
-        else:
-            out = sosfilt(sos, samples, axis=0).astype(samples.dtype, copy=False)
-        return Audio(np.ascontiguousarray(out), audio.sample_rate)
+        return _Lowpass(self.params.order, self.params.cutoff_hz, audio)(audio)
+
+    def stream(self, chunks: Iterator[Chunk]) -> Iterator[Any]:
+        lowpass: _Lowpass | None = None
+        for chunk in chunks:
+            audio: Audio = chunk.value
+            lowpass = lowpass or _Lowpass(self.params.order, self.params.cutoff_hz, audio)
+            yield lowpass(audio)
 
 
 TENSORLINE_NODES = (ButterLowpass,)

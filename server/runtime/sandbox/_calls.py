@@ -210,7 +210,9 @@ class _Calls(_Pool):
         if plan is None or plan.entry is not entry:
             declared = entry.traits.memory_mb
             cap = max(int(declared), MIN_MEMORY_MB) if declared else self.memory_mb_default
-            lazy = not (entry.reusable or entry.streaming or entry.has_initialize)
+            # A streaming class's unary call is one process call like any other's; its
+            # sessions, which need a worker of their own, are kept off this path (``acquire``).
+            lazy = not (entry.reusable or entry.has_initialize)
             plan = self._class_plans[entry.class_ref] = _ClassPlan(
                 entry=entry, group=(cap, "" if entry.trusted else entry.module),
                 module=entry.class_module, lazy=lazy, oneshot=lazy and not entry.has_cleanup)

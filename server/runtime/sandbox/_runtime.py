@@ -328,7 +328,7 @@ class SandboxRuntime(_Streaming):
         self._check_open()
         plan = self._class_plan(spec.entry)
         self._require_layers(plan.group[1], f"node '{spec.node_id}' ({spec.node_type})")
-        if plan.oneshot:
+        if plan.oneshot and not self._exclusive(spec):  # a streaming node needs its own worker
             return OneShotInstance(spec, scope, self)
         return await self._instance(spec, scope, host=True)
 
@@ -338,12 +338,15 @@ class SandboxRuntime(_Streaming):
             worker, iid = await self._acquire_warm(spec, scope, host)
             initialized = True
         else:
-            worker, iid, initialized = await self._create(spec, scope, self._exclusive(spec),
-                                                          host)
+            # Only a session (``host``) runs a streaming node's generator and needs its worker
+            # to itself; a unary call of one is a plain process call.
+            worker, iid, initialized = await self._create(
+                spec, scope, host and self._exclusive(spec), host)
         instance = SandboxInstance(spec, scope, self, worker, iid)
         instance.initialized = initialized
         instance.reserved = not initialized and not host
-        self._dedicate(instance)
+        if host:
+            self._dedicate(instance)
         return instance
 
     async def release(self, instance: NodeInstance) -> None:

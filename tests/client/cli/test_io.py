@@ -38,17 +38,50 @@ def test_stereo_wav_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(audio.samples, stereo)
 
 
-def test_float_audio_is_written_as_clipped_pcm16(tmp_path: Path) -> None:
-    path = tmp_path / "float.wav"
-    write_wav(path, Audio(np.array([0.0, 0.5, 2.0, -2.0], dtype=np.float32), 8000))
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "int32", "float32", "float64"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_wav_round_trip_keeps_the_dtype(tmp_path: Path, dtype: str, channels: int) -> None:
+    rng = np.random.default_rng(0)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        samples = rng.integers(info.min, info.max, size=(50, channels), endpoint=True, dtype=dtype)
+    else:
+        samples = rng.uniform(-1.5, 1.5, size=(50, channels)).astype(dtype)  # no clipping
+    samples = samples[:, 0] if channels == 1 else samples
+    path = tmp_path / "x.wav"
+    write_wav(path, Audio(samples, 44100))
     audio = read_wav(path)
-    np.testing.assert_array_equal(audio.samples, [0, 16383, 32767, -32767])
+    assert audio.sample_rate == 44100
+    assert audio.samples.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(audio.samples, samples)
 
 
-def test_24_bit_wav_is_refused(tmp_path: Path) -> None:
+def test_float16_audio_is_written_as_float32(tmp_path: Path) -> None:
+    path = tmp_path / "half.wav"
+    write_wav(path, Audio(np.array([0.0, 0.5, -2.0], dtype=np.float16), 8000))
+    audio = read_wav(path)
+    assert audio.samples.dtype == np.float32
+    np.testing.assert_array_equal(audio.samples, [0.0, 0.5, -2.0])
+
+
+def test_unwritable_audio_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"cannot write int8 audio .* save it as \.npz"):
+        write_wav(tmp_path / "x.wav", Audio(np.zeros(4, dtype=np.int8), 8000))
+
+
+def test_24_bit_wav_is_read_as_int32(tmp_path: Path) -> None:
     path = tmp_path / "24.wav"
-    make_wav(path, b"\x00" * 6, 3, 1, 8000)
-    with pytest.raises(ValueError, match="24-bit WAV is not supported"):
+    # Two little-endian 24-bit samples: 1 and -1.
+    make_wav(path, b"\x01\x00\x00\xff\xff\xff", 3, 1, 8000)
+    audio = read_wav(path)
+    assert audio.samples.dtype == np.int32
+    np.testing.assert_array_equal(audio.samples, [1 << 8, -(1 << 8)])
+
+
+def test_a_file_that_is_not_wav_names_itself(tmp_path: Path) -> None:
+    path = tmp_path / "fake.wav"
+    path.write_bytes(b"not a riff file at all")
+    with pytest.raises(ValueError, match=f"{path}: cannot read this WAV file"):
         read_wav(path)
 
 
