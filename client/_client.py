@@ -67,6 +67,9 @@ def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise syntax_error(exc, source) from None
     except ValueError as exc:  # the YAML loader's bounds
         raise ValueError(f"{source}: {exc}") from None
+    if data is None:  # an empty file, or comments only: the one prefix names the file
+        raise ValueError(f"{source}: the manifest is empty; write a mapping with 'version' "
+                         "and 'nodes' (see examples/)")
     if not isinstance(data, dict):
         raise ValueError(f"{source}: a manifest must be a mapping")
     return data

@@ -27,6 +27,32 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 console = Console()
 errors = Console(stderr=True)
 
+
+def package_version() -> str:
+    """The installed distribution's version (the client must not import the server's
+    ``_version``; both read the same metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tensorline")
+    except PackageNotFoundError:  # running from a checkout without an install
+        return "0.0.0"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"tensorline {package_version()}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="print the version and exit")] = False,
+) -> None:
+    """tensorline: run pipelines of Python nodes over tensors."""
+
 ServerOpt = Annotated[str, typer.Option("--server", "-s", envvar="TENSORLINE_SERVER",
                                         help="server address host:port")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="TENSORLINE_TOKEN",
