@@ -99,9 +99,20 @@ def _module_not_found(exc: ModuleNotFoundError, modules: list[str]) -> str:
             f"'{missing.partition('.')[0]}', or set PYTHONPATH)")
 
 
+def _headline(message: str, violations: Sequence[Any]) -> str:
+    """The server's message without its inline list of problems when they follow one a line
+    (``invalid manifest (2 problem(s)): a; b`` -> ``invalid manifest (2 problem(s))``)."""
+    if violations:
+        head, sep, _ = message.partition(" problem(s)): ")
+        if sep:
+            return f"{head} problem(s))"
+    return message
+
+
 def _report_error(exc: TensorlineError) -> typer.Exit:
     errors.print(f"[red]{type(exc).__name__}[/red] ({exc.code.name if exc.code else '-'}): "
-                 f"{escape(exc.message)}", highlight=False, soft_wrap=True)
+                 f"{escape(_headline(exc.message, exc.violations))}", highlight=False,
+                 soft_wrap=True)
     _print_violations(exc.violations)
     return typer.Exit(1)
 

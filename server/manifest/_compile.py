@@ -35,6 +35,7 @@ from tensorline.server.manifest._model import (
 from tensorline.server.manifest._plan import ExecutionPlan, NodeSpec, Source
 from tensorline.server.nodes import NodeEntry, NodeParams, NodeRegistry, Port, UnknownNodeType
 from tensorline.server.nodes._params_schema import SchemaViolation, schema_violations
+from tensorline.server.nodes._registry import needs_message
 from tensorline.server.selector import Selector, normalize_hint
 
 
@@ -299,6 +300,12 @@ def _node_entry(registry: NodeRegistry, decl: NodeDecl, field: str, problems: li
     registry's message, with its suggestion, while the hint budget lasts)."""
     if decl.node_type in registry:
         return registry.get(decl.node_type)
+    if decl.node_type in registry.optional:
+        # Known, but its optional dependency is not installed here: what to install, as a
+        # precondition of this server (FAILED_PRECONDITION), not a typo in the request.
+        problems.append(Violation(field, f"node '{decl.id}': " + needs_message(
+            decl.node_type, registry.optional[decl.node_type]), kind="precondition"))
+        return None
     if registry.refused:
         # Maybe a node of an untrusted module the sandbox policy refused: say so, as a
         # precondition of this server rather than a mistake in the request.

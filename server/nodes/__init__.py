@@ -32,6 +32,7 @@ from tensorline.server.nodes._node import (
 )
 from tensorline.server.nodes._registry import (
     ENTRY_POINT_GROUP,
+    MissingDependency,
     NodeEntry,
     NodeRegistry,
     UnknownNodeType,
@@ -46,6 +47,7 @@ __all__ = [
     "Emit",
     "Isolation",
     "Json",
+    "MissingDependency",
     "NoParams",
     "Node",
     "NodeContext",

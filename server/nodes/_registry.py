@@ -2,7 +2,10 @@
 entry point group, each node with the trust the operator gave its module.
 
 Optional dependencies: a node module may declare ``TENSORLINE_REQUIRES = ("torch", ...)`` (import
-names). When one of them is not installed the module's nodes are skipped with a warning, checked
+names). When one of them is not installed the module's nodes are skipped (logged at debug level:
+every client-side command builds a catalogue, and a line on each of them is noise; the server
+logs one summary at startup), and remembered as *optional* node types, so a manifest naming one
+is told which dependency it needs rather than "unknown node type". Requirements are checked
 with ``importlib.util.find_spec`` so that the server process never imports a heavy library just to
 list a catalogue (its nodes may well run in sandboxed workers only). Inside a package each
 submodule is checked on its own, so a missing torch drops the torch nodes and keeps the rest. An
@@ -99,6 +102,19 @@ class NodeEntry:
         return json.dumps(self.cls.Params.model_json_schema(), sort_keys=True)
 
 
+# Import names whose pip distribution is named differently, for the "pip install" hint.
+_PIP_NAMES = {"sklearn": "scikit-learn", "cv2": "opencv-python", "PIL": "pillow",
+              "yaml": "pyyaml", "skimage": "scikit-image"}
+
+
+def needs_message(node_type: str, missing: Iterable[str]) -> str:
+    """``node type 'X' needs the optional dependency torch (pip install torch)``."""
+    names = list(missing)
+    what = "dependency" if len(names) == 1 else "dependencies"
+    return (f"node type '{node_type}' needs the optional {what} {', '.join(names)} "
+            f"(pip install {' '.join(_PIP_NAMES.get(n, n) for n in names)})")
+
+
 class UnknownNodeType(KeyError):
     def __init__(self, node_type: str, known: Iterable[str],
                  unavailable: Mapping[str, str] | None = None) -> None:
@@ -111,6 +127,15 @@ class UnknownNodeType(KeyError):
         super().__init__(f"unknown node type '{node_type}'{hint}; known types: "
                          f"{', '.join(known)}{missing}")
         self.message = self.args[0]
+
+
+class MissingDependency(UnknownNodeType):
+    """A node type this catalogue knows of but cannot run: its optional dependency is missing."""
+
+    def __init__(self, node_type: str, missing: Iterable[str]) -> None:
+        KeyError.__init__(self, needs_message(node_type, missing))
+        self.message = self.args[0]
+        self.missing = tuple(missing)
 
 
 class NodeRegistry:
@@ -129,6 +154,9 @@ class NodeRegistry:
         # Of those, the ones the sandbox policy refused (a required layer is missing): a request
         # naming a node type this server does not know may be one of theirs.
         self.refused: set[str] = set()
+        # Node types of modules skipped for a missing optional dependency -> the missing
+        # import names (a request naming one is told what to install).
+        self.optional: dict[str, tuple[str, ...]] = {}
 
     def register(self, node_cls: type[Node], *, trusted: bool = True, module: str = "") -> None:
         module = module or node_cls.__module__
@@ -167,7 +195,7 @@ class NodeRegistry:
                         name, exc.name)
             return []
         added = []
-        for node_cls in _nodes_of(module, exclude):
+        for node_cls in _nodes_of(module, exclude, self.optional):
             self.register(node_cls, trusted=trusted, module=name)
             added.append(node_cls.node_type)
         log.info("loaded %d node(s) from %s (%s)", len(added), name,
@@ -185,6 +213,8 @@ class NodeRegistry:
         try:
             return self._entries[node_type]
         except KeyError:
+            if node_type in self.optional:
+                raise MissingDependency(node_type, self.optional[node_type]) from None
             raise UnknownNodeType(node_type, self._entries, self.unavailable) from None
 
     def __contains__(self, node_type: object) -> bool:
@@ -250,12 +280,27 @@ def missing_requirements(module: ModuleType) -> list[str]:
     return missing
 
 
-def _requirements_met(module: ModuleType) -> bool:
+def _requirements_met(module: ModuleType, optional: dict[str, tuple[str, ...]] | None) -> bool:
+    """False (noted in ``optional``, logged at debug level) when a requirement is missing."""
     missing = missing_requirements(module)
     if missing:
-        log.warning("skipping the nodes of %s: optional dependenc%s %s not installed",
-                    module.__name__, "y" if len(missing) == 1 else "ies", ", ".join(missing))
+        log.debug("skipping the nodes of %s: optional dependenc%s %s not installed",
+                  module.__name__, "y" if len(missing) == 1 else "ies", ", ".join(missing))
+        if optional is not None:
+            for cls in _classes_of(module, module.__name__):
+                if cls.__module__ == module.__name__:
+                    optional[cls.node_type] = tuple(missing)
     return not missing
+
+
+def _classes_of(module: ModuleType, root: str) -> list[type[Node]]:
+    """The node classes ``module`` declares (``TENSORLINE_NODES``) or defines under ``root``."""
+    declared: Any = getattr(module, "TENSORLINE_NODES", None)
+    if declared is not None:
+        return list(declared)
+    return [obj for _, obj in inspect.getmembers(module, inspect.isclass)
+            if issubclass(obj, Node) and obj is not Node and obj.__module__.startswith(root)
+            and not inspect.isabstract(obj) and not obj.__name__.startswith("_")]
 
 
 def _submodules(package: ModuleType, exclude: frozenset[str]) -> list[ModuleType]:
@@ -273,8 +318,11 @@ def _submodules(package: ModuleType, exclude: frozenset[str]) -> list[ModuleType
     return found
 
 
-def _nodes_of(module: ModuleType, exclude: frozenset[str] = frozenset()) -> list[type[Node]]:
-    if not _requirements_met(module):
+def _nodes_of(module: ModuleType, exclude: frozenset[str] = frozenset(),
+              optional: dict[str, tuple[str, ...]] | None = None) -> list[type[Node]]:
+    """The node classes of ``module`` (and its submodules); those of a (sub)module whose
+    optional dependency is missing are left out and noted in ``optional``."""
+    if not _requirements_met(module, optional):
         return []
     declared: Any = getattr(module, "TENSORLINE_NODES", None)
     if declared is not None:
@@ -285,22 +333,14 @@ def _nodes_of(module: ModuleType, exclude: frozenset[str] = frozenset()) -> list
     found: dict[str, type[Node]] = {}
     skipped: set[str] = set()
     for mod in modules:
-        if mod is not module and not _requirements_met(mod):
+        if mod is not module and not _requirements_met(mod, optional):
             skipped.add(mod.__name__)
             continue
-        sub_declared: Any = getattr(mod, "TENSORLINE_NODES", None) if mod is not module else None
-        if sub_declared is not None:
-            for obj in sub_declared:
+        if mod is not module and getattr(mod, "TENSORLINE_NODES", None) is not None:
+            for obj in _classes_of(mod, module.__name__):
                 found[obj.node_type] = obj
             continue
-        for _, obj in inspect.getmembers(mod, inspect.isclass):
-            if (
-                issubclass(obj, Node)
-                and obj is not Node
-                and obj.__module__.startswith(module.__name__)
-                and obj.__module__ not in skipped
-                and not inspect.isabstract(obj)
-                and not obj.__name__.startswith("_")
-            ):
+        for obj in _classes_of(mod, module.__name__):
+            if obj.__module__ not in skipped:
                 found[obj.node_type] = obj
     return [cls for cls in found.values() if cls.__module__ not in skipped]

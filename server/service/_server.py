@@ -68,6 +68,13 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
         untrusted_modules=settings.untrusted_modules,
         entry_points=settings.load_entry_points,
     )
+    if registry.optional:  # once per server, not on every client-side catalogue
+        by_missing: dict[tuple[str, ...], list[str]] = {}
+        for node_type, missing in sorted(registry.optional.items()):
+            by_missing.setdefault(missing, []).append(node_type)
+        for missing, types in by_missing.items():
+            log.info("node types %s not available: optional dependency %s not installed",
+                     ", ".join(types), ", ".join(missing))
     runtimes: dict[str, Runtime] = {
         INPROCESS: InProcessRuntime(threads=settings.node_threads,
                                     shutdown_timeout_s=max(1.0, settings.grace_s),

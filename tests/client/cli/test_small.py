@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.client.cli.test_messages import TENSORLINE, error_lines, user_env
@@ -26,12 +27,26 @@ def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
 
 
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "audio_scoring"
+
+
 @pytest.fixture(scope="module")
-def served() -> Iterator[ServerProcess]:
-    """One real ``tensorline serve`` for the module (with the test node modules)."""
+def no_torch(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A PYTHONPATH entry whose sitecustomize hides torch, as on a default install (whether or
+    not this machine has torch): ``find_spec("torch")`` is None."""
+    folder = tmp_path_factory.mktemp("no-torch")
+    (folder / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def served(no_torch: str) -> Iterator[ServerProcess]:
+    """One real ``tensorline serve`` for the module: test node modules, the ecosystem entry
+    points, no torch."""
     with ServerProcess.start(env={"TENSORLINE_LOAD_ENTRY_POINTS": "true",
-                                  "TENSORLINE_NODE_MODULES": '["tests.nodes.basic"]',
-                                  "TENSORLINE_SANDBOX_WORKERS": "1"},
+                                  "TENSORLINE_NODE_MODULES": "tests.nodes.basic",
+                                  "TENSORLINE_SANDBOX_WORKERS": "2",
+                                  "PYTHONPATH": no_torch},
                              pythonpath_repo=True) as server:
         yield server
 
@@ -54,3 +69,49 @@ def test_an_empty_manifest_is_named_once(tmp_path: Path, text: str, command: str
     assert error_lines(result) == [
         "error: empty.yaml: the manifest is empty; write a mapping with 'version' and 'nodes' "
         "(see examples/)"]
+
+
+def test_client_commands_do_not_log_the_skipped_optional_nodes(tmp_path: Path,
+                                                               no_torch: str) -> None:
+    for args in (["nodes"], ["--version"], ["validate", str(EXAMPLE / "pipeline.yaml")]):
+        result = tensorline(*args, cwd=tmp_path, env={"PYTHONPATH": no_torch})
+        no_traceback(result)
+        assert "skipping the nodes" not in result.stderr + result.stdout, args
+
+
+def test_serve_logs_the_unavailable_optional_nodes_once(served: ServerProcess) -> None:
+    logs = served.logs()
+    assert logs.count("node types TorchMLP, TorchSpectrogram not available: optional "
+                      "dependency torch not installed") == 1, logs
+    assert "skipping the nodes" not in logs
+
+
+def test_validate_says_which_optional_dependency_a_node_needs(tmp_path: Path,
+                                                             no_torch: str) -> None:
+    result = tensorline("validate", "pipeline.yaml", cwd=EXAMPLE, env={"PYTHONPATH": no_torch})
+    assert result.returncode == 1
+    no_traceback(result)
+    assert error_lines(result) == [
+        "pipeline.yaml: 2 problem(s)",
+        "  - nodes[2].node_type: node 'features': node type 'TorchSpectrogram' needs the "
+        "optional dependency torch (pip install torch)",
+        "  - nodes[3].node_type: node 'scores': node type 'TorchMLP' needs the optional "
+        "dependency torch (pip install torch)",
+    ]
+
+
+def test_run_says_which_optional_dependency_a_node_needs(served: ServerProcess,
+                                                        tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros(16, dtype=np.int16))
+    result = tensorline("run", str(EXAMPLE / "pipeline.yaml"), "-s", served.target,
+                        "-i", f"mic={tmp_path / 'x.npy'}", cwd=tmp_path)
+    assert result.returncode == 1
+    no_traceback(result)
+    assert "unknown node type" not in result.stderr
+    assert error_lines(result) == [
+        "ServerError (FAILED_PRECONDITION): invalid manifest (2 problem(s))",
+        "  - nodes[2].node_type: node 'features': node type 'TorchSpectrogram' needs the "
+        "optional dependency torch (pip install torch)",
+        "  - nodes[3].node_type: node 'scores': node type 'TorchMLP' needs the optional "
+        "dependency torch (pip install torch)",
+    ]

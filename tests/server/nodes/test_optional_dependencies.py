@@ -1,4 +1,5 @@
-"""The registry skips node modules whose optional dependency is missing, with a warning, and the
+"""The registry skips node modules whose optional dependency is missing (logged at debug level
+only, and remembered: a manifest naming one of their node types is told what to install), and the
 ecosystem catalogue loads without importing torch or pandas."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorline.server.nodes import NodeRegistry
+from tensorline.server.nodes import MissingDependency, NodeRegistry
 
 NODE = textwrap.dedent('''
     from tensorline.server.nodes import Node
@@ -34,15 +35,25 @@ def write_package(root: Path) -> None:
         name="HardImport", extra="import surely_not_installed_lib"))
 
 
-def test_a_submodule_with_a_missing_requirement_is_skipped_with_a_warning(
+def test_a_submodule_with_a_missing_requirement_is_skipped_at_debug_level(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     write_package(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = NodeRegistry()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         added = registry.load_module("optpkg")
     assert added == ["Present"]
     assert "NeedsMissing" not in registry
+    assert "skipping" not in caplog.text  # not on every command that builds a catalogue
+    assert registry.optional == {"NeedsMissing": ("surely_not_installed_lib",)}
+    with pytest.raises(MissingDependency) as raised:
+        registry.get("NeedsMissing")
+    assert raised.value.message == (
+        "node type 'NeedsMissing' needs the optional dependency surely_not_installed_lib "
+        "(pip install surely_not_installed_lib)")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        NodeRegistry().load_module("optpkg")
     assert "skipping the nodes of optpkg.absent: optional dependency surely_not_installed_lib " \
            "not installed" in caplog.text
 
@@ -92,13 +103,15 @@ def test_the_ecosystem_catalogue_loads_without_importing_heavy_libraries() -> No
 def test_without_torch_the_torch_nodes_are_skipped_and_the_rest_load() -> None:
     out = run_python('''
         import logging, sys
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.basicConfig(level=logging.DEBUG, format="%(message)s")
         sys.modules["torch"] = None  # as if torch were not installed: find_spec gives None
         from tensorline.server.nodes import NodeRegistry
         registry = NodeRegistry()
         registry.load_module("tensorline.server.nodes.ecosystem")
         print(sorted(e.node_type for e in registry))
+        print(sorted(registry.optional.items()))
     ''')
     assert "['ButterLowpass', 'DataFrameAggregate', 'PyHashChain']" in out
+    assert "[('TorchMLP', ('torch',)), ('TorchSpectrogram', ('torch',))]" in out
     assert "skipping the nodes of tensorline.server.nodes.ecosystem.torch_nodes: optional " \
            "dependency torch not installed" in out
