@@ -4,9 +4,11 @@ flags > environment > file > defaults)."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +26,14 @@ MiB = 1024 * 1024
 DEFAULT_REQUIRED_LAYERS = ("rlimits", "environment", "descriptors", "capabilities", "landlock",
                            "seccomp")
 GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps/*", "/dev/dri/renderD*", "/dev/kfd")
+
+
+# TENSORLINE_* variables that are not server settings: read by Settings.load (CONFIG), by the
+# client commands (SERVER, TOKEN), by docker compose (LB_PORT); TENSORLINE_TEST_* belong to the
+# test suite.
+NOT_SETTINGS = frozenset({"TENSORLINE_CONFIG", "TENSORLINE_SERVER", "TENSORLINE_TOKEN",
+                          "TENSORLINE_LB_PORT"})
+_RESERVED_PREFIX = "TENSORLINE_TEST_"
 
 
 def _default_instance_id() -> str:
@@ -192,5 +202,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"config file {path} must hold a mapping")
             file_values = loaded
         given = {k: v for k, v in overrides.items() if v is not None}
+        cls.check_environment(os.environ)
         env_values = cls().model_dump(exclude_unset=True)
         return cls.model_validate({**file_values, **env_values, **given})
+
+    @classmethod
+    def check_environment(cls, environ: Mapping[str, str]) -> None:
+        """ValueError naming each ``TENSORLINE_*`` variable that is no setting (a typo would
+        otherwise be ignored without a word, and the server run with the default instead),
+        with the closest known name."""
+        known = sorted({f"TENSORLINE_{name.upper()}" for name in cls.model_fields} | NOT_SETTINGS)
+        problems = []
+        for name in sorted(environ):
+            if (not name.upper().startswith("TENSORLINE_") or name.upper() in known
+                    or name.upper().startswith(_RESERVED_PREFIX)):
+                continue
+            close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"unknown environment variable {name}{hint}")
+        if problems:
+            raise ValueError("; ".join(problems) + "; fix or unset it (the TENSORLINE_* "
+                             "settings are listed in the README, Configuration)")

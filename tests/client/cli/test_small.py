@@ -115,3 +115,15 @@ def test_run_says_which_optional_dependency_a_node_needs(served: ServerProcess,
         "  - nodes[3].node_type: node 'scores': node type 'TorchMLP' needs the optional "
         "dependency torch (pip install torch)",
     ]
+
+
+def test_serve_refuses_a_misspelled_setting(tmp_path: Path) -> None:
+    result = tensorline("serve", "--host", "127.0.0.1", "--port", "0", cwd=tmp_path,
+                        env={"TENSORLINE_SANBOX_WORKERS": "3", "TENSORLINE_SERVER": "x:1"})
+    assert result.returncode == 2
+    no_traceback(result)
+    assert error_lines(result) == [
+        "error: invalid settings: unknown environment variable TENSORLINE_SANBOX_WORKERS (did "
+        "you mean TENSORLINE_SANDBOX_WORKERS?); fix or unset it (the TENSORLINE_* settings are "
+        "listed in the README, Configuration)"]
+    assert result.stdout == ""
