@@ -1,7 +1,9 @@
 """``tensorline stream``: stream a file through a pipeline in chunks, with a progress bar.
 
-Audio (.wav) is cut into chunks of ``--chunk 20ms`` (or ``--chunk N`` frames); tensors (.npy)
-into chunks of N rows along axis 0. Several ``--input`` files are chunked alike and chunk i of
+Audio (.wav) is cut into chunks of ``--chunk 20ms`` (the default; or ``--chunk N`` frames);
+tensors (.npy) into chunks of N rows along axis 0. A .npy has no sample rate: a duration needs
+``--rate HZ`` (rows per second); without ``--chunk`` a .npy goes one row per chunk (one frame
+each), or 20 ms of rows with ``--rate``. Several ``--input`` files are chunked alike and chunk i of
 each goes out with sequence i, so multi-input nodes join them. Results are collected per output
 and concatenated (audio and tensors along axis 0) into ``--output`` (.npz, .wav for a single
 audio output, or a directory). Sending and receiving run concurrently; the server's flow control
@@ -46,31 +48,47 @@ class _Rate(ProgressColumn):
         return Text(f"{task.speed or 0:,.0f} chunks/s", style="progress.data.speed")
 
 
-def parse_chunk(text: str) -> tuple[float, str]:
-    """``20ms`` -> (20, "ms"); ``512`` -> (512, "rows")."""
+DEFAULT_MS = 20.0
+
+
+def parse_chunk(text: str | None) -> tuple[float, str]:
+    """``20ms`` -> (20, "ms"); ``512`` -> (512, "rows"); None -> (0, "default")."""
+    if text is None:
+        return 0.0, "default"
     text = text.strip().lower()
     try:
         if text.endswith("ms"):
             value, unit = float(text[:-2]), "ms"
+        elif text.endswith("s"):
+            value, unit = float(text[:-1]) * 1000, "ms"
         else:
             value, unit = float(int(text)), "rows"
     except ValueError:
-        raise ValueError(f"--chunk must be like 20ms or a number of rows/frames, got {text!r}") \
-            from None
+        raise ValueError(f"--chunk must be a duration like 20ms or a number of rows/frames "
+                         f"like 512, got {text!r}") from None
     if value <= 0:
         raise ValueError("--chunk must be positive")
     return value, unit
 
 
-def split(value: Any, size: float, unit: str, name: str) -> list[Any]:
-    """Cut an input into chunks along axis 0 (views: no copies)."""
+def split(value: Any, size: float, unit: str, name: str, rate: float | None = None) -> list[Any]:
+    """Cut an input into chunks along axis 0 (views: no copies). ``unit`` "default": 20 ms of
+    audio (or of a tensor with ``rate``), else one row of a tensor."""
     if isinstance(value, Audio):
+        if unit == "default":
+            size, unit = DEFAULT_MS, "ms"
         step = max(1, round(value.sample_rate * size / 1000)) if unit == "ms" else int(size)
         return [Audio(value.samples[i:i + step], value.sample_rate)
                 for i in range(0, len(value.samples), step)]
     if isinstance(value, np.ndarray):
+        if unit == "default":
+            size, unit = (DEFAULT_MS, "ms") if rate else (1, "rows")
         if unit == "ms":
-            raise ValueError(f"{name}: --chunk in ms needs audio (.wav); give a number of rows")
+            if not rate:
+                raise ValueError(f"{name}: --chunk {size:g}ms is a duration and a .npy has no "
+                                 f"sample rate: give --rate HZ (rows per second) or --chunk "
+                                 f"N (rows)")
+            size, unit = max(1, round(rate * size / 1000)), "rows"
         if value.ndim == 0:
             return [value]
         return [value[i:i + int(size)] for i in range(0, len(value), int(size))]
@@ -157,8 +175,11 @@ def stream(
     server: ServerOpt = "localhost:50051",
     input: Annotated[list[str], typer.Option(
         "--input", "-i", help="NODE[:PORT]=FILE (.wav or .npy), repeatable")] = [],  # noqa: B006
-    chunk: Annotated[str, typer.Option(
-        help="chunk size: 20ms (audio) or a number of rows/frames")] = "20ms",
+    chunk: Annotated[str | None, typer.Option(
+        help="chunk size: a duration (20ms, the default for audio) or a number of "
+             "rows/frames (default for .npy: 1 row)")] = None,
+    rate: Annotated[float | None, typer.Option(
+        min=0.001, help="rows per second of .npy inputs: lets --chunk be a duration")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="write outputs to FILE.npz, FILE.wav or a directory")] = None,
     queue_size: Annotated[int, typer.Option(help="server buffer per node (0 = default)")] = 0,
@@ -174,7 +195,7 @@ def stream(
         data = load_manifest(manifest)
         inputs = {}
         for key, path in map(parse_assignment, input):
-            inputs[key] = split(read_input(path), size, unit, str(path))
+            inputs[key] = split(read_input(path), size, unit, str(path), rate)
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
     try:

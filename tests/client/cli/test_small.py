@@ -127,3 +127,39 @@ def test_serve_refuses_a_misspelled_setting(tmp_path: Path) -> None:
         "you mean TENSORLINE_SANDBOX_WORKERS?); fix or unset it (the TENSORLINE_* settings are "
         "listed in the README, Configuration)"]
     assert result.stdout == ""
+
+
+def scale_manifest(folder: Path) -> None:
+    (folder / "scale.yaml").write_text(
+        "version: v1\nnodes:\n  - {id: x, node_type: Scale, params: {factor: 2}}\n")
+
+
+@pytest.mark.parametrize(("options", "chunks"), [([], 8), (["--rate", "400"], 1),
+                                                  (["--rate", "400", "--chunk", "5ms"], 4),
+                                                  (["--chunk", "3"], 3)])
+def test_stream_a_npy_file(served: ServerProcess, tmp_path: Path, options: list[str],
+                           chunks: int) -> None:
+    """Default --chunk: one row of a .npy per chunk, or 20 ms of rows at --rate."""
+    scale_manifest(tmp_path)
+    data = np.arange(16, dtype=np.float32).reshape(8, 2)
+    np.save(tmp_path / "x.npy", data)
+    result = tensorline("stream", "scale.yaml", "-s", served.target, "-i", "x=x.npy",
+                        "-o", "out.npz", *options, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    no_traceback(result)
+    assert f"{chunks}/{chunks}" in result.stderr
+    with np.load(tmp_path / "out.npz") as saved:
+        np.testing.assert_array_equal(saved["x"], data * 2)
+
+
+def test_stream_a_npy_file_by_duration_needs_a_rate(served: ServerProcess,
+                                                    tmp_path: Path) -> None:
+    scale_manifest(tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros(8, dtype=np.float32))
+    result = tensorline("stream", "scale.yaml", "-s", served.target, "-i", "x=x.npy",
+                        "--chunk", "20ms", cwd=tmp_path)
+    assert result.returncode == 1
+    no_traceback(result)
+    assert error_lines(result) == [
+        "error: x.npy: --chunk 20ms is a duration and a .npy has no sample rate: give --rate HZ "
+        "(rows per second) or --chunk N (rows)"]

@@ -67,4 +67,4 @@ async def test_cli_stream_reports_errors(target: str, tmp_path: Path) -> None:
     assert "nodes[0].node_type" in output and "did you mean 'Scale'" in output
     code, output = await invoke("stream", str(tmp_path / "p.yaml"), "-s", target,
                                 "-i", f"x={tmp_path / 'x.npy'}", "--chunk", "20ms")
-    assert code == 1 and "needs audio" in output
+    assert code == 1 and "give --rate HZ (rows per second) or --chunk N (rows)" in output
