@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from tensorline.client._json import JsonRejected, loads
 from tensorline.server._errors import RequestInvalid, Violation, clip
+from tensorline.server.manifest._inputs import default_port
 from tensorline.server.manifest._model import (
     CONNECTION_FIELDS,
     MANIFEST_FIELDS,
@@ -429,14 +430,15 @@ def _build_plan(manifest: ManifestDecl, nodes: dict[str, NodeSpec],
 def request_ports(nodes: dict[str, NodeSpec],
                   external: list[tuple[str, str]]) -> dict[tuple[str, str], Port]:
     """Every way a request may address an external input port: (node, port), and (node, "")
-    for a node with exactly one such port."""
+    for a node with one port it defaults to (``default_port``)."""
     ports: dict[tuple[str, str], Port] = {}
     per_node: dict[str, list[Port]] = {}
     for node_id, name in external:
         port = nodes[node_id].input_ports[name]
         ports[(node_id, name)] = port
         per_node.setdefault(node_id, []).append(port)
-    for node_id, only in per_node.items():
-        if len(only) == 1:
-            ports[(node_id, "")] = only[0]
+    for node_id, external_ports in per_node.items():
+        default = default_port(external_ports)
+        if default is not None:
+            ports[(node_id, "")] = default
     return ports

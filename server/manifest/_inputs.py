@@ -26,6 +26,16 @@ def value_for_port(port: Port, value: Any) -> Any:
     return value
 
 
+def default_port(external: Sequence[Port]) -> Port | None:
+    """The port a request input naming only the node binds to: the node's only unconnected
+    input, else its only unconnected *required* one (an optional port need not be named when
+    the required one is obvious); None when that is ambiguous."""
+    if len(external) == 1:
+        return external[0]
+    required = [p for p in external if p.required]
+    return required[0] if len(required) == 1 else None
+
+
 def resolve_input_port(plan: ExecutionPlan, node_id: str, port_name: str,
                        field: str) -> tuple[Port | None, Violation | None]:
     """The external input port addressed by (node_id, port_name) or the violation explaining why
@@ -36,16 +46,20 @@ def resolve_input_port(plan: ExecutionPlan, node_id: str, port_name: str,
                                f"no node '{node_id}' in the manifest (nodes: {', '.join(plan.nodes)})")
     external = [p for p in spec.entry.inputs if p.name not in spec.wiring]
     if not port_name:
-        if len(external) == 1:
-            return external[0], None
+        default = default_port(external)
+        if default is not None:
+            return default, None
         if not external and spec.wiring:
             fed = ", ".join(f"'{name}' by node '{srcs[0].node_id}'"
                             for name, srcs in spec.wiring.items())
             return None, Violation(field, f"node '{node_id}' takes no input from the request: "
                                           f"its input ports are fed by other nodes ({fed})")
-        names = ", ".join(p.name for p in external) or "none"
+        names = ", ".join(p.name + ("" if p.required else " (optional)")
+                          for p in external) or "none"
+        example = f" (e.g. '{node_id}:{external[0].name}')" if external else ""
         return None, Violation(f"{field}.port", f"node '{node_id}' has {len(external)} inputs "
-                                                f"fed by the request ({names}); name the port")
+                                                f"fed by the request ({names}); name the port"
+                                                f"{example}")
     port = spec.input_ports.get(port_name)
     if port is None:
         names = ", ".join(spec.input_ports) or "none"
@@ -101,12 +115,16 @@ def _bind_reporting(plan: ExecutionPlan, items: Sequence[PortItem],
     bound: BoundInputs = {}
     # Ports whose value the codec could not decode (already reported): not "missing" as well.
     undecodable: set[tuple[str, str]] = set()
+    # Nodes given a value whose port could not be resolved (already reported): their inputs
+    # were supplied, only misaddressed, so none of them is "missing" as well.
+    misaddressed: set[str] = set()
     for index, item in enumerate(items):
         field = f"inputs[{index}]"
         port, problem = resolve_input_port(plan, item.node_id, item.port, field)
         if port is None:
             assert problem is not None
             problems.append(problem)
+            misaddressed.add(item.node_id)
             continue
         if item.value is None:
             undecodable.add((item.node_id, port.name))
@@ -126,7 +144,8 @@ def _bind_reporting(plan: ExecutionPlan, items: Sequence[PortItem],
             bound[key] = value
     present = set(bound) | undecodable
     for node_id, port_name in plan.external_inputs:
-        if (node_id, port_name) in plan.required_inputs and (node_id, port_name) not in present:
+        if ((node_id, port_name) in plan.required_inputs and (node_id, port_name) not in present
+                and node_id not in misaddressed):
             problems.append(Violation("inputs", f"missing input for node '{node_id}' "
                                                 f"port '{port_name}'"))
     if problems:

@@ -44,7 +44,7 @@ def served(no_torch: str) -> Iterator[ServerProcess]:
     """One real ``tensorline serve`` for the module: test node modules, the ecosystem entry
     points, no torch."""
     with ServerProcess.start(env={"TENSORLINE_LOAD_ENTRY_POINTS": "true",
-                                  "TENSORLINE_NODE_MODULES": "tests.nodes.basic",
+                                  "TENSORLINE_NODE_MODULES": "tests.nodes.basic,tests.nodes.spine",
                                   "TENSORLINE_SANDBOX_WORKERS": "2",
                                   "PYTHONPATH": no_torch},
                              pythonpath_repo=True) as server:
@@ -163,3 +163,29 @@ def test_stream_a_npy_file_by_duration_needs_a_rate(served: ServerProcess,
     assert error_lines(result) == [
         "error: x.npy: --chunk 20ms is a duration and a .npy has no sample rate: give --rate HZ "
         "(rows per second) or --chunk N (rows)"]
+
+
+def test_an_input_naming_only_the_node_binds_its_only_required_port(served: ServerProcess,
+                                                                     tmp_path: Path) -> None:
+    (tmp_path / "bias.yaml").write_text(
+        "version: v1\nnodes:\n  - {id: agg, node_type: OptionalBias}\n")
+    np.save(tmp_path / "tbl.npy", np.arange(3, dtype=np.float32))
+    result = tensorline("run", "bias.yaml", "-s", served.target, "-i", "agg=tbl.npy",
+                        "-o", "out.npz", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "out.npz") as saved:
+        np.testing.assert_array_equal(saved["agg"], [0.0, 1.0, 2.0])
+
+
+def test_an_ambiguous_input_is_one_problem_not_a_missing_input(served: ServerProcess,
+                                                               tmp_path: Path) -> None:
+    (tmp_path / "cat.yaml").write_text(
+        "version: v1\nnodes:\n  - {id: cat, node_type: Concat}\n")
+    np.save(tmp_path / "x.npy", np.arange(3, dtype=np.float32))
+    result = tensorline("run", "cat.yaml", "-s", served.target, "-i", "cat=x.npy", cwd=tmp_path)
+    assert result.returncode == 1
+    no_traceback(result)
+    assert error_lines(result) == [
+        "InvalidRequestError (INVALID_ARGUMENT): invalid inputs (1 problem(s))",
+        "  - inputs[0].port: node 'cat' has 2 inputs fed by the request (a, b); name the port "
+        "(e.g. 'cat:a')"]
