@@ -171,9 +171,7 @@ class TensorlineServer:
                                                           self.settings.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host,
                      self.metrics_port)
-        for layer in (layer for r in self.engine.runtimes.values() for layer in r.layers()):
-            log.info("sandbox layer %s: %s%s", layer.name, "active" if layer.active else "absent",
-                     f" ({layer.detail})" if layer.detail else "")
+        # (The sandbox runtime logs its layers once, when its workers have started.)
         await self._set_health(serving=self.engine.healthy())
         self._watcher = asyncio.ensure_future(self._watch_health())
         log.info("tensorline serving on port %d (instance %s)", self.port,

@@ -138,6 +138,9 @@ class _Core(Runtime):
         self._class_plans: dict[tuple[str, str], _ClassPlan] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._layers: list[LayerStatus] = []
+        # Set once ``start`` has logged the layers of its workers (one summary): from then on
+        # ``_record_layers`` logs changes only.
+        self._layers_reported = False
         self._launcher: Launcher | None = None
         self._by_pid: dict[int, _Worker] = {}
         # Workers asked for whose start has not registered them yet (see ``_spawn``).

@@ -249,7 +249,10 @@ class _Pool(_Core):
             self._start(group).add_done_callback(started)
 
     def _record_layers(self, worker: _Worker) -> None:
-        """A layer counts as active only when every live worker has it; changes are logged."""
+        """A layer counts as active only when every live worker has it. Workers start one after
+        another, so this runs once per worker: while ``start`` runs nothing is logged (it logs
+        one summary, ``_log_layers``), afterwards only a layer turning on or off is (a detail
+        such as a replacement worker's own uid is no change)."""
         merged: dict[str, LayerStatus] = {}
         for w in [*(w for w in self._workers.values() if w.alive and w is not worker), worker]:
             for name, active, detail in w.layers:
@@ -257,13 +260,18 @@ class _Pool(_Core):
                 if known is None or (known.active and not active):
                     merged[name] = LayerStatus(name, active, detail)
         layers = list(merged.values())
-        if layers != self._layers:
+        if self._layers_reported:
+            before = {layer.name: layer.active for layer in self._layers}
             for layer in layers:
-                if layer not in self._layers:
-                    log.log(logging.INFO if layer.active else logging.WARNING,
-                            "sandbox layer %s: %s (%s)", layer.name,
-                            "active" if layer.active else "NOT ACTIVE", layer.detail)
-            self._layers = layers
+                if before.get(layer.name) != layer.active:
+                    _log_layer(layer)
+        self._layers = layers
+
+    def _log_layers(self) -> None:
+        """The startup summary: each layer once."""
+        for layer in self._layers:
+            _log_layer(layer)
+        self._layers_reported = True
 
     def _retire(self, worker: _Worker, why: str, *, replace: bool = True) -> None:
         """Stop giving the worker new work; end it (running its cleanups) once it is idle."""
@@ -486,3 +494,8 @@ class _Pool(_Core):
 def _expire(waiter: asyncio.Future[Any], refusal: Callable[[], Exception]) -> None:
     if not waiter.done():
         waiter.set_exception(refusal())
+
+
+def _log_layer(layer: LayerStatus) -> None:
+    log.log(logging.INFO if layer.active else logging.WARNING, "sandbox layer %s: %s (%s)",
+            layer.name, "active" if layer.active else "NOT ACTIVE", layer.detail)

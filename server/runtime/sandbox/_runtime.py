@@ -93,6 +93,7 @@ class SandboxRuntime(_Streaming):
             raise RuntimeError(f"no sandbox worker could start: {failures[0]}") from failures[0]
         for failure in failures:
             log.error("a sandbox worker failed to start: %s", failure)
+        self._log_layers()
         if self.probe_interval_s > 0:
             self._prober = asyncio.ensure_future(self._probe_idle_workers())
         if self.idle_s > 0:

@@ -189,3 +189,11 @@ def test_an_ambiguous_input_is_one_problem_not_a_missing_input(served: ServerPro
         "InvalidRequestError (INVALID_ARGUMENT): invalid inputs (1 problem(s))",
         "  - inputs[0].port: node 'cat' has 2 inputs fed by the request (a, b); name the port "
         "(e.g. 'cat:a')"]
+
+
+def test_serve_logs_each_sandbox_layer_once(served: ServerProcess) -> None:
+    """Two workers start one after another: one summary line per layer, not one per worker."""
+    lines = [line.split(" sandbox layer ", 1)[1].split(":")[0]
+             for line in served.logs().splitlines() if " sandbox layer " in line]
+    assert lines, served.logs()
+    assert len(lines) == len(set(lines)), lines
