@@ -13,9 +13,11 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from tensorline.client._client import AsyncClient, Client, ExecuteResult, load_manifest
 from tensorline.client._exceptions import TensorlineError
@@ -324,21 +326,60 @@ def nodes(
             listing.append(entry)
         console.print_json(json.dumps(listing))
         return
+    console.print(nodes_table(infos) if console.width >= WIDE else nodes_list(infos))
+
+
+# Below this terminal width ``nodes`` folds each node type into a few lines instead of a table.
+WIDE = 120
+
+
+def _param_type(schema: dict[str, Any]) -> str:
+    """``integer``, ``integer?`` (anyOf with null), ``"a"|"b"`` (enum) ... for the listing."""
+    if "anyOf" in schema:
+        options = [o for o in schema["anyOf"] if o.get("type") != "null"]
+        optional = "?" if len(options) < len(schema["anyOf"]) else ""
+        return "|".join(_param_type(option) for option in options) + optional
+    if "enum" in schema:
+        return "|".join(json.dumps(v) for v in schema["enum"])
+    return str(schema.get("type", "any"))
+
+
+def _summary(info: Any) -> tuple[str, str, str, str]:
+    """(inputs, outputs, params, description) of a node type, as the listings print them."""
+    schema = json.loads(info.params_schema_json or "{}")
+    params = ", ".join(f"{k}: {_param_type(v)}" for k, v in schema.get("properties", {}).items())
+    return (", ".join(f"{p.name}:{p.kind}" + ("" if p.required else "?") for p in info.inputs),
+            ", ".join(f"{p.name}:{p.kind}" for p in info.outputs), params or "-",
+            " ".join(info.description.split()))
+
+
+def nodes_table(infos: Sequence[Any]) -> Table:
+    """The catalogue as a table (wide terminals): the type column is as wide as the longest
+    type and never wraps (a name cut short cannot be copied into a manifest); the other columns
+    wrap, folding a word too long for them rather than cutting it with an ellipsis."""
     table = Table(title=f"{len(infos)} node types")
-    for column in ("type", "inputs", "outputs", "params", "description"):
-        table.add_column(column)
+    table.add_column("type", no_wrap=True, style="bold",
+                     min_width=max((len(info.node_type) for info in infos), default=4))
+    for column in ("inputs", "outputs", "params"):
+        table.add_column(column, overflow="fold")
+    table.add_column("description", overflow="fold", ratio=2)
     for info in infos:
-        schema = json.loads(info.params_schema_json or "{}")
-        params = ", ".join(f"{k}: {v.get('type', v.get('anyOf', '?') and 'any')}"
-                           for k, v in schema.get("properties", {}).items())
-        table.add_row(
-            info.node_type,
-            ", ".join(f"{p.name}:{p.kind}" for p in info.inputs),
-            ", ".join(f"{p.name}:{p.kind}" for p in info.outputs),
-            params or "-",
-            info.description,
-        )
-    console.print(table)
+        table.add_row(info.node_type, *_summary(info))
+    return table
+
+
+def nodes_list(infos: Sequence[Any]) -> Group:
+    """The catalogue folded for narrow terminals (80 columns): per node type, its full name and
+    ports on one line, then its params and description indented and wrapped."""
+    parts: list[Any] = [Text(f"{len(infos)} node types", style="bold")]
+    for info in infos:
+        inputs, outputs, params, description = _summary(info)
+        head = Text.assemble((info.node_type, "bold"), f"  {inputs or '-'} -> {outputs or '-'}")
+        head.no_wrap, head.overflow = False, "fold"
+        parts.append(head)
+        parts.append(Padding(Text(f"params: {params}", overflow="fold"), (0, 0, 0, 4), expand=False))
+        parts.append(Padding(Text(description, style="dim", overflow="fold"), (0, 0, 0, 4), expand=False))
+    return Group(*parts)
 
 
 @app.command()

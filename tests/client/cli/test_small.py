@@ -197,3 +197,21 @@ def test_serve_logs_each_sandbox_layer_once(served: ServerProcess) -> None:
              for line in served.logs().splitlines() if " sandbox layer " in line]
     assert lines, served.logs()
     assert len(lines) == len(set(lines)), lines
+
+
+@pytest.mark.parametrize("columns", [80, 140])
+def test_nodes_never_cuts_a_type_name(served: ServerProcess, tmp_path: Path,
+                                      columns: int) -> None:
+    from tensorline.client import Client
+
+    with Client(served.target) as client:
+        types = [info.node_type for info in client.list_nodes()]
+    assert max(map(len, types)) > 15  # long names (OptionalBias, DataFrameAggregate...)
+    result = tensorline("nodes", "--server", served.target, cwd=tmp_path, columns=columns)
+    assert result.returncode == 0, result.stderr
+    no_traceback(result)
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= columns for line in lines)
+    assert "…" not in result.stdout
+    words = {word.strip("│┃ ") for line in lines for word in line.split()}
+    assert set(types) <= words, set(types) - words
