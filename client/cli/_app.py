@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,14 @@ from rich.text import Text
 from tensorline.client._client import AsyncClient, Client, ExecuteResult, load_manifest
 from tensorline.client._exceptions import TensorlineError
 from tensorline.client._values import Audio
-from tensorline.client.cli._io import describe, parse_assignment, read_input, write_outputs
+from tensorline.client.cli._io import (
+    describe,
+    parse_assignment,
+    read_input,
+    render_values,
+    value_json,
+    write_outputs,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="tensorline: run pipelines of Python nodes over tensors.")
@@ -128,10 +136,13 @@ def _print_violations(violations: Sequence[Any]) -> None:
 
 def print_result(result: ExecuteResult) -> None:
     outputs = Table(title="outputs")
-    outputs.add_column("output")
-    outputs.add_column("value")
+    outputs.add_column("output", no_wrap=True)
+    outputs.add_column("value", overflow="fold")
+    # The value column's width, roughly: what is left beside the output names and borders.
+    width = console.width - max((len(key) for key in result.outputs), default=6) - 7
     for key, value in result.outputs.items():
-        outputs.add_row(key, describe(value))
+        values = render_values(value, width)
+        outputs.add_row(key, Text(describe(value) + (f"\n{values}" if values else "")))
     console.print(outputs)
     metrics = Table(title=f"metrics (total {result.metrics.total_ms:.2f} ms, "
                           f"plan cached: {result.metrics.plan_cached})")
@@ -236,6 +247,9 @@ def run(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="write outputs to FILE.npz or a directory")] = None,
     timeout: Annotated[float | None, typer.Option(help="deadline in seconds")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print outputs and metrics as JSON (per output: kind, dtype, shape, "
+                       "values of small tensors, JSON and text values)")] = False,
     token: TokenOpt = None, tls: TlsOpt = False, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
     tls_key: KeyOpt = None,
 ) -> None:
@@ -246,17 +260,43 @@ def run(
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
     try:
-        with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
+        with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client, \
+                _spinner(f"running {manifest.name} on {server}"):
             result = client.execute(data, inputs, timeout=timeout)
     except TensorlineError as exc:
         raise _report_error(exc) from None
-    print_result(result)
+    if as_json:
+        print(json.dumps(result_json(result), indent=2), flush=True)
+    else:
+        print_result(result)
     if output:
         try:
             write_outputs(output, result.outputs)
         except (OSError, ValueError) as exc:
             raise _fail(str(exc)) from None
-        console.print(f"wrote {output}")
+        (errors if as_json else console).print(f"wrote {output}", highlight=False)
+
+
+def _spinner(message: str) -> contextlib.AbstractContextManager[Any]:
+    """A spinner on stderr while a call runs, only for a person watching it (stderr a
+    terminal): never in a pipe, a log or a test's captured output."""
+    if not errors.is_terminal:
+        return contextlib.nullcontext()
+    return errors.status(message)
+
+
+def result_json(result: ExecuteResult) -> dict[str, Any]:
+    """``run --json``: every output by its key, and the metrics."""
+    metrics = result.metrics
+    return {
+        "outputs": {key: value_json(value) for key, value in result.outputs.items()},
+        "metrics": {
+            "total_ms": metrics.total_ms, "plan_cached": metrics.plan_cached,
+            "nodes": [{"node_id": n.node_id, "node_type": n.node_type, "runtime": n.runtime,
+                       "wall_ms": n.wall_ms, "selection_reason": n.selection_reason,
+                       "fallback": n.fallback} for n in metrics.nodes],
+        },
+    }
 
 
 @app.command()

@@ -83,6 +83,65 @@ def describe(value: Any) -> str:
     return f"binary {len(value)} bytes"
 
 
+# Tensors up to this many elements print (and go into ``run --json``) in full; bigger ones as
+# numpy summarizes them (the first and last EDGE_ITEMS per axis), and without values in JSON.
+FULL_ELEMENTS = 1000
+EDGE_ITEMS = 3
+
+
+def render_values(value: Any, width: int = 72) -> str | None:
+    """A tensor's (or audio's samples') values numpy-style, summarized beyond FULL_ELEMENTS
+    elements (``[0. 1. ... 9.]``); None for other kinds (``describe`` shows them whole)."""
+    if isinstance(value, Tagged):
+        value = value.value
+    if isinstance(value, Audio):
+        value = value.samples
+    if not isinstance(value, np.ndarray):
+        return None
+    return np.array2string(value, threshold=FULL_ELEMENTS, edgeitems=EDGE_ITEMS,
+                           max_line_width=max(20, width), separator=" ")
+
+
+def _plain(array: np.ndarray) -> Any:
+    """``array.tolist()`` with NaN and infinities as strings: JSON has no such numbers."""
+    values = array.tolist()
+    if array.dtype.kind not in "fc" or bool(np.isfinite(array).all()):
+        return values
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, complex):
+            return str(v)
+        return v if np.isfinite(v) else str(v)
+
+    return fix(values)
+
+
+def value_json(value: Any) -> dict[str, Any]:
+    """One output for ``run --json``: its kind, dtype and shape (tensor, audio), the values of
+    a tensor up to FULL_ELEMENTS elements (else ``"values": null, "truncated": true``), the value
+    of JSON and text, the size of bytes, and the metadata of a tagged value."""
+    if isinstance(value, Tagged):
+        return {**value_json(value.value), "metadata": dict(value.metadata)}
+    if isinstance(value, Audio | np.ndarray):
+        array = np.asarray(value.samples if isinstance(value, Audio) else value)
+        small = array.size <= FULL_ELEMENTS
+        entry: dict[str, Any] = {"kind": "audio" if isinstance(value, Audio) else "tensor",
+                                 "dtype": str(array.dtype), "shape": list(array.shape)}
+        if isinstance(value, Audio):
+            entry["sample_rate"] = value.sample_rate
+        entry["values"] = _plain(array) if small else None
+        if not small:
+            entry["truncated"] = True
+        return entry
+    if isinstance(value, Json):
+        return {"kind": "json", "value": value.value}
+    if isinstance(value, str):
+        return {"kind": "text", "value": value}
+    return {"kind": "binary", "size": len(value)}
+
+
 def write_outputs(path: Path, outputs: dict[str, Any]) -> None:
     """Write outputs to an .npz file, or one file per output into a directory."""
     if path.suffix.lower() == ".npz":

@@ -5,6 +5,7 @@ naming the file, field or port and the fix, never a traceback.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,3 +216,75 @@ def test_nodes_never_cuts_a_type_name(served: ServerProcess, tmp_path: Path,
     assert "…" not in result.stdout
     words = {word.strip("│┃ ") for line in lines for word in line.split()}
     assert set(types) <= words, set(types) - words
+
+
+def test_run_prints_values(served: ServerProcess, tmp_path: Path) -> None:
+    scale_manifest(tmp_path)
+    np.save(tmp_path / "x.npy", np.arange(8, dtype=np.float32))
+    result = tensorline("run", "scale.yaml", "-s", served.target, "-i", "x=x.npy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "tensor float32 [8]" in result.stdout
+    assert "[ 0.  2.  4.  6.  8. 10. 12. 14.]" in result.stdout
+    # A big tensor: numpy's summary, shape and dtype first.
+    np.save(tmp_path / "x.npy", np.arange(5000, dtype=np.int64).reshape(1000, 5))
+    result = tensorline("run", "scale.yaml", "-s", served.target, "-i", "x=x.npy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "tensor int64 [1000, 5]" in result.stdout
+    assert "[9990 9992 9994 9996 9998]]" in result.stdout and "..." in result.stdout
+    assert len(result.stdout.splitlines()) < 40
+
+
+def test_run_json(served: ServerProcess, tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "version: v1\nnodes:\n  - {id: x, node_type: Scale, params: {factor: 2}}\n"
+        "  - {id: big, node_type: PassThrough}\n  - {id: calc, node_type: Calculator}\n"
+        "  - {id: note, node_type: PassThrough}\n")
+    np.save(tmp_path / "x.npy", np.array([1.0, np.nan], dtype=np.float32))
+    np.save(tmp_path / "big.npy", np.zeros((100, 20), dtype=np.int16))
+    (tmp_path / "calc.json").write_text(json.dumps({"operation": "add", "operands": [2, 40]}))
+    (tmp_path / "note.txt").write_text("hello")
+    result = tensorline("run", "p.yaml", "-s", served.target, "--json", "-i", "x=x.npy",
+                        "-i", "big=big.npy", "-i", "calc=calc.json", "-i", "note=note.txt",
+                        "-o", "out.npz", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)  # nothing else on stdout ("wrote" goes to stderr)
+    outputs = document["outputs"]
+    assert outputs["x"] == {"kind": "tensor", "dtype": "float32", "shape": [2],
+                            "values": [2.0, "nan"]}
+    assert outputs["big"] == {"kind": "tensor", "dtype": "int16", "shape": [100, 20],
+                              "values": None, "truncated": True}
+    assert outputs["calc"]["kind"] == "json" and outputs["calc"]["value"]["result"] == 42
+    assert outputs["note"] == {"kind": "text", "value": "hello"}
+    assert {n["node_id"] for n in document["metrics"]["nodes"]} == {"x", "big", "calc", "note"}
+    assert "wrote out.npz" in result.stderr
+
+
+def test_run_spinner_only_on_a_terminal(served: ServerProcess, tmp_path: Path) -> None:
+    import os
+    import pty
+
+    scale_manifest(tmp_path)
+    np.save(tmp_path / "x.npy", np.arange(4, dtype=np.float32))
+    args = ("run", "scale.yaml", "-s", served.target, "-i", "x=x.npy")
+    assert "running scale.yaml" not in tensorline(*args, cwd=tmp_path).stderr  # a pipe
+    primary, secondary = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [TENSORLINE, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=secondary,
+            env={**user_env(), "TERM": "xterm"})
+        os.close(secondary)
+        stdout, _ = process.communicate(timeout=120)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the process and its terminal are gone
+                break
+            if not chunk:
+                break
+            terminal += chunk
+    finally:
+        os.close(primary)
+    assert process.returncode == 0
+    assert b"running scale.yaml on " in terminal
+    assert b"tensor float32 [4]" in stdout
