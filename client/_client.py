@@ -314,13 +314,18 @@ class AsyncClient:
                            max_buffered=max_buffered)
 
     async def list_nodes(self) -> list[pb.NodeInfo]:
+        return list((await self.catalogue()).nodes)
+
+    async def catalogue(self) -> pb.ListNodesResponse:
+        """The whole ListNodes answer: the node types, and those the server cannot run for a
+        missing optional dependency (``unavailable``)."""
         try:
-            response = await self._calls.list_nodes(
+            response: pb.ListNodesResponse = await self._calls.list_nodes(
                 pb.ListNodesRequest(), timeout=self._timeout(None),
                 metadata=self.config.metadata())
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
-        return list(response.nodes)
+        return response
 
     async def server_info(self) -> pb.ServerInfo:
         try:
@@ -387,12 +392,17 @@ class Client:
         return Stream(self.config.target, config, manifest_json(manifest), **options)
 
     def list_nodes(self) -> list[pb.NodeInfo]:
+        return list(self.catalogue().nodes)
+
+    def catalogue(self) -> pb.ListNodesResponse:
+        """The whole ListNodes answer (see ``AsyncClient.catalogue``)."""
         try:
-            response = self._calls.list_nodes(pb.ListNodesRequest(), timeout=self._timeout(None),
-                                              metadata=self.config.metadata())
+            response: pb.ListNodesResponse = self._calls.list_nodes(
+                pb.ListNodesRequest(), timeout=self._timeout(None),
+                metadata=self.config.metadata())
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
-        return list(response.nodes)
+        return response
 
     def server_info(self) -> pb.ServerInfo:
         try:

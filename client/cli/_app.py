@@ -300,43 +300,6 @@ def result_json(result: ExecuteResult) -> dict[str, Any]:
 
 
 @app.command()
-def validate(
-    manifest: Annotated[Path, typer.Argument(help="manifest file (.yaml/.yml/.json)")],
-    node_module: Annotated[list[str] | None, typer.Option(
-        "--node-module", help="extra node module to know (repeatable); importable from the "
-                              "current directory, as with python -m")] = None,
-) -> None:
-    """Check a manifest against the local node catalogue; report every problem at once."""
-    from tensorline.server import RequestInvalid, TensorlineServerError
-    from tensorline.server.manifest import compile_manifest
-    from tensorline.server.nodes import NodeRegistry
-    from tensorline.server.selector import Selector
-
-    try:
-        data = load_manifest(manifest)
-    except (OSError, ValueError) as exc:
-        raise _fail(str(exc)) from None
-    if node_module:
-        _node_modules_from_cwd()
-    try:
-        registry = NodeRegistry.default(modules=node_module or ())
-    except ModuleNotFoundError as exc:
-        raise _fail(_module_not_found(exc, node_module or [])) from None
-    try:
-        plan = compile_manifest(data, registry, Selector(sandbox_available=True))
-    except RequestInvalid as exc:
-        errors.print(f"[red]{escape(str(manifest))}: {len(exc.violations)} problem(s)[/red]",
-                     soft_wrap=True)
-        _print_violations(exc.violations)
-        raise typer.Exit(1) from None
-    except TensorlineServerError as exc:
-        raise _fail(exc.message) from None
-    console.print(f"[green]{manifest}: valid[/green] ({len(plan.nodes)} nodes; inputs: "
-                  f"{', '.join(f'{n}:{p}' for n, p in plan.external_inputs) or 'none'}; "
-                  f"outputs: {', '.join(f'{n}:{p}' for n, p in plan.sinks)})", highlight=False)
-
-
-@app.command()
 def nodes(
     server: Annotated[str | None, typer.Option("--server", "-s",
                                                help="ask a server instead of the local catalogue")] = None,

@@ -153,7 +153,7 @@ def catalogue(engine: PipelineEngine) -> pb.ListNodesResponse:
             description=entry.description,
             params_schema_json=entry.params_schema_json(),
             inputs=[pb.PortInfo(name=p.name, kind=p.kind, description=p.description,
-                                required=p.required) for p in entry.inputs],
+                                required=p.required, many=p.many) for p in entry.inputs],
             outputs=[pb.PortInfo(name=p.name, kind=p.kind, description=p.description)
                      for p in entry.outputs],
             allowed_runtimes=allowed,
@@ -162,4 +162,7 @@ def catalogue(engine: PipelineEngine) -> pb.ListNodesResponse:
             reusable=entry.reusable,
             trusted=entry.trusted,
         ))
-    return pb.ListNodesResponse(nodes=nodes)
+    unavailable = [pb.UnavailableNodeType(node_type=node_type, missing_dependencies=missing)
+                   for node_type, missing in sorted(engine.registry.optional.items())
+                   if node_type not in engine.registry]
+    return pb.ListNodesResponse(nodes=nodes, unavailable=unavailable)

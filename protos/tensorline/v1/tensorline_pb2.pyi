@@ -258,16 +258,18 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PortInfo(_message.Message):
-    __slots__ = ("name", "kind", "description", "required")
+    __slots__ = ("name", "kind", "description", "required", "many")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    MANY_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     description: str
     required: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., required: _Optional[bool] = ...) -> None: ...
+    many: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., required: _Optional[bool] = ..., many: _Optional[bool] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_type", "description", "params_schema_json", "inputs", "outputs", "allowed_runtimes", "module", "streaming", "reusable", "trusted")
@@ -293,11 +295,21 @@ class NodeInfo(_message.Message):
     trusted: bool
     def __init__(self, node_type: _Optional[str] = ..., description: _Optional[str] = ..., params_schema_json: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[PortInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[PortInfo, _Mapping]]] = ..., allowed_runtimes: _Optional[_Iterable[str]] = ..., module: _Optional[str] = ..., streaming: _Optional[bool] = ..., reusable: _Optional[bool] = ..., trusted: _Optional[bool] = ...) -> None: ...
 
+class UnavailableNodeType(_message.Message):
+    __slots__ = ("node_type", "missing_dependencies")
+    NODE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_DEPENDENCIES_FIELD_NUMBER: _ClassVar[int]
+    node_type: str
+    missing_dependencies: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_type: _Optional[str] = ..., missing_dependencies: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ListNodesResponse(_message.Message):
-    __slots__ = ("nodes",)
+    __slots__ = ("nodes", "unavailable")
     NODES_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+    unavailable: _containers.RepeatedCompositeFieldContainer[UnavailableNodeType]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., unavailable: _Optional[_Iterable[_Union[UnavailableNodeType, _Mapping]]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -288,3 +288,52 @@ def test_run_spinner_only_on_a_terminal(served: ServerProcess, tmp_path: Path) -
     assert process.returncode == 0
     assert b"running scale.yaml on " in terminal
     assert b"tensor float32 [4]" in stdout
+
+
+def test_validate_against_a_servers_catalogue(served: ServerProcess, tmp_path: Path) -> None:
+    """Node types only the server has (tests.nodes.spine), fan-in ports and params schemas come
+    from its ListNodes; every problem at once, nothing run."""
+    (tmp_path / "ok.yaml").write_text(
+        "version: v1\nnodes:\n  - {id: b, node_type: OptionalBias}\n"
+        "  - {id: s1, node_type: Scale}\n  - {id: s2, node_type: Scale}\n"
+        "  - {id: sum, node_type: Add}\n"
+        "connections:\n  - {from: s1, to: sum}\n  - {from: s2, to: sum}\n")
+    result = tensorline("validate", "ok.yaml", "--server", served.target, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"ok.yaml: valid against {served.target} (4 nodes;" in result.stdout
+    local = tensorline("validate", "ok.yaml", cwd=tmp_path)  # the local catalogue lacks it
+    assert local.returncode == 1 and "unknown node type 'OptionalBias'" in local.stderr
+
+    (tmp_path / "bad.yaml").write_text(
+        "version: v1\nnodes:\n  - {id: b, node_type: OptionalBais}\n"
+        "  - {id: s, node_type: Scale, params: {factr: 2}}\n"
+        "  - {id: t, node_type: TorchMLP}\n"
+        "connections:\n  - {from: s, to: ghost}\n")
+    result = tensorline("validate", "bad.yaml", "-s", served.target, cwd=tmp_path)
+    assert result.returncode == 1
+    no_traceback(result)
+    lines = error_lines(result)
+    assert lines[0] == f"bad.yaml: 4 problem(s) against {served.target}", lines
+    assert lines[1].startswith("  - nodes[0].node_type: node 'b': unknown node type "
+                               "'OptionalBais' (did you mean 'OptionalBias'?)")
+    assert lines[2:] == [
+        "  - nodes[2].node_type: node 't': node type 'TorchMLP' needs the optional dependency "
+        "torch (pip install torch)",
+        "  - nodes[1].params.factr: node 's': unknown field 'factr' (did you mean 'factor'?)",
+        "  - connections[0].to: no node 'ghost'",
+    ]
+
+
+def test_validate_against_a_server_that_does_not_answer(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "ok.yaml").write_text("version: v1\nnodes:\n  - {id: s, node_type: Scale}\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        port = sock.getsockname()[1]
+        result = tensorline("validate", "ok.yaml", "--server", f"127.0.0.1:{port}",
+                            cwd=tmp_path)
+    assert result.returncode == 1
+    no_traceback(result)
+    lines = error_lines(result)
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], lines
