@@ -32,8 +32,11 @@ from tensorline.client.cli._io import (
     write_outputs,
 )
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+# pretty_exceptions off: an unexpected error is one line unless --debug (see ``main``).
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="tensorline: run pipelines of Python nodes over tensors.")
+# Set by --debug: tracebacks for unexpected errors, debug logging on the client commands.
+_debug = False
 console = Console()
 errors = Console(stderr=True)
 
@@ -57,11 +60,19 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option(
         "--version", callback=_print_version, is_eager=True,
         help="print the version and exit")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="debug logging, and a traceback for an unexpected error")] = False,
 ) -> None:
     """tensorline: run pipelines of Python nodes over tensors."""
+    global _debug
+    _debug = debug
+    if debug and ctx.invoked_subcommand != "serve":  # serve has --log-level of its own
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+
 
 ServerOpt = Annotated[str, typer.Option("--server", "-s", envvar="TENSORLINE_SERVER",
                                         help="server address host:port")]
@@ -75,12 +86,18 @@ KeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="client private k
 
 def _connection(token: str | None, tls: bool, ca: Path | None, cert: Path | None,
                 key: Path | None) -> dict[str, Any]:
+    def read(path: Path | None, option: str) -> bytes | None:
+        try:
+            return path.read_bytes() if path else None
+        except OSError as exc:
+            raise _fail(f"{option} {path}: cannot read it: {exc.strerror or exc}") from None
+
     return {
         "token": token,
         "tls": tls,
-        "root_certificates": ca.read_bytes() if ca else None,
-        "certificate_chain": cert.read_bytes() if cert else None,
-        "private_key": key.read_bytes() if key else None,
+        "root_certificates": read(ca, "--tls-ca"),
+        "certificate_chain": read(cert, "--tls-cert"),
+        "private_key": read(key, "--tls-key"),
     }
 
 
@@ -459,4 +476,12 @@ def demo() -> None:
 
 
 def main() -> None:
-    sys.exit(app())
+    try:
+        code = app()
+    except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback on ask
+        if _debug:
+            raise
+        errors.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc))} "
+                     "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
+        code = 1
+    sys.exit(code)

@@ -337,3 +337,36 @@ def test_validate_against_a_server_that_does_not_answer(tmp_path: Path) -> None:
     no_traceback(result)
     lines = error_lines(result)
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], lines
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(tmp_path: Path) -> None:
+    """A failure the CLI did not foresee (here numpy.load made to raise): one line naming it
+    and --debug; with --debug, the traceback."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import numpy\n"
+        "def load(*args, **kwargs):\n"
+        "    raise RuntimeError('boom')\n"
+        "numpy.load = load\n")
+    scale_manifest(tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros(2))
+    env = {"PYTHONPATH": str(tmp_path)}
+    args = ("run", "scale.yaml", "-s", "127.0.0.1:1", "-i", "x=x.npy")
+    result = tensorline(*args, cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    no_traceback(result)
+    assert error_lines(result) == [
+        "error: unexpected RuntimeError: boom (run with --debug for the traceback)"]
+    debug = tensorline("--debug", *args, cwd=tmp_path, env=env)
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and "RuntimeError: boom" in debug.stderr
+
+
+def test_an_unreadable_tls_file_is_named(tmp_path: Path) -> None:
+    scale_manifest(tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros(2))
+    result = tensorline("run", "scale.yaml", "-s", "127.0.0.1:1", "-i", "x=x.npy",
+                        "--tls-ca", "ca.pem", cwd=tmp_path)
+    assert result.returncode == 1
+    no_traceback(result)
+    assert error_lines(result) == ["error: --tls-ca ca.pem: cannot read it: No such file or "
+                                   "directory"]
