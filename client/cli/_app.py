@@ -136,9 +136,16 @@ def _headline(message: str, violations: Sequence[Any]) -> str:
     return message
 
 
-def _report_error(exc: TensorlineError) -> typer.Exit:
+def _report_error(exc: TensorlineError, server: str = "") -> typer.Exit:
+    """The error as one line (then one per problem); ``server`` (the --server address) adds a
+    hint when nothing answered there."""
+    hint = ""
+    if server and exc.code is not None and exc.code.name == "UNAVAILABLE" and (
+            "connect" in exc.message.lower()):
+        hint = (f" (is a tensorline server listening on {server}? start one with tensorline "
+                "serve, or pass --server HOST:PORT)")
     errors.print(f"[red]{type(exc).__name__}[/red] ({exc.code.name if exc.code else '-'}): "
-                 f"{escape(_headline(exc.message, exc.violations))}", highlight=False,
+                 f"{escape(_headline(exc.message, exc.violations) + hint)}", highlight=False,
                  soft_wrap=True)
     _print_violations(exc.violations)
     return typer.Exit(1)
@@ -281,7 +288,7 @@ def run(
                 _spinner(f"running {manifest.name} on {server}"):
             result = client.execute(data, inputs, timeout=timeout)
     except TensorlineError as exc:
-        raise _report_error(exc) from None
+        raise _report_error(exc, server) from None
     if as_json:
         print(json.dumps(result_json(result), indent=2), flush=True)
     else:
@@ -330,7 +337,7 @@ def nodes(
             with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
                 infos = client.list_nodes()
         except TensorlineError as exc:
-            raise _report_error(exc) from None
+            raise _report_error(exc, server) from None
     else:
         from tensorline.server.executor import PipelineEngine
         from tensorline.server.service._service import catalogue

@@ -203,7 +203,7 @@ def stream(
             server, _connection(token, tls, tls_ca, tls_cert, tls_key), data, inputs,
             queue_size, timeout))
     except TensorlineError as exc:
-        raise _report_error(exc) from None
+        raise _report_error(exc, server) from None
     keys = output_keys(results)
     grouped: dict[str, list[Any]] = {}
     for out in results:

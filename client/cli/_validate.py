@@ -101,7 +101,7 @@ def validate(
             with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
                 registry = server_registry(client.catalogue())
         except TensorlineError as exc:
-            raise _report_error(exc) from None
+            raise _report_error(exc, server) from None
         against = f" against {server}"
     else:
         if node_module:

@@ -61,10 +61,12 @@ def test_version(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "\n# only a comment\n"])
-@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("command", ["validate", "run", "stream"])
 def test_an_empty_manifest_is_named_once(tmp_path: Path, text: str, command: str) -> None:
     (tmp_path / "empty.yaml").write_text(text)
-    result = tensorline(command, "empty.yaml", cwd=tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros(2))
+    inputs = () if command == "validate" else ("-i", "x=x.npy")
+    result = tensorline(command, "empty.yaml", *inputs, cwd=tmp_path)
     assert result.returncode == 1
     no_traceback(result)
     assert error_lines(result) == [
@@ -335,8 +337,10 @@ def test_validate_against_a_server_that_does_not_answer(tmp_path: Path) -> None:
                             cwd=tmp_path)
     assert result.returncode == 1
     no_traceback(result)
-    lines = error_lines(result)
-    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], lines
+    [line] = error_lines(result)
+    assert line.startswith("TransportError (UNAVAILABLE): failed to connect"), line
+    assert line.endswith(f"(is a tensorline server listening on 127.0.0.1:{port}? start one "
+                         "with tensorline serve, or pass --server HOST:PORT)")
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(tmp_path: Path) -> None:

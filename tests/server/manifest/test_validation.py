@@ -228,6 +228,24 @@ async def test_inputs_for_unknown_nodes_and_ports(client: AsyncClient) -> None:
     assert "name the port" in fields["inputs[5].port"]
 
 
+async def test_an_input_naming_only_the_node_feeds_its_only_required_port(
+        client: AsyncClient) -> None:
+    """OptionalBias: a required 'x' and an optional 'bias'; the node's name alone means 'x'
+    (in a request with another input too, so the slow binding path is taken as well)."""
+    data = manifest(node("ob", "OptionalBias"), node("p", "PassThrough"))
+    result = await client.execute(data, {"ob": np.arange(3.0), "p": np.zeros(1)})
+    np.testing.assert_array_equal(result["ob"], [0.0, 1.0, 2.0])
+    result = await client.execute(data, [PortItem("ob", "", np.arange(3.0)),
+                                         PortItem("ob", "bias", np.ones(3)),
+                                         PortItem("p", "", np.zeros(1))])
+    np.testing.assert_array_equal(result["ob"], [1.0, 2.0, 3.0])
+    # Ambiguous (two required ports): one problem naming the ports, no "missing input" too.
+    fields = by_field(await invalid(client, manifest(node("cat", "Concat")),
+                                    [PortItem("cat", "", np.zeros(1))]))
+    assert fields == {"inputs[0].port": "node 'cat' has 2 inputs fed by the request (a, b); "
+                                        "name the port (e.g. 'cat:a')"}
+
+
 async def test_input_to_a_connected_port(client: AsyncClient) -> None:
     data = manifest(node("a", "PassThrough"), node("b", "Scale"),
                     connections=[{"from": "a", "to": "b"}])
