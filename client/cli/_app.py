@@ -335,14 +335,15 @@ def nodes(
     if server:
         try:
             with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
-                infos = client.list_nodes()
+                listed = client.catalogue()
         except TensorlineError as exc:
             raise _report_error(exc, server) from None
     else:
         from tensorline.server.executor import PipelineEngine
         from tensorline.server.service._service import catalogue
 
-        infos = list(catalogue(PipelineEngine.local()).nodes)
+        listed = catalogue(PipelineEngine.local())
+    infos = list(listed.nodes)
     if as_json:
         from google.protobuf.json_format import MessageToDict
 
@@ -354,6 +355,19 @@ def nodes(
         console.print_json(json.dumps(listing))
         return
     console.print(nodes_table(infos) if console.width >= WIDE else nodes_list(infos))
+    for missing, types in _unavailable(listed.unavailable).items():
+        console.print(f"[dim]not available here: {', '.join(types)} (optional "
+                      f"{'dependency' if len(missing) == 1 else 'dependencies'} "
+                      f"{', '.join(missing)} not installed: pip install "
+                      f"{' '.join(missing)})[/dim]", highlight=False)
+
+
+def _unavailable(entries: Sequence[Any]) -> dict[tuple[str, ...], list[str]]:
+    """The node types a catalogue cannot run, grouped by the dependencies they miss."""
+    grouped: dict[tuple[str, ...], list[str]] = {}
+    for entry in entries:
+        grouped.setdefault(tuple(entry.missing_dependencies), []).append(entry.node_type)
+    return grouped
 
 
 # Below this terminal width ``nodes`` folds each node type into a few lines instead of a table.

@@ -218,6 +218,10 @@ def test_nodes_never_cuts_a_type_name(served: ServerProcess, tmp_path: Path,
     assert "…" not in result.stdout
     words = {word.strip("│┃ ") for line in lines for word in line.split()}
     assert set(types) <= words, set(types) - words
+    # What the server cannot run is named with what it needs, after the listing.
+    assert " ".join(result.stdout.split()).endswith(
+        "not available here: TorchMLP, TorchSpectrogram (optional dependency torch not "
+        "installed: pip install torch)")
 
 
 def test_run_prints_values(served: ServerProcess, tmp_path: Path) -> None:
