@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,44 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     # soft_wrap: one line however narrow the terminal; escape: messages quote "[" and "]".
     errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+# Bindings the sandbox runtime does without (it reports the layer inactive): not required.
+_OPTIONAL_SERVER_DISTRIBUTIONS = frozenset({"pyseccomp", "landlock"})
+
+
+def _missing_server_distributions() -> list[str]:
+    """The distributions of the ``server`` extra that are not installed (pyproject.toml is the
+    one list). Empty when tensorline's metadata is not there (a source tree on sys.path)."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("tensorline") or []
+    except metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        # Only what the extra always needs: a platform marker (uvloop) makes it optional.
+        if marker.strip().replace("'", '"') != 'extra == "server"':
+            continue
+        name = re.match(r"[A-Za-z0-9._-]+", spec.strip())
+        if name is None or name[0].lower() in _OPTIONAL_SERVER_DISTRIBUTIONS:
+            continue
+        try:
+            metadata.distribution(name[0])
+        except metadata.PackageNotFoundError:
+            missing.append(name[0])
+    return missing
+
+
+def _require_server(command: str) -> None:
+    """Commands that run the server's code (serve, demo, validate, the local catalogue) say in
+    one line what to install when ``pip install tensorline`` brought only the client."""
+    missing = _missing_server_distributions()
+    if missing:
+        raise _fail(f"tensorline {command} needs the server extra: pip install "
+                    f"'tensorline[server]' (not installed: {', '.join(missing)})")
 
 
 def _node_modules_from_cwd() -> None:
@@ -130,6 +169,7 @@ def serve(
     log_format: Annotated[str | None, typer.Option(help="text or json")] = None,
 ) -> None:
     """Start the gRPC server (drains on SIGTERM/SIGINT). Every option also reads TENSORLINE_*."""
+    _require_server("serve")
     from pydantic import ValidationError
 
     from tensorline.server import Settings
@@ -228,6 +268,7 @@ def validate(
                               "current directory, as with python -m")] = None,
 ) -> None:
     """Check a manifest against the local node catalogue; report every problem at once."""
+    _require_server("validate")
     from tensorline.server import RequestInvalid, TensorlineServerError
     from tensorline.server.manifest import compile_manifest
     from tensorline.server.nodes import NodeRegistry
@@ -273,6 +314,7 @@ def nodes(
         except TensorlineError as exc:
             raise _report_error(exc) from None
     else:
+        _require_server("nodes (without --server)")
         from tensorline.server.executor import PipelineEngine
         from tensorline.server.service._service import catalogue
 
@@ -369,6 +411,7 @@ async def _demo() -> ExecuteResult:
 @app.command()
 def demo() -> None:
     """Start a server on an ephemeral port, run a demo pipeline through it and print the result."""
+    _require_server("demo")
     console.print_json(json.dumps(DEMO_MANIFEST))
     try:
         result = asyncio.run(_demo())
