@@ -39,8 +39,8 @@ from tensorline.client import Client, Json
 from tensorline.client.cli import app
 from tensorline.server import Settings
 from tensorline.server.manifest import compile_manifest
-from tensorline.server.nodes import Node, NodeRegistry
-from tensorline.server.selector import Selector
+from tensorline.server.nodes import Node, NodeRegistry, NodeTraits
+from tensorline.server.selector import HEAVY_LIBRARIES, Selector
 from tests.support.processes import REPO_ROOT, ServerProcess
 
 DOCS = sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md"),
@@ -237,6 +237,36 @@ def test_documented_manifests_are_valid(block: Block) -> None:
     compile_manifest(data, NodeRegistry.default(), Selector(sandbox_available=True))
 
 
+def test_shipped_nodes_table_matches_the_catalogue() -> None:
+    """docs/runtime-selection.md, "The shipped nodes": declared traits and the auto runtime of
+    every node the server ships (the torch nodes where torch is installed, as in CI)."""
+    doc = (REPO_ROOT / "docs" / "runtime-selection.md").read_text()
+    section = doc.split("### The shipped nodes", 1)[1].split("\n\n", 2)[1]
+    registry = NodeRegistry.default()
+    selector = Selector(sandbox_available=True)
+    documented = set()
+    for row in section.splitlines()[2:]:
+        nodes, traits, runtime = (cell.strip() for cell in row.strip("|").split("|"))
+        expected = NodeTraits() if traits == "none" else eval(  # the cell is Python kwargs
+            f"NodeTraits({', '.join(re.findall(r'`([^`]+)`', traits))})")
+        for node_type in re.findall(r"`(\w+)`", nodes):
+            documented.add(node_type)
+            if node_type not in registry:
+                assert node_type.startswith("Torch"), node_type  # only torch is optional
+                continue
+            entry = registry.get(node_type)
+            assert entry.traits == expected, node_type
+            assert selector.decide("n", entry, None).runtime == runtime, node_type
+    assert {entry.node_type for entry in registry} <= documented
+
+
+def test_heavy_library_keywords_are_the_selectors() -> None:
+    doc = (REPO_ROOT / "docs" / "runtime-selection.md").read_text()
+    paragraph = doc.split("### Heavy-library keywords", 1)[1].strip().split("\n\n")[0]
+    listed = re.findall(r"`(\w+)`", paragraph.split("(the reference")[0])
+    assert tuple(listed) == HEAVY_LIBRARIES
+
+
 # --- (b) environment variables and settings ----------------------------------------------------
 
 SETTINGS = {name.upper(): field for name, field in Settings.model_fields.items()}
@@ -430,6 +460,8 @@ def test_nothing_points_outside_the_repository() -> None:
     from there states the fact (and its public source)."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True).stdout.split()
+    # Spelled in pieces so that this test's own source is not a hit.
+    outside = re.compile(r"(?<![\w-])(?:\.\./)?" + "shared" + r"/notes|\.\./" + "shared" + r"\b")
     offenders = []
     for name in tracked:
         path = REPO_ROOT / name
@@ -438,6 +470,6 @@ def test_nothing_points_outside_the_repository() -> None:
         except (UnicodeDecodeError, IsADirectoryError, FileNotFoundError):
             continue
         for number, line in enumerate(text.splitlines(), 1):
-            if re.search(r"(?<![\w-])(?:\.\./)?shared/notes|\.\./shared\b", line):
+            if outside.search(line):
                 offenders.append(f"{name}:{number}")
     assert not offenders
