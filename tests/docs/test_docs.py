@@ -455,6 +455,37 @@ def test_paths_in_code_spans_exist() -> None:
     assert not missing
 
 
+def test_scripts_in_shell_blocks_exist_with_their_options() -> None:
+    """``python bench/bench_unary.py --runtime sandbox`` and the like (indented blocks too): the
+    script is in the repository and takes every option shown (its ``--help`` lists it)."""
+    helps: dict[Path, str] = {}
+
+    def help_of(script: Path) -> str:
+        if script not in helps:
+            helps[script] = subprocess.run(
+                [sys.executable, str(script), "--help"], cwd=REPO_ROOT, capture_output=True,
+                text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}).stdout
+        return helps[script]
+
+    wrong = []
+    for doc in DOCS:
+        lines = [line for b in blocks(doc) if b.lang in ("sh", "bash", "")
+                 for line in b.code.replace("\\\n", " ").splitlines()]
+        lines += re.findall(r"^ {4}(\S.*)$", text_outside_fences(doc), re.M)
+        for line in lines:
+            call = re.search(r"python\S* (?:-m pytest )?(\S+\.py)(.*)", line.split(" #")[0])
+            if call is None:
+                continue
+            script = REPO_ROOT / call.group(1)
+            if not script.exists():
+                wrong.append((str(doc.relative_to(REPO_ROOT)), call.group(1)))
+                continue
+            for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", call.group(2)):
+                if option not in re.findall(r"--[a-z][a-z-]*", help_of(script)):
+                    wrong.append((str(doc.relative_to(REPO_ROOT)), call.group(1), option))
+    assert not wrong
+
+
 def test_nothing_points_outside_the_repository() -> None:
     """Notes beside the repository are no part of it: a doc, comment or test that needs a fact
     from there states the fact (and its public source)."""
