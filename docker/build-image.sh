@@ -47,7 +47,7 @@ else
 fi
 echo "build-image: wheelhouse in $wheels ($python)"
 "$python" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" \
-    "$repo[server]" 'setuptools>=68' wheel
+    "${repo}[server]" 'setuptools>=68' wheel
 
 echo "build-image: podman build $tag (base $base)"
 podman "${podman_global[@]}" build \
