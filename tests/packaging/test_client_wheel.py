@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,10 +50,19 @@ def _run(command: list[str], *, timeout: float = 300, cwd: Path | None = None,
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the project's wheel installed without extras; returns its bin dir."""
     root = tmp_path_factory.mktemp("client-only")
+    # Built from a copy of what the package is made of (as the image build's context is), so
+    # setuptools' build/ directory is not left in the repository, nor stale files taken from it.
+    source = root / "source"
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, source / name)
+    for name in ("protos", "server", "client"):
+        shutil.copytree(REPO_ROOT / name, source / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     wheels = root / "wheels"
     # No build isolation: the repository's venv has setuptools (no download to build).
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-          "--wheel-dir", str(wheels), str(REPO_ROOT)])
+          "--wheel-dir", str(wheels), str(source)])
     (wheel,) = wheels.glob("tensorline-*.whl")
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])
