@@ -56,7 +56,7 @@ def test_the_server_has_imported_the_preload_modules_before_any_call(
     server, client = preloaded
     seen = modules_seen(client, "inprocess")
     assert seen == {"modules": [NEEDS_ENV, PROBE], "pid": server.pid}
-    assert f"preloaded 2 module(s)" in server.logs()
+    assert "preloaded 2 module(s)" in server.logs()
 
 
 def test_a_worker_starts_with_the_modules_the_launcher_preloaded(
