@@ -194,7 +194,7 @@ class TensorlineServer:
             await asyncio.wait_for(warm_up(self.engine, self.settings.warmup_nodes),
                                    self.settings.warmup_timeout_s)
         except TimeoutError:
-            log.error("warm-up not finished within %.0f s (warmup_timeout_s): abandoned",
+            log.error("warm-up not finished within %.1f s (warmup_timeout_s): abandoned",
                       self.settings.warmup_timeout_s)
         except Exception:
             log.exception("warm-up failed (the server serves regardless)")

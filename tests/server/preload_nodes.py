@@ -9,6 +9,7 @@ preloading alone.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Mapping
@@ -73,3 +74,15 @@ class WarmFails(Node):
         if inputs["in"].size == 0:
             raise ValueError("warm-up boom: an empty tensor")
         return inputs["in"]
+
+
+class WarmHangs(Node):
+    """Declares a warm-up example that never finishes (until cancelled)."""
+
+    inputs = (Port("in", kind="tensor"),)
+    outputs = (Port("out", kind="tensor"),)
+    traits = NodeTraits(isolation="inprocess")
+    warmup = (_EXAMPLE,)
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        await asyncio.Event().wait()

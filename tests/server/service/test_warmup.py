@@ -11,11 +11,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 
 from tensorline.client import Client
 from tensorline.server import Settings, create_server
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.nodes import NodeRegistry
+from tensorline.server.service import TensorlineServer
 from tensorline.server.service._warmup import warm_up, warmups_of
 from tests.support.processes import ServerProcess
 
@@ -98,20 +100,39 @@ async def test_the_built_in_warm_up_examples_run(caplog: pytest.LogCaptureFixtur
         await engine.shutdown()
 
 
+async def health_status(server: TensorlineServer) -> int:
+    status: int = (await server.health.Check(health_pb2.HealthCheckRequest(), None)).status
+    return status
+
+
 async def test_health_is_not_serving_until_the_warm_up_is_over() -> None:
     server, _ = await create_server(Settings(
         host="127.0.0.1", port=0, sandbox=False, load_entry_points=False,
         node_modules=[NODES], warmup_nodes=["WarmCounted"]))
     await server.start()
     try:
-        from grpc_health.v1 import health_pb2
-
         # Either still warming (NOT_SERVING) or done: never SERVING while warming.
-        status = (await server.health.Check(health_pb2.HealthCheckRequest(), None)).status
+        status = await health_status(server)
         assert server.warming == (status == health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.warmed()
         assert not server.warming
-        status = (await server.health.Check(health_pb2.HealthCheckRequest(), None)).status
-        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert await health_status(server) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(grace=0)
+
+
+async def test_a_warm_up_past_its_timeout_is_abandoned_and_the_server_serves(
+        caplog: pytest.LogCaptureFixture) -> None:
+    server, _ = await create_server(Settings(
+        host="127.0.0.1", port=0, sandbox=False, load_entry_points=False,
+        node_modules=[NODES], warmup_nodes=["WarmHangs", "WarmCounted"], warmup_timeout_s=0.2))
+    with caplog.at_level(logging.INFO, logger="tensorline.server.service"):
+        await server.start()
+        try:
+            assert server.warming
+            assert await health_status(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+            await server.warmed()
+            assert await health_status(server) == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await server.stop(grace=0)
+    assert "warm-up not finished within 0.2 s (warmup_timeout_s): abandoned" in caplog.text
