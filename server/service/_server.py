@@ -211,9 +211,10 @@ class TensorlineServer:
         return self._warm_up_running
 
     async def warmed(self) -> None:
-        """Wait until the start-up warm-up (if any) is over, however it ended."""
+        """Wait until the start-up warm-up (if any) is over, however it ended (also cancelled by
+        ``stop``)."""
         if self._warming is not None:
-            await asyncio.shield(self._warming)
+            await asyncio.wait({self._warming})
 
     def _ready(self) -> bool:
         """What health reports: every runtime can execute, and the warm-up is over."""
