@@ -177,6 +177,19 @@ def check_batch(client: Client) -> None:
     assert [o.tolist() for o in outputs] == [[0, 0, 1, 1, 2, 2, 3, 3], [4, 4, 5, 5]]
 
 
+def check_spectrum(client: Client) -> None:
+    signal = np.sin(np.arange(300, dtype=np.float32))
+    out = run_one(client, "Spectrum", {"size": 512}, signal)
+    np.testing.assert_allclose(out, np.abs(np.fft.rfft(signal, n=512)), rtol=1e-5, atol=1e-4)
+    # Its warm-up example is a call it accepts: the same params, an input of the right kind.
+    registry = NodeRegistry()
+    registry.load_module(entry_module("Spectrum"))
+    node_cls = registry.get("Spectrum").cls
+    assert node_cls is not None
+    (example,) = node_cls.warmup
+    assert example.params == {"size": 512} and example.inputs["in"].shape == (512,)
+
+
 def check_my_torch_node(client: Client) -> None:
     # "-> sandbox, 1 GiB cap": the selector's decision from the declared traits.
     (entry,) = [n for n in client.list_nodes() if n.node_type == "MyTorchNode"]
@@ -193,6 +206,7 @@ NODE_CHECKS: dict[str, Callable[[Client], None]] = {
     "Stats": check_stats,
     "Batch": check_batch,
     "MyTorchNode": check_my_torch_node,
+    "Spectrum": check_spectrum,
 }
 
 
