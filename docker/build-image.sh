@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds docker/Dockerfile with podman on this kind of machine (no Docker engine, no image
-# registry; see ../shared/notes/containers.md):
+# registry; docker/README.md, "Here, with podman", says which podman flags and why):
 #   1. makes a wheelhouse on the host with the host's pip (which already trusts the machine's CA
 #      bundle and knows its package indexes): the project's wheel, its dependencies, and
 #      setuptools/wheel for building the project inside the image;
@@ -47,7 +47,7 @@ else
 fi
 echo "build-image: wheelhouse in $wheels ($python)"
 "$python" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" \
-    "$repo" 'setuptools>=68' wheel
+    "${repo}[server]" 'setuptools>=68' wheel
 
 echo "build-image: podman build $tag (base $base)"
 podman "${podman_global[@]}" build \

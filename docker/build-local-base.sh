@@ -5,7 +5,7 @@
 #
 # Usage: docker/build-local-base.sh [IMAGE]   (default localhost/debian-py:bookworm)
 # Skips the build when the image already exists; set FORCE=1 to rebuild.
-# Needs root, debootstrap and podman (see ../shared/notes/containers.md).
+# Needs root, debootstrap and podman (docker/README.md, "Here, with podman").
 set -euo pipefail
 
 image="${1:-localhost/debian-py:bookworm}"

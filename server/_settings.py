@@ -74,6 +74,17 @@ class Settings(BaseSettings):
     untrusted_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="node modules that always run sandboxed")
     load_entry_points: bool = Field(True, description="load the tensorline.nodes entry points")
+    preload_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="trusted modules imported at start, in the server and "
+                                          "in the sandbox launcher before it forks any worker "
+                                          "(comma-separated); never an untrusted module")
+    warmup_nodes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="node types whose declared warm-up inputs run once at "
+                                          "start, before health is SERVING (comma-separated; "
+                                          "* = every node type that declares some)")
+    warmup_timeout_s: float = Field(
+        120.0, gt=0, description="longest the start-up warm-up may take; then it is abandoned "
+                                 "(logged) and the server reports SERVING")
 
     runtime: Literal["inprocess", "sandbox", "auto"] | None = Field(
         None, description="TENSORLINE_RUNTIME: runtime override for nodes without a hint")
@@ -164,9 +175,9 @@ class Settings(BaseSettings):
         "auto", description="event loop of `tensorline serve`: uvloop (auto: when installed) "
                             "or the standard asyncio loop")
 
-    @field_validator("node_modules", "untrusted_modules", "auth_tokens", "sandbox_devices",
-                     "sandbox_read_paths", "sandbox_env", "sandbox_required_layers",
-                     mode="before")
+    @field_validator("node_modules", "untrusted_modules", "preload_modules", "warmup_nodes",
+                     "auth_tokens", "sandbox_devices", "sandbox_read_paths", "sandbox_env",
+                     "sandbox_required_layers", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -182,6 +193,19 @@ class Settings(BaseSettings):
         from tensorline.server.selector import normalize_hint
 
         return normalize_hint(value)
+
+    @model_validator(mode="after")
+    def _preload_trusted(self) -> Settings:
+        """Untrusted code only ever runs in a sandboxed worker: preloading imports in the server
+        and in the launcher, outside every isolation layer, so no untrusted module (nor a module
+        inside one) may be preloaded."""
+        for name in self.preload_modules:
+            for untrusted in self.untrusted_modules:
+                if name == untrusted or name.startswith(untrusted + "."):
+                    raise ValueError(f"preload module {name!r} is (inside) the untrusted module "
+                                     f"{untrusted!r}: untrusted code is never imported outside "
+                                     "a sandboxed worker")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -7,7 +7,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -107,6 +109,44 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Bindings the sandbox runtime does without (it reports the layer inactive): not required.
+_OPTIONAL_SERVER_DISTRIBUTIONS = frozenset({"pyseccomp", "landlock"})
+
+
+def _missing_server_distributions() -> list[str]:
+    """The distributions of the ``server`` extra that are not installed (pyproject.toml is the
+    one list). Empty when tensorline's metadata is not there (a source tree on sys.path)."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("tensorline") or []
+    except metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        # Only what the extra always needs: a platform marker (uvloop) makes it optional.
+        if marker.strip().replace("'", '"') != 'extra == "server"':
+            continue
+        name = re.match(r"[A-Za-z0-9._-]+", spec.strip())
+        if name is None or name[0].lower() in _OPTIONAL_SERVER_DISTRIBUTIONS:
+            continue
+        try:
+            metadata.distribution(name[0])
+        except metadata.PackageNotFoundError:
+            missing.append(name[0])
+    return missing
+
+
+def _require_server(command: str) -> None:
+    """Commands that run the server's code (serve, demo, validate, the local catalogue) say in
+    one line what to install when ``pip install tensorline`` brought only the client."""
+    missing = _missing_server_distributions()
+    if missing:
+        raise _fail(f"tensorline {command} needs the server extra: pip install "
+                    f"'tensorline[server]' (not installed: {', '.join(missing)})")
+
+
 def _node_modules_from_cwd() -> None:
     """Make modules in the current directory importable as node modules, as ``python -m``
     does: the ``tensorline`` script's own sys.path starts at its bin directory instead. The
@@ -204,6 +244,7 @@ def serve(
     log_format: Annotated[str | None, typer.Option(help="text or json")] = None,
 ) -> None:
     """Start the gRPC server (drains on SIGTERM/SIGINT). Every option also reads TENSORLINE_*."""
+    _require_server("serve")
     from pydantic import ValidationError
 
     from tensorline.server import Settings
@@ -221,11 +262,15 @@ def serve(
             instance_id=instance_id, log_level=log_level, log_format=log_format)
     except (ValidationError, OSError, ValueError) as exc:
         raise _fail(f"invalid settings: {exc}", code=2) from None
+    from tensorline.server._preload import PreloadError
+
     configure_logging(settings.log_level, settings.log_format)
-    if settings.node_modules or settings.untrusted_modules:
+    if settings.node_modules or settings.untrusted_modules or settings.preload_modules:
         _node_modules_from_cwd()
     try:
         run_on_loop(run_server(settings), settings.event_loop)
+    except PreloadError as exc:
+        raise _serve_failure(str(exc), settings.log_format) from None
     except ModuleNotFoundError as exc:
         raise _serve_failure(_module_not_found(
             exc, [*settings.node_modules, *settings.untrusted_modules]), settings.log_format) from None
@@ -339,6 +384,7 @@ def nodes(
         except TensorlineError as exc:
             raise _report_error(exc, server) from None
     else:
+        _require_server("nodes (without --server)")
         from tensorline.server.executor import PipelineEngine
         from tensorline.server.service._service import catalogue
 
@@ -464,36 +510,64 @@ DEMO_MANIFEST: dict[str, Any] = {
 }
 
 
-async def _demo() -> ExecuteResult:
+# What the demo's server preloads (TENSORLINE_PRELOAD_MODULES): AudioResample's scipy.signal,
+# and the built-in nodes, which the sandboxed Scale imports in its worker.
+DEMO_PRELOAD = ("scipy.signal", "tensorline.server.nodes.builtin")
+
+
+async def _demo(preload: bool) -> tuple[ExecuteResult, float, float]:
+    """The demo pipeline's result, and its first and second call latency in ms."""
     from tensorline.server import Settings, create_server
 
-    # Self-contained: the operator's TENSORLINE_* auth/TLS settings are not the demo's.
+    # Self-contained: the operator's TENSORLINE_* auth/TLS settings are not the demo's. With
+    # ``preload`` the server imports DEMO_PRELOAD (here and in the sandbox launcher) and runs
+    # the warm-up examples of every node type that declares some before it reports SERVING.
     server, port = await create_server(Settings(
         host="127.0.0.1", port=0, auth_tokens=[], tls_cert_file=None, tls_key_file=None,
-        tls_client_ca_file=None))
+        tls_client_ca_file=None, preload_modules=list(DEMO_PRELOAD) if preload else [],
+        warmup_nodes=["*"] if preload else []))
     await server.start()
     try:
-        console.print(f"started a tensorline server on 127.0.0.1:{port}")
+        console.print(f"started a tensorline server on 127.0.0.1:{port} (preload and warm-up "
+                      f"{'on' if preload else 'off'})")
         t = np.arange(48000) / 48000
         tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype(np.int16)
         features = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+        inputs = {"mic": Audio(tone, 48000), "features": features}
         async with AsyncClient(f"127.0.0.1:{port}") as client:
-            result = await client.execute(
-                DEMO_MANIFEST, {"mic": Audio(tone, 48000), "features": features})
+            # As a balancer would: wait until the warm-up is over (health SERVING). The health
+            # check also connects the channel, so neither timed call includes that set-up.
+            await server.warmed()
+            status = await client.health()
+            if status != "SERVING":
+                console.print(f"health: {status}")
+            latencies = []
+            for _ in range(2):
+                started = time.perf_counter()
+                result = await client.execute(DEMO_MANIFEST, inputs)
+                latencies.append((time.perf_counter() - started) * 1000)
     finally:
         await server.stop(grace=1.0)
-    return result
+    return result, latencies[0], latencies[1]
 
 
 @app.command()
-def demo() -> None:
-    """Start a server on an ephemeral port, run a demo pipeline through it and print the result."""
+def demo(
+    preload: Annotated[bool, typer.Option(
+        help="preload scipy.signal and the built-in nodes and warm the node types up at start "
+             "(--no-preload: the cold first call)")] = True,
+) -> None:
+    """Start a server on an ephemeral port, run a demo pipeline through it twice and print the
+    result and both calls' latency."""
+    _require_server("demo")
     console.print_json(json.dumps(DEMO_MANIFEST))
     try:
-        result = asyncio.run(_demo())
+        result, first_ms, second_ms = asyncio.run(_demo(preload))
     except TensorlineError as exc:
         raise _report_error(exc) from None
     print_result(result)
+    console.print(f"first call {first_ms:.1f} ms, second call {second_ms:.1f} ms "
+                  f"(first/second {first_ms / second_ms:.1f}x)")
 
 
 def main() -> None:

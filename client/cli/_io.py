@@ -1,51 +1,44 @@
 """Reading inputs from files and writing outputs for the CLI.
 
 Inputs: ``.npy`` -> tensor, ``.wav`` -> audio, ``.json`` -> JSON, ``.txt`` -> text, anything
-else -> bytes. WAV goes through scipy.io.wavfile both ways and keeps the sample dtype: 8-bit
-(uint8), 16- and 32-bit PCM (int16, int32) and IEEE float (float32, float64); 24-bit PCM is read
-as int32 (left-justified, so full scale stays full scale). Outputs: ``.npz`` (tensors as arrays, audio as
+else -> bytes. WAV goes through ``tensorline.client._wav`` both ways (scipy.io.wavfile's formats
+and dtypes, without scipy) and keeps the sample dtype: 8-bit (uint8), 16- and 32-bit PCM (int16,
+int32) and IEEE float (float32, float64); 24-bit PCM is read as int32 (left-justified, so full
+scale stays full scale). Outputs: ``.npz`` (tensors as arrays, audio as
 ``<key>`` + ``<key>.sample_rate``, text/JSON as string arrays) or a directory (one file each).
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tensorline.client import _wav as wav
 from tensorline.client._values import Audio, Json, Tagged
 
-# What WAV files hold, as scipy.io.wavfile writes them; float16 is widened without loss.
-_WAV_DTYPES = ("uint8", "int16", "int32", "int64", "float32", "float64")
+# float16 is widened to float32 without loss: WAV has no 16-bit float format.
 _WIDENED = {"float16": np.dtype("float32")}
 
 
 def read_wav(path: Path) -> Audio:
-    from scipy.io import wavfile
-
     try:
-        with warnings.catch_warnings():
-            # Chunks it skips (LIST, cue...) are metadata, not a problem with the audio.
-            warnings.simplefilter("ignore", wavfile.WavFileWarning)
-            rate, samples = wavfile.read(path)
+        rate, samples = wav.read(path)
     except ValueError as exc:  # not RIFF/WAVE, a truncated header, an unknown format
         raise ValueError(f"{path}: cannot read this WAV file: {exc}") from None
     return Audio(np.ascontiguousarray(samples), int(rate))
 
 
 def write_wav(path: Path, audio: Audio) -> None:
-    from scipy.io import wavfile
-
     samples = np.asarray(audio.samples)
     samples = samples.astype(_WIDENED.get(samples.dtype.name, samples.dtype), copy=False)
-    if samples.dtype.name not in _WAV_DTYPES or samples.ndim > 2:
+    if samples.dtype.name not in wav.WRITABLE or samples.ndim > 2:
         raise ValueError(f"{path}: cannot write {samples.dtype} audio of shape "
-                         f"{list(samples.shape)} as WAV (dtypes: {', '.join(_WAV_DTYPES)}; "
+                         f"{list(samples.shape)} as WAV (dtypes: {', '.join(wav.WRITABLE)}; "
                          "frames or frames x channels); save it as .npz instead")
-    wavfile.write(path, audio.sample_rate, samples)
+    wav.write(path, audio.sample_rate, samples)
 
 
 def read_input(path: Path) -> Any:

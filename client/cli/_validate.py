@@ -31,6 +31,7 @@ from tensorline.client.cli._app import (
     _node_modules_from_cwd,
     _print_violations,
     _report_error,
+    _require_server,
     app,
     console,
     errors,
@@ -84,6 +85,8 @@ def validate(
 ) -> None:
     """Check a manifest against the local (or a server's) node catalogue; report every problem
     at once."""
+    # Either way the check is the server's own compiler, run here.
+    _require_server("validate")
     from tensorline.server import RequestInvalid, TensorlineServerError
     from tensorline.server.manifest import compile_manifest
     from tensorline.server.nodes import NodeRegistry

@@ -29,6 +29,7 @@ from tensorline.server.nodes._node import (
     NoParams,
     Port,
     PortKind,
+    WarmUp,
 )
 from tensorline.server.nodes._registry import (
     ENTRY_POINT_GROUP,
@@ -60,4 +61,5 @@ __all__ = [
     "StreamingNode",
     "Tagged",
     "UnknownNodeType",
+    "WarmUp",
 ]

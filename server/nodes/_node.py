@@ -62,6 +62,21 @@ class NodeTraits:
     libraries: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class WarmUp:
+    """Example inputs (and params) a server runs a node with once at start, when the operator
+    names the node type in ``warmup_nodes``: lazy imports, JIT compilation and caches are then
+    hot before the first request (see ``service._warmup``).
+
+    ``inputs`` maps input port name -> value, as ``process`` receives it; ``params`` are the
+    node's params as a manifest gives them. Keep them small: they are built when the node's
+    module is imported, and the warm-up should cost milliseconds once the imports are done.
+    """
+
+    inputs: Mapping[str, Any]
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
 _CONTEXT_LOCK = threading.Lock()
 
 
@@ -110,6 +125,9 @@ class Node:
 
     ``reusable = True`` declares that an instance holds only request-independent state (a loaded
     model), so the runtime keeps it warm and shares it across requests (possibly concurrently).
+
+    ``warmup``: example calls (``WarmUp``) the server may run once at start, so that the first
+    request does not pay for lazy imports or first-use setup.
     """
 
     node_type: ClassVar[str] = ""
@@ -121,6 +139,7 @@ class Node:
     reusable: ClassVar[bool] = False
     # True for ``StreamingNode`` subclasses (generators over a stream; see ``_streaming``).
     streaming: ClassVar[bool] = False
+    warmup: ClassVar[tuple[WarmUp, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,7 +1,9 @@
 """Server assembly and lifecycle: build the engine and the gRPC server, bind, drain, stop.
 
 ``create_server`` binds (port 0 = ephemeral) and returns ``(server, port)`` so tests run a real
-server in-process. ``stop`` is idempotent: health goes NOT_SERVING first so balancers stop
+server in-process. ``start`` imports the preload modules (a failure stops it), starts the
+runtimes, then serves with health NOT_SERVING until the start-up warm-up (``_warmup``) is done.
+``stop`` is idempotent: health goes NOT_SERVING first so balancers stop
 sending, in-flight calls get the grace period, then the runtimes shut down.
 """
 
@@ -19,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tensorline.server._logging import console_line
+from tensorline.server._preload import preload
 from tensorline.server._settings import Settings
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.manifest import ManifestLimits
@@ -29,6 +32,7 @@ from tensorline.server.service._admission import Admission
 from tensorline.server.service._auth import BearerTokenInterceptor
 from tensorline.server.service._service import SERVICE_NAME, PipelineService
 from tensorline.server.service._telemetry import Telemetry
+from tensorline.server.service._warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,7 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
             probe_interval_s=settings.sandbox_probe_interval_s,
             idle_s=settings.sandbox_idle_s,
             required_layers=settings.sandbox_required_layers,
+            preload_modules=settings.preload_modules,
         )
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
                         sandbox_available="sandbox" in runtimes)
@@ -159,8 +164,15 @@ class TensorlineServer:
         self._stopping: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._serving: bool | None = None
+        self._warming: asyncio.Task[None] | None = None
+        # True from start() until the warm-up ends (a flag: the task's own end comes later).
+        self._warm_up_running = False
 
     async def start(self) -> None:
+        # Before the runtimes start: the server imports what the operator named (PreloadError
+        # names a module that fails), and the sandbox launcher does the same before its first
+        # fork (``runtime.sandbox._zygote``).
+        preload(self.settings.preload_modules)
         await self.engine.start()
         # The untrusted modules' catalogues come from sandboxed workers, so only now, and
         # before any request can be served.
@@ -172,10 +184,46 @@ class TensorlineServer:
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host,
                      self.metrics_port)
         # (The sandbox runtime logs its layers once, when its workers have started.)
-        await self._set_health(serving=self.engine.healthy())
+        if self.settings.warmup_nodes:
+            # Calls are accepted meanwhile (they are just not warm yet); health says NOT_SERVING
+            # so balancers and readiness probes send traffic only once the warm-up is done.
+            self._warm_up_running = True
+            self._warming = asyncio.ensure_future(self._warm_up())
+        await self._set_health(serving=self._ready())
         self._watcher = asyncio.ensure_future(self._watch_health())
         log.info("tensorline serving on port %d (instance %s)", self.port,
                  self.settings.instance_id)
+
+    async def _warm_up(self) -> None:
+        try:
+            await asyncio.wait_for(warm_up(self.engine, self.settings.warmup_nodes),
+                                   self.settings.warmup_timeout_s)
+        except TimeoutError:
+            log.error("warm-up not finished within %.1f s (warmup_timeout_s): abandoned",
+                      self.settings.warmup_timeout_s)
+        except Exception:
+            log.exception("warm-up failed (the server serves regardless)")
+        finally:
+            self._warm_up_running = False
+        if not self.draining:
+            serving = self._ready()
+            log.info("warm-up over; health %s", "SERVING" if serving else "NOT_SERVING")
+            await self._set_health(serving=serving)
+
+    @property
+    def warming(self) -> bool:
+        """True while the start-up warm-up runs (health is NOT_SERVING meanwhile)."""
+        return self._warm_up_running
+
+    async def warmed(self) -> None:
+        """Wait until the start-up warm-up (if any) is over, however it ended (also cancelled by
+        ``stop``)."""
+        if self._warming is not None:
+            await asyncio.wait({self._warming})
+
+    def _ready(self) -> bool:
+        """What health reports: every runtime can execute, and the warm-up is over."""
+        return self.engine.healthy() and not self.warming
 
     async def _set_health(self, serving: bool) -> None:
         if serving == self._serving:
@@ -190,7 +238,7 @@ class TensorlineServer:
         """Keep gRPC health in step with the engine: SERVING only while every runtime can
         execute (e.g. the sandbox pool has live workers), so balancers stop routing otherwise."""
         while not self.draining:
-            serving = self.engine.healthy()
+            serving = self._ready()
             if serving != self._serving:
                 log.warning("health: %s", "SERVING" if serving else
                             "NOT_SERVING (a runtime cannot execute)")
@@ -206,9 +254,10 @@ class TensorlineServer:
 
     async def _stop(self, grace: float) -> None:
         self.draining = True
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, self._warming):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         await self.health.enter_graceful_shutdown()

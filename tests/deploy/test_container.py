@@ -67,9 +67,9 @@ def test_image_builds_runs_serves_and_drains(tensorline_image: str, container_na
                                              tmp_path: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)  # the container's user (uid 10001) writes the in-flight marker here
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    markers.chmod(0o777)  # the container's user (uid 10001) writes the in-flight marker here
     podman(
         "run", "--detach", "--name", container_name, "--network", "host", *ULIMITS,
         *HARDENING,
@@ -78,7 +78,7 @@ def test_image_builds_runs_serves_and_drains(tensorline_image: str, container_na
         "--env", "TENSORLINE_GRACE_S=20",
         # Test-only nodes (Sleep) from this repository, mounted read-only.
         *TESTS_MOUNT,
-        "--volume", f"{shared}:/shared",
+        "--volume", f"{markers}:/markers",
         "--env", "TENSORLINE_NODE_MODULES=tests.support.nodes",
         tensorline_image,
     )
@@ -113,9 +113,9 @@ def test_image_builds_runs_serves_and_drains(tensorline_image: str, container_na
         assert client.server_info().instance_id == "container-test"
 
         # 4. SIGTERM with a call in flight: the call completes, the server exits 0 after draining.
-        marker = shared / "started"
+        marker = markers / "started"
         manifest = {"version": "v1", "nodes": [{"id": "hold", "node_type": "Sleep", "params": {
-            "ms": 2000, "started_marker": "/shared/started"}}]}
+            "ms": 2000, "started_marker": "/markers/started"}}]}
         outcome: dict[str, object] = {}
 
         def slow_call() -> None:

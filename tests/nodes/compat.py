@@ -72,6 +72,13 @@ def _subprocess(node: Probe) -> str:
     return f"/bin/true exited {done.returncode}"
 
 
+def _os_system(node: Probe) -> str:
+    # os.system does not raise where programs cannot run: the C library's system() starts its
+    # child without fork(), and the child's exec of /bin/sh is what fails (exit status 127).
+    status = os.system("/bin/true")
+    return f"os.system returned {status}"
+
+
 def _fork(node: Probe) -> str:
     pid = os.fork()
     if pid == 0:
@@ -136,6 +143,7 @@ PROBES: dict[str, Callable[[Probe], str]] = {
     "read_system_file": _read_file,
     "device_node": _device_node,
     "subprocess": _subprocess,
+    "os_system": _os_system,
     "fork": _fork,
     "threads": _threads,
     "torch_threads": _torch_threads,

@@ -68,6 +68,18 @@ def test_environment_lists_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings.load(node_modules=["x"]).node_modules == ["x"]
 
 
+@pytest.mark.parametrize(("value", "runtime"), [
+    ("cpython", "inprocess"), ("In_Process", "inprocess"), ("rust_python", "sandbox"),
+    ("CPYTHON_WASM", "sandbox"), ("sandboxed", "sandbox"), ("auto", "auto"),
+])
+def test_runtime_accepts_the_hint_aliases(monkeypatch: pytest.MonkeyPatch, value: str,
+                                          runtime: str) -> None:
+    """docs/runtime-selection.md and docs/migration.md: TENSORLINE_RUNTIME takes the same
+    spellings as runtime_hint, the reference design's runtime names included."""
+    monkeypatch.setenv("TENSORLINE_RUNTIME", value)
+    assert Settings.load().runtime == runtime
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("TENSORLINE_PORT", "70000"),
     ("TENSORLINE_MAX_MESSAGE_BYTES", "0"),

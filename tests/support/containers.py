@@ -1,8 +1,11 @@
 """podman for tests: the flags these machines need, image builds and cleanup.
 
-See ../shared/notes/containers.md: runc (crun fails on hybrid cgroups), cgroupfs, ulimits below
-the hard limits. ``containers_conf`` writes the same settings as a containers.conf for tools that
-call podman themselves (podman-compose), passed through the CONTAINERS_CONF variable.
+The flags, and why (docker/README.md, "Here, with podman"): runc, because crun refuses hosts
+with hybrid cgroups ("cgroups in hybrid mode not supported"); the cgroupfs manager, because there
+is no systemd session to ask; ulimits below the hard limits, because podman's defaults fail with
+"setrlimit ... operation not permitted". ``containers_conf`` writes the same settings as a
+containers.conf for tools that call podman themselves (podman-compose), passed through the
+CONTAINERS_CONF variable.
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ class _Core(Runtime):
         probe_interval_s: float = 30.0,
         idle_s: float = 60.0,
         required_layers: Sequence[str] = (),
+        preload_modules: Sequence[str] = (),
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -100,6 +101,8 @@ class _Core(Runtime):
         # Operator-named paths workers may read, and server environment variables they get.
         self.extra_read_paths = tuple(read_paths)
         self.environment = tuple(environment)
+        # Trusted modules the launcher imports before forking workers (``_zygote``).
+        self.preload_modules = tuple(preload_modules)
         self.separate_uids = separate_uids
         # Recycling: a worker is replaced after ``max_calls`` requests (0: never), when its
         # peak RSS passes ``recycle_rss_mb`` (default: 3/4 of its cap), when it runs low on

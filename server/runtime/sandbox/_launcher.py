@@ -40,7 +40,8 @@ _BASE_ENVIRONMENT = {
 }
 
 _BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
-         "from tensorline.server.runtime.sandbox._zygote import main; main(int(sys.argv[2]))")
+         "from tensorline.server.runtime.sandbox._zygote import main; "
+         "main(int(sys.argv[2]), json.loads(sys.argv[3]))")
 
 
 def _import_path() -> list[str]:
@@ -70,12 +71,15 @@ class Launcher:
 
     ``on_exit(pid, code)`` is called (on the event loop) for every worker that ends, with its
     exit status or minus the signal that killed it; when the launcher itself dies, for every
-    worker it had (they die with it: ``PR_SET_PDEATHSIG``).
+    worker it had (they die with it: ``PR_SET_PDEATHSIG``). ``preload``: trusted modules the
+    launcher imports before forking any worker (one that fails is logged, not fatal: the server
+    process imported it already, and a launcher restarted mid-service must not stop serving).
     """
 
     def __init__(self, env: Mapping[str, str], on_exit: Callable[[int, int], None],
-                 start_timeout_s: float = 60.0) -> None:
+                 start_timeout_s: float = 60.0, preload: Iterable[str] = ()) -> None:
         self._env = dict(env)
+        self._preload = list(dict.fromkeys(preload))
         self._on_exit = on_exit
         self._start_timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
@@ -114,7 +118,8 @@ class Launcher:
             # fork() a process full of gRPC threads (uvloop does).
             self._process = await asyncio.to_thread(
                 subprocess.Popen,
-                [sys.executable, "-I", "-c", _BOOT, json.dumps(_import_path()), str(theirs.fileno())],
+                [sys.executable, "-I", "-c", _BOOT, json.dumps(_import_path()),
+                 str(theirs.fileno()), json.dumps(self._preload)],
                 env=self._env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, close_fds=True, cwd="/")
         except BaseException:
@@ -169,6 +174,9 @@ class Launcher:
             self._on_launcher_gone()
             return
         if kind == "ready" and self._ready is not None and not self._ready.done():
+            for module, error in message[2]:
+                log.error("sandbox launcher: preload module %s could not be imported (workers "
+                          "import it on demand): %s", module, error)
             self._ready.set_result(int(message[1]))
         elif kind == "spawned":
             self._children.add(int(message[2]))

@@ -80,7 +80,7 @@ class SandboxRuntime(_Streaming):
             # Workers of their own uid must reach their scratch dirs (not list the others).
             os.chmod(self._scratch_root, 0o711)
         self._launcher = Launcher(minimal_environment(self.environment), self._on_exit,
-                                  self.start_timeout_s)
+                                  self.start_timeout_s, preload=self.preload_modules)
         await self._launcher.ensure_running()
         results = await asyncio.gather(
             *(self._spawn(group) for group in self._baseline() for _ in range(

@@ -3,13 +3,15 @@ control channel.
 
 Both sides import this module (the worker imports nothing gRPC), so they agree on the framing.
 
-Why these choices (measured figures in shared/notes/sandbox.md):
+Why these choices (measured on 2-vCPU Linux machines of the CI kind; the hop's figures are in
+docs/performance-runtimes.md, ``bench/bench_sandbox_hop.py`` measures them):
 
 * Segments are anonymous ``memfd`` files passed over the control socket with ``SCM_RIGHTS``,
   never named ``/dev/shm`` entries. Nothing can outlive the processes that hold the fds (a
   server SIGKILL leaks nothing), no other process can open a segment by name (another execution
-  cannot guess its way in), and the multiprocessing resource tracker is never involved (its
-  Python 3.11 bug unlinks segments when a process that only attached exits).
+  cannot guess its way in), and the multiprocessing resource tracker is never involved (before Python 3.13 it
+  unlinks a segment when a process that only attached to it exits: CPython gh-82300, fixed by
+  the ``track`` parameter of 3.13).
 * Each direction of each worker has one segment, reused across calls and grown (to the next
   power of two) when a message needs more: copying into already-touched memory runs ~7x faster
   than into fresh pages. Calls on one worker are serialized, so one segment per direction is

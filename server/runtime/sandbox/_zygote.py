@@ -2,13 +2,20 @@
 
 Runs in its own process (never in the server), started by ``Launcher`` with ``exec`` and an
 explicit, minimal environment, so that neither ``os.environ`` nor ``/proc/self/environ`` of a
-worker holds anything of the server's. It preloads numpy, pydantic and the worker module, then
-serves one control socket (``SOCK_SEQPACKET``, messages are pickled tuples):
+worker holds anything of the server's. It preloads numpy, pydantic and the worker module, and
+the operator's ``preload_modules`` (``Settings``; trusted modules only), then serves one control
+socket (``SOCK_SEQPACKET``, messages are pickled tuples):
 
     server -> launcher   ("spawn", token, WorkerConfig) with two fds: the worker's control
                          socket and the write end of its output pipe
-    launcher -> server   ("ready", pid) once, ("spawned", token, pid), ("failed", token, why),
-                         ("exited", pid, code)   (code: exit status, or -signal)
+    launcher -> server   ("ready", pid, failures) once (failures: [(module, error)] of the
+                         preload modules that did not import), ("spawned", token, pid),
+                         ("failed", token, why), ("exited", pid, code)   (code: exit status, or
+                         -signal)
+
+Preloaded modules are imported here, before any fork, so every worker starts with them imported
+(its pages shared copy-on-write) and never imports them after its isolation is in force. The
+isolation itself is untouched: each worker applies every layer after the fork (``_bootstrap``).
 
 A forked worker keeps exactly four descriptors: stdin (``/dev/null``), stdout and stderr (its
 output pipe, which the server reads and logs) and its control socket at fd 3. Every other fd
@@ -37,13 +44,18 @@ WORKER_SOCKET_FD = 3
 _MAX_MESSAGE = 64 * 1024
 
 
-def _preload() -> None:
+def _preload(modules: list[str]) -> list[tuple[str, str]]:
+    """Import what every worker needs, then the operator's ``modules``; returns the latter's
+    failures (a worker imports such a module on demand, as without preloading)."""
     # Imported once here, so that each worker starts warm (~ms, not the ~65 ms of a cold
     # interpreter with numpy) and never imports them after its isolation is in force.
     import numpy  # noqa: F401
     import pydantic  # noqa: F401
 
+    from tensorline.server._preload import import_modules
     from tensorline.server.runtime.sandbox import _bootstrap  # noqa: F401
+
+    return import_modules(modules)
 
 
 def _send(ctl: socket.socket, message: tuple[Any, ...]) -> None:
@@ -129,8 +141,8 @@ def _kill_all(children: set[int]) -> None:
     children.clear()
 
 
-def main(control_fd: int) -> None:
-    """Serve spawn requests until the server goes away."""
+def main(control_fd: int, preload: list[str] | None = None) -> None:
+    """Serve spawn requests until the server goes away; ``preload``: the operator's modules."""
     ctl = socket.socket(fileno=control_fd)
     ctl.setblocking(True)
     # A session of our own: a terminal's Ctrl-C goes to the server, which then shuts the pool
@@ -144,12 +156,12 @@ def main(control_fd: int) -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    _preload()
+    failures = _preload(preload or [])
     children: set[int] = set()
     poller = select.poll()
     poller.register(ctl.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
-    _send(ctl, ("ready", os.getpid()))
+    _send(ctl, ("ready", os.getpid(), failures))
     while True:
         try:
             events = poller.poll()

@@ -196,7 +196,8 @@ async def test_demo_runs_end_to_end() -> None:
     result = await cli("demo", env={"TENSORLINE_AUTH_TOKENS": "secret"})
     assert result.exit_code == 0, result.output
     assert "started a tensorline server on 127.0.0.1:" in result.stdout
-    for text in ("mic", "audio int16", "16000 Hz", "norm", "tensor float32 [3, 4]", "plan cached"):
+    for text in ("mic", "audio int16", "16000 Hz", "norm", "tensor float32 [3, 4]", "plan cached",
+                 "preload and warm-up on", "first call ", "second call "):
         assert text in result.stdout, text
 
 

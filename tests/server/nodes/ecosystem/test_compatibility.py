@@ -26,6 +26,8 @@ MATRIX: dict[str, tuple[bool, frozenset[str]]] = {
     "device_node": (True, frozenset({"landlock"})),
     "subprocess": (True, frozenset({"seccomp"})),
     "fork": (True, frozenset({"seccomp"})),
+    # os.system never raises: checked on its own below (its status says what happened).
+    "os_system": (True, frozenset()),
     "threads": (True, frozenset()),
     "shared_memory": (True, frozenset({"landlock"})),
     "scipy": (True, frozenset()),
@@ -80,6 +82,17 @@ async def test_compatibility_matrix(probe_client: AsyncClient, listener: int,
             assert outcome["detail"].startswith("PermissionError"), (what, outcome)
         elif not blockers:
             assert outcome["ok"] is True, (what, outcome)
+
+
+async def test_os_system_returns_a_failed_status_in_the_sandbox(probe_client: AsyncClient) -> None:
+    """docs/compatibility.md: os.system does not raise in the sandbox; it returns 32512 (the
+    wait status of exit code 127: the shell could not be executed), 0 in-process."""
+    assert (await probe(probe_client, "os_system", "inprocess"))["detail"] == "os.system returned 0"
+    info = await probe_client.server_info()
+    if "seccomp" not in {layer.name for layer in info.sandbox_layers if layer.active}:
+        pytest.skip("seccomp is not active on this machine")
+    outcome = await probe(probe_client, "os_system", "sandbox")
+    assert outcome == {"ok": True, "detail": "os.system returned 32512"}
 
 
 async def test_sandboxed_torch_runs_one_intra_op_thread(probe_client: AsyncClient) -> None:
