@@ -263,13 +263,14 @@ def serve(
     except (ValidationError, OSError, ValueError) as exc:
         raise _fail(f"invalid settings: {exc}", code=2) from None
     from tensorline.server._preload import PreloadError
+    from tensorline.server.nodes import NodeModuleError
 
     configure_logging(settings.log_level, settings.log_format)
     if settings.node_modules or settings.untrusted_modules or settings.preload_modules:
         _node_modules_from_cwd()
     try:
         run_on_loop(run_server(settings), settings.event_loop)
-    except PreloadError as exc:
+    except (PreloadError, NodeModuleError) as exc:
         raise _serve_failure(str(exc), settings.log_format) from None
     except ModuleNotFoundError as exc:
         raise _serve_failure(_module_not_found(

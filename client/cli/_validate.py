@@ -89,7 +89,7 @@ def validate(
     _require_server("validate")
     from tensorline.server import RequestInvalid, TensorlineServerError
     from tensorline.server.manifest import compile_manifest
-    from tensorline.server.nodes import NodeRegistry
+    from tensorline.server.nodes import NodeModuleError, NodeRegistry
     from tensorline.server.selector import Selector
 
     if server and node_module:
@@ -113,6 +113,8 @@ def validate(
             registry = NodeRegistry.default(modules=node_module or ())
         except ModuleNotFoundError as exc:
             raise _fail(_module_not_found(exc, node_module or [])) from None
+        except NodeModuleError as exc:
+            raise _fail(str(exc)) from None
         against = ""
     try:
         plan = compile_manifest(data, registry, Selector(sandbox_available=True))

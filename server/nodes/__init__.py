@@ -35,6 +35,7 @@ from tensorline.server.nodes._registry import (
     ENTRY_POINT_GROUP,
     MissingDependency,
     NodeEntry,
+    NodeModuleError,
     NodeRegistry,
     UnknownNodeType,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "Node",
     "NodeContext",
     "NodeEntry",
+    "NodeModuleError",
     "NodeParams",
     "NodeRegistry",
     "NodeTraits",

@@ -138,6 +138,15 @@ class MissingDependency(UnknownNodeType):
         self.missing = tuple(missing)
 
 
+class NodeModuleError(ValueError):
+    """A node module could not be loaded: its import raised, or a node type it defines is
+    already taken. The message names the module (``serve`` prints it as one line)."""
+
+    def __init__(self, module: str, cause: str) -> None:
+        super().__init__(f"node module {module!r} could not be loaded: {cause}")
+        self.module = module
+
+
 class NodeRegistry:
     """Maps node type names to registered entries.
 
@@ -194,9 +203,14 @@ class NodeRegistry:
             log.warning("skipping node module %s: its dependency '%s' is not installed",
                         name, exc.name)
             return []
+        except Exception as exc:  # the module's own top-level code failed
+            raise NodeModuleError(name, f"{type(exc).__name__}: {exc}") from exc
         added = []
         for node_cls in _nodes_of(module, exclude, self.optional):
-            self.register(node_cls, trusted=trusted, module=name)
+            try:
+                self.register(node_cls, trusted=trusted, module=name)
+            except ValueError as exc:
+                raise NodeModuleError(name, str(exc)) from exc
             added.append(node_cls.node_type)
         log.info("loaded %d node(s) from %s (%s)", len(added), name,
                  "trusted" if trusted else "untrusted")

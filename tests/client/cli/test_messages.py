@@ -147,6 +147,30 @@ def test_serve_with_a_node_module_it_cannot_find(user_package: Path) -> None:
     assert "PYTHONPATH" in line
 
 
+@pytest.mark.parametrize("command", ["serve", "validate"])
+@pytest.mark.parametrize(("source", "cause"), [
+    ("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"),
+    ("from tensorline.server.nodes import Node, Port\n"
+     "class Scale(Node):\n"
+     "    inputs = (Port('in'),)\n"
+     "    outputs = (Port('out'),)\n"
+     "    def process(self, inputs):\n"
+     "        return inputs\n",
+     "node type 'Scale' from broken_nodes clashes with the one from "
+     "tensorline.server.nodes.builtin"),
+])
+def test_a_node_module_that_cannot_load_is_one_line(tmp_path: Path, command: str, source: str,
+                                                     cause: str) -> None:
+    (tmp_path / "broken_nodes.py").write_text(source)
+    (tmp_path / "p.yaml").write_text("nodes:\n  - {id: s, node_type: Scale}\n")
+    args = ["--port", "0"] if command == "serve" else ["p.yaml"]
+    result = tensorline(command, *args, "--node-module", "broken_nodes", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert line == f"error: node module 'broken_nodes' could not be loaded: {cause}"
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket() as sock:
