@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,7 +132,7 @@ async def slot(client: Any, tally: Tally, index: int, sandboxed: bool, chunk_flo
             tally.fail("stall", "open took longer than the stall limit")
             await _drop(stream)
             return
-        except Exception as exc:  # noqa: BLE001 - every failure is classified
+        except Exception as exc:  # every failure is classified
             retry = classify(tally, exc)
             if retry is None:
                 return
@@ -170,17 +170,16 @@ async def slot(client: Any, tally: Tally, index: int, sandboxed: bool, chunk_flo
             tally.fail("stall", "close took longer than the stall limit")
             await _drop(stream)
             return
-        except Exception as exc:  # noqa: BLE001 - every failure is classified
+        except Exception as exc:  # every failure is classified
             classify(tally, exc)
             await _drop(stream)
             return
 
 
 async def _drop(stream: Any) -> None:
-    try:
+    # Already counted: nothing more to learn from how the cancel goes.
+    with contextlib.suppress(Exception):
         await asyncio.wait_for(stream.cancel("soak: giving up"), 10)
-    except Exception:  # noqa: BLE001,S110 - already counted; nothing more to learn
-        pass
 
 
 async def client_main(args: argparse.Namespace) -> Tally:
@@ -319,10 +318,9 @@ def sample_tree(pid: int) -> TreeSample | None:
         try:
             launcher_mb += child.memory_info().rss / 2**20
             for worker in child.children(recursive=True):
-                try:
+                # A worker may exit between the listing and the reading.
+                with contextlib.suppress(psutil.Error):
                     workers.append(worker.memory_info().rss / 2**20)
-                except psutil.Error:
-                    pass  # exited between the listing and the reading
         except psutil.Error:
             pass
     return TreeSample(server_mb, launcher_mb, len(workers), sum(workers), max(workers, default=0))
