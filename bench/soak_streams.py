@@ -87,6 +87,8 @@ class Tally:
     refusals_clean: int = 0
     refusals_without_retry: int = 0
     samples: list[str] = field(default_factory=list)
+    # CPU seconds the client process used (is the load generator the bottleneck?).
+    cpu_s: float = 0.0
 
     def fail(self, what: str, detail: str) -> None:
         self.failures[what] = self.failures.get(what, 0) + 1
@@ -198,6 +200,7 @@ async def client_main(args: argparse.Namespace) -> Tally:
     finally:
         for client in clients:
             await client.close()
+    tally.cpu_s = time.process_time()
     return tally
 
 
@@ -295,6 +298,22 @@ class Server:
             self.proc.wait(10)
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by the server, its launcher and its workers (ended workers'
+    time is lost: the launcher reaps them, so their time shows in no live process)."""
+    total = 0.0
+    try:
+        server = psutil.Process(pid)
+        processes = [server, *server.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 @dataclass
 class TreeSample:
     server_mb: float
@@ -360,6 +379,7 @@ def run_phase(args: argparse.Namespace, server: Server, sandboxed: bool,
               seconds: float) -> dict[str, Any]:
     sampler = Sampler(server.proc.pid)
     sampler.start()
+    cpu_before = tree_cpu(server.proc.pid)
     # Every client starts its sessions at the same moment, once all of them are running.
     start = time.time() + 3.0 + 0.5 * args.clients
     end = start + seconds
@@ -383,6 +403,7 @@ def run_phase(args: argparse.Namespace, server: Server, sandboxed: bool,
         tallies.append(json.loads(out.splitlines()[-1]))
     sampler.halt.set()
     sampler.join()
+    server_cpu = tree_cpu(server.proc.pid) - cpu_before
     merged = Tally()
     for t in tallies:
         for key in ("sessions_opened", "sessions_closed", "chunks_ok", "wrong_outputs", "stalls",
@@ -393,6 +414,7 @@ def run_phase(args: argparse.Namespace, server: Server, sandboxed: bool,
         for what, count in t["failures"].items():
             merged.failures[what] = merged.failures.get(what, 0) + count
         merged.samples += t["samples"]
+        merged.cpu_s += t["cpu_s"]
     lat = sorted(merged.latencies_ms) or [float("nan")]
     opened = sorted(merged.open_ms) or [float("nan")]
     return {"pipeline": "mixed (b sandboxed)" if sandboxed else "in-process only",
@@ -406,7 +428,8 @@ def run_phase(args: argparse.Namespace, server: Server, sandboxed: bool,
             "open_p50_ms": _pct(opened, 50), "open_p99_ms": _pct(opened, 99),
             "failures": merged.failures, "refusals_clean": merged.refusals_clean,
             "refusals_without_retry": merged.refusals_without_retry,
-            "failure_samples": merged.samples[:10], **sampler.peak()}
+            "failure_samples": merged.samples[:10], "client_cpu_s": merged.cpu_s,
+            "server_cpu_s": server_cpu, **sampler.peak()}
 
 
 def _pct(values: list[float], pct: float) -> float:
@@ -437,6 +460,8 @@ def report(results: list[dict[str, Any]], after: dict[str, Any]) -> None:
                                                        f"{r['refusals_without_retry']}"),
         ("other failures", lambda r: ", ".join(
             f"{k} {v}" for k, v in r["failures"].items() if k != "RESOURCE_EXHAUSTED") or "0"),
+        ("CPU s: clients / server tree", lambda r: f"{r['client_cpu_s']:.0f} / "
+                                                   f"{r['server_cpu_s']:.0f}"),
         ("server RSS peak MiB", lambda r: f"{r['server_rss_peak_mb']:.0f}"),
         ("launcher RSS peak MiB", lambda r: f"{r['launcher_rss_peak_mb']:.0f}"),
         ("workers peak (count)", lambda r: f"{r['workers_peak']}"),
