@@ -166,8 +166,13 @@ async def test_untrusted_flood_grows_the_pool_and_a_cheap_call_gets_through(
         np.testing.assert_array_equal(result["cheap"], np.arange(3.0))
         for outcome in await asyncio.gather(*flood):
             np.testing.assert_array_equal(outcome["slow"], np.ones(1))
-        # One FIFO line would have served the cheap call after the whole flood.
-        assert cheap_at < max(done_at), (cheap_at, sorted(done_at))
+        # Round robin: the cheap call takes the first or second worker that frees up, so at
+        # most 2 flood calls end before it (3 if it reached the line only after the first one
+        # ended). One FIFO line would put it behind the 4 waiting flood calls: 5 would end
+        # first (the check used to be "before the last one ended", which one FIFO line passes
+        # too: the cheap call then runs as the last two flood calls end, milliseconds apart).
+        before = sum(1 for t in done_at if t < cheap_at)
+        assert before <= 3, (before, cheap_at, sorted(done_at))
 
 
 async def test_waiting_past_the_deadline_is_resource_exhausted_naming_node_and_pool(

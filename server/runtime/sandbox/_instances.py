@@ -342,9 +342,11 @@ class _Instances(_Calls):
         instance.worker.pinned.discard(instance.iid)
         if instance.initialized and instance.worker.alive:
             self._release_on(instance.worker, instance.spec, instance.iid)
-        if self._waiters and not instance.worker.pinned:
-            # A worker no instance is pinned to any more may serve an exclusive pick.
-            self._notify(everyone=True)
+        # No wake-up of every waiter here: an exclusive pick never waits (it takes a free worker,
+        # starts one or is refused), and a worker freed by this call's reply already woke the
+        # waiter whose turn it is (``_finish``). Waking them all made each re-queue at the
+        # front of the round, in wake-up order: the last one woken (often the newest caller's
+        # call) went first, and the round robin was not kept.
 
     def _release_on(self, worker: _Worker, spec: NodeSpec | None, iid: int) -> None:
         worker.releases.append(iid)
