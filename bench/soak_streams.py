@@ -57,15 +57,32 @@ FACTOR_B = np.float32(3.0)
 FACTOR_C = np.float32(0.5)
 
 
-def manifest(sandboxed: bool) -> dict[str, Any]:
-    """The 3-node pipeline; ``sandboxed``: its middle node runs in a sandbox worker."""
+# The pipelines, all PassThrough -> Scale x3 -> a third node:
+# * inprocess: every node in-process, third node Scale x0.5 (the baseline);
+# * mixed: the Scale x3 in the sandbox (stateless: one sandboxed call per chunk);
+# * streaming: the Scale x3 in the sandbox and the third node a sandboxed streaming node
+#   (Accumulator, count 1: each chunk as it came), whose session takes a worker of its own:
+#   past ``sandbox_max_workers`` such sessions per domain, sessions are refused.
+PIPELINES = ("inprocess", "mixed", "streaming")
+
+
+def manifest(kind: str) -> dict[str, Any]:
+    third: dict[str, Any] = (
+        {"id": "c", "node_type": "Accumulator", "params": {"count": 1},
+         "runtime_hint": "sandbox"} if kind == "streaming" else
+        {"id": "c", "node_type": "Scale", "params": {"factor": float(FACTOR_C)},
+         "runtime_hint": "inprocess"})
     return {"version": "v1", "nodes": [
         {"id": "a", "node_type": "PassThrough", "runtime_hint": "inprocess"},
         {"id": "b", "node_type": "Scale", "params": {"factor": float(FACTOR_B)},
-         "runtime_hint": "sandbox" if sandboxed else "inprocess"},
-        {"id": "c", "node_type": "Scale", "params": {"factor": float(FACTOR_C)},
-         "runtime_hint": "inprocess"},
+         "runtime_hint": "inprocess" if kind == "inprocess" else "sandbox"},
+        third,
     ], "connections": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}]}
+
+
+def expected(kind: str, chunk: np.ndarray) -> np.ndarray:
+    scaled = chunk * FACTOR_B
+    return scaled if kind == "streaming" else scaled * FACTOR_C
 
 
 # --- load generator (one client process) --------------------------------------------------------
@@ -114,7 +131,7 @@ def classify(tally: Tally, exc: BaseException) -> float | None:
     return None
 
 
-async def slot(client: Any, tally: Tally, index: int, sandboxed: bool, chunk_floats: int,
+async def slot(client: Any, tally: Tally, index: int, kind: str, chunk_floats: int,
                start: float, end: float, stall_s: float) -> None:
     """One session slot: open (retrying clean refusals), ping-pong chunks until ``end``,
     close."""
@@ -122,7 +139,7 @@ async def slot(client: Any, tally: Tally, index: int, sandboxed: bool, chunk_flo
     rng = np.random.default_rng(index)
     base = rng.standard_normal(chunk_floats).astype(np.float32)
     await asyncio.sleep(max(0.0, start - time.time()))
-    pipeline = manifest(sandboxed)
+    pipeline = manifest(kind)
     sent = 0
     while time.time() < end:
         began = loop.time()
@@ -145,7 +162,7 @@ async def slot(client: Any, tally: Tally, index: int, sandboxed: bool, chunk_flo
         try:
             while time.time() < end:
                 chunk = base + np.float32(sent % 1024)
-                expected = (chunk * FACTOR_B) * FACTOR_C
+                want = expected(kind, chunk)
                 t0 = loop.time()
                 await stream.send("a", chunk)
                 try:
@@ -158,7 +175,7 @@ async def slot(client: Any, tally: Tally, index: int, sandboxed: bool, chunk_flo
                 tally.latencies_ms.append((loop.time() - t0) * 1000)
                 value = np.asarray(out.value)
                 if (out.port != "out" or value.dtype != np.float32
-                        or value.tobytes() != expected.tobytes()):
+                        or value.tobytes() != want.tobytes()):
                     tally.wrong_outputs += 1
                     tally.fail("wrong output", f"port {out.port}, dtype {value.dtype}")
                 else:
@@ -194,7 +211,7 @@ async def client_main(args: argparse.Namespace) -> Tally:
                for _ in range(args.connections)]
     try:
         await asyncio.gather(*(
-            slot(clients[i % len(clients)], tally, args.first + i, args.sandboxed,
+            slot(clients[i % len(clients)], tally, args.first + i, args.pipeline,
                  args.chunk_bytes // 4, args.start, args.end, args.stall_s)
             for i in range(args.slots)))
     finally:
@@ -375,7 +392,7 @@ class Sampler(threading.Thread):
 # --- a phase: the client processes, merged ------------------------------------------------------
 
 
-def run_phase(args: argparse.Namespace, server: Server, sandboxed: bool,
+def run_phase(args: argparse.Namespace, server: Server, kind: str,
               seconds: float) -> dict[str, Any]:
     sampler = Sampler(server.proc.pid)
     sampler.start()
@@ -392,7 +409,7 @@ def run_phase(args: argparse.Namespace, server: Server, sandboxed: bool,
             [sys.executable, os.path.abspath(__file__), "--client", "--target", server.target,
              "--slots", str(n), "--first", str(first), "--start", str(start), "--end", str(end),
              "--chunk-bytes", str(args.chunk_bytes), "--stall-s", str(args.stall_s),
-             "--connections", str(args.connections), *(["--sandboxed"] if sandboxed else [])],
+             "--connections", str(args.connections), "--pipeline", kind],
             stdout=subprocess.PIPE, text=True))
         first += n
     tallies = []
@@ -417,7 +434,8 @@ def run_phase(args: argparse.Namespace, server: Server, sandboxed: bool,
         merged.cpu_s += t["cpu_s"]
     lat = sorted(merged.latencies_ms) or [float("nan")]
     opened = sorted(merged.open_ms) or [float("nan")]
-    return {"pipeline": "mixed (b sandboxed)" if sandboxed else "in-process only",
+    return {"pipeline": {"inprocess": "in-process only", "mixed": "mixed (b sandboxed)",
+                         "streaming": "b, c (streaming) sandboxed"}[kind],
             "seconds": seconds, "streams": args.streams,
             "sessions_opened": merged.sessions_opened,
             "sessions_closed_ok": merged.sessions_closed,
@@ -493,10 +511,10 @@ def orchestrate(args: argparse.Namespace) -> int:
         if args.baseline_seconds > 0:
             print(f"baseline: {args.streams} streams, in-process only, "
                   f"{args.baseline_seconds:g} s", file=sys.stderr)
-            results.append(run_phase(args, server, False, args.baseline_seconds))
-        print(f"soak: {args.streams} streams, mixed pipeline, {args.seconds:g} s",
+            results.append(run_phase(args, server, "inprocess", args.baseline_seconds))
+        print(f"soak: {args.streams} streams, {args.pipeline} pipeline, {args.seconds:g} s",
               file=sys.stderr)
-        results.append(run_phase(args, server, True, args.seconds))
+        results.append(run_phase(args, server, args.pipeline, args.seconds))
         gauges = server.gauges()
         after["streams open (server gauge)"] = gauges.get("tensorline_inflight_streams")
         after["executions in flight (server gauge)"] = gauges.get(
@@ -559,7 +577,9 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--start", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--end", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--sandboxed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", choices=PIPELINES, default="mixed",
+                        help="mixed: the middle node sandboxed (default); streaming: also a "
+                             "sandboxed streaming node, whose sessions take a worker each")
     args = parser.parse_args()
     if args.client:
         tally = asyncio.run(client_main(args))
