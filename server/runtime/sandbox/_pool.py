@@ -385,8 +385,9 @@ class _Pool(_Core):
                 dedicated = sum(1 for w in self._workers.values() if w.domain == group[1]
                                 and w.alive and w.dedicated) + self._dedicating.get(group[1], 0)
                 if dedicated >= self.max_workers:
-                    raise self._exhausted(spec, group, 0.0, f"{dedicated} workers are held by "
-                                          "streaming sessions")
+                    raise self._exhausted(spec, group, 0.0, (
+                        f"{dedicated} workers are held by (or starting for) streaming "
+                        f"sessions, at most {self.max_workers} per domain"))
                 free = [w for w in self._workers.values() if w.state == "ready"
                         and not w.killed and w.group == group and not w.pinned
                         and not w.dedicated and w.queued == 0 and w.reserved == 0]
