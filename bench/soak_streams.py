@@ -11,7 +11,10 @@ two phases, one after the other:
 * soak: ``--streams`` sessions for ``--seconds`` through the mixed pipeline: the middle node
   (Scale, stateless) runs in the sandbox, so every chunk of every session is one sandboxed call
   dispatched on its own (the pool grows to ``sandbox_max_workers`` and the calls wait their
-  turn, round robin by session).
+  turn, round robin by connection);
+* ``--pipeline streaming`` instead: the middle node sandboxed and the third a sandboxed
+  streaming node (Accumulator, count 1), whose session needs a worker of its own: past
+  ``sandbox_max_workers`` such sessions per domain the others are refused (and retried).
 
 Load comes from ``--clients`` processes (one event loop each, ``--connections`` HTTP/2
 connections each) using the public ``AsyncClient``. Each session slot opens a session (a
