@@ -148,6 +148,9 @@ class _Core(Runtime):
         self._by_pid: dict[int, _Worker] = {}
         # Workers asked for whose start has not registered them yet (see ``_spawn``).
         self._pending: dict[_Group, int] = {}
+        # Per trust domain: workers being started for streaming sessions (see
+        # ``_Pool._dedicated_worker``), counted against the dedicated budget.
+        self._dedicating: dict[str, int] = {}
         self._started = False
         self._closed = False
         self._spawn_failures = 0

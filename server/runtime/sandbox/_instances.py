@@ -169,9 +169,15 @@ class _Instances(_Calls):
             if exclusive:
                 # At once, before any await: nobody else may be placed here meanwhile.
                 worker.exclusive.add(iid)
+            # A call's instance reserves its worker until its process request goes out (see
+            # ``_Instances._process``): the worker is promised to it, not idle. Taken before the
+            # initialize request, not after: the reply that ends it frees the worker's turn and
+            # wakes the next waiter before this coroutine resumes, and that waiter would see an
+            # idle worker and queue its call on this worker's turn (behind this call, outside
+            # the round robin and its deadline-bounded wait) while other workers stand idle.
+            if not host:
+                worker.reserved += 1
             if not spec.entry.has_initialize and spec.entry.class_module in worker.modules:
-                if not host:
-                    worker.reserved += 1
                 return worker, iid, False
 
             def abandoned(reply: tuple[Any, ...], worker: _Worker = worker,
@@ -184,17 +190,29 @@ class _Instances(_Calls):
             try:
                 await self._init_on(worker, spec, scope, iid, abandoned)
             except _WorkerGone:
+                self._unreserve(worker, host)
                 worker.pinned.discard(iid)
                 continue  # died under another call before ours was sent: try another
             except asyncio.CancelledError:
+                self._unreserve(worker, host)
                 raise
             except BaseException:
+                self._unreserve(worker, host)
                 worker.pinned.discard(iid)
                 raise
             worker.modules.add(spec.entry.class_module)
             return worker, iid, True
         raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could start",
                             during="initialize", kind="crash")
+
+    def _unreserve(self, worker: _Worker, host: bool) -> None:
+        """Drop the reservation ``_create`` took for a call whose instance did not come to be;
+        the worker may be idle now: a waiter may take it."""
+        if host:
+            return
+        worker.reserved -= 1
+        if worker.reserved == 0 and worker.queued == 0:
+            self._notify(worker.group)
 
     async def _acquire_warm(self, spec: NodeSpec, scope: ExecutionScope,
                             host: bool = False) -> tuple[_Worker, int]:
@@ -324,9 +342,11 @@ class _Instances(_Calls):
         instance.worker.pinned.discard(instance.iid)
         if instance.initialized and instance.worker.alive:
             self._release_on(instance.worker, instance.spec, instance.iid)
-        if self._waiters and not instance.worker.pinned:
-            # A worker no instance is pinned to any more may serve an exclusive pick.
-            self._notify(everyone=True)
+        # No wake-up of every waiter here: an exclusive pick never waits (it takes a free worker,
+        # starts one or is refused), and a worker freed by this call's reply already woke the
+        # waiter whose turn it is (``_finish``). Waking them all made each re-queue at the
+        # front of the round, in wake-up order: the last one woken (often the newest caller's
+        # call) went first, and the round robin was not kept.
 
     def _release_on(self, worker: _Worker, spec: NodeSpec | None, iid: int) -> None:
         worker.releases.append(iid)

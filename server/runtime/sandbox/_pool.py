@@ -55,15 +55,15 @@ class _Pool(_Core):
         """
         return await asyncio.shield(self._start(group))
 
-    def _start(self, group: _Group) -> asyncio.Future[_Worker]:
+    def _start(self, group: _Group, reserved: bool = False) -> asyncio.Future[_Worker]:
         if self._closed:
             raise ServiceUnavailable("the sandbox runtime is shut down")
         # Counted at once, until the task registers the worker (a loop iteration later): the
         # pool's size must include it, or every waiter in between would grow the pool again.
         self._pending[group] = self._pending.get(group, 0) + 1
-        return self._track(asyncio.ensure_future(self._start_worker(group)))
+        return self._track(asyncio.ensure_future(self._start_worker(group, reserved)))
 
-    async def _start_worker(self, group: _Group) -> _Worker:
+    async def _start_worker(self, group: _Group, reserved: bool = False) -> _Worker:
         cap_mb, domain = group
         self._pending[group] -= 1
         loop = asyncio.get_running_loop()
@@ -75,6 +75,9 @@ class _Pool(_Core):
         uid = WORKER_UID_BASE + wid % WORKER_UID_COUNT if self._uids_usable else None
         worker = _Worker(wid=wid, cap_mb=cap_mb, domain=domain, scratch_dir=scratch,
                          inline_max=self.inline_max_bytes, uid=uid)
+        # Started for a streaming session (see ``_dedicated_worker``): promised from the
+        # start, or another pick could take it between its "ready" and the session's turn.
+        worker.reserved = int(reserved)
         worker.outbox = _shm.Outbox(inline_max=self.inline_max_bytes, name=f"tensorline-w{wid}")
         worker.ready = loop.create_future()
         worker.dead = loop.create_future()
@@ -383,17 +386,22 @@ class _Pool(_Core):
             if self._closed:
                 raise ServiceUnavailable("the sandbox runtime is shut down")
             if exclusive:
+                # The budget first, whether the worker is taken from the shared ones or
+                # started: a free shared worker taken here leaves the shared pool to grow back,
+                # so taking them without counting let streaming sessions and the calls that
+                # regrow the pool start workers without bound.
+                dedicated = sum(1 for w in self._workers.values() if w.domain == group[1]
+                                and w.alive and w.dedicated) + self._dedicating.get(group[1], 0)
+                if dedicated >= self.max_workers:
+                    raise self._exhausted(spec, group, 0.0, (
+                        f"{dedicated} workers are held by (or starting for) streaming "
+                        f"sessions, at most {self.max_workers} per domain"))
                 free = [w for w in self._workers.values() if w.state == "ready"
                         and not w.killed and w.group == group and not w.pinned
                         and not w.dedicated and w.queued == 0 and w.reserved == 0]
                 if free:
                     return max(free, key=lambda w: w.last_used)
-                dedicated = sum(1 for w in self._workers.values() if w.domain == group[1]
-                                and w.alive and w.dedicated)
-                if dedicated >= self.max_workers:
-                    raise self._exhausted(spec, group, 0.0, f"{dedicated} workers are held by "
-                                          "streaming sessions")
-                return await self._spawn(group)
+                return await self._dedicated_worker(group)
             idle_worker = self._idle(group)
             if idle_worker is not None:
                 return idle_worker
@@ -416,6 +424,44 @@ class _Pool(_Core):
             await self._pool_change(group, caller, expire, lambda: self._exhausted(
                 spec, group, self._now() - began, "every worker stayed busy"), again)
             again = True
+
+    async def _dedicated_worker(self, group: _Group) -> _Worker:
+        """Start a worker for a streaming session. Until it is the session's, it counts
+        against the domain's dedicated budget (``_dedicating``: a burst of sessions would
+        otherwise each see the budget free and start one worker each, a thousand sessions a
+        thousand workers) and it is reserved (nobody else may take it once ready). The caller
+        adds the session's instance to ``exclusive`` without awaiting in between."""
+        domain = group[1]
+        self._dedicating[domain] = self._dedicating.get(domain, 0) + 1
+        counted = True
+
+        def uncount() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._dedicating[domain] -= 1
+
+        start = self._start(group, reserved=True)
+        try:
+            worker = await asyncio.shield(start)
+        except asyncio.CancelledError:
+            # The session gave up; the worker still joins the pool, as a shared one.
+            def release(task: asyncio.Future[_Worker]) -> None:
+                uncount()
+                if not task.cancelled() and task.exception() is None:
+                    late = task.result()
+                    late.reserved -= 1
+                    if late.queued == 0 and late.reserved == 0:
+                        self._notify(late.group)
+
+            start.add_done_callback(release)
+            raise
+        except BaseException:
+            uncount()
+            raise
+        uncount()
+        worker.reserved -= 1
+        return worker
 
     def _idle(self, group: _Group) -> _Worker | None:
         """The most recently used idle worker of ``group``, if any: at low concurrency the same

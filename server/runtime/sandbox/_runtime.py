@@ -345,7 +345,9 @@ class SandboxRuntime(_Streaming):
                 spec, scope, host and self._exclusive(spec), host)
         instance = SandboxInstance(spec, scope, self, worker, iid)
         instance.initialized = initialized
-        instance.reserved = not initialized and not host
+        # ``_create`` reserved the worker for a call's instance, initialized or not (a warm
+        # instance is shared: its worker is never reserved for one call).
+        instance.reserved = not host and not spec.entry.reusable
         if host:
             self._dedicate(instance)
         return instance

@@ -460,3 +460,20 @@ class Nap(Node):
     def process(self, inputs: Mapping[str, Any]) -> Any:
         time.sleep(self.params.seconds)
         return inputs["in"]
+
+
+class Gate(Node):
+    """One-shot; marks ``<scratch>/<execution>.process``, then holds its worker until the test
+    creates ``<scratch>/<execution>.go`` (through ``SandboxRuntime.scratch_views``) and echoes
+    its input: a slow call that ends when the test says so, without a cancellation."""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        scratch = self.context.scratch_dir
+        assert scratch is not None
+        execution = self.context.execution_id
+        Path(scratch, f"{execution}.process").write_text("")
+        go = Path(scratch, f"{execution}.go")
+        while not go.exists():
+            if self.context.cancelled.wait(0.01):
+                return None
+        return inputs["in"]
