@@ -49,13 +49,14 @@ import numpy as np
 import psutil
 from _common import OPTIONS, MiB, latencies, run_and_save, throughput
 
-from tensorline.client._codec import (
+from tensorline.wire import (
+    Audio,
     DecodedExecuteResponse,
+    Json,
     PortItem,
     decode_execute_response,
     encode_execute_request,
 )
-from tensorline.client._values import Audio, Json
 
 RUNTIMES = ("inprocess", "sandbox")
 

@@ -92,7 +92,7 @@ class Gate:
 
 async def echo_throughput(channel: grpc.aio.Channel, chunks: int,
                           gate: Gate | None = None) -> tuple[float, float]:
-    from tensorline.client._codec import encode_stream_chunk
+    from tensorline.wire import encode_stream_chunk
 
     payload = encode_stream_chunk(0, "n0", "", CHUNK)  # same bytes as a tensorline chunk
     call = channel.stream_stream(ECHO_METHOD)()
@@ -148,7 +148,7 @@ async def tl_session(client: Any, nodes: int) -> float:
 
 
 async def echo_latency(channel: grpc.aio.Channel, count: int) -> list[float]:
-    from tensorline.client._codec import encode_stream_chunk
+    from tensorline.wire import encode_stream_chunk
 
     payload = encode_stream_chunk(0, "n0", "", CHUNK)
     call = channel.stream_stream(ECHO_METHOD)()

@@ -28,13 +28,13 @@ import grpc
 import numpy as np
 from _common import OPTIONS, Call, MiB, latencies, run_and_save, throughput
 
-from tensorline.client._codec import (
+from tensorline.server._eventloop import resolve
+from tensorline.wire import (
     PortItem,
     decode_execute_request,
     decode_execute_response,
     encode_execute_request,
 )
-from tensorline.server._eventloop import resolve
 
 ECHO_SERVER = """
 import asyncio, sys, grpc

@@ -16,7 +16,6 @@ from tensorline.client._client import (
     load_manifest,
     manifest_json,
 )
-from tensorline.client._codec import PortItem
 from tensorline.client._exceptions import (
     AuthenticationError,
     CancelledError,
@@ -41,7 +40,7 @@ from tensorline.client._stream import (
     StreamNodeMetrics,
     StreamOutput,
 )
-from tensorline.client._values import Audio, Json, Tagged
+from tensorline.wire import Audio, Json, PortItem, Tagged
 
 __all__ = [
     "AsyncClient",

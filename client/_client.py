@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import yaml
 
-from tensorline.client._codec import (
+from tensorline.client._exceptions import TensorlineError, TransportError, from_rpc_error
+from tensorline.client._yaml import safe_load, syntax_error
+from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire import (
     DecodedExecuteResponse,
     PortItem,
     decode_execute_response,
     encode_execute_request,
 )
-from tensorline.client._exceptions import TensorlineError, TransportError, from_rpc_error
-from tensorline.client._yaml import safe_load, syntax_error
-from tensorline.v1 import tensorline_pb2 as pb
 
 if TYPE_CHECKING:
     from tensorline.client._stream import AsyncStream, Stream, StreamEvent

@@ -31,7 +31,9 @@ from typing import Any
 import grpc
 from google.rpc import status_pb2
 
-from tensorline.client._codec import (
+from tensorline.client._exceptions import TensorlineError, from_rpc_error
+from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire import (
     DecodedStreamResponse,
     StreamItem,
     decode_stream_response,
@@ -40,8 +42,6 @@ from tensorline.client._codec import (
     encode_stream_close,
     encode_stream_init,
 )
-from tensorline.client._exceptions import TensorlineError, from_rpc_error
-from tensorline.v1 import tensorline_pb2 as pb
 
 STREAM_METHOD = "/tensorline.v1.PipelineService/StreamPipeline"
 

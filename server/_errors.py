@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tensorline.client._codec import Violation
+from tensorline.wire import Violation
 
 # How much of one piece of request-supplied text (a name, an id, a node's exception message)
 # goes into an error message or a log line: enough to recognize it, never megabytes.

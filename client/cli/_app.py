@@ -24,7 +24,6 @@ from rich.text import Text
 
 from tensorline.client._client import AsyncClient, Client, ExecuteResult, load_manifest
 from tensorline.client._exceptions import TensorlineError
-from tensorline.client._values import Audio
 from tensorline.client.cli._io import (
     describe,
     parse_assignment,
@@ -33,6 +32,7 @@ from tensorline.client.cli._io import (
     value_json,
     write_outputs,
 )
+from tensorline.wire import Audio
 
 # pretty_exceptions off: an unexpected error is one line unless --debug (see ``main``).
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

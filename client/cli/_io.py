@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tensorline.client import _wav as wav
-from tensorline.client._values import Audio, Json, Tagged
+from tensorline.wire import Audio, Json, Tagged
 
 # float16 is widened to float32 without loss: WAV has no 16-bit float format.
 _WIDENED = {"float16": np.dtype("float32")}

@@ -25,7 +25,6 @@ from rich.text import Text
 from tensorline.client._client import AsyncClient, load_manifest
 from tensorline.client._exceptions import TensorlineError
 from tensorline.client._stream import StreamEvent, StreamMetrics, StreamOutput
-from tensorline.client._values import Audio, Json, Tagged
 from tensorline.client.cli._app import (
     CaOpt,
     CertOpt,
@@ -41,6 +40,7 @@ from tensorline.client.cli._app import (
     errors,
 )
 from tensorline.client.cli._io import parse_assignment, read_input, write_outputs, write_wav
+from tensorline.wire import Audio, Json, Tagged
 
 
 class _Rate(ProgressColumn):

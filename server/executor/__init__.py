@@ -1,7 +1,6 @@
 """Executing compiled plans: the asyncio DAG executor, the streaming executor (StreamPipeline
 sessions) and the engine that owns them."""
 
-from tensorline.client._codec import StreamItem
 from tensorline.server.executor._engine import PipelineEngine, PlanLookup
 from tensorline.server.executor._executor import (
     ExecutionResult,
@@ -18,6 +17,7 @@ from tensorline.server.executor._streaming import (
     StreamSession,
     size_of,
 )
+from tensorline.wire import StreamItem
 
 __all__ = [
     "Channel",

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tensorline.client._codec import PortItem, Violation
 from tensorline.server._errors import LayerMissing, RequestInvalid, clip
 from tensorline.server.executor._executor import ExecutionResult, Executor
 from tensorline.server.executor._streaming import StreamingExecutor
@@ -34,6 +33,7 @@ from tensorline.server.runtime import (
     SandboxRuntime,
 )
 from tensorline.server.selector import INPROCESS, SANDBOX, Selector
+from tensorline.wire import PortItem, Violation
 
 log = logging.getLogger(__name__)
 

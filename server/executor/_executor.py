@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from tensorline.client._codec import SENDABLE_DTYPES, PortItem, wire_dtype
-from tensorline.client._values import Audio, Json, Tagged, kind_of
 from tensorline.server._errors import DeadlineExceeded, NodeFailed, SandboxFailure
 from tensorline.server.manifest import BoundInputs, ExecutionPlan, NodeSpec, value_for_port
 from tensorline.server.nodes import Port
 from tensorline.server.runtime import ExecutionScope, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
+from tensorline.wire import SENDABLE_DTYPES, Audio, Json, PortItem, Tagged, kind_of, wire_dtype
 
 
 @dataclass(slots=True)

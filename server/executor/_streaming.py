@@ -51,8 +51,6 @@ from typing import Any
 
 import numpy as np
 
-from tensorline.client._codec import StreamItem
-from tensorline.client._values import Audio, Tagged
 from tensorline.server._errors import (
     DeadlineExceeded,
     LimitExceeded,
@@ -71,6 +69,7 @@ from tensorline.server.manifest import (
 from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
 from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
+from tensorline.wire import Audio, StreamItem, Tagged
 
 DEFAULT_QUEUE_SIZE = 16
 DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024

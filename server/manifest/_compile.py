@@ -22,7 +22,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tensorline.client._json import JsonRejected, loads
 from tensorline.server._errors import RequestInvalid, Violation, clip
 from tensorline.server.manifest._inputs import default_port
 from tensorline.server.manifest._model import (
@@ -38,6 +37,7 @@ from tensorline.server.nodes import NodeEntry, NodeParams, NodeRegistry, Port, U
 from tensorline.server.nodes._params_schema import SchemaViolation, schema_violations
 from tensorline.server.nodes._registry import needs_message
 from tensorline.server.selector import Selector, normalize_hint
+from tensorline.wire import JsonRejected, loads
 
 
 def _loc(prefix: str, loc: Sequence[int | str]) -> str:

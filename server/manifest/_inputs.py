@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tensorline.client._codec import PortItem
-from tensorline.client._values import Tagged, kind_of
 from tensorline.server._errors import RequestInvalid, Violation
 from tensorline.server.manifest._plan import ExecutionPlan
 from tensorline.server.nodes import Port
+from tensorline.wire import PortItem, Tagged, kind_of
 
 BoundInputs = dict[tuple[str, str], Any]
 

@@ -19,7 +19,6 @@ Port values: ``tensor`` numpy arrays, ``audio`` ``Audio``, ``text`` str, ``binar
 the executor wraps it), any of them wrapped in ``Tagged`` to carry metadata.
 """
 
-from tensorline.client._values import Audio, Json, Tagged
 from tensorline.server.nodes._node import (
     Isolation,
     Node,
@@ -40,6 +39,7 @@ from tensorline.server.nodes._registry import (
     UnknownNodeType,
 )
 from tensorline.server.nodes._streaming import END_OF_STREAM, Chunk, Emit, StreamingNode
+from tensorline.wire import Audio, Json, Tagged
 
 __all__ = [
     "END_OF_STREAM",

@@ -16,14 +16,6 @@ from typing import Any
 
 import grpc
 
-from tensorline.client._codec import (
-    DecodedExecuteRequest,
-    Limits,
-    decode_execute_request,
-    decode_stream_request,
-    encode_execute_response,
-    encode_execution_metrics,
-)
 from tensorline.server._logging import request_id_var
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
@@ -34,6 +26,14 @@ from tensorline.server.service._status import translate_errors
 from tensorline.server.service._telemetry import Telemetry
 from tensorline.v1 import PROTOCOL_VERSION
 from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire import (
+    DecodedExecuteRequest,
+    Limits,
+    decode_execute_request,
+    decode_stream_request,
+    encode_execute_response,
+    encode_execution_metrics,
+)
 
 SERVICE_NAME = "tensorline.v1.PipelineService"
 

@@ -30,11 +30,6 @@ from typing import Any
 
 import grpc
 
-from tensorline.client._codec import (
-    DecodedStreamRequest,
-    StreamItem,
-    encode_stream_results,
-)
 from tensorline.server._errors import (
     DeadlineExceeded,
     NodeFailed,
@@ -58,6 +53,11 @@ from tensorline.server.service._service import scope_for
 from tensorline.server.service._status import await_first_message, to_status, translate_errors
 from tensorline.server.service._telemetry import Telemetry
 from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire import (
+    DecodedStreamRequest,
+    StreamItem,
+    encode_stream_results,
+)
 
 Context = Any  # grpc.aio.ServicerContext
 

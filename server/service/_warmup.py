@@ -20,10 +20,10 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from tensorline.client._codec import PortItem
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.nodes import NodeEntry, WarmUp
 from tensorline.server.runtime import ExecutionScope
+from tensorline.wire import PortItem
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tensorline.client import AsyncClient, Audio, Json, PortItem, Tagged
-from tensorline.client.codec import SUPPORTED_DTYPES
+from tensorline.wire import SUPPORTED_DTYPES
 
 DTYPES = [
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",

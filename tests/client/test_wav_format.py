@@ -12,8 +12,8 @@ import pytest
 from scipy.io import wavfile
 
 from tensorline.client import _wav as wav
-from tensorline.client._values import Audio
 from tensorline.client.cli._io import read_wav, write_wav
+from tensorline.wire._values import Audio
 
 RNG = np.random.default_rng(7)
 

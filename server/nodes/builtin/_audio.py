@@ -10,9 +10,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from tensorline.client._values import Audio
 from tensorline.server.nodes._node import NodeParams, Port, WarmUp
 from tensorline.server.nodes._streaming import Chunk, StreamingNode
+from tensorline.wire import Audio
 
 # How far a streamed resampling may be from resampling the whole signal at once (see
 # AudioResample): the same filter, with its sums taken in another order. Integer PCM: in sample

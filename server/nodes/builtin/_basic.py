@@ -10,9 +10,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from tensorline.client._codec import SUPPORTED_DTYPES
 from tensorline.server.nodes import Json
 from tensorline.server.nodes._node import Node, NodeParams, NodeTraits, Port
+from tensorline.wire import SUPPORTED_DTYPES
 
 
 class PassThrough(Node):

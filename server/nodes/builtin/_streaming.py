@@ -13,9 +13,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
-from tensorline.client._values import Audio, Tagged
 from tensorline.server.nodes._node import NodeParams, Port
 from tensorline.server.nodes._streaming import Chunk, StreamingNode
+from tensorline.wire import Audio, Tagged
 
 
 def _audio(chunk: Chunk) -> Audio:

@@ -8,8 +8,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from tensorline.client._values import Json
 from tensorline.server.nodes._node import Node, NodeParams, NodeTraits, Port
+from tensorline.wire import Json
 
 TENSORLINE_REQUIRES = ("pandas",)
 

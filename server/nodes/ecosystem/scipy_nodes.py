@@ -11,9 +11,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from tensorline.client._values import Audio
 from tensorline.server.nodes._node import NodeParams, NodeTraits, Port, WarmUp
 from tensorline.server.nodes._streaming import Chunk, StreamingNode
+from tensorline.wire import Audio
 
 TENSORLINE_REQUIRES = ("scipy",)
 

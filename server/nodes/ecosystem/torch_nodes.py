@@ -24,8 +24,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
-from tensorline.client._values import Audio
 from tensorline.server.nodes._node import Node, NodeParams, NodeTraits, Port
+from tensorline.wire import Audio
 
 if TYPE_CHECKING:
     import torch

@@ -47,6 +47,6 @@ def worker_paths(extra: Sequence[str] = ()) -> tuple[tuple[str, ...], tuple[str,
         if not os.path.exists(path):
             continue  # e.g. the editable install's path hook: its packages are added below
         (listed if _broad(path) else read).append(path)
-    read += _package_dirs(["tensorline.server", "tensorline.client", "tensorline.v1"])
+    read += _package_dirs(["tensorline.server", "tensorline.wire", "tensorline.v1"])
     read += [os.path.abspath(p) for p in extra]
     return tuple(dict.fromkeys(read)), tuple(dict.fromkeys(listed))

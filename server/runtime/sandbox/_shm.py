@@ -53,7 +53,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from tensorline.client._values import Audio, Json, Tagged
+from tensorline.wire import Audio, Json, Tagged
 
 # Keep well below the default SO_SNDBUF (208 KiB): a SEQPACKET message must fit in it whole.
 MAX_MESSAGE = 128 * 1024
@@ -454,9 +454,9 @@ class SafeUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.multiarray", "scalar"),
-        ("tensorline.client._values", "Audio"),
-        ("tensorline.client._values", "Json"),
-        ("tensorline.client._values", "Tagged"),
+        ("tensorline.wire._values", "Audio"),
+        ("tensorline.wire._values", "Json"),
+        ("tensorline.wire._values", "Tagged"),
         (__name__, "ShmArray"),
         (__name__, "ShmBytes"),
         (__name__, "_inline_array"),

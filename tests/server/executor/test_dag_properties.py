@@ -11,9 +11,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensorline.client.codec import PortItem
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.nodes import NodeRegistry
+from tensorline.wire import PortItem
 
 REGISTRY = NodeRegistry.default(entry_points=False)
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tensorline.client.codec import PortItem, Violation
 from tensorline.server import DeadlineExceeded, RequestInvalid
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.nodes import NodeRegistry
 from tensorline.server.runtime import ExecutionScope
+from tensorline.wire import PortItem, Violation
 from tests.nodes.basic import EVENTS, EVENTS_LOCK
 
 

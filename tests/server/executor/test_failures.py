@@ -166,7 +166,7 @@ async def test_client_cancellation_runs_cleanup(client: AsyncClient, node_type: 
 
 
 async def test_cancelling_a_raw_grpc_call_runs_cleanup(target: str) -> None:
-    from tensorline.client.codec import PortItem, encode_execute_request
+    from tensorline.wire import PortItem, encode_execute_request
 
     node_id = unique("raw-cancel")
     request = encode_execute_request(

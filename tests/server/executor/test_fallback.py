@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from tensorline.client import AsyncClient, TensorlineError
-from tensorline.client.codec import PortItem
 from tensorline.server import (
     DeadlineExceeded,
     SandboxFailure,
@@ -29,6 +28,7 @@ from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import NodeRegistry
 from tensorline.server.runtime import ExecutionScope, InProcessRuntime, NodeInstance, Runtime
 from tensorline.server.selector import Selector
+from tensorline.wire import PortItem
 
 
 class FailingInstance(NodeInstance):

@@ -19,14 +19,14 @@ from tensorline.client import (
     NodeError,
     StreamOutput,
 )
-from tensorline.client._codec import (
+from tensorline.client._stream import STREAM_METHOD
+from tensorline.wire._codec import (
     decode_stream_response,
     encode_stream_cancel,
     encode_stream_chunk,
     encode_stream_close,
     encode_stream_init,
 )
-from tensorline.client._stream import STREAM_METHOD
 from tests.nodes import streaming as nodes
 
 

@@ -417,7 +417,7 @@ async def test_corrupted_requests_never_cause_internal_errors(target: str) -> No
     answers OK or a client-error status, never INTERNAL (or a bare UNKNOWN)."""
     import random
 
-    from tensorline.client.codec import encode_execute_request
+    from tensorline.wire import encode_execute_request
 
     rng = random.Random(20261128)
     manifest = json.dumps({"version": "v1", "nodes": [

@@ -19,11 +19,11 @@ import numpy as np
 import psutil
 import pytest
 
-from tensorline.client._values import Audio, Json, Tagged
 from tensorline.server._errors import DeadlineExceeded, LimitExceeded, NodeFailed
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.runtime import ExecutionScope, SandboxRuntime, WorkerFailure
 from tensorline.server.runtime.sandbox import SandboxInstance
+from tensorline.wire._values import Audio, Json, Tagged
 from tests.server.runtime import sandbox_nodes as nodes
 from tests.server.runtime.conftest import make_spec, wait_until
 from tests.support.polling import eventually

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from tensorline.client._values import Json
 from tensorline.server._errors import DeadlineExceeded, NodeFailed
 from tensorline.server.runtime import ExecutionScope, SandboxRuntime, WorkerFailure
+from tensorline.wire._values import Json
 from tests.server.runtime import sandbox_nodes as nodes
 from tests.server.runtime.conftest import make_spec
 from tests.support.polling import eventually

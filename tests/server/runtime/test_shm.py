@@ -10,8 +10,8 @@ import socket
 import numpy as np
 import pytest
 
-from tensorline.client._values import Audio, Json, Tagged
 from tensorline.server.runtime.sandbox import _shm
+from tensorline.wire._values import Audio, Json, Tagged
 
 
 def transfer(value: object, *, safe: bool = True, inline_max: int = 1024) -> object:

@@ -31,9 +31,9 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
-from tensorline.client._json import JsonRejected, loads
-from tensorline.client._values import Audio, Json, Tagged
 from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire._json import JsonRejected, loads
+from tensorline.wire._values import Audio, Json, Tagged
 
 # --- dtype table ---------------------------------------------------------------------------------
 

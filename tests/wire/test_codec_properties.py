@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tensorline.client import Audio, Json, PortItem, Tagged
-from tensorline.client._codec import encode_execution_metrics, scan_top_level
-from tensorline.client.codec import (
+from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire import (
     SUPPORTED_DTYPES,
     Limits,
     decode_execute_request,
@@ -20,7 +20,7 @@ from tensorline.client.codec import (
     encode_execute_request,
     encode_execute_response,
 )
-from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire._codec import encode_execution_metrics, scan_top_level
 
 PROFILE = settings(max_examples=150, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])
@@ -200,7 +200,7 @@ def test_crafted_edge_cases_yield_violations() -> None:
 
 def test_packed_shape_ending_inside_a_varint_is_malformed() -> None:
     """The last shape byte says "more follows": the decoder must not read the next field."""
-    from tensorline.client._codec import _varint_bytes
+    from tensorline.wire._codec import _varint_bytes
 
     data = b"\x00" * 3330  # 0x82 followed by the data tag 0x1a would read as 3330
     tensor = b"\x08\x06" + b"\x12\x01\x82" + b"\x1a" + _varint_bytes(len(data)) + data
@@ -214,7 +214,7 @@ def test_packed_shape_ending_inside_a_varint_is_malformed() -> None:
 
 def test_unpacked_shape_is_accepted() -> None:
     """proto3 parsers must accept a repeated scalar sent unpacked (one tag per element)."""
-    from tensorline.client._codec import _varint_bytes
+    from tensorline.wire._codec import _varint_bytes
 
     data = np.arange(6, dtype="<i2").tobytes()
     tensor = b"\x08\x03" + b"\x10\x02" + b"\x10\x03" + b"\x1a" + _varint_bytes(len(data)) + data

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tensorline.client import Audio, Json, Tagged
-from tensorline.client._codec import (
+from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire._codec import (
     Limits,
     StreamItem,
     decode_stream_request,
@@ -17,7 +18,6 @@ from tensorline.client._codec import (
     encode_stream_init,
     encode_stream_results,
 )
-from tensorline.v1 import tensorline_pb2 as pb
 
 VALUES = [np.arange(6, dtype=">i2").reshape(2, 3), np.asarray(2.5), np.zeros((0, 3), np.float32),
           np.ones((4, 2), np.complex64)[:, :1], np.array([True, False]),
