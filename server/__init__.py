@@ -16,6 +16,9 @@ from tensorline.server._errors import (
     ServiceUnavailable,
     TensorlineServerError,
 )
+from tensorline.server._eventloop import run as run_on_event_loop
+from tensorline.server._logging import JsonFormatter, configure_logging
+from tensorline.server._preload import PreloadError
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
 from tensorline.server.executor import PipelineEngine
@@ -23,10 +26,12 @@ from tensorline.server.service import TensorlineServer, create_server, serve
 
 __all__ = [
     "DeadlineExceeded",
+    "JsonFormatter",
     "LimitExceeded",
     "NodeFailed",
     "PermissionDenied",
     "PipelineEngine",
+    "PreloadError",
     "RequestInvalid",
     "SandboxFailure",
     "ServiceUnavailable",
@@ -34,6 +39,8 @@ __all__ = [
     "TensorlineServer",
     "TensorlineServerError",
     "__version__",
+    "configure_logging",
     "create_server",
+    "run_on_event_loop",
     "serve",
 ]

@@ -247,10 +247,9 @@ def serve(
     _require_server("serve")
     from pydantic import ValidationError
 
-    from tensorline.server import Settings
+    from tensorline.server import Settings, configure_logging
+    from tensorline.server import run_on_event_loop as run_on_loop
     from tensorline.server import serve as run_server
-    from tensorline.server._eventloop import run as run_on_loop
-    from tensorline.server._logging import configure_logging
 
     try:
         settings = Settings.load(
@@ -262,7 +261,7 @@ def serve(
             instance_id=instance_id, log_level=log_level, log_format=log_format)
     except (ValidationError, OSError, ValueError) as exc:
         raise _fail(f"invalid settings: {exc}", code=2) from None
-    from tensorline.server._preload import PreloadError
+    from tensorline.server import PreloadError
     from tensorline.server.nodes import NodeModuleError
 
     configure_logging(settings.log_level, settings.log_format)
@@ -284,7 +283,7 @@ def _serve_failure(message: str, log_format: str) -> typer.Exit:
     """The server could not start: one line, a JSON log entry under ``--log-format json``."""
     if log_format != "json":
         return _fail(message)
-    from tensorline.server._logging import JsonFormatter
+    from tensorline.server import JsonFormatter
 
     record = logging.LogRecord("tensorline.cli", logging.ERROR, __file__, 0,
                                f"cannot start: {message}", None, None)
@@ -387,7 +386,7 @@ def nodes(
     else:
         _require_server("nodes (without --server)")
         from tensorline.server.executor import PipelineEngine
-        from tensorline.server.service._service import catalogue
+        from tensorline.server.service import catalogue
 
         listed = catalogue(PipelineEngine.local())
     infos = list(listed.nodes)

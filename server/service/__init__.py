@@ -7,7 +7,7 @@ from tensorline.server.service._server import (
     grpc_options,
     serve,
 )
-from tensorline.server.service._service import SERVICE_NAME, PipelineService
+from tensorline.server.service._service import SERVICE_NAME, PipelineService, catalogue
 from tensorline.server.service._status import status_code_of, to_status
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "PipelineService",
     "TensorlineServer",
     "build_engine",
+    "catalogue",
     "create_server",
     "grpc_options",
     "serve",
