@@ -19,8 +19,9 @@ from tensorline.wire import (
     decode_execute_response,
     encode_execute_request,
     encode_execute_response,
+    encode_execution_metrics,
+    scan_top_level,
 )
-from tensorline.wire._codec import encode_execution_metrics, scan_top_level
 
 PROFILE = settings(max_examples=150, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])

@@ -7,7 +7,7 @@ import pytest
 
 from tensorline.client import Audio, Json, Tagged
 from tensorline.v1 import tensorline_pb2 as pb
-from tensorline.wire._codec import (
+from tensorline.wire import (
     Limits,
     StreamItem,
     decode_stream_request,

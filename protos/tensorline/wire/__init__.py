@@ -6,7 +6,8 @@ peer may send (``Limits``), and parses request JSON with depth and size limits. 
 import it; neither imports the other's modules.
 
 Modules: ``_values`` (the value types), ``_json`` (bounded JSON parsing), ``_codec`` (message
-encoding and decoding on raw protobuf bytes).
+framing, tensors and values on raw protobuf bytes), ``_unary`` (ExecutePipeline's messages),
+``_streams`` (StreamPipeline's messages).
 """
 
 from tensorline.wire._codec import (
@@ -15,38 +16,42 @@ from tensorline.wire._codec import (
     SUPPORTED_DTYPES,
     DecodedExecuteRequest,
     DecodedExecuteResponse,
+    Limits,
+    MalformedMessage,
+    PortItem,
+    Violation,
+    as_wire_array,
+    encode_port_value,
+    encode_value,
+    join,
+    numpy_dtype,
+    wire_dtype,
+)
+from tensorline.wire._json import JsonRejected, json_depth, loads
+from tensorline.wire._streams import (
     DecodedStreamChunk,
     DecodedStreamRequest,
     DecodedStreamResponse,
-    Limits,
-    MalformedMessage,
-    NodeFigures,
-    PortItem,
     StreamItem,
-    Violation,
-    as_wire_array,
-    decode_execute_request,
-    decode_execute_response,
     decode_stream_chunk,
     decode_stream_request,
     decode_stream_response,
-    encode_execute_request,
-    encode_execute_response,
-    encode_execution_metrics,
-    encode_port_value,
     encode_stream_cancel,
     encode_stream_chunk,
     encode_stream_close,
     encode_stream_init,
     encode_stream_item,
     encode_stream_results,
-    encode_value,
-    join,
-    numpy_dtype,
     scan_top_level,
-    wire_dtype,
 )
-from tensorline.wire._json import JsonRejected, json_depth, loads
+from tensorline.wire._unary import (
+    NodeFigures,
+    decode_execute_request,
+    decode_execute_response,
+    encode_execute_request,
+    encode_execute_response,
+    encode_execution_metrics,
+)
 from tensorline.wire._values import Audio, Json, Tagged, kind_of
 
 __all__ = [

@@ -20,7 +20,7 @@ from tensorline.client import (
     StreamOutput,
 )
 from tensorline.client._stream import STREAM_METHOD
-from tensorline.wire._codec import (
+from tensorline.wire import (
     decode_stream_response,
     encode_stream_cancel,
     encode_stream_chunk,

@@ -24,7 +24,7 @@ from tensorline.client import (
     TensorlineError,
     TransportError,
 )
-from tensorline.wire._codec import Limits, PortItem, decode_stream_request
+from tensorline.wire import Limits, PortItem, decode_stream_request
 from tests.support.fuzz import SERVICE
 from tests.support.polling import eventually
 from tests.support.processes import ServerProcess

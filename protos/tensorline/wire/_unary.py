@@ -1,0 +1,256 @@
+"""ExecutePipeline's messages: ExecuteRequest and ExecuteResponse (with its metrics), on top of
+the framing, tensors and values of ``_codec``: large ones scanned by hand without copying tensor
+bytes, small ones through the generated parser where that costs less."""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire._codec import (
+    _DTYPE_TO_WIRE,
+    _LEN,
+    _SMALL_VARINTS,
+    _WIRE_TO_DTYPE,
+    BAD_CONTENT,
+    DEFAULT_LIMITS,
+    DecodedExecuteRequest,
+    DecodedExecuteResponse,
+    Limits,
+    MalformedMessage,
+    Pieces,
+    PortItem,
+    Violation,
+    _decode_port_value,
+    _fields,
+    _len_field,
+    _utf8,
+    _varint_bytes,
+    encode_port_value,
+    join,
+)
+
+# --- ExecuteRequest / ExecuteResponse ------------------------------------------------------------
+
+
+def encode_execute_request(manifest_json: str, inputs: list[PortItem]) -> bytes:
+    pieces: Pieces = [pb.ExecuteRequest(manifest_json=manifest_json).SerializeToString()]
+    for item in inputs:
+        pieces += encode_port_value(2, item.node_id, item.port, item.value)
+    return join(pieces)
+
+
+# Below this size the C parser (upb) plus one small copy per tensor costs fewer Python-level
+# steps than walking the wire format by hand; above it, the zero-copy scan wins.
+SMALL_MESSAGE_BYTES = 64 * 1024
+
+
+def _plain_tensor(tensor: pb.Tensor, limits: Limits) -> npt.NDArray[Any] | None:
+    """The array of a well-formed tensor, or None to let the scanning decoder report why not."""
+    dtype = _WIRE_TO_DTYPE.get(tensor.dtype)
+    if dtype is None:
+        return None
+    data = tensor.data
+    if len(tensor.shape) == 1:  # the commonest shape, in fewer steps
+        count = tensor.shape[0]
+        if count < 0 or len(data) != count * dtype.itemsize or (
+                limits.max_tensor_bytes and len(data) > limits.max_tensor_bytes):
+            return None
+        return np.frombuffer(data, dtype=dtype)
+    shape = list(tensor.shape)
+    if len(shape) > 32 or any(d < 0 for d in shape):
+        return None
+    if len(data) != math.prod(shape) * dtype.itemsize or (
+            limits.max_tensor_bytes and len(data) > limits.max_tensor_bytes):
+        return None
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. a zero-size shape too large for numpy
+        return None
+
+
+def _decode_small_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest | None:
+    """Fast path for small, well-formed requests of tensors, text and bytes. None whenever
+    anything needs the scanning decoder (audio, JSON, metadata, any problem to report)."""
+    try:
+        message = pb.ExecuteRequest.FromString(raw)
+    except Exception:  # DecodeError: the scanning decoder says exactly what is wrong
+        return None
+    request = DecodedExecuteRequest(manifest_json=message.manifest_json, size=len(raw))
+    for item in message.inputs:
+        value = item.value
+        if value.metadata:
+            return None
+        kind = value.WhichOneof("kind")
+        decoded: Any
+        if kind == "tensor":
+            decoded = _plain_tensor(value.tensor, limits)
+            if decoded is None:
+                return None
+        elif kind == "text":
+            decoded = value.text
+        elif kind == "binary":
+            decoded = value.binary
+        else:
+            return None
+        request.inputs.append(PortItem(item.node_id, item.port, decoded))
+    return request
+
+
+def decode_execute_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedExecuteRequest:
+    if len(raw) <= SMALL_MESSAGE_BYTES:
+        fast = _decode_small_request(raw, limits)
+        if fast is not None:
+            return fast
+    request = DecodedExecuteRequest(size=len(raw))
+    try:
+        for number, wire_type, a, b in _fields(raw, 0, len(raw)):
+            if wire_type != _LEN:
+                continue
+            if number == 1:
+                request.manifest_json = _utf8(raw, a, b)
+            elif number == 2:
+                path = f"inputs[{len(request.inputs)}]"
+                request.inputs.append(
+                    _decode_port_value(raw, a, b, path, limits, request.violations)
+                )
+    except BAD_CONTENT as exc:
+        request.violations.append(Violation("request", f"malformed ExecuteRequest: {exc}"))
+    return request
+
+
+_PORT_HEADS: dict[tuple[str, str], bytes] = {}
+
+
+def _port_head(node_id: str, port: str) -> bytes:
+    """The ``node_id``/``port`` fields of a PortValue: the same few (node, port) pairs come back
+    on every response, so their bytes are made once."""
+    key = (node_id, port)
+    head = _PORT_HEADS.get(key)
+    if head is None:
+        if len(_PORT_HEADS) >= 4096:  # bounded: names come from manifests
+            _PORT_HEADS.clear()
+        head = _PORT_HEADS[key] = pb.PortValue(node_id=node_id, port=port).SerializeToString()
+    return head
+
+
+def _small_tensor_output(item: PortItem) -> bytes | None:
+    """One ``ExecuteResponse.outputs`` entry for a small plain array, framed by hand in a single
+    join (the array's bytes copied once); None for anything else (the general framing)."""
+    arr = item.value
+    if type(arr) is not np.ndarray or arr.nbytes > SMALL_MESSAGE_BYTES or not (
+            arr.flags.c_contiguous):
+        return None
+    wire = _DTYPE_TO_WIRE.get(arr.dtype)
+    if wire is None:
+        return None
+    shape = arr.shape
+    dims = _varint_bytes(shape[0]) if len(shape) == 1 else b"".join(
+        [_varint_bytes(d) for d in shape])
+    nbytes = arr.nbytes
+    # Tensor: dtype (field 1), packed shape (field 2, omitted for 0-d), data (field 3, omitted
+    # when empty, like the generated code).
+    shape_len = _varint_bytes(len(dims)) if shape else b""
+    size_len = _varint_bytes(nbytes) if nbytes else b""
+    tensor_len = 2 + (1 + len(shape_len) + len(dims) if shape else 0) + (
+        1 + len(size_len) + nbytes if nbytes else 0)
+    value_len = 1 + len(_varint_bytes(tensor_len)) + tensor_len
+    head = _port_head(item.node_id, item.port)
+    port_len = len(head) + 1 + len(_varint_bytes(value_len)) + value_len
+    pieces: Pieces = [b"\x0a", _varint_bytes(port_len), head, b"\x1a", _varint_bytes(value_len),
+                      b"\x0a", _varint_bytes(tensor_len), b"\x08", _SMALL_VARINTS[wire]]
+    if shape:
+        pieces += [b"\x12", shape_len, dims]
+    if nbytes:
+        flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
+        pieces += [b"\x1a", size_len, memoryview(flat).cast("B")]
+    return b"".join(pieces)
+
+
+class NodeFigures(Protocol):
+    """What the response reports per node (the server's NodeReport has these attributes)."""
+
+    node_id: str
+    node_type: str
+    runtime: str
+    reason: str
+    wall_ms: float
+    fallback: str
+
+
+_DOUBLE = struct.Struct("<d")
+# Per (node, type, runtime, reason): a ``nodes`` entry of ExecutionMetrics up to wall_ms's value
+# (its tag, its length, the identifying strings, wall_ms's tag).
+_NODE_PREFIXES: dict[tuple[str, str, str, str], bytes] = {}
+
+
+def _node_prefix(node: NodeFigures) -> bytes:
+    key = (node.node_id, node.node_type, node.runtime, node.reason)
+    prefix = _NODE_PREFIXES.get(key)
+    if prefix is None:
+        if len(_NODE_PREFIXES) >= 4096:  # bounded: names come from manifests
+            _NODE_PREFIXES.clear()
+        head = pb.NodeMetrics(node_id=node.node_id, node_type=node.node_type,
+                              runtime=node.runtime, selection_reason=node.reason)
+        body = head.SerializeToString()
+        # nodes: field 2; wall_ms: field 5, 64-bit (tag, then 8 bytes).
+        prefix = _NODE_PREFIXES[key] = b"".join(
+            [b"\x12", _varint_bytes(len(body) + 9), body, b"\x29"])
+    return prefix
+
+
+def encode_execution_metrics(total_ms: float, nodes: Iterable[NodeFigures],
+                             plan_cached: bool) -> bytes:
+    """An ``ExecutionMetrics`` message. Per node only the timing (and a fallback cause) changes
+    between calls, so all the rest of a node's entry is made once per (node, runtime, reason)
+    and the doubles are appended by hand (field order does not matter to protobuf parsers)."""
+    pieces: Pieces = [b"\x09", _DOUBLE.pack(total_ms)]  # total_ms: field 1, 64-bit
+    for node in nodes:
+        if node.fallback:  # rare: framed in full
+            pieces += _len_field(2, [pb.NodeMetrics(
+                node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
+                selection_reason=node.reason, wall_ms=node.wall_ms,
+                fallback=node.fallback).SerializeToString()])
+        else:
+            pieces += (_node_prefix(node), _DOUBLE.pack(node.wall_ms))
+    if plan_cached:
+        pieces.append(b"\x18\x01")  # plan_cached: field 3, varint
+    return b"".join(pieces)
+
+
+def encode_execute_response(outputs: list[PortItem],
+                            metrics: pb.ExecutionMetrics | bytes) -> bytes:
+    """``metrics``: the message, or its bytes from ``encode_execution_metrics``."""
+    pieces: Pieces = []
+    for item in outputs:
+        small = _small_tensor_output(item)
+        if small is not None:
+            pieces.append(small)
+        else:
+            pieces += encode_port_value(1, item.node_id, item.port, item.value)
+    if not isinstance(metrics, bytes):
+        metrics = metrics.SerializeToString()
+    pieces += _len_field(2, [metrics])
+    return join(pieces)
+
+
+def decode_execute_response(raw: bytes) -> DecodedExecuteResponse:
+    response = DecodedExecuteResponse()
+    problems: list[Violation] = []
+    for number, wire_type, a, b in _fields(raw, 0, len(raw)):
+        if wire_type != _LEN:
+            continue
+        if number == 1:
+            path = f"outputs[{len(response.outputs)}]"
+            response.outputs.append(_decode_port_value(raw, a, b, path, Limits(), problems))
+        elif number == 2:
+            response.metrics = pb.ExecutionMetrics.FromString(raw[a:b])
+    if problems:
+        raise MalformedMessage("; ".join(f"{p.field}: {p.description}" for p in problems))
+    return response
