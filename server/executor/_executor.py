@@ -136,9 +136,15 @@ def wire_problem(value: Any) -> str | None:
     Checked here so that a node's bad output (an unsupported dtype, a non-finite float in JSON,
     a lone surrogate in text) is that node's error, not an INTERNAL failure of the encoder."""
     if isinstance(value, Tagged):
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.metadata.items()):
+        metadata = value.metadata
+        # Anything a node built: not necessarily a dict (None, a list of pairs, ...).
+        if not isinstance(metadata, Mapping):
+            return f"metadata must be a dict of strings, got {type(metadata).__name__}"
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             return "metadata keys and values must be strings"
         value = value.value
+        if isinstance(value, Tagged):
+            return "a Tagged value cannot hold another Tagged value"
     try:
         if isinstance(value, np.ndarray | np.generic):
             wire_dtype(value.dtype)

@@ -196,6 +196,9 @@ class BadOutput(Node):
             "json_object": Json({"x": object()}),
             "surrogate": "\ud800",
             "metadata": Tagged(np.zeros(1), {"k": 1}),  # type: ignore[dict-item]
+            "metadata_none": Tagged(np.zeros(1), None),  # type: ignore[arg-type]
+            "metadata_pairs": Tagged(np.zeros(1), [("k", "v")]),  # type: ignore[arg-type]
+            "nested_tagged": Tagged(Tagged(np.zeros(1), {}), {}),
         }[self.params.what]
 
 

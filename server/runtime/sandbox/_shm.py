@@ -46,8 +46,8 @@ import os
 import pickle
 import socket
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -190,6 +190,8 @@ class Outbox:
     # Where a grown segment comes from (default: a memfd made here). A sandbox worker may not
     # create memfds (memory no rlimit counts until mapped): the server makes its segments.
     allocate: Callable[[int], Segment] | None = None
+    # WorkerPickler on a worker's side: see there.
+    pickler_class: type[_Pickler] = field(default_factory=lambda: _Pickler)
 
     def close(self) -> None:
         if self.segment is not None:
@@ -211,6 +213,10 @@ class Inbox:
 
 # Values that travel as they are (checked by exact type first: most message fields are these).
 _PLAIN = frozenset({str, int, float, bool, type(None), Json})
+# What a worker may send besides exact builtins (its pickler refuses the rest, see
+# WorkerPickler); SafeUnpickler is the server's side of the same rule.
+_SENDABLE = frozenset({np.ndarray, Audio, Json, Tagged, ShmArray, ShmBytes, complex,
+                       pickle.PickleBuffer})
 # Array kinds whose ``dtype.str`` describes them completely (no fields, no objects).
 _SIMPLE_KINDS = frozenset("biufcmMSU")
 
@@ -263,10 +269,26 @@ class _Pickler(pickle.Pickler):
     dispatch_table = {np.ndarray: _reduce_array}
 
 
-def _dumps(value: Any, header: bytes = b"") -> bytes:
+class WorkerPickler(_Pickler):
+    """A worker's pickler: it refuses what ``SafeUnpickler`` would refuse on the server's side
+    (any object but the value types), so a node returning, say, ``Json({"x": object()})`` fails
+    with the node's own TypeError instead of a protocol violation that ends its worker."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Called for objects other than exact builtins (str, int, dict, list, ...), and for the
+        # classes and functions a reduction names (pickled by reference: the same allow-list).
+        if type(obj) in _SENDABLE or isinstance(obj, np.generic | np.dtype):
+            return NotImplemented  # pickled as usual (ndarray through dispatch_table)
+        if callable(obj) and SafeUnpickler.allows(getattr(obj, "__module__", None),
+                                                  getattr(obj, "__qualname__", None)):
+            return NotImplemented
+        raise TypeError(f"cannot send a value of type {type(obj).__name__} out of the sandbox")
+
+
+def _dumps(value: Any, header: bytes = b"", pickler: type[_Pickler] = _Pickler) -> bytes:
     buffer = io.BytesIO()
     buffer.write(header)
-    _Pickler(buffer, protocol=5).dump(value)
+    pickler(buffer, protocol=5).dump(value)
     return buffer.getvalue()
 
 
@@ -276,7 +298,7 @@ def _dumps_direct(value: Any, outbox: Outbox) -> bytes:
     buffer, pickler = outbox.buffer, outbox.pickler
     if buffer is None or pickler is None:
         buffer = outbox.buffer = io.BytesIO()
-        pickler = outbox.pickler = _Pickler(buffer, protocol=5)
+        pickler = outbox.pickler = outbox.pickler_class(buffer, protocol=5)
     else:
         buffer.seek(0)
         buffer.truncate()
@@ -361,6 +383,9 @@ class _Layout:
         if isinstance(value, tuple):
             return tuple([self.encode(v) for v in value])
         if isinstance(value, Tagged):
+            if not isinstance(value.metadata, Mapping):  # as the executor's wire_problem says
+                raise TypeError("metadata must be a dict of strings, got "
+                                f"{type(value.metadata).__name__}")
             return Tagged(self.encode(value.value), dict(value.metadata))
         if isinstance(value, Audio):
             return Audio(self.encode(value.samples), value.sample_rate)
@@ -393,7 +418,7 @@ def pack(value: Any, outbox: Outbox, echo: Segment | None = None) -> tuple[bytes
             return message, None
     layout = _Layout(outbox.inline_max, echo)
     encoded = layout.encode(value)
-    body = _dumps(encoded)
+    body = _dumps(encoded, pickler=outbox.pickler_class)
     needed = layout.end
     spill = len(body) > MAX_MESSAGE
     spill_offset = needed
@@ -463,9 +488,15 @@ class SafeUnpickler(pickle.Unpickler):
         ("builtins", "complex"),
     })
 
+    @classmethod
+    def allows(cls, module: object, name: object) -> bool:
+        """Whether the global ``module.name`` may be resolved."""
+        return (module, name) in cls.ALLOWED or (
+            module == "numpy.dtypes" and isinstance(name, str) and name.endswith("DType"))
+
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
-        if key in self.ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+        if self.allows(module, name):
             # Allowed globals are resolved once per process (an import lookup each otherwise).
             found = _RESOLVED.get(key)
             if found is None:

@@ -164,7 +164,7 @@ class _Worker:
         self.sock = sock
         self.inbox = _shm.Inbox()
         self.outbox = _shm.Outbox(inline_max=config.inline_max, name="tensorline-out",
-                                  allocate=self._allocate)
+                                  allocate=self._allocate, pickler_class=_shm.WorkerPickler)
         self.instances: dict[int, _Hosted] = {}
         self.params: dict[tuple[str, str, str], Any] = {}
         # Class ids the server defined with ``run`` requests: id -> (class, params).
@@ -457,7 +457,8 @@ class _Worker:
             raise _StreamStopped
 
         events_lock = threading.Lock()
-        events = _shm.Outbox(inline_max=0, name="tensorline-event")
+        events = _shm.Outbox(inline_max=0, name="tensorline-event",
+                             pickler_class=_shm.WorkerPickler)
 
         def on_event(kind: str, message: str, progress: float) -> None:
             # Any thread; small messages, inline: they never touch the data segment.

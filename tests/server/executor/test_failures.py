@@ -83,16 +83,32 @@ async def test_other_node_failures_are_node_errors_not_internal(
     ("json_object", "not JSON serializable"),
     ("surrogate", "surrogates not allowed"),
     ("metadata", "metadata keys and values must be strings"),
+    ("metadata_none", "metadata must be a dict of strings, got NoneType"),
+    ("metadata_pairs", "metadata must be a dict of strings, got list"),
+    ("nested_tagged", "cannot hold another Tagged value"),
 ])
+@pytest.mark.parametrize("runtime", ["inprocess", "sandbox"])
 async def test_unencodable_output_is_the_nodes_error(client: AsyncClient, what: str,
-                                                     text: str) -> None:
+                                                     text: str, runtime: str) -> None:
     with pytest.raises(NodeError) as caught:
-        await client.execute(one_node("bad", "BadOutput", params={"what": what}),
-                             {"bad": np.zeros(1)})
+        await client.execute(one_node("bad", "BadOutput", params={"what": what},
+                                      runtime_hint=runtime), {"bad": np.zeros(1)})
     assert caught.value.code == grpc.StatusCode.UNKNOWN
     assert caught.value.node_id == "bad"
-    assert "output 'out' cannot be sent" in caught.value.message
-    assert text in caught.value.message
+    if runtime == "sandbox" and what in SANDBOX_SAYS:
+        # Refused by the worker as it sends the output (the same rule as the server's).
+        assert SANDBOX_SAYS[what] in caught.value.message
+    else:
+        assert "output 'out' cannot be sent" in caught.value.message
+        assert text in caught.value.message
+
+
+# What a worker says of outputs it cannot send (the server's check never sees them).
+SANDBOX_SAYS = {
+    "json_object": "TypeError: cannot send a value of type object out of the sandbox",
+    "metadata_none": "TypeError: metadata must be a dict of strings, got NoneType",
+    "metadata_pairs": "TypeError: metadata must be a dict of strings, got list",
+}
 
 
 async def test_failure_cancels_and_cleans_up_the_other_branch(client: AsyncClient) -> None:
