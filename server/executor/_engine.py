@@ -23,8 +23,7 @@ from tensorline.server.manifest import (
     compile_manifest,
     parse_manifest_json,
 )
-from tensorline.server.nodes import NodeRegistry
-from tensorline.server.nodes._catalogue import NodeDescription, entry_of
+from tensorline.server.nodes import NodeDescription, NodeRegistry, entry_of
 from tensorline.server.runtime import (
     ExecutionScope,
     InProcessRuntime,

@@ -33,9 +33,16 @@ from tensorline.server.manifest._model import (
     NodeDecl,
 )
 from tensorline.server.manifest._plan import ExecutionPlan, NodeSpec, Source
-from tensorline.server.nodes import NodeEntry, NodeParams, NodeRegistry, Port, UnknownNodeType
-from tensorline.server.nodes._params_schema import SchemaViolation, schema_violations
-from tensorline.server.nodes._registry import needs_message
+from tensorline.server.nodes import (
+    NodeEntry,
+    NodeParams,
+    NodeRegistry,
+    Port,
+    SchemaViolation,
+    UnknownNodeType,
+    needs_message,
+    schema_violations,
+)
 from tensorline.server.selector import Selector, normalize_hint
 from tensorline.wire import JsonRejected, loads
 

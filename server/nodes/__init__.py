@@ -19,6 +19,13 @@ Port values: ``tensor`` numpy arrays, ``audio`` ``Audio``, ``text`` str, ``binar
 the executor wraps it), any of them wrapped in ``Tagged`` to carry metadata.
 """
 
+from tensorline.server.nodes._catalogue import (
+    CatalogueInvalid,
+    NodeDescription,
+    describe_module,
+    entry_of,
+    parse_catalogue,
+)
 from tensorline.server.nodes._node import (
     Isolation,
     Node,
@@ -30,6 +37,7 @@ from tensorline.server.nodes._node import (
     PortKind,
     WarmUp,
 )
+from tensorline.server.nodes._params_schema import SchemaViolation, schema_violations
 from tensorline.server.nodes._registry import (
     ENTRY_POINT_GROUP,
     MissingDependency,
@@ -37,6 +45,7 @@ from tensorline.server.nodes._registry import (
     NodeModuleError,
     NodeRegistry,
     UnknownNodeType,
+    needs_message,
 )
 from tensorline.server.nodes._streaming import END_OF_STREAM, Chunk, Emit, StreamingNode
 from tensorline.wire import Audio, Json, Tagged
@@ -45,6 +54,7 @@ __all__ = [
     "END_OF_STREAM",
     "ENTRY_POINT_GROUP",
     "Audio",
+    "CatalogueInvalid",
     "Chunk",
     "Emit",
     "Isolation",
@@ -53,6 +63,7 @@ __all__ = [
     "NoParams",
     "Node",
     "NodeContext",
+    "NodeDescription",
     "NodeEntry",
     "NodeModuleError",
     "NodeParams",
@@ -60,8 +71,14 @@ __all__ = [
     "NodeTraits",
     "Port",
     "PortKind",
+    "SchemaViolation",
     "StreamingNode",
     "Tagged",
     "UnknownNodeType",
     "WarmUp",
+    "describe_module",
+    "entry_of",
+    "needs_message",
+    "parse_catalogue",
+    "schema_violations",
 ]

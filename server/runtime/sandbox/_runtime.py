@@ -25,7 +25,7 @@ from tensorline.server._errors import (
     ServiceUnavailable,
 )
 from tensorline.server.manifest import NodeSpec
-from tensorline.server.nodes._catalogue import CatalogueInvalid, NodeDescription, parse_catalogue
+from tensorline.server.nodes import CatalogueInvalid, NodeDescription, parse_catalogue
 from tensorline.server.runtime._base import (
     ExecutionScope,
     LayerStatus,

@@ -75,8 +75,7 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any
 
-from tensorline.server.nodes._node import Node, NodeContext
-from tensorline.server.nodes._streaming import Chunk, Emit
+from tensorline.server.nodes import Chunk, Emit, Node, NodeContext
 from tensorline.server.runtime.sandbox import _isolation, _shm
 from tensorline.server.runtime.sandbox._messages import (
     CALL,
@@ -320,7 +319,7 @@ class _Worker:
         """``("describe", module)``: import an untrusted module here, where its top-level code
         may run, and reply with its catalogue as plain data (see ``nodes._catalogue``)."""
         # Imported on first use: only workers of untrusted domains are ever asked.
-        from tensorline.server.nodes._catalogue import describe_module
+        from tensorline.server.nodes import describe_module
 
         try:
             catalogue = describe_module(str(module))
