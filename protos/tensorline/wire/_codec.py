@@ -264,10 +264,10 @@ _F_RESULTS_RESULTS = _number(pb.StreamResults, "results")
 
 def _key(number: int, wire_type: int) -> int:
     """A tag as the single byte the inline scanners compare against (numbers 1..15)."""
-    key = (number << 3) | wire_type
-    if key >= 0x80:
+    tag = (number << 3) | wire_type
+    if tag >= 0x80:
         raise ImportError(f"field {number} needs a multi-byte tag; the inline scanners read one")
-    return key
+    return tag
 
 
 # Tags as bytes (framing) and, for the inline scanners, as the int of their single byte.
