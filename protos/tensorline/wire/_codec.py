@@ -299,6 +299,12 @@ def _to_int64(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
+def _to_int32(value: int) -> int:
+    """An int32 (or enum) field as protobuf parsers read it: the low 32 bits, signed."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
 def _utf8(buf: bytes, start: int, end: int) -> str:
     return buf[start:end].decode("utf-8")
 
@@ -370,7 +376,7 @@ def _decode_tensor(
     data_start = data_end = start
     for number, wire_type, a, b in _fields(buf, start, end):
         if number == _F_TENSOR_DTYPE and wire_type == _VARINT:
-            dtype_wire = a
+            dtype_wire = a if a < 0x80 else _to_int32(a)  # an enum: int32 on the wire
         elif number == _F_TENSOR_SHAPE and wire_type == _LEN:
             pos = a
             while pos < b:

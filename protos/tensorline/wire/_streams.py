@@ -123,6 +123,8 @@ def _fast_stream_chunk(raw: bytes, start: int, end: int,
             while pos < dims_end:
                 dim, pos = _read_varint(raw, pos)
                 shape.append(dim)
+            if pos != dims_end:  # the packed shape ends inside a varint
+                return None
         elif key == _K_TENSOR_DATA:
             length, pos = _len_at(raw, pos)
             data_start, data_end = pos, pos + length
@@ -147,7 +149,10 @@ def decode_stream_chunk(
     """Decode a ``StreamChunk`` body found at raw[start:end]."""
     try:
         fast = _fast_stream_chunk(raw, start, end, limits)
-    except (MalformedMessage, IndexError, UnicodeDecodeError):
+    except (IndexError, ValueError):
+        # Bad bytes (MalformedMessage, UnicodeDecodeError), or a shape numpy refuses (more
+        # dimensions than it supports, an absurd zero-size shape): the general walk reports it
+        # with its field path.
         fast = None
     if fast is not None:
         return fast

@@ -97,6 +97,12 @@ def _decode_small_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest |
         message = pb.ExecuteRequest.FromString(raw)
     except Exception:  # DecodeError: the scanning decoder says exactly what is wrong
         return None
+    if message.ByteSize() != len(raw):
+        # Not the canonical encoding: the parser may have merged repeated submessages (two
+        # tensors of one value, two values of one input) or let a later oneof member replace an
+        # earlier one, where the scanning decoder reads each field on its own and reports it.
+        # A merge always shrinks the message, so equal sizes mean nothing was merged.
+        return None
     request = DecodedExecuteRequest(manifest_json=message.manifest_json, size=len(raw))
     for item in message.inputs:
         value = item.value
