@@ -76,6 +76,10 @@ def _len_at(raw: bytes, pos: int) -> tuple[int, int]:
     return _read_varint(raw, pos)
 
 
+# The length-delimited fields of a chunk, as the single bytes of their tags.
+_CHUNK_LEN_KEYS = (_K_CHUNK_NODE_ID, _K_CHUNK_PORT, _K_CHUNK_VALUE)
+
+
 def _fast_stream_chunk(raw: bytes, start: int, end: int,
                        limits: Limits) -> DecodedStreamChunk | None:
     """The common case, a chunk carrying one plain tensor, scanned inline (a third of the
@@ -91,7 +95,7 @@ def _fast_stream_chunk(raw: bytes, start: int, end: int,
         if key == _K_CHUNK_SEQUENCE:
             sequence, pos = _read_varint(raw, pos)
             continue
-        if key != _K_CHUNK_NODE_ID and key != _K_CHUNK_PORT and key != _K_CHUNK_VALUE:
+        if key not in _CHUNK_LEN_KEYS:
             return None
         length, pos = _len_at(raw, pos)
         field_start, pos = pos, pos + length
