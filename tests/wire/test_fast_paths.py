@@ -326,6 +326,15 @@ def _execute_request(dims: list[int], dtype: int = pb.DTYPE_UINT8, data: bytes =
          limit=Limits())
 @example(raw=field(2, 2, field(3, 2, field(1, 2, b"\x08\x06\x12\x01\x81\x00\x1a\x01x"))),
          limit=Limits())
+# Non-canonical encodings the generated parser merges or overrides, the scan reads field by
+# field: a oneof member replaced by a later one; one tensor in two halves; one value in two.
+@example(raw=field(2, 2, field(3, 2, field(1, 2, field(1, 0, 15) + field(3, 2, b"x"))
+                               + field(3, 2, b""))), limit=Limits())
+@example(raw=field(2, 2, field(3, 2, field(1, 2, field(1, 0, pb.DTYPE_UINT8) + field(3, 2, b"x"))
+                               + field(1, 2, field(2, 2, b"\x01")))), limit=Limits())
+@example(raw=field(2, 2, field(3, 2, field(1, 2, field(1, 0, pb.DTYPE_UINT8)))
+                   + field(3, 2, field(1, 2, field(2, 2, b"\x01") + field(3, 2, b"x")))),
+         limit=Limits())
 def test_fast_decoders_match_the_general_ones(raw: bytes, limit: Limits) -> None:
     assert_same_decoding(raw, limit)
 
@@ -336,6 +345,14 @@ def test_the_issues_hundred_dimensions_is_a_violation_with_its_path() -> None:
         ("data.value.tensor.shape", "invalid")]
     decoded_unary = decode_execute_request(_execute_request([1] * 100))
     assert [v.field for v in decoded_unary.violations] == ["inputs[0].value.tensor.shape"]
+
+
+def test_an_enum_beyond_int32_reads_as_the_generated_parser_reads_it() -> None:
+    raw = _execute_request([1], dtype=2**32 + pb.DTYPE_UINT8)
+    assert pb.ExecuteRequest.FromString(raw).inputs[0].value.tensor.dtype == pb.DTYPE_UINT8
+    for decoded in (decode_execute_request(raw), decode_stream_request(_chunk_request(
+            [1], dtype=2**32 + pb.DTYPE_UINT8))):
+        assert decoded.violations == []
 
 
 def test_the_fast_paths_are_taken() -> None:
