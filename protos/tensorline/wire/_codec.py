@@ -207,8 +207,102 @@ def _tag(number: int, wire_type: int) -> bytes:
     return _varint_bytes((number << 3) | wire_type)
 
 
+# --- field numbers and tags, from the generated descriptors -------------------------------------
+#
+# Every field number the hand-written framing and scanning use, read once at import time from
+# the descriptors of the generated module (so the codec cannot drift from the .proto), and the
+# tags built from them. tests/wire/test_descriptor.py checks each against the descriptor's field
+# type (which fixes the wire type). Hot paths use these constants, never lookups per call.
+
+
+def _number(message: Any, name: str) -> int:
+    return int(message.DESCRIPTOR.fields_by_name[name].number)
+
+
+_F_TENSOR_DTYPE = _number(pb.Tensor, "dtype")
+_F_TENSOR_SHAPE = _number(pb.Tensor, "shape")
+_F_TENSOR_DATA = _number(pb.Tensor, "data")
+_F_AUDIO_SAMPLES = _number(pb.Audio, "samples")
+_F_AUDIO_SAMPLE_RATE = _number(pb.Audio, "sample_rate")
+_F_VALUE_TENSOR = _number(pb.Value, "tensor")
+_F_VALUE_AUDIO = _number(pb.Value, "audio")
+_F_VALUE_TEXT = _number(pb.Value, "text")
+_F_VALUE_JSON = _number(pb.Value, "json")
+_F_VALUE_BINARY = _number(pb.Value, "binary")
+_F_VALUE_METADATA = _number(pb.Value, "metadata")
+_F_PORT_NODE_ID = _number(pb.PortValue, "node_id")
+_F_PORT_PORT = _number(pb.PortValue, "port")
+_F_PORT_VALUE = _number(pb.PortValue, "value")
+_F_REQUEST_MANIFEST = _number(pb.ExecuteRequest, "manifest_json")
+_F_REQUEST_INPUTS = _number(pb.ExecuteRequest, "inputs")
+_F_RESPONSE_OUTPUTS = _number(pb.ExecuteResponse, "outputs")
+_F_RESPONSE_METRICS = _number(pb.ExecuteResponse, "metrics")
+_F_METRICS_TOTAL_MS = _number(pb.ExecutionMetrics, "total_ms")
+_F_METRICS_NODES = _number(pb.ExecutionMetrics, "nodes")
+_F_METRICS_PLAN_CACHED = _number(pb.ExecutionMetrics, "plan_cached")
+_F_NODE_WALL_MS = _number(pb.NodeMetrics, "wall_ms")
+# StreamChunk (client -> server) and StreamResult (server -> client) share one framing.
+_F_CHUNK_SEQUENCE = _number(pb.StreamChunk, "sequence")
+_F_CHUNK_NODE_ID = _number(pb.StreamChunk, "node_id")
+_F_CHUNK_PORT = _number(pb.StreamChunk, "port")
+_F_CHUNK_VALUE = _number(pb.StreamChunk, "value")
+for _name in ("sequence", "node_id", "port", "value"):
+    if _number(pb.StreamResult, _name) != _number(pb.StreamChunk, _name):
+        raise ImportError(f"StreamResult.{_name} and StreamChunk.{_name} differ in number")
+_F_SREQ_INIT = _number(pb.StreamRequest, "init")
+_F_SREQ_DATA = _number(pb.StreamRequest, "data")
+_F_SREQ_CLOSE = _number(pb.StreamRequest, "close")
+_F_SREQ_CANCEL = _number(pb.StreamRequest, "cancel")
+_F_SRESP_READY = _number(pb.StreamResponse, "ready")
+_F_SRESP_RESULT = _number(pb.StreamResponse, "result")
+_F_SRESP_EVENT = _number(pb.StreamResponse, "event")
+_F_SRESP_CLOSED = _number(pb.StreamResponse, "closed")
+_F_SRESP_RESULTS = _number(pb.StreamResponse, "results")
+_F_SRESP_ERROR = _number(pb.StreamResponse, "error")
+_F_RESULTS_RESULTS = _number(pb.StreamResults, "results")
+
+
+def _key(number: int, wire_type: int) -> int:
+    """A tag as the single byte the inline scanners compare against (numbers 1..15)."""
+    tag = (number << 3) | wire_type
+    if tag >= 0x80:
+        raise ImportError(f"field {number} needs a multi-byte tag; the inline scanners read one")
+    return tag
+
+
+# Tags as bytes (framing) and, for the inline scanners, as the int of their single byte.
+_T_TENSOR_DTYPE = _tag(_F_TENSOR_DTYPE, _VARINT)
+_T_TENSOR_SHAPE = _tag(_F_TENSOR_SHAPE, _LEN)  # packed repeated int64
+_T_TENSOR_DATA = _tag(_F_TENSOR_DATA, _LEN)
+_T_AUDIO_SAMPLE_RATE = _tag(_F_AUDIO_SAMPLE_RATE, _VARINT)
+_T_VALUE_TENSOR = _tag(_F_VALUE_TENSOR, _LEN)
+_T_PORT_VALUE = _tag(_F_PORT_VALUE, _LEN)
+_T_RESPONSE_OUTPUTS = _tag(_F_RESPONSE_OUTPUTS, _LEN)
+_T_METRICS_TOTAL_MS = _tag(_F_METRICS_TOTAL_MS, _I64)
+_T_METRICS_NODES = _tag(_F_METRICS_NODES, _LEN)
+_T_METRICS_PLAN_CACHED = _tag(_F_METRICS_PLAN_CACHED, _VARINT)
+_T_NODE_WALL_MS = _tag(_F_NODE_WALL_MS, _I64)
+_T_CHUNK_SEQUENCE = _tag(_F_CHUNK_SEQUENCE, _VARINT)
+_T_CHUNK_NODE_ID = _tag(_F_CHUNK_NODE_ID, _LEN)
+_T_CHUNK_PORT = _tag(_F_CHUNK_PORT, _LEN)
+_K_TENSOR_DTYPE = _key(_F_TENSOR_DTYPE, _VARINT)
+_K_TENSOR_SHAPE = _key(_F_TENSOR_SHAPE, _LEN)
+_K_TENSOR_DATA = _key(_F_TENSOR_DATA, _LEN)
+_K_VALUE_TENSOR = _key(_F_VALUE_TENSOR, _LEN)
+_K_CHUNK_SEQUENCE = _key(_F_CHUNK_SEQUENCE, _VARINT)
+_K_CHUNK_NODE_ID = _key(_F_CHUNK_NODE_ID, _LEN)
+_K_CHUNK_PORT = _key(_F_CHUNK_PORT, _LEN)
+_K_CHUNK_VALUE = _key(_F_CHUNK_VALUE, _LEN)
+
+
 def _to_int64(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _to_int32(value: int) -> int:
+    """An int32 (or enum) field as protobuf parsers read it: the low 32 bits, signed."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= (1 << 31) else value
 
 
 def _utf8(buf: bytes, start: int, end: int) -> str:
@@ -255,22 +349,22 @@ def as_wire_array(array: npt.ArrayLike) -> npt.NDArray[Any]:
 
 
 def _encode_tensor(array: npt.ArrayLike) -> Pieces:
-    # Framed by hand (dtype = field 1, packed shape = field 2, data = field 3): building a
+    # Framed by hand (dtype, packed shape, data): building a
     # pb.Tensor for the header costs more than the rest of a small chunk's encoding.
     arr = array if type(array) is np.ndarray and array.flags.c_contiguous else None
     wire = _DTYPE_TO_WIRE.get(arr.dtype) if arr is not None else None  # type: ignore[union-attr]
     if arr is None or wire is None:
         arr = as_wire_array(array)
         wire = wire_dtype(arr.dtype)
-    pieces: Pieces = [b"\x08", _SMALL_VARINTS[wire]]
+    pieces: Pieces = [_T_TENSOR_DTYPE, _SMALL_VARINTS[wire]]
     shape = arr.shape
     if shape:
         dims = b"".join([_varint_bytes(d) for d in shape])
-        pieces += [b"\x12", _varint_bytes(len(dims)), dims]
+        pieces += [_T_TENSOR_SHAPE, _varint_bytes(len(dims)), dims]
     if arr.nbytes:
         flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
         data = memoryview(flat).cast("B")
-        pieces += [b"\x1a", _varint_bytes(len(data)), data]
+        pieces += [_T_TENSOR_DATA, _varint_bytes(len(data)), data]
     return pieces
 
 
@@ -281,18 +375,18 @@ def _decode_tensor(
     shape: list[int] = []
     data_start = data_end = start
     for number, wire_type, a, b in _fields(buf, start, end):
-        if number == 1 and wire_type == _VARINT:
-            dtype_wire = a
-        elif number == 2 and wire_type == _LEN:
+        if number == _F_TENSOR_DTYPE and wire_type == _VARINT:
+            dtype_wire = a if a < 0x80 else _to_int32(a)  # an enum: int32 on the wire
+        elif number == _F_TENSOR_SHAPE and wire_type == _LEN:
             pos = a
             while pos < b:
                 dim, pos = _read_varint(buf, pos)
                 shape.append(_to_int64(dim))
             if pos != b:
                 raise MalformedMessage("packed shape ends inside a varint")
-        elif number == 2 and wire_type == _VARINT:
+        elif number == _F_TENSOR_SHAPE and wire_type == _VARINT:
             shape.append(_to_int64(a))
-        elif number == 3 and wire_type == _LEN:
+        elif number == _F_TENSOR_DATA and wire_type == _LEN:
             data_start, data_end = a, b
     if dtype_wire not in _WIRE_TO_DTYPE:
         out.append(Violation(f"{path}.dtype", f"unknown or unspecified dtype {dtype_wire}"))
@@ -341,14 +435,14 @@ def encode_value(value: Any) -> Pieces:
         value = value.value
     pieces: Pieces
     if isinstance(value, np.ndarray | np.generic):
-        pieces = _len_field(1, _encode_tensor(value))
+        pieces = _len_field(_F_VALUE_TENSOR, _encode_tensor(value))
     elif isinstance(value, Audio):
         rate = int(value.sample_rate)
         if not 0 < rate < 2**31:  # an int32 on the wire, and never zero or negative
             raise ValueError(f"audio sample_rate must be in 1..{2**31 - 1}, got {rate}")
-        audio = [*_len_field(1, _encode_tensor(value.samples)), _tag(2, _VARINT),
-                 _varint_bytes(rate)]
-        pieces = _len_field(2, audio)
+        audio = [*_len_field(_F_AUDIO_SAMPLES, _encode_tensor(value.samples)),
+                 _T_AUDIO_SAMPLE_RATE, _varint_bytes(rate)]
+        pieces = _len_field(_F_VALUE_AUDIO, audio)
     elif isinstance(value, str):
         pieces = [pb.Value(text=value).SerializeToString()]
     elif isinstance(value, Json):
@@ -375,17 +469,17 @@ def _decode_value(
     for number, wire_type, a, b in _fields(buf, start, end):
         if wire_type != _LEN:
             continue
-        if number == 1:
+        if number == _F_VALUE_TENSOR:
             kind, value = "tensor", _decode_tensor(buf, a, b, f"{path}.tensor", limits, out)
-        elif number == 2:
+        elif number == _F_VALUE_AUDIO:
             kind, value = "audio", _decode_audio(buf, a, b, f"{path}.audio", limits, out)
-        elif number == 3:
+        elif number == _F_VALUE_TEXT:
             kind, value = "text", _decode_text(buf, a, b, f"{path}.text", out)
-        elif number == 4:
+        elif number == _F_VALUE_JSON:
             kind, value = "json", _decode_json(buf, a, b, f"{path}.json", limits, out)
-        elif number == 5:
+        elif number == _F_VALUE_BINARY:
             kind, value = "binary", buf[a:b]
-        elif number == 15:
+        elif number == _F_VALUE_METADATA:
             try:
                 entry = pb.Value.MetadataEntry.FromString(buf[a:b])
             except DecodeError as exc:
@@ -407,10 +501,10 @@ def _decode_audio(
     sample_rate = 0
     seen_samples = False
     for number, wire_type, a, b in _fields(buf, start, end):
-        if number == 1 and wire_type == _LEN:
+        if number == _F_AUDIO_SAMPLES and wire_type == _LEN:
             seen_samples = True
             samples = _decode_tensor(buf, a, b, f"{path}.samples", limits, out)
-        elif number == 2 and wire_type == _VARINT:
+        elif number == _F_AUDIO_SAMPLE_RATE and wire_type == _VARINT:
             sample_rate = _to_int64(a)
     if not seen_samples:
         out.append(Violation(f"{path}.samples", "audio has no samples"))
@@ -455,7 +549,7 @@ def _decode_json(buf: bytes, start: int, end: int, path: str, limits: Limits,
 def encode_port_value(number: int, node_id: str, port: str, value: Any) -> Pieces:
     """A ``PortValue`` as field ``number`` of its parent message."""
     head = pb.PortValue(node_id=node_id, port=port).SerializeToString()
-    return _len_field(number, [head, *_len_field(3, encode_value(value))])
+    return _len_field(number, [head, *_len_field(_F_PORT_VALUE, encode_value(value))])
 
 
 def _decode_port_value(
@@ -467,11 +561,11 @@ def _decode_port_value(
     for number, wire_type, a, b in _fields(buf, start, end):
         if wire_type != _LEN:
             continue
-        if number == 1:
+        if number == _F_PORT_NODE_ID:
             node_id = _utf8(buf, a, b)
-        elif number == 2:
+        elif number == _F_PORT_PORT:
             port = _utf8(buf, a, b)
-        elif number == 3:
+        elif number == _F_PORT_VALUE:
             has_value = True
             value = _decode_value(buf, a, b, f"{path}.value", limits, out)
     if not has_value:

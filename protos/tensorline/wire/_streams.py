@@ -12,7 +12,33 @@ import numpy as np
 
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire._codec import (
+    _F_CHUNK_NODE_ID,
+    _F_CHUNK_PORT,
+    _F_CHUNK_SEQUENCE,
+    _F_CHUNK_VALUE,
+    _F_RESULTS_RESULTS,
+    _F_SREQ_CANCEL,
+    _F_SREQ_CLOSE,
+    _F_SREQ_DATA,
+    _F_SREQ_INIT,
+    _F_SRESP_CLOSED,
+    _F_SRESP_ERROR,
+    _F_SRESP_EVENT,
+    _F_SRESP_READY,
+    _F_SRESP_RESULT,
+    _F_SRESP_RESULTS,
+    _K_CHUNK_NODE_ID,
+    _K_CHUNK_PORT,
+    _K_CHUNK_SEQUENCE,
+    _K_CHUNK_VALUE,
+    _K_TENSOR_DATA,
+    _K_TENSOR_DTYPE,
+    _K_TENSOR_SHAPE,
+    _K_VALUE_TENSOR,
     _LEN,
+    _T_CHUNK_NODE_ID,
+    _T_CHUNK_PORT,
+    _T_CHUNK_SEQUENCE,
     _VARINT,
     _WIRE_TO_DTYPE,
     BAD_CONTENT,
@@ -50,6 +76,10 @@ def _len_at(raw: bytes, pos: int) -> tuple[int, int]:
     return _read_varint(raw, pos)
 
 
+# The length-delimited fields of a chunk, as the single bytes of their tags.
+_CHUNK_LEN_KEYS = (_K_CHUNK_NODE_ID, _K_CHUNK_PORT, _K_CHUNK_VALUE)
+
+
 def _fast_stream_chunk(raw: bytes, start: int, end: int,
                        limits: Limits) -> DecodedStreamChunk | None:
     """The common case, a chunk carrying one plain tensor, scanned inline (a third of the
@@ -62,22 +92,22 @@ def _fast_stream_chunk(raw: bytes, start: int, end: int,
     while pos < end:
         key = raw[pos]
         pos += 1
-        if key == 0x08:
+        if key == _K_CHUNK_SEQUENCE:
             sequence, pos = _read_varint(raw, pos)
             continue
-        if key not in (0x12, 0x1A, 0x22):
+        if key not in _CHUNK_LEN_KEYS:
             return None
         length, pos = _len_at(raw, pos)
         field_start, pos = pos, pos + length
         if pos > end:
             return None
-        if key == 0x12:
+        if key == _K_CHUNK_NODE_ID:
             node_id = raw[field_start:pos].decode("utf-8")
-        elif key == 0x1A:
+        elif key == _K_CHUNK_PORT:
             port = raw[field_start:pos].decode("utf-8")
         else:
             value_start = field_start
-    if value_start < 0 or pos != end or raw[value_start] != 0x0A:
+    if value_start < 0 or pos != end or raw[value_start] != _K_VALUE_TENSOR:
         return None
     length, tensor_start = _len_at(raw, value_start + 1)
     if tensor_start + length != end:  # the value holds more than its tensor (metadata...)
@@ -89,15 +119,17 @@ def _fast_stream_chunk(raw: bytes, start: int, end: int,
     while pos < end:
         key = raw[pos]
         pos += 1
-        if key == 0x08:
+        if key == _K_TENSOR_DTYPE:
             dtype_wire, pos = _read_varint(raw, pos)
-        elif key == 0x12:
+        elif key == _K_TENSOR_SHAPE:
             length, pos = _len_at(raw, pos)
             dims_end = pos + length
             while pos < dims_end:
                 dim, pos = _read_varint(raw, pos)
                 shape.append(dim)
-        elif key == 0x1A:
+            if pos != dims_end:  # the packed shape ends inside a varint
+                return None
+        elif key == _K_TENSOR_DATA:
             length, pos = _len_at(raw, pos)
             data_start, data_end = pos, pos + length
             pos = data_end
@@ -121,7 +153,10 @@ def decode_stream_chunk(
     """Decode a ``StreamChunk`` body found at raw[start:end]."""
     try:
         fast = _fast_stream_chunk(raw, start, end, limits)
-    except (MalformedMessage, IndexError, UnicodeDecodeError):
+    except (IndexError, ValueError):
+        # Bad bytes (MalformedMessage, UnicodeDecodeError), or a shape numpy refuses (more
+        # dimensions than it supports, an absurd zero-size shape): the general walk reports it
+        # with its field path.
         fast = None
     if fast is not None:
         return fast
@@ -130,15 +165,15 @@ def decode_stream_chunk(
     value: Any = None
     has_value = False
     for number, wire_type, a, b in _fields(raw, start, end):
-        if number == 1 and wire_type == _VARINT:
+        if number == _F_CHUNK_SEQUENCE and wire_type == _VARINT:
             sequence = _to_int64(a)
         elif wire_type != _LEN:
             continue
-        elif number == 2:
+        elif number == _F_CHUNK_NODE_ID:
             node_id = _utf8(raw, a, b)
-        elif number == 3:
+        elif number == _F_CHUNK_PORT:
             port = _utf8(raw, a, b)
-        elif number == 4:
+        elif number == _F_CHUNK_VALUE:
             has_value = True
             value = _decode_value(raw, a, b, "data.value", limits, out)
     if not has_value:
@@ -150,10 +185,10 @@ def encode_stream_item(number: int, sequence: int, node_id: str, port: str, valu
     """A StreamChunk/StreamResult body (they share field numbers) as field ``number``."""
     head: Pieces = []
     if sequence:
-        head += [b"\x08", _varint_bytes(sequence & ((1 << 64) - 1))]
-    head += _string_field(b"\x12", node_id)
-    head += _string_field(b"\x1a", port)
-    return _len_field(number, [*head, *_len_field(4, encode_value(value))])
+        head += [_T_CHUNK_SEQUENCE, _varint_bytes(sequence & ((1 << 64) - 1))]
+    head += _string_field(_T_CHUNK_NODE_ID, node_id)
+    head += _string_field(_T_CHUNK_PORT, port)
+    return _len_field(number, [*head, *_len_field(_F_CHUNK_VALUE, encode_value(value))])
 
 
 def scan_top_level(raw: bytes) -> Iterator[tuple[int, int, int, int]]:
@@ -188,14 +223,14 @@ def decode_stream_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Decode
         for number, wire_type, a, b in scan_top_level(raw):
             if wire_type != _LEN:
                 continue
-            if number == 1:
+            if number == _F_SREQ_INIT:
                 request.kind, request.init = "init", pb.StreamInit.FromString(raw[a:b])
-            elif number == 2:
+            elif number == _F_SREQ_DATA:
                 request.kind = "data"
                 request.chunk = decode_stream_chunk(raw, a, b, limits, request.violations)
-            elif number == 3:
+            elif number == _F_SREQ_CLOSE:
                 request.kind = "close"
-            elif number == 4:
+            elif number == _F_SREQ_CANCEL:
                 request.kind = "cancel"
                 request.cancel_reason = pb.StreamCancel.FromString(raw[a:b]).reason
     except BAD_CONTENT as exc:
@@ -212,7 +247,7 @@ def encode_stream_init(manifest_json: str, queue_size: int = 0) -> bytes:
 
 
 def encode_stream_chunk(sequence: int, node_id: str, port: str, value: Any) -> bytes:
-    return join(encode_stream_item(2, sequence, node_id, port, value))
+    return join(encode_stream_item(_F_SREQ_DATA, sequence, node_id, port, value))
 
 
 def encode_stream_close() -> bytes:
@@ -238,11 +273,11 @@ def encode_stream_results(items: list[StreamItem]) -> bytes:
     """One ``StreamResponse`` carrying ``items``: a single result, or a ``StreamResults`` batch."""
     if len(items) == 1:
         item = items[0]
-        return join(encode_stream_item(2, item.sequence, item.node_id, item.port, item.value))
+        return join(encode_stream_item(_F_SRESP_RESULT, item.sequence, item.node_id, item.port, item.value))
     pieces: Pieces = []
     for item in items:
-        pieces += encode_stream_item(1, item.sequence, item.node_id, item.port, item.value)
-    return join(_len_field(5, pieces))
+        pieces += encode_stream_item(_F_RESULTS_RESULTS, item.sequence, item.node_id, item.port, item.value)
+    return join(_len_field(_F_SRESP_RESULTS, pieces))
 
 
 @dataclass(slots=True)
@@ -269,22 +304,22 @@ def decode_stream_response(raw: bytes) -> DecodedStreamResponse:
     for number, wire_type, a, b in scan_top_level(raw):
         if wire_type != _LEN:
             continue
-        if number == 1:
+        if number == _F_SRESP_READY:
             response.kind, response.ready = "ready", pb.StreamReady.FromString(raw[a:b])
-        elif number == 2:
+        elif number == _F_SRESP_RESULT:
             response.kind = "results"
             response.results.append(_decode_stream_result(raw, a, b, problems))
-        elif number == 3:
+        elif number == _F_SRESP_EVENT:
             response.kind, response.event = "event", pb.StreamEvent.FromString(raw[a:b])
-        elif number == 4:
+        elif number == _F_SRESP_CLOSED:
             response.kind, response.closed = "closed", pb.StreamClosed.FromString(raw[a:b])
-        elif number == 6:
+        elif number == _F_SRESP_ERROR:
             response.kind = "error"
             response.error_status = pb.StreamError.FromString(raw[a:b]).status
-        elif number == 5:
+        elif number == _F_SRESP_RESULTS:
             response.kind = "results"
             for inner, inner_type, c, d in _fields(raw, a, b):
-                if inner == 1 and inner_type == _LEN:
+                if inner == _F_RESULTS_RESULTS and inner_type == _LEN:
                     response.results.append(_decode_stream_result(raw, c, d, problems))
     if problems:
         raise MalformedMessage("; ".join(f"{p.field}: {p.description}" for p in problems))

@@ -15,8 +15,23 @@ import numpy.typing as npt
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire._codec import (
     _DTYPE_TO_WIRE,
+    _F_METRICS_NODES,
+    _F_REQUEST_INPUTS,
+    _F_REQUEST_MANIFEST,
+    _F_RESPONSE_METRICS,
+    _F_RESPONSE_OUTPUTS,
     _LEN,
     _SMALL_VARINTS,
+    _T_METRICS_NODES,
+    _T_METRICS_PLAN_CACHED,
+    _T_METRICS_TOTAL_MS,
+    _T_NODE_WALL_MS,
+    _T_PORT_VALUE,
+    _T_RESPONSE_OUTPUTS,
+    _T_TENSOR_DATA,
+    _T_TENSOR_DTYPE,
+    _T_TENSOR_SHAPE,
+    _T_VALUE_TENSOR,
     _WIRE_TO_DTYPE,
     BAD_CONTENT,
     DEFAULT_LIMITS,
@@ -42,7 +57,7 @@ from tensorline.wire._codec import (
 def encode_execute_request(manifest_json: str, inputs: list[PortItem]) -> bytes:
     pieces: Pieces = [pb.ExecuteRequest(manifest_json=manifest_json).SerializeToString()]
     for item in inputs:
-        pieces += encode_port_value(2, item.node_id, item.port, item.value)
+        pieces += encode_port_value(_F_REQUEST_INPUTS, item.node_id, item.port, item.value)
     return join(pieces)
 
 
@@ -82,6 +97,12 @@ def _decode_small_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest |
         message = pb.ExecuteRequest.FromString(raw)
     except Exception:  # DecodeError: the scanning decoder says exactly what is wrong
         return None
+    if message.ByteSize() != len(raw):
+        # Not the canonical encoding: the parser may have merged repeated submessages (two
+        # tensors of one value, two values of one input) or let a later oneof member replace an
+        # earlier one, where the scanning decoder reads each field on its own and reports it.
+        # A merge always shrinks the message, so equal sizes mean nothing was merged.
+        return None
     request = DecodedExecuteRequest(manifest_json=message.manifest_json, size=len(raw))
     for item in message.inputs:
         value = item.value
@@ -113,9 +134,9 @@ def decode_execute_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Decod
         for number, wire_type, a, b in _fields(raw, 0, len(raw)):
             if wire_type != _LEN:
                 continue
-            if number == 1:
+            if number == _F_REQUEST_MANIFEST:
                 request.manifest_json = _utf8(raw, a, b)
-            elif number == 2:
+            elif number == _F_REQUEST_INPUTS:
                 path = f"inputs[{len(request.inputs)}]"
                 request.inputs.append(
                     _decode_port_value(raw, a, b, path, limits, request.violations)
@@ -140,6 +161,14 @@ def _port_head(node_id: str, port: str) -> bytes:
     return head
 
 
+# Sizes of the tags _small_tensor_output frames with (the dtype's: tag and a one-byte enum).
+_DTYPE_HEAD = len(_T_TENSOR_DTYPE) + 1
+_SHAPE_TAG = len(_T_TENSOR_SHAPE)
+_DATA_TAG = len(_T_TENSOR_DATA)
+_TENSOR_TAG = len(_T_VALUE_TENSOR)
+_VALUE_TAG = len(_T_PORT_VALUE)
+
+
 def _small_tensor_output(item: PortItem) -> bytes | None:
     """One ``ExecuteResponse.outputs`` entry for a small plain array, framed by hand in a single
     join (the array's bytes copied once); None for anything else (the general framing)."""
@@ -154,22 +183,23 @@ def _small_tensor_output(item: PortItem) -> bytes | None:
     dims = _varint_bytes(shape[0]) if len(shape) == 1 else b"".join(
         [_varint_bytes(d) for d in shape])
     nbytes = arr.nbytes
-    # Tensor: dtype (field 1), packed shape (field 2, omitted for 0-d), data (field 3, omitted
-    # when empty, like the generated code).
+    # Tensor: dtype, packed shape (omitted for 0-d), data (omitted when empty, like the generated
+    # code).
     shape_len = _varint_bytes(len(dims)) if shape else b""
     size_len = _varint_bytes(nbytes) if nbytes else b""
-    tensor_len = 2 + (1 + len(shape_len) + len(dims) if shape else 0) + (
-        1 + len(size_len) + nbytes if nbytes else 0)
-    value_len = 1 + len(_varint_bytes(tensor_len)) + tensor_len
+    tensor_len = _DTYPE_HEAD + (_SHAPE_TAG + len(shape_len) + len(dims) if shape else 0) + (
+        _DATA_TAG + len(size_len) + nbytes if nbytes else 0)
+    value_len = _TENSOR_TAG + len(_varint_bytes(tensor_len)) + tensor_len
     head = _port_head(item.node_id, item.port)
-    port_len = len(head) + 1 + len(_varint_bytes(value_len)) + value_len
-    pieces: Pieces = [b"\x0a", _varint_bytes(port_len), head, b"\x1a", _varint_bytes(value_len),
-                      b"\x0a", _varint_bytes(tensor_len), b"\x08", _SMALL_VARINTS[wire]]
+    port_len = len(head) + _VALUE_TAG + len(_varint_bytes(value_len)) + value_len
+    pieces: Pieces = [_T_RESPONSE_OUTPUTS, _varint_bytes(port_len), head, _T_PORT_VALUE,
+                      _varint_bytes(value_len), _T_VALUE_TENSOR, _varint_bytes(tensor_len),
+                      _T_TENSOR_DTYPE, _SMALL_VARINTS[wire]]
     if shape:
-        pieces += [b"\x12", shape_len, dims]
+        pieces += [_T_TENSOR_SHAPE, shape_len, dims]
     if nbytes:
         flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
-        pieces += [b"\x1a", size_len, memoryview(flat).cast("B")]
+        pieces += [_T_TENSOR_DATA, size_len, memoryview(flat).cast("B")]
     return b"".join(pieces)
 
 
@@ -199,9 +229,10 @@ def _node_prefix(node: NodeFigures) -> bytes:
         head = pb.NodeMetrics(node_id=node.node_id, node_type=node.node_type,
                               runtime=node.runtime, selection_reason=node.reason)
         body = head.SerializeToString()
-        # nodes: field 2; wall_ms: field 5, 64-bit (tag, then 8 bytes).
+        # wall_ms: 64-bit (its tag, then 8 bytes).
         prefix = _NODE_PREFIXES[key] = b"".join(
-            [b"\x12", _varint_bytes(len(body) + 9), body, b"\x29"])
+            [_T_METRICS_NODES, _varint_bytes(len(body) + len(_T_NODE_WALL_MS) + 8), body,
+             _T_NODE_WALL_MS])
     return prefix
 
 
@@ -210,17 +241,17 @@ def encode_execution_metrics(total_ms: float, nodes: Iterable[NodeFigures],
     """An ``ExecutionMetrics`` message. Per node only the timing (and a fallback cause) changes
     between calls, so all the rest of a node's entry is made once per (node, runtime, reason)
     and the doubles are appended by hand (field order does not matter to protobuf parsers)."""
-    pieces: Pieces = [b"\x09", _DOUBLE.pack(total_ms)]  # total_ms: field 1, 64-bit
+    pieces: Pieces = [_T_METRICS_TOTAL_MS, _DOUBLE.pack(total_ms)]
     for node in nodes:
         if node.fallback:  # rare: framed in full
-            pieces += _len_field(2, [pb.NodeMetrics(
+            pieces += _len_field(_F_METRICS_NODES, [pb.NodeMetrics(
                 node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
                 selection_reason=node.reason, wall_ms=node.wall_ms,
                 fallback=node.fallback).SerializeToString()])
         else:
             pieces += (_node_prefix(node), _DOUBLE.pack(node.wall_ms))
     if plan_cached:
-        pieces.append(b"\x18\x01")  # plan_cached: field 3, varint
+        pieces += (_T_METRICS_PLAN_CACHED, b"\x01")  # bool true
     return b"".join(pieces)
 
 
@@ -233,10 +264,10 @@ def encode_execute_response(outputs: list[PortItem],
         if small is not None:
             pieces.append(small)
         else:
-            pieces += encode_port_value(1, item.node_id, item.port, item.value)
+            pieces += encode_port_value(_F_RESPONSE_OUTPUTS, item.node_id, item.port, item.value)
     if not isinstance(metrics, bytes):
         metrics = metrics.SerializeToString()
-    pieces += _len_field(2, [metrics])
+    pieces += _len_field(_F_RESPONSE_METRICS, [metrics])
     return join(pieces)
 
 
@@ -246,10 +277,10 @@ def decode_execute_response(raw: bytes) -> DecodedExecuteResponse:
     for number, wire_type, a, b in _fields(raw, 0, len(raw)):
         if wire_type != _LEN:
             continue
-        if number == 1:
+        if number == _F_RESPONSE_OUTPUTS:
             path = f"outputs[{len(response.outputs)}]"
             response.outputs.append(_decode_port_value(raw, a, b, path, Limits(), problems))
-        elif number == 2:
+        elif number == _F_RESPONSE_METRICS:
             response.metrics = pb.ExecutionMetrics.FromString(raw[a:b])
     if problems:
         raise MalformedMessage("; ".join(f"{p.field}: {p.description}" for p in problems))
