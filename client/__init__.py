@@ -18,7 +18,7 @@ from tensorline.client._client import (
 )
 from tensorline.client._exceptions import (
     AuthenticationError,
-    CancelledError,
+    CallCancelledError,
     DeadlineExceededError,
     FieldViolation,
     InvalidRequestError,
@@ -47,7 +47,7 @@ __all__ = [
     "AsyncStream",
     "Audio",
     "AuthenticationError",
-    "CancelledError",
+    "CallCancelledError",
     "Client",
     "ClientConfig",
     "DeadlineExceededError",
