@@ -37,7 +37,6 @@ from tensorline.client._stream import (
     Stream,
     StreamEvent,
     StreamMetrics,
-    StreamNodeMetrics,
     StreamOutput,
 )
 from tensorline.wire import Audio, Json, PortItem, Tagged
@@ -67,7 +66,6 @@ __all__ = [
     "Stream",
     "StreamEvent",
     "StreamMetrics",
-    "StreamNodeMetrics",
     "StreamOutput",
     "Tagged",
     "TensorlineError",

@@ -114,12 +114,23 @@ def port_items(inputs: InputsLike) -> list[PortItem]:
 
 @dataclass(frozen=True, slots=True)
 class NodeMetrics:
+    """Where a node ran and why, and its time; of a call's result, a stream's Ready (``nodes``)
+    and a stream's final metrics. ``inputs_consumed`` and ``outputs_produced`` count a stream's
+    values (0 in a unary call's result and in Ready)."""
+
     node_id: str
     node_type: str
     runtime: str
     selection_reason: str
     wall_ms: float
     fallback: str = ""
+    inputs_consumed: int = 0
+    outputs_produced: int = 0
+
+    @classmethod
+    def from_proto(cls, m: pb.NodeMetrics) -> NodeMetrics:
+        return cls(m.node_id, m.node_type, m.runtime, m.selection_reason, m.wall_ms, m.fallback,
+                   m.inputs_consumed, m.outputs_produced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +143,7 @@ class ExecutionMetrics:
     def from_proto(cls, metrics: pb.ExecutionMetrics) -> ExecutionMetrics:
         return cls(
             total_ms=metrics.total_ms,
-            nodes=[NodeMetrics(m.node_id, m.node_type, m.runtime, m.selection_reason, m.wall_ms,
-                               m.fallback) for m in metrics.nodes],
+            nodes=[NodeMetrics.from_proto(m) for m in metrics.nodes],
             plan_cached=metrics.plan_cached,
         )
 
