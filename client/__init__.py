@@ -6,9 +6,7 @@
         result = client.execute("pipeline.yaml", inputs={"src": samples})
 """
 
-from tensorline.client._client import (
-    AsyncClient,
-    Client,
+from tensorline.client._base import (
     ClientConfig,
     ExecuteResult,
     ExecutionMetrics,
@@ -16,6 +14,7 @@ from tensorline.client._client import (
     load_manifest,
     manifest_json,
 )
+from tensorline.client._client import AsyncClient, Client
 from tensorline.client._exceptions import (
     AuthenticationError,
     CallCancelledError,

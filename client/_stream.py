@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from google.rpc import status_pb2
 
-from tensorline.client._client import NodeMetrics
+from tensorline.client._base import NodeMetrics
 from tensorline.client._exceptions import TensorlineError, from_rpc_error
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire import (
