@@ -6,9 +6,7 @@
         result = client.execute("pipeline.yaml", inputs={"src": samples})
 """
 
-from tensorline.client._client import (
-    AsyncClient,
-    Client,
+from tensorline.client._base import (
     ClientConfig,
     ExecuteResult,
     ExecutionMetrics,
@@ -16,9 +14,10 @@ from tensorline.client._client import (
     load_manifest,
     manifest_json,
 )
+from tensorline.client._client import AsyncClient, Client
 from tensorline.client._exceptions import (
     AuthenticationError,
-    CancelledError,
+    CallCancelledError,
     DeadlineExceededError,
     FieldViolation,
     InvalidRequestError,
@@ -37,7 +36,6 @@ from tensorline.client._stream import (
     Stream,
     StreamEvent,
     StreamMetrics,
-    StreamNodeMetrics,
     StreamOutput,
 )
 from tensorline.wire import Audio, Json, PortItem, Tagged
@@ -47,7 +45,7 @@ __all__ = [
     "AsyncStream",
     "Audio",
     "AuthenticationError",
-    "CancelledError",
+    "CallCancelledError",
     "Client",
     "ClientConfig",
     "DeadlineExceededError",
@@ -67,7 +65,6 @@ __all__ = [
     "Stream",
     "StreamEvent",
     "StreamMetrics",
-    "StreamNodeMetrics",
     "StreamOutput",
     "Tagged",
     "TensorlineError",

@@ -10,7 +10,7 @@
     ├── NodeError                   a node raised (``node_id``, ``exception_type``)
     ├── SandboxError                the sandbox worker running a node died or hit a limit
     ├── DeadlineExceededError       DEADLINE_EXCEEDED
-    ├── CancelledError              CANCELLED
+    ├── CallCancelledError          CANCELLED (named apart from asyncio.CancelledError)
     └── ServerError                 INTERNAL and anything unexpected
 """
 
@@ -89,7 +89,7 @@ class DeadlineExceededError(TensorlineError):
     pass
 
 
-class CancelledError(TensorlineError):
+class CallCancelledError(TensorlineError):
     pass
 
 
@@ -106,7 +106,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorlineError]] = {
     grpc.StatusCode.UNKNOWN: NodeError,
     grpc.StatusCode.ABORTED: SandboxError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-    grpc.StatusCode.CANCELLED: CancelledError,
+    grpc.StatusCode.CANCELLED: CallCancelledError,
 }
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 from google.rpc import status_pb2
 
+from tensorline.client._base import NodeMetrics
 from tensorline.client._exceptions import TensorlineError, from_rpc_error
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire import (
@@ -61,28 +62,11 @@ class StreamEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class StreamNodeMetrics:
-    node_id: str
-    node_type: str
-    runtime: str
-    selection_reason: str
-    wall_ms: float
-    inputs_consumed: int
-    outputs_produced: int
-    fallback: str = ""
-
-    @classmethod
-    def from_proto(cls, m: pb.NodeMetrics) -> StreamNodeMetrics:
-        return cls(m.node_id, m.node_type, m.runtime, m.selection_reason, m.wall_ms,
-                   m.inputs_consumed, m.outputs_produced, m.fallback)
-
-
-@dataclass(frozen=True, slots=True)
 class StreamMetrics:
     """Final metrics of a closed session."""
 
     total_ms: float
-    nodes: list[StreamNodeMetrics]
+    nodes: list[NodeMetrics]
     plan_cached: bool
     chunks_received: int
     results_sent: int
@@ -93,7 +77,7 @@ class StreamMetrics:
     @classmethod
     def from_proto(cls, closed: pb.StreamClosed) -> StreamMetrics:
         return cls(closed.metrics.total_ms,
-                   [StreamNodeMetrics.from_proto(m) for m in closed.metrics.nodes],
+                   [NodeMetrics.from_proto(m) for m in closed.metrics.nodes],
                    closed.metrics.plan_cached, closed.chunks_received, closed.results_sent,
                    closed.max_buffered_items, closed.max_buffered_bytes)
 
@@ -157,7 +141,7 @@ class _Buffer:
 @dataclass
 class _State:
     session_id: str = ""
-    nodes: list[StreamNodeMetrics] = field(default_factory=list)
+    nodes: list[NodeMetrics] = field(default_factory=list)
     metrics: StreamMetrics | None = None
     error: TensorlineError | None = None
     # The failure announced by a StreamError message (wins over what the transport reports).
@@ -197,7 +181,7 @@ class AsyncStream:
         return self._state.session_id
 
     @property
-    def nodes(self) -> list[StreamNodeMetrics]:
+    def nodes(self) -> list[NodeMetrics]:
         """Where each node runs and why (from the server's Ready)."""
         return self._state.nodes
 
@@ -236,7 +220,7 @@ class AsyncStream:
                 elif response.kind == "ready":
                     ready = response.ready
                     self._state.session_id = ready.session_id
-                    self._state.nodes = [StreamNodeMetrics.from_proto(m) for m in ready.nodes]
+                    self._state.nodes = [NodeMetrics.from_proto(m) for m in ready.nodes]
                     break
                 else:
                     raise TensorlineError(f"unexpected {response.kind} before Ready")

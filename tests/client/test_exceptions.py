@@ -11,7 +11,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from tensorline.client import (
     AuthenticationError,
-    CancelledError,
+    CallCancelledError,
     DeadlineExceededError,
     FieldViolation,
     InvalidRequestError,
@@ -55,7 +55,7 @@ class FakeError(grpc.RpcError):
     (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError, RequestError),
     (grpc.StatusCode.ABORTED, SandboxError, TensorlineError),
     (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError, TensorlineError),
-    (grpc.StatusCode.CANCELLED, CancelledError, TensorlineError),
+    (grpc.StatusCode.CANCELLED, CallCancelledError, TensorlineError),
     (grpc.StatusCode.INTERNAL, ServerError, TensorlineError),
     (grpc.StatusCode.UNIMPLEMENTED, ServerError, TensorlineError),
     (grpc.StatusCode.UNKNOWN, ServerError, TensorlineError),  # UNKNOWN without NODE_ERROR
