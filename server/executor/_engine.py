@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tensorline.server._errors import LayerMissing, RequestInvalid, clip
 from tensorline.server.executor._executor import ExecutionResult, Executor
-from tensorline.server.executor._streaming import StreamingExecutor
+from tensorline.server.executor._session import StreamingExecutor
 from tensorline.server.manifest import (
     ExecutionPlan,
     ManifestLimits,
