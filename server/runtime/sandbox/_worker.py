@@ -1,5 +1,6 @@
-"""The code that runs inside a sandbox worker process (imports nothing gRPC; the server imports it
-only for ``WorkerConfig``).
+"""The code a sandbox worker process runs: the launcher (``_zygote``) preloads it and each worker
+it forks runs it (``_bootstrap``). It imports nothing gRPC; the server process imports it only
+for ``WorkerConfig`` and never runs it.
 
 A worker is forked by the sandbox launcher (``_zygote``: numpy, pydantic and this module
 preloaded, a minimal environment, no inherited fds but its control socket and output pipe),
