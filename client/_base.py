@@ -19,6 +19,7 @@ import yaml
 
 from tensorline.client._exceptions import TensorlineError, from_rpc_error
 from tensorline.client._yaml import safe_load, syntax_error
+from tensorline.v1 import SERVICE_NAME
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire import (
     DecodedExecuteResponse,
@@ -27,7 +28,6 @@ from tensorline.wire import (
     encode_execute_request,
 )
 
-SERVICE_NAME = "tensorline.v1.PipelineService"
 SERVICE = f"/{SERVICE_NAME}/"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Deadlines when neither the call nor the client names one: a server that never answers (a

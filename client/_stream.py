@@ -33,6 +33,7 @@ from google.rpc import status_pb2
 
 from tensorline.client._base import NodeMetrics
 from tensorline.client._exceptions import TensorlineError, from_rpc_error
+from tensorline.v1 import SERVICE_NAME
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire import (
     DecodedStreamResponse,
@@ -44,7 +45,7 @@ from tensorline.wire import (
     encode_stream_init,
 )
 
-STREAM_METHOD = "/tensorline.v1.PipelineService/StreamPipeline"
+STREAM_METHOD = f"/{SERVICE_NAME}/StreamPipeline"
 
 # A result of a stream: ``node_id``, ``port``, ``sequence`` (of the input it derives from, -1
 # for end-of-stream flushes) and ``value``.

@@ -1,22 +1,16 @@
 """Executing compiled plans: the asyncio DAG executor, the streaming executor (StreamPipeline
 sessions) and the engine that owns them."""
 
+from tensorline.server.executor._channels import Channel, size_of
 from tensorline.server.executor._engine import PipelineEngine, PlanLookup
+from tensorline.server.executor._events import SessionClosed, SessionEvent, SessionReady
 from tensorline.server.executor._executor import (
     ExecutionResult,
     Executor,
     NodeReport,
     normalize_outputs,
 )
-from tensorline.server.executor._streaming import (
-    Channel,
-    SessionClosed,
-    SessionEvent,
-    SessionReady,
-    StreamingExecutor,
-    StreamSession,
-    size_of,
-)
+from tensorline.server.executor._session import StreamingExecutor, StreamSession
 from tensorline.wire import StreamItem
 
 __all__ = [

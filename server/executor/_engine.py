@@ -1,7 +1,9 @@
 """The pipeline engine: the server's core without the gRPC layer.
 
 It owns the registry, the selector, the plan cache, the runtimes and the executor, so that the
-service (and tests, and the CLI's local ``validate``) drive pipelines through one object.
+service (and tests) drive pipelines through one object; the CLI's local ``nodes`` lists the
+catalogue of a ``local()`` engine. The CLI's ``validate`` does not use it: it runs the compiler
+alone (``manifest.compile_manifest``), with a selector of its own.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from tensorline.server._errors import LayerMissing, RequestInvalid, clip
 from tensorline.server.executor._executor import ExecutionResult, Executor
-from tensorline.server.executor._streaming import StreamingExecutor
+from tensorline.server.executor._session import StreamingExecutor
 from tensorline.server.manifest import (
     ExecutionPlan,
     ManifestLimits,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -199,25 +199,57 @@ def compile_manifest(
     data: Mapping[str, Any], registry: NodeRegistry, selector: Selector
 ) -> ExecutionPlan:
     """Validate a manifest completely and compile it. Raises RequestInvalid with every problem,
-    or PermissionDenied when the trust policy refuses a node's runtime hint."""
+    or PermissionDenied when the trust policy refuses a node's runtime hint.
+
+    Four phases: parse the manifest's own fields, check the nodes (declarations, then params),
+    wire the connections (then look for cycles), and, when nothing was found, decide each
+    node's runtime and build the plan."""
     problems: list[Violation] = []
     hints = _Hints()
+    manifest = _parse(data, problems, hints)
+    declared = _check_nodes(manifest, registry, problems, hints)
+    params = _check_params(declared, problems, hints)
+    wiring, consumed = _wire_connections(manifest, declared, problems, hints)
+    _check_cycles(wiring, problems)
+    if problems:
+        raise RequestInvalid(problems, "invalid manifest")
+    nodes = _decide_runtimes(declared, params, wiring, selector)
+    return _build_plan(manifest, nodes, consumed)
+
+
+@dataclass(slots=True)
+class _Declared:
+    """The nodes a manifest declares, as far as their declarations could be read."""
+
+    # Node id -> (index in ``nodes``, declaration, registered entry or None when unknown).
+    decls: dict[str, tuple[int, NodeDecl, NodeEntry | None]] = field(default_factory=dict)
+    # Nodes whose declaration is broken beyond use: their problems are reported, and
+    # connections naming them are not reported again as naming no node.
+    unusable: set[str] = field(default_factory=set)
+    # Nodes declared with a field left out: their params may be under a misspelled name.
+    unchecked_params: set[str] = field(default_factory=set)
+
+
+def _parse(data: Mapping[str, Any], problems: list[Violation], hints: _Hints) -> ManifestDecl:
+    """The manifest's own fields; RequestInvalid at once when they are unusable."""
+    manifest: ManifestDecl | None
     manifest, _ = _validate_rest(ManifestDecl, data, "", MANIFEST_FIELDS, problems, hints)
     if manifest is None:
         raise RequestInvalid(problems, "invalid manifest")
+    return manifest
 
-    decls: dict[str, tuple[int, NodeDecl, NodeEntry | None]] = {}
-    # Nodes whose declaration is broken beyond use: their problems are reported, and
-    # connections naming them are not reported again as naming no node.
-    unusable: set[str] = set()
-    # Nodes declared with a field left out: their params may be under a misspelled name.
-    unchecked_params: set[str] = set()
+
+def _check_nodes(manifest: ManifestDecl, registry: NodeRegistry, problems: list[Violation],
+                 hints: _Hints) -> _Declared:
+    """Each node declaration: its fields, a unique id, a known node type, a valid runtime hint."""
+    declared = _Declared()
+    decls = declared.decls
     for index, raw in enumerate(manifest.nodes):
         prefix = f"nodes[{index}]"
         decl, dropped = _validate_rest(NodeDecl, raw, prefix, NODE_FIELDS, problems, hints)
         if decl is None:
             if isinstance(raw.get("id"), str):
-                unusable.add(raw["id"])
+                declared.unusable.add(raw["id"])
             continue
         if decl.id in decls:
             first = decls[decl.id][0]
@@ -225,23 +257,37 @@ def compile_manifest(
                                                       f"(first used by nodes[{first}])"))
             continue
         if dropped and "params" not in raw:
-            unchecked_params.add(decl.id)
+            declared.unchecked_params.add(decl.id)
         entry = _node_entry(registry, decl, f"{prefix}.node_type", problems, hints)
         try:
             normalize_hint(decl.runtime_hint)
         except ValueError as exc:
             problems.append(Violation(f"{prefix}.runtime_hint", f"node '{decl.id}': {exc}"))
         decls[decl.id] = (index, decl, entry)
+    return declared
 
+
+def _check_params(declared: _Declared, problems: list[Violation],
+                  hints: _Hints) -> dict[str, tuple[NodeParams | None, str]]:
+    """Each known node's params (node id -> (params, params key)), unless they may be under a
+    misspelled field."""
     params: dict[str, tuple[NodeParams | None, str]] = {}
-    for node_id, (index, decl, entry) in decls.items():
-        if entry is None or node_id in unchecked_params:
+    for node_id, (index, decl, entry) in declared.decls.items():
+        if entry is None or node_id in declared.unchecked_params:
             continue
         value = _validate_params(entry, decl.params, f"nodes[{index}].params", problems,
                                  hints, who=f"node '{node_id}': ")
         if value is not None:
             params[node_id] = value
+    return params
 
+
+def _wire_connections(
+    manifest: ManifestDecl, declared: _Declared, problems: list[Violation], hints: _Hints
+) -> tuple[dict[str, dict[str, list[Source]]], set[tuple[str, str]]]:
+    """Each connection checked and wired: node id -> input port -> its sources, and the
+    (node id, output port) pairs something consumes."""
+    decls, unusable = declared.decls, declared.unusable
     wiring: dict[str, dict[str, list[Source]]] = {nid: {} for nid in decls}
     consumed: set[tuple[str, str]] = set()
     for index, raw in enumerate(manifest.connections):
@@ -277,17 +323,23 @@ def compile_manifest(
             continue
         sources.append(Source(conn.from_, src_port.name))
         consumed.add((conn.from_, src_port.name))
+    return wiring, consumed
 
+
+def _check_cycles(wiring: Mapping[str, Mapping[str, list[Source]]],
+                  problems: list[Violation]) -> None:
     cycle = _find_cycle({nid: [s.node_id for srcs in ports.values() for s in srcs]
                          for nid, ports in wiring.items()})
     if cycle:
         problems.append(Violation("connections", "cycle: " + " -> ".join(cycle)))
 
-    if problems:
-        raise RequestInvalid(problems, "invalid manifest")
 
+def _decide_runtimes(declared: _Declared, params: Mapping[str, tuple[NodeParams | None, str]],
+                     wiring: Mapping[str, Mapping[str, list[Source]]],
+                     selector: Selector) -> dict[str, NodeSpec]:
+    """Each node's spec, with the selector's runtime decision (a valid manifest only)."""
     nodes: dict[str, NodeSpec] = {}
-    for node_id, (_, decl, entry) in decls.items():
+    for node_id, (_, decl, entry) in declared.decls.items():
         assert entry is not None
         node_params, params_key = params[node_id]
         nodes[node_id] = NodeSpec(
@@ -299,7 +351,7 @@ def compile_manifest(
             timeout_s=decl.timeout_s or entry.traits.timeout_s,
             wiring={port: tuple(srcs) for port, srcs in wiring[node_id].items()},
         )
-    return _build_plan(manifest, nodes, consumed)
+    return nodes
 
 
 def _node_entry(registry: NodeRegistry, decl: NodeDecl, field: str, problems: list[Violation],

@@ -112,7 +112,10 @@ def _truthy(value: str) -> bool:
 
 
 class Selector:
-    """Decides the runtime of each node. Pure: no I/O, so decisions are cached with the plan."""
+    """Decides the runtime of each node. No I/O: a decision depends only on the node, its hint
+    and this selector's settings, so decisions are cached with the plan. The settings are not
+    frozen: ``PipelineEngine.start`` turns ``sandbox_available`` off when the sandbox runtime
+    fails to start, before the server compiles any plan."""
 
     def __init__(
         self,

@@ -7,8 +7,9 @@ from tensorline.server.service._server import (
     grpc_options,
     serve,
 )
-from tensorline.server.service._service import SERVICE_NAME, PipelineService, catalogue
+from tensorline.server.service._service import PipelineService, catalogue
 from tensorline.server.service._status import status_code_of, to_status
+from tensorline.v1 import SERVICE_NAME
 
 __all__ = [
     "SERVICE_NAME",

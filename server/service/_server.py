@@ -30,9 +30,10 @@ from tensorline.server.runtime import InProcessRuntime, Runtime, SandboxRuntime
 from tensorline.server.selector import INPROCESS, SANDBOX, Selector
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._auth import BearerTokenInterceptor
-from tensorline.server.service._service import SERVICE_NAME, PipelineService
+from tensorline.server.service._service import PipelineService
 from tensorline.server.service._telemetry import Telemetry
 from tensorline.server.service._warmup import warm_up
+from tensorline.v1 import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from tensorline.server.runtime import ExecutionScope
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._status import translate_errors
 from tensorline.server.service._telemetry import Telemetry
-from tensorline.v1 import PROTOCOL_VERSION
+from tensorline.v1 import PROTOCOL_VERSION, SERVICE_NAME
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire import (
     DecodedExecuteRequest,
@@ -34,8 +34,6 @@ from tensorline.wire import (
     encode_execute_response,
     encode_execution_metrics,
 )
-
-SERVICE_NAME = "tensorline.v1.PipelineService"
 
 Context = Any  # grpc.aio.ServicerContext (grpc ships no type information)
 

@@ -38,7 +38,7 @@ from tensorline.server.runtime.sandbox._messages import (
     IMPORT,
     INITIALIZE,
     LIMIT,
-    MAX_KINDS,
+    MAX_CLASS_IDS,
     MEMORY,
     NEED,
     NODE,
@@ -62,9 +62,9 @@ from tensorline.server.runtime.sandbox._records import (
     _NO_SPEC,
     MIN_MEMORY_MB,
     _Call,
+    _ClassKey,
     _ClassPlan,
     _Group,
-    _KindKey,
     _Started,
     _Worker,
 )
@@ -472,7 +472,7 @@ class _Calls(_Pool):
         line.pop()
         del self._runs[waiter]
         worker.queued += 1
-        request, key, kid, define = self._run_request(worker, spec, scope, inputs)
+        request, key, class_id, define = self._run_request(worker, spec, scope, inputs)
         try:
             sent = self._send(worker, request, spec, "process", 0,
                               self._deadline(spec, scope, None), None)
@@ -480,13 +480,13 @@ class _Calls(_Pool):
             waiter.set_exception(exc)
             return True
         assert not isinstance(sent, tuple)
-        waiter.set_result((worker, sent, key, kid, define))
+        waiter.set_result((worker, sent, key, class_id, define))
         return True
 
     async def _run_dispatched(self, started: _Started, spec: NodeSpec) -> Any:
-        worker, call, key, kid, define = started
+        worker, call, key, class_id, define = started
         reply = await self._reply(worker, call, None)
-        return self._run_reply(worker, spec, reply, key, kid, define)
+        return self._run_reply(worker, spec, reply, key, class_id, define)
 
     def _serving(self, plan: _ClassPlan) -> bool:
         """A ready worker of the class's group has imported its module and is not owned by a
@@ -503,37 +503,37 @@ class _Calls(_Pool):
         """Run a one-shot node (``_ClassPlan.oneshot``) on ``worker`` (idle, its module
         imported): one ``run`` request creates the instance, runs ``process`` and drops it, so
         nothing is pinned, reserved or released. The class and params travel once per worker:
-        the first request names them with a new id (``kinds``), later ones send the id only. A
+        the first request names them with a new id (``class_ids``), later ones send the id only. A
         worker that does not know an id (replaced workers start empty; a worker drops ids past
         its bound) answers ``gone``: the id is forgotten and ``_WorkerGone`` sends the caller
         down the general path, which creates the instance from scratch."""
-        request, key, kid, define = self._run_request(worker, spec, scope, inputs)
+        request, key, class_id, define = self._run_request(worker, spec, scope, inputs)
         reply = await self._request(worker, request, spec, "process", 0,
                                     self._deadline(spec, scope, None))
-        return self._run_reply(worker, spec, reply, key, kid, define)
+        return self._run_reply(worker, spec, reply, key, class_id, define)
 
     def _run_request(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope,
-                     inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], _KindKey, int,
+                     inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], _ClassKey, int,
                                                          tuple[str, str, str] | None]:
         """The ``run`` request for ``worker``: with the class id it knows, else a new one and
         the class's definition."""
         key = (spec.entry.class_ref, spec.params_key)
-        kid = worker.kinds.get(key)
+        class_id = worker.class_ids.get(key)
         define: tuple[str, str, str] | None = None
-        if kid is None:
-            kid = next(self._kids)
+        if class_id is None:
+            class_id = next(self._class_ids)
             define = (*spec.entry.class_ref, spec.params_key)
-        request = (RUN, kid, inputs if type(inputs) is dict else dict(inputs), spec.node_id,
+        request = (RUN, class_id, inputs if type(inputs) is dict else dict(inputs), spec.node_id,
                    scope.execution_id, define, None)
-        return request, key, kid, define
+        return request, key, class_id, define
 
     def _run_reply(self, worker: _Worker, spec: NodeSpec, reply: tuple[Any, ...],
-                   key: _KindKey, kid: int, define: tuple[str, str, str] | None) -> Any:
+                   key: _ClassKey, class_id: int, define: tuple[str, str, str] | None) -> Any:
         if reply[0] == ERROR and reply[1] == GONE:  # is_gone(reply), inline: per request
-            worker.kinds.pop(key, None)
+            worker.class_ids.pop(key, None)
         elif define is not None and reached_process(reply):
             # The worker created the instance, so it holds the id.
-            if len(worker.kinds) >= MAX_KINDS:  # the worker keeps as many
-                worker.kinds.clear()
-            worker.kinds[key] = kid
+            if len(worker.class_ids) >= MAX_CLASS_IDS:  # the worker keeps as many
+                worker.class_ids.clear()
+            worker.class_ids[key] = class_id
         return self._check_reply(worker, reply, spec, "process")

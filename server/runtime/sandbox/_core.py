@@ -136,7 +136,7 @@ class _Core(Runtime):
         self._workers: dict[int, _Worker] = {}
         self._wids = itertools.count(1)
         self._iids = itertools.count(1)
-        self._kids = itertools.count(1)
+        self._class_ids = itertools.count(1)
         # By NodeEntry.class_ref: untrusted nodes have no class object in the server.
         self._class_plans: dict[tuple[str, str], _ClassPlan] = {}
         self._background: set[asyncio.Future[Any]] = set()

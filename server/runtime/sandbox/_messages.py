@@ -13,7 +13,7 @@ Requests (server -> worker), one at a time; the worker answers each with one rep
 
     ("init", iid, module, qualname, params_json, node_id, execution_id)   warm instances
     ("call", iid, inputs, init, releases)
-    ("run", kind, inputs, node_id, execution_id, define, releases)        one-shot nodes
+    ("run", class_id, inputs, node_id, execution_id, define, releases)    one-shot nodes
     ("stream", iid, init, releases)                                        streaming session
     ("release", iids)
     ("describe", module)                                                   untrusted catalogue
@@ -100,7 +100,7 @@ SEGMENT_REFUSED = b"refused"
 
 # Class ids (``run`` requests) a worker keeps; past this it forgets them all, and answers
 # ``gone`` for an id it no longer knows (the server then starts over for that node).
-MAX_KINDS = 1024
+MAX_CLASS_IDS = 1024
 
 # Requests whose last field is the list of released instances (see ``with_releases``).
 CARRIES_RELEASES = frozenset({RUN, CALL, RELEASE})

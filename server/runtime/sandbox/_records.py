@@ -38,7 +38,7 @@ _ATTEMPTS = 5
 
 
 # A worker's name for a one-shot node class with its params: ((module, qualname), params key).
-_KindKey = tuple[tuple[str, str], str]
+_ClassKey = tuple[tuple[str, str], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +177,7 @@ class _Call:
 
 
 # A one-shot call sent by ``_dispatch``: (worker, call, class key, class id, definition).
-_Started = tuple["_Worker", _Call, _KindKey, int, "tuple[str, str, str] | None"]
+_Started = tuple["_Worker", _Call, _ClassKey, int, "tuple[str, str, str] | None"]
 
 
 @dataclass(eq=False)
@@ -234,7 +234,7 @@ class _Worker:
     # Node modules this worker has imported successfully (their nodes may be created lazily).
     modules: set[str] = field(default_factory=set)
     # (node class, params key) -> the id the worker knows them by (see ``_run_once``).
-    kinds: dict[_KindKey, int] = field(default_factory=dict)
+    class_ids: dict[_ClassKey, int] = field(default_factory=dict)
     outbox: _shm.Outbox = field(default_factory=_shm.Outbox)
     inbox: _shm.Inbox = field(default_factory=_shm.Inbox)
     eof: bool = False

@@ -1,5 +1,6 @@
-"""The code that runs inside a sandbox worker process (imports nothing gRPC; the server imports it
-only for ``WorkerConfig``).
+"""The code a sandbox worker process runs: the launcher (``_zygote``) preloads it and each worker
+it forks runs it (``_bootstrap``). It imports nothing gRPC; the server process imports it only
+for ``WorkerConfig`` and never runs it.
 
 A worker is forked by the sandbox launcher (``_zygote``: numpy, pydantic and this module
 preloaded, a minimal environment, no inherited fds but its control socket and output pipe),
@@ -17,7 +18,7 @@ A ``run`` is the common case made smaller: a node with neither ``initialize`` no
 (nor reusable, nor streaming) is created, run and dropped by one request, so the worker keeps
 no instance and the server sends no release. Its class and params are named once per worker:
 ``define`` is ``(module, qualname, params_json)`` on the first request for the server-assigned
-id ``kind`` and None afterwards. A worker keeps ``MAX_KINDS`` ids at most and answers ``gone``
+id ``class_id`` and None afterwards. A worker keeps ``MAX_CLASS_IDS`` ids at most and answers ``gone``
 for an id it does not know (the server then forgets it and creates the node the general way).
 
 A ``describe`` imports an untrusted module, which the server never does, and replies with its
@@ -87,7 +88,7 @@ from tensorline.server.runtime.sandbox._messages import (
     IMPORT,
     INIT,
     INITIALIZE,
-    MAX_KINDS,
+    MAX_CLASS_IDS,
     MEMORY,
     NEXT,
     NODE,
@@ -167,7 +168,7 @@ class _Worker:
         self.instances: dict[int, _Hosted] = {}
         self.params: dict[tuple[str, str, str], Any] = {}
         # Class ids the server defined with ``run`` requests: id -> (class, params).
-        self.kinds: dict[int, tuple[Any, Any]] = {}
+        self.defined: dict[int, tuple[Any, Any]] = {}
         # Node classes by (module, qualname): a repeated import_module + getattr walk costs more
         # than a whole small call.
         self.classes: dict[tuple[str, str], Any] = {}
@@ -332,26 +333,26 @@ class _Worker:
         return ok(catalogue, _isolation.cpu_used())
 
     async def _run_once(self, request: tuple[Any, ...]) -> tuple[Any, ...]:
-        """``("run", kind, inputs, node_id, execution_id, define, releases)``: create an
-        instance of class id ``kind`` (defined by ``define``, ``(module, qualname,
+        """``("run", class_id, inputs, node_id, execution_id, define, releases)``: create an
+        instance of class id ``class_id`` (defined by ``define``, ``(module, qualname,
         params_json)``, the first time), run its ``process`` and drop it: a node without
         initialize or cleanup needs nothing more, and nothing is kept between requests."""
-        _, kid, inputs, node_id, execution_id, define, releases = request
+        _, class_id, inputs, node_id, execution_id, define, releases = request
         if releases:
             await self._release(releases)
         try:
-            kind = self.kinds.get(kid)
-            if kind is None:
+            defined = self.defined.get(class_id)
+            if defined is None:
                 if define is None:
                     return error(GONE, "", "unknown node class id", _isolation.cpu_used(),
                                  INITIALIZE)
-                kind = self._kind(*define)
-                if len(self.kinds) >= MAX_KINDS:
-                    self.kinds.clear()
-                self.kinds[kid] = kind
+                defined = self._class_and_params(*define)
+                if len(self.defined) >= MAX_CLASS_IDS:
+                    self.defined.clear()
+                self.defined[class_id] = defined
             context = NodeContext(node_id=node_id, execution_id=execution_id,
                                   runtime=RUNTIME_NAME, scratch_dir=self.config.scratch_dir)
-            node = kind[0](kind[1], context)
+            node = defined[0](defined[1], context)
         except BaseException as exc:
             return _failure(exc, INITIALIZE)
         # What _run does, inline (one coroutine less per call).
@@ -534,7 +535,7 @@ class _Worker:
                       f"'{hosted.context.node_id}' failed: {type(exc).__name__}: {exc}",
                       file=sys.stderr, flush=True)
 
-    def _kind(self, module: str, qualname: str, params_json: str) -> tuple[Any, Any]:
+    def _class_and_params(self, module: str, qualname: str, params_json: str) -> tuple[Any, Any]:
         """The node class and its validated params (both cached)."""
         cls: Any = self.classes.get((module, qualname))
         if cls is None:
@@ -560,7 +561,7 @@ class _Worker:
 
     async def _init(self, iid: int, module: str, qualname: str, params_json: str, node_id: str,
                     execution_id: str) -> None:
-        cls, params = self._kind(module, qualname, params_json)
+        cls, params = self._class_and_params(module, qualname, params_json)
         context = NodeContext(node_id=node_id, execution_id=execution_id, runtime=RUNTIME_NAME,
                               scratch_dir=self.config.scratch_dir)
         hosted = _Hosted(cls(params, context), context)

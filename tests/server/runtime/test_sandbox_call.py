@@ -36,7 +36,7 @@ async def probe(runtime: SandboxRuntime, *, node_id: str = "n1", execution_id: s
 
 
 def known_ids(runtime: SandboxRuntime) -> dict[int, dict[Any, int]]:
-    return {w.wid: dict(w.kinds) for w in runtime._workers.values() if w.alive}
+    return {w.wid: dict(w.class_ids) for w in runtime._workers.values() if w.alive}
 
 
 async def warm_up(runtime: SandboxRuntime) -> None:
@@ -69,8 +69,8 @@ async def test_an_id_the_worker_does_not_know_means_a_clean_start(
     await warm_up(sandbox)
     restarts = sandbox.stats()["worker_restarts"]
     for worker in sandbox._workers.values():
-        for key in worker.kinds:
-            worker.kinds[key] = 10**9 + worker.wid  # never defined in that worker
+        for key in worker.class_ids:
+            worker.class_ids[key] = 10**9 + worker.wid  # never defined in that worker
     served = set()
     for i in range(4):
         out = await probe(sandbox, execution_id=f"u{i}", value=i)
@@ -80,7 +80,7 @@ async def test_an_id_the_worker_does_not_know_means_a_clean_start(
     # class again), and no worker was killed for it.
     for worker in sandbox._workers.values():
         if worker.pid in served:
-            assert worker.kinds and all(kid < 10**9 for kid in worker.kinds.values())
+            assert worker.class_ids and all(class_id < 10**9 for class_id in worker.class_ids.values())
     assert sandbox.stats()["worker_restarts"] == restarts
 
 

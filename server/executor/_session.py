@@ -5,7 +5,8 @@ one long-lived task (a *stage*) that pulls from its own bounded inbox, so a chun
 of its own anywhere and independent nodes work on different chunks at the same time. A stage
 takes everything queued in its inbox at once (one wake-up for many chunks under load) and pushes
 each output into the inbox of every consumer and, for sink ports, into the session's *outbox*,
-which the service drains into gRPC messages.
+which the service drains into gRPC messages. Channels are in ``_channels``, joins in
+``_join``, what the outbox carries besides results in ``_events``.
 
 Backpressure. Inboxes and the outbox are ``Channel``s bounded by a number of values
 (``queue_size``) and by bytes (``buffer_bytes``; a value larger than that still passes alone so
@@ -44,22 +45,27 @@ import asyncio
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from tensorline.server._errors import (
     DeadlineExceeded,
-    LimitExceeded,
     NodeFailed,
     RequestInvalid,
     SandboxFailure,
     Violation,
 )
+from tensorline.server.executor._channels import (
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_QUEUE_SIZE,
+    BufferStats,
+    Channel,
+    size_of,
+)
+from tensorline.server.executor._events import SessionClosed, SessionEvent, SessionReady
 from tensorline.server.executor._executor import NodeReport, normalize_outputs, runtime_for
+from tensorline.server.executor._join import EOS, STICKY, Join, Slot
 from tensorline.server.manifest import (
     ExecutionPlan,
     NodeSpec,
@@ -69,236 +75,7 @@ from tensorline.server.manifest import (
 from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
 from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
-from tensorline.wire import Audio, StreamItem, Tagged
-
-DEFAULT_QUEUE_SIZE = 16
-DEFAULT_BUFFER_BYTES = 64 * 1024 * 1024
-# Values one stage takes from its inbox per wake-up.
-BATCH = 64
-# Inbox item whose slot is _EOS: one producer of the node has finished.
-_EOS = -1
-# Inbox item whose slot is _STICKY carries (port, value) for an optional client-fed port; it
-# travels through the inbox so it applies from its place in the stream on.
-_STICKY = -2
-
-
-def size_of(value: Any) -> int:
-    """Bytes a value holds (tensor data, audio samples, text/binary length)."""
-    if isinstance(value, np.ndarray):
-        return int(value.nbytes)
-    if isinstance(value, Audio):
-        return int(value.samples.nbytes)
-    if isinstance(value, Tagged):
-        return size_of(value.value)
-    if isinstance(value, bytes | str):
-        return len(value)
-    return 0
-
-
-@dataclass(slots=True)
-class BufferStats:
-    """Values currently held in a session's channels, and their peaks."""
-
-    items: int = 0
-    bytes: int = 0
-    max_items: int = 0
-    max_bytes: int = 0
-
-
-class Channel:
-    """A bounded FIFO with one consumer: ``put`` waits while full, ``get_batch`` takes all."""
-
-    __slots__ = ("_bytes", "_getter", "_items", "_putters", "_stats", "capacity", "closed",
-                 "max_bytes")
-
-    def __init__(self, capacity: int, max_bytes: int, stats: BufferStats) -> None:
-        self.capacity = max(1, capacity)
-        self.max_bytes = max_bytes
-        self._items: deque[tuple[Any, int]] = deque()
-        self._bytes = 0
-        self._getter: asyncio.Future[None] | None = None
-        self._putters: list[asyncio.Future[None]] = []
-        self._stats = stats
-        # A closed channel (its consumer stopped) takes and drops whatever is put.
-        self.closed = False
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _full(self, size: int) -> bool:
-        if self.closed:
-            return False
-        count = len(self._items)
-        if count >= self.capacity:
-            return True
-        # An oversized value still passes into an empty channel: bounded, never wedged.
-        return bool(self.max_bytes and count and self._bytes + size > self.max_bytes)
-
-    def _append(self, item: Any, size: int) -> None:
-        if self.closed:
-            return
-        self._items.append((item, size))
-        self._bytes += size
-        stats = self._stats
-        stats.items += 1
-        stats.bytes += size
-        if stats.items > stats.max_items:
-            stats.max_items = stats.items
-        if stats.bytes > stats.max_bytes:
-            stats.max_bytes = stats.bytes
-        getter = self._getter
-        if getter is not None:
-            self._getter = None
-            if not getter.done():
-                getter.set_result(None)
-
-    def try_put(self, item: Any, size: int = 0) -> bool:
-        """Queue ``item`` if there is room now (the hot path: no coroutine, no future)."""
-        if self._full(size):
-            return False
-        self._append(item, size)
-        return True
-
-    async def put(self, item: Any, size: int = 0) -> None:
-        loop = asyncio.get_running_loop()
-        while self._full(size):
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._putters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._putters:
-                    self._putters.remove(waiter)
-        self._append(item, size)
-
-    def force_put(self, item: Any) -> None:
-        """Queue a control item (end of stream, event) regardless of the bounds."""
-        self._append(item, 0)
-
-    def close(self) -> None:
-        """Drop what is queued and everything put from now on; release waiting producers."""
-        self.closed = True
-        self._stats.items -= len(self._items)
-        self._stats.bytes -= self._bytes
-        self._items.clear()
-        self._bytes = 0
-        for waiter in self._putters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._putters.clear()
-
-    async def get_batch(self, limit: int = BATCH) -> list[Any]:
-        while not self._items:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._getter = waiter
-            try:
-                await waiter
-            finally:
-                self._getter = None
-        items = self._items
-        count = min(limit, len(items))
-        out = []
-        freed = 0
-        for _ in range(count):
-            item, size = items.popleft()
-            freed += size
-            out.append(item)
-        self._bytes -= freed
-        self._stats.items -= count
-        self._stats.bytes -= freed
-        if self._putters:
-            for waiter in self._putters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._putters.clear()
-        return out
-
-
-# --- what the outbox carries besides results ----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SessionEvent:
-    """Status or progress, never data (model loading, unjoined inputs...)."""
-
-    node_id: str
-    kind: str
-    message: str = ""
-    progress: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class SessionReady:
-    session_id: str
-    reports: list[NodeReport]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionClosed:
-    """The final message of a session that closed normally."""
-
-    reports: list[NodeReport]
-    total_ms: float
-    chunks_received: int
-    results_sent: int
-    max_buffered_items: int
-    max_buffered_bytes: int
-
-
-# --- joins --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Slot:
-    port: str
-    many: bool
-
-
-class _Join:
-    """Collects one value per slot for each sequence (see the module docstring)."""
-
-    __slots__ = ("_count", "_limit", "_node_id", "_optional", "_pending", "_slots", "sticky")
-
-    def __init__(self, node_id: str, slots: list[_Slot], optional: list[str], limit: int) -> None:
-        self._node_id = node_id
-        self._slots = slots
-        self._count = len(slots)
-        self._optional = set(optional)
-        self._limit = limit
-        self._pending: dict[int, list[deque[Any]]] = {}
-        self.sticky: dict[str, Any] = {}
-
-    def is_optional(self, port: str) -> bool:
-        return port in self._optional
-
-    def add(self, slot: int, sequence: int, value: Any) -> dict[str, Any] | None:
-        queues = self._pending.get(sequence)
-        if queues is None:
-            if len(self._pending) >= self._limit:
-                raise LimitExceeded(
-                    f"node '{self._node_id}': {len(self._pending)} sequences are waiting for "
-                    "values on its other inputs (a branch dropped or renumbered chunks?); "
-                    f"the join buffer holds {self._limit}")
-            queues = self._pending[sequence] = [deque() for _ in range(self._count)]
-        queues[slot].append(value)
-        if not all(queues):
-            return None
-        inputs: dict[str, Any] = dict(self.sticky)
-        for index, info in enumerate(self._slots):
-            got = queues[index].popleft()
-            if info.many:
-                inputs.setdefault(info.port, []).append(got)
-            else:
-                inputs[info.port] = got
-        if not any(queues):
-            del self._pending[sequence]
-        return inputs
-
-    def leftover(self) -> int:
-        return sum(max(len(q) for q in queues) for queues in self._pending.values())
-
-
-# --- stages -------------------------------------------------------------------------------------
+from tensorline.wire import StreamItem, Tagged
 
 
 @dataclass(slots=True)
@@ -310,10 +87,10 @@ class _Stage:
     report: NodeReport
     # Producers that must signal end of stream before the node's input has ended.
     producers: int = 0
-    slots: list[_Slot] = field(default_factory=list)
-    # Client-fed port -> slot index (_STICKY for optional ports, passed as sticky values).
+    slots: list[Slot] = field(default_factory=list)
+    # Client-fed port -> slot index (STICKY for optional ports, passed as sticky values).
     external: dict[str, int] = field(default_factory=dict)
-    join: _Join | None = None
+    join: Join | None = None
     # Output port -> [(consumer inbox, slot)]; sink ports also go to the outbox.
     routes: dict[str, list[tuple[Channel, int]]] = field(default_factory=dict)
     sinks: frozenset[str] = frozenset()
@@ -326,7 +103,7 @@ class _Stage:
         if join is None:
             info = self.slots[0]
             return {info.port: [value] if info.many else value}
-        if slot == _STICKY:
+        if slot == STICKY:
             port, latest = value
             join.sticky[port] = latest
             return None
@@ -439,7 +216,7 @@ class StreamSession:
                 if sources:
                     for source in sources:
                         slot = len(stage.slots)
-                        stage.slots.append(_Slot(port.name, port.many))
+                        stage.slots.append(Slot(port.name, port.many))
                         producer = self._stages[source.node_id]
                         producer.routes.setdefault(source.port, []).append((stage.inbox, slot))
                         if stage.inbox not in producer.consumers:
@@ -449,13 +226,13 @@ class StreamSession:
                 fed_by_client = True
                 if port.required:
                     stage.external[port.name] = len(stage.slots)
-                    stage.slots.append(_Slot(port.name, port.many))
+                    stage.slots.append(Slot(port.name, port.many))
                 else:
-                    stage.external[port.name] = _STICKY
+                    stage.external[port.name] = STICKY
                     optional.append(port.name)
             stage.producers = len(upstream) + (1 if fed_by_client else 0)
             if len(stage.slots) != 1 or optional:
-                stage.join = _Join(node_id, stage.slots, optional, limit)
+                stage.join = Join(node_id, stage.slots, optional, limit)
         for node_id, sink_port in self.plan.sinks:
             stage = self._stages[node_id]
             stage.sinks = stage.sinks | {sink_port}
@@ -474,7 +251,7 @@ class StreamSession:
         if problem is not None:
             raise RequestInvalid([problem], f"invalid chunk (sequence {sequence})")
         self.chunks_received += 1
-        item = (slot, sequence, (port_info.name, value) if slot == _STICKY else value)
+        item = (slot, sequence, (port_info.name, value) if slot == STICKY else value)
         size = size_of(value)
         if not stage.inbox.try_put(item, size):
             await stage.inbox.put(item, size)
@@ -499,7 +276,7 @@ class StreamSession:
         self._routes.clear()
         for stage in self._stages.values():
             if stage.external or not stage.spec.entry.inputs:
-                stage.inbox.force_put((_EOS, 0, None))
+                stage.inbox.force_put((EOS, 0, None))
 
     # --- running ---
 
@@ -557,7 +334,7 @@ class StreamSession:
                            f"{leftover} input value(s) never met values of the same sequence "
                            "on the node's other inputs")
         for channel in stage.consumers:
-            channel.force_put((_EOS, 0, None))
+            channel.force_put((EOS, 0, None))
 
     async def _accepted(self, stage: _Stage) -> AsyncIterator[tuple[int, dict[str, Any]]]:
         """The stage's input sets (joined by sequence) as they complete, until every producer
@@ -566,7 +343,7 @@ class StreamSession:
         waiting = stage.producers
         while waiting:
             for slot, sequence, value in await inbox.get_batch():
-                if slot == _EOS:
+                if slot == EOS:
                     waiting -= 1
                     continue
                 inputs = stage.accept(slot, sequence, value)
