@@ -41,6 +41,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -549,7 +550,9 @@ def orchestrate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"phases": results, "after": after}, indent=2,
                                               default=str))
     ok = all(clean(r) for r in results) and not leaks and after["tracebacks in server log"] == 0
-    print("\nCLEAN" if ok else "\nNOT CLEAN (see above)")
+    if ok:
+        shutil.rmtree(log_dir, ignore_errors=True)  # the log is kept only to look into a failure
+    print("\nCLEAN" if ok else f"\nNOT CLEAN (see above; the server log is in {log_dir})")
     return 0 if ok else 1
 
 

@@ -38,6 +38,8 @@ LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
 
 _live: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
+# Log directories ``ServerProcess.start`` made itself (no ``log_dir`` given).
+_temporary_log_dirs: list[Path] = []
 
 
 class ProcessStartError(RuntimeError):
@@ -152,8 +154,13 @@ class ServerProcess:
         test-only node modules (``TENSORLINE_NODE_MODULES=tests.support.nodes``).
         A process that exits before it is ready (port taken meanwhile) is retried on a new port.
         """
-        log_root = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(
-            prefix="tensorline-proc-"))
+        if log_dir is not None:
+            log_root = Path(log_dir)
+        else:
+            # Kept until the test run ends (a failing test's message quotes its log), then
+            # removed by _stop_leftovers.
+            log_root = Path(tempfile.mkdtemp(prefix="tensorline-proc-"))
+            _temporary_log_dirs.append(log_root)
         log_root.mkdir(parents=True, exist_ok=True)
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -288,3 +295,5 @@ def running_servers(
 def _stop_leftovers() -> None:
     for server in list(_live):
         server.kill()
+    for path in _temporary_log_dirs:
+        shutil.rmtree(path, ignore_errors=True)
