@@ -545,14 +545,15 @@ def orchestrate(args: argparse.Namespace) -> int:
         after["tracebacks in server log"] = log.count("Traceback")
         after["ERROR lines in server log"] = sum(" ERROR " in line for line in log.splitlines())
         after["server log"] = str(server.log_path)
+    ok = all(clean(r) for r in results) and not leaks and after["tracebacks in server log"] == 0
+    if ok:  # the log is kept only to look into a failure
+        shutil.rmtree(log_dir, ignore_errors=True)
+        after["server log"] = "removed (clean run)"
     report(results, after)
     if args.json:
         Path(args.json).write_text(json.dumps({"phases": results, "after": after}, indent=2,
                                               default=str))
-    ok = all(clean(r) for r in results) and not leaks and after["tracebacks in server log"] == 0
-    if ok:
-        shutil.rmtree(log_dir, ignore_errors=True)  # the log is kept only to look into a failure
-    print("\nCLEAN" if ok else f"\nNOT CLEAN (see above; the server log is in {log_dir})")
+    print("\nCLEAN" if ok else "\nNOT CLEAN (see above)")
     return 0 if ok else 1
 
 
