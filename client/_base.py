@@ -18,7 +18,6 @@ import grpc
 import yaml
 
 from tensorline.client._exceptions import TensorlineError, from_rpc_error
-from tensorline.client._yaml import safe_load, syntax_error
 from tensorline.v1 import SERVICE_NAME
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire import (
@@ -27,6 +26,8 @@ from tensorline.wire import (
     decode_execute_response,
     encode_execute_request,
 )
+from tensorline.wire import load_yaml as safe_load
+from tensorline.wire import yaml_syntax_error as syntax_error
 
 SERVICE = f"/{SERVICE_NAME}/"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024

@@ -15,7 +15,8 @@
     ├── LayerMissing          FAILED_PRECONDITION a sandbox layer untrusted nodes require is missing
     ├── DeadlineExceeded      DEADLINE_EXCEEDED  request deadline or node timeout
     ├── SessionCancelled      CANCELLED          the client cancelled its stream (StreamCancel)
-    └── ServiceUnavailable    UNAVAILABLE        draining / shutting down
+    ├── ServiceUnavailable    UNAVAILABLE        draining / shutting down
+    └── PipelineNotFound      NOT_FOUND          no such named pipeline (or version) in the repository
 
 Anything else escaping a handler is a server bug and becomes INTERNAL.
 """
@@ -46,6 +47,7 @@ __all__ = [
     "LimitExceeded",
     "NodeFailed",
     "PermissionDenied",
+    "PipelineNotFound",
     "RequestInvalid",
     "RuntimeUnavailable",
     "SandboxFailure",
@@ -186,3 +188,9 @@ class SessionCancelled(TensorlineServerError):
 
 class ServiceUnavailable(TensorlineServerError):
     reason = "UNAVAILABLE"
+
+
+class PipelineNotFound(TensorlineServerError):
+    """A request named a pipeline (or a version of one) the repository does not hold."""
+
+    reason = "PIPELINE_NOT_FOUND"

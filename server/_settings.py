@@ -86,6 +86,10 @@ class Settings(BaseSettings):
         120.0, gt=0, description="longest the start-up warm-up may take; then it is abandoned "
                                  "(logged) and the server reports SERVING")
 
+    pipelines_dir: Path | None = Field(
+        None, description="a directory of manifests served as named pipelines (the pipeline "
+                          "repository); each is compiled at start")
+
     runtime: Literal["inprocess", "sandbox", "auto"] | None = Field(
         None, description="TENSORLINE_RUNTIME: runtime override for nodes without a hint")
     enable_fallback: bool = Field(True, description="TENSORLINE_ENABLE_FALLBACK: run a trusted "

@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tensorline.server._errors import LayerMissing, RequestInvalid, clip
 from tensorline.server.executor._executor import ExecutionResult, Executor
@@ -191,10 +192,29 @@ class PipelineEngine:
             if not prior:
                 raise
             raise RequestInvalid([*prior, *exc.violations], "invalid request") from None
-        bound = bind_inputs(lookup.plan, inputs, prior)
-        scope = scope or ExecutionScope(execution_id=uuid.uuid4().hex)
-        result = await self.executor.run(lookup.plan, bound, scope)
+        result = await self.execute_plan(lookup.plan, inputs, prior=prior, scope=scope)
         return result, lookup.cached
+
+    async def execute_plan(
+        self,
+        plan: ExecutionPlan,
+        inputs: Sequence[PortItem],
+        *,
+        prior: Sequence[Violation] = (),
+        scope: ExecutionScope | None = None,
+    ) -> ExecutionResult:
+        """Run an already compiled plan once (a named pipeline of the repository, or a plan
+        ``plan_for`` returned)."""
+        bound = bind_inputs(plan, inputs, prior)
+        scope = scope or ExecutionScope(execution_id=uuid.uuid4().hex)
+        return await self.executor.run(plan, bound, scope)
+
+    def compile(self, manifest: Mapping[str, Any]) -> ExecutionPlan:
+        """Validate and compile a manifest object outside the plan cache (the repository keeps
+        its named pipelines' plans itself)."""
+        plan = compile_manifest(manifest, self.registry, self.selector)
+        _log_plan(plan)
+        return plan
 
     def healthy(self) -> bool:
         return not self._closed and all(r.healthy() for r in self.runtimes.values())

@@ -26,6 +26,7 @@ from tensorline.server._settings import Settings
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.manifest import ManifestLimits
 from tensorline.server.nodes import NodeRegistry
+from tensorline.server.repository import PipelineRepository
 from tensorline.server.runtime import InProcessRuntime, Runtime, SandboxRuntime
 from tensorline.server.selector import INPROCESS, SANDBOX, Selector
 from tensorline.server.service._admission import Admission
@@ -152,8 +153,10 @@ class TensorlineServer:
 
     def __init__(self, settings: Settings, engine: PipelineEngine, server: grpc.aio.Server,
                  health_servicer: HealthServicer, port: int, telemetry: Telemetry,
-                 service: PipelineService) -> None:
+                 service: PipelineService, repository: PipelineRepository | None = None) -> None:
         self.service = service
+        # The named pipelines (``pipelines_dir``), when this server serves any.
+        self.repository = repository
         self.settings = settings
         self.engine = engine
         self.grpc = server
@@ -178,6 +181,9 @@ class TensorlineServer:
         # The untrusted modules' catalogues come from sandboxed workers, so only now, and
         # before any request can be served.
         await self.engine.load_untrusted(self.settings.untrusted_modules)
+        if self.repository is not None:
+            # After the node modules: the manifests name their node types.
+            await self.repository.start()
         await self.grpc.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.telemetry.serve_http(self.settings.metrics_host,
@@ -274,6 +280,8 @@ class TensorlineServer:
             log.warning("drain: grace of %.1f s over with work in flight; cancelling it", grace)
         self.health.end_watches()
         await self.grpc.stop(max(0.0, deadline - loop.time()))
+        if self.repository is not None:
+            await self.repository.close()
         await self.engine.shutdown()
         self.telemetry.close()
         log.info("tensorline stopped")
@@ -296,7 +304,9 @@ async def create_server(
     engine.executor.observer = telemetry.observe_node
     interceptors = [BearerTokenInterceptor(settings.auth_tokens)] if settings.auth_tokens else []
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
-    service = PipelineService(engine, settings, admission, telemetry)
+    repository = (PipelineRepository(engine, settings.pipelines_dir)
+                  if settings.pipelines_dir is not None else None)
+    service = PipelineService(engine, settings, admission, telemetry, repository)
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -315,7 +325,7 @@ async def create_server(
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return TensorlineServer(settings, engine, server, health_servicer, port, telemetry,
-                            service), port
+                            service, repository), port
 
 
 _BIND_REASONS = {

@@ -20,6 +20,7 @@ from tensorline.server._logging import request_id_var
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
 from tensorline.server.executor import PipelineEngine
+from tensorline.server.repository import PipelineRepository
 from tensorline.server.runtime import ExecutionScope
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._status import translate_errors
@@ -52,8 +53,10 @@ def scope_for(context: Context, execution_id: str) -> ExecutionScope:
 
 class PipelineService:
     def __init__(self, engine: PipelineEngine, settings: Settings, admission: Admission,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None,
+                 repository: PipelineRepository | None = None) -> None:
         self.engine = engine
+        self.repository = repository
         self.settings = settings
         self.telemetry = telemetry
         self.admission = admission

@@ -25,6 +25,7 @@ from tensorline.server._errors import (
     LimitExceeded,
     NodeFailed,
     PermissionDenied,
+    PipelineNotFound,
     RequestInvalid,
     RuntimeUnavailable,
     SandboxFailure,
@@ -51,6 +52,7 @@ _CODES: list[tuple[type[TensorlineServerError], grpc.StatusCode]] = [
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ServiceUnavailable, grpc.StatusCode.UNAVAILABLE),
     (SessionCancelled, grpc.StatusCode.CANCELLED),
+    (PipelineNotFound, grpc.StatusCode.NOT_FOUND),
 ]
 
 

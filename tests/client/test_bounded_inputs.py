@@ -9,8 +9,8 @@ import pytest
 
 from tensorline.client import AsyncClient, DeadlineExceededError
 from tensorline.client._client import ClientConfig, manifest_json
-from tensorline.client._yaml import MAX_NODES, expanded_size, safe_load
 from tensorline.wire._json import JsonRejected, json_depth, loads
+from tensorline.wire._yaml import MAX_NODES, expanded_size, safe_load
 
 
 def laughs(levels: int) -> str:

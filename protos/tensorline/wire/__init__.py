@@ -53,6 +53,8 @@ from tensorline.wire._unary import (
     encode_execution_metrics,
 )
 from tensorline.wire._values import Audio, Json, Tagged, kind_of
+from tensorline.wire._yaml import safe_load as load_yaml
+from tensorline.wire._yaml import syntax_error as yaml_syntax_error
 
 __all__ = [
     "BAD_CONTENT",
@@ -93,8 +95,10 @@ __all__ = [
     "join",
     "json_depth",
     "kind_of",
+    "load_yaml",
     "loads",
     "numpy_dtype",
     "scan_top_level",
     "wire_dtype",
+    "yaml_syntax_error",
 ]

@@ -1,4 +1,5 @@
-"""YAML manifests parsed within bounds.
+"""YAML manifests parsed within bounds (the client reads manifest files, the server its pipeline
+repository).
 
 YAML aliases let a few hundred bytes stand for billions of values ("billion laughs": nine levels
 of ten aliases each); PyYAML builds them as shared objects in no time, and everything that walks
