@@ -408,6 +408,7 @@ class _Node:
     def __init__(self, node_id: str, wall_ms: float, fallback: str) -> None:
         self.node_id, self.node_type, self.runtime = node_id, "T", "inprocess"
         self.reason, self.wall_ms, self.fallback = "default", wall_ms, fallback
+        self.inputs_consumed = self.outputs_produced = 0
 
 
 @PROFILE

@@ -212,6 +212,17 @@ class NodeFigures(Protocol):
     reason: str
     wall_ms: float
     fallback: str
+    inputs_consumed: int
+    outputs_produced: int
+
+
+def node_metrics(node: NodeFigures) -> pb.NodeMetrics:
+    """The ``NodeMetrics`` entry of one node: the one mapping from a node's figures to the
+    message (unary responses frame it by hand from it, streams send it as is)."""
+    return pb.NodeMetrics(node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
+                          selection_reason=node.reason, wall_ms=node.wall_ms,
+                          fallback=node.fallback, inputs_consumed=node.inputs_consumed,
+                          outputs_produced=node.outputs_produced)
 
 
 _DOUBLE = struct.Struct("<d")
@@ -226,8 +237,10 @@ def _node_prefix(node: NodeFigures) -> bytes:
     if prefix is None:
         if len(_NODE_PREFIXES) >= 4096:  # bounded: names come from manifests
             _NODE_PREFIXES.clear()
-        head = pb.NodeMetrics(node_id=node.node_id, node_type=node.node_type,
-                              runtime=node.runtime, selection_reason=node.reason)
+        head = node_metrics(node)
+        # The identifying part only: wall_ms follows by hand, and the rest is at its default
+        # (not serialized) whenever the prefix is used.
+        head.ClearField("wall_ms")
         body = head.SerializeToString()
         # wall_ms: 64-bit (its tag, then 8 bytes).
         prefix = _NODE_PREFIXES[key] = b"".join(
@@ -243,11 +256,8 @@ def encode_execution_metrics(total_ms: float, nodes: Iterable[NodeFigures],
     and the doubles are appended by hand (field order does not matter to protobuf parsers)."""
     pieces: Pieces = [_T_METRICS_TOTAL_MS, _DOUBLE.pack(total_ms)]
     for node in nodes:
-        if node.fallback:  # rare: framed in full
-            pieces += _len_field(_F_METRICS_NODES, [pb.NodeMetrics(
-                node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
-                selection_reason=node.reason, wall_ms=node.wall_ms,
-                fallback=node.fallback).SerializeToString()])
+        if node.fallback or node.inputs_consumed or node.outputs_produced:  # rare: in full
+            pieces += _len_field(_F_METRICS_NODES, [node_metrics(node).SerializeToString()])
         else:
             pieces += (_node_prefix(node), _DOUBLE.pack(node.wall_ms))
     if plan_cached:
