@@ -391,7 +391,8 @@ def test_fast_encoders_match_the_generated_serializer(array: np.ndarray, node: s
         else array
     expected_tensor = pb.Tensor(dtype=wire_dtype(array.dtype), shape=list(array.shape),
                                 data=np.ascontiguousarray(little).tobytes()).SerializeToString()
-    assert join(_codec._encode_tensor(array)) == expected_tensor
+    tensor, size = _codec._encode_tensor(array)
+    assert join(tensor) == expected_tensor and size == len(expected_tensor)
     expected = pb.ExecuteResponse(outputs=[pb.PortValue(
         node_id=node, port=port, value=pb.Value(tensor=pb.Tensor.FromString(expected_tensor)))]
     ).SerializeToString()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,24 +349,39 @@ def as_wire_array(array: npt.ArrayLike) -> npt.NDArray[Any]:
     return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
-def _encode_tensor(array: npt.ArrayLike) -> Pieces:
-    # Framed by hand (dtype, packed shape, data): building a
-    # pb.Tensor for the header costs more than the rest of a small chunk's encoding.
+# Sizes of the tensor's tags (the dtype's with its one-byte enum), for the encoded length.
+_DTYPE_HEAD = len(_T_TENSOR_DTYPE) + 1
+_SHAPE_TAG = len(_T_TENSOR_SHAPE)
+_DATA_TAG = len(_T_TENSOR_DATA)
+
+
+def _encode_tensor(array: npt.ArrayLike) -> tuple[Pieces, int]:
+    """The one tensor encoder: a ``Tensor`` body as pieces (the data a memoryview of the
+    array, not copied) and its length in bytes (what the framing around it needs). Framed by
+    hand (dtype, packed shape, data): building a pb.Tensor for the header costs more than the
+    rest of a small chunk's encoding. Fields at their default are omitted, as protobuf does."""
     arr = array if type(array) is np.ndarray and array.flags.c_contiguous else None
     wire = _DTYPE_TO_WIRE.get(arr.dtype) if arr is not None else None  # type: ignore[union-attr]
     if arr is None or wire is None:
         arr = as_wire_array(array)
         wire = wire_dtype(arr.dtype)
-    pieces: Pieces = [_T_TENSOR_DTYPE, _SMALL_VARINTS[wire]]
     shape = arr.shape
-    if shape:
-        dims = b"".join([_varint_bytes(d) for d in shape])
-        pieces += [_T_TENSOR_SHAPE, _varint_bytes(len(dims)), dims]
-    if arr.nbytes:
+    if not shape:
+        pieces: Pieces = [_T_TENSOR_DTYPE, _SMALL_VARINTS[wire]]
+        size = _DTYPE_HEAD
+    else:
+        dims = _varint_bytes(shape[0]) if len(shape) == 1 else b"".join(
+            [_varint_bytes(d) for d in shape])
+        dims_len = _varint_bytes(len(dims))
+        pieces = [_T_TENSOR_DTYPE, _SMALL_VARINTS[wire], _T_TENSOR_SHAPE, dims_len, dims]
+        size = _DTYPE_HEAD + _SHAPE_TAG + len(dims_len) + len(dims)
+    nbytes = arr.nbytes
+    if nbytes:
         flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
-        data = memoryview(flat).cast("B")
-        pieces += [_T_TENSOR_DATA, _varint_bytes(len(data)), data]
-    return pieces
+        data_len = _varint_bytes(nbytes)
+        pieces += [_T_TENSOR_DATA, data_len, memoryview(flat).cast("B")]
+        size += _DATA_TAG + len(data_len) + nbytes
+    return pieces, size
 
 
 # A tag byte at or above this starts a multi-byte tag (or a non-minimal one).
@@ -441,7 +456,7 @@ def _decode_tensor(
     return _tensor(buf, dtype_wire, shape, data_start, data_end, path, limits, out)
 
 
-def _tensor(buf: bytes, dtype_wire: int, shape: list[int], data_start: int, data_end: int,
+def _tensor(buf: bytes, dtype_wire: int, shape: Sequence[int], data_start: int, data_end: int,
             path: str, limits: Limits, out: list[Violation]) -> npt.NDArray[Any] | None:
     """A tensor's fields (the dtype enum and dimensions as read, signed or not) and its data at
     buf[data_start:data_end] -> the array over ``buf``, or None with the problem in ``out``.
@@ -456,13 +471,12 @@ def _tensor(buf: bytes, dtype_wire: int, shape: list[int], data_start: int, data
             return None
     if len(shape) == 1:  # the commonest shape, in fewer steps
         count = shape[0]
-        if count >= _INT64_SIGN:
-            shape = [_to_int64(count)]
+        negative = count < 0 or count >= _INT64_SIGN
     else:
-        if any(d >= _INT64_SIGN for d in shape):
-            shape = [_to_int64(d) for d in shape]
         count = math.prod(shape)
-    if count < 0 or any(d < 0 for d in shape):
+        negative = any(d < 0 or d >= _INT64_SIGN for d in shape)
+    if negative:  # as read (signed, from the generated parser) or as scanned (unsigned)
+        shape = [_to_int64(d) for d in shape]
         out.append(Violation(f"{path}.shape", f"negative dimension in shape {shape}"))
         return None
     expected = count * dtype.itemsize
@@ -487,7 +501,8 @@ def _tensor(buf: bytes, dtype_wire: int, shape: list[int], data_start: int, data
         )
         return None
     try:
-        array = np.frombuffer(buf, dtype=dtype, count=count, offset=data_start)
+        # Positional: numpy parses keyword arguments here at several times the cost.
+        array = np.frombuffer(buf, dtype, count, data_start)
         return array if len(shape) == 1 else array.reshape(shape)
     except ValueError as exc:  # more dimensions than numpy supports, or an absurd zero-size shape
         out.append(Violation(f"{path}.shape", f"unsupported shape {shape}: {exc}"))
@@ -505,12 +520,13 @@ def encode_value(value: Any) -> Pieces:
         value = value.value
     pieces: Pieces
     if isinstance(value, np.ndarray | np.generic):
-        pieces = _len_field(_F_VALUE_TENSOR, _encode_tensor(value))
+        tensor, size = _encode_tensor(value)
+        pieces = [_T_VALUE_TENSOR, _varint_bytes(size), *tensor]
     elif isinstance(value, Audio):
         rate = int(value.sample_rate)
         if not 0 < rate < 2**31:  # an int32 on the wire, and never zero or negative
             raise ValueError(f"audio sample_rate must be in 1..{2**31 - 1}, got {rate}")
-        audio = [*_len_field(_F_AUDIO_SAMPLES, _encode_tensor(value.samples)),
+        audio = [*_len_field(_F_AUDIO_SAMPLES, _encode_tensor(value.samples)[0]),
                  _T_AUDIO_SAMPLE_RATE, _varint_bytes(rate)]
         pieces = _len_field(_F_VALUE_AUDIO, audio)
     elif isinstance(value, str):
