@@ -33,6 +33,7 @@ from tensorline.server._settings import Settings
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.manifest import compile_manifest
 from tensorline.server.nodes import NodeEntry, NodeModuleError, NodeRegistry, NodeTraits, Port
+from tensorline.server.runtime import NODE_THREAD_PREFIX
 from tensorline.server.selector import Selector
 from tensorline.server.service import TensorlineServer, catalogue, create_server, serve
 from tensorline.v1 import tensorline_pb2 as pb
@@ -40,8 +41,6 @@ from tensorline.wire import Violation
 
 T = TypeVar("T")
 
-# The in-process runtime's pool threads (server/runtime/_inprocess.py names them).
-_NODE_THREAD_PREFIX = "tensorline-node"
 
 
 class SetupError(Exception):
@@ -156,7 +155,7 @@ def _module_not_found(exc: ModuleNotFoundError, modules: Sequence[str]) -> str:
 def _exit_past_stuck_node_threads() -> None:
     """A sync node that ignores cancellation keeps its pool thread alive, and the interpreter
     joins pool threads at exit: after the drain, leave without waiting for such threads."""
-    stuck = [t for t in threading.enumerate() if t.name.startswith(_NODE_THREAD_PREFIX)]
+    stuck = [t for t in threading.enumerate() if t.name.startswith(NODE_THREAD_PREFIX)]
     for thread in stuck:
         thread.join(timeout=0.2)
     if any(t.is_alive() for t in stuck):
