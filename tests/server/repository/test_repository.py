@@ -20,7 +20,8 @@ from tests.nodes import basic
 
 
 def scale(factor: float, name: str = "scaler") -> str:
-    return f"metadata: {{name: {name}}}\nnodes:\n  - {{id: s, node_type: Scale, params: {{factor: {factor}}}}}\n"
+    return (f"metadata: {{name: {name}}}\n"
+            f"nodes:\n  - {{id: s, node_type: Scale, params: {{factor: {factor}}}}}\n")
 
 
 @pytest.fixture
