@@ -11,6 +11,7 @@ the repository's ``lease``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tensorline.server._errors import RequestInvalid
 from tensorline.server.repository import PipelinePort, PipelineRepository, PipelineState
@@ -21,15 +22,14 @@ NO_REPOSITORY = ("this server has no pipeline repository: start it with --pipeli
                  "(TENSORLINE_PIPELINES_DIR) to serve named pipelines")
 
 
+@dataclass(frozen=True, slots=True)
 class Named:
-    """A request's named pipeline: the repository holding it, its name and version."""
+    """A request's named pipeline: the repository holding it, its name and version (None =
+    the newest ready one)."""
 
-    __slots__ = ("name", "repository", "version")
-
-    def __init__(self, repository: PipelineRepository, name: str, version: int | None) -> None:
-        self.repository = repository
-        self.name = name
-        self.version = version
+    repository: PipelineRepository
+    name: str
+    version: int | None
 
 
 def named_version(manifest_json: str, pipeline: str, version: int,

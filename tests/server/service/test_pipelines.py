@@ -259,3 +259,22 @@ async def test_sandboxed_nodes_are_created_in_a_worker_before_the_pipeline_is_re
         # The instance the warm-up created serves the first call.
         counts = result["c"].value
         assert (counts["inits"], counts["calls"]) == (1, 1)
+
+
+def watchers() -> list[asyncio.Task[Any]]:
+    return [task for task in asyncio.all_tasks()
+            if "DirectoryWatcher" in getattr(task.get_coro(), "__qualname__", "")]
+
+
+async def test_the_watcher_stops_with_the_server_and_can_be_turned_off(
+        server_factory: Callable[..., Any], tmp_path: Path) -> None:
+    (tmp_path / "scale.yaml").write_text(scale(2))
+    server = await server_factory(pipelines_dir=tmp_path)
+    assert len(watchers()) == 1
+    await server.stop(grace=0.5)
+    await server.stop(grace=0.5)  # idempotent
+    assert watchers() == []
+    unwatched = await server_factory(pipelines_dir=tmp_path, pipelines_watch=False)
+    assert watchers() == []
+    async with AsyncClient(f"127.0.0.1:{unwatched.port}") as client:
+        assert list((await pipelines(client))["scaler"].status.versions) == [1]
