@@ -107,7 +107,8 @@ def _why(exc: BaseException) -> str:
 
 
 class PipelineRepository:
-    """Named pipelines compiled from the manifests in ``directory`` (not recursive).
+    """Named pipelines compiled from the manifests in ``directory`` (not recursive; OSError
+    if it is not a directory).
 
     ``on_change`` is awaited after every change of what ``states`` reports (the server keeps
     the per-pipeline health in step with it)."""
@@ -115,6 +116,11 @@ class PipelineRepository:
     def __init__(self, engine: PipelineEngine, directory: Path, *,
                  warm_timeout_s: float = WARM_TIMEOUT_S,
                  on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+        if not directory.is_dir():
+            # Raised while the server is assembled, before anything starts: a typo in
+            # ``--pipelines`` stops ``serve`` with one line naming the path.
+            raise OSError(f"the pipeline directory {directory} does not exist or is not a "
+                          "directory (--pipelines, TENSORLINE_PIPELINES_DIR)")
         self.engine = engine
         self.directory = directory
         self.warm_timeout_s = warm_timeout_s

@@ -69,3 +69,12 @@ def test_pipelines_against_a_server_without_a_repository(tmp_path: Path) -> None
     assert result.returncode == 1
     no_traceback(result)
     assert "no pipeline repository" in " ".join(error_lines(result))
+
+
+def test_serve_refuses_a_missing_pipeline_directory(tmp_path: Path) -> None:
+    result = tensorline("serve", "--port", "0", "--pipelines", "missing", cwd=tmp_path)
+    assert result.returncode == 1
+    no_traceback(result)
+    assert error_lines(result)[-1] == (
+        "error: the pipeline directory missing does not exist or is not a directory "
+        "(--pipelines, TENSORLINE_PIPELINES_DIR)")

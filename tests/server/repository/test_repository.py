@@ -202,3 +202,8 @@ async def test_load_and_unload(tmp_path: Path, engine: PipelineEngine) -> None:
     with pytest.raises(PipelineNotFound, match="no pipeline named 'scaler'"):
         await repository.unload("scaler")
     await repository.close()
+
+
+async def test_a_missing_directory_is_refused(tmp_path: Path, engine: PipelineEngine) -> None:
+    with pytest.raises(OSError, match="does not exist or is not a directory"):
+        PipelineRepository(engine, tmp_path / "nope")
