@@ -317,6 +317,19 @@ def _exit_past_stuck_node_threads() -> None:
 _FILE_LIKE = re.compile(r"[/\\]|\.(ya?ml|json)$", re.IGNORECASE)
 
 
+def manifest_or_name(argument: str, pipeline_version: int | None) -> dict[str, Any] | None:
+    """The manifest in file ``argument``, or None when ``argument`` names a pipeline of the
+    server (no such file, and it does not look like a file name). ValueError otherwise."""
+    path = Path(argument)
+    if path.is_file():
+        if pipeline_version is not None:
+            raise ValueError("--pipeline-version goes with a pipeline NAME, not a manifest file")
+        return load_manifest(path)
+    if _FILE_LIKE.search(argument):
+        raise ValueError(f"{argument}: no such file")
+    return None
+
+
 @app.command()
 def run(
     manifest: Annotated[str, typer.Argument(
@@ -341,18 +354,13 @@ def run(
 ) -> None:
     """Run a manifest (or a named pipeline of the server) once and print (or save) every
     output."""
-    path = Path(manifest)
-    named = not path.is_file()
-    if named and _FILE_LIKE.search(manifest):
-        raise _fail(f"{manifest}: no such file")
-    if not named and pipeline_version is not None:
-        raise _fail("--pipeline-version goes with a pipeline NAME, not a manifest file")
     try:
         inputs = {key: read_input(p) for key, p in map(parse_assignment, input or [])}
-        data = None if named else load_manifest(path)
+        data = manifest_or_name(manifest, pipeline_version)
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    what = f"pipeline {manifest}" if named else path.name
+    named = data is None
+    what = f"pipeline {manifest}" if named else Path(manifest).name
     try:
         with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client, \
                 _spinner(f"running {what} on {server}"):

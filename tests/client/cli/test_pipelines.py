@@ -63,6 +63,16 @@ def test_run_name_runs_the_named_pipeline(repository: ServerProcess, tmp_path: P
     assert error_lines(result) == ["error: missing.yaml: no such file"]
 
 
+def test_stream_name_streams_through_the_named_pipeline(repository: ServerProcess,
+                                                        tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.arange(6.0).reshape(3, 2))
+    result = tensorline("stream", "scaler", "-s", repository.target, "-i", "s=x.npy",
+                        "--pipeline-version", "1", "-o", "out.npz", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "out.npz") as saved:
+        np.testing.assert_array_equal(saved["s"], np.arange(6.0).reshape(3, 2) * 2)
+
+
 def test_pipelines_against_a_server_without_a_repository(tmp_path: Path) -> None:
     with ServerProcess.start(env={"TENSORLINE_SANDBOX": "false"}) as server:
         result = tensorline("pipelines", "-s", server.target, cwd=tmp_path)
