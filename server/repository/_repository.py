@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tensorline.server._errors import PipelineNotFound, RequestInvalid, clip
+from tensorline.server._errors import DeadlineExceeded, PipelineNotFound, RequestInvalid, clip
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.repository._model import LoadedPipeline, PipelineState, State
 from tensorline.server.repository._signature import signature
@@ -266,7 +266,8 @@ class PipelineRepository:
         """Re-read the file that defines ``name``, compile and warm it: it becomes the newest
         version. PipelineNotFound if no file defines it; RequestInvalid if it fails validation
         (or its name is defined by several files); a warm-up failure is raised as the first call
-        would have got it. The version before keeps serving whenever the new one fails."""
+        would have got it (DeadlineExceeded past ``warm_timeout_s``). The version before keeps
+        serving whenever the new one fails."""
         async with self._lock:
             files = self._scan().get(name)
             if not files:
@@ -340,9 +341,8 @@ class PipelineRepository:
             async with asyncio.timeout(self.warm_timeout_s):
                 await self.engine.warm_plan(plan)
         except TimeoutError:
-            return self._failed(name, entry, number, read,
-                                TimeoutError(f"warm-up not finished within "
-                                             f"{self.warm_timeout_s:g} s"))
+            return self._failed(name, entry, number, read, DeadlineExceeded(
+                f"warm-up not finished within {self.warm_timeout_s:g} s (warmup_timeout_s)"))
         except Exception as exc:
             return self._failed(name, entry, number, read, exc)
         finally:

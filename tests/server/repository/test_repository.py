@@ -207,3 +207,20 @@ async def test_load_and_unload(tmp_path: Path, engine: PipelineEngine) -> None:
 async def test_a_missing_directory_is_refused(tmp_path: Path, engine: PipelineEngine) -> None:
     with pytest.raises(OSError, match="does not exist or is not a directory"):
         PipelineRepository(engine, tmp_path / "nope")
+
+
+async def test_a_warm_up_past_its_timeout_is_a_failed_version(tmp_path: Path,
+                                                               engine: PipelineEngine) -> None:
+    from tensorline.server import DeadlineExceeded
+
+    # SlowInitWarm's initialize waits for an event nobody sets.
+    (tmp_path / "stuck.yaml").write_text(
+        "nodes:\n  - {id: s, node_type: SlowInitWarm, params: {name: repo-stuck}}\n")
+    repository = PipelineRepository(engine, tmp_path, warm_timeout_s=0.2)
+    await repository.start()
+    [state] = repository.states()
+    assert state.state == "UNAVAILABLE"
+    assert "warm-up not finished within 0.2 s" in state.reason
+    with pytest.raises(DeadlineExceeded, match="warm-up not finished"):
+        await repository.load("stuck")
+    await repository.close()
