@@ -2,8 +2,10 @@
 
 ``create_server`` binds (port 0 = ephemeral) and returns ``(server, port)`` so tests run a real
 server in-process. ``start`` imports the preload modules (a failure stops it), starts the
-runtimes, then serves with health NOT_SERVING until the start-up warm-up (``_warmup``) is done.
-``stop`` is idempotent: health goes NOT_SERVING first so balancers stop
+runtimes, loads the named pipelines (``pipelines_dir``) and starts watching their directory,
+then serves with health NOT_SERVING until the start-up warm-up (``_warmup``) is done; each named
+pipeline has a health service of its own (``PIPELINE_HEALTH_PREFIX`` + name).
+``stop`` is idempotent: the pipeline watcher stops, health goes NOT_SERVING so balancers stop
 sending, in-flight calls get the grace period, then the runtimes shut down.
 """
 
