@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tensorline.client import AsyncClient, NotFoundError, ServerError, TensorlineError
+from tensorline.client import AsyncClient, Client, NotFoundError, ServerError, TensorlineError
 from tensorline.server import PIPELINE_HEALTH_PREFIX, TensorlineServer
 from tensorline.v1 import SERVICE_NAME
 from tensorline.v1 import tensorline_pb2 as pb
@@ -95,7 +95,7 @@ async def test_startup_reports_a_broken_manifest_while_the_others_serve(
 async def test_streams_by_name_and_version(server_factory: Callable[..., Any],
                                            tmp_path: Path) -> None:
     (tmp_path / "scale.yaml").write_text(scale(3))
-    _, client = await start(server_factory, tmp_path)
+    server, client = await start(server_factory, tmp_path)
     async with client:
         for version in (None, 1):
             async with client.stream(pipeline="scaler", version=version) as stream:
@@ -107,6 +107,19 @@ async def test_streams_by_name_and_version(server_factory: Callable[..., Any],
         with pytest.raises(NotFoundError, match="no version 4"):
             async with client.stream(pipeline="scaler", version=4):
                 pass
+
+
+    def blocking() -> tuple[list[float], list[pb.PipelineInfo]]:
+        with Client(f"127.0.0.1:{server.port}") as blocking_client:
+            with blocking_client.stream(pipeline="scaler", version=1) as stream:
+                stream.send("s", np.ones(1))
+                stream.close()
+                values = [float(o.value[0]) for o in stream]
+            return values, blocking_client.list_pipelines()
+
+    values, listed = await asyncio.to_thread(blocking)
+    assert values == [3.0]
+    assert [info.status.name for info in listed] == ["scaler"]
 
 
 async def test_both_or_neither_is_invalid_and_names_the_field(
