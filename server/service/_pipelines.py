@@ -45,8 +45,9 @@ def named_version(manifest_json: str, pipeline: str, version: int,
     elif not pipeline and version:
         problem = Violation(f"{prefix}pipeline_version", "is set, but pipeline (the name) is not")
     elif not pipeline and not manifest_json:
-        problem = Violation(f"{prefix}manifest_json", "give a manifest (manifest_json) or the "
-                                                      "name of a pipeline (pipeline)")
+        problem = Violation(f"{prefix}manifest_json", "empty manifest: give a manifest "
+                                                      "(manifest_json) or the name of a pipeline "
+                                                      "(pipeline)")
     elif pipeline and version < 0:
         problem = Violation(f"{prefix}pipeline_version", f"must be >= 0 (0 = the newest "
                                                          f"version), got {version}")
