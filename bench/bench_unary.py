@@ -1,16 +1,23 @@
-"""ExecutePipeline (one-node PassThrough) versus a bare grpc.aio echo of the same bytes.
+"""ExecutePipeline (one node: PassThrough, Scale, ...) versus a bare grpc.aio echo of the same
+bytes.
 
-Both servers run in their own processes; this process is the load generator. Rounds alternate
-(echo, tensorline, echo, tensorline, ...) so drift on a noisy machine hits both alike; the
-report gives medians over all calls and the ratios tensorline / echo.
+The servers run in their own processes; this process is the load generator. Rounds alternate
+(echo, tensorline[, tensorline "before"], echo, ...) so drift on a noisy machine hits all alike;
+the report gives medians over all calls and the ratios tensorline / echo.
 
-    python bench/bench_unary.py                # full run
-    python bench/bench_unary.py --quick        # fewer calls
-    python bench/bench_unary.py --runtime sandbox   # PassThrough in a sandboxed worker
-    python bench/bench_unary.py --loop asyncio      # tensorline on the standard asyncio loop
+    python bench/bench_unary.py                     # PassThrough in-process, full run
+    python bench/bench_unary.py --node Scale        # a sync node (numpy), in-process
+    python bench/bench_unary.py --runtime sandbox   # the node in a sandboxed worker
+    python bench/bench_unary.py --quick             # fewer calls
+    python bench/bench_unary.py --loop asyncio      # both servers on the standard asyncio loop
+    python bench/bench_unary.py --node Scale --before TENSORLINE_INLINE_SYNC_MAX_MS=0
+        # also a second tensorline server with that setting, in the same rounds (before/after)
 
-Both clients encode the same ExecuteRequest per call with the tensorline codec and parse the
-reply (zero-copy) so client-side work is identical; only the server differs.
+The echo runs on the same event loop as tensorline (``--loop``, resolved as ``tensorline
+serve`` resolves it) unless ``--echo-loop asyncio`` pins it to the standard loop. Both clients
+encode the same ExecuteRequest per call with the tensorline codec and parse the reply
+(zero-copy) so client-side work is identical; only the server differs. Every server runs the
+product's defaults (apart from the message limits the large payloads need).
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ from tensorline.wire import (
     encode_execute_request,
 )
 
+# On the loop the environment names (TENSORLINE_EVENT_LOOP), resolved like `tensorline serve`.
 ECHO_SERVER = """
-import asyncio, sys, grpc
+import asyncio, os, sys, grpc
+from tensorline.server._eventloop import run
 LIMIT = 512 * 1024 * 1024
 async def main():
     server = grpc.aio.server(options=[("grpc.max_send_message_length", LIMIT),
@@ -51,7 +60,7 @@ async def main():
     await server.start()
     print(port, flush=True)
     await server.wait_for_termination()
-asyncio.run(main())
+run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
 """
 
 # The same event loop `tensorline serve` runs on (Settings.event_loop, chosen by --loop).
@@ -79,6 +88,27 @@ def start(code: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pope
     return proc, int(line)
 
 
+# Node types the benchmark can run: params, and what the output must be for an input x.
+NODES: dict[str, tuple[dict[str, Any], Any]] = {
+    "PassThrough": ({}, lambda x: x),
+    "Scale": ({"factor": 2.0}, lambda x: x * np.float32(2.0)),
+    "Add": ({}, lambda x: x),
+    "Cast": ({"dtype": "float32"}, lambda x: x),
+    "Reshape": ({"shape": [-1]}, lambda x: x),
+    "Normalize": ({"mean": 0.0, "std": 1.0}, lambda x: x),
+}
+
+
+def environment(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("TENSORLINE_"):
+            raise SystemExit(f"--before wants TENSORLINE_NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -99,85 +129,117 @@ def cpu_seconds(pid: int) -> float:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     scale = 0.3 if args.quick else 1.0
+    loop = resolve(args.loop)
+    echo_loop = loop if args.echo_loop == "same" else resolve(args.echo_loop)
+    before = environment(args.before)
 
-    echo_proc, echo_port = start(ECHO_SERVER)
-    tl_proc, tl_port = start(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": args.loop})
-    manifest = json.dumps({"nodes": [{"id": "p", "node_type": "PassThrough",
-                                      "runtime_hint": args.runtime}]})
-    results: dict[str, Any] = {"runtime": args.runtime, "loop": resolve(args.loop),
-                               "latency": {}, "throughput": {}}
+    procs: dict[str, tuple[subprocess.Popen[str], int]] = {}
     try:
-        echo_ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
-        tl_ch = grpc.aio.insecure_channel(f"127.0.0.1:{tl_port}", options=OPTIONS)
-        echo_rpc = echo_ch.unary_unary("/bench.Echo/Echo", request_serializer=None,
-                                       response_deserializer=decode_execute_request)
-        tl_rpc = tl_ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
-                                   request_serializer=None,
-                                   response_deserializer=decode_execute_response)
-
-        def calls(array: np.ndarray[Any, Any]) -> tuple[Call, Call]:
-            items = [PortItem("p", "", array)]
-
-            async def echo() -> Any:
-                return await echo_rpc(encode_execute_request(manifest, items))
-
-            async def tensorline() -> Any:
-                return await tl_rpc(encode_execute_request(manifest, items))
-
-            return echo, tensorline
-
-        # Check the pipeline works and is bit-exact before measuring.
-        probe = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
-        reply = await calls(probe)[1]()
-        assert np.array_equal(reply.outputs[0].value, probe), "PassThrough is not bit-exact"
-
-        sizes = [("1 KiB", 1024, 400), ("1 MiB", MiB, 60), ("64 MiB", 64 * MiB, 4)]
-        print(f"runtime={args.runtime}  loop={resolve(args.loop)}  rounds={args.rounds}  "
-              "(p50/p99 in ms; ratio = tensorline / echo)")
-        print(f"{'payload':>8} {'echo p50':>9} {'tl p50':>9} {'ratio':>6} "
-              f"{'echo p99':>9} {'tl p99':>9} {'ratio':>6}")
-        for label, nbytes, count in sizes:
-            array = np.ones(nbytes // 4, dtype=np.float32)
-            echo, tensorline = calls(array)
-            await echo()
-            await tensorline()
-            samples: dict[str, list[float]] = {"echo": [], "tl": []}
-            n = max(2, int(count * scale))
-            for _ in range(args.rounds):
-                samples["echo"] += await latencies(echo, n)
-                samples["tl"] += await latencies(tensorline, n)
-            e50, t50 = statistics.median(samples["echo"]), statistics.median(samples["tl"])
-            e99, t99 = percentile(samples["echo"], 0.99), percentile(samples["tl"], 0.99)
-            results["latency"][label] = {"echo_p50_ms": e50 * 1e3, "tl_p50_ms": t50 * 1e3,
-                                         "p50_ratio": t50 / e50, "echo_p99_ms": e99 * 1e3,
-                                         "tl_p99_ms": t99 * 1e3, "p99_ratio": t99 / e99}
-            print(f"{label:>8} {e50 * 1e3:9.3f} {t50 * 1e3:9.3f} {t50 / e50:6.2f} "
-                  f"{e99 * 1e3:9.3f} {t99 * 1e3:9.3f} {t99 / e99:6.2f}")
-
-        echo, tensorline = calls(np.ones(256, dtype=np.float32))
-        total = int(3000 * scale)
-        rates: dict[str, list[float]] = {"echo": [], "tl": []}
-        cpu: dict[str, list[float]] = {"echo": [], "tl": []}
-        for _ in range(args.rounds):
-            for key, call, proc in (("echo", echo, echo_proc), ("tl", tensorline, tl_proc)):
-                before = cpu_seconds(proc.pid)
-                rates[key].append((await throughput(call, total, 32))[0])
-                cpu[key].append((cpu_seconds(proc.pid) - before) / total * 1e6)
-        er, tr = statistics.median(rates["echo"]), statistics.median(rates["tl"])
-        ec, tc = statistics.median(cpu["echo"]), statistics.median(cpu["tl"])
-        results["throughput"] = {"echo_calls_s": er, "tl_calls_s": tr, "ratio": tr / er,
-                                 "echo_server_cpu_us_per_call": ec,
-                                 "tl_server_cpu_us_per_call": tc}
-        print(f"1 KiB at concurrency 32: echo {er:,.0f} calls/s, tensorline {tr:,.0f} calls/s, "
-              f"ratio {tr / er:.2f}")
-        print(f"server CPU per call: echo {ec:.0f} us, tensorline {tc:.0f} us "
-              f"(+{tc - ec:.0f} us)")
-        await echo_ch.close()
-        await tl_ch.close()
+        procs["echo"] = start(ECHO_SERVER, {"TENSORLINE_EVENT_LOOP": echo_loop})
+        procs["tl"] = start(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop})
+        if before:
+            procs["before"] = start(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop, **before})
+        return await measure(args, scale, procs, loop, echo_loop, before)
     finally:
-        for proc in (echo_proc, tl_proc):
+        for proc, _ in procs.values():
             proc.terminate()
             proc.wait(10)
+
+
+async def measure(args: argparse.Namespace, scale: float,
+                  procs: dict[str, tuple[subprocess.Popen[str], int]], loop: str,
+                  echo_loop: str, before: dict[str, str]) -> dict[str, Any]:
+    params, expected = NODES[args.node]
+    manifest = json.dumps({"nodes": [{"id": "p", "node_type": args.node, "params": params,
+                                      "runtime_hint": args.runtime}]})
+    keys = list(procs)  # echo, tl[, before]: the order of every round
+    results: dict[str, Any] = {"node": args.node, "runtime": args.runtime, "loop": loop,
+                               "echo_loop": echo_loop, "before": before,
+                               "latency": {}, "throughput": {}}
+    channels = {key: grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
+                for key, (_, port) in procs.items()}
+    rpcs = {key: (ch.unary_unary("/bench.Echo/Echo", request_serializer=None,
+                                 response_deserializer=decode_execute_request)
+                  if key == "echo" else
+                  ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
+                                 request_serializer=None,
+                                 response_deserializer=decode_execute_response))
+            for key, ch in channels.items()}
+
+    def calls(array: np.ndarray[Any, Any]) -> dict[str, Call]:
+        items = [PortItem("p", "", array)]
+
+        def one(rpc: Any) -> Call:
+            async def call() -> Any:
+                return await rpc(encode_execute_request(manifest, items))
+            return call
+
+        return {key: one(rpc) for key, rpc in rpcs.items()}
+
+    # Check the pipeline works and is bit-exact before measuring.
+    probe = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    for key in keys[1:]:
+        reply = await calls(probe)[key]()
+        assert np.array_equal(reply.outputs[0].value, expected(probe)), \
+            f"{args.node} gave a wrong result"
+
+    sizes = [("1 KiB", 1024, 400), ("1 MiB", MiB, 60), ("64 MiB", 64 * MiB, 4)]
+    print(f"node={args.node}  runtime={args.runtime}  loop={loop}  echo loop={echo_loop}  "
+          f"rounds={args.rounds}" + (f"  before: {before}" if before else "")
+          + "  (p50/p99 in ms; ratio = tensorline / echo)")
+    others = keys[1:]
+    print(f"{'payload':>8} {'echo p50':>9} " + " ".join(
+        f"{k + ' p50':>10} {'ratio':>6}" for k in others) + f" {'echo p99':>9} " + " ".join(
+        f"{k + ' p99':>10} {'ratio':>6}" for k in others))
+    for label, nbytes, count in sizes:
+        if nbytes > args.max_bytes:
+            continue
+        each = calls(np.ones(nbytes // 4, dtype=np.float32))
+        for key in keys:
+            await each[key]()
+        samples: dict[str, list[float]] = {key: [] for key in keys}
+        n = max(2, int(count * scale))
+        for _ in range(args.rounds):
+            for key in keys:
+                samples[key] += await latencies(each[key], n)
+        p50 = {k: statistics.median(v) for k, v in samples.items()}
+        p99 = {k: percentile(v, 0.99) for k, v in samples.items()}
+        row: dict[str, float] = {"echo_p50_ms": p50["echo"] * 1e3,
+                                 "echo_p99_ms": p99["echo"] * 1e3}
+        for k in others:
+            row[f"{k}_p50_ms"] = p50[k] * 1e3
+            row[f"{k}_p50_ratio"] = p50[k] / p50["echo"]
+            row[f"{k}_p99_ms"] = p99[k] * 1e3
+            row[f"{k}_p99_ratio"] = p99[k] / p99["echo"]
+        results["latency"][label] = row
+        print(f"{label:>8} {p50['echo'] * 1e3:9.3f} " + " ".join(
+            f"{p50[k] * 1e3:10.3f} {p50[k] / p50['echo']:6.2f}" for k in others)
+            + f" {p99['echo'] * 1e3:9.3f} " + " ".join(
+            f"{p99[k] * 1e3:10.3f} {p99[k] / p99['echo']:6.2f}" for k in others))
+
+    each = calls(np.ones(256, dtype=np.float32))
+    total = int(3000 * scale)
+    rates: dict[str, list[float]] = {key: [] for key in keys}
+    cpu: dict[str, list[float]] = {key: [] for key in keys}
+    for _ in range(args.rounds):
+        for key in keys:
+            pid = procs[key][0].pid
+            cpu_before = cpu_seconds(pid)
+            rates[key].append((await throughput(each[key], total, 32))[0])
+            cpu[key].append((cpu_seconds(pid) - cpu_before) / total * 1e6)
+    rate = {k: statistics.median(v) for k, v in rates.items()}
+    used = {k: statistics.median(v) for k, v in cpu.items()}
+    results["throughput"] = {"echo_calls_s": rate["echo"],
+                             "echo_server_cpu_us_per_call": used["echo"]}
+    for k in others:
+        results["throughput"].update({f"{k}_calls_s": rate[k], f"{k}_ratio": rate[k] / rate["echo"],
+                                      f"{k}_server_cpu_us_per_call": used[k]})
+        print(f"1 KiB at concurrency 32: echo {rate['echo']:,.0f} calls/s, {k} "
+              f"{rate[k]:,.0f} calls/s, ratio {rate[k] / rate['echo']:.2f}; server CPU per "
+              f"call: echo {used['echo']:.0f} us, {k} {used[k]:.0f} us "
+              f"(+{used[k] - used['echo']:.0f} us)")
+    for ch in channels.values():
+        await ch.close()
     return results
 
 
@@ -186,6 +248,14 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runtime", default="inprocess", choices=["inprocess", "sandbox"])
+    parser.add_argument("--node", default="PassThrough", choices=sorted(NODES),
+                        help="the pipeline's one node (float32 tensor in, tensor out)")
     parser.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
-                        help="tensorline's event loop (the echo always runs grpc.aio on asyncio)")
+                        help="the servers' event loop (auto: what `tensorline serve` picks)")
+    parser.add_argument("--echo-loop", default="same", choices=["same", "asyncio", "uvloop"],
+                        help="the echo's loop: the same as tensorline's (default), or pinned")
+    parser.add_argument("--before", action="append", default=[], metavar="TENSORLINE_X=V",
+                        help="also measure a tensorline server with this setting (repeatable)")
+    parser.add_argument("--max-bytes", type=int, default=64 * MiB,
+                        help="skip payloads larger than this")
     run_and_save(main, parser)
