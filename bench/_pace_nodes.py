@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import Field
 
-from tensorline.server.nodes import Node, NodeParams
+from tensorline.server.nodes import Node, NodeParams, NodeTraits
 
 
 class SleepParams(NodeParams):
@@ -48,3 +48,25 @@ class BenchSometimes(Node):
         if next(_CALLS) % self.params.every == 0:
             time.sleep(self.params.ms / 1000)
         return inputs["in"]
+
+
+class ScaleParams(NodeParams):
+    factor: float = Field(2.0, description="multiplier")
+
+
+class BenchScale(Node):
+    """Sync; multiplies by ``factor`` (the built-in Scale's float path): the runtime measures it
+    and runs it inline once it proved short."""
+
+    Params = ScaleParams
+    params: ScaleParams
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        array = inputs["in"]
+        return array * array.dtype.type(self.params.factor)
+
+
+class BenchScalePooled(BenchScale):
+    """BenchScale declared blocking: always in a thread (the behaviour before inline calls)."""
+
+    traits = NodeTraits(blocking=True)

@@ -2,8 +2,9 @@
 bytes.
 
 The servers run in their own processes; this process is the load generator. Rounds alternate
-(echo, tensorline[, tensorline "before"], echo, ...) so drift on a noisy machine hits all alike;
-the report gives medians over all calls and the ratios tensorline / echo.
+between them (echo, tensorline[, tensorline "before"], then the same rotated by one, ...) so
+drift on a noisy machine hits all alike and none always follows the same one; the report gives
+medians over all calls and the ratios tensorline / echo.
 
     python bench/bench_unary.py                     # PassThrough in-process, full run
     python bench/bench_unary.py --node Scale        # a sync node (numpy), in-process
@@ -109,6 +110,14 @@ def environment(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def rotated(keys: list[str], round_: int) -> list[str]:
+    """The servers' order in round ``round_``: each goes first in turn, so that no server
+    always follows the same one (measured: two identical servers differed by up to 10% when
+    one always ran right after the echo)."""
+    shift = round_ % len(keys)
+    return keys[shift:] + keys[:shift]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -152,7 +161,7 @@ async def measure(args: argparse.Namespace, scale: float,
     params, expected = NODES[args.node]
     manifest = json.dumps({"nodes": [{"id": "p", "node_type": args.node, "params": params,
                                       "runtime_hint": args.runtime}]})
-    keys = list(procs)  # echo, tl[, before]: the order of every round
+    keys = list(procs)  # echo, tl[, before]: the order of the first round
     results: dict[str, Any] = {"node": args.node, "runtime": args.runtime, "loop": loop,
                                "echo_loop": echo_loop, "before": before,
                                "latency": {}, "throughput": {}}
@@ -199,8 +208,8 @@ async def measure(args: argparse.Namespace, scale: float,
             await each[key]()
         samples: dict[str, list[float]] = {key: [] for key in keys}
         n = max(2, int(count * scale))
-        for _ in range(args.rounds):
-            for key in keys:
+        for round_ in range(args.rounds):
+            for key in rotated(keys, round_):
                 samples[key] += await latencies(each[key], n)
         p50 = {k: statistics.median(v) for k, v in samples.items()}
         p99 = {k: percentile(v, 0.99) for k, v in samples.items()}
@@ -221,8 +230,8 @@ async def measure(args: argparse.Namespace, scale: float,
     total = int(3000 * scale)
     rates: dict[str, list[float]] = {key: [] for key in keys}
     cpu: dict[str, list[float]] = {key: [] for key in keys}
-    for _ in range(args.rounds):
-        for key in keys:
+    for round_ in range(args.rounds):
+        for key in rotated(keys, round_):
             pid = procs[key][0].pid
             cpu_before = cpu_seconds(pid)
             rates[key].append((await throughput(each[key], total, 32))[0])
