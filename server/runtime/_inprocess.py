@@ -111,17 +111,9 @@ async def _process_plain(spec: NodeSpec, node: Node, inputs: Mapping[str, Any]) 
         raise node_failed(spec, exc) from exc
 
 
-def _run_inline(pace: InlinePace, method: Callable[..., Any], *args: Any) -> Any:
-    """Call a sync method on the loop, timing it for its type's pace."""
-    started = time.perf_counter()
-    try:
-        return method(*args)
-    finally:
-        pace.ran(time.perf_counter() - started)
-
-
-def _run_pooled(pace: InlinePace, method: Callable[..., Any], *args: Any) -> Any:
-    """In a pool thread: the same, timed where it runs (waiting for a thread does not count)."""
+def _timed(pace: InlinePace, method: Callable[..., Any], *args: Any) -> Any:
+    """Call a sync method, telling its type's pace how long it took. Timed where it runs (on
+    the loop, or in its pool thread: waiting for a thread does not count)."""
     started = time.perf_counter()
     try:
         return method(*args)
@@ -154,9 +146,9 @@ class InProcessInstance(NodeInstance):
         if pace is None:
             future = self._runtime.pool.submit(method, *args)
         elif pace.inline:
-            return _run_inline(pace, method, *args)
+            return _timed(pace, method, *args)
         else:
-            future = self._runtime.pool.submit(_run_pooled, pace, method, *args)
+            future = self._runtime.pool.submit(_timed, pace, method, *args)
         self.running.add(future)
         future.add_done_callback(self._call_done)
         try:
@@ -331,7 +323,7 @@ class InProcessRuntime(Runtime):
             if pace.inline:  # no timeout: see InlinePolicy.pace
                 node = self._new_node(spec, scope)
                 try:
-                    return _run_inline(pace, node.process, inputs)
+                    return _timed(pace, node.process, inputs)
                 except Exception as exc:
                     raise node_failed(spec, exc) from exc
         return await super().call(spec, scope, inputs)
