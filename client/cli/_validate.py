@@ -87,7 +87,7 @@ def validate(
     at once."""
     # Either way the check is the server's own compiler, run here.
     _require_server("validate")
-    from tensorline.server import RequestInvalid, TensorlineServerError
+    from tensorline.server import RequestInvalid, Settings, TensorlineServerError
     from tensorline.server.manifest import compile_manifest
     from tensorline.server.nodes import NodeModuleError, NodeRegistry
     from tensorline.server.selector import Selector
@@ -116,8 +116,16 @@ def validate(
         except NodeModuleError as exc:
             raise _fail(str(exc)) from None
         against = ""
+    # Model files (``ModelPath`` params) resolve against the roots a server started here would
+    # have (TENSORLINE_PIPELINES_DIR, TENSORLINE_MODEL_DIRS, the config file). A server's
+    # catalogue (--server) describes params by their JSON schema: its roots are its own.
     try:
-        plan = compile_manifest(data, registry, Selector(sandbox_available=True))
+        model_roots = () if server else Settings.load().model_roots
+    except ValueError as exc:
+        raise _fail(f"the server settings of this environment are invalid: {exc}") from None
+    try:
+        plan = compile_manifest(data, registry, Selector(sandbox_available=True),
+                                model_roots=model_roots)
     except RequestInvalid as exc:
         errors.print(f"[red]{escape(str(manifest))}: {len(exc.violations)} problem(s)"
                      f"{escape(against)}[/red]", soft_wrap=True)

@@ -9,6 +9,7 @@ bytes, in-process or in a sandboxed worker.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tensorline.client import AsyncClient, InvalidRequestError, NodeError, PortItem, Tagged
 from tests.server.nodes.ecosystem.conftest import (
+    ECOSYSTEM,
     RUNTIMES,
     assert_bit_exact,
     check_runtime,
@@ -228,3 +230,37 @@ async def test_without_model_roots_no_model_file_is_loaded(eco_client: AsyncClie
         await eco_client.execute(one_node("OnnxModel", {"path": str(model)}, None),
                                  {"n": np.ones((1, 8), np.float32)})
     assert "has no model roots" in caught.value.violations[0].description
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_paths_resolve_against_the_pipeline_repository(
+        server_factory: Callable[..., Any], tmp_path: Path, runtime: str) -> None:
+    """A named pipeline's relative model path resolves below the pipelines dir (no
+    TENSORLINE_MODEL_DIRS needed); one that leads out of it leaves that pipeline unavailable,
+    naming the param."""
+    pipelines = tmp_path / "pipelines"
+    (pipelines / "models").mkdir(parents=True)
+    for directory in (pipelines, pipelines / "models"):
+        directory.chmod(0o755)
+    model = dense_relu(pipelines / "models" / "dense.onnx")
+    dense_relu(tmp_path / "outside.onnx")
+    (pipelines / "dense.yaml").write_text(
+        "metadata: {name: dense}\nnodes:\n"
+        f"  - {{id: m, node_type: OnnxModel, runtime_hint: {runtime}, "
+        "params: {path: models/dense.onnx}}\n")
+    (pipelines / "escape.yaml").write_text(
+        "metadata: {name: escape}\nnodes:\n"
+        "  - {id: m, node_type: OnnxModel, params: {path: ../outside.onnx}}\n")
+    server = await server_factory(node_modules=["tests.nodes.basic", ECOSYSTEM],
+                                  pipelines_dir=pipelines)
+    assert server.repository is not None
+    states = {state.name: state for state in server.repository.states()}
+    assert states["dense"].state == "READY", states["dense"]
+    assert states["escape"].state == "UNAVAILABLE"
+    assert "nodes[0].params.path" in states["escape"].reason
+    assert "'..' is not allowed" in states["escape"].reason
+    x = np.random.default_rng(8).standard_normal((3, 8)).astype(np.float32)
+    pipeline = server.repository.get("dense")
+    result = await server.engine.execute_plan(pipeline.plan, [PortItem("m", "", x)])
+    assert result.reports[0].runtime == runtime
+    np.testing.assert_array_equal(result.outputs[0].value, direct(model, {"x": x}, "y"))
