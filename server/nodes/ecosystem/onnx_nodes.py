@@ -13,11 +13,18 @@ takes ``intra_op_threads`` (default 1: the calling thread only) and ``inter_op_t
 of each claiming all of them, and a sandboxed worker stays far below its thread cap
 (``TENSORLINE_SANDBOX_THREADS``). Spinning is off: idle pool threads would otherwise busy-wait
 for the next operator, burning CPU time that counts against a sandboxed call's CPU budget.
+
+A session whose thread pools do not fit under the process's thread limit (RLIMIT_NPROC: in a
+sandbox worker of its own uid, ``TENSORLINE_SANDBOX_THREADS`` for the whole worker) is refused
+before onnxruntime creates it: onnxruntime does not fail cleanly when a pool thread cannot be
+started (measured: the call hung until its deadline), so the node checks the budget itself,
+and the sandbox's cap stays what it is for every other node.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +84,34 @@ class _Signature:
                              f"(? = any), got {list(array.shape)}")
 
 
+def _threads_now() -> int:
+    """Threads of this process (``/proc/self/status``; a worker may read its own)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 1
+
+
+def check_thread_budget(intra: int, inter: int) -> None:
+    """ValueError when the session's pool threads (``intra - 1``, and ``inter - 1`` when
+    operators run in parallel: the calling thread is one of each pool) would not fit under
+    RLIMIT_NPROC, which counts every thread of this process's uid."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == resource.RLIM_INFINITY:
+        return
+    needed = (intra - 1) + (inter - 1)
+    free = soft - _threads_now()
+    if needed > free:
+        raise ValueError(f"intra_op_threads={intra} and inter_op_threads={inter} need {needed} "
+                         f"more threads, but this process may start only {max(free, 0)} more "
+                         f"(its thread limit is {soft}: in the sandbox, "
+                         "TENSORLINE_SANDBOX_THREADS); use fewer threads")
+
+
 class OnnxModel(Node):
     """An ONNX model file run by onnxruntime on the CPU: tensors in, the selected output out.
 
@@ -98,6 +133,7 @@ class OnnxModel(Node):
         import onnxruntime
 
         params = self.params
+        check_thread_budget(params.intra_op_threads, params.inter_op_threads)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = params.intra_op_threads
         options.inter_op_num_threads = params.inter_op_threads

@@ -264,3 +264,30 @@ async def test_paths_resolve_against_the_pipeline_repository(
     result = await server.engine.execute_plan(pipeline.plan, [PortItem("m", "", x)])
     assert result.reports[0].runtime == runtime
     np.testing.assert_array_equal(result.outputs[0].value, direct(model, {"x": x}, "y"))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_thread_settings(model_client: AsyncClient, model_root: Path,
+                               runtime: str) -> None:
+    """More threads give the same result; pools that cannot fit under a sandboxed worker's
+    thread cap (TENSORLINE_SANDBOX_THREADS, 64) are refused before onnxruntime starts them."""
+    model = two_inputs(model_root / "pair.onnx")
+    a = np.linspace(-2.0, 2.0, 3000).reshape(1000, 3)
+    b = np.array([0.5, -3.0, 7.25])
+    manifest = one_node("OnnxModel", {"path": "pair.onnx", "output": "scaled",
+                                      "intra_op_threads": 2, "inter_op_threads": 2}, runtime)
+    result = await model_client.execute(manifest, [PortItem("n", "in", a),
+                                                   PortItem("n", "in", b)])
+    check_runtime(result, runtime)
+    np.testing.assert_array_equal(result["n"], direct(model, {"a": a, "b": b}, "scaled"))
+    layers = {layer.name: layer for layer in (await model_client.server_info()).sandbox_layers}
+    uid_layer = layers.get("unprivileged uid")
+    capped = uid_layer is not None and "RLIMIT_NPROC" in uid_layer.detail
+    if runtime == "sandbox" and capped:  # the cap holds for workers of their own uid
+        manifest["nodes"][0]["params"]["intra_op_threads"] = 64
+        with pytest.raises(NodeError) as caught:
+            await model_client.execute(manifest, [PortItem("n", "in", a),
+                                                  PortItem("n", "in", b)])
+        assert caught.value.node_id == "n"
+        assert "need 64 more threads" in caught.value.message
+        assert "TENSORLINE_SANDBOX_THREADS" in caught.value.message
