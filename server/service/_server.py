@@ -112,6 +112,7 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
             fsize_mb=settings.sandbox_file_mb,
             nofile=settings.sandbox_open_files,
             read_paths=settings.sandbox_read_paths,
+            model_paths=settings.model_roots,
             environment=settings.sandbox_env,
             separate_uids=settings.sandbox_separate_uids,
             max_calls=settings.sandbox_max_calls,
@@ -126,7 +127,8 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
     return PipelineEngine(registry, selector, runtimes, plan_cache_size=settings.plan_cache_size,
                           plan_cache_bytes=settings.plan_cache_bytes,
                           limits=ManifestLimits(max_manifest_bytes=settings.max_manifest_bytes,
-                                                max_json_depth=settings.max_json_depth))
+                                                max_json_depth=settings.max_json_depth),
+                          model_roots=settings.model_roots)
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]

@@ -93,6 +93,7 @@ class _Pool(_Core):
             # Resolved here: the worker cannot look below a directory it cannot enter.
             devices=tuple(_isolation.device_paths(self.devices)),
             read_paths=self._read_paths,
+            model_paths=self.model_paths,
             list_paths=self._list_paths,
             uid=uid,
             recycle_rss_mb=(self.recycle_rss_mb if self.recycle_rss_mb is not None
