@@ -1,0 +1,366 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: Triton and KServe clients call named
+pipelines as models, on the server's one port.
+
+Each named pipeline of the repository is a model: its request-fed ports are the model's inputs,
+its sinks the model's outputs (``PipelinePort.name``), its repository versions the model's
+versions. Methods are registered through a generic handler at Triton's paths
+(``/inference.GRPCInferenceService/<Method>``) with our own wire-compatible messages
+(``tensorline.oip.v2``), so the same auth interceptor, admission (load shedding, drain),
+error translation (``_status``) and telemetry apply as to PipelineService.
+
+Errors take the status codes Triton returns: an unknown model NOT_FOUND, a model that is not
+ready UNAVAILABLE, a bad input (name, datatype, shape, contents) INVALID_ARGUMENT naming the
+model and the input; a streamed request's error goes back in ``error_message`` and the stream
+goes on, as Triton does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from tensorline.oip.v2 import SERVICE_NAME
+from tensorline.oip.v2 import inference_pb2 as pb
+from tensorline.server._errors import (
+    PipelineNotFound,
+    PipelineNotReady,
+    RequestInvalid,
+    TensorlineServerError,
+    Violation,
+    clip,
+)
+from tensorline.server._logging import request_id_var
+from tensorline.server._settings import Settings
+from tensorline.server._version import __version__
+from tensorline.server.executor import PipelineEngine
+from tensorline.server.repository import LoadedPipeline, PipelinePort, PipelineRepository
+from tensorline.server.service._admission import Admission
+from tensorline.server.service._service import scope_for
+from tensorline.server.service._status import (
+    abort,
+    request_id_of,
+    status_code_of,
+    translate_errors,
+)
+from tensorline.server.service._telemetry import Telemetry
+from tensorline.server.service._v2tensors import (
+    InputTarget,
+    OutputNotEncodable,
+    decode_tensor,
+    encode_output,
+)
+from tensorline.wire import Limits, PortItem
+
+log = logging.getLogger(__name__)
+
+Context = Any  # grpc.aio.ServicerContext
+
+# ModelMetadata's platform for every pipeline.
+PLATFORM = "tensorline_pipeline"
+# The v2 extensions this server implements (ServerMetadata).
+EXTENSIONS = ("model_repository",)
+# ModelMetadata of a port whose manifest declares no datatype / shape: text, json and binary
+# ports take one BYTES element; a tensor port takes any datatype ("" says so) of any shape.
+_KIND_DATATYPES = {"text": "BYTES", "json": "BYTES", "binary": "BYTES"}
+
+
+def _version_of(text: str, field: str) -> int | None:
+    """A request's version string as a repository version ("" = the newest)."""
+    if not text:
+        return None
+    if not text.isdigit():
+        raise RequestInvalid([Violation(field, f"a model version is a positive integer, got "
+                                        f"{clip(text)!r}")], "invalid request")
+    return int(text)
+
+
+def _tensor_metadata(port: PipelinePort) -> pb.ModelMetadataResponse.TensorMetadata:
+    datatype = port.datatype or _KIND_DATATYPES.get(port.kind, "")
+    shape = port.shape if port.shape is not None else (
+        (1,) if port.kind in _KIND_DATATYPES else (-1,))
+    return pb.ModelMetadataResponse.TensorMetadata(name=port.name, datatype=datatype,
+                                                  shape=list(shape))
+
+
+class InferenceService:
+    """The GRPCInferenceService methods over the server's repository and engine."""
+
+    def __init__(self, engine: PipelineEngine, settings: Settings, admission: Admission,
+                 telemetry: Telemetry | None = None,
+                 repository: PipelineRepository | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.admission = admission
+        self.telemetry = telemetry
+        self.repository = repository
+        self.limits = Limits(max_tensor_bytes=settings.max_tensor_bytes,
+                             max_json_depth=settings.max_json_depth)
+        # Whether the server takes work (not warming up, not draining, runtimes healthy); the
+        # server sets it once it exists.
+        self.server_ready: Callable[[], bool] = lambda: not admission.draining
+        self._ids = 0
+
+    # --- the repository -----------------------------------------------------------------------
+
+    def _repository(self, name: str) -> PipelineRepository:
+        if self.repository is None:
+            raise PipelineNotFound(f"no model named {clip(name)!r}: this server serves no named "
+                                   "pipelines (start it with --pipelines DIR)")
+        return self.repository
+
+    def _not_found(self, name: str, error: PipelineNotFound) -> TensorlineServerError:
+        """NOT_FOUND for a name the repository does not know, UNAVAILABLE (as Triton) for one it
+        knows that cannot run now."""
+        assert self.repository is not None
+        for state in self.repository.states():
+            if state.name == name and state.state != "READY":
+                why = f": {state.reason}" if state.reason else ""
+                return PipelineNotReady(f"model {clip(name)!r} is not ready "
+                                        f"({state.state.lower()}){why}")
+        return error
+
+    @contextlib.contextmanager
+    def _pipeline(self, name: str, version: int | None) -> Iterator[LoadedPipeline]:
+        repository = self._repository(name)
+        try:
+            pipeline = repository.get(name, version)
+        except PipelineNotFound as error:
+            raise self._not_found(name, error) from None
+        yield pipeline
+
+    # --- server and model state -----------------------------------------------------------------
+
+    @translate_errors("ServerLive")
+    async def server_live(self, request: pb.ServerLiveRequest,
+                          context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @translate_errors("ServerReady")
+    async def server_ready_(self, request: pb.ServerReadyRequest,
+                            context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.server_ready())
+
+    @translate_errors("ServerMetadata")
+    async def server_metadata(self, request: pb.ServerMetadataRequest,
+                              context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="tensorline", version=__version__,
+                                         extensions=list(EXTENSIONS))
+
+    @translate_errors("ModelReady")
+    async def model_ready(self, request: pb.ModelReadyRequest,
+                          context: Context) -> pb.ModelReadyResponse:
+        version = _version_of(request.version, "version")
+        if self.repository is None or not self.server_ready():
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            self.repository.get(request.name, version)
+        except PipelineNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @translate_errors("ModelMetadata")
+    async def model_metadata(self, request: pb.ModelMetadataRequest,
+                             context: Context) -> pb.ModelMetadataResponse:
+        version = _version_of(request.version, "version")
+        with self._pipeline(request.name, version) as pipeline:
+            versions = [str(v) for state in self._repository(request.name).states()
+                        if state.name == request.name for v in state.versions]
+            return pb.ModelMetadataResponse(
+                name=pipeline.name, versions=versions or [str(pipeline.version)],
+                platform=PLATFORM,
+                inputs=[_tensor_metadata(port) for port in pipeline.inputs],
+                outputs=[_tensor_metadata(port) for port in pipeline.outputs])
+
+    # --- repository -----------------------------------------------------------------------------
+
+    @translate_errors("RepositoryIndex")
+    async def repository_index(self, request: pb.RepositoryIndexRequest,
+                               context: Context) -> pb.RepositoryIndexResponse:
+        models = []
+        for state in self.repository.states() if self.repository is not None else []:
+            if request.ready and state.state != "READY":
+                continue
+            if state.versions:
+                models += [pb.RepositoryIndexResponse.ModelIndex(
+                    name=state.name, version=str(version), state=state.state,
+                    reason=state.reason) for version in state.versions]
+            else:
+                models.append(pb.RepositoryIndexResponse.ModelIndex(
+                    name=state.name, state=state.state, reason=state.reason))
+        return pb.RepositoryIndexResponse(models=models)
+
+    # --- inference ------------------------------------------------------------------------------
+
+    def _inputs(self, request: pb.ModelInferRequest,
+                pipeline: LoadedPipeline) -> list[PortItem]:
+        """The request's tensors as port values; RequestInvalid lists every problem."""
+        model = clip(pipeline.name)
+        problems: list[Violation] = []
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            problems.append(Violation("raw_input_contents", f"model {model!r}: "
+                                      f"{len(raw)} raw contents for {len(request.inputs)} "
+                                      "input(s); send one per input, in order"))
+            raw = []
+        ports = {port.name: port for port in pipeline.inputs}
+        items: list[PortItem] = []
+        seen: set[str] = set()
+        for index, tensor in enumerate(request.inputs):
+            field = f"inputs[{index}]"
+            where = f"model {model!r} input {clip(tensor.name)!r}"
+            port = ports.get(tensor.name)
+            if port is None:
+                problems.append(Violation(f"{field}.name", f"model {model!r} has no input "
+                                          f"{clip(tensor.name)!r}; its inputs: "
+                                          f"{', '.join(ports) or '(none)'}"))
+                continue
+            if tensor.name in seen:
+                problems.append(Violation(f"{field}.name", f"{where} is given twice"))
+                continue
+            seen.add(tensor.name)
+            if raw and tensor.HasField("contents"):
+                problems.append(Violation(f"{field}.contents", f"{where}: contents and "
+                                          "raw_input_contents cannot be mixed in one request"))
+                continue
+            value, found = decode_tensor(
+                tensor, raw[index] if raw else None,
+                InputTarget(port.kind, port.datatype, port.shape), field, where, self.limits)
+            problems += found
+            if value is not None:
+                items.append(PortItem(port.node_id, port.port, value))
+        missing = [port.name for port in pipeline.inputs
+                   if port.required and port.name not in seen]
+        if missing:
+            problems.append(Violation("inputs", f"model {model!r}: missing required input(s) "
+                                      f"{', '.join(missing)}"))
+        if problems:
+            raise RequestInvalid(problems, f"invalid inference request for model {model!r}")
+        return items
+
+    def _requested(self, request: pb.ModelInferRequest,
+                   pipeline: LoadedPipeline) -> Sequence[PipelinePort]:
+        if not request.outputs:
+            return pipeline.outputs
+        by_name = {port.name: port for port in pipeline.outputs}
+        unknown = [(index, output.name) for index, output in enumerate(request.outputs)
+                   if output.name not in by_name]
+        if unknown:
+            raise RequestInvalid(
+                [Violation(f"outputs[{index}].name", f"model {clip(pipeline.name)!r} has no "
+                           f"output {clip(name)!r}; its outputs: {', '.join(by_name)}")
+                 for index, name in unknown],
+                f"invalid inference request for model {clip(pipeline.name)!r}")
+        wanted = {output.name for output in request.outputs}
+        return [port for port in pipeline.outputs if port.name in wanted]
+
+    def _next_execution_id(self) -> str:
+        self._ids += 1
+        return f"oip-{self.settings.instance_id}-{self._ids}"
+
+    async def infer(self, request: pb.ModelInferRequest,
+                    context: Context) -> pb.ModelInferResponse:
+        """Run one inference request (ModelInfer, or one request of a stream)."""
+        version = _version_of(request.model_version, "model_version")
+        self.admission.enter_execution()
+        try:
+            with self._pipeline(request.model_name, version) as pipeline:
+                items = self._inputs(request, pipeline)
+                requested = self._requested(request, pipeline)
+                result = await self.engine.execute_plan(
+                    pipeline.plan, items, scope=scope_for(context, self._next_execution_id()))
+        finally:
+            self.admission.leave_execution()
+        produced = {(item.node_id, item.port): item.value for item in result.outputs}
+        response = pb.ModelInferResponse(model_name=pipeline.name,
+                                         model_version=str(pipeline.version), id=request.id)
+        for port in requested:
+            try:
+                tensor, raw = encode_output(port.name, produced[(port.node_id, port.port)])
+            except OutputNotEncodable as exc:
+                raise RequestInvalid(
+                    [Violation(f"outputs.{port.name}", f"model {clip(pipeline.name)!r}: {exc}",
+                               kind="precondition")],
+                    f"model {clip(pipeline.name)!r} produced an output the protocol cannot "
+                    "carry") from None
+            response.outputs.append(tensor)
+            response.raw_output_contents.append(raw)
+        return response
+
+    @translate_errors("ModelInfer")
+    async def model_infer(self, request: pb.ModelInferRequest,
+                          context: Context) -> pb.ModelInferResponse:
+        return await self.infer(request, context)
+
+    async def model_stream_infer(
+            self, requests: AsyncIterator[pb.ModelInferRequest],
+            context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in order; a request's error goes back in
+        ``error_message`` (the stream goes on), as Triton does."""
+        request_id_var.set(request_id_of(context))
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            with self.admission.stream():
+                async for request in requests:
+                    request_id_var.set(request.id or request_id_of(context))
+                    try:
+                        response = await self.infer(request, context)
+                    except Exception as error:
+                        yield self._stream_error(request, error)
+                        continue
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+        except TensorlineServerError as error:
+            # The stream itself was refused (draining, too many streams).
+            code = status_code_of(error).name
+            await abort(context, error)
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.observe_request("ModelStreamInfer", code,
+                                               time.perf_counter() - started)
+
+    @staticmethod
+    def _stream_error(request: pb.ModelInferRequest,
+                      error: Exception) -> pb.ModelStreamInferResponse:
+        """A streamed request's failure, as Triton reports it: ``error_message`` (with the
+        status code the unary call would have had), the request's id echoed."""
+        if isinstance(error, TensorlineServerError):
+            log.info("ModelStreamInfer: %s", clip(error.message, 500))
+            message = f"[{status_code_of(error).name}] {error.message}"
+        else:
+            log.error("ModelStreamInfer: internal error", exc_info=error)
+            message = "[INTERNAL] internal server error (see server log)"
+        return pb.ModelStreamInferResponse(
+            error_message=message,
+            infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                 model_version=request.model_version,
+                                                 id=request.id))
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(method: Callable[..., Any], request: Any, response: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(
+                method, request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString)
+
+        methods = {
+            "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": unary(self.server_ready_, pb.ServerReadyRequest,
+                                 pb.ServerReadyResponse),
+            "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest,
+                                    pb.ServerMetadataResponse),
+            "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest,
+                                   pb.ModelMetadataResponse),
+            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                self.model_stream_infer,
+                request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=pb.ModelStreamInferResponse.SerializeToString),
+            "RepositoryIndex": unary(self.repository_index, pb.RepositoryIndexRequest,
+                                     pb.RepositoryIndexResponse),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
