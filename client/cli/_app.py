@@ -236,6 +236,9 @@ def serve(
     tls_client_ca: Annotated[Path | None, typer.Option(
         help="CA for client certificates (enables mutual TLS)")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0 = ephemeral)")] = None,
+    pipelines: Annotated[Path | None, typer.Option(
+        help="directory of manifests served as named pipelines (also the models of the Open "
+             "Inference Protocol)")] = None,
     max_concurrent_executions: Annotated[int | None, typer.Option(help="0 = no limit")] = None,
     max_concurrent_streams: Annotated[int | None, typer.Option(help="0 = no limit")] = None,
     grace: Annotated[float | None, typer.Option(help="drain grace period in seconds")] = None,
@@ -256,7 +259,8 @@ def serve(
             config, host=host, port=port, node_modules=node_module or None,
             untrusted_modules=untrusted_module or None, auth_tokens=auth_token or None,
             tls_cert_file=tls_cert, tls_key_file=tls_key, tls_client_ca_file=tls_client_ca,
-            metrics_port=metrics_port, max_concurrent_executions=max_concurrent_executions,
+            metrics_port=metrics_port, pipelines_dir=pipelines,
+            max_concurrent_executions=max_concurrent_executions,
             max_concurrent_streams=max_concurrent_streams, grace_s=grace,
             instance_id=instance_id, log_level=log_level, log_format=log_format)
     except (ValidationError, OSError, ValueError) as exc:

@@ -290,3 +290,25 @@ async def test_stream_infer_answers_every_request_in_order_with_errors_inline(
     assert second_error is not None
     assert "[NOT_FOUND]" in second_error.message()
     assert "nothing-here" in second_error.message()
+
+
+def test_tensorline_serve_pipelines_through_tritonclient(tmp_path: Path) -> None:
+    """The README's path: ``tensorline serve --pipelines DIR`` in a process of its own, called
+    with tritonclient."""
+    from tests.support.processes import ServerProcess
+
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    (pipelines / "scale.yaml").write_text(
+        "version: v1\nmetadata: {name: doubler}\n"
+        "nodes:\n  - {id: x, node_type: Scale, params: {factor: 2}}\n")
+    with ServerProcess.start(args=["--pipelines", str(pipelines)]) as server:
+        client = triton.InferenceServerClient(server.target)
+        try:
+            assert client.is_model_ready("doubler")
+            x = triton.InferInput("x", [3], "FP32")
+            x.set_data_from_numpy(np.array([1.0, 2.5, -3.0], dtype=np.float32))
+            result = client.infer("doubler", [x])
+        finally:
+            client.close()
+    assert result.as_numpy("x").tolist() == [2.0, 5.0, -6.0]
