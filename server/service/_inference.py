@@ -17,9 +17,7 @@ goes on, as Triton does.
 from __future__ import annotations
 
 import contextlib
-import logging
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -34,19 +32,14 @@ from tensorline.server._errors import (
     Violation,
     clip,
 )
-from tensorline.server._logging import request_id_var
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.repository import LoadedPipeline, PipelinePort, PipelineRepository
 from tensorline.server.service._admission import Admission
+from tensorline.server.service._inference_stream import model_stream_infer
 from tensorline.server.service._service import scope_for
-from tensorline.server.service._status import (
-    abort,
-    request_id_of,
-    status_code_of,
-    translate_errors,
-)
+from tensorline.server.service._status import translate_errors
 from tensorline.server.service._telemetry import Telemetry
 from tensorline.server.service._v2tensors import (
     InputTarget,
@@ -55,8 +48,6 @@ from tensorline.server.service._v2tensors import (
     encode_output,
 )
 from tensorline.wire import Limits, PortItem
-
-log = logging.getLogger(__name__)
 
 Context = Any  # grpc.aio.ServicerContext
 
@@ -125,7 +116,8 @@ class InferenceService:
         return error
 
     @contextlib.contextmanager
-    def _pipeline(self, name: str, version: int | None) -> Iterator[LoadedPipeline]:
+    def pipeline(self, name: str, version: int | None) -> Iterator[LoadedPipeline]:
+        """The named pipeline for one call (NOT_FOUND / UNAVAILABLE as Triton answers)."""
         repository = self._repository(name)
         try:
             pipeline = repository.get(name, version)
@@ -167,7 +159,7 @@ class InferenceService:
     async def model_metadata(self, request: pb.ModelMetadataRequest,
                              context: Context) -> pb.ModelMetadataResponse:
         version = _version_of(request.version, "version")
-        with self._pipeline(request.name, version) as pipeline:
+        with self.pipeline(request.name, version) as pipeline:
             versions = [str(v) for state in self._repository(request.name).states()
                         if state.name == request.name for v in state.versions]
             return pb.ModelMetadataResponse(
@@ -196,7 +188,7 @@ class InferenceService:
 
     # --- inference ------------------------------------------------------------------------------
 
-    def _inputs(self, request: pb.ModelInferRequest,
+    def inputs_of(self, request: pb.ModelInferRequest,
                 pipeline: LoadedPipeline) -> list[PortItem]:
         """The request's tensors as port values; RequestInvalid lists every problem."""
         model = clip(pipeline.name)
@@ -258,6 +250,20 @@ class InferenceService:
         wanted = {output.name for output in request.outputs}
         return [port for port in pipeline.outputs if port.name in wanted]
 
+    @staticmethod
+    def not_encodable(pipeline: LoadedPipeline, port: PipelinePort,
+                      error: OutputNotEncodable) -> RequestInvalid:
+        """FAILED_PRECONDITION: the model produced an output the protocol cannot carry."""
+        return RequestInvalid(
+            [Violation(f"outputs.{port.name}", f"model {clip(pipeline.name)!r}: {error}",
+                       kind="precondition")],
+            f"model {clip(pipeline.name)!r} produced an output the protocol cannot carry")
+
+    @staticmethod
+    def version_of(text: str) -> int | None:
+        """A request's ``model_version`` as a repository version ("" = the newest)."""
+        return _version_of(text, "model_version")
+
     def _next_execution_id(self) -> str:
         self._ids += 1
         return f"oip-{self.settings.instance_id}-{self._ids}"
@@ -268,8 +274,8 @@ class InferenceService:
         version = _version_of(request.model_version, "model_version")
         self.admission.enter_execution()
         try:
-            with self._pipeline(request.model_name, version) as pipeline:
-                items = self._inputs(request, pipeline)
+            with self.pipeline(request.model_name, version) as pipeline:
+                items = self.inputs_of(request, pipeline)
                 requested = self._requested(request, pipeline)
                 result = await self.engine.execute_plan(
                     pipeline.plan, items, scope=scope_for(context, self._next_execution_id()))
@@ -282,11 +288,7 @@ class InferenceService:
             try:
                 tensor, raw = encode_output(port.name, produced[(port.node_id, port.port)])
             except OutputNotEncodable as exc:
-                raise RequestInvalid(
-                    [Violation(f"outputs.{port.name}", f"model {clip(pipeline.name)!r}: {exc}",
-                               kind="precondition")],
-                    f"model {clip(pipeline.name)!r} produced an output the protocol cannot "
-                    "carry") from None
+                raise self.not_encodable(pipeline, port, exc) from None
             response.outputs.append(tensor)
             response.raw_output_contents.append(raw)
         return response
@@ -296,49 +298,10 @@ class InferenceService:
                           context: Context) -> pb.ModelInferResponse:
         return await self.infer(request, context)
 
-    async def model_stream_infer(
-            self, requests: AsyncIterator[pb.ModelInferRequest],
-            context: Context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """One response per request, in order; a request's error goes back in
-        ``error_message`` (the stream goes on), as Triton does."""
-        request_id_var.set(request_id_of(context))
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            with self.admission.stream():
-                async for request in requests:
-                    request_id_var.set(request.id or request_id_of(context))
-                    try:
-                        response = await self.infer(request, context)
-                    except Exception as error:
-                        yield self._stream_error(request, error)
-                        continue
-                    yield pb.ModelStreamInferResponse(infer_response=response)
-        except TensorlineServerError as error:
-            # The stream itself was refused (draining, too many streams).
-            code = status_code_of(error).name
-            await abort(context, error)
-        finally:
-            if self.telemetry is not None:
-                self.telemetry.observe_request("ModelStreamInfer", code,
-                                               time.perf_counter() - started)
-
-    @staticmethod
-    def _stream_error(request: pb.ModelInferRequest,
-                      error: Exception) -> pb.ModelStreamInferResponse:
-        """A streamed request's failure, as Triton reports it: ``error_message`` (with the
-        status code the unary call would have had), the request's id echoed."""
-        if isinstance(error, TensorlineServerError):
-            log.info("ModelStreamInfer: %s", clip(error.message, 500))
-            message = f"[{status_code_of(error).name}] {error.message}"
-        else:
-            log.error("ModelStreamInfer: internal error", exc_info=error)
-            message = "[INTERNAL] internal server error (see server log)"
-        return pb.ModelStreamInferResponse(
-            error_message=message,
-            infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                 model_version=request.model_version,
-                                                 id=request.id))
+    async def model_stream_infer(self, requests: Any, context: Context) -> None:
+        """ModelStreamInfer (see ``_inference_stream``)."""
+        observe = self.telemetry.observe_request if self.telemetry is not None else None
+        await model_stream_infer(self, context, observe)
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(method: Callable[..., Any], request: Any, response: Any) -> Any:

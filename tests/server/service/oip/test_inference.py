@@ -39,6 +39,26 @@ metadata: {name: describe}
 nodes:
   - {id: d, node_type: Describe}
 """
+# A decoupled model: a streaming node that answers every second request, and flushes at the end.
+WINDOWS = """\
+version: v1
+metadata: {name: windows}
+nodes:
+  - {id: pairs, node_type: Accumulator, params: {count: 2}}
+  - {id: tenfold, node_type: Scale, params: {factor: 10}}
+connections:
+  - {from: pairs, to: tenfold}
+"""
+# A decoupled model whose second node fails on the value 1.
+FRAGILE = """\
+version: v1
+metadata: {name: fragile}
+nodes:
+  - {id: each, node_type: Accumulator, params: {count: 1}}
+  - {id: check, node_type: FailAt, params: {sequence: 1}}
+connections:
+  - {from: each, to: check}
+"""
 BROKEN = "version: v1\nnodes:\n  - {id: s, node_type: NoSuchNode}\n"
 
 
@@ -49,6 +69,8 @@ async def oip_server(server_factory: Callable[..., Any], tmp_path: Path) -> Tens
     (pipelines / "mixed.yaml").write_text(MIXED)
     (pipelines / "describe.yaml").write_text(DESCRIBE)
     (pipelines / "broken.yaml").write_text(BROKEN)
+    (pipelines / "windows.yaml").write_text(WINDOWS)
+    (pipelines / "fragile.yaml").write_text(FRAGILE)
     server: TensorlineServer = await server_factory(
         pipelines_dir=pipelines, node_modules=[*TEST_NODE_MODULES, "tests.nodes.oip"])
     return server
@@ -312,3 +334,82 @@ def test_tensorline_serve_pipelines_through_tritonclient(tmp_path: Path) -> None
         finally:
             client.close()
     assert result.as_numpy("x").tolist() == [2.0, 5.0, -6.0]
+
+
+async def test_stream_infer_on_a_decoupled_model_answers_as_results_come(
+        oip_server: TensorlineServer) -> None:
+    """A streaming pipeline's requests feed one session: a response per result, carrying the id
+    of the request it came from; the end-of-stream flush follows stop_stream. A bad request
+    gets its error and the session goes on; a plain model's request in the same stream gets its
+    one response."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+
+    def window(value: float) -> list[Any]:
+        tensor = triton.InferInput("pairs", [1], "FP64")
+        tensor.set_data_from_numpy(np.array([value], dtype=np.float64))
+        return [tensor]
+
+    def run() -> list[tuple[Any, Any]]:
+        client = triton.InferenceServerClient(f"127.0.0.1:{oip_server.port}")
+        try:
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+            for index in range(2):
+                client.async_stream_infer("windows", window(float(index)),
+                                          request_id=f"w-{index}")
+            first = [results.get(timeout=60)]
+            wrong = triton.InferInput("nope", [1], "FP64")
+            wrong.set_data_from_numpy(np.zeros(1))
+            client.async_stream_infer("windows", [wrong], request_id="bad")
+            first.append(results.get(timeout=60))
+            for index in range(2, 5):
+                client.async_stream_infer("windows", window(float(index)),
+                                          request_id=f"w-{index}")
+            inputs, _ = mixed_inputs(triton)
+            client.async_stream_infer("mixed", inputs, request_id="plain")
+            client.stop_stream()
+            return first + [results.get_nowait() for _ in range(results.qsize())]
+        finally:
+            client.close()
+
+    received = await asyncio.to_thread(run)
+    errors = [(error.message()) for _, error in received if error is not None]
+    assert len(errors) == 1
+    assert "[INVALID_ARGUMENT]" in errors[0]
+    assert "model 'windows' has no input 'nope'" in errors[0]
+    answers = [(r.get_response().id, r.as_numpy(r.get_response().outputs[0].name).tolist())
+               for r, error in received if error is None]
+    assert answers[0] == ("w-1", [0.0, 10.0])
+    assert ("w-3", [20.0, 30.0]) in answers
+    assert [name for name, _ in answers if name == "plain"] == ["plain"]
+    # The flush: the last window, with the last request's id, after the client ended.
+    assert answers[-1] == ("w-4", [40.0])
+
+
+async def test_a_failed_decoupled_session_reports_and_the_next_request_opens_a_new_one(
+        oip_server: TensorlineServer) -> None:
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+
+    def send(client: Any, value: float, request_id: str) -> tuple[Any, Any]:
+        tensor = triton.InferInput("each", [1], "FP64")
+        tensor.set_data_from_numpy(np.array([value], dtype=np.float64))
+        client.async_stream_infer("fragile", [tensor], request_id=request_id)
+        return results.get(timeout=60)
+
+    def run() -> list[tuple[Any, Any]]:
+        client = triton.InferenceServerClient(f"127.0.0.1:{oip_server.port}")
+        try:
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+            received = [send(client, 0.0, "f-0"), send(client, 1.0, "f-1"),
+                        send(client, 2.0, "f-2")]
+            client.stop_stream()
+            return received
+        finally:
+            client.close()
+
+    (first, first_error), (_, failure), (third, third_error) = await asyncio.to_thread(run)
+    assert first_error is None and third_error is None
+    assert (first.get_response().id, first.as_numpy("check").tolist()) == ("f-0", [0.0])
+    assert failure is not None
+    assert "[UNKNOWN]" in failure.message()
+    assert "node 'check'" in failure.message() and "cannot handle 1" in failure.message()
+    assert (third.get_response().id, third.as_numpy("check").tolist()) == ("f-2", [2.0])
