@@ -93,7 +93,7 @@ class InferenceService:
                              max_json_depth=settings.max_json_depth)
         # Whether the server takes work (not warming up, not draining, runtimes healthy); the
         # server sets it once it exists.
-        self.server_ready: Callable[[], bool] = lambda: not admission.draining
+        self.is_server_ready: Callable[[], bool] = lambda: not admission.draining
         self._ids = 0
 
     # --- the repository -----------------------------------------------------------------------
@@ -133,9 +133,9 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     @translate_errors("ServerReady")
-    async def server_ready_(self, request: pb.ServerReadyRequest,
+    async def server_ready(self, request: pb.ServerReadyRequest,
                             context: Context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.server_ready())
+        return pb.ServerReadyResponse(ready=self.is_server_ready())
 
     @translate_errors("ServerMetadata")
     async def server_metadata(self, request: pb.ServerMetadataRequest,
@@ -147,7 +147,7 @@ class InferenceService:
     async def model_ready(self, request: pb.ModelReadyRequest,
                           context: Context) -> pb.ModelReadyResponse:
         version = _version_of(request.version, "version")
-        if self.repository is None or not self.server_ready():
+        if self.repository is None or not self.is_server_ready():
             return pb.ModelReadyResponse(ready=False)
         try:
             self.repository.get(request.name, version)
@@ -311,7 +311,7 @@ class InferenceService:
 
         methods = {
             "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-            "ServerReady": unary(self.server_ready_, pb.ServerReadyRequest,
+            "ServerReady": unary(self.server_ready, pb.ServerReadyRequest,
                                  pb.ServerReadyResponse),
             "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest,
                                     pb.ServerMetadataResponse),

@@ -337,7 +337,7 @@ async def create_server(
         raise OSError(f"cannot listen on {address}")
     tensorline_server = TensorlineServer(settings, engine, server, health_servicer, port,
                                          telemetry, service, repository)
-    inference.server_ready = tensorline_server.ready
+    inference.is_server_ready = tensorline_server.ready
     return tensorline_server, port
 
 
