@@ -117,13 +117,16 @@ class InferenceService:
 
     @contextlib.contextmanager
     def pipeline(self, name: str, version: int | None) -> Iterator[LoadedPipeline]:
-        """The named pipeline for one call (NOT_FOUND / UNAVAILABLE as Triton answers)."""
+        """The named pipeline for one call, leased from the repository until exit: a version
+        replaced or unloaded meanwhile finishes this call. NOT_FOUND / UNAVAILABLE as Triton
+        answers."""
         repository = self._repository(name)
-        try:
-            pipeline = repository.get(name, version)
-        except PipelineNotFound as error:
-            raise self._not_found(name, error) from None
-        yield pipeline
+        with contextlib.ExitStack() as stack:
+            try:
+                pipeline = stack.enter_context(repository.lease(name, version))
+            except PipelineNotFound as error:
+                raise self._not_found(name, error) from None
+            yield pipeline
 
     # --- server and model state -----------------------------------------------------------------
 
@@ -147,13 +150,9 @@ class InferenceService:
     async def model_ready(self, request: pb.ModelReadyRequest,
                           context: Context) -> pb.ModelReadyResponse:
         version = _version_of(request.version, "version")
-        if self.repository is None or not self.is_server_ready():
-            return pb.ModelReadyResponse(ready=False)
-        try:
-            self.repository.get(request.name, version)
-        except PipelineNotFound:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self.repository is not None
+                                     and self.is_server_ready()
+                                     and self.repository.ready(request.name, version))
 
     @translate_errors("ModelMetadata")
     async def model_metadata(self, request: pb.ModelMetadataRequest,
@@ -185,6 +184,42 @@ class InferenceService:
                 models.append(pb.RepositoryIndexResponse.ModelIndex(
                     name=state.name, state=state.state, reason=state.reason))
         return pb.RepositoryIndexResponse(models=models)
+
+    @translate_errors("RepositoryModelLoad")
+    async def repository_model_load(self, request: pb.RepositoryModelLoadRequest,
+                                    context: Context) -> pb.RepositoryModelLoadResponse:
+        """Re-read the model's manifest, compile and warm it: it becomes the newest version (the
+        one before keeps serving if it fails)."""
+        self._check_repository_request(request.repository_name, request.parameters)
+        await self._repository(request.model_name).load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @translate_errors("RepositoryModelUnload")
+    async def repository_model_unload(self, request: pb.RepositoryModelUnloadRequest,
+                                      context: Context) -> pb.RepositoryModelUnloadResponse:
+        """The model takes no new calls; calls in flight finish on their version."""
+        # tritonclient always sends unload_dependents; a pipeline has no dependent models.
+        self._check_repository_request(request.repository_name, request.parameters,
+                                       allowed=("unload_dependents",))
+        await self._repository(request.model_name).unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @staticmethod
+    def _check_repository_request(repository_name: str, parameters: Any,
+                                  allowed: tuple[str, ...] = ()) -> None:
+        """A load or unload names no other repository and passes no parameters (Triton's
+        ``config`` and file overrides have no meaning here): refused, not ignored."""
+        problems = []
+        if repository_name:
+            problems.append(Violation("repository_name", "this server has one repository; "
+                                      f"leave it empty (got {clip(repository_name)!r})"))
+        unsupported = sorted(clip(key) for key in parameters if key not in allowed)
+        if unsupported:
+            problems.append(Violation("parameters", "load/unload parameters are not supported "
+                                      f"(got {', '.join(unsupported)}); edit the manifest in "
+                                      "the pipelines directory instead"))
+        if problems:
+            raise RequestInvalid(problems, "invalid repository request")
 
     # --- inference ------------------------------------------------------------------------------
 
@@ -325,5 +360,11 @@ class InferenceService:
                 response_serializer=pb.ModelStreamInferResponse.SerializeToString),
             "RepositoryIndex": unary(self.repository_index, pb.RepositoryIndexRequest,
                                      pb.RepositoryIndexResponse),
+            "RepositoryModelLoad": unary(self.repository_model_load,
+                                         pb.RepositoryModelLoadRequest,
+                                         pb.RepositoryModelLoadResponse),
+            "RepositoryModelUnload": unary(self.repository_model_unload,
+                                           pb.RepositoryModelUnloadRequest,
+                                           pb.RepositoryModelUnloadResponse),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
