@@ -288,11 +288,12 @@ class InferenceService:
     @staticmethod
     def not_encodable(pipeline: LoadedPipeline, port: PipelinePort,
                       error: OutputNotEncodable) -> RequestInvalid:
-        """FAILED_PRECONDITION: the model produced an output the protocol cannot carry."""
+        """FAILED_PRECONDITION: the model produced an output the protocol cannot carry, or not
+        the one its manifest declares."""
         return RequestInvalid(
             [Violation(f"outputs.{port.name}", f"model {clip(pipeline.name)!r}: {error}",
                        kind="precondition")],
-            f"model {clip(pipeline.name)!r} produced an output the protocol cannot carry")
+            f"model {clip(pipeline.name)!r} produced an output it cannot send")
 
     @staticmethod
     def version_of(text: str) -> int | None:
@@ -321,7 +322,8 @@ class InferenceService:
                                          model_version=str(pipeline.version), id=request.id)
         for port in requested:
             try:
-                tensor, raw = encode_output(port.name, produced[(port.node_id, port.port)])
+                tensor, raw = encode_output(port.name, produced[(port.node_id, port.port)],
+                                             port.datatype, port.shape)
             except OutputNotEncodable as exc:
                 raise self.not_encodable(pipeline, port, exc) from None
             response.outputs.append(tensor)

@@ -178,7 +178,7 @@ class InferStream:
                     if (p.node_id, p.port) == (item.node_id, item.port))
         request_id = current.ids.pop(item.sequence, current.last_id)
         try:
-            tensor, raw = encode_output(port.name, item.value)
+            tensor, raw = encode_output(port.name, item.value, port.datatype, port.shape)
         except OutputNotEncodable as exc:
             return error_response(None, self.service.not_encodable(pipeline, port, exc),
                                   pipeline.name, request_id)

@@ -237,8 +237,24 @@ class OutputNotEncodable(ValueError):
     """A pipeline output has no Open Inference Protocol form (e.g. a complex tensor)."""
 
 
-def encode_output(name: str, value: Any) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
-    """One output tensor's metadata and its raw contents."""
+def encode_output(name: str, value: Any, datatype: str | None = None,
+                  shape: tuple[int, ...] | None = None,
+                  ) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+    """One output tensor's metadata and its raw contents; OutputNotEncodable when it has no v2
+    form, or not the ``datatype`` / ``shape`` the manifest declares for it."""
+    tensor, raw = _encode(name, value)
+    produced = list(tensor.shape)
+    if (datatype is not None and tensor.datatype != datatype) or (shape is not None and (
+            len(shape) != len(produced)
+            or any(want not in (-1, got) for want, got in zip(shape, produced, strict=True)))):
+        declared = " ".join(filter(None, (datatype, str(list(shape)) if shape is not None
+                                          else None)))
+        raise OutputNotEncodable(f"output {name!r} is {tensor.datatype} of shape {produced}; "
+                                 f"the manifest declares {declared}")
+    return tensor, raw
+
+
+def _encode(name: str, value: Any) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
     tensor = pb.ModelInferResponse.InferOutputTensor(name=name)
     if isinstance(value, Tagged):
         value = value.value

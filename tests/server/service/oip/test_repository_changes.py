@@ -178,3 +178,66 @@ async def test_load_and_unload_through_tritonclient(
         assert raised.value.status() == "StatusCode.NOT_FOUND"
     finally:
         await client.close()
+
+
+DECLARED = """\
+version: v1
+metadata:
+  name: declared
+  inputs: [{name: image, node: src, datatype: FP32, shape: [-1, 3]}]
+  outputs:
+    - {name: scaled, node: s, datatype: FP32, shape: [-1, 3]}
+    - {name: doubled, node: d, datatype: FP64}
+nodes:
+  - {id: src, node_type: PassThrough}
+  - {id: s, node_type: Scale, params: {factor: 0.5}}
+  - {id: d, node_type: Scale, params: {factor: 2}}
+connections:
+  - {from: src, to: s}
+  - {from: src, to: d}
+"""
+
+
+async def test_declared_names_datatypes_and_shapes(server_factory: Callable[..., Any],
+                                                   tmp_path: Path) -> None:
+    """``metadata.inputs`` / ``outputs`` name the model's tensors and declare their datatype
+    and shape: ModelMetadata reports them, inputs are checked against them, and an output that
+    is not what its declaration says is FAILED_PRECONDITION naming it."""
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    (pipelines / "declared.yaml").write_text(DECLARED)
+    server = await server_factory(pipelines_dir=pipelines)
+    client = triton_aio.InferenceServerClient(f"127.0.0.1:{server.port}")
+    try:
+        metadata = await client.get_model_metadata("declared")
+        assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+            ("image", "FP32", [-1, 3])]
+        assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
+            ("scaled", "FP32", [-1, 3]), ("doubled", "FP64", [-1])]
+
+        image = np.arange(6, dtype=np.float32).reshape(2, 3)
+        tensor = triton_aio.InferInput("image", [2, 3], "FP32")
+        tensor.set_data_from_numpy(image)
+        result = await client.infer("declared", [tensor],
+                                    outputs=[triton_aio.InferRequestedOutput("scaled")])
+        assert result.as_numpy("scaled").tobytes() == (image * np.float32(0.5)).tobytes()
+        # Scale keeps FP32: the declared FP64 output is not what the pipeline produces.
+        with pytest.raises(InferenceServerException) as raised:
+            await client.infer("declared", [tensor])
+        assert raised.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert ("output 'doubled' is FP32 of shape [2, 3]; the manifest declares FP64"
+                in raised.value.message())
+
+        wide = triton_aio.InferInput("image", [2, 3], "FP64")
+        wide.set_data_from_numpy(image.astype(np.float64))
+        with pytest.raises(InferenceServerException) as raised:
+            await client.infer("declared", [wide])
+        assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "model 'declared' input 'image': expects FP32, got FP64" in raised.value.message()
+        flat = triton_aio.InferInput("image", [6], "FP32")
+        flat.set_data_from_numpy(image.reshape(-1))
+        with pytest.raises(InferenceServerException) as raised:
+            await client.infer("declared", [flat])
+        assert "expects shape [-1, 3] (-1: any size), got [6]" in raised.value.message()
+    finally:
+        await client.close()

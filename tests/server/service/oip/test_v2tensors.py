@@ -156,3 +156,13 @@ def test_outputs_of_every_kind() -> None:
     assert (list(out.shape), raw) == ([3, 2], np.ascontiguousarray(transposed).tobytes())
     with pytest.raises(OutputNotEncodable, match="dtype complex64"):
         encode_output("y", np.zeros(2, np.complex64))
+
+
+def test_outputs_are_checked_against_their_declaration() -> None:
+    value = np.zeros((2, 3), np.float32)
+    assert encode_output("y", value, "FP32", (-1, 3))[0].datatype == "FP32"
+    with pytest.raises(OutputNotEncodable, match=r"is FP32 of shape \[2, 3\]; the manifest "
+                                                 r"declares FP64 \[-1, 3\]"):
+        encode_output("y", value, "FP64", (-1, 3))
+    with pytest.raises(OutputNotEncodable, match=r"declares \[6\]"):
+        encode_output("y", value, None, (6,))
