@@ -44,8 +44,10 @@ from tensorline.server.service._telemetry import Telemetry
 from tensorline.server.service._v2tensors import (
     InputTarget,
     OutputNotEncodable,
+    Raw,
     decode_tensor,
     encode_output,
+    frame_response,
 )
 from tensorline.wire import Limits, PortItem
 
@@ -305,8 +307,9 @@ class InferenceService:
         return f"oip-{self.settings.instance_id}-{self._ids}"
 
     async def infer(self, request: pb.ModelInferRequest,
-                    context: Context) -> pb.ModelInferResponse:
-        """Run one inference request (ModelInfer, or one request of a stream)."""
+                    context: Context) -> tuple[pb.ModelInferResponse, list[Raw]]:
+        """Run one inference request (ModelInfer, or one request of a stream): the response
+        without its raw contents, and the raw contents of its outputs, in order."""
         version = _version_of(request.model_version, "model_version")
         self.admission.enter_execution()
         try:
@@ -320,20 +323,20 @@ class InferenceService:
         produced = {(item.node_id, item.port): item.value for item in result.outputs}
         response = pb.ModelInferResponse(model_name=pipeline.name,
                                          model_version=str(pipeline.version), id=request.id)
+        raws: list[Raw] = []
         for port in requested:
             try:
                 tensor, raw = encode_output(port.name, produced[(port.node_id, port.port)],
-                                             port.datatype, port.shape)
+                                            port.datatype, port.shape)
             except OutputNotEncodable as exc:
                 raise self.not_encodable(pipeline, port, exc) from None
             response.outputs.append(tensor)
-            response.raw_output_contents.append(raw)
-        return response
+            raws.append(raw)
+        return response, raws
 
     @translate_errors("ModelInfer")
-    async def model_infer(self, request: pb.ModelInferRequest,
-                          context: Context) -> pb.ModelInferResponse:
-        return await self.infer(request, context)
+    async def model_infer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
+        return frame_response(*await self.infer(request, context))
 
     async def model_stream_infer(self, requests: Any, context: Context) -> None:
         """ModelStreamInfer (see ``_inference_stream``)."""
@@ -355,7 +358,10 @@ class InferenceService:
             "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
             "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest,
                                    pb.ModelMetadataResponse),
-            "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            # The handler frames the response itself (``frame_response``): no serializer.
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                self.model_infer, request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=None),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.model_stream_infer,
                 request_deserializer=pb.ModelInferRequest.FromString,

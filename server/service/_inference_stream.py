@@ -125,7 +125,8 @@ class InferStream:
                                        self.service.version_of(request.model_version)) as pipeline:
                 decoupled = is_decoupled(pipeline)
             if not decoupled:
-                response = await self.service.infer(request, self.context)
+                response, raws = await self.service.infer(request, self.context)
+                response.raw_output_contents.extend(bytes(raw) for raw in raws)
                 self._out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
                 return
             await self._feed(request)
@@ -184,7 +185,7 @@ class InferStream:
                                   pipeline.name, request_id)
         return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
             model_name=pipeline.name, model_version=str(pipeline.version), id=request_id,
-            outputs=[tensor], raw_output_contents=[raw]))
+            outputs=[tensor], raw_output_contents=[bytes(raw)]))
 
     async def _pump(self, key: tuple[str, int], current: _Decoupled) -> None:
         """Results of one session -> responses, until it closes or fails."""

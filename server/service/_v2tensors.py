@@ -74,6 +74,12 @@ SAMPLE_RATE = "sample_rate"
 
 _LENGTH = struct.Struct("<I")
 
+# An output's raw contents: bytes, or a view of an array's bytes.
+Raw = bytes | memoryview
+# ModelInferResponse.raw_output_contents: its field number, length-delimited.
+_RAW_OUTPUT_TAG = bytes([pb.ModelInferResponse.DESCRIPTOR.fields_by_name[
+    "raw_output_contents"].number << 3 | 2])
+
 
 @dataclass(frozen=True, slots=True)
 class InputTarget:
@@ -239,9 +245,10 @@ class OutputNotEncodable(ValueError):
 
 def encode_output(name: str, value: Any, datatype: str | None = None,
                   shape: tuple[int, ...] | None = None,
-                  ) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
-    """One output tensor's metadata and its raw contents; OutputNotEncodable when it has no v2
-    form, or not the ``datatype`` / ``shape`` the manifest declares for it."""
+                  ) -> tuple[pb.ModelInferResponse.InferOutputTensor, Raw]:
+    """One output tensor's metadata and its raw contents (bytes, or a view of the array's);
+    OutputNotEncodable when it has no v2 form, or not the ``datatype`` / ``shape`` the manifest
+    declares for it."""
     tensor, raw = _encode(name, value)
     produced = list(tensor.shape)
     if (datatype is not None and tensor.datatype != datatype) or (shape is not None and (
@@ -254,7 +261,7 @@ def encode_output(name: str, value: Any, datatype: str | None = None,
     return tensor, raw
 
 
-def _encode(name: str, value: Any) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+def _encode(name: str, value: Any) -> tuple[pb.ModelInferResponse.InferOutputTensor, Raw]:
     tensor = pb.ModelInferResponse.InferOutputTensor(name=name)
     if isinstance(value, Tagged):
         value = value.value
@@ -280,5 +287,27 @@ def _encode(name: str, value: Any) -> tuple[pb.ModelInferResponse.InferOutputTen
         raise OutputNotEncodable(f"output {name!r} has dtype {value.dtype}, which has no Open "
                                  f"Inference Protocol datatype (one of {', '.join(DATATYPES)})")
     tensor.datatype = datatype
-    little = value.astype(DTYPES[datatype], copy=False)
-    return tensor, np.ascontiguousarray(little).tobytes()
+    little = np.ascontiguousarray(value.astype(DTYPES[datatype], copy=False))
+    # A view of the array's bytes: the response is framed with one copy (``frame_response``).
+    return tensor, little.reshape(-1).view(np.uint8).data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def frame_response(response: pb.ModelInferResponse, raws: list[Raw]) -> bytes:
+    """The serialized ModelInferResponse with ``raws`` as its ``raw_output_contents``.
+
+    Protobuf parsers take a message's fields in any order, so the raw contents are appended
+    after the rest of the message, framed by hand: the tensors are copied once (into the
+    joined bytes gRPC sends), not into the message and again by its serialization."""
+    parts: list[Raw] = [response.SerializeToString()]
+    for raw in raws:
+        parts += [_RAW_OUTPUT_TAG, _varint(len(raw)), raw]
+    return b"".join(parts)

@@ -16,6 +16,7 @@ from tensorline.server.service._v2tensors import (
     OutputNotEncodable,
     decode_tensor,
     encode_output,
+    frame_response,
     join_bytes_elements,
     split_bytes_elements,
 )
@@ -166,3 +167,20 @@ def test_outputs_are_checked_against_their_declaration() -> None:
         encode_output("y", value, "FP64", (-1, 3))
     with pytest.raises(OutputNotEncodable, match=r"declares \[6\]"):
         encode_output("y", value, None, (6,))
+
+
+def test_a_framed_response_parses_as_tritons() -> None:
+    from tritonclient.grpc import service_pb2
+
+    response = pb.ModelInferResponse(model_name="m", model_version="1", id="r")
+    raws = []
+    for name, value in (("a", np.arange(300, dtype=np.int64)), ("b", b"x" * 200),
+                        ("c", np.zeros((0, 3), np.float32))):
+        tensor, raw = encode_output(name, value)
+        response.outputs.append(tensor)
+        raws.append(raw)
+    parsed = service_pb2.ModelInferResponse.FromString(frame_response(response, raws))
+    assert (parsed.model_name, parsed.id, [o.name for o in parsed.outputs]) == ("m", "r",
+                                                                               ["a", "b", "c"])
+    assert list(parsed.raw_output_contents) == [np.arange(300, dtype=np.int64).tobytes(),
+                                                join_bytes_elements([b"x" * 200]), b""]
