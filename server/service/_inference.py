@@ -37,7 +37,11 @@ from tensorline.server._version import __version__
 from tensorline.server.executor import PipelineEngine
 from tensorline.server.repository import LoadedPipeline, PipelinePort, PipelineRepository
 from tensorline.server.service._admission import Admission
-from tensorline.server.service._inference_stream import model_stream_infer
+from tensorline.server.service._inference_stream import (
+    MalformedRequest,
+    model_stream_infer,
+    parser,
+)
 from tensorline.server.service._service import scope_for
 from tensorline.server.service._status import translate_errors
 from tensorline.server.service._telemetry import Telemetry
@@ -343,35 +347,56 @@ class InferenceService:
         observe = self.telemetry.observe_request if self.telemetry is not None else None
         await model_stream_infer(self, context, observe)
 
+    @staticmethod
+    async def _refuse(request: MalformedRequest, context: Context) -> None:
+        raise RequestInvalid([Violation("request", request.why)], "malformed request")
+
     def handler(self) -> grpc.GenericRpcHandler:
-        def unary(method: Callable[..., Any], request: Any, response: Any) -> Any:
+        def unary(name: str, method: Callable[..., Any], request: Any,
+                  serializer: Callable[[Any], bytes] | None) -> Any:
+            # Bytes that do not parse are the client's error (INVALID_ARGUMENT), reported
+            # through the same translation and telemetry as the method's own errors.
+            async def refuse_malformed(_: Any, malformed: MalformedRequest,
+                                       context: Context) -> None:
+                await self._refuse(malformed, context)
+
+            refuse = translate_errors(name)(refuse_malformed)
+
+            async def call(message: Any, context: Context) -> Any:
+                if isinstance(message, MalformedRequest):
+                    return await refuse(self, message, context)
+                return await method(message, context)
+
             return grpc.unary_unary_rpc_method_handler(
-                method, request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString)
+                call, request_deserializer=parser(request), response_serializer=serializer)
+
+        def plain(name: str, method: Callable[..., Any], request: Any, response: Any) -> Any:
+            return unary(name, method, request, response.SerializeToString)
 
         methods = {
-            "ServerLive": unary(self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-            "ServerReady": unary(self.server_ready, pb.ServerReadyRequest,
+            "ServerLive": plain("ServerLive", self.server_live, pb.ServerLiveRequest,
+                                pb.ServerLiveResponse),
+            "ServerReady": plain("ServerReady", self.server_ready, pb.ServerReadyRequest,
                                  pb.ServerReadyResponse),
-            "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest,
-                                    pb.ServerMetadataResponse),
-            "ModelReady": unary(self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
-            "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest,
-                                   pb.ModelMetadataResponse),
+            "ServerMetadata": plain("ServerMetadata", self.server_metadata,
+                                    pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+            "ModelReady": plain("ModelReady", self.model_ready, pb.ModelReadyRequest,
+                                pb.ModelReadyResponse),
+            "ModelMetadata": plain("ModelMetadata", self.model_metadata,
+                                   pb.ModelMetadataRequest, pb.ModelMetadataResponse),
             # The handler frames the response itself (``frame_response``): no serializer.
-            "ModelInfer": grpc.unary_unary_rpc_method_handler(
-                self.model_infer, request_deserializer=pb.ModelInferRequest.FromString,
-                response_serializer=None),
+            "ModelInfer": unary("ModelInfer", self.model_infer, pb.ModelInferRequest, None),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.model_stream_infer,
-                request_deserializer=pb.ModelInferRequest.FromString,
+                request_deserializer=parser(pb.ModelInferRequest),
                 response_serializer=pb.ModelStreamInferResponse.SerializeToString),
-            "RepositoryIndex": unary(self.repository_index, pb.RepositoryIndexRequest,
-                                     pb.RepositoryIndexResponse),
-            "RepositoryModelLoad": unary(self.repository_model_load,
+            "RepositoryIndex": plain("RepositoryIndex", self.repository_index,
+                                     pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+            "RepositoryModelLoad": plain("RepositoryModelLoad", self.repository_model_load,
                                          pb.RepositoryModelLoadRequest,
                                          pb.RepositoryModelLoadResponse),
-            "RepositoryModelUnload": unary(self.repository_model_unload,
+            "RepositoryModelUnload": plain("RepositoryModelUnload",
+                                           self.repository_model_unload,
                                            pb.RepositoryModelUnloadRequest,
                                            pb.RepositoryModelUnloadResponse),
         }

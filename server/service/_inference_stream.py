@@ -32,9 +32,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from tensorline.oip.v2 import inference_pb2 as pb
-from tensorline.server._errors import NodeFailed, TensorlineServerError, clip
+from tensorline.server._errors import (
+    NodeFailed,
+    RequestInvalid,
+    TensorlineServerError,
+    Violation,
+    clip,
+)
 from tensorline.server._logging import request_id_var
 from tensorline.server.executor import SessionClosed, StreamSession
 from tensorline.server.repository import LoadedPipeline
@@ -49,6 +56,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Context = Any  # grpc.aio.ServicerContext
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedRequest:
+    """Request bytes that do not parse as the method's message (INVALID_ARGUMENT)."""
+
+    why: str
+
+
+def parser(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer for ``message`` (a generated class) that never raises: bytes
+    that do not parse become a ``MalformedRequest`` the handler refuses."""
+    name = f"inference.{message.DESCRIPTOR.name}"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return MalformedRequest(f"the request is not a valid {name} message")
+
+    return parse
 
 
 def is_decoupled(pipeline: LoadedPipeline) -> bool:
@@ -105,7 +133,8 @@ class InferStream:
                 request: Any = await self.context.read()
                 if request is grpc.aio.EOF:
                     break
-                request_id_var.set(request.id or request_id_of(self.context))
+                if not isinstance(request, MalformedRequest):
+                    request_id_var.set(request.id or request_id_of(self.context))
                 await self._handle(request)
             for key in list(self._sessions):
                 await self._finish(key)
@@ -119,7 +148,11 @@ class InferStream:
         while (response := await self._out.get()) is not None:
             await self.context.write(response)
 
-    async def _handle(self, request: pb.ModelInferRequest) -> None:
+    async def _handle(self, request: pb.ModelInferRequest | MalformedRequest) -> None:
+        if isinstance(request, MalformedRequest):
+            self._out.put_nowait(error_response(
+                None, RequestInvalid([Violation("request", request.why)], "malformed request")))
+            return
         try:
             with self.service.pipeline(request.model_name,
                                        self.service.version_of(request.model_version)) as pipeline:

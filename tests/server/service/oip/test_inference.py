@@ -413,3 +413,27 @@ async def test_a_failed_decoupled_session_reports_and_the_next_request_opens_a_n
     assert "[UNKNOWN]" in failure.message()
     assert "node 'check'" in failure.message() and "cannot handle 1" in failure.message()
     assert (third.get_response().id, third.as_numpy("check").tolist()) == ("f-2", [2.0])
+
+
+async def test_bytes_that_do_not_parse_are_invalid_arguments(
+        oip_server: TensorlineServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{oip_server.port}") as channel:
+        for method in ("ModelInfer", "ServerLive", "RepositoryModelLoad"):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.unary_unary(f"/inference.GRPCInferenceService/{method}")(
+                    b"\xff\xff\xff")
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert f"not a valid inference.{method}Request" in (raised.value.details() or "")
+        # On a stream: the error in error_message, and the stream goes on.
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                     response_deserializer=service_pb2.ModelStreamInferResponse
+                                     .FromString)()
+        good = service_pb2.ModelInferRequest(model_name="nothing-here", id="after")
+        await call.write(b"\xff\xff\xff")
+        await call.write(good.SerializeToString())
+        await call.done_writing()
+        responses = [response async for response in call]
+    assert "[INVALID_ARGUMENT]" in responses[0].error_message
+    assert "not a valid inference.ModelInferRequest" in responses[0].error_message
+    assert responses[1].infer_response.id == "after"
+    assert "[NOT_FOUND]" in responses[1].error_message
