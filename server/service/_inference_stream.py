@@ -123,7 +123,10 @@ class InferStream:
     def __init__(self, service: InferenceService, context: Context) -> None:
         self.service = service
         self.context = context
-        self._out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        # Bounded: a client that stops reading stops the sessions' results, then the reading of
+        # its requests (gRPC flow control), instead of growing this queue.
+        self._out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(
+            max(1, service.settings.stream_queue_size))
         self._sessions: dict[tuple[str, int], _Decoupled] = {}
 
     async def run(self) -> None:
@@ -141,8 +144,12 @@ class InferStream:
         finally:
             for key in list(self._sessions):
                 await self._close(key)
-            self._out.put_nowait(None)
-            await writer
+            try:
+                if not writer.done():
+                    await self._out.put(None)
+                await writer
+            finally:
+                writer.cancel()
 
     async def _write(self) -> None:
         while (response := await self._out.get()) is not None:
@@ -150,7 +157,7 @@ class InferStream:
 
     async def _handle(self, request: pb.ModelInferRequest | MalformedRequest) -> None:
         if isinstance(request, MalformedRequest):
-            self._out.put_nowait(error_response(
+            await self._out.put(error_response(
                 None, RequestInvalid([Violation("request", request.why)], "malformed request")))
             return
         try:
@@ -160,11 +167,11 @@ class InferStream:
             if not decoupled:
                 response, raws = await self.service.infer(request, self.context)
                 response.raw_output_contents.extend(bytes(raw) for raw in raws)
-                self._out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                await self._out.put(pb.ModelStreamInferResponse(infer_response=response))
                 return
             await self._feed(request)
         except Exception as error:
-            self._out.put_nowait(error_response(request, error))
+            await self._out.put(error_response(request, error))
 
     async def _feed(self, request: pb.ModelInferRequest) -> None:
         """One request of a decoupled model: one chunk into its session."""
@@ -231,8 +238,8 @@ class InferStream:
                 if error is not None:
                     # What was produced before the failure goes first.
                     while len(outbox):
-                        self._send_results(current, await outbox.get_batch())
-                    self._fail(key, current, error)
+                        await self._send_results(current, await outbox.get_batch())
+                    await self._fail(key, current, error)
                     return
                 # A clean end: SessionClosed follows the last results.
                 batch = await outbox.get_batch()
@@ -244,22 +251,22 @@ class InferStream:
                     await asyncio.gather(getting, return_exceptions=True)
                     continue
                 batch = getting.result()
-            if self._send_results(current, batch):
+            if await self._send_results(current, batch):
                 return
 
-    def _send_results(self, current: _Decoupled, batch: list[Any]) -> bool:
+    async def _send_results(self, current: _Decoupled, batch: list[Any]) -> bool:
         """Queue a batch of the outbox's results; True once the session has closed."""
         for item in batch:
             if type(item) is StreamItem:
-                self._out.put_nowait(self._response(current, item))
+                await self._out.put(self._response(current, item))
             elif isinstance(item, SessionClosed):
                 return True
         return False
 
-    def _fail(self, key: tuple[str, int], current: _Decoupled,
+    async def _fail(self, key: tuple[str, int], current: _Decoupled,
               error: BaseException | None) -> None:
         assert error is not None
-        self._out.put_nowait(error_response(None, error, current.pipeline.name,
+        await self._out.put(error_response(None, error, current.pipeline.name,
                                             current.last_id))
         if self._sessions.get(key) is current:
             del self._sessions[key]
