@@ -256,6 +256,10 @@ class InferenceService:
                 problems.append(Violation(f"{field}.name", f"{where} is given twice"))
                 continue
             seen.add(tensor.name)
+            if any(key.startswith("shared_memory") for key in tensor.parameters):
+                problems.append(Violation(f"{field}.parameters", f"{where}: shared memory "
+                                          "is not supported; send the tensor's contents"))
+                continue
             if raw and tensor.HasField("contents"):
                 problems.append(Violation(f"{field}.contents", f"{where}: contents and "
                                           "raw_input_contents cannot be mixed in one request"))
@@ -279,15 +283,21 @@ class InferenceService:
                    pipeline: LoadedPipeline) -> Sequence[PipelinePort]:
         if not request.outputs:
             return pipeline.outputs
+        model = clip(pipeline.name)
         by_name = {port.name: port for port in pipeline.outputs}
-        unknown = [(index, output.name) for index, output in enumerate(request.outputs)
-                   if output.name not in by_name]
-        if unknown:
-            raise RequestInvalid(
-                [Violation(f"outputs[{index}].name", f"model {clip(pipeline.name)!r} has no "
-                           f"output {clip(name)!r}; its outputs: {', '.join(by_name)}")
-                 for index, name in unknown],
-                f"invalid inference request for model {clip(pipeline.name)!r}")
+        problems = [Violation(f"outputs[{index}].name", f"model {model!r} has no output "
+                              f"{clip(output.name)!r}; its outputs: {', '.join(by_name)}")
+                    for index, output in enumerate(request.outputs)
+                    if output.name not in by_name]
+        # Extensions this server does not implement are refused, not ignored: the client
+        # would otherwise read a plain tensor as what it asked for.
+        problems += [Violation(f"outputs[{index}].parameters", f"model {model!r} output "
+                               f"{clip(output.name)!r}: {key.split('_')[0]} is not supported")
+                     for index, output in enumerate(request.outputs)
+                     for key in sorted(output.parameters)
+                     if key == "classification" or key.startswith("shared_memory")]
+        if problems:
+            raise RequestInvalid(problems, f"invalid inference request for model {model!r}")
         wanted = {output.name for output in request.outputs}
         return [port for port in pipeline.outputs if port.name in wanted]
 

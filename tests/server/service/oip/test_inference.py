@@ -230,6 +230,19 @@ async def test_errors_have_tritons_status_codes_and_name_the_model_and_input(
     assert "missing required input(s) scale" in message
 
     with pytest.raises(InferenceServerException) as raised:
+        await aio_client.infer("mixed", inputs, outputs=[
+            triton_aio.InferRequestedOutput("triple", class_count=3)])
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "output 'triple': classification is not supported" in raised.value.message()
+
+    shared = triton_aio.InferInput("scale", [2, 3], "FP32")
+    shared.set_shared_memory("region", 24)
+    with pytest.raises(InferenceServerException) as raised:
+        await aio_client.infer("mixed", [shared, *inputs[1:]])
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'scale': shared memory is not supported" in raised.value.message()
+
+    with pytest.raises(InferenceServerException) as raised:
         await aio_client.infer("mixed", inputs, outputs=[triton_aio.InferRequestedOutput("x")])
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "model 'mixed' has no output 'x'" in raised.value.message()
