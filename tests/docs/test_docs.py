@@ -126,6 +126,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(workdir: Path) -> Iterator[ServerProcess]:
     args = [arg for block in NODE_SNIPPETS for arg in ("--node-module", node_module(block))]
+    # The README's manifest (pipeline.yaml, named "mix") is also a model of the Open Inference
+    # Protocol, as the README's Triton snippet calls it.
+    args += ["--pipelines", str(workdir)]
     # The server's working directory is the one with the snippets (ServerProcess runs it in
     # log_dir): `serve --node-module` imports them from there, as the README says.
     with ServerProcess.start(log_dir=workdir, args=args,
