@@ -32,6 +32,7 @@ from tensorline.server.runtime.sandbox._records import (
     _Waiters,
     _Worker,
 )
+from tensorline.server.runtime.sandbox._uids import WORKER_UID_BASE, WORKER_UID_COUNT, UidLeases
 
 if TYPE_CHECKING:
     from tensorline.server.runtime.sandbox._instances import SandboxInstance
@@ -141,6 +142,7 @@ class _Core(Runtime):
         self._owns_scratch_root = False
         self._workers: dict[int, _Worker] = {}
         self._wids = itertools.count(1)
+        self._uid_leases = UidLeases(WORKER_UID_BASE, WORKER_UID_COUNT)
         self._iids = itertools.count(1)
         self._class_ids = itertools.count(1)
         # By NodeEntry.class_ref: untrusted nodes have no class object in the server.
