@@ -94,6 +94,15 @@ class Channel:
             if not getter.done():
                 getter.set_result(None)
 
+    def parked(self) -> bool:
+        """True when the consumer waits on this empty channel: it has handled everything put
+        before, and nothing is on its way to it."""
+        return self._getter is not None and not self._items
+
+    def peek(self) -> list[Any]:
+        """What is queued, in order (not taken)."""
+        return [item for item, _ in self._items]
+
     def try_put(self, item: Any, size: int = 0) -> bool:
         """Queue ``item`` if there is room now (the hot path: no coroutine, no future)."""
         if self._full(size):
