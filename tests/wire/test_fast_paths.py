@@ -4,12 +4,12 @@ Fast paths (each returns None, "not mine", whenever the general path must decide
 
 * ``_unary._decode_small_request`` (with ``_plain_tensor``): small ExecuteRequests through the
   generated parser, versus the zero-copy scan of ``decode_execute_request``;
-* ``_streams._fast_stream_chunk``: a chunk of one plain tensor scanned inline, versus the general
-  walk of ``decode_stream_chunk`` (used by ``decode_stream_request`` and
-  ``decode_stream_response``);
+* ``_streams._fast_stream_chunk``: a chunk of one plain tensor scanned inline or decoded through
+  a header cached by an earlier scan, versus the general walk of ``decode_stream_chunk`` (used by
+  ``decode_stream_request`` and ``decode_stream_response``);
 * ``_unary._small_tensor_output``: an ExecuteResponse output framed in one join, versus
-  ``encode_port_value``; ``_codec._encode_tensor`` and ``encode_execution_metrics`` versus the
-  generated serializer.
+  ``encode_port_value``; ``_codec._encode_tensor``, ``encode_execution_metrics`` and a stream
+  chunk's or result's framing (through its cached header) versus the generated serializer.
 
 Decoders are compared by running each public decoder twice on the same bytes, once as is and
 once with the fast path switched off: same values (bit-exact arrays, dtype, shape), same
@@ -48,6 +48,7 @@ from tensorline.wire import (
     decode_stream_response,
     encode_execution_metrics,
     encode_port_value,
+    encode_stream_chunk,
     encode_stream_results,
     join,
     wire_dtype,
@@ -118,6 +119,12 @@ def assert_same_decoding(raw: bytes, limits: Limits) -> None:
     fast_req = _outcome(lambda: _request_summary(decode_execute_request(raw, limits)))
     fast_stream = _outcome(lambda: _stream_request_summary(decode_stream_request(raw, limits)))
     fast_resp = _outcome(lambda: _stream_response_summary(decode_stream_response(raw)))
+    # Again: a chunk the fast scan decoded left its header in the cache, so this time it may
+    # decode through the header (``_streams._cached_chunk``).
+    assert _outcome(lambda: _stream_request_summary(decode_stream_request(raw, limits))) \
+        == fast_stream, "StreamRequest: decoding through a cached header differs"
+    assert _outcome(lambda: _stream_response_summary(decode_stream_response(raw))) \
+        == fast_resp, "StreamResponse: decoding through a cached header differs"
     with _general_only():
         general_req = _outcome(lambda: _request_summary(decode_execute_request(raw, limits)))
         general_stream = _outcome(
@@ -362,6 +369,11 @@ def test_the_fast_paths_are_taken() -> None:
     assert _unary._decode_small_request(raw, Limits()) is not None
     chunk = join(_streams.encode_stream_item(2, 5, "n", "p", array))
     assert _streams._fast_stream_chunk(chunk, 2, len(chunk), Limits()) is not None
+    # The scan left the chunk's header in the cache: the next chunk of the format uses it.
+    later = join(_streams.encode_stream_item(2, 6, "n", "p", array + 1))
+    through_header = _streams._cached_chunk(later, 2, len(later), Limits())
+    assert through_header is not None and through_header.sequence == 6
+    assert through_header.item.value.tolist() == (array + 1).tolist()
 
 
 # --- encoders: the fast framing against the general one and the generated serializer ----------
@@ -397,11 +409,17 @@ def test_fast_encoders_match_the_generated_serializer(array: np.ndarray, node: s
     assert general == expected
     fast = _unary._small_tensor_output(PortItem(node, port, array))
     assert fast is None or fast == general
-    # Stream results: the general framing of one and of several.
-    one = encode_stream_results([StreamItem(3, node, port, array)])
-    assert one == pb.StreamResponse(result=pb.StreamResult(
-        sequence=3, node_id=node, port=port,
-        value=pb.Value(tensor=pb.Tensor.FromString(expected_tensor)))).SerializeToString()
+    # Stream results: one, framed twice (the second time through the cached header), and
+    # under sequence 0 (no sequence field); chunks are framed the same way.
+    for sequence in (3, 3, 0, 2**40):
+        one = encode_stream_results([StreamItem(sequence, node, port, array)])
+        assert one == pb.StreamResponse(result=pb.StreamResult(
+            sequence=sequence, node_id=node, port=port,
+            value=pb.Value(tensor=pb.Tensor.FromString(expected_tensor)))).SerializeToString()
+        chunk = encode_stream_chunk(sequence, node, port, array)
+        assert chunk == pb.StreamRequest(data=pb.StreamChunk(
+            sequence=sequence, node_id=node, port=port,
+            value=pb.Value(tensor=pb.Tensor.FromString(expected_tensor)))).SerializeToString()
 
 
 class _Node:

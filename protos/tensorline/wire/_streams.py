@@ -12,6 +12,7 @@ import numpy as np
 
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire._codec import (
+    _DTYPE_TO_WIRE,
     _F_CHUNK_NODE_ID,
     _F_CHUNK_PORT,
     _F_CHUNK_SEQUENCE,
@@ -53,6 +54,7 @@ from tensorline.wire._codec import (
     _len_field,
     _read_varint,
     _string_field,
+    _tag,
     _to_int64,
     _utf8,
     _varint_bytes,
@@ -79,21 +81,67 @@ def _len_at(raw: bytes, pos: int) -> tuple[int, int]:
 # The length-delimited fields of a chunk, as the single bytes of their tags.
 _CHUNK_LEN_KEYS = (_K_CHUNK_NODE_ID, _K_CHUNK_PORT, _K_CHUNK_VALUE)
 
+# Chunk headers. In a stream, chunk after chunk (and result after result) differs only in its
+# sequence and its tensor's bytes: the bytes between them (node id, port, value and tensor
+# framing, dtype, shape, the data's tag and length) repeat. A *header* is those bytes, from the
+# first field after a leading sequence up to the tensor data, which ends the chunk.
+#
+# Decoding: a chunk whose bytes after its leading sequence are a header the fast scan decoded
+# before, followed by exactly the data length it announces, decodes as that scan did (the same
+# bytes, so the same fields; the data is opaque) without scanning: looked up by the length of
+# what follows the sequence, then one prefix comparison. Only headers that hold no sequence
+# field are kept (a second sequence would win over the leading one).
+# key: length from after the sequence to the chunk's end -> (header, dtype, shape, count, node
+# id, port).
+_DecodedHeader = tuple[bytes, np.dtype[Any], tuple[int, ...], int, str, str]
+_DECODE_HEADERS: dict[int, _DecodedHeader] = {}
+# Encoding: (node id, port, dtype, shape) -> header.
+_ENCODE_HEADERS: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], bytes] = {}
+# Bounds both caches (a server sees a few formats per stream; a hostile client could vary them).
+_HEADER_CACHE_SIZE = 256
+
+
+def _cached_chunk(raw: bytes, start: int, end: int, limits: Limits) -> DecodedStreamChunk | None:
+    """The chunk at raw[start:end] through a known header (see "Chunk headers"), else None."""
+    pos = start
+    sequence = 0
+    if pos < end and raw[pos] == _K_CHUNK_SEQUENCE:
+        sequence, pos = _read_varint(raw, pos + 1)
+    entry = _DECODE_HEADERS.get(end - pos)
+    if entry is None:
+        return None
+    header, dtype, shape, count, node_id, port = entry
+    if not raw.startswith(header, pos) or (
+            limits.max_tensor_bytes and count * dtype.itemsize > limits.max_tensor_bytes):
+        return None
+    value = np.frombuffer(raw, dtype=dtype, count=count, offset=pos + len(header))
+    return DecodedStreamChunk(_to_int64(sequence),
+                              PortItem(node_id, port, value.reshape(shape)))
+
 
 def _fast_stream_chunk(raw: bytes, start: int, end: int,
                        limits: Limits) -> DecodedStreamChunk | None:
     """The common case, a chunk carrying one plain tensor, scanned inline (a third of the
-    general walk's time for small chunks). None when anything is unusual: the general decoder
-    then handles (and reports) it."""
+    general walk's time for small chunks), or through a known header (``_cached_chunk``). None
+    when anything is unusual: the general decoder then handles (and reports) it."""
+    cached = _cached_chunk(raw, start, end, limits)
+    if cached is not None:
+        return cached
     sequence = 0
     node_id = port = ""
     value_start = -1
     pos = start
+    sequences = 0
+    header_start = start  # where a header would begin: after a leading sequence
     while pos < end:
         key = raw[pos]
         pos += 1
         if key == _K_CHUNK_SEQUENCE:
+            leading = pos == start + 1
             sequence, pos = _read_varint(raw, pos)
+            sequences += 1
+            if leading:
+                header_start = pos
             continue
         if key not in _CHUNK_LEN_KEYS:
             return None
@@ -144,6 +192,11 @@ def _fast_stream_chunk(raw: bytes, start: int, end: int,
                                           and nbytes > limits.max_tensor_bytes):
         return None
     value = np.frombuffer(raw, dtype=dtype, count=count, offset=data_start).reshape(shape)
+    if data_end == end and (sequences == 0 or (sequences == 1 and header_start > start)):
+        if len(_DECODE_HEADERS) >= _HEADER_CACHE_SIZE:
+            _DECODE_HEADERS.clear()
+        _DECODE_HEADERS[end - header_start] = (raw[header_start:data_start], dtype,
+                                               tuple(shape), count, node_id, port)
     return DecodedStreamChunk(_to_int64(sequence), PortItem(node_id, port, value))
 
 
@@ -181,8 +234,35 @@ def decode_stream_chunk(
     return DecodedStreamChunk(sequence, PortItem(node_id, port, value))
 
 
+def _encode_header(node_id: str, port: str, value: np.ndarray[Any, Any]) -> bytes:
+    """The header (see "Chunk headers") of ``value`` from ``node_id``/``port``: the general
+    framing of everything after the sequence, but for the data itself (its last piece)."""
+    rest = [*_string_field(_T_CHUNK_NODE_ID, node_id), *_string_field(_T_CHUNK_PORT, port),
+            *_len_field(_F_CHUNK_VALUE, encode_value(value))]
+    header = join(rest[:-1])
+    if len(_ENCODE_HEADERS) >= _HEADER_CACHE_SIZE:
+        _ENCODE_HEADERS.clear()
+    _ENCODE_HEADERS[(node_id, port, value.dtype, value.shape)] = header
+    return header
+
+
 def encode_stream_item(number: int, sequence: int, node_id: str, port: str, value: Any) -> Pieces:
     """A StreamChunk/StreamResult body (they share field numbers) as field ``number``."""
+    if type(value) is np.ndarray and value.nbytes and value.flags.c_contiguous and (
+            value.dtype in _DTYPE_TO_WIRE):
+        # A plain tensor: its header once per format, then the sequence and the data around it.
+        header = _ENCODE_HEADERS.get((node_id, port, value.dtype, value.shape))
+        if header is None:
+            header = _encode_header(node_id, port, value)
+        flat: Any = value if value.ndim == 1 else value.reshape(-1)
+        data = memoryview(flat).cast("B")
+        if sequence:
+            sequence_bytes = _varint_bytes(sequence & ((1 << 64) - 1))
+            return [_tag(number, _LEN),
+                    _varint_bytes(len(_T_CHUNK_SEQUENCE) + len(sequence_bytes) + len(header)
+                                  + len(data)),
+                    _T_CHUNK_SEQUENCE, sequence_bytes, header, data]
+        return [_tag(number, _LEN), _varint_bytes(len(header) + len(data)), header, data]
     head: Pieces = []
     if sequence:
         head += [_T_CHUNK_SEQUENCE, _varint_bytes(sequence & ((1 << 64) - 1))]
