@@ -9,7 +9,11 @@ tasks run until the session ends:
   while the first node is full, so gRPC flow control slows the client;
 * the session runs the nodes (``StreamSession.run``);
 * the writer drains the session's outbox into responses, coalescing results that are ready
-  together into one ``StreamResults`` message.
+  together into one ``StreamResults`` message. When the writer is idle (parked on an empty
+  outbox) and a chunk's results are ready by the time the reader has handed it to the session
+  (its nodes ran in the reader's task: see the executor), the reader writes them itself, as a
+  plain echo would: the writer's wake-up per chunk is saved. Writes never overlap (one lock),
+  and they stay in order: the reader only takes what the parked writer would have taken next.
 
 Endings: close (``close`` message or half-close) drains, flushes and ends with ``closed``
 (metrics) and OK; ``cancel`` stops at once and ends with CANCELLED; a disconnect cancels this
@@ -108,6 +112,26 @@ def _control(item: Any, plan_cached: bool) -> bytes:
 _DRAIN: Any = object()
 
 
+def _framed(items: list[StreamItem]) -> list[bytes]:
+    """Results as messages, coalesced as the writer does (see COALESCE_BYTES/COUNT)."""
+    out: list[bytes] = []
+    results: list[StreamItem] = []
+    for item in items:
+        if size_of(item.value) > COALESCE_BYTES:
+            if results:
+                out.append(encode_stream_results(results))
+                results = []
+            out.append(encode_stream_results([item]))
+            continue
+        results.append(item)
+        if len(results) >= COALESCE_COUNT:
+            out.append(encode_stream_results(results))
+            results = []
+    if results:
+        out.append(encode_stream_results(results))
+    return out
+
+
 class _Writer:
     """Drains the outbox into responses until the closing message has gone out.
 
@@ -122,16 +146,36 @@ class _Writer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        # Set when the session ends: the reader no longer writes (see ``quiesce``).
+        self.closing = False
         self._final: bytes | None = None
+        # One write at a time (grpc refuses overlapping writes), the writer's or the reader's.
+        self._lock = asyncio.Lock()
 
     async def _send(self, data: bytes) -> None:
         if self._stopping:
             raise asyncio.CancelledError
-        self._idle.clear()
-        try:
-            await self._context.write(data)
-        finally:
-            self._idle.set()
+        async with self._lock:
+            self._idle.clear()
+            try:
+                await self._context.write(data)
+            finally:
+                self._idle.set()
+
+    async def write_from_reader(self, items: list[Any]) -> None:
+        """Write results the reader took from the outbox while the writer was parked."""
+        if self._stopping or self.closing:
+            return  # the session is ending: as if the writer had been stopped first
+        for data in _framed(items):
+            await self._send(data)
+
+    async def quiesce(self, grace: float) -> None:
+        """No more writes by the reader; wait (bounded) for one in progress, so that the reader
+        can be cancelled without cutting a write short."""
+        self.closing = True
+        if not self._idle.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
 
     async def stop(self, task: asyncio.Task[None], *, drain: bool = False,
                    final: bytes | None = None, grace: float = 2.0) -> None:
@@ -189,9 +233,12 @@ def _invalid(request: DecodedStreamRequest) -> RequestInvalid:
 
 
 async def _read(session: StreamSession, context: Context,
-                client_closed: asyncio.Event | None = None) -> str:
+                client_closed: asyncio.Event | None = None,
+                writing: _Writer | None = None) -> str:
     """Feed client chunks into the session; returns "close" or "cancel:<reason>".
-    ``client_closed`` is set on the client's close message."""
+    ``client_closed`` is set on the client's close message. With ``writing``, results ready
+    when a chunk is handed over while the writer is parked are written here (module docs)."""
+    outbox = session.outbox
     while True:
         request: Any = await context.read()
         if request is grpc.aio.EOF:
@@ -203,7 +250,22 @@ async def _read(session: StreamSession, context: Context,
         if kind == "data":
             chunk = request.chunk
             item = chunk.item
-            await session.send(chunk.sequence, item.node_id, item.port, item.value)
+            if writing is None or writing.closing or not outbox.parked():
+                await session.send(chunk.sequence, item.node_id, item.port, item.value)
+                continue
+            outbox.hold()
+            taken: list[Any] = []
+            try:
+                await session.send(chunk.sequence, item.node_id, item.port, item.value)
+            finally:
+                taken = outbox.take_held()
+                if taken and not all(type(t) is StreamItem for t in taken):
+                    # Events or the end of the session among them: the writer's to handle.
+                    for value in taken:
+                        outbox.force_put(value)
+                    taken = []
+            if taken:
+                await writing.write_from_reader(taken)
         elif kind == "close":
             session.end_input()
             if client_closed is not None:
@@ -228,6 +290,8 @@ async def _cleanup(session: StreamSession, tasks: list[asyncio.Task[Any]], writi
     """Stop everything and release the nodes. After a failure (``error``), what was produced
     before it is written first; after Ready, the status goes out as a StreamError message too,
     and the client gets a grace period to stop sending (see the proto)."""
+    # The reader may be writing results itself: let that write finish before cancelling it.
+    await writing.quiesce(2.0)
     for task in tasks:
         if task is not reader or error is None:
             task.cancel()
@@ -308,7 +372,7 @@ class StreamHandler:
                 starting.result()
                 runner = asyncio.ensure_future(session.run())
                 client_closed = asyncio.Event()
-                reader = asyncio.ensure_future(_read(session, context, client_closed))
+                reader = asyncio.ensure_future(_read(session, context, client_closed, writing))
                 tasks += [runner, reader]
                 pending: set[asyncio.Task[Any]] = {runner, reader, writer}
                 while not writer.done():
