@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tensorline.server._eventloop import run as run_on_event_loop
     from tensorline.server._logging import JsonFormatter, configure_logging
     from tensorline.server._preload import PreloadError
+    from tensorline.server._prestart import prestart as prestart_launcher
     from tensorline.server._settings import Settings
     from tensorline.server._version import __version__
     from tensorline.server.executor import PipelineEngine
@@ -48,6 +49,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "JsonFormatter": ("tensorline.server._logging", "JsonFormatter"),
     "configure_logging": ("tensorline.server._logging", "configure_logging"),
     "PreloadError": ("tensorline.server._preload", "PreloadError"),
+    "prestart_launcher": ("tensorline.server._prestart", "prestart"),
     "Settings": ("tensorline.server._settings", "Settings"),
     "__version__": ("tensorline.server._version", "__version__"),
     "PipelineEngine": ("tensorline.server.executor", "PipelineEngine"),
@@ -88,6 +90,7 @@ __all__ = [
     "__version__",
     "configure_logging",
     "create_server",
+    "prestart_launcher",
     "run_on_event_loop",
     "serve",
 ]

@@ -247,9 +247,7 @@ def serve(
     _require_server("serve")
     from pydantic import ValidationError
 
-    from tensorline.server import Settings, configure_logging
-    from tensorline.server import run_on_event_loop as run_on_loop
-    from tensorline.server import serve as run_server
+    from tensorline.server import Settings
 
     try:
         settings = Settings.load(
@@ -261,12 +259,19 @@ def serve(
             instance_id=instance_id, log_level=log_level, log_format=log_format)
     except (ValidationError, OSError, ValueError) as exc:
         raise _fail(f"invalid settings: {exc}", code=2) from None
-    from tensorline.server import PreloadError
+    if settings.node_modules or settings.untrusted_modules or settings.preload_modules:
+        _node_modules_from_cwd()
+    if settings.sandbox:
+        # Before the server imports itself: the launcher boots on the other core meanwhile.
+        from tensorline.server import prestart_launcher
+
+        prestart_launcher(settings.sandbox_env, settings.preload_modules)
+    from tensorline.server import PreloadError, configure_logging
+    from tensorline.server import run_on_event_loop as run_on_loop
+    from tensorline.server import serve as run_server
     from tensorline.server.nodes import NodeModuleError
 
     configure_logging(settings.log_level, settings.log_format)
-    if settings.node_modules or settings.untrusted_modules or settings.preload_modules:
-        _node_modules_from_cwd()
     try:
         run_on_loop(run_server(settings), settings.event_loop)
     except (PreloadError, NodeModuleError) as exc:
@@ -517,15 +522,23 @@ DEMO_PRELOAD = ("scipy.signal", "tensorline.server.nodes.builtin")
 
 async def _demo(preload: bool) -> tuple[ExecuteResult, float, float]:
     """The demo pipeline's result, and its first and second call latency in ms."""
-    from tensorline.server import Settings, create_server
+    from tensorline.server import Settings
 
     # Self-contained: the operator's TENSORLINE_* auth/TLS settings are not the demo's. With
     # ``preload`` the server imports DEMO_PRELOAD (here and in the sandbox launcher) and runs
     # the warm-up examples of every node type that declares some before it reports SERVING.
-    server, port = await create_server(Settings(
+    settings = Settings(
         host="127.0.0.1", port=0, auth_tokens=[], tls_cert_file=None, tls_key_file=None,
         tls_client_ca_file=None, preload_modules=list(DEMO_PRELOAD) if preload else [],
-        warmup_nodes=["*"] if preload else []))
+        warmup_nodes=["*"] if preload else [])
+    if settings.sandbox:
+        # Before the server imports itself: the launcher boots on the other core meanwhile.
+        from tensorline.server import prestart_launcher
+
+        prestart_launcher(settings.sandbox_env, settings.preload_modules)
+    from tensorline.server import create_server
+
+    server, port = await create_server(settings)
     await server.start()
     try:
         console.print(f"started a tensorline server on 127.0.0.1:{port} (preload and warm-up "
