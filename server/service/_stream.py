@@ -9,8 +9,9 @@ tasks run until the session ends:
   while the first node is full, so gRPC flow control slows the client;
 * the session runs the nodes (``StreamSession.run``);
 * the writer drains the session's outbox into responses, coalescing results that are ready
-  together into one ``StreamResults`` message. When the writer is idle (parked on an empty
-  outbox) and a chunk's results are ready by the time the reader has handed it to the session
+  together into one ``StreamResults`` message. When the reader had to wait for a chunk (the
+  client is not ahead: ``DIRECT_WRITE_AFTER_S``), the writer is idle (parked on an empty
+  outbox) and the chunk's results are ready by the time the reader has handed it to the session
   (its nodes ran in the reader's task: see the executor), the reader writes them itself, as a
   plain echo would: the writer's wake-up per chunk is saved. Writes never overlap (one lock),
   and they stay in order: the reader only takes what the parked writer would have taken next.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from typing import Any
 
@@ -69,6 +71,13 @@ Context = Any  # grpc.aio.ServicerContext
 # large tensors could exceed the message size limit.
 COALESCE_BYTES = 256 * 1024
 COALESCE_COUNT = 64
+# The reader writes results itself (see the module docstring) only after a read that waited
+# this long for the client: then nothing was queued behind that chunk (a client waiting for each
+# result, or sending slower than the server runs), and writing at once saves the writer's
+# wake-up. A read that returns sooner had more chunks queued behind it: the reader keeps
+# reading and the writer, running alongside, coalesces results into fewer messages (measured on
+# 2 cores: always writing from the reader cut 1-stream throughput by a third).
+DIRECT_WRITE_AFTER_S = 100e-6
 # Largest per-node queue a client may ask for in its init message.
 MAX_QUEUE_SIZE = 1024
 # After a failure, how long the client gets to stop sending before the call ends anyway.
@@ -239,8 +248,11 @@ async def _read(session: StreamSession, context: Context,
     ``client_closed`` is set on the client's close message. With ``writing``, results ready
     when a chunk is handed over while the writer is parked are written here (module docs)."""
     outbox = session.outbox
+    clock = time.perf_counter
     while True:
+        started = clock()
         request: Any = await context.read()
+        waited = clock() - started > DIRECT_WRITE_AFTER_S
         if request is grpc.aio.EOF:
             session.end_input()
             return "close"
@@ -250,7 +262,7 @@ async def _read(session: StreamSession, context: Context,
         if kind == "data":
             chunk = request.chunk
             item = chunk.item
-            if writing is None or writing.closing or not outbox.parked():
+            if writing is None or not waited or writing.closing or not outbox.parked():
                 await session.send(chunk.sequence, item.node_id, item.port, item.value)
                 continue
             outbox.hold()
