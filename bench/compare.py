@@ -1,7 +1,7 @@
 """Before/after in one run (by hand): a benchmark script run alternately by two checkouts.
 
-    python bench/compare.py --before ../main/.venv/bin/python --runs 6 -- \\
-        bench/bench_stream.py --rounds 1
+    BENCH="bench/bench_stream.py --rounds 1"
+    python bench/compare.py --before ../main/.venv/bin/python --runs 6 -- $BENCH
 
 ``--before`` and ``--after`` (default: this interpreter) are the Python of two virtualenvs,
 each with its own checkout of tensorline installed (``pip install -e``). The script named after
