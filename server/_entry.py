@@ -21,23 +21,23 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import ValidationError
 
-from tensorline.server._errors import RequestInvalid, TensorlineServerError
+# Only light modules here: ``run_server`` starts the sandbox launcher before it imports the rest
+# of the server (the gRPC service, the executor, the nodes), so that the two start at once.
 from tensorline.server._eventloop import run as run_on_event_loop
 from tensorline.server._logging import JsonFormatter, configure_logging
 from tensorline.server._preload import PreloadError
+from tensorline.server._prestart import prestart as prestart_launcher
 from tensorline.server._settings import Settings
-from tensorline.server.executor import PipelineEngine
-from tensorline.server.manifest import compile_manifest
-from tensorline.server.nodes import NodeEntry, NodeModuleError, NodeRegistry, NodeTraits, Port
-from tensorline.server.runtime import NODE_THREAD_PREFIX
-from tensorline.server.selector import Selector
-from tensorline.server.service import TensorlineServer, catalogue, create_server, serve
-from tensorline.v1 import tensorline_pb2 as pb
-from tensorline.wire import Violation
+
+if TYPE_CHECKING:
+    from tensorline.server.nodes import NodeEntry, NodeRegistry
+    from tensorline.server.service import TensorlineServer
+    from tensorline.v1 import tensorline_pb2 as pb
+    from tensorline.wire import Violation
 
 T = TypeVar("T")
 
@@ -89,6 +89,13 @@ def run_server(options: Mapping[str, Any] | None = None, *, config: Path | None 
     if modules_dir is not None and (settings.node_modules or settings.untrusted_modules
                                     or settings.preload_modules):
         _make_importable(modules_dir)
+    if settings.sandbox:
+        # Before the server imports itself: the launcher boots on the other core meanwhile
+        # (the sandbox runtime adopts it when its settings match, see ``_prestart``).
+        prestart_launcher(settings.sandbox_env, settings.preload_modules)
+    from tensorline.server.nodes import NodeModuleError
+    from tensorline.server.service import serve
+
     if while_serving is None:
         configure_logging(settings.log_level, settings.log_format)
     try:
@@ -109,6 +116,8 @@ def run_server(options: Mapping[str, Any] | None = None, *, config: Path | None 
 
 async def _serving(settings: Settings,
                    while_serving: Callable[[TensorlineServer], Awaitable[T]]) -> T:
+    from tensorline.server.service import create_server
+
     server, _port = await create_server(settings)
     await server.start()
     try:
@@ -155,6 +164,8 @@ def _module_not_found(exc: ModuleNotFoundError, modules: Sequence[str]) -> str:
 def _exit_past_stuck_node_threads() -> None:
     """A sync node that ignores cancellation keeps its pool thread alive, and the interpreter
     joins pool threads at exit: after the drain, leave without waiting for such threads."""
+    from tensorline.server.runtime import NODE_THREAD_PREFIX
+
     stuck = [t for t in threading.enumerate() if t.name.startswith(NODE_THREAD_PREFIX)]
     for thread in stuck:
         thread.join(timeout=0.2)
@@ -196,6 +207,11 @@ def check_manifest(data: Mapping[str, Any], *, node_modules: Sequence[str] = (),
     class it never imports), so the check uses exactly the types, ports and params schemas that
     server would run the manifest with. Node types it knows but cannot run (a missing optional
     dependency) are reported as such."""
+    from tensorline.server._errors import RequestInvalid, TensorlineServerError
+    from tensorline.server.manifest import compile_manifest
+    from tensorline.server.nodes import NodeModuleError, NodeRegistry
+    from tensorline.server.selector import Selector
+
     if catalogue is not None:
         registry = _registry_of(catalogue)
     else:
@@ -228,11 +244,16 @@ def check_manifest(data: Mapping[str, Any], *, node_modules: Sequence[str] = (),
 def local_catalogue() -> pb.ListNodesResponse:
     """The node catalogue a server started here with default settings would list (built-ins
     and entry points), as its ListNodes answer."""
+    from tensorline.server.executor import PipelineEngine
+    from tensorline.server.service import catalogue
+
     return catalogue(PipelineEngine.local())
 
 
 def _entry_of_info(info: pb.NodeInfo) -> NodeEntry:
     """A registry entry (without a class) for a node type a server listed."""
+    from tensorline.server.nodes import NodeEntry, NodeTraits, Port
+
     return NodeEntry(
         node_type=info.node_type, module=info.module or "(server)", trusted=info.trusted,
         class_ref=(info.module or "server", info.node_type), description=info.description,
@@ -248,6 +269,8 @@ def _entry_of_info(info: pb.NodeInfo) -> NodeEntry:
 
 def _registry_of(listing: pb.ListNodesResponse) -> NodeRegistry:
     """The registry a server's ListNodes answer describes."""
+    from tensorline.server.nodes import NodeRegistry
+
     registry = NodeRegistry()
     for info in listing.nodes:
         registry.add(_entry_of_info(info))

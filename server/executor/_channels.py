@@ -50,8 +50,8 @@ class BufferStats:
 class Channel:
     """A bounded FIFO with one consumer: ``put`` waits while full, ``get_batch`` takes all."""
 
-    __slots__ = ("_bytes", "_getter", "_items", "_putters", "_stats", "capacity", "closed",
-                 "max_bytes")
+    __slots__ = ("_bytes", "_getter", "_held", "_items", "_putters", "_stats", "capacity",
+                 "closed", "max_bytes")
 
     def __init__(self, capacity: int, max_bytes: int, stats: BufferStats) -> None:
         self.capacity = max(1, capacity)
@@ -63,6 +63,8 @@ class Channel:
         self._stats = stats
         # A closed channel (its consumer stopped) takes and drops whatever is put.
         self.closed = False
+        # While held, what is put does not wake the consumer (see ``hold``).
+        self._held = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -88,11 +90,45 @@ class Channel:
             stats.max_items = stats.items
         if stats.bytes > stats.max_bytes:
             stats.max_bytes = stats.bytes
+        if not self._held:
+            self._wake()
+
+    def _wake(self) -> None:
         getter = self._getter
         if getter is not None:
             self._getter = None
             if not getter.done():
                 getter.set_result(None)
+
+    def hold(self) -> None:
+        """Until ``take_held``: values put do not wake the consumer, so that the caller can
+        take them itself if its consumer is still parked then (one task wake-up less). A
+        producer that has to wait for room ends the hold (the consumer must make room)."""
+        self._held = True
+
+    def take_held(self) -> list[tuple[Any, int]]:
+        """End the hold. If the consumer is still parked (it took nothing since), take and
+        return everything queued (which it would have got next), each with the size it was put
+        with; otherwise wake it as ``put`` would have, and return []."""
+        self._held = False
+        if self._getter is None or not self._items:
+            self._wake()
+            return []
+        items = list(self._items)
+        self._stats.items -= len(items)
+        self._stats.bytes -= self._bytes
+        self._items.clear()
+        self._bytes = 0
+        return items
+
+    def parked(self) -> bool:
+        """True when the consumer waits on this empty channel: it has handled everything put
+        before, and nothing is on its way to it."""
+        return self._getter is not None and not self._items
+
+    def peek(self) -> list[Any]:
+        """What is queued, in order (not taken)."""
+        return [item for item, _ in self._items]
 
     def try_put(self, item: Any, size: int = 0) -> bool:
         """Queue ``item`` if there is room now (the hot path: no coroutine, no future)."""
@@ -103,6 +139,9 @@ class Channel:
 
     async def put(self, item: Any, size: int = 0) -> None:
         loop = asyncio.get_running_loop()
+        if self._held and self._full(size):
+            self._held = False
+            self._wake()
         while self._full(size):
             waiter: asyncio.Future[None] = loop.create_future()
             self._putters.append(waiter)

@@ -21,6 +21,9 @@ EOS = -1
 # Inbox item whose slot is STICKY carries (port, value) for an optional client-fed port; it
 # travels through the inbox so it applies from its place in the stream on.
 STICKY = -2
+# Inbox item whose slot is HANDOFF carries a node call its producer started and could not finish
+# in its own task (the node suspended, or failed): the stage finishes it in order.
+HANDOFF = -3
 
 
 @dataclass(frozen=True, slots=True)

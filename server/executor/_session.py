@@ -8,6 +8,20 @@ each output into the inbox of every consumer and, for sink ports, into the sessi
 which the service drains into gRPC messages. Channels are in ``_channels``, joins in
 ``_join``, what the outbox carries besides results in ``_events``.
 
+Running a node in its producer's task. A stage is a task so that nodes can work on different
+chunks at once, but waking a task for every chunk at every node is most of a small chunk's cost.
+So when a producer (the service's reader for a client-fed node, or an upstream stage) hands a
+value to a stage that is *parked* (its task waits on its empty inbox, so it has finished
+everything before) and that runs one plain node on one input slot (no join, no node timeout, not
+a streaming node), the producer calls the node's ``process`` itself, in its own task. A node
+that returns without suspending (an async node that awaits nothing, PassThrough) is done
+there, and its outputs go on the same way, so a chain of such nodes costs one task for the
+whole chain. A node that suspends (a thread-pool call, a sandbox round trip, I/O) is handed,
+at its first suspension point, to its own stage task (``_Suspended``), which finishes it before
+anything queued after it: order is kept, and a failure is raised by the node's own stage as
+before. The producer meanwhile does the node's work instead of producing, so backpressure still
+reaches the client, and nothing is buffered for an inline value.
+
 Backpressure. Inboxes and the outbox are ``Channel``s bounded by a number of values
 (``queue_size``) and by bytes (``buffer_bytes``; a value larger than that still passes alone so
 nothing can wedge). A producer that finds a channel full waits; the wait propagates upstream to
@@ -44,8 +58,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import types
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +80,7 @@ from tensorline.server.executor._channels import (
 )
 from tensorline.server.executor._events import SessionClosed, SessionEvent, SessionReady
 from tensorline.server.executor._executor import NodeReport, normalize_outputs, runtime_for
-from tensorline.server.executor._join import EOS, STICKY, Join, Slot
+from tensorline.server.executor._join import EOS, HANDOFF, STICKY, Join, Slot
 from tensorline.server.manifest import (
     ExecutionPlan,
     NodeSpec,
@@ -77,6 +92,72 @@ from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
 from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
 from tensorline.wire import StreamItem
+
+
+class _Suspended:
+    """A node's ``process`` that a producer started (see "Running a node in its producer's
+    task") and that suspended: awaiting this continues the coroutine exactly where it stopped,
+    as ``await coro`` would have (sent values, thrown exceptions and the return value pass
+    through), so its stage task finishes it with the same timing, cancellation and errors."""
+
+    __slots__ = ("_coro", "_pending", "started")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any, started: float) -> None:
+        self._coro = coro
+        self._pending = pending  # what the coroutine yielded to the event loop when it stopped
+        self.started = started
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self._coro, self._pending
+        while True:
+            try:
+                sent = yield yielded
+            except BaseException as exc:  # a cancellation is the node's to handle, as usual
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+    def abandon(self) -> asyncio.Future[Any]:
+        """Its stage stopped before awaiting it: cancel the call as a cancelled stage would (the
+        node's ``except CancelledError``/``finally`` run; a sandbox call is cancelled in its
+        worker). Returns what to wait for if the node awaits while it cancels."""
+        try:
+            yielded = self._coro.throw(asyncio.CancelledError())
+        except BaseException:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        self._pending = yielded
+        return asyncio.ensure_future(self._rest())
+
+    async def _rest(self) -> Any:
+        return await self
+
+
+@types.coroutine
+def _raising(error: BaseException) -> Generator[Any, Any, Any]:
+    """An awaitable that raises ``error``: a failure the producer met, raised by the stage."""
+    raise error
+    yield  # a generator, so that it raises when awaited, not when created
+
+
+@types.coroutine
+def _await(awaitable: Any) -> Generator[Any, Any, Any]:
+    """Any awaitable as a coroutine (a runtime whose ``process`` returns a future, say)."""
+    return (yield from awaitable.__await__())
+
+
+@types.coroutine
+def _returning(value: Any) -> Generator[Any, Any, Any]:
+    """An awaitable that returns ``value`` at once."""
+    return value
+    yield  # a generator: see _raising
 
 
 @dataclass(slots=True)
@@ -92,12 +173,14 @@ class _Stage:
     # Client-fed port -> slot index (STICKY for optional ports, passed as sticky values).
     external: dict[str, int] = field(default_factory=dict)
     join: Join | None = None
-    # Output port -> [(consumer inbox, slot)]; sink ports also go to the outbox.
-    routes: dict[str, list[tuple[Channel, int]]] = field(default_factory=dict)
+    # Output port -> [(consumer stage, slot)]; sink ports also go to the outbox.
+    routes: dict[str, list[tuple[_Stage, int]]] = field(default_factory=dict)
     sinks: frozenset[str] = frozenset()
     consumers: list[Channel] = field(default_factory=list)
     current: int = END_OF_STREAM
     busy_s: float = 0.0
+    # Its producer may run its node while its task is parked (see the module docstring).
+    inline: bool = False
 
     def accept(self, slot: int, sequence: int, value: Any) -> dict[str, Any] | None:
         join = self.join
@@ -219,7 +302,7 @@ class StreamSession:
                         slot = len(stage.slots)
                         stage.slots.append(Slot(port.name, port.many))
                         producer = self._stages[source.node_id]
-                        producer.routes.setdefault(source.port, []).append((stage.inbox, slot))
+                        producer.routes.setdefault(source.port, []).append((stage, slot))
                         if stage.inbox not in producer.consumers:
                             producer.consumers.append(stage.inbox)
                         upstream.add(source.node_id)
@@ -234,6 +317,8 @@ class StreamSession:
             stage.producers = len(upstream) + (1 if fed_by_client else 0)
             if len(stage.slots) != 1 or optional:
                 stage.join = Join(node_id, stage.slots, optional, limit)
+            stage.inline = (stage.join is None and not spec.entry.streaming
+                            and spec.timeout_s is None)
         for node_id, sink_port in self.plan.sinks:
             stage = self._stages[node_id]
             stage.sinks = stage.sinks | {sink_port}
@@ -252,6 +337,9 @@ class StreamSession:
         if problem is not None:
             raise RequestInvalid([problem], f"invalid chunk (sequence {sequence})")
         self.chunks_received += 1
+        if stage.inline and stage.inbox.parked():
+            await self._run_inline(stage, sequence, stage.accept(slot, sequence, value))
+            return
         item = (slot, sequence, (port_info.name, value) if slot == STICKY else value)
         size = size_of(value)
         if not stage.inbox.try_put(item, size):
@@ -317,7 +405,12 @@ class StreamSession:
         for port, value in outputs.items():
             stage.report.outputs_produced += 1
             size = size_of(value)
-            for channel, slot in stage.routes.get(port, ()):
+            for consumer, slot in stage.routes.get(port, ()):
+                channel = consumer.inbox
+                if consumer.inline and channel.parked():
+                    await self._run_inline(consumer, sequence,
+                                           consumer.accept(slot, sequence, value))
+                    continue
                 item = (slot, sequence, value)
                 if not channel.try_put(item, size):
                     await channel.put(item, size)
@@ -326,6 +419,41 @@ class StreamSession:
                 self.results_sent += 1
                 if not self.outbox.try_put(result, size):
                     await self.outbox.put(result, size)
+
+    async def _run_inline(self, stage: _Stage, sequence: int,
+                          inputs: dict[str, Any] | None) -> None:
+        """Run ``stage``'s node on one input set in the calling (producer's) task; its own task
+        is parked on its empty inbox. What cannot finish here goes to that task as a
+        ``HANDOFF`` item: the rest of a node that suspended, or a failure to raise."""
+        assert inputs is not None  # a single slot: every value is an input set
+        stage.current = sequence
+        started = time.perf_counter()
+        awaitable = stage.instance.process(inputs)
+        if type(awaitable) is not types.CoroutineType:
+            stage.inbox.force_put((HANDOFF, sequence, _Suspended(_await(awaitable), None,
+                                                                 started)))
+            return
+        try:
+            pending = awaitable.send(None)
+        except StopIteration as stop:
+            raw = stop.value
+        except BaseException as error:  # the node's failure: raised by its own stage
+            stage.inbox.force_put((HANDOFF, sequence, _Suspended(_raising(error), None,
+                                                                 started)))
+            return
+        else:
+            stage.inbox.force_put((HANDOFF, sequence, _Suspended(awaitable, pending, started)))
+            return
+        try:
+            outputs = normalize_outputs(stage.spec, raw)
+        except NodeFailed:
+            # Its stage normalizes again and raises, with the sequence, as for any failure.
+            stage.inbox.force_put((HANDOFF, sequence, _Suspended(_returning(raw), None,
+                                                                 started)))
+            return
+        stage.busy_s += time.perf_counter() - started
+        stage.report.inputs_consumed += 1
+        await self._emit(stage, sequence, outputs)
 
     def _finish(self, stage: _Stage) -> None:
         if stage.join is not None:
@@ -337,7 +465,7 @@ class StreamSession:
         for channel in stage.consumers:
             channel.force_put((EOS, 0, None))
 
-    async def _accepted(self, stage: _Stage) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    async def _accepted(self, stage: _Stage) -> AsyncIterator[tuple[int, Any]]:
         """The stage's input sets (joined by sequence) as they complete, until every producer
         has ended."""
         inbox = stage.inbox
@@ -346,6 +474,10 @@ class StreamSession:
             for slot, sequence, value in await inbox.get_batch():
                 if slot == EOS:
                     waiting -= 1
+                    continue
+                if slot == HANDOFF:  # a node call its producer started (see _run_inline)
+                    stage.current = sequence
+                    yield sequence, value
                     continue
                 inputs = stage.accept(slot, sequence, value)
                 if inputs is None:
@@ -360,7 +492,10 @@ class StreamSession:
         async for sequence, inputs in self._accepted(stage):
             started = time.perf_counter()
             try:
-                if timeout is None:
+                if type(inputs) is _Suspended:
+                    started = inputs.started
+                    raw = await inputs
+                elif timeout is None:
                     raw = await instance.process(inputs)
                 else:
                     try:
@@ -436,8 +571,15 @@ class StreamSession:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        abandoned = []
         for stage in self._stages.values():
+            # Node calls started by a producer and not reached by their stopped stage are
+            # cancelled as a running call would have been.
+            abandoned += [value.abandon() for slot, _, value in stage.inbox.peek()
+                          if slot == HANDOFF]
             stage.inbox.close()
+        if abandoned:
+            await asyncio.gather(*abandoned, return_exceptions=True)
 
     async def aclose(self) -> None:
         """Stop at once and release every node (its cleanup runs); idempotent."""

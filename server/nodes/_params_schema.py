@@ -24,11 +24,14 @@ import functools
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jsonschema import Draft202012Validator, ValidationError, validators
-from jsonschema.exceptions import SchemaError
-from jsonschema.protocols import Validator
+if TYPE_CHECKING:
+    from jsonschema import ValidationError
+    from jsonschema.protocols import Validator
+
+# jsonschema is imported on first use: only servers with untrusted modules apply schemas, and the
+# import is a noticeable part of a cold start (the server's and the sandbox launcher's).
 
 # Keeps a hostile schema or a huge params object from producing unbounded work and reports.
 MAX_ERRORS = 32
@@ -51,7 +54,7 @@ def _required(validator: Validator, required: Any, instance: Any,
         return
     for name in required:
         if isinstance(name, str) and name not in instance:
-            yield ValidationError("Field required", path=(name,))
+            yield _jsonschema().ValidationError("Field required", path=(name,))
 
 
 def _additional_properties(validator: Any, allowed: Any, instance: Any,
@@ -66,8 +69,8 @@ def _additional_properties(validator: Any, allowed: Any, instance: Any,
             yield from validator.descend(instance[extra], allowed, path=extra)
     elif allowed is False:
         for extra in extras:
-            yield ValidationError("unknown field", validator="additionalProperties",
-                                  path=(extra,))
+            yield _jsonschema().ValidationError("unknown field", validator="additionalProperties",
+                                                path=(extra,))
 
 
 def _skipped(validator: Validator, value: Any, instance: Any,
@@ -75,15 +78,26 @@ def _skipped(validator: Validator, value: Any, instance: Any,
     return iter(())
 
 
-_Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
-    Draft202012Validator, {
-        "required": _required,
-        "additionalProperties": _additional_properties,
-        "pattern": _skipped,
-        "patternProperties": _skipped,
-        # Evaluated properties are worked out with patternProperties' regular expressions.
-        "unevaluatedProperties": _skipped,
-    })
+def _jsonschema() -> Any:
+    import jsonschema
+    import jsonschema.exceptions
+    import jsonschema.validators
+
+    return jsonschema
+
+
+@functools.cache
+def _validator_class() -> Any:
+    jsonschema = _jsonschema()
+    return jsonschema.validators.extend(
+        jsonschema.Draft202012Validator, {
+            "required": _required,
+            "additionalProperties": _additional_properties,
+            "pattern": _skipped,
+            "patternProperties": _skipped,
+            # Evaluated properties are worked out with patternProperties' regular expressions.
+            "unevaluatedProperties": _skipped,
+        })
 
 
 def check_schema(text: str) -> str:
@@ -95,9 +109,10 @@ def check_schema(text: str) -> str:
         raise ValueError(f"params schema is not JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise ValueError("params schema must be a JSON object")
+    validator_class = _validator_class()
     try:
-        _Validator.check_schema(schema)
-    except SchemaError as exc:
+        validator_class.check_schema(schema)
+    except _jsonschema().exceptions.SchemaError as exc:
         raise ValueError(f"params schema is not a valid JSON schema: {exc.message}") from None
     except RecursionError:
         raise ValueError("params schema is nested too deeply") from None
@@ -106,7 +121,7 @@ def check_schema(text: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _validator(schema_json: str) -> Validator:
-    return _Validator(json.loads(schema_json))  # type: ignore[no-any-return]
+    return _validator_class()(json.loads(schema_json))  # type: ignore[no-any-return]
 
 
 def schema_violations(schema_json: str, params: Any) -> list[SchemaViolation]:

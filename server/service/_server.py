@@ -1,10 +1,10 @@
 """Server assembly and lifecycle: build the engine and the gRPC server, bind, drain, stop.
 
 ``create_server`` binds (port 0 = ephemeral) and returns ``(server, port)`` so tests run a real
-server in-process. ``start`` imports the preload modules (a failure stops it), starts the
-runtimes, loads the named pipelines (``pipelines_dir``) and starts watching their directory,
-then serves with health NOT_SERVING until the start-up warm-up (``_warmup``) is done; each named
-pipeline has a health service of its own (``PIPELINE_HEALTH_PREFIX`` + name).
+server in-process. ``start`` imports the preload modules (a failure stops it) while the
+runtimes start, loads the named pipelines (``pipelines_dir``) and starts watching their
+directory, then serves with health NOT_SERVING until the start-up warm-up (``_warmup``) is done;
+each named pipeline has a health service of its own (``PIPELINE_HEALTH_PREFIX`` + name).
 ``stop`` is idempotent: the pipeline watcher stops, health goes NOT_SERVING so balancers stop
 sending, in-flight calls get the grace period, then the runtimes shut down.
 """
@@ -185,11 +185,20 @@ class TensorlineServer:
         self._pipeline_names: set[str] = set()
 
     async def start(self) -> None:
-        # Before the runtimes start: the server imports what the operator named (PreloadError
-        # names a module that fails), and the sandbox launcher does the same before its first
-        # fork (``runtime.sandbox._zygote``).
-        preload(self.settings.preload_modules)
-        await self.engine.start()
+        # The server imports what the operator named (PreloadError names a module that fails)
+        # while the runtimes start: the sandbox launcher, a process of its own, imports the same
+        # modules before its first fork (``runtime.sandbox._zygote``), so the two imports run
+        # on two cores at once instead of one after the other. The import runs in a thread so
+        # the loop can meanwhile start the launcher and ask it for the workers.
+        starting = asyncio.ensure_future(self.engine.start())
+        try:
+            if self.settings.preload_modules:
+                await asyncio.to_thread(preload, self.settings.preload_modules)
+        except BaseException:
+            await asyncio.gather(starting, return_exceptions=True)
+            await self.engine.shutdown()
+            raise
+        await starting
         # The untrusted modules' catalogues come from sandboxed workers, so only now, and
         # before any request can be served.
         await self.engine.load_untrusted(self.settings.untrusted_modules)

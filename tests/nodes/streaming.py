@@ -108,6 +108,33 @@ class SlowPass(Node):
         return inputs["in"]
 
 
+class SometimesSlow(Node):
+    """Identity that suspends (a loop iteration) on every third value and returns at once on the
+    others: in a stream, its producer finishes some calls and hands the others to its stage."""
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        value = inputs["in"]
+        if int(np.asarray(value).reshape(-1)[0]) % 3 == 0:
+            await asyncio.sleep(0)
+        return value
+
+
+class Blocker(Node):
+    """Identity that, on a value of -1, records "blocked" for its session and waits until its
+    call is cancelled (then records "cancelled")."""
+
+    async def process(self, inputs: Mapping[str, Any]) -> Any:
+        value = inputs["in"]
+        if int(np.asarray(value).reshape(-1)[0]) == -1:
+            _record(self.context.execution_id, "blocked")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                _record(self.context.execution_id, "cancelled")
+                raise
+        return value
+
+
 class FailAtParams(NodeParams):
     sequence: int = 3
 

@@ -14,56 +14,22 @@ import array
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
-import os
 import pickle
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from tensorline.server._prestart import adopt, minimal_environment, spawn
+
 log = logging.getLogger(__name__)
 
-# What every worker's environment holds: one BLAS thread (the pool is the parallelism, and a
-# process with threads cannot create a user namespace); few malloc arenas (each reserves 64 MiB
-# of address space, which the RLIMIT_AS memory cap counts).
-_BASE_ENVIRONMENT = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "MALLOC_ARENA_MAX": "2",
-    "PYTHONDONTWRITEBYTECODE": "1",
-}
-
-_BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
-         "from tensorline.server.runtime.sandbox._zygote import main; "
-         "main(int(sys.argv[2]), json.loads(sys.argv[3]))")
-
-
-def _import_path() -> list[str]:
-    """The server's ``sys.path`` with "" (the current directory) made absolute: the launcher
-    runs in "/"."""
-    return [entry or os.getcwd() for entry in sys.path]
+__all__ = ["Launcher", "LauncherGone", "minimal_environment"]
 
 
 class LauncherGone(RuntimeError):
     """The launcher process is not running (it died, or was never started)."""
-
-
-def minimal_environment(passthrough: Iterable[str] = (),
-                        source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The launcher's (and so every worker's) environment: the fixed base plus the variables
-    the operator named, copied from ``source`` (the server's environment) when set there."""
-    source = os.environ if source is None else source
-    env = dict(_BASE_ENVIRONMENT)
-    for name in passthrough:
-        if name in source:
-            env[name] = source[name]
-    return env
 
 
 class Launcher:
@@ -112,22 +78,13 @@ class Launcher:
         self._close_socket()
         loop = asyncio.get_running_loop()
         self._loop = loop
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            # subprocess (vfork + exec) rather than the event loop's own spawning, which may
-            # fork() a process full of gRPC threads (uvloop does).
-            self._process = await asyncio.to_thread(
-                subprocess.Popen,
-                [sys.executable, "-I", "-c", _BOOT, json.dumps(_import_path()),
-                 str(theirs.fileno()), json.dumps(self._preload)],
-                env=self._env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, close_fds=True, cwd="/")
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        ours.setblocking(False)
+        # The one `tensorline serve`/`demo` started before importing the server, if it is
+        # for these settings (server._prestart); else a new one (started in a thread: spawning
+        # takes a few ms).
+        launched = adopt(self._env, self._preload)
+        if launched is None:
+            launched = await asyncio.to_thread(spawn, self._env, self._preload)
+        self._process, ours = launched
         self._sock = ours
         self._ready = loop.create_future()
         loop.add_reader(ours.fileno(), self._on_readable)

@@ -177,6 +177,33 @@ async def test_results_arrive_in_order_tagged_with_sequence(client: AsyncClient)
     assert {(o.node_id, o.port) for o in outputs} == {("n1", "out")}
 
 
+async def test_order_is_kept_when_nodes_run_in_their_producers_task(
+        client: AsyncClient) -> None:
+    """PassThrough and SometimesSlow (on two values of three) finish in the task that feeds
+    them; SometimesSlow on every third value and Scale (a thread-pool call) always suspend and
+    are finished by their own stage: results stay in order, every node counts every input."""
+    manifest = chain("PassThrough", "SometimesSlow", "PassThrough", ("Scale", {"factor": 2}))
+    async with client.stream(manifest) as s:
+        for i in range(300):
+            await s.send("n0", scalar(i))
+        metrics = await s.close()
+        outputs = await collect(s)
+    assert [o.sequence for o in outputs] == list(range(300))
+    assert [float(o.value[0]) for o in outputs] == [2.0 * i for i in range(300)]
+    assert [(m.inputs_consumed, m.outputs_produced) for m in metrics.nodes] == [(300, 300)] * 4
+
+
+async def test_cancel_reaches_a_call_its_producer_started(client: AsyncClient) -> None:
+    """Blocker is called by the task feeding it (PassThrough's, itself called by the reader),
+    suspends, and is handed to its stage: cancelling the session cancels that call."""
+    async with client.stream(chain("PassThrough", "Blocker")) as s:
+        await s.send("n0", scalar(1))
+        await s.send("n0", scalar(-1))
+        assert await asyncio.to_thread(wait_for, s.session_id, "blocked")
+        await s.cancel("stop")
+    assert await asyncio.to_thread(wait_for, s.session_id, "cancelled")
+
+
 async def test_expander_one_to_many(client: AsyncClient) -> None:
     async with client.stream(chain(("Expander", {"copies": 3}))) as s:
         for i in range(4):
