@@ -13,7 +13,8 @@ import psutil
 from tensorline.server._prestart import prestart as prestart_launcher
 from tensorline.server.runtime import ExecutionScope, SandboxRuntime
 from tests.server.runtime import sandbox_nodes as nodes
-from tests.server.runtime.conftest import make_spec, wait_until
+from tests.server.runtime.conftest import make_spec
+from tests.support.processes import wait_until
 
 
 def _prestarted_pid() -> int:
@@ -53,7 +54,7 @@ async def test_a_launcher_prestarted_for_other_settings_is_closed(
         assert runtime._launcher is not None and runtime._launcher.pid != prestarted
         wait_until(lambda: not psutil.pid_exists(prestarted)
                    or psutil.Process(prestarted).status() == psutil.STATUS_ZOMBIE,
-                   10.0, "the unused launcher to exit")
+                   timeout=10.0, what="the unused launcher to exit")
         await _serves(runtime)
     finally:
         await runtime.shutdown()
