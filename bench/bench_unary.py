@@ -16,17 +16,25 @@ reply (zero-copy) so client-side work is identical; only the server differs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
-import subprocess
-import sys
 from typing import Any
 
 import grpc
 import numpy as np
-from _common import OPTIONS, Call, MiB, latencies, run_and_save, throughput
+from _common import (
+    ECHO_METHOD,
+    ECHO_SERVER,
+    OPTIONS,
+    Call,
+    MiB,
+    cpu_seconds,
+    latencies,
+    percentile,
+    run_and_save,
+    start_server,
+    throughput,
+)
 
 from tensorline.server._eventloop import resolve
 from tensorline.wire import (
@@ -35,24 +43,6 @@ from tensorline.wire import (
     decode_execute_response,
     encode_execute_request,
 )
-
-ECHO_SERVER = """
-import asyncio, sys, grpc
-LIMIT = 512 * 1024 * 1024
-async def main():
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", LIMIT),
-                                      ("grpc.max_receive_message_length", LIMIT)])
-    async def echo(request, context):
-        return request
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Echo": grpc.unary_unary_rpc_method_handler(echo)})
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    await server.wait_for_termination()
-asyncio.run(main())
-"""
 
 # The same event loop `tensorline serve` runs on (Settings.event_loop, chosen by --loop).
 TENSORLINE_SERVER = """
@@ -69,39 +59,11 @@ run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
 """
 
 
-def start(code: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError("server process exited before reporting its port")
-    return proc, int(line)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a server process and its children (sandbox workers): unlike wall time it
-    barely moves with the load other processes put on the machine."""
-    import psutil
-
-    proc = psutil.Process(pid)
-    total = sum(proc.cpu_times()[:2])
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += sum(child.cpu_times()[:2])
-    return total
-
-
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     scale = 0.3 if args.quick else 1.0
 
-    echo_proc, echo_port = start(ECHO_SERVER)
-    tl_proc, tl_port = start(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": args.loop})
+    echo_proc, echo_port = start_server(ECHO_SERVER)
+    tl_proc, tl_port = start_server(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": args.loop})
     manifest = json.dumps({"nodes": [{"id": "p", "node_type": "PassThrough",
                                       "runtime_hint": args.runtime}]})
     results: dict[str, Any] = {"runtime": args.runtime, "loop": resolve(args.loop),
@@ -109,7 +71,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         echo_ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
         tl_ch = grpc.aio.insecure_channel(f"127.0.0.1:{tl_port}", options=OPTIONS)
-        echo_rpc = echo_ch.unary_unary("/bench.Echo/Echo", request_serializer=None,
+        echo_rpc = echo_ch.unary_unary(ECHO_METHOD, request_serializer=None,
                                        response_deserializer=decode_execute_request)
         tl_rpc = tl_ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
                                    request_serializer=None,
