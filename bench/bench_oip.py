@@ -31,7 +31,7 @@ these models. tensorline runs ``tensorline serve`` as shipped. Neither server is
 unless ``--cpus`` is given, which pins both (and the echo) to the same set: the two always get
 the same cores. Ports are ephemeral; readiness is polled through ``ServerReady``/``ModelReady``.
 Every server is stopped (its whole process group) and the temp dir removed at the end, on an
-error and on Ctrl-C.
+error, on Ctrl-C and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ INPUT, OUTPUT = "INPUT0", "OUTPUT0"
 # Above 1 MiB of tensor plus the request's framing, with room to spare.
 MAX_MESSAGE = 64 * MiB
 READY_TIMEOUT_S = 180.0
+RETRY_STATUSES = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 # (label, tensor bytes, calls per server per round at full scale)
 SIZES = (("1 KiB", 1024, 300), ("1 MiB", MiB, 12))
 THROUGHPUT_BYTES, IN_FLIGHT, THROUGHPUT_CALLS = 1024, 32, 2000
@@ -257,10 +258,15 @@ async def wait_ready(server: Server, client: triton.InferenceServerClient) -> No
         if server.proc.poll() is not None:
             raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n"
                                f"{server.log_tail()}")
-        with contextlib.suppress(InferenceServerException):
+        try:
             if await client.is_server_ready(client_timeout=5) and all(
                     [await client.is_model_ready(name, client_timeout=5) for name in MODELS]):
                 return
+        except InferenceServerException as exc:
+            # Not listening yet (or busy starting) is worth waiting for; any other answer
+            # (UNIMPLEMENTED: no OIP service) will not change.
+            if exc.status() not in RETRY_STATUSES:
+                raise RuntimeError(f"{server.name} at {server.address}: {exc}") from None
         if time.monotonic() > deadline:
             raise TimeoutError(f"{server.name} not ready after {READY_TIMEOUT_S:.0f} s:\n"
                                f"{server.log_tail()}")
@@ -315,6 +321,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     clients: dict[str, triton.InferenceServerClient] = {}
     figures: dict[str, Any] = {"rounds": args.rounds, "mlserver_workers": args.mlserver_workers,
                                "cpus": args.cpus or "all", "latency": {}, "throughput": {}}
+    # SIGTERM (and SIGINT, asyncio.run's doing) cancels the run, so the cleanup below runs.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     with contextlib.ExitStack() as cleanup:
         workdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(
             prefix="tensorline-oipbench-")))
@@ -449,4 +459,7 @@ if __name__ == "__main__":
     parser.add_argument("--mlserver-venv", default=str(HERE / ".venv-mlserver"),
                         help="virtualenv MLServer runs from (created on first use)")
     parser.add_argument("--cpus", help="pin every server to these CPUs (taskset -c list)")
-    run_and_save(main, parser)
+    try:
+        run_and_save(main, parser)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit("interrupted: the servers were stopped and the temp dir removed")
