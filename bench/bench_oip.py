@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -128,6 +128,7 @@ class Server:
     proc: subprocess.Popen[Any]
     address: str
     log: Path
+    started: float = field(default_factory=time.perf_counter)
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -340,10 +341,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for server in servers:
                 client = triton.InferenceServerClient(server.address)
                 clients[server.name] = client
-                started = time.perf_counter()
                 await wait_ready(server, client)
-                print(f"{server.name} ready at {server.address} after "
-                      f"{time.perf_counter() - started:.1f} s", flush=True)
+                print(f"{server.name} ready at {server.address}, "
+                      f"{time.perf_counter() - server.started:.1f} s after its start", flush=True)
             echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
             echo_rpc = echo_channel.unary_unary(
                 ECHO_METHOD, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
@@ -416,24 +416,38 @@ async def measure(args: argparse.Namespace, scale: float,
     total = max(IN_FLIGHT, int(THROUGHPUT_CALLS * scale))
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
     cpu: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
+    # This process's own CPU (its gRPC threads included): on a machine where client and
+    # servers share the cores, the client's cost per call bounds every server's calls/s alike.
+    client: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
     for turn in range(args.rounds):
         for key in rotated(list(jobs), turn):
             call, pid = jobs[key]
-            before = cpu_seconds(pid)
+            before, client_before = cpu_seconds(pid), time.process_time()
             rates[key].append((await throughput(call, total, IN_FLIGHT))[0])
             cpu[key].append((cpu_seconds(pid) - before) / total * 1e6)
+            client[key].append((time.process_time() - client_before) / total * 1e6)
+
+    def us(table: dict[tuple[str, str], list[float]], key: tuple[str, str]) -> float:
+        return statistics.median(table[key])
+
     echo_rate = statistics.median(rates[("echo", "-")])
-    print(f"\n1 KiB, {IN_FLIGHT} in flight (calls/s; server CPU per call): echo {echo_rate:,.0f} "
-          f"({statistics.median(cpu[('echo', '-')]):.0f} us)")
+    print(f"\n1 KiB, {IN_FLIGHT} in flight: calls/s (server CPU per call; client CPU per call): "
+          f"echo {echo_rate:,.0f} ({us(cpu, ('echo', '-')):.0f} us; "
+          f"{us(client, ('echo', '-')):.0f} us)")
     figures["throughput"] = {"echo_calls_s": echo_rate,
-                             "echo_server_cpu_us_per_call": statistics.median(cpu[("echo", "-")])}
+                             "echo_server_cpu_us_per_call": us(cpu, ("echo", "-")),
+                             "echo_client_cpu_us_per_call": us(client, ("echo", "-"))}
     for model in MODELS:
         entry: dict[str, float] = {}
         parts = []
         for name in names:
-            rate, us = statistics.median(rates[(name, model)]), statistics.median(cpu[(name, model)])
-            entry[f"{name}_calls_s"], entry[f"{name}_server_cpu_us_per_call"] = rate, us
-            parts.append(f"{name} {rate:,.0f} ({us:.0f} us; {rate / echo_rate:.2f}x echo)")
+            key = (name, model)
+            rate = statistics.median(rates[key])
+            entry[f"{name}_calls_s"] = rate
+            entry[f"{name}_server_cpu_us_per_call"] = us(cpu, key)
+            entry[f"{name}_client_cpu_us_per_call"] = us(client, key)
+            parts.append(f"{name} {rate:,.0f} ({us(cpu, key):.0f} us; {us(client, key):.0f} us; "
+                         f"{rate / echo_rate:.2f}x echo)")
         text = "  ".join(parts)
         if len(names) == 2:
             ratio = entry["tensorline_calls_s"] / entry["MLServer_calls_s"]
