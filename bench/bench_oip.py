@@ -8,12 +8,14 @@ in the same run, rounds interleaved, on the same machine:
 - ``scale``: input * 2.0 (tensorline: one Scale node, factor 2; MLServer: the same runtime
   multiplying by 2).
 
-Both take input ``INPUT0`` and answer ``OUTPUT0`` (FP32, shape [1, N]). Reported: p50 per call
-at 1 KiB and 1 MiB (one call at a time), calls/s at 1 KiB with 32 calls in flight (with the CPU
-each server spent per call), the ratios tensorline / MLServer, and for context a bare grpc.aio
-echo of the same ModelInferRequest bytes (bench/_common.py) called from the same client loop.
+Both take input ``INPUT0`` and answer ``OUTPUT0`` (FP32, shape [1, N]). Reported: p50 (and p99)
+per call at 1 KiB and 1 MiB, one call at a time; calls/s at 1 KiB with 32 calls in flight, with
+the CPU time each server and this client spent per call; the ratios tensorline / MLServer (the
+median of each round's ratio); and for context a bare grpc.aio echo of the same
+ModelInferRequest bytes (bench/_common.py) called from the same client loop. Each round runs
+every server and model in turn (starting with a different one each round).
 
-    python bench/bench_oip.py                       # full run (~3-5 minutes)
+    python bench/bench_oip.py                       # full run (1-2 minutes)
     python bench/bench_oip.py --quick --rounds 2    # a quick look
     python bench/bench_oip.py --only mlserver       # MLServer (and the echo) alone
 
@@ -348,7 +350,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             echo_rpc = echo_channel.unary_unary(
                 ECHO_METHOD, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=service_pb2.ModelInferRequest.FromString)
-            await measure(args, scale, clients, servers, echo_rpc, echo_proc.pid, figures)
+            await check_answers(clients)
+            ratio = ("ratio = tensorline / MLServer, the median of the rounds' ratios"
+                     if len(clients) == 2 else "one server: no ratio")
+            print(f"\nrounds={args.rounds}  MLServer parallel_workers={args.mlserver_workers}  "
+                  f"cpus={args.cpus or 'all'}  (times in ms; {ratio})")
+            figures["latency"] = await latency_phase(args, scale, clients, echo_rpc)
+            figures["throughput"] = await throughput_phase(args, scale, clients, servers,
+                                                           echo_rpc, echo_proc.pid)
             await echo_channel.close()
         finally:
             for client in clients.values():
@@ -356,106 +365,128 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-async def measure(args: argparse.Namespace, scale: float,
-                  clients: dict[str, triton.InferenceServerClient], servers: list[Server],
-                  echo_rpc: grpc.aio.UnaryUnaryMultiCallable, echo_pid: int,
-                  figures: dict[str, Any]) -> None:
-    rng = np.random.default_rng(0)
-    # Every model on every server answers correctly (bit-exact) before anything is timed.
-    probe = rng.standard_normal((1, 1000)).astype(np.float32)
+Key = tuple[str, str]  # (server, model); the echo is ("echo", "-")
+ECHO: Key = ("echo", "-")
+
+
+def round_ratio(per_round: dict[Key, list[float]], model: str) -> float:
+    """tensorline / MLServer, the median of each round's ratio: a round's two figures were
+    measured moments apart, under the same load from the rest of the machine."""
+    pairs = zip(per_round[("tensorline", model)], per_round[("MLServer", model)], strict=True)
+    return statistics.median(tl / mls for tl, mls in pairs)
+
+
+async def check_answers(clients: dict[str, triton.InferenceServerClient]) -> None:
+    """Every model on every server answers correctly (bit-exact) before anything is timed."""
+    probe = np.random.default_rng(1).standard_normal((1, 1000)).astype(np.float32)
     for name, client in clients.items():
         for model, factor in MODELS.items():
             out = await infer_call(client, model, probe)()
-            expected = probe * np.float32(factor)
-            if out.dtype != np.float32 or not np.array_equal(out, expected):
+            if out.dtype != np.float32 or not np.array_equal(out, probe * np.float32(factor)):
                 raise RuntimeError(f"{name} {model}: wrong answer ({out.dtype}, {out.shape})")
 
-    names = list(clients)
-    ratio_of = "tensorline" if len(names) == 2 else names[0]
-    print(f"\nrounds={args.rounds}  MLServer parallel_workers={args.mlserver_workers}  "
-          f"cpus={args.cpus or 'all'}  (p50/p99 in ms; ratio = {ratio_of} / "
-          f"{'MLServer' if len(names) == 2 else 'echo'})")
+
+async def latency_phase(args: argparse.Namespace, scale: float,
+                        clients: dict[str, triton.InferenceServerClient],
+                        echo_rpc: grpc.aio.UnaryUnaryMultiCallable) -> dict[str, Any]:
+    """p50/p99 of one call at a time, per size; every round times ``n`` calls of each server
+    and model in turn."""
+    names, figures = list(clients), {}
+    rng = np.random.default_rng(0)
     for label, nbytes, count in SIZES:
         array = rng.standard_normal((1, nbytes // 4)).astype(np.float32)
-        calls: dict[tuple[str, str], Call] = {("echo", "-"): echo_call(echo_rpc, "echo", array)}
+        calls: dict[Key, Call] = {ECHO: echo_call(echo_rpc, "echo", array)}
         for name, client in clients.items():
             for model in MODELS:
                 calls[(name, model)] = infer_call(client, model, array)
         for call in calls.values():
             await call()
-        samples: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+        samples: dict[Key, list[list[float]]] = {key: [] for key in calls}
         n = max(2, int(count * scale))
         for turn in range(args.rounds):
             for key in rotated(list(calls), turn):
-                samples[key] += await latencies(calls[key], n)
-        echo50 = statistics.median(samples[("echo", "-")])
-        figures["latency"][label] = {"echo_p50_ms": echo50 * 1e3}
-        print(f"{label}: echo p50 {ms(echo50)}, p99 {ms(percentile(samples[('echo', '-')], .99))}")
+                samples[key].append(await latencies(calls[key], n))
+        pooled = {key: [s for batch in rounds for s in batch] for key, rounds in samples.items()}
+        p50 = {key: statistics.median(values) for key, values in pooled.items()}
+        per_round = {key: [statistics.median(batch) for batch in rounds]
+                     for key, rounds in samples.items()}
+        figures[label] = {"echo_p50_ms": p50[ECHO] * 1e3}
+        print(f"{label}: echo p50 {ms(p50[ECHO])}, p99 {ms(percentile(pooled[ECHO], .99))}")
         for model in MODELS:
-            row = {name: (statistics.median(samples[(name, model)]),
-                          percentile(samples[(name, model)], 0.99)) for name in names}
-            entry = {f"{name}_{stat}_ms": value * 1e3 for name, (p50, p99) in row.items()
-                     for stat, value in (("p50", p50), ("p99", p99))}
-            text = "  ".join(f"{name} p50 {ms(p50)} p99 {ms(p99)} ({p50 / echo50:.2f}x echo)"
-                             for name, (p50, p99) in row.items())
+            entry: dict[str, float] = {}
+            parts = []
+            for name in names:
+                key = (name, model)
+                p99 = percentile(pooled[key], 0.99)
+                entry[f"{name}_p50_ms"], entry[f"{name}_p99_ms"] = p50[key] * 1e3, p99 * 1e3
+                parts.append(f"{name} p50 {ms(p50[key])} p99 {ms(p99)} "
+                             f"({p50[key] / p50[ECHO]:.2f}x echo)")
+            text = "  ".join(parts)
             if len(names) == 2:
-                ratio = row["tensorline"][0] / row["MLServer"][0]
-                entry["p50_ratio"] = ratio
+                ratio = entry["p50_ratio"] = round_ratio(per_round, model)
                 met = "met" if ratio <= TARGETS[label] else "MISSED"
                 text += f"  ratio {ratio:.3f} (target <= {TARGETS[label]}: {met})"
-            figures["latency"][label][model] = entry
+            figures[label][model] = entry
             print(f"  {model:>8}: {text}", flush=True)
+    return figures
 
-    array = rng.standard_normal((1, THROUGHPUT_BYTES // 4)).astype(np.float32)
-    jobs: dict[tuple[str, str], tuple[Call, int]] = {
-        ("echo", "-"): (echo_call(echo_rpc, "echo", array), echo_pid)}
+
+async def throughput_phase(args: argparse.Namespace, scale: float,
+                           clients: dict[str, triton.InferenceServerClient],
+                           servers: list[Server], echo_rpc: grpc.aio.UnaryUnaryMultiCallable,
+                           echo_pid: int) -> dict[str, Any]:
+    """Calls/s with ``IN_FLIGHT`` calls in flight at 1 KiB, and the CPU time each server and
+    this client spent per call (CPU barely moves with the machine's other load)."""
+    names = list(clients)
+    array = np.random.default_rng(2).standard_normal((1, THROUGHPUT_BYTES // 4)).astype(
+        np.float32)
+    jobs: dict[Key, tuple[Call, int]] = {ECHO: (echo_call(echo_rpc, "echo", array), echo_pid)}
     for server in servers:
         for model in MODELS:
             jobs[(server.name, model)] = (infer_call(clients[server.name], model, array),
                                           server.proc.pid)
     total = max(IN_FLIGHT, int(THROUGHPUT_CALLS * scale))
-    rates: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
-    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
-    # This process's own CPU (its gRPC threads included): on a machine where client and
-    # servers share the cores, the client's cost per call bounds every server's calls/s alike.
-    client: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
+    rates: dict[Key, list[float]] = {key: [] for key in jobs}
+    server_cpu: dict[Key, list[float]] = {key: [] for key in jobs}
+    # This process's own CPU (its gRPC threads included): where client and servers share the
+    # cores, the client's cost per call bounds every server's calls/s alike.
+    client_cpu: dict[Key, list[float]] = {key: [] for key in jobs}
     for turn in range(args.rounds):
         for key in rotated(list(jobs), turn):
             call, pid = jobs[key]
             before, client_before = cpu_seconds(pid), time.process_time()
             rates[key].append((await throughput(call, total, IN_FLIGHT))[0])
-            cpu[key].append((cpu_seconds(pid) - before) / total * 1e6)
-            client[key].append((time.process_time() - client_before) / total * 1e6)
+            server_cpu[key].append((cpu_seconds(pid) - before) / total * 1e6)
+            client_cpu[key].append((time.process_time() - client_before) / total * 1e6)
 
-    def us(table: dict[tuple[str, str], list[float]], key: tuple[str, str]) -> float:
-        return statistics.median(table[key])
+    def row(key: Key) -> tuple[float, float, float]:
+        return (statistics.median(rates[key]), statistics.median(server_cpu[key]),
+                statistics.median(client_cpu[key]))
 
-    echo_rate = statistics.median(rates[("echo", "-")])
-    print(f"\n1 KiB, {IN_FLIGHT} in flight: calls/s (server CPU per call; client CPU per call): "
-          f"echo {echo_rate:,.0f} ({us(cpu, ('echo', '-')):.0f} us; "
-          f"{us(client, ('echo', '-')):.0f} us)")
-    figures["throughput"] = {"echo_calls_s": echo_rate,
-                             "echo_server_cpu_us_per_call": us(cpu, ("echo", "-")),
-                             "echo_client_cpu_us_per_call": us(client, ("echo", "-"))}
+    echo_rate, echo_server, echo_client = row(ECHO)
+    print(f"\n1 KiB, {IN_FLIGHT} in flight: calls/s (CPU per call: server; client): "
+          f"echo {echo_rate:,.0f} ({echo_server:.0f} us; {echo_client:.0f} us)")
+    figures: dict[str, Any] = {"echo_calls_s": echo_rate,
+                               "echo_server_cpu_us_per_call": echo_server,
+                               "echo_client_cpu_us_per_call": echo_client}
     for model in MODELS:
         entry: dict[str, float] = {}
         parts = []
         for name in names:
-            key = (name, model)
-            rate = statistics.median(rates[key])
+            rate, server_us, client_us = row((name, model))
             entry[f"{name}_calls_s"] = rate
-            entry[f"{name}_server_cpu_us_per_call"] = us(cpu, key)
-            entry[f"{name}_client_cpu_us_per_call"] = us(client, key)
-            parts.append(f"{name} {rate:,.0f} ({us(cpu, key):.0f} us; {us(client, key):.0f} us; "
+            entry[f"{name}_server_cpu_us_per_call"] = server_us
+            entry[f"{name}_client_cpu_us_per_call"] = client_us
+            parts.append(f"{name} {rate:,.0f} ({server_us:.0f} us; {client_us:.0f} us; "
                          f"{rate / echo_rate:.2f}x echo)")
         text = "  ".join(parts)
         if len(names) == 2:
-            ratio = entry["tensorline_calls_s"] / entry["MLServer_calls_s"]
-            entry["ratio"] = ratio
+            ratio = entry["ratio"] = round_ratio(rates, model)
             met = "met" if ratio >= TARGETS["throughput"] else "MISSED"
             text += f"  ratio {ratio:.2f} (target >= {TARGETS['throughput']}: {met})"
-        figures["throughput"][model] = entry
+        figures[model] = entry
         print(f"  {model:>8}: {text}", flush=True)
+    return figures
 
 
 if __name__ == "__main__":
