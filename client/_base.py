@@ -231,6 +231,34 @@ class ClientConfig:
         return tuple(metadata)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    """What a call runs: a manifest (as JSON text), or a named pipeline of the server's
+    repository and its version (0 = the newest)."""
+
+    manifest_json: str = ""
+    pipeline: str = ""
+    version: int = 0
+
+    @classmethod
+    def of(cls, manifest: ManifestLike | None, pipeline: str | None,
+           version: int | None) -> Target:
+        """Exactly one of ``manifest`` and ``pipeline``; ``version`` only with ``pipeline``."""
+        if (manifest is None) == (pipeline is None):
+            raise TensorlineError("give either a manifest or pipeline= (the name of a pipeline "
+                                  "of the server's repository), not both or neither")
+        if pipeline is None:
+            if version is not None:
+                raise TensorlineError("version= goes with pipeline=")
+            assert manifest is not None
+            return cls(manifest_json=manifest_json(manifest))
+        if not pipeline:
+            raise TensorlineError("pipeline= must be a pipeline name")
+        if version is not None and version < 1:
+            raise TensorlineError(f"version= must be >= 1 (None = the newest), got {version}")
+        return cls(pipeline=pipeline, version=version or 0)
+
+
 class Calls:
     """Builds the method callables on a channel (the same for sync and aio channels)."""
 
@@ -249,6 +277,11 @@ class Calls:
             SERVICE + "GetServerInfo",
             request_serializer=pb.GetServerInfoRequest.SerializeToString,
             response_deserializer=pb.ServerInfo.FromString,
+        )
+        self.list_pipelines = channel.unary_unary(
+            SERVICE + "ListPipelines",
+            request_serializer=pb.ListPipelinesRequest.SerializeToString,
+            response_deserializer=pb.ListPipelinesResponse.FromString,
         )
 
 
@@ -295,9 +328,12 @@ class BaseClient:
     # --- requests and responses ---
 
     @staticmethod
-    def _execute_request(manifest: ManifestLike, inputs: InputsLike) -> bytes:
+    def _execute_request(manifest: ManifestLike | None, inputs: InputsLike,
+                         pipeline: str | None = None, version: int | None = None) -> bytes:
         try:
-            return encode_execute_request(manifest_json(manifest), port_items(inputs))
+            target = Target.of(manifest, pipeline, version)
+            return encode_execute_request(target.manifest_json, port_items(inputs),
+                                          target.pipeline, target.version)
         except (TypeError, ValueError) as exc:
             raise TensorlineError(f"cannot encode the request: {exc}") from exc
 
@@ -351,6 +387,7 @@ __all__ = [
     "InputsLike",
     "ManifestLike",
     "NodeMetrics",
+    "Target",
     "load_manifest",
     "manifest_json",
     "port_items",

@@ -26,6 +26,7 @@ from tensorline.client._base import (
     InputsLike,
     ManifestLike,
     NodeMetrics,
+    Target,
     load_manifest,
     manifest_json,
 )
@@ -58,16 +59,20 @@ class AsyncClient(BaseClient):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def execute(self, manifest: ManifestLike, inputs: InputsLike = None, *,
+    async def execute(self, manifest: ManifestLike | None = None, inputs: InputsLike = None, *,
+                      pipeline: str | None = None, version: int | None = None,
                       timeout: float | None = None,
                       request_id: str | None = None) -> ExecuteResult:
-        request = self._execute_request(manifest, inputs)
+        """Run ``manifest`` once, or the pipeline named ``pipeline`` of the server's repository
+        (its newest ready version, or ``version``)."""
+        request = self._execute_request(manifest, inputs, pipeline, version)
         with self._errors():
             response = await self._calls.execute(request, **self._call_options(timeout,
                                                                                 request_id))
         return self._execute_result(response)
 
-    def stream(self, manifest: ManifestLike, *, queue_size: int = 0,
+    def stream(self, manifest: ManifestLike | None = None, *, pipeline: str | None = None,
+               version: int | None = None, queue_size: int = 0,
                timeout: float | None = None, request_id: str | None = None,
                on_event: Callable[[StreamEvent], Any] | None = None,
                max_buffered: int = 0) -> AsyncStream:
@@ -78,7 +83,8 @@ class AsyncClient(BaseClient):
         calls, not long streams)."""
         from tensorline.client._stream import AsyncStream
 
-        return AsyncStream(self._channel, manifest_json(manifest), queue_size=queue_size,
+        return AsyncStream(self._channel, Target.of(manifest, pipeline, version),
+                           queue_size=queue_size,
                            timeout=self._stream_timeout(timeout),
                            metadata=self.config.metadata(request_id), on_event=on_event,
                            max_buffered=max_buffered)
@@ -99,6 +105,13 @@ class AsyncClient(BaseClient):
             info: pb.ServerInfo = await self._calls.server_info(pb.GetServerInfoRequest(),
                                                                 **self._call_options())
         return info
+
+    async def list_pipelines(self) -> list[pb.PipelineInfo]:
+        """The named pipelines of the server's repository: state, versions, signature."""
+        with self._errors():
+            response: pb.ListPipelinesResponse = await self._calls.list_pipelines(
+                pb.ListPipelinesRequest(), **self._call_options())
+        return list(response.pipelines)
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The gRPC health status name (SERVING, NOT_SERVING, ...)."""
@@ -126,20 +139,24 @@ class Client(BaseClient):
     def close(self) -> None:
         self._channel.close()
 
-    def execute(self, manifest: ManifestLike, inputs: InputsLike = None, *,
+    def execute(self, manifest: ManifestLike | None = None, inputs: InputsLike = None, *,
+                pipeline: str | None = None, version: int | None = None,
                 timeout: float | None = None, request_id: str | None = None) -> ExecuteResult:
-        request = self._execute_request(manifest, inputs)
+        """See ``AsyncClient.execute``."""
+        request = self._execute_request(manifest, inputs, pipeline, version)
         with self._errors():
             response = self._calls.execute(request, **self._call_options(timeout, request_id))
         return self._execute_result(response)
 
-    def stream(self, manifest: ManifestLike, **options: Any) -> Stream:
-        """A blocking StreamPipeline session: ``with client.stream(manifest) as s``; the same
-        options as ``AsyncClient.stream``. It runs on a private event loop thread and channel."""
+    def stream(self, manifest: ManifestLike | None = None, *, pipeline: str | None = None,
+               version: int | None = None, **options: Any) -> Stream:
+        """A blocking StreamPipeline session: ``with client.stream(manifest) as s`` (or
+        ``pipeline="name"``); the same options as ``AsyncClient.stream``. It runs on a private
+        event loop thread and channel."""
         from tensorline.client._stream import Stream
 
-        return Stream(self.config.target, self._config_options(), manifest_json(manifest),
-                      **options)
+        return Stream(self.config.target, self._config_options(),
+                      Target.of(manifest, pipeline, version), **options)
 
     def list_nodes(self) -> list[pb.NodeInfo]:
         return list(self.catalogue().nodes)
@@ -156,6 +173,13 @@ class Client(BaseClient):
             info: pb.ServerInfo = self._calls.server_info(pb.GetServerInfoRequest(),
                                                           **self._call_options())
         return info
+
+    def list_pipelines(self) -> list[pb.PipelineInfo]:
+        """See ``AsyncClient.list_pipelines``."""
+        with self._errors():
+            response: pb.ListPipelinesResponse = self._calls.list_pipelines(
+                pb.ListPipelinesRequest(), **self._call_options())
+        return list(response.pipelines)
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The gRPC health status name (SERVING, NOT_SERVING, ...)."""

@@ -57,6 +57,11 @@ class InvalidRequestError(RequestError):
     pass
 
 
+class NotFoundError(RequestError):
+    """NOT_FOUND: the request named something the server does not hold (a pipeline of its
+    repository, or a version of one); the message says which."""
+
+
 class LimitExceededError(RequestError):
     pass
 
@@ -100,6 +105,7 @@ class ServerError(TensorlineError):
 _BY_CODE: dict[grpc.StatusCode, type[TensorlineError]] = {
     grpc.StatusCode.UNAVAILABLE: TransportError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceededError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from google.rpc import status_pb2
 
-from tensorline.client._base import NodeMetrics
+from tensorline.client._base import NodeMetrics, Target
 from tensorline.client._exceptions import TensorlineError, from_rpc_error
 from tensorline.v1 import SERVICE_NAME
 from tensorline.v1 import tensorline_pb2 as pb
@@ -154,13 +154,13 @@ class _State:
 class AsyncStream:
     """One StreamPipeline session (see the module docstring)."""
 
-    def __init__(self, channel: grpc.aio.Channel, manifest_json: str, *,
+    def __init__(self, channel: grpc.aio.Channel, target: Target, *,
                  queue_size: int = 0, timeout: float | None = None,
                  metadata: tuple[tuple[str, str], ...] = (),
                  on_event: Callable[[StreamEvent], Any] | None = None,
                  max_buffered: int = 0) -> None:
         self._channel = channel
-        self._manifest_json = manifest_json
+        self._target = target
         self._queue_size = queue_size
         self._timeout = timeout
         self._metadata = metadata
@@ -211,7 +211,9 @@ class AsyncStream:
             response_deserializer=decode_stream_response,
         )(timeout=self._timeout, metadata=self._metadata)
         try:
-            await self._call.write(encode_stream_init(self._manifest_json, self._queue_size))
+            target = self._target
+            await self._call.write(encode_stream_init(target.manifest_json, self._queue_size,
+                                                      target.pipeline, target.version))
             while True:
                 response: Any = await self._call.read()
                 if response is grpc.aio.EOF:
@@ -377,11 +379,11 @@ class AsyncStream:
 class Stream:
     """Blocking wrapper around ``AsyncStream``, running it on a private event loop thread."""
 
-    def __init__(self, target: str, config: dict[str, Any], manifest_json: str,
+    def __init__(self, address: str, config: dict[str, Any], target: Target,
                  **options: Any) -> None:
-        self._target = target
+        self._address = address
         self._config = config
-        self._manifest_json = manifest_json
+        self._target = target
         self._options = options
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
@@ -414,8 +416,11 @@ class Stream:
     async def _open(self) -> None:
         from tensorline.client._client import AsyncClient
 
-        self._client = AsyncClient(self._target, **self._config)
-        self._stream = self._client.stream(self._manifest_json, **self._options)
+        self._client = AsyncClient(self._address, **self._config)
+        target = self._target
+        self._stream = self._client.stream(target.manifest_json or None,
+                                           pipeline=target.pipeline or None,
+                                           version=target.version or None, **self._options)
         await self._stream.open()
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:

@@ -11,6 +11,7 @@ from tensorline.server._errors import (
     LimitExceeded,
     NodeFailed,
     PermissionDenied,
+    PipelineNotFound,
     RequestInvalid,
     SandboxFailure,
     ServiceUnavailable,
@@ -22,15 +23,24 @@ from tensorline.server._preload import PreloadError
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
 from tensorline.server.executor import PipelineEngine
-from tensorline.server.service import TensorlineServer, create_server, serve
+from tensorline.server.repository import PipelineRepository
+from tensorline.server.service import (
+    PIPELINE_HEALTH_PREFIX,
+    TensorlineServer,
+    create_server,
+    serve,
+)
 
 __all__ = [
+    "PIPELINE_HEALTH_PREFIX",
     "DeadlineExceeded",
     "JsonFormatter",
     "LimitExceeded",
     "NodeFailed",
     "PermissionDenied",
     "PipelineEngine",
+    "PipelineNotFound",
+    "PipelineRepository",
     "PreloadError",
     "RequestInvalid",
     "SandboxFailure",

@@ -88,7 +88,11 @@ class Settings(BaseSettings):
 
     pipelines_dir: Path | None = Field(
         None, description="a directory of manifests served as named pipelines (the pipeline "
-                          "repository); each is compiled at start")
+                          "repository); each is compiled and warmed at start")
+    pipelines_watch: bool = Field(
+        True, description="with pipelines_dir: pick up new, changed and removed manifests "
+                          "without a restart (each is compiled and warmed before it takes "
+                          "calls; the version it replaces drains)")
 
     runtime: Literal["inprocess", "sandbox", "auto"] | None = Field(
         None, description="TENSORLINE_RUNTIME: runtime override for nodes without a hint")

@@ -1,4 +1,5 @@
-"""The ``tensorline`` command line: serve, run, stream, validate, nodes, health, demo."""
+"""The ``tensorline`` command line: serve, run, stream, validate, nodes, pipelines, health,
+demo."""
 
 from __future__ import annotations
 
@@ -242,6 +243,10 @@ def serve(
     instance_id: Annotated[str | None, typer.Option(help="replica id for GetServerInfo")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING")] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json")] = None,
+    pipelines: Annotated[Path | None, typer.Option(
+        "--pipelines", help="directory of manifests served as named pipelines (run NAME); "
+                            "changes are picked up while serving (TENSORLINE_PIPELINES_WATCH)")
+    ] = None,
 ) -> None:
     """Start the gRPC server (drains on SIGTERM/SIGINT). Every option also reads TENSORLINE_*."""
     _require_server("serve")
@@ -258,7 +263,8 @@ def serve(
             tls_cert_file=tls_cert, tls_key_file=tls_key, tls_client_ca_file=tls_client_ca,
             metrics_port=metrics_port, max_concurrent_executions=max_concurrent_executions,
             max_concurrent_streams=max_concurrent_streams, grace_s=grace,
-            instance_id=instance_id, log_level=log_level, log_format=log_format)
+            instance_id=instance_id, log_level=log_level, log_format=log_format,
+            pipelines_dir=pipelines)
     except (ValidationError, OSError, ValueError) as exc:
         raise _fail(f"invalid settings: {exc}", code=2) from None
     from tensorline.server import PreloadError
@@ -307,10 +313,34 @@ def _exit_past_stuck_node_threads() -> None:
         os._exit(0)
 
 
+# What ``run`` takes for a file name rather than a pipeline name when no such file exists.
+_FILE_LIKE = re.compile(r"[/\\]|\.(ya?ml|json)$", re.IGNORECASE)
+
+
+def manifest_or_name(argument: str, pipeline_version: int | None) -> dict[str, Any] | None:
+    """The manifest in file ``argument``, or None when ``argument`` names a pipeline of the
+    server (no such file, and it does not look like a file name). ValueError otherwise."""
+    path = Path(argument)
+    if path.is_file():
+        if pipeline_version is not None:
+            raise ValueError("--pipeline-version goes with a pipeline NAME, not a manifest file")
+        return load_manifest(path)
+    if _FILE_LIKE.search(argument):
+        raise ValueError(f"{argument}: no such file")
+    return None
+
+
 @app.command()
 def run(
-    manifest: Annotated[Path, typer.Argument(help="manifest file (.yaml/.yml/.json)")],
+    manifest: Annotated[str, typer.Argument(
+        metavar="MANIFEST|NAME",
+        help="manifest file (.yaml/.yml/.json); when no such file exists, the name of a "
+             "pipeline of the server's repository (serve --pipelines DIR; see `tensorline "
+             "pipelines`)")],
     server: ServerOpt = "localhost:50051",
+    pipeline_version: Annotated[int | None, typer.Option(
+        "--pipeline-version", min=1, help="with a pipeline NAME: run this version (default: "
+                                          "the newest ready one)")] = None,
     input: Annotated[list[str] | None, typer.Option(
         "--input", "-i", help="NODE[:PORT]=FILE (.npy, .wav, .json, .txt, other=bytes)")] = None,
     output: Annotated[Path | None, typer.Option(
@@ -322,16 +352,23 @@ def run(
     token: TokenOpt = None, tls: TlsOpt = False, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
     tls_key: KeyOpt = None,
 ) -> None:
-    """Run a manifest once against a server and print (or save) every output."""
+    """Run a manifest (or a named pipeline of the server) once and print (or save) every
+    output."""
     try:
-        inputs = {key: read_input(path) for key, path in map(parse_assignment, input or [])}
-        data = load_manifest(manifest)
+        inputs = {key: read_input(p) for key, p in map(parse_assignment, input or [])}
+        data = manifest_or_name(manifest, pipeline_version)
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
+    named = data is None
+    what = f"pipeline {manifest}" if named else Path(manifest).name
     try:
         with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client, \
-                _spinner(f"running {manifest.name} on {server}"):
-            result = client.execute(data, inputs, timeout=timeout)
+                _spinner(f"running {what} on {server}"):
+            if named:
+                result = client.execute(inputs=inputs, pipeline=manifest,
+                                        version=pipeline_version, timeout=timeout)
+            else:
+                result = client.execute(data, inputs, timeout=timeout)
     except TensorlineError as exc:
         raise _report_error(exc, server) from None
     if as_json:

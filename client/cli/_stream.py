@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from tensorline.client._client import AsyncClient, load_manifest
+from tensorline.client._client import AsyncClient
 from tensorline.client._exceptions import TensorlineError
 from tensorline.client._stream import StreamEvent, StreamMetrics, StreamOutput
 from tensorline.client.cli._app import (
@@ -38,6 +38,7 @@ from tensorline.client.cli._app import (
     app,
     console,
     errors,
+    manifest_or_name,
 )
 from tensorline.client.cli._io import parse_assignment, read_input, write_outputs, write_wav
 from tensorline.wire import Audio, Json, Tagged
@@ -123,9 +124,12 @@ def output_keys(results: list[StreamOutput]) -> dict[tuple[str, str], str]:
             for node, names in ports.items() for port in names}
 
 
-async def run_stream(target: str, connection: dict[str, Any], manifest: dict[str, Any],
-                     inputs: dict[str, list[Any]], queue_size: int,
-                     timeout: float | None) -> tuple[list[StreamOutput], StreamMetrics]:
+async def run_stream(target: str, connection: dict[str, Any], manifest: dict[str, Any] | None,
+                     inputs: dict[str, list[Any]], queue_size: int, timeout: float | None,
+                     pipeline: str | None = None, version: int | None = None,
+                     ) -> tuple[list[StreamOutput], StreamMetrics]:
+    """Stream ``inputs`` through ``manifest``, or through the server's pipeline named
+    ``pipeline`` (``version``)."""
     total = max(len(chunks) for chunks in inputs.values())
     results: list[StreamOutput] = []
 
@@ -136,8 +140,8 @@ async def run_stream(target: str, connection: dict[str, Any], manifest: dict[str
     progress = Progress(TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                         _Rate(), console=errors, transient=False)
     async with AsyncClient(target, **connection) as client:
-        stream = client.stream(manifest, queue_size=queue_size, timeout=timeout,
-                               on_event=on_event)
+        stream = client.stream(manifest, pipeline=pipeline, version=version,
+                               queue_size=queue_size, timeout=timeout, on_event=on_event)
         async with stream:
             with progress:
                 sent = progress.add_task("sent", total=total)
@@ -171,8 +175,14 @@ async def _receive(stream: Any, results: list[StreamOutput], progress: Progress,
 
 @app.command()
 def stream(
-    manifest: Annotated[Path, typer.Argument(help="manifest file (.yaml/.yml/.json)")],
+    manifest: Annotated[str, typer.Argument(
+        metavar="MANIFEST|NAME",
+        help="manifest file (.yaml/.yml/.json); when no such file exists, the name of a "
+             "pipeline of the server's repository (see `tensorline pipelines`)")],
     server: ServerOpt = "localhost:50051",
+    pipeline_version: Annotated[int | None, typer.Option(
+        "--pipeline-version", min=1, help="with a pipeline NAME: stream through this version "
+                                          "(default: the newest ready one)")] = None,
     input: Annotated[list[str], typer.Option(
         "--input", "-i", help="NODE[:PORT]=FILE (.wav or .npy), repeatable")] = [],  # noqa: B006
     chunk: Annotated[str | None, typer.Option(
@@ -192,7 +202,7 @@ def stream(
         raise _fail("give at least one --input NODE=FILE")
     try:
         size, unit = parse_chunk(chunk)
-        data = load_manifest(manifest)
+        data = manifest_or_name(manifest, pipeline_version)
         inputs = {}
         for key, path in map(parse_assignment, input):
             inputs[key] = split(read_input(path), size, unit, str(path), rate)
@@ -201,7 +211,8 @@ def stream(
     try:
         results, metrics = asyncio.run(run_stream(
             server, _connection(token, tls, tls_ca, tls_cert, tls_key), data, inputs,
-            queue_size, timeout))
+            queue_size, timeout, pipeline=manifest if data is None else None,
+            version=pipeline_version))
     except TensorlineError as exc:
         raise _report_error(exc, server) from None
     keys = output_keys(results)

@@ -209,6 +209,13 @@ class PipelineEngine:
         scope = scope or ExecutionScope(execution_id=uuid.uuid4().hex)
         return await self.executor.run(plan, bound, scope)
 
+    async def warm_plan(self, plan: ExecutionPlan, scope: ExecutionScope | None = None) -> None:
+        """Create ``plan``'s node instances in the runtimes that will run them (warm reusable
+        instances stay there), so its first call pays no initialization; raises what a call
+        would raise when a node cannot be created."""
+        await self.executor.prepare(plan, scope or ExecutionScope(
+            execution_id=f"warm-{uuid.uuid4().hex}"))
+
     def compile(self, manifest: Mapping[str, Any]) -> ExecutionPlan:
         """Validate and compile a manifest object outside the plan cache (the repository keeps
         its named pipelines' plans itself)."""

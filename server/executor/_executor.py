@@ -285,6 +285,23 @@ class Executor:
             if self.observer is not None:
                 self.observer(report, failed)
 
+    async def prepare(self, plan: ExecutionPlan, scope: ExecutionScope) -> None:
+        """Create the instances of ``plan``'s nodes in the runtimes the selector chose (as the
+        first call would, with the same fallback rule), one node after the other; the first
+        failure is raised as a call would raise it."""
+        for node_id in plan.order:
+            spec = plan.nodes[node_id]
+            report = NodeReport.planned(spec)
+            runtime = runtime_for(self._runtimes, self._selector, spec, spec.decision, report)
+            try:
+                await runtime.prepare(spec, scope)
+            except SandboxFailure as failure:
+                retry = self._selector.fallback(spec.node_id, spec.entry, spec.decision, failure)
+                if retry is None:
+                    raise
+                await runtime_for(self._runtimes, self._selector, spec, retry,
+                                  report).prepare(spec, scope)
+
     async def _call(self, spec: NodeSpec, decision: RuntimeDecision, node_inputs: dict[str, Any],
                     scope: ExecutionScope, report: NodeReport) -> Any:
         runtime = runtime_for(self._runtimes, self._selector, spec, decision, report)

@@ -6,10 +6,17 @@ signature (inputs and outputs) clients see.
 """
 
 from tensorline.server.repository._model import LoadedPipeline, PipelinePort, PipelineState
-from tensorline.server.repository._repository import MANIFEST_SUFFIXES, PipelineRepository
+from tensorline.server.repository._repository import (
+    MANIFEST_SUFFIXES,
+    WARM_TIMEOUT_S,
+    PipelineRepository,
+)
+from tensorline.server.repository._signature import DATATYPES
 
 __all__ = [
+    "DATATYPES",
     "MANIFEST_SUFFIXES",
+    "WARM_TIMEOUT_S",
     "LoadedPipeline",
     "PipelinePort",
     "PipelineRepository",

@@ -99,6 +99,14 @@ class Runtime(ABC):
         finally:
             await self.release(instance)
 
+    async def prepare(self, spec: NodeSpec, scope: ExecutionScope) -> None:
+        """Create what a call of ``spec`` needs before the first call arrives (a named
+        pipeline is warmed this way before it takes traffic): a reusable node's warm instance
+        stays, a fresh one is created (its ``initialize`` runs) and released, so a node that
+        cannot be built fails here rather than on a request."""
+        instance = await self.acquire(spec, scope)
+        await self.release(instance)
+
     def layers(self) -> list[LayerStatus]:
         return []
 

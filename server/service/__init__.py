@@ -1,6 +1,7 @@
 """The gRPC surface: service methods, error translation and the server factory."""
 
 from tensorline.server.service._server import (
+    PIPELINE_HEALTH_PREFIX,
     TensorlineServer,
     build_engine,
     create_server,
@@ -12,6 +13,7 @@ from tensorline.server.service._status import status_code_of, to_status
 from tensorline.v1 import SERVICE_NAME
 
 __all__ = [
+    "PIPELINE_HEALTH_PREFIX",
     "SERVICE_NAME",
     "PipelineService",
     "TensorlineServer",

@@ -2,8 +2,10 @@
 
 ``create_server`` binds (port 0 = ephemeral) and returns ``(server, port)`` so tests run a real
 server in-process. ``start`` imports the preload modules (a failure stops it), starts the
-runtimes, then serves with health NOT_SERVING until the start-up warm-up (``_warmup``) is done.
-``stop`` is idempotent: health goes NOT_SERVING first so balancers stop
+runtimes, loads the named pipelines (``pipelines_dir``) and starts watching their directory,
+then serves with health NOT_SERVING until the start-up warm-up (``_warmup``) is done; each named
+pipeline has a health service of its own (``PIPELINE_HEALTH_PREFIX`` + name).
+``stop`` is idempotent: the pipeline watcher stops, health goes NOT_SERVING so balancers stop
 sending, in-flight calls get the grace period, then the runtimes shut down.
 """
 
@@ -37,6 +39,9 @@ from tensorline.server.service._warmup import warm_up
 from tensorline.v1 import SERVICE_NAME
 
 log = logging.getLogger(__name__)
+
+# gRPC health service name of one named pipeline: this prefix + the pipeline's name.
+PIPELINE_HEALTH_PREFIX = f"{SERVICE_NAME}/pipeline/"
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -171,6 +176,8 @@ class TensorlineServer:
         self._warming: asyncio.Task[None] | None = None
         # True from start() until the warm-up ends (a flag: the task's own end comes later).
         self._warm_up_running = False
+        # Names whose pipeline health was ever set (a removed one is set NOT_SERVING).
+        self._pipeline_names: set[str] = set()
 
     async def start(self) -> None:
         # Before the runtimes start: the server imports what the operator named (PreloadError
@@ -183,7 +190,10 @@ class TensorlineServer:
         await self.engine.load_untrusted(self.settings.untrusted_modules)
         if self.repository is not None:
             # After the node modules: the manifests name their node types.
+            self.repository.on_change = self._pipeline_health
             await self.repository.start()
+            if self.settings.pipelines_watch:
+                await self.repository.watch()
         await self.grpc.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.telemetry.serve_http(self.settings.metrics_host,
@@ -241,6 +251,19 @@ class TensorlineServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    async def _pipeline_health(self) -> None:
+        """Per named pipeline, health service ``PIPELINE_HEALTH_PREFIX + name``: SERVING while a
+        version of it takes calls. A name no file defines any more goes NOT_SERVING (the stock
+        servicer cannot forget a name; a Watch on it ends that way)."""
+        if self.repository is None or self.draining:
+            return
+        serving = {state.name for state in self.repository.states() if state.state == "READY"}
+        for name in self._pipeline_names | {s.name for s in self.repository.states()}:
+            await self.health.set(PIPELINE_HEALTH_PREFIX + name,
+                                  health_pb2.HealthCheckResponse.SERVING if name in serving
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._pipeline_names |= {s.name for s in self.repository.states()}
+
     async def _watch_health(self) -> None:
         """Keep gRPC health in step with the engine: SERVING only while every runtime can
         execute (e.g. the sandbox pool has live workers), so balancers stop routing otherwise."""
@@ -261,6 +284,9 @@ class TensorlineServer:
 
     async def _stop(self, grace: float) -> None:
         self.draining = True
+        if self.repository is not None:
+            # No pipeline is loaded or swapped while the server drains.
+            await self.repository.stop_watching()
         for task in (self._watcher, self._warming):
             if task is not None:
                 task.cancel()
@@ -304,7 +330,8 @@ async def create_server(
     engine.executor.observer = telemetry.observe_node
     interceptors = [BearerTokenInterceptor(settings.auth_tokens)] if settings.auth_tokens else []
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
-    repository = (PipelineRepository(engine, settings.pipelines_dir)
+    repository = (PipelineRepository(engine, settings.pipelines_dir,
+                                     warm_timeout_s=settings.warmup_timeout_s)
                   if settings.pipelines_dir is not None else None)
     service = PipelineService(engine, settings, admission, telemetry, repository)
     server.add_generic_rpc_handlers((service.handler(),))

@@ -23,6 +23,7 @@ from tensorline.server.executor import PipelineEngine
 from tensorline.server.repository import PipelineRepository
 from tensorline.server.runtime import ExecutionScope
 from tensorline.server.service._admission import Admission
+from tensorline.server.service._pipelines import list_pipelines, named_version, pipeline_statuses
 from tensorline.server.service._status import translate_errors
 from tensorline.server.service._telemetry import Telemetry
 from tensorline.v1 import PROTOCOL_VERSION, SERVICE_NAME
@@ -75,8 +76,18 @@ class PipelineService:
         # The in-flight gauges read the admission counters at scrape time: nothing per call.
         self.admission.enter_execution()
         try:
-            result, cached = await self.engine.execute(
-                request.manifest_json, request.inputs, prior=request.violations, scope=scope)
+            named = named_version(request.manifest_json, request.pipeline,
+                                  request.pipeline_version, self.repository,
+                                  prior=request.violations)
+            if named is None:
+                result, cached = await self.engine.execute(
+                    request.manifest_json, request.inputs, prior=request.violations, scope=scope)
+            else:
+                # Held for the whole call: a version replaced or unloaded meanwhile finishes it.
+                with named.repository.lease(named.name, named.version) as pipeline:
+                    result = await self.engine.execute_plan(
+                        pipeline.plan, request.inputs, prior=request.violations, scope=scope)
+                cached = True  # compiled when the version was loaded
         finally:
             self.admission.leave_execution()
         metrics = encode_execution_metrics((time.perf_counter() - started) * 1000.0,
@@ -105,7 +116,13 @@ class PipelineService:
             sandbox_layers=layers,
             worker_pool_size=self._live_workers(),
             runtimes=sorted(self.engine.runtimes),
+            pipelines=pipeline_statuses(self.repository),
         )
+
+    @translate_errors("ListPipelines")
+    async def list_pipelines(self, request: pb.ListPipelinesRequest,
+                             context: Context) -> pb.ListPipelinesResponse:
+        return list_pipelines(self.repository)
 
     def _live_workers(self) -> int:
         """Worker processes alive now, over every runtime that has a pool."""
@@ -118,7 +135,8 @@ class PipelineService:
 
         limits = Limits(max_tensor_bytes=self.settings.max_tensor_bytes,
                         max_json_depth=self.settings.max_json_depth)
-        stream = StreamHandler(self.engine, self.settings, self.admission, self.telemetry)
+        stream = StreamHandler(self.engine, self.settings, self.admission, self.telemetry,
+                               self.repository)
         methods = {
             "ExecutePipeline": grpc.unary_unary_rpc_method_handler(
                 self.execute_pipeline,
@@ -140,6 +158,11 @@ class PipelineService:
                 self.get_server_info,
                 request_deserializer=pb.GetServerInfoRequest.FromString,
                 response_serializer=pb.ServerInfo.SerializeToString,
+            ),
+            "ListPipelines": grpc.unary_unary_rpc_method_handler(
+                self.list_pipelines,
+                request_deserializer=pb.ListPipelinesRequest.FromString,
+                response_serializer=pb.ListPipelinesResponse.SerializeToString,
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)

@@ -1,7 +1,8 @@
 """The StreamPipeline handler: one bidirectional call = one streaming session.
 
 Protocol: the first client message is ``init`` (manifest + options); the manifest is compiled
-with the engine's ``plan_for`` (same validation and details as ExecutePipeline), every node is
+with the engine's ``plan_for`` (same validation and details as ExecutePipeline), or the named
+pipeline it gives is leased from the repository for the whole session; every node is
 initialized (StreamEvents report progress) and ``ready`` carries the session id. Then three
 tasks run until the session ends:
 
@@ -48,7 +49,10 @@ from tensorline.server.executor import (
     StreamSession,
     size_of,
 )
+from tensorline.server.manifest import ExecutionPlan
+from tensorline.server.repository import PipelineRepository
 from tensorline.server.service._admission import Admission
+from tensorline.server.service._pipelines import named_version
 from tensorline.server.service._service import scope_for
 from tensorline.server.service._status import await_first_message, to_status, translate_errors
 from tensorline.server.service._telemetry import Telemetry
@@ -255,8 +259,10 @@ async def _cleanup(session: StreamSession, tasks: list[asyncio.Task[Any]], writi
 
 class StreamHandler:
     def __init__(self, engine: PipelineEngine, settings: Settings, admission: Admission,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None,
+                 repository: PipelineRepository | None = None) -> None:
         self.engine = engine
+        self.repository = repository
         self.settings = settings
         self.admission = admission
         # Read by translate_errors (request counts and latencies by status).
@@ -284,16 +290,29 @@ class StreamHandler:
         if first.kind != "init" or first.init is None:
             raise RequestInvalid([Violation("init", f"the first message must be init, got "
                                                     f"{first.kind}")], "invalid stream")
-        lookup = self.engine.plan_for(first.init.manifest_json)
+        init = first.init
+        named = named_version(init.manifest_json, init.pipeline, init.pipeline_version,
+                              self.repository, prefix="init.")
+        if named is None:
+            lookup = self.engine.plan_for(init.manifest_json)
+            await self._run(context, init, lookup.plan, lookup.cached)
+            return
+        # Held for the whole session: a version replaced or unloaded meanwhile serves it to
+        # the end.
+        with named.repository.lease(named.name, named.version) as pipeline:
+            await self._run(context, init, pipeline.plan, True)
+
+    async def _run(self, context: Context, init: pb.StreamInit, plan: ExecutionPlan,
+                   plan_cached: bool) -> None:
         scope = scope_for(context, uuid.uuid4().hex)
         session = self.engine.streaming.open(
-            lookup.plan, scope,
+            plan, scope,
             # A client may ask for smaller or larger buffers, within a server cap.
-            queue_size=min(first.init.queue_size, MAX_QUEUE_SIZE)
+            queue_size=min(init.queue_size, MAX_QUEUE_SIZE)
             or self.settings.stream_queue_size,
             buffer_bytes=self.settings.stream_buffer_bytes)
         tasks: list[asyncio.Task[Any]] = []
-        writing = _Writer(session, context, lookup.cached)
+        writing = _Writer(session, context, plan_cached)
         writer = asyncio.ensure_future(writing.run())
         reader: asyncio.Task[str] | None = None
         failure: TensorlineServerError | None = None

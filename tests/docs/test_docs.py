@@ -134,9 +134,10 @@ def server(workdir: Path) -> Iterator[ServerProcess]:
 
 
 def readme_manifest() -> str:
-    (manifest,) = [b.code for b in blocks(REPO_ROOT / "README.md")
-                   if b.lang == "yaml" and "nodes:" in b.code]
-    return manifest
+    """The manifest of the README's "A manifest" section: its first (later ones illustrate
+    other features, e.g. a named pipeline's declarations)."""
+    return next(b.code for b in blocks(REPO_ROOT / "README.md")
+            if b.lang == "yaml" and "nodes:" in b.code)
 
 
 @pytest.mark.parametrize("block", CLIENT_SNIPPETS, ids=lambda b: b.where)

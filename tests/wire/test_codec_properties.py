@@ -83,12 +83,15 @@ def assert_same_value(got: Any, sent: Any) -> None:
 
 
 @PROFILE
-@given(manifest=st.text(), inputs=items)
-def test_request_round_trip(manifest: str, inputs: list[PortItem]) -> None:
-    raw = encode_execute_request(manifest, inputs)
+@given(manifest=st.text(), inputs=items, pipeline=st.text(),
+       version=st.integers(min_value=-(2**63), max_value=2**63 - 1))
+def test_request_round_trip(manifest: str, inputs: list[PortItem], pipeline: str,
+                            version: int) -> None:
+    raw = encode_execute_request(manifest, inputs, pipeline, version)
     decoded = decode_execute_request(raw)
     assert decoded.violations == []
     assert decoded.manifest_json == manifest
+    assert (decoded.pipeline, decoded.pipeline_version) == (pipeline, version)
     assert decoded.size == len(raw)
     assert len(decoded.inputs) == len(inputs)
     for got, sent in zip(decoded.inputs, inputs, strict=True):

@@ -55,6 +55,9 @@ def test_tensor_chunks_decode_as_views_of_the_message() -> None:
 def test_control_messages() -> None:
     init = decode_stream_request(encode_stream_init('{"nodes": []}', 8))
     assert init.kind == "init" and init.init is not None and init.init.queue_size == 8
+    named = decode_stream_request(encode_stream_init("", 0, "scaler", 2)).init
+    assert named is not None
+    assert (named.manifest_json, named.pipeline, named.pipeline_version) == ("", "scaler", 2)
     assert decode_stream_request(encode_stream_close()).kind == "close"
     cancel = decode_stream_request(encode_stream_cancel("bye"))
     assert cancel.kind == "cancel" and cancel.cancel_reason == "bye"

@@ -62,6 +62,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "_F_PORT_VALUE": (pb.PortValue, "value"),
     "_F_REQUEST_MANIFEST": (pb.ExecuteRequest, "manifest_json"),
     "_F_REQUEST_INPUTS": (pb.ExecuteRequest, "inputs"),
+    "_F_REQUEST_PIPELINE": (pb.ExecuteRequest, "pipeline"),
+    "_F_REQUEST_PIPELINE_VERSION": (pb.ExecuteRequest, "pipeline_version"),
     "_F_RESPONSE_OUTPUTS": (pb.ExecuteResponse, "outputs"),
     "_F_RESPONSE_METRICS": (pb.ExecuteResponse, "metrics"),
     "_F_METRICS_TOTAL_MS": (pb.ExecutionMetrics, "total_ms"),
@@ -259,7 +261,8 @@ def test_the_scanners_find_field_tests() -> None:
     assert {"_F_TENSOR_DTYPE", "_F_TENSOR_SHAPE", "_F_TENSOR_DATA", "_F_VALUE_TENSOR",
             "_F_VALUE_METADATA", "_F_PORT_VALUE", "_F_CHUNK_SEQUENCE", "_F_CHUNK_VALUE",
             "_F_SREQ_DATA", "_F_SRESP_RESULTS", "_F_RESULTS_RESULTS",
-            "_F_RESPONSE_METRICS"} <= seen
+            "_F_RESPONSE_METRICS", "_F_REQUEST_MANIFEST", "_F_REQUEST_PIPELINE",
+            "_F_REQUEST_PIPELINE_VERSION"} <= seen
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -98,7 +98,8 @@ def _general_only() -> Iterator[None]:
 
 
 def _request_summary(decoded: Any) -> Any:
-    return (decoded.manifest_json, decoded.size, _normal(decoded.inputs),
+    return (decoded.manifest_json, decoded.pipeline, decoded.pipeline_version, decoded.size,
+            _normal(decoded.inputs),
             [(v.field, v.description, v.kind) for v in decoded.violations])
 
 
@@ -310,6 +311,10 @@ def _execute_request(dims: list[int], dtype: int = pb.DTYPE_UINT8, data: bytes =
 @example(raw=_chunk_request([1] * 33), limit=Limits())
 @example(raw=_chunk_request([0, 2**62, 2**62], data=b""), limit=Limits())
 @example(raw=_execute_request([1] * 100), limit=Limits())
+# A named pipeline and its version (a negative one: ten varint bytes), on both paths.
+@example(raw=field(3, 2, b"scaler") + field(4, 0, 3) + _execute_request([2], data=b"xy"),
+         limit=Limits())
+@example(raw=field(3, 2, b"p") + field(4, 0, -1), limit=Limits())
 @example(raw=_execute_request([1] * 33), limit=Limits())
 # An enum value beyond int32 (the generated parser keeps its low 32 bits).
 @example(raw=_execute_request([1], dtype=2**32 + pb.DTYPE_UINT8), limit=Limits())

@@ -92,12 +92,16 @@ class PortValue(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., port: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("manifest_json", "inputs")
+    __slots__ = ("manifest_json", "inputs", "pipeline", "pipeline_version")
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     manifest_json: str
     inputs: _containers.RepeatedCompositeFieldContainer[PortValue]
-    def __init__(self, manifest_json: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[PortValue, _Mapping]]] = ...) -> None: ...
+    pipeline: str
+    pipeline_version: int
+    def __init__(self, manifest_json: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[PortValue, _Mapping]]] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[int] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("outputs", "metrics")
@@ -150,12 +154,16 @@ class StreamRequest(_message.Message):
     def __init__(self, init: _Optional[_Union[StreamInit, _Mapping]] = ..., data: _Optional[_Union[StreamChunk, _Mapping]] = ..., close: _Optional[_Union[StreamClose, _Mapping]] = ..., cancel: _Optional[_Union[StreamCancel, _Mapping]] = ...) -> None: ...
 
 class StreamInit(_message.Message):
-    __slots__ = ("manifest_json", "queue_size")
+    __slots__ = ("manifest_json", "queue_size", "pipeline", "pipeline_version")
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     manifest_json: str
     queue_size: int
-    def __init__(self, manifest_json: _Optional[str] = ..., queue_size: _Optional[int] = ...) -> None: ...
+    pipeline: str
+    pipeline_version: int
+    def __init__(self, manifest_json: _Optional[str] = ..., queue_size: _Optional[int] = ..., pipeline: _Optional[str] = ..., pipeline_version: _Optional[int] = ...) -> None: ...
 
 class StreamChunk(_message.Message):
     __slots__ = ("sequence", "node_id", "port", "value")
@@ -326,7 +334,7 @@ class SandboxLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., active: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("server_version", "protocol_version", "instance_id", "max_message_bytes", "max_tensor_bytes", "max_concurrent_executions", "max_concurrent_streams", "sandbox_layers", "worker_pool_size", "runtimes")
+    __slots__ = ("server_version", "protocol_version", "instance_id", "max_message_bytes", "max_tensor_bytes", "max_concurrent_executions", "max_concurrent_streams", "sandbox_layers", "worker_pool_size", "runtimes", "pipelines")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +345,7 @@ class ServerInfo(_message.Message):
     SANDBOX_LAYERS_FIELD_NUMBER: _ClassVar[int]
     WORKER_POOL_SIZE_FIELD_NUMBER: _ClassVar[int]
     RUNTIMES_FIELD_NUMBER: _ClassVar[int]
+    PIPELINES_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     protocol_version: str
     instance_id: str
@@ -347,4 +356,57 @@ class ServerInfo(_message.Message):
     sandbox_layers: _containers.RepeatedCompositeFieldContainer[SandboxLayer]
     worker_pool_size: int
     runtimes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[str] = ..., instance_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_concurrent_executions: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., sandbox_layers: _Optional[_Iterable[_Union[SandboxLayer, _Mapping]]] = ..., worker_pool_size: _Optional[int] = ..., runtimes: _Optional[_Iterable[str]] = ...) -> None: ...
+    pipelines: _containers.RepeatedCompositeFieldContainer[PipelineStatus]
+    def __init__(self, server_version: _Optional[str] = ..., protocol_version: _Optional[str] = ..., instance_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., max_concurrent_executions: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., sandbox_layers: _Optional[_Iterable[_Union[SandboxLayer, _Mapping]]] = ..., worker_pool_size: _Optional[int] = ..., runtimes: _Optional[_Iterable[str]] = ..., pipelines: _Optional[_Iterable[_Union[PipelineStatus, _Mapping]]] = ...) -> None: ...
+
+class PipelinePort(_message.Message):
+    __slots__ = ("name", "node_id", "port", "kind", "datatype", "shape", "required")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    node_id: str
+    port: str
+    kind: str
+    datatype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    required: bool
+    def __init__(self, name: _Optional[str] = ..., node_id: _Optional[str] = ..., port: _Optional[str] = ..., kind: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., required: _Optional[bool] = ...) -> None: ...
+
+class PipelineStatus(_message.Message):
+    __slots__ = ("name", "state", "versions", "reason", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    reason: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ListPipelinesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PipelineInfo(_message.Message):
+    __slots__ = ("status", "inputs", "outputs")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    status: PipelineStatus
+    inputs: _containers.RepeatedCompositeFieldContainer[PipelinePort]
+    outputs: _containers.RepeatedCompositeFieldContainer[PipelinePort]
+    def __init__(self, status: _Optional[_Union[PipelineStatus, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[PipelinePort, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[PipelinePort, _Mapping]]] = ...) -> None: ...
+
+class ListPipelinesResponse(_message.Message):
+    __slots__ = ("pipelines",)
+    PIPELINES_FIELD_NUMBER: _ClassVar[int]
+    pipelines: _containers.RepeatedCompositeFieldContainer[PipelineInfo]
+    def __init__(self, pipelines: _Optional[_Iterable[_Union[PipelineInfo, _Mapping]]] = ...) -> None: ...

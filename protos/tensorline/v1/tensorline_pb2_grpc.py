@@ -54,6 +54,11 @@ class PipelineServiceStub:
                 request_serializer=tensorline_dot_v1_dot_tensorline__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=tensorline_dot_v1_dot_tensorline__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.ListPipelines = channel.unary_unary(
+                '/tensorline.v1.PipelineService/ListPipelines',
+                request_serializer=tensorline_dot_v1_dot_tensorline__pb2.ListPipelinesRequest.SerializeToString,
+                response_deserializer=tensorline_dot_v1_dot_tensorline__pb2.ListPipelinesResponse.FromString,
+                _registered_method=True)
 
 
 class PipelineServiceServicer:
@@ -87,6 +92,14 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPipelines(self, request, context):
+        """The named pipelines of the server's pipeline repository (`serve --pipelines DIR`), with
+        their state and signature.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PipelineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=tensorline_dot_v1_dot_tensorline__pb2.GetServerInfoRequest.FromString,
                     response_serializer=tensorline_dot_v1_dot_tensorline__pb2.ServerInfo.SerializeToString,
+            ),
+            'ListPipelines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPipelines,
+                    request_deserializer=tensorline_dot_v1_dot_tensorline__pb2.ListPipelinesRequest.FromString,
+                    response_serializer=tensorline_dot_v1_dot_tensorline__pb2.ListPipelinesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class PipelineService:
             '/tensorline.v1.PipelineService/GetServerInfo',
             tensorline_dot_v1_dot_tensorline__pb2.GetServerInfoRequest.SerializeToString,
             tensorline_dot_v1_dot_tensorline__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPipelines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorline.v1.PipelineService/ListPipelines',
+            tensorline_dot_v1_dot_tensorline__pb2.ListPipelinesRequest.SerializeToString,
+            tensorline_dot_v1_dot_tensorline__pb2.ListPipelinesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -115,6 +115,9 @@ class PortItem:
 class DecodedExecuteRequest:
     manifest_json: str = ""
     inputs: list[PortItem] = field(default_factory=list)
+    # A named pipeline of the server's repository instead of a manifest (0 = newest version).
+    pipeline: str = ""
+    pipeline_version: int = 0
     violations: list[Violation] = field(default_factory=list)
     # Total bytes of the raw request, for logging and metrics.
     size: int = 0
@@ -235,6 +238,8 @@ _F_PORT_PORT = _number(pb.PortValue, "port")
 _F_PORT_VALUE = _number(pb.PortValue, "value")
 _F_REQUEST_MANIFEST = _number(pb.ExecuteRequest, "manifest_json")
 _F_REQUEST_INPUTS = _number(pb.ExecuteRequest, "inputs")
+_F_REQUEST_PIPELINE = _number(pb.ExecuteRequest, "pipeline")
+_F_REQUEST_PIPELINE_VERSION = _number(pb.ExecuteRequest, "pipeline_version")
 _F_RESPONSE_OUTPUTS = _number(pb.ExecuteResponse, "outputs")
 _F_RESPONSE_METRICS = _number(pb.ExecuteResponse, "metrics")
 _F_METRICS_TOTAL_MS = _number(pb.ExecutionMetrics, "total_ms")

@@ -241,9 +241,13 @@ def decode_stream_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Decode
     return request
 
 
-def encode_stream_init(manifest_json: str, queue_size: int = 0) -> bytes:
-    return pb.StreamRequest(init=pb.StreamInit(manifest_json=manifest_json,
-                                               queue_size=queue_size)).SerializeToString()
+def encode_stream_init(manifest_json: str, queue_size: int = 0, pipeline: str = "",
+                       pipeline_version: int = 0) -> bytes:
+    """The init message: ``manifest_json``, or a pipeline of the server's repository by name
+    (and version, 0 = the newest)."""
+    return pb.StreamRequest(init=pb.StreamInit(
+        manifest_json=manifest_json, queue_size=queue_size, pipeline=pipeline,
+        pipeline_version=pipeline_version)).SerializeToString()
 
 
 def encode_stream_chunk(sequence: int, node_id: str, port: str, value: Any) -> bytes:

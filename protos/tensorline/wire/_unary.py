@@ -18,6 +18,8 @@ from tensorline.wire._codec import (
     _F_METRICS_NODES,
     _F_REQUEST_INPUTS,
     _F_REQUEST_MANIFEST,
+    _F_REQUEST_PIPELINE,
+    _F_REQUEST_PIPELINE_VERSION,
     _F_RESPONSE_METRICS,
     _F_RESPONSE_OUTPUTS,
     _LEN,
@@ -32,6 +34,7 @@ from tensorline.wire._codec import (
     _T_TENSOR_DTYPE,
     _T_TENSOR_SHAPE,
     _T_VALUE_TENSOR,
+    _VARINT,
     _WIRE_TO_DTYPE,
     BAD_CONTENT,
     DEFAULT_LIMITS,
@@ -45,6 +48,7 @@ from tensorline.wire._codec import (
     _decode_port_value,
     _fields,
     _len_field,
+    _to_int64,
     _utf8,
     _varint_bytes,
     encode_port_value,
@@ -54,8 +58,12 @@ from tensorline.wire._codec import (
 # --- ExecuteRequest / ExecuteResponse ------------------------------------------------------------
 
 
-def encode_execute_request(manifest_json: str, inputs: list[PortItem]) -> bytes:
-    pieces: Pieces = [pb.ExecuteRequest(manifest_json=manifest_json).SerializeToString()]
+def encode_execute_request(manifest_json: str, inputs: list[PortItem], pipeline: str = "",
+                           pipeline_version: int = 0) -> bytes:
+    """``manifest_json``, or the name of a pipeline of the server's repository (and a version
+    of it, 0 = the newest)."""
+    pieces: Pieces = [pb.ExecuteRequest(manifest_json=manifest_json, pipeline=pipeline,
+                                        pipeline_version=pipeline_version).SerializeToString()]
     for item in inputs:
         pieces += encode_port_value(_F_REQUEST_INPUTS, item.node_id, item.port, item.value)
     return join(pieces)
@@ -103,7 +111,9 @@ def _decode_small_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest |
         # earlier one, where the scanning decoder reads each field on its own and reports it.
         # A merge always shrinks the message, so equal sizes mean nothing was merged.
         return None
-    request = DecodedExecuteRequest(manifest_json=message.manifest_json, size=len(raw))
+    request = DecodedExecuteRequest(manifest_json=message.manifest_json,
+                                    pipeline=message.pipeline,
+                                    pipeline_version=message.pipeline_version, size=len(raw))
     for item in message.inputs:
         value = item.value
         if value.metadata:
@@ -132,10 +142,14 @@ def decode_execute_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Decod
     request = DecodedExecuteRequest(size=len(raw))
     try:
         for number, wire_type, a, b in _fields(raw, 0, len(raw)):
-            if wire_type != _LEN:
+            if number == _F_REQUEST_PIPELINE_VERSION and wire_type == _VARINT:
+                request.pipeline_version = _to_int64(a)
+            elif wire_type != _LEN:
                 continue
-            if number == _F_REQUEST_MANIFEST:
+            elif number == _F_REQUEST_MANIFEST:
                 request.manifest_json = _utf8(raw, a, b)
+            elif number == _F_REQUEST_PIPELINE:
+                request.pipeline = _utf8(raw, a, b)
             elif number == _F_REQUEST_INPUTS:
                 path = f"inputs[{len(request.inputs)}]"
                 request.inputs.append(

@@ -333,6 +333,19 @@ class SandboxRuntime(_Streaming):
             return OneShotInstance(spec, scope, self)
         return await self._instance(spec, scope, host=True)
 
+    async def prepare(self, spec: NodeSpec, scope: ExecutionScope) -> None:
+        """Warm ``spec`` in a worker as a unary call would find it: a reusable node's instance
+        is initialized and stays warm there; any other node is created (its module imported,
+        its ``initialize`` run) and released, so a class that cannot load in a worker fails
+        here. Nothing is pinned or reserved afterwards."""
+        self._check_open()
+        plan = self._class_plan(spec.entry)
+        self._require_layers(plan.group[1], f"node '{spec.node_id}' ({spec.node_type})")
+        if spec.entry.reusable:
+            await self._acquire_warm(spec, scope)
+            return
+        self._release_now(await self._instance(spec, scope, host=False))
+
     async def _instance(self, spec: NodeSpec, scope: ExecutionScope,
                         host: bool) -> SandboxInstance:
         if spec.entry.reusable:
