@@ -230,13 +230,12 @@ async def start_tensorline(workdir: Path, prefix: tuple[str, ...]) -> Server:
     pipelines = workdir / "pipelines"
     write_pipelines(pipelines)
     log = workdir / "tensorline.log"
-    env = {**os.environ, "TENSORLINE_PIPELINES_DIR": str(pipelines)}
     with log.open("wb") as sink:
         proc = await asyncio.to_thread(
             subprocess.Popen,
             [*prefix, sys.executable, "-c", "from tensorline.client.cli import main; main()",
-             "serve", "--host", "127.0.0.1", "--port", "0"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=sink, text=True,
+             "serve", "--host", "127.0.0.1", "--port", "0", "--pipelines", str(pipelines)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=sink, text=True,
             start_new_session=True)
     server = Server("tensorline", proc, "", log)
     assert proc.stdout is not None
