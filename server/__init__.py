@@ -4,8 +4,18 @@
     await server.start()
     ...
     await server.stop()
+
+The command line (``tensorline.client.cli``) uses ``run_server`` (serve, demo),
+``check_manifest`` (validate) and ``local_catalogue`` (nodes), which raise ``SetupError``.
 """
 
+from tensorline.server._entry import (
+    ManifestCheck,
+    SetupError,
+    check_manifest,
+    local_catalogue,
+    run_server,
+)
 from tensorline.server._errors import (
     DeadlineExceeded,
     LimitExceeded,
@@ -17,8 +27,6 @@ from tensorline.server._errors import (
     ServiceUnavailable,
     TensorlineServerError,
 )
-from tensorline.server._eventloop import run as run_on_event_loop
-from tensorline.server._logging import JsonFormatter, configure_logging
 from tensorline.server._preload import PreloadError
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
@@ -34,8 +42,8 @@ from tensorline.server.service import (
 __all__ = [
     "PIPELINE_HEALTH_PREFIX",
     "DeadlineExceeded",
-    "JsonFormatter",
     "LimitExceeded",
+    "ManifestCheck",
     "NodeFailed",
     "PermissionDenied",
     "PipelineEngine",
@@ -46,11 +54,13 @@ __all__ = [
     "SandboxFailure",
     "ServiceUnavailable",
     "Settings",
+    "SetupError",
     "TensorlineServer",
     "TensorlineServerError",
     "__version__",
-    "configure_logging",
+    "check_manifest",
     "create_server",
-    "run_on_event_loop",
+    "local_catalogue",
+    "run_server",
     "serve",
 ]

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 MiB = 1024 * 1024
 
@@ -239,6 +239,12 @@ class Settings(BaseSettings):
         return cls.model_validate({**file_values, **env_values, **given})
 
     @classmethod
+    def from_values(cls, **values: Any) -> Settings:
+        """Defaults < ``values``, reading neither the environment nor a config file: for a
+        self-contained run that the operator's settings must not change."""
+        return _ValuesOnly(**values)
+
+    @classmethod
     def check_environment(cls, environ: Mapping[str, str]) -> None:
         """ValueError naming each ``TENSORLINE_*`` variable that is no setting (a typo would
         otherwise be ignored without a word, and the server run with the default instead),
@@ -255,3 +261,15 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems) + "; fix or unset it (the TENSORLINE_* "
                              "settings are listed in the README, Configuration)")
+
+
+class _ValuesOnly(Settings):
+    """Settings from the constructor's values alone (``Settings.from_values``)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)

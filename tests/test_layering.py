@@ -13,6 +13,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+import tensorline.server
 from tests.support.processes import REPO_ROOT
 
 # Source directory -> the package it installs as (pyproject's package-dir).
@@ -69,3 +70,28 @@ def test_no_module_imports_another_packages_private_module() -> None:
             if not (name == home or name.startswith(home + ".")):
                 crossings.append(f"{path.relative_to(REPO_ROOT)}:{line}: {target}")
     assert crossings == []
+
+
+def test_only_the_cli_imports_the_server_and_only_its_top_level() -> None:
+    """The client library never imports the server; its command line imports only the package
+    ``tensorline.server`` (its top-level public names: the entry functions of server/_entry.py),
+    no module of it. import-linter checks the second half too; the first it cannot state."""
+    crossings = []
+    for name, path in modules():
+        if not name.startswith("tensorline.client"):
+            continue
+        in_cli = name == "tensorline.client.cli" or name.startswith("tensorline.client.cli.")
+        for line, target in imported(path, name):
+            if target != "tensorline.server" and not target.startswith("tensorline.server."):
+                continue
+            allowed = in_cli and (target == "tensorline.server" or _public_name_of_server(target))
+            if not allowed:
+                crossings.append(f"{path.relative_to(REPO_ROOT)}:{line}: {target}")
+    assert crossings == []
+
+
+def _public_name_of_server(target: str) -> bool:
+    """``from tensorline.server import run_server`` yields ``tensorline.server.run_server``:
+    a name the package exports, not one of its modules."""
+    name = target.removeprefix("tensorline.server.")
+    return "." not in name and name in tensorline.server.__all__

@@ -3,7 +3,6 @@ demo."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -13,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -34,6 +33,9 @@ from tensorline.client.cli._io import (
     write_outputs,
 )
 from tensorline.wire import Audio
+
+if TYPE_CHECKING:  # the server extra may be missing: imported where a command needs it
+    from tensorline.server import SetupError
 
 # pretty_exceptions off: an unexpected error is one line unless --debug (see ``main``).
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -148,25 +150,6 @@ def _require_server(command: str) -> None:
                     f"'tensorline[server]' (not installed: {', '.join(missing)})")
 
 
-def _node_modules_from_cwd() -> None:
-    """Make modules in the current directory importable as node modules, as ``python -m``
-    does: the ``tensorline`` script's own sys.path starts at its bin directory instead. The
-    sandbox's workers inherit the server's sys.path, so they import them too."""
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-
-
-def _module_not_found(exc: ModuleNotFoundError, modules: list[str]) -> str:
-    missing = exc.name or ""
-    named = [m for m in modules if m == missing or m.startswith(missing + ".")]
-    if not named:  # one of the node module's own imports
-        return f"a node module needs a module that is not installed: {exc}"
-    return (f"node module '{named[0]}' not found: {exc} (looked in the current directory "
-            f"{os.getcwd()} and the installed packages; run from the folder holding "
-            f"'{missing.partition('.')[0]}', or set PYTHONPATH)")
-
-
 def _headline(message: str, violations: Sequence[Any]) -> str:
     """The server's message without its inline list of problems when they follow one a line
     (``invalid manifest (2 problem(s)): a; b`` -> ``invalid manifest (2 problem(s))``)."""
@@ -250,67 +233,30 @@ def serve(
 ) -> None:
     """Start the gRPC server (drains on SIGTERM/SIGINT). Every option also reads TENSORLINE_*."""
     _require_server("serve")
-    from pydantic import ValidationError
+    from tensorline.server import SetupError, run_server
 
-    from tensorline.server import Settings, configure_logging
-    from tensorline.server import run_on_event_loop as run_on_loop
-    from tensorline.server import serve as run_server
-
+    options = dict(
+        host=host, port=port, node_modules=node_module or None,
+        untrusted_modules=untrusted_module or None, auth_tokens=auth_token or None,
+        tls_cert_file=tls_cert, tls_key_file=tls_key, tls_client_ca_file=tls_client_ca,
+        metrics_port=metrics_port, max_concurrent_executions=max_concurrent_executions,
+        max_concurrent_streams=max_concurrent_streams, grace_s=grace,
+        instance_id=instance_id, log_level=log_level, log_format=log_format,
+        pipelines_dir=pipelines)
     try:
-        settings = Settings.load(
-            config, host=host, port=port, node_modules=node_module or None,
-            untrusted_modules=untrusted_module or None, auth_tokens=auth_token or None,
-            tls_cert_file=tls_cert, tls_key_file=tls_key, tls_client_ca_file=tls_client_ca,
-            metrics_port=metrics_port, max_concurrent_executions=max_concurrent_executions,
-            max_concurrent_streams=max_concurrent_streams, grace_s=grace,
-            instance_id=instance_id, log_level=log_level, log_format=log_format,
-            pipelines_dir=pipelines)
-    except (ValidationError, OSError, ValueError) as exc:
-        raise _fail(f"invalid settings: {exc}", code=2) from None
-    from tensorline.server import PreloadError
-    from tensorline.server.nodes import NodeModuleError
-
-    configure_logging(settings.log_level, settings.log_format)
-    if settings.node_modules or settings.untrusted_modules or settings.preload_modules:
-        _node_modules_from_cwd()
-    try:
-        run_on_loop(run_server(settings), settings.event_loop)
-    except (PreloadError, NodeModuleError) as exc:
-        raise _serve_failure(str(exc), settings.log_format) from None
-    except ModuleNotFoundError as exc:
-        raise _serve_failure(_module_not_found(
-            exc, [*settings.node_modules, *settings.untrusted_modules]), settings.log_format) from None
-    except OSError as exc:  # the address cannot be bound, a TLS file cannot be read, ...
-        raise _serve_failure(str(exc), settings.log_format) from None
-    _exit_past_stuck_node_threads()
+        code = run_server(options, config=config, modules_dir=os.getcwd())
+    except SetupError as exc:
+        raise _setup_failure(exc) from None
+    raise typer.Exit(code)
 
 
-def _serve_failure(message: str, log_format: str) -> typer.Exit:
-    """The server could not start: one line, a JSON log entry under ``--log-format json``."""
-    if log_format != "json":
-        return _fail(message)
-    from tensorline.server import JsonFormatter
-
-    record = logging.LogRecord("tensorline.cli", logging.ERROR, __file__, 0,
-                               f"cannot start: {message}", None, None)
-    print(JsonFormatter().format(record), file=sys.stderr, flush=True)
-    return typer.Exit(1)
-
-
-def _exit_past_stuck_node_threads() -> None:
-    """A sync node that ignores cancellation keeps its pool thread alive, and the interpreter
-    joins pool threads at exit: after the drain, leave without waiting for such threads."""
-    import threading
-
-    stuck = [t for t in threading.enumerate() if t.name.startswith("tensorline-node")]
-    for thread in stuck:
-        thread.join(timeout=0.2)
-    if any(t.is_alive() for t in stuck):
-        logging.getLogger(__name__).warning("exiting with node threads still running")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+def _setup_failure(exc: SetupError) -> typer.Exit:
+    """The server's code could not be set up (``tensorline.server.SetupError``): one line, the
+    server's JSON log entry under ``--log-format json``."""
+    if exc.log_line is None:
+        return _fail(exc.message, code=exc.exit_code)
+    print(exc.log_line, file=sys.stderr, flush=True)
+    return typer.Exit(exc.exit_code)
 
 
 # What ``run`` takes for a file name rather than a pipeline name when no such file exists.
@@ -422,10 +368,9 @@ def nodes(
             raise _report_error(exc, server) from None
     else:
         _require_server("nodes (without --server)")
-        from tensorline.server.executor import PipelineEngine
-        from tensorline.server.service import catalogue
+        from tensorline.server import local_catalogue
 
-        listed = catalogue(PipelineEngine.local())
+        listed = local_catalogue()
     infos = list(listed.nodes)
     if as_json:
         from google.protobuf.json_format import MessageToDict
@@ -552,26 +497,18 @@ DEMO_MANIFEST: dict[str, Any] = {
 DEMO_PRELOAD = ("scipy.signal", "tensorline.server.nodes.builtin")
 
 
-async def _demo(preload: bool) -> tuple[ExecuteResult, float, float]:
+def _demo(preload: bool) -> tuple[ExecuteResult, float, float]:
     """The demo pipeline's result, and its first and second call latency in ms."""
-    from tensorline.server import Settings, create_server
+    from tensorline.server import TensorlineServer, run_server
 
-    # Self-contained: the operator's TENSORLINE_* auth/TLS settings are not the demo's. With
-    # ``preload`` the server imports DEMO_PRELOAD (here and in the sandbox launcher) and runs
-    # the warm-up examples of every node type that declares some before it reports SERVING.
-    server, port = await create_server(Settings(
-        host="127.0.0.1", port=0, auth_tokens=[], tls_cert_file=None, tls_key_file=None,
-        tls_client_ca_file=None, preload_modules=list(DEMO_PRELOAD) if preload else [],
-        warmup_nodes=["*"] if preload else []))
-    await server.start()
-    try:
-        console.print(f"started a tensorline server on 127.0.0.1:{port} (preload and warm-up "
-                      f"{'on' if preload else 'off'})")
+    async def through(server: TensorlineServer) -> tuple[ExecuteResult, float, float]:
+        console.print(f"started a tensorline server on 127.0.0.1:{server.port} (preload and "
+                      f"warm-up {'on' if preload else 'off'})")
         t = np.arange(48000) / 48000
         tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype(np.int16)
         features = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
         inputs = {"mic": Audio(tone, 48000), "features": features}
-        async with AsyncClient(f"127.0.0.1:{port}") as client:
+        async with AsyncClient(f"127.0.0.1:{server.port}") as client:
             # As a balancer would: wait until the warm-up is over (health SERVING). The health
             # check also connects the channel, so neither timed call includes that set-up.
             await server.warmed()
@@ -583,9 +520,17 @@ async def _demo(preload: bool) -> tuple[ExecuteResult, float, float]:
                 started = time.perf_counter()
                 result = await client.execute(DEMO_MANIFEST, inputs)
                 latencies.append((time.perf_counter() - started) * 1000)
-    finally:
-        await server.stop(grace=1.0)
-    return result, latencies[0], latencies[1]
+        return result, latencies[0], latencies[1]
+
+    # Self-contained (environment=False): the operator's TENSORLINE_* settings (auth, TLS, ...)
+    # are not the demo's. With ``preload`` the server imports DEMO_PRELOAD (here and in the
+    # sandbox launcher) and runs the warm-up examples of every node type that declares some
+    # before it reports SERVING.
+    return run_server(
+        {"host": "127.0.0.1", "port": 0, "grace_s": 1.0,
+         "preload_modules": list(DEMO_PRELOAD) if preload else [],
+         "warmup_nodes": ["*"] if preload else []},
+        environment=False, while_serving=through)
 
 
 @app.command()
@@ -597,11 +542,15 @@ def demo(
     """Start a server on an ephemeral port, run a demo pipeline through it twice and print the
     result and both calls' latency."""
     _require_server("demo")
+    from tensorline.server import SetupError
+
     console.print_json(json.dumps(DEMO_MANIFEST))
     try:
-        result, first_ms, second_ms = asyncio.run(_demo(preload))
+        result, first_ms, second_ms = _demo(preload)
     except TensorlineError as exc:
         raise _report_error(exc) from None
+    except SetupError as exc:
+        raise _setup_failure(exc) from None
     print_result(result)
     console.print(f"first call {first_ms:.1f} ms, second call {second_ms:.1f} ms "
                   f"(first/second {first_ms / second_ms:.1f}x)")

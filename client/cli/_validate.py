@@ -1,18 +1,17 @@
 """``tensorline validate``: check a manifest against a node catalogue and report every problem.
 
 The catalogue is the local one (built-ins, entry points, ``--node-module``), or with
-``--server`` the catalogue of a running server, fetched with ListNodes: its node types become
-registry entries without a class (as the server does for an untrusted module, whose class it
-never imports), so the server's own compiler checks the manifest here against exactly the
-types, ports and params schemas the server would run it with, every problem at once, without
-running anything. Node types the server knows but cannot run (a missing optional dependency)
-are reported as such.
+``--server`` the catalogue of a running server, fetched with ListNodes. Either way the check is
+the server's own compiler, run here through ``tensorline.server.check_manifest`` (which says how
+a server's catalogue stands in for its classes): every problem at once, without running
+anything.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -27,48 +26,14 @@ from tensorline.client.cli._app import (
     TokenOpt,
     _connection,
     _fail,
-    _module_not_found,
-    _node_modules_from_cwd,
     _print_violations,
     _report_error,
     _require_server,
+    _setup_failure,
     app,
     console,
     errors,
 )
-
-if TYPE_CHECKING:
-    from tensorline.server.nodes import NodeEntry, NodeRegistry
-    from tensorline.v1 import tensorline_pb2 as pb
-
-
-def entry_of_info(info: pb.NodeInfo) -> NodeEntry:
-    """A registry entry (without a class) for a node type a server listed."""
-    from tensorline.server.nodes import NodeEntry, NodeTraits, Port
-
-    return NodeEntry(
-        node_type=info.node_type, module=info.module or "(server)", trusted=info.trusted,
-        class_ref=(info.module or "server", info.node_type), description=info.description,
-        inputs=tuple(Port(p.name, p.kind, p.description, p.required, p.many)  # type: ignore[arg-type]
-                     for p in info.inputs),
-        outputs=tuple(Port(p.name, p.kind, p.description)  # type: ignore[arg-type]
-                      for p in info.outputs),
-        traits=NodeTraits(), reusable=info.reusable, streaming=info.streaming,
-        async_process=False, async_initialize=False, async_cleanup=False, has_initialize=False,
-        has_cleanup=False, cls=None, schema_json=info.params_schema_json or "{}",
-    )
-
-
-def server_registry(catalogue: pb.ListNodesResponse) -> NodeRegistry:
-    """The registry a server's ListNodes answer describes."""
-    from tensorline.server.nodes import NodeRegistry
-
-    registry = NodeRegistry()
-    for info in catalogue.nodes:
-        registry.add(entry_of_info(info))
-    for unavailable in catalogue.unavailable:
-        registry.optional[unavailable.node_type] = tuple(unavailable.missing_dependencies)
-    return registry
 
 
 @app.command()
@@ -85,12 +50,8 @@ def validate(
 ) -> None:
     """Check a manifest against the local (or a server's) node catalogue; report every problem
     at once."""
-    # Either way the check is the server's own compiler, run here.
     _require_server("validate")
-    from tensorline.server import RequestInvalid, TensorlineServerError
-    from tensorline.server.manifest import compile_manifest
-    from tensorline.server.nodes import NodeModuleError, NodeRegistry
-    from tensorline.server.selector import Selector
+    from tensorline.server import SetupError, check_manifest
 
     if server and node_module:
         raise _fail("--node-module and --server exclude each other: the server's catalogue "
@@ -99,32 +60,25 @@ def validate(
         data = load_manifest(manifest)
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    if server:
-        try:
-            with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
-                registry = server_registry(client.catalogue())
-        except TensorlineError as exc:
-            raise _report_error(exc, server) from None
-        against = f" against {server}"
-    else:
-        if node_module:
-            _node_modules_from_cwd()
-        try:
-            registry = NodeRegistry.default(modules=node_module or ())
-        except ModuleNotFoundError as exc:
-            raise _fail(_module_not_found(exc, node_module or [])) from None
-        except NodeModuleError as exc:
-            raise _fail(str(exc)) from None
-        against = ""
+    against = f" against {server}" if server else ""
     try:
-        plan = compile_manifest(data, registry, Selector(sandbox_available=True))
-    except RequestInvalid as exc:
-        errors.print(f"[red]{escape(str(manifest))}: {len(exc.violations)} problem(s)"
+        if server:
+            with Client(server, **_connection(token, tls, tls_ca, tls_cert, tls_key)) as client:
+                listing = client.catalogue()
+            check = check_manifest(data, catalogue=listing)
+        else:
+            check = check_manifest(data, node_modules=node_module or (), modules_dir=os.getcwd())
+    except TensorlineError as exc:
+        raise _report_error(exc, server or "") from None
+    except SetupError as exc:
+        raise _setup_failure(exc) from None
+    if check.violations:
+        errors.print(f"[red]{escape(str(manifest))}: {len(check.violations)} problem(s)"
                      f"{escape(against)}[/red]", soft_wrap=True)
-        _print_violations(exc.violations)
-        raise typer.Exit(1) from None
-    except TensorlineServerError as exc:
-        raise _fail(exc.message) from None
-    console.print(f"[green]{manifest}: valid{against}[/green] ({len(plan.nodes)} nodes; inputs: "
-                  f"{', '.join(f'{n}:{p}' for n, p in plan.external_inputs) or 'none'}; "
-                  f"outputs: {', '.join(f'{n}:{p}' for n, p in plan.sinks)})", highlight=False)
+        _print_violations(check.violations)
+        raise typer.Exit(1)
+    if check.error:
+        raise _fail(check.error)
+    console.print(f"[green]{manifest}: valid{against}[/green] ({check.nodes} nodes; inputs: "
+                  f"{', '.join(f'{n}:{p}' for n, p in check.inputs) or 'none'}; "
+                  f"outputs: {', '.join(f'{n}:{p}' for n, p in check.outputs)})", highlight=False)

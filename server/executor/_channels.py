@@ -130,6 +130,17 @@ class Channel:
         self._putters.clear()
 
     async def get_batch(self, limit: int = BATCH) -> list[Any]:
+        """Up to ``limit`` queued items, oldest first (waits while there are none)."""
+        await self._ready()
+        return self._take(limit, sized=False)
+
+    async def get_sized_batch(self, limit: int = BATCH) -> list[tuple[Any, int]]:
+        """As ``get_batch``, each item with the size it was put with (so a consumer that needs
+        it does not compute it again)."""
+        await self._ready()
+        return self._take(limit, sized=True)
+
+    async def _ready(self) -> None:
         while not self._items:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._getter = waiter
@@ -137,14 +148,16 @@ class Channel:
                 await waiter
             finally:
                 self._getter = None
+
+    def _take(self, limit: int, *, sized: bool) -> list[Any]:
         items = self._items
         count = min(limit, len(items))
-        out = []
+        out: list[Any] = []
         freed = 0
         for _ in range(count):
-            item, size = items.popleft()
-            freed += size
-            out.append(item)
+            pair = items.popleft()
+            freed += pair[1]
+            out.append(pair if sized else pair[0])
         self._bytes -= freed
         self._stats.items -= count
         self._stats.bytes -= freed
@@ -154,4 +167,3 @@ class Channel:
                     waiter.set_result(None)
             self._putters.clear()
         return out
-

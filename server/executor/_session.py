@@ -71,11 +71,12 @@ from tensorline.server.manifest import (
     NodeSpec,
     check_value_kind,
     resolve_input_port,
+    value_for_port,
 )
 from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
 from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
-from tensorline.wire import StreamItem, Tagged
+from tensorline.wire import StreamItem
 
 
 @dataclass(slots=True)
@@ -245,8 +246,8 @@ class StreamSession:
         if route is None:
             route = self._route(node_id, port)
         stage, slot, port_info = route
-        if isinstance(value, Tagged):
-            value = value.value
+        # As for a unary request: an "any" port receives the value with its metadata.
+        value = value_for_port(port_info, value)
         problem = check_value_kind(port_info, node_id, value, "data")
         if problem is not None:
             raise RequestInvalid([problem], f"invalid chunk (sequence {sequence})")

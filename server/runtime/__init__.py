@@ -9,7 +9,12 @@ from tensorline.server.runtime._base import (
     NodeInstance,
     Runtime,
 )
-from tensorline.server.runtime._inprocess import InProcessInstance, InProcessRuntime, node_failed
+from tensorline.server.runtime._inprocess import (
+    NODE_THREAD_PREFIX,
+    InProcessInstance,
+    InProcessRuntime,
+    node_failed,
+)
 from tensorline.server.runtime.sandbox import (
     ModuleUnavailable,
     SandboxInstance,
@@ -18,6 +23,7 @@ from tensorline.server.runtime.sandbox import (
 )
 
 __all__ = [
+    "NODE_THREAD_PREFIX",
     "ExecutionScope",
     "InProcessInstance",
     "InProcessRuntime",

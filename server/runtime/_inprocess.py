@@ -264,6 +264,10 @@ class InProcessInstance(NodeInstance):
                           self.spec.node_type)
 
 
+# The names of the threads sync nodes run in (what lets the process's exit find them).
+NODE_THREAD_PREFIX = "tensorline-node"
+
+
 class InProcessRuntime(Runtime):
     name: ClassVar[str] = "inprocess"
 
@@ -271,7 +275,7 @@ class InProcessRuntime(Runtime):
                  shutdown_timeout_s: float = 5.0) -> None:
         self._shutdown_timeout_s = shutdown_timeout_s
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="tensorline-node"
+            max_workers=threads, thread_name_prefix=NODE_THREAD_PREFIX
         )
         self._warm_capacity = warm_capacity
         self._warm: OrderedDict[str, asyncio.Task[InProcessInstance]] = OrderedDict()

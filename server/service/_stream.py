@@ -41,13 +41,11 @@ from tensorline.server._errors import (
 )
 from tensorline.server._settings import Settings
 from tensorline.server.executor import (
-    NodeReport,
     PipelineEngine,
     SessionClosed,
     SessionEvent,
     SessionReady,
     StreamSession,
-    size_of,
 )
 from tensorline.server.manifest import ExecutionPlan
 from tensorline.server.repository import PipelineRepository
@@ -61,6 +59,7 @@ from tensorline.wire import (
     DecodedStreamRequest,
     StreamItem,
     encode_stream_results,
+    node_metrics,
 )
 
 Context = Any  # grpc.aio.ServicerContext
@@ -81,26 +80,18 @@ ERROR_GRACE_S = 5.0
 HALF_CLOSE_GRACE_S = 2.0
 
 
-def stream_node_metrics(report: NodeReport) -> pb.NodeMetrics:
-    return pb.NodeMetrics(node_id=report.node_id, node_type=report.node_type,
-                          runtime=report.runtime, selection_reason=report.reason,
-                          wall_ms=report.wall_ms, fallback=report.fallback,
-                          inputs_consumed=report.inputs_consumed,
-                          outputs_produced=report.outputs_produced)
-
-
 def _control(item: Any, plan_cached: bool) -> bytes:
     if isinstance(item, SessionEvent):
         response = pb.StreamResponse(event=pb.StreamEvent(
             node_id=item.node_id, kind=item.kind, message=item.message, progress=item.progress))
     elif isinstance(item, SessionReady):
         response = pb.StreamResponse(ready=pb.StreamReady(
-            session_id=item.session_id, nodes=[stream_node_metrics(r) for r in item.reports]))
+            session_id=item.session_id, nodes=[node_metrics(r) for r in item.reports]))
     else:
         assert isinstance(item, SessionClosed)
         response = pb.StreamResponse(closed=pb.StreamClosed(
             metrics=pb.ExecutionMetrics(total_ms=item.total_ms,
-                                        nodes=[stream_node_metrics(r) for r in item.reports],
+                                        nodes=[node_metrics(r) for r in item.reports],
                                         plan_cached=plan_cached),
             chunks_received=item.chunks_received, results_sent=item.results_sent,
             max_buffered_items=item.max_buffered_items,
@@ -160,9 +151,10 @@ class _Writer:
         send = self._send
         outbox = self._session.outbox
         while True:
-            for item in await outbox.get_batch():
+            # The session sized each result when it queued it.
+            for item, size in await outbox.get_sized_batch():
                 if type(item) is StreamItem:
-                    if size_of(item.value) > COALESCE_BYTES:
+                    if size > COALESCE_BYTES:
                         if results:
                             await send(encode_stream_results(results))
                             results = []

@@ -11,7 +11,8 @@ import pytest
 
 from tensorline.client import AsyncClient
 from tensorline.server import TensorlineServer
-from tests.server.runtime.conftest import shm_segments, stray_processes, wait_until
+from tests.server.runtime.conftest import shm_segments, stray_processes
+from tests.support.processes import wait_until
 
 UNTRUSTED = "tests.server.runtime.sandbox_nodes"
 
@@ -20,7 +21,7 @@ UNTRUSTED = "tests.server.runtime.sandbox_nodes"
 def leak_check() -> Iterator[None]:
     before = shm_segments()
     yield
-    wait_until(lambda: not stray_processes(), 10.0, "worker processes to exit")
+    wait_until(lambda: not stray_processes(), timeout=10.0, what="worker processes to exit")
     assert shm_segments() - before == set()
 
 

@@ -23,6 +23,7 @@ from tensorline.server import TensorlineServer
 from tensorline.server.nodes import NodeRegistry
 from tests.nodes.server_only import ServerOnlyScale
 from tests.server.conftest import UNTRUSTED
+from tests.support.manifests import one_node
 
 MIXED = {"nodes": [
     {"id": "a", "node_type": "PassThrough", "runtime_hint": "inprocess"},
@@ -56,11 +57,6 @@ async def check_still_serving(client: AsyncClient) -> None:
     np.testing.assert_array_equal(result["e"], x)
     assert result.metrics.nodes[0].runtime == "sandbox"
 
-
-def one(node_type: str, **params: Any) -> dict[str, Any]:
-    return {"nodes": [{"id": "bad", "node_type": node_type, "params": params}]}
-
-
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 CAPPED = grpc.StatusCode.RESOURCE_EXHAUSTED
 KILLED = grpc.StatusCode.ABORTED
@@ -93,36 +89,37 @@ async def test_escape_and_crash_suite(sandboxed: tuple[TensorlineServer, AsyncCl
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         listener.setblocking(False)
-        await expect_sandbox_error(client, one("TcpConnect", port=listener.getsockname()[1]),
+        manifest = one_node("TcpConnect", {"port": listener.getsockname()[1]}, node_id="bad")
+        await expect_sandbox_error(client, manifest,
                                    DENIED, "blocked by the sandbox")
         with pytest.raises(BlockingIOError):
             listener.accept()
 
     outside = tmp_path.parent / "escaped.txt"
-    await expect_sandbox_error(client, one("WriteOutside", path=str(outside)), DENIED,
-                               "blocked by the sandbox")
+    await expect_sandbox_error(client, one_node("WriteOutside", {"path": str(outside)}, node_id="bad"),
+                               DENIED, "blocked by the sandbox")
     assert not outside.exists()
-    await expect_sandbox_error(client, one("Shell"), DENIED, "blocked by the sandbox")
-    await expect_sandbox_error(client, one("ForkBomb"), DENIED, "blocked by the sandbox")
+    await expect_sandbox_error(client, one_node("Shell", node_id="bad"), DENIED, "blocked by the sandbox")
+    await expect_sandbox_error(client, one_node("ForkBomb", node_id="bad"), DENIED, "blocked by the sandbox")
     import os
 
-    await expect_sandbox_error(client, one("SignalPid", pid=os.getpid()), DENIED,
+    await expect_sandbox_error(client, one_node("SignalPid", {"pid": os.getpid()}, node_id="bad"), DENIED,
                                "blocked by the sandbox")
     from multiprocessing import shared_memory
 
     segment = shared_memory.SharedMemory(create=True, size=4096)
     try:
-        await expect_sandbox_error(client, one("OpenFile", path=f"/dev/shm/{segment.name}"),
-                                   DENIED, "blocked by the sandbox")
+        manifest = one_node("OpenFile", {"path": f"/dev/shm/{segment.name}"}, node_id="bad")
+        await expect_sandbox_error(client, manifest, DENIED, "blocked by the sandbox")
     finally:
         segment.close()
         segment.unlink()
 
-    await expect_sandbox_error(client, one("Segfault"), KILLED, "signal 11")
-    await expect_sandbox_error(client, one("MemoryHog"), CAPPED, "memory limit")
-    await expect_sandbox_error(client, one("CpuLoop"), CAPPED, "CPU time limit")
+    await expect_sandbox_error(client, one_node("Segfault", node_id="bad"), KILLED, "signal 11")
+    await expect_sandbox_error(client, one_node("MemoryHog", node_id="bad"), CAPPED, "memory limit")
+    await expect_sandbox_error(client, one_node("CpuLoop", node_id="bad"), CAPPED, "CPU time limit")
     with pytest.raises(DeadlineExceededError):
-        await client.execute(one("Sleeper"), {"bad": np.ones(1)}, timeout=1.5)
+        await client.execute(one_node("Sleeper", node_id="bad"), {"bad": np.ones(1)}, timeout=1.5)
     await check_still_serving(client)
 
     assert await client.health() == "SERVING"

@@ -251,7 +251,8 @@ WIRE = {name: getattr(pb, f"DTYPE_{name.upper()}") for name in SUPPORTED_DTYPES}
 reports = st.builds(
     SimpleNamespace, node_id=ids, node_type=ids, runtime=st.sampled_from(["inprocess", "sandbox"]),
     reason=st.text(max_size=30), wall_ms=st.floats(min_value=0, max_value=1e7),
-    fallback=st.text(max_size=20))
+    fallback=st.text(max_size=20), inputs_consumed=st.integers(0, 3),
+    outputs_produced=st.integers(0, 3))
 
 
 @PROFILE
@@ -262,5 +263,6 @@ def test_execution_metrics_bytes_parse_to_the_same_message(
     parsed = pb.ExecutionMetrics.FromString(encode_execution_metrics(total, nodes, cached))
     assert parsed == pb.ExecutionMetrics(total_ms=total, plan_cached=cached, nodes=[
         pb.NodeMetrics(node_id=n.node_id, node_type=n.node_type, runtime=n.runtime,
-                       selection_reason=n.reason, wall_ms=n.wall_ms, fallback=n.fallback)
+                       selection_reason=n.reason, wall_ms=n.wall_ms, fallback=n.fallback,
+                       inputs_consumed=n.inputs_consumed, outputs_produced=n.outputs_produced)
         for n in nodes])

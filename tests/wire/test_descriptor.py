@@ -137,7 +137,8 @@ def _constants(prefix: str) -> dict[str, Any]:
 def test_every_field_constant_is_checked() -> None:
     assert set(_constants("_F_")) == set(FIELDS)
     for tag in TAGS:
-        assert "_F_" + tag[3:] in FIELDS, f"{tag} frames no known field constant"
+        field_constant = "_F_" + tag[3:].removesuffix("_UNPACKED")
+        assert field_constant in FIELDS, f"{tag} frames no known field constant"
 
 
 @pytest.mark.parametrize("name", sorted(FIELDS))
@@ -147,7 +148,10 @@ def test_field_numbers_match_the_descriptor(name: str) -> None:
 
 @pytest.mark.parametrize("name", TAGS)
 def test_tags_match_the_descriptor(name: str) -> None:
-    fd = _descriptor("_F_" + name[3:])
+    # ``_K_X_UNPACKED``: the key of repeated scalar field ``_F_X`` in the unpacked form a
+    # parser must accept besides the packed one encoders write.
+    unpacked = name.endswith("_UNPACKED")
+    fd = _descriptor("_F_" + name[3:].removesuffix("_UNPACKED"))
     value = _constants(name[:3])[name]
     if name.startswith("_K_"):  # the single byte the inline scanners compare against
         assert isinstance(value, int) and 0 < value < 0x80
@@ -157,6 +161,10 @@ def test_tags_match_the_descriptor(name: str) -> None:
         tag = value
     number, wire_type = _read_tag(tag)
     assert number == fd.number, f"{name}: field {number}, descriptor says {fd.number}"
+    if unpacked:
+        assert fd.is_packed and wire_type in _wire_types(fd) - {LEN}, (
+            f"{name}: wire type {wire_type} is no unpacked form of {fd.full_name}")
+        return
     assert wire_type == _encoded_wire_type(fd), (
         f"{name}: wire type {wire_type}, but {fd.full_name} is written as "
         f"{_encoded_wire_type(fd)}")
@@ -257,8 +265,9 @@ def _scanner_tests(module: ModuleType) -> list[tuple[str, str, int | None]]:
 
 def test_the_scanners_find_field_tests() -> None:
     seen = {name for module in MODULES for _, name, _ in _scanner_tests(module)}
-    # Each decoded field of the hand-written scanners (the generated parsers read the rest).
-    assert {"_F_TENSOR_DTYPE", "_F_TENSOR_SHAPE", "_F_TENSOR_DATA", "_F_VALUE_TENSOR",
+    # Each decoded field of the ``_fields`` scanners (the generated parsers read the rest; the
+    # tensor decoder compares tag bytes, ``_K_*``, checked by test_tags_match_the_descriptor).
+    assert {"_F_VALUE_TENSOR",
             "_F_VALUE_METADATA", "_F_PORT_VALUE", "_F_CHUNK_SEQUENCE", "_F_CHUNK_VALUE",
             "_F_SREQ_DATA", "_F_SRESP_RESULTS", "_F_RESULTS_RESULTS",
             "_F_RESPONSE_METRICS", "_F_REQUEST_MANIFEST", "_F_REQUEST_PIPELINE",

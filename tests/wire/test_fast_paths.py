@@ -2,14 +2,15 @@
 
 Fast paths (each returns None, "not mine", whenever the general path must decide):
 
-* ``_unary._decode_small_request`` (with ``_plain_tensor``): small ExecuteRequests through the
-  generated parser, versus the zero-copy scan of ``decode_execute_request``;
-* ``_streams._fast_stream_chunk``: a chunk of one plain tensor scanned inline, versus the general
-  walk of ``decode_stream_chunk`` (used by ``decode_stream_request`` and
-  ``decode_stream_response``);
-* ``_unary._small_tensor_output``: an ExecuteResponse output framed in one join, versus
-  ``encode_port_value``; ``_codec._encode_tensor`` and ``encode_execution_metrics`` versus the
-  generated serializer.
+* ``_unary._decode_small_request``: small ExecuteRequests through the generated parser (its
+  tensors made by the codec's ``_tensor``, which the one tensor decoder ``_decode_tensor`` ends
+  in), versus the zero-copy scan of ``decode_execute_request``;
+* ``_streams._fast_stream_chunk``: a chunk of one tensor scanned inline (the tensor by
+  ``_decode_tensor``), versus the general walk of ``decode_stream_chunk`` (used by
+  ``decode_stream_request`` and ``decode_stream_response``);
+* ``_unary._tensor_output``: an ExecuteResponse output framed flat (the tensor by the one
+  encoder ``_codec._encode_tensor``), versus ``encode_port_value``; ``_encode_tensor`` and
+  ``encode_execution_metrics`` versus the generated serializer.
 
 Decoders are compared by running each public decoder twice on the same bytes, once as is and
 once with the fast path switched off: same values (bit-exact arrays, dtype, shape), same
@@ -29,6 +30,7 @@ from typing import Any
 from unittest import mock
 
 import numpy as np
+import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -93,7 +95,7 @@ def _general_only() -> Iterator[None]:
     """Switch every decoding fast path off: each says "not mine"."""
     with mock.patch.object(_unary, "_decode_small_request", lambda raw, limits: None), \
             mock.patch.object(_streams, "_fast_stream_chunk",
-                              lambda raw, start, end, limits: None):
+                              lambda raw, start, end, limits, out: None):
         yield
 
 
@@ -366,7 +368,7 @@ def test_the_fast_paths_are_taken() -> None:
     raw = join(encode_port_value(2, "n", "p", array))
     assert _unary._decode_small_request(raw, Limits()) is not None
     chunk = join(_streams.encode_stream_item(2, 5, "n", "p", array))
-    assert _streams._fast_stream_chunk(chunk, 2, len(chunk), Limits()) is not None
+    assert _streams._fast_stream_chunk(chunk, 2, len(chunk), Limits(), []) is not None
 
 
 # --- encoders: the fast framing against the general one and the generated serializer ----------
@@ -394,14 +396,15 @@ def test_fast_encoders_match_the_generated_serializer(array: np.ndarray, node: s
         else array
     expected_tensor = pb.Tensor(dtype=wire_dtype(array.dtype), shape=list(array.shape),
                                 data=np.ascontiguousarray(little).tobytes()).SerializeToString()
-    assert join(_codec._encode_tensor(array)) == expected_tensor
+    tensor, size = _codec._encode_tensor(array)
+    assert join(tensor) == expected_tensor and size == len(expected_tensor)
     expected = pb.ExecuteResponse(outputs=[pb.PortValue(
         node_id=node, port=port, value=pb.Value(tensor=pb.Tensor.FromString(expected_tensor)))]
     ).SerializeToString()
     general = join(encode_port_value(1, node, port, array))
     assert general == expected
-    fast = _unary._small_tensor_output(PortItem(node, port, array))
-    assert fast is None or fast == general
+    fast = _unary._tensor_output(PortItem(node, port, array))
+    assert fast is not None and join(fast) == general
     # Stream results: the general framing of one and of several.
     one = encode_stream_results([StreamItem(3, node, port, array)])
     assert one == pb.StreamResponse(result=pb.StreamResult(
@@ -409,10 +412,26 @@ def test_fast_encoders_match_the_generated_serializer(array: np.ndarray, node: s
         value=pb.Value(tensor=pb.Tensor.FromString(expected_tensor)))).SerializeToString()
 
 
+# Byte sizes around the points where a length's varint grows (1 -> 2 -> 3 -> 4 bytes), which
+# the drawn arrays above (a few KiB at most) rarely reach.
+@pytest.mark.parametrize("nbytes", [0, 1, 112, 127, 128, 300, 16_370, 16_384, 70_000,
+                                    2**21 + 5])
+def test_output_framing_at_varint_boundaries(nbytes: int) -> None:
+    for array in (np.arange(nbytes, dtype=np.uint8), np.ones((nbytes // 8, 1), dtype="<f8")):
+        expected = pb.ExecuteResponse(outputs=[pb.PortValue(
+            node_id="node", port="out", value=pb.Value(tensor=pb.Tensor(
+                dtype=wire_dtype(array.dtype), shape=list(array.shape),
+                data=array.tobytes())))]).SerializeToString()
+        fast = _unary._tensor_output(PortItem("node", "out", array))
+        assert fast is not None and join(fast) == expected
+        assert join(encode_port_value(1, "node", "out", array)) == expected
+
+
 class _Node:
     def __init__(self, node_id: str, wall_ms: float, fallback: str) -> None:
         self.node_id, self.node_type, self.runtime = node_id, "T", "inprocess"
         self.reason, self.wall_ms, self.fallback = "default", wall_ms, fallback
+        self.inputs_consumed = self.outputs_produced = 0
 
 
 @PROFILE

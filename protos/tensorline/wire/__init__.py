@@ -51,6 +51,7 @@ from tensorline.wire._unary import (
     encode_execute_request,
     encode_execute_response,
     encode_execution_metrics,
+    node_metrics,
 )
 from tensorline.wire._values import Audio, Json, Tagged, kind_of
 from tensorline.wire._yaml import safe_load as load_yaml
@@ -97,6 +98,7 @@ __all__ = [
     "kind_of",
     "load_yaml",
     "loads",
+    "node_metrics",
     "numpy_dtype",
     "scan_top_level",
     "wire_dtype",

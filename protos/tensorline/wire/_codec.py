@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,6 +292,7 @@ _T_CHUNK_NODE_ID = _tag(_F_CHUNK_NODE_ID, _LEN)
 _T_CHUNK_PORT = _tag(_F_CHUNK_PORT, _LEN)
 _K_TENSOR_DTYPE = _key(_F_TENSOR_DTYPE, _VARINT)
 _K_TENSOR_SHAPE = _key(_F_TENSOR_SHAPE, _LEN)
+_K_TENSOR_SHAPE_UNPACKED = _key(_F_TENSOR_SHAPE, _VARINT)  # a parser must accept it too
 _K_TENSOR_DATA = _key(_F_TENSOR_DATA, _LEN)
 _K_VALUE_TENSOR = _key(_F_VALUE_TENSOR, _LEN)
 _K_CHUNK_SEQUENCE = _key(_F_CHUNK_SEQUENCE, _VARINT)
@@ -353,54 +354,136 @@ def as_wire_array(array: npt.ArrayLike) -> npt.NDArray[Any]:
     return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
-def _encode_tensor(array: npt.ArrayLike) -> Pieces:
-    # Framed by hand (dtype, packed shape, data): building a
-    # pb.Tensor for the header costs more than the rest of a small chunk's encoding.
+# Sizes of the tensor's tags (the dtype's with its one-byte enum), for the encoded length.
+_DTYPE_HEAD = len(_T_TENSOR_DTYPE) + 1
+_SHAPE_TAG = len(_T_TENSOR_SHAPE)
+_DATA_TAG = len(_T_TENSOR_DATA)
+
+
+def _encode_tensor(array: npt.ArrayLike) -> tuple[Pieces, int]:
+    """The one tensor encoder: a ``Tensor`` body as pieces (the data a memoryview of the
+    array, not copied) and its length in bytes (what the framing around it needs). Framed by
+    hand (dtype, packed shape, data): building a pb.Tensor for the header costs more than the
+    rest of a small chunk's encoding. Fields at their default are omitted, as protobuf does."""
     arr = array if type(array) is np.ndarray and array.flags.c_contiguous else None
     wire = _DTYPE_TO_WIRE.get(arr.dtype) if arr is not None else None  # type: ignore[union-attr]
     if arr is None or wire is None:
         arr = as_wire_array(array)
         wire = wire_dtype(arr.dtype)
-    pieces: Pieces = [_T_TENSOR_DTYPE, _SMALL_VARINTS[wire]]
     shape = arr.shape
-    if shape:
-        dims = b"".join([_varint_bytes(d) for d in shape])
-        pieces += [_T_TENSOR_SHAPE, _varint_bytes(len(dims)), dims]
-    if arr.nbytes:
+    if not shape:
+        pieces: Pieces = [_T_TENSOR_DTYPE, _SMALL_VARINTS[wire]]
+        size = _DTYPE_HEAD
+    else:
+        dims = _varint_bytes(shape[0]) if len(shape) == 1 else b"".join(
+            [_varint_bytes(d) for d in shape])
+        dims_len = _varint_bytes(len(dims))
+        pieces = [_T_TENSOR_DTYPE, _SMALL_VARINTS[wire], _T_TENSOR_SHAPE, dims_len, dims]
+        size = _DTYPE_HEAD + _SHAPE_TAG + len(dims_len) + len(dims)
+    nbytes = arr.nbytes
+    if nbytes:
         flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
-        data = memoryview(flat).cast("B")
-        pieces += [_T_TENSOR_DATA, _varint_bytes(len(data)), data]
-    return pieces
+        data_len = _varint_bytes(nbytes)
+        pieces += [_T_TENSOR_DATA, data_len, memoryview(flat).cast("B")]
+        size += _DATA_TAG + len(data_len) + nbytes
+    return pieces, size
+
+
+# A tag byte at or above this starts a multi-byte tag (or a non-minimal one).
+_MULTI_BYTE = 0x80
+_INT64_SIGN = 1 << 63
+
+
+def _skip_field(buf: bytes, pos: int, key: int, end: int) -> int:
+    """The position after the value of a field the scanner does not read (tag ``key`` already
+    read up to ``pos``), for any wire type, as ``_fields`` walks it."""
+    if key >> 3 == 0:
+        raise MalformedMessage("field number 0")
+    wire_type = key & 7
+    if wire_type == _VARINT:
+        return _read_varint(buf, pos)[1]
+    if wire_type == _LEN:
+        length, pos = _read_varint(buf, pos)
+        pos += length
+        if pos > end:
+            raise MalformedMessage("length-delimited field runs past the end of its message")
+        return pos
+    if wire_type == _I64:
+        return pos + 8
+    if wire_type == _I32:
+        return pos + 4
+    raise MalformedMessage(f"unsupported wire type {wire_type}")
 
 
 def _decode_tensor(
     buf: bytes, start: int, end: int, path: str, limits: Limits, out: list[Violation]
 ) -> npt.NDArray[Any] | None:
+    """The one decoder of a ``Tensor`` body at buf[start:end] (every decoding path uses it):
+    a read-only array over ``buf`` itself (no copy), or None with the problem appended to
+    ``out`` under ``path``. Bytes that are no protobuf encoding raise ``MalformedMessage``,
+    which the message decoders report. Scanned inline by tag (it runs for every tensor
+    received), skipping unknown fields and reading an unpacked shape as protobuf parsers do."""
     dtype_wire = 0
     shape: list[int] = []
     data_start = data_end = start
-    for number, wire_type, a, b in _fields(buf, start, end):
-        if number == _F_TENSOR_DTYPE and wire_type == _VARINT:
-            dtype_wire = a if a < 0x80 else _to_int32(a)  # an enum: int32 on the wire
-        elif number == _F_TENSOR_SHAPE and wire_type == _LEN:
-            pos = a
-            while pos < b:
+    pos = start
+    while pos < end:
+        key = buf[pos]
+        if key < _MULTI_BYTE:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos)
+        if key == _K_TENSOR_DATA:
+            length, pos = _read_varint(buf, pos)
+            data_start = pos
+            pos = data_end = pos + length
+            if pos > end:
+                raise MalformedMessage("length-delimited field runs past the end of its message")
+        elif key == _K_TENSOR_SHAPE:  # packed (what protobuf writes)
+            length, pos = _read_varint(buf, pos)
+            dims_end = pos + length
+            if dims_end > end:
+                raise MalformedMessage("length-delimited field runs past the end of its message")
+            while pos < dims_end:
                 dim, pos = _read_varint(buf, pos)
-                shape.append(_to_int64(dim))
-            if pos != b:
+                shape.append(dim)
+            if pos != dims_end:
                 raise MalformedMessage("packed shape ends inside a varint")
-        elif number == _F_TENSOR_SHAPE and wire_type == _VARINT:
-            shape.append(_to_int64(a))
-        elif number == _F_TENSOR_DATA and wire_type == _LEN:
-            data_start, data_end = a, b
-    if dtype_wire not in _WIRE_TO_DTYPE:
-        out.append(Violation(f"{path}.dtype", f"unknown or unspecified dtype {dtype_wire}"))
-        return None
-    dtype = _WIRE_TO_DTYPE[dtype_wire]
-    if any(d < 0 for d in shape):
+        elif key == _K_TENSOR_DTYPE:
+            dtype_wire, pos = _read_varint(buf, pos)
+        elif key == _K_TENSOR_SHAPE_UNPACKED:
+            dim, pos = _read_varint(buf, pos)
+            shape.append(dim)
+        else:
+            pos = _skip_field(buf, pos, key, end)
+    if pos != end:
+        raise MalformedMessage("field runs past the end of its message")
+    return _tensor(buf, dtype_wire, shape, data_start, data_end, path, limits, out)
+
+
+def _tensor(buf: bytes, dtype_wire: int, shape: Sequence[int], data_start: int, data_end: int,
+            path: str, limits: Limits, out: list[Violation]) -> npt.NDArray[Any] | None:
+    """A tensor's fields (the dtype enum and dimensions as read, signed or not) and its data at
+    buf[data_start:data_end] -> the array over ``buf``, or None with the problem in ``out``.
+    ``_decode_tensor`` gives it what it scanned; the small-request path of ``_unary`` what the
+    generated parser read."""
+    dtype = _WIRE_TO_DTYPE.get(dtype_wire)
+    if dtype is None:
+        dtype_wire = _to_int32(dtype_wire)  # an enum: int32 on the wire
+        dtype = _WIRE_TO_DTYPE.get(dtype_wire)
+        if dtype is None:
+            out.append(Violation(f"{path}.dtype", f"unknown or unspecified dtype {dtype_wire}"))
+            return None
+    if len(shape) == 1:  # the commonest shape, in fewer steps
+        count = shape[0]
+        negative = count < 0 or count >= _INT64_SIGN
+    else:
+        count = math.prod(shape)
+        negative = any(d < 0 or d >= _INT64_SIGN for d in shape)
+    if negative:  # as read (signed, from the generated parser) or as scanned (unsigned)
+        shape = [_to_int64(d) for d in shape]
         out.append(Violation(f"{path}.shape", f"negative dimension in shape {shape}"))
         return None
-    count = math.prod(shape)
     expected = count * dtype.itemsize
     actual = data_end - data_start
     if limits.max_tensor_bytes and max(expected, actual) > limits.max_tensor_bytes:
@@ -423,7 +506,9 @@ def _decode_tensor(
         )
         return None
     try:
-        return np.frombuffer(buf, dtype=dtype, count=count, offset=data_start).reshape(shape)
+        # Positional: numpy parses keyword arguments here at several times the cost.
+        array = np.frombuffer(buf, dtype, count, data_start)
+        return array if len(shape) == 1 else array.reshape(shape)
     except ValueError as exc:  # more dimensions than numpy supports, or an absurd zero-size shape
         out.append(Violation(f"{path}.shape", f"unsupported shape {shape}: {exc}"))
         return None
@@ -440,12 +525,13 @@ def encode_value(value: Any) -> Pieces:
         value = value.value
     pieces: Pieces
     if isinstance(value, np.ndarray | np.generic):
-        pieces = _len_field(_F_VALUE_TENSOR, _encode_tensor(value))
+        tensor, size = _encode_tensor(value)
+        pieces = [_T_VALUE_TENSOR, _varint_bytes(size), *tensor]
     elif isinstance(value, Audio):
         rate = int(value.sample_rate)
         if not 0 < rate < 2**31:  # an int32 on the wire, and never zero or negative
             raise ValueError(f"audio sample_rate must be in 1..{2**31 - 1}, got {rate}")
-        audio = [*_len_field(_F_AUDIO_SAMPLES, _encode_tensor(value.samples)),
+        audio = [*_len_field(_F_AUDIO_SAMPLES, _encode_tensor(value.samples)[0]),
                  _T_AUDIO_SAMPLE_RATE, _varint_bytes(rate)]
         pieces = _len_field(_F_VALUE_AUDIO, audio)
     elif isinstance(value, str):

@@ -4,17 +4,14 @@ bytes, small ones through the generated parser where that costs less."""
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire._codec import (
-    _DTYPE_TO_WIRE,
     _F_METRICS_NODES,
     _F_REQUEST_INPUTS,
     _F_REQUEST_MANIFEST,
@@ -23,19 +20,14 @@ from tensorline.wire._codec import (
     _F_RESPONSE_METRICS,
     _F_RESPONSE_OUTPUTS,
     _LEN,
-    _SMALL_VARINTS,
     _T_METRICS_NODES,
     _T_METRICS_PLAN_CACHED,
     _T_METRICS_TOTAL_MS,
     _T_NODE_WALL_MS,
     _T_PORT_VALUE,
     _T_RESPONSE_OUTPUTS,
-    _T_TENSOR_DATA,
-    _T_TENSOR_DTYPE,
-    _T_TENSOR_SHAPE,
     _T_VALUE_TENSOR,
     _VARINT,
-    _WIRE_TO_DTYPE,
     BAD_CONTENT,
     DEFAULT_LIMITS,
     DecodedExecuteRequest,
@@ -46,8 +38,10 @@ from tensorline.wire._codec import (
     PortItem,
     Violation,
     _decode_port_value,
+    _encode_tensor,
     _fields,
     _len_field,
+    _tensor,
     _to_int64,
     _utf8,
     _varint_bytes,
@@ -74,30 +68,6 @@ def encode_execute_request(manifest_json: str, inputs: list[PortItem], pipeline:
 SMALL_MESSAGE_BYTES = 64 * 1024
 
 
-def _plain_tensor(tensor: pb.Tensor, limits: Limits) -> npt.NDArray[Any] | None:
-    """The array of a well-formed tensor, or None to let the scanning decoder report why not."""
-    dtype = _WIRE_TO_DTYPE.get(tensor.dtype)
-    if dtype is None:
-        return None
-    data = tensor.data
-    if len(tensor.shape) == 1:  # the commonest shape, in fewer steps
-        count = tensor.shape[0]
-        if count < 0 or len(data) != count * dtype.itemsize or (
-                limits.max_tensor_bytes and len(data) > limits.max_tensor_bytes):
-            return None
-        return np.frombuffer(data, dtype=dtype)
-    shape = list(tensor.shape)
-    if len(shape) > 32 or any(d < 0 for d in shape):
-        return None
-    if len(data) != math.prod(shape) * dtype.itemsize or (
-            limits.max_tensor_bytes and len(data) > limits.max_tensor_bytes):
-        return None
-    try:
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
-    except ValueError:  # e.g. a zero-size shape too large for numpy
-        return None
-
-
 def _decode_small_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest | None:
     """Fast path for small, well-formed requests of tensors, text and bytes. None whenever
     anything needs the scanning decoder (audio, JSON, metadata, any problem to report)."""
@@ -114,6 +84,8 @@ def _decode_small_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest |
     request = DecodedExecuteRequest(manifest_json=message.manifest_json,
                                     pipeline=message.pipeline,
                                     pipeline_version=message.pipeline_version, size=len(raw))
+    # A tensor the general path must report on (it says exactly where): a scratch list.
+    problems: list[Violation] = []
     for item in message.inputs:
         value = item.value
         if value.metadata:
@@ -121,7 +93,11 @@ def _decode_small_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest |
         kind = value.WhichOneof("kind")
         decoded: Any
         if kind == "tensor":
-            decoded = _plain_tensor(value.tensor, limits)
+            tensor = value.tensor
+            data = tensor.data
+            # The parser's shape container as is: a list() of it costs more than the rest.
+            decoded = _tensor(data, tensor.dtype, tensor.shape, 0, len(data), "", limits,
+                              problems)
             if decoded is None:
                 return None
         elif kind == "text":
@@ -175,46 +151,25 @@ def _port_head(node_id: str, port: str) -> bytes:
     return head
 
 
-# Sizes of the tags _small_tensor_output frames with (the dtype's: tag and a one-byte enum).
-_DTYPE_HEAD = len(_T_TENSOR_DTYPE) + 1
-_SHAPE_TAG = len(_T_TENSOR_SHAPE)
-_DATA_TAG = len(_T_TENSOR_DATA)
+# Sizes of the tags _tensor_output frames with.
 _TENSOR_TAG = len(_T_VALUE_TENSOR)
 _VALUE_TAG = len(_T_PORT_VALUE)
 
 
-def _small_tensor_output(item: PortItem) -> bytes | None:
-    """One ``ExecuteResponse.outputs`` entry for a small plain array, framed by hand in a single
-    join (the array's bytes copied once); None for anything else (the general framing)."""
-    arr = item.value
-    if type(arr) is not np.ndarray or arr.nbytes > SMALL_MESSAGE_BYTES or not (
-            arr.flags.c_contiguous):
+def _tensor_output(item: PortItem) -> Pieces | None:
+    """One ``ExecuteResponse.outputs`` entry for a plain array: the tensor's pieces from the
+    codec's encoder, framed flat with the (node, port) head made once per pair, without the
+    nested framing of ``encode_port_value``. None for anything else (the general framing)."""
+    if type(item.value) is not np.ndarray:
         return None
-    wire = _DTYPE_TO_WIRE.get(arr.dtype)
-    if wire is None:
-        return None
-    shape = arr.shape
-    dims = _varint_bytes(shape[0]) if len(shape) == 1 else b"".join(
-        [_varint_bytes(d) for d in shape])
-    nbytes = arr.nbytes
-    # Tensor: dtype, packed shape (omitted for 0-d), data (omitted when empty, like the generated
-    # code).
-    shape_len = _varint_bytes(len(dims)) if shape else b""
-    size_len = _varint_bytes(nbytes) if nbytes else b""
-    tensor_len = _DTYPE_HEAD + (_SHAPE_TAG + len(shape_len) + len(dims) if shape else 0) + (
-        _DATA_TAG + len(size_len) + nbytes if nbytes else 0)
-    value_len = _TENSOR_TAG + len(_varint_bytes(tensor_len)) + tensor_len
+    tensor, tensor_len = _encode_tensor(item.value)
+    tensor_len_bytes = _varint_bytes(tensor_len)
+    value_len = _TENSOR_TAG + len(tensor_len_bytes) + tensor_len
+    value_len_bytes = _varint_bytes(value_len)
     head = _port_head(item.node_id, item.port)
-    port_len = len(head) + _VALUE_TAG + len(_varint_bytes(value_len)) + value_len
-    pieces: Pieces = [_T_RESPONSE_OUTPUTS, _varint_bytes(port_len), head, _T_PORT_VALUE,
-                      _varint_bytes(value_len), _T_VALUE_TENSOR, _varint_bytes(tensor_len),
-                      _T_TENSOR_DTYPE, _SMALL_VARINTS[wire]]
-    if shape:
-        pieces += [_T_TENSOR_SHAPE, shape_len, dims]
-    if nbytes:
-        flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
-        pieces += [_T_TENSOR_DATA, size_len, memoryview(flat).cast("B")]
-    return b"".join(pieces)
+    port_len = len(head) + _VALUE_TAG + len(value_len_bytes) + value_len
+    return [_T_RESPONSE_OUTPUTS, _varint_bytes(port_len), head, _T_PORT_VALUE, value_len_bytes,
+            _T_VALUE_TENSOR, tensor_len_bytes, *tensor]
 
 
 class NodeFigures(Protocol):
@@ -226,6 +181,17 @@ class NodeFigures(Protocol):
     reason: str
     wall_ms: float
     fallback: str
+    inputs_consumed: int
+    outputs_produced: int
+
+
+def node_metrics(node: NodeFigures) -> pb.NodeMetrics:
+    """The ``NodeMetrics`` entry of one node: the one mapping from a node's figures to the
+    message (unary responses frame it by hand from it, streams send it as is)."""
+    return pb.NodeMetrics(node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
+                          selection_reason=node.reason, wall_ms=node.wall_ms,
+                          fallback=node.fallback, inputs_consumed=node.inputs_consumed,
+                          outputs_produced=node.outputs_produced)
 
 
 _DOUBLE = struct.Struct("<d")
@@ -240,8 +206,10 @@ def _node_prefix(node: NodeFigures) -> bytes:
     if prefix is None:
         if len(_NODE_PREFIXES) >= 4096:  # bounded: names come from manifests
             _NODE_PREFIXES.clear()
-        head = pb.NodeMetrics(node_id=node.node_id, node_type=node.node_type,
-                              runtime=node.runtime, selection_reason=node.reason)
+        head = node_metrics(node)
+        # The identifying part only: wall_ms follows by hand, and the rest is at its default
+        # (not serialized) whenever the prefix is used.
+        head.ClearField("wall_ms")
         body = head.SerializeToString()
         # wall_ms: 64-bit (its tag, then 8 bytes).
         prefix = _NODE_PREFIXES[key] = b"".join(
@@ -257,11 +225,8 @@ def encode_execution_metrics(total_ms: float, nodes: Iterable[NodeFigures],
     and the doubles are appended by hand (field order does not matter to protobuf parsers)."""
     pieces: Pieces = [_T_METRICS_TOTAL_MS, _DOUBLE.pack(total_ms)]
     for node in nodes:
-        if node.fallback:  # rare: framed in full
-            pieces += _len_field(_F_METRICS_NODES, [pb.NodeMetrics(
-                node_id=node.node_id, node_type=node.node_type, runtime=node.runtime,
-                selection_reason=node.reason, wall_ms=node.wall_ms,
-                fallback=node.fallback).SerializeToString()])
+        if node.fallback or node.inputs_consumed or node.outputs_produced:  # rare: in full
+            pieces += _len_field(_F_METRICS_NODES, [node_metrics(node).SerializeToString()])
         else:
             pieces += (_node_prefix(node), _DOUBLE.pack(node.wall_ms))
     if plan_cached:
@@ -274,9 +239,9 @@ def encode_execute_response(outputs: list[PortItem],
     """``metrics``: the message, or its bytes from ``encode_execution_metrics``."""
     pieces: Pieces = []
     for item in outputs:
-        small = _small_tensor_output(item)
-        if small is not None:
-            pieces.append(small)
+        framed = _tensor_output(item)
+        if framed is not None:
+            pieces += framed
         else:
             pieces += encode_port_value(_F_RESPONSE_OUTPUTS, item.node_id, item.port, item.value)
     if not isinstance(metrics, bytes):

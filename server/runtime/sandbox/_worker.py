@@ -2,62 +2,9 @@
 it forks runs it (``_bootstrap``). It imports nothing gRPC; the server process imports it only
 for ``WorkerConfig`` and never runs it.
 
-A worker is forked by the sandbox launcher (``_zygote``: numpy, pydantic and this module
-preloaded, a minimal environment, no inherited fds but its control socket and output pipe),
-applies its isolation layers (``_bootstrap``, ``_isolation``), reports ``ready`` and then
-serves requests from the server one at a time over its control socket. The requests and
-replies, their fields and the stream conversation are listed in ``_messages``, which both sides
-build and read them with.
-
-A ``call`` does in one round trip what would otherwise take three: it first runs the cleanup of
-the instances in ``releases`` (released by the server since the last request; None when there
-are none), then, when ``init`` is ``(module, qualname, params_json, node_id, execution_id)``,
-creates and initializes the instance, then runs ``process``.
-
-A ``run`` is the common case made smaller: a node with neither ``initialize`` nor ``cleanup``
-(nor reusable, nor streaming) is created, run and dropped by one request, so the worker keeps
-no instance and the server sends no release. Its class and params are named once per worker:
-``define`` is ``(module, qualname, params_json)`` on the first request for the server-assigned
-id ``class_id`` and None afterwards. A worker keeps ``MAX_CLASS_IDS`` ids at most and answers ``gone``
-for an id it does not know (the server then forgets it and creates the node the general way).
-
-A ``describe`` imports an untrusted module, which the server never does, and replies with its
-catalogue as plain data (``nodes._catalogue``); a module that fails to import is an ``import``
-error.
-
-Replies are ``ok`` or ``error``, whose ``kind`` tells the server how to classify the failure
-(``_messages.ERROR_KINDS``; ``classify`` below). Crashes need no reply: the server sees the
-process die.
-
-A ``stream`` request runs the node's ``stream`` generator (async or sync) as a conversation
-that ends with the usual final reply. The worker asks for input only when the generator pulls
-(``("need", cpu_used)``), and the server answers ``("chunk", sequence, inputs)`` or ``("end",)``;
-every output goes out as soon as it is yielded (``("out", value, emit_sequence, cpu_used)``,
-``emit_sequence`` None for a bare output) and the worker then waits for ``("next",)`` before
-resuming the generator, so it never runs more than one output ahead of the server. ``("cancel",)``
-in place of either answer closes the generator. ``NodeContext.report`` calls made during the
-stream are sent as ``("event", kind, message, progress)`` at any time. Chunk arrays are copied
-out of the segment on arrival (a generator may keep them while the next chunk reuses it).
-
-Requests are served by one long-lived task on the worker's event loop (``serve``), which reads
-the socket with blocking calls (the loop has nothing else to run meanwhile). A node's coroutine
-(async ``process``, ``initialize``, ``cleanup``, an async stream step) is awaited right in that
-task: one that never suspends, like most ``process`` methods, costs no loop iteration, no task
-and no syscall, yet ``asyncio.current_task()``, ``asyncio.timeout()`` and the running loop are
-there from its first line, as in any task. The base class's empty ``initialize``/``cleanup``
-are not called at all, and node classes are looked up once per worker. The CPU clock (a
-syscall) is read at most once per request: a reading under 10 ms old, usually the previous
-reply's, sets the next call's budget (plus a second, see ``set_call_cpu_budget``), and a ``run``
-reply reports such a reading too (the server only compares it with the lifetime limit).
-
-SIGUSR1 from the server means "the current call was abandoned": the node's
-``context.cancelled`` is set and, once an async call is suspended, the serving task is cancelled
-(the CancelledError lands in the node's await; the task's cancel count is reset after the call);
-the server kills the worker if the call still does not return in time. The handler itself only
-writes the current request's generation to a pipe: a signal handler runs on the main thread,
-possibly inside the lock of the very Event it would set. A thread applies it, unless the request
-has changed meanwhile; the task cancellation it schedules checks the generation again when it
-runs.
+What a worker does and why (the requests it serves, the one-round-trip ``call`` and
+``run``, the stream conversation, how node coroutines are awaited, cancellation by SIGUSR1) is
+docs/architecture.md, "The sandbox worker".
 """
 
 from __future__ import annotations

@@ -132,6 +132,18 @@ def test_serve_refuses_a_misspelled_setting(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_serve_reports_a_start_failure_as_a_json_log_entry(tmp_path: Path) -> None:
+    result = tensorline("serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json",
+                        "--node-module", "no_such_node_module", cwd=tmp_path)
+    assert result.returncode == 1
+    no_traceback(result)
+    entries = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    failure = entries[-1]
+    assert failure["level"] == "ERROR", failure
+    assert failure["message"].startswith("cannot start: node module 'no_such_node_module' "
+                                         "not found"), failure
+
+
 def scale_manifest(folder: Path) -> None:
     (folder / "scale.yaml").write_text(
         "version: v1\nnodes:\n  - {id: x, node_type: Scale, params: {factor: 2}}\n")

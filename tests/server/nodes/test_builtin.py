@@ -10,19 +10,14 @@ import pytest
 from scipy.signal import resample_poly
 
 from tensorline.client import AsyncClient, Audio, InvalidRequestError, Json, NodeError, PortItem
+from tests.support.manifests import one_node
 
 BUILTINS = {"PassThrough", "Scale", "Add", "Calculator", "Cast", "Reshape", "Normalize",
             "AudioResample"}
 
-
-def one(node_type: str, params: dict[str, Any] | None = None, node_id: str = "n") -> dict[str, Any]:
-    return {"version": "v1", "nodes": [{"id": node_id, "node_type": node_type,
-                                        "params": params or {}}]}
-
-
 async def run(client: AsyncClient, node_type: str, value: Any,
               params: dict[str, Any] | None = None) -> Any:
-    result = await client.execute(one(node_type, params), {"n": value})
+    result = await client.execute(one_node(node_type, params), {"n": value})
     return result["n"]
 
 
@@ -81,10 +76,10 @@ async def test_add_sums_n_connected_inputs(client: AsyncClient) -> None:
 async def test_add_broadcasts_and_promotes(client: AsyncClient) -> None:
     items = [PortItem("n", "in", np.ones((2, 3), dtype=np.int32)),
              PortItem("n", "in", np.arange(3, dtype=np.float32))]
-    out = (await client.execute(one("Add"), items))["n"]
+    out = (await client.execute(one_node("Add"), items))["n"]
     np.testing.assert_array_equal(out, np.ones((2, 3)) + np.arange(3))
     with pytest.raises(NodeError, match="broadcast"):
-        await client.execute(one("Add"), [PortItem("n", "in", np.ones(2)),
+        await client.execute(one_node("Add"), [PortItem("n", "in", np.ones(2)),
                                           PortItem("n", "in", np.ones(3))])
 
 

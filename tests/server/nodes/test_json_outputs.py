@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tensorline.client import AsyncClient, Json, NodeError
+from tests.support.manifests import one_node
 
 MODULE = "tests.nodes.json_nodes"
 
@@ -20,13 +21,8 @@ async def json_client(server_factory: Callable[..., Any]) -> AsyncIterator[Async
     async with AsyncClient(f"127.0.0.1:{server.port}") as client:
         yield client
 
-
-def one(node_type: str, runtime: str) -> dict[str, Any]:
-    return {"nodes": [{"id": "n", "node_type": node_type, "runtime_hint": runtime}]}
-
-
 async def run(client: AsyncClient, node_type: str, runtime: str) -> Any:
-    result = await client.execute(one(node_type, runtime),
+    result = await client.execute(one_node(node_type, runtime_hint=runtime),
                                   {"n": np.arange(4, dtype=np.float32)})
     assert result.metrics.nodes[0].runtime == runtime, result.metrics.nodes[0]
     return result
@@ -60,7 +56,7 @@ async def test_a_dict_json_cannot_carry_is_the_node_error(json_client: AsyncClie
 
 
 async def test_a_streaming_node_yields_dicts(json_client: AsyncClient) -> None:
-    async with json_client.stream(one("Counts", "inprocess")) as s:
+    async with json_client.stream(one_node("Counts", runtime_hint="inprocess")) as s:
         for size in (3, 5):
             await s.send("n", np.zeros(size, dtype=np.float32))
         await s.close()

@@ -6,8 +6,7 @@ from __future__ import annotations
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import Node, NodeEntry
 from tensorline.server.runtime import SandboxRuntime
 from tensorline.server.selector import RuntimeDecision
+from tests.support.processes import wait_until
 
 TEST_NODES = "tests.server.runtime.sandbox_nodes"
 
@@ -35,15 +35,6 @@ def make_spec(cls: type[Node], params: dict[str, Any] | None = None, *, node_id:
         wiring={},
     )
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
-               what: str = "condition") -> None:
-    """Poll a real condition (never a fixed sleep) until it holds or ``timeout`` passes."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def _infrastructure_pids() -> set[int]:
@@ -91,7 +82,7 @@ def no_leaks() -> Iterator[None]:
     """Every sandbox test ends with no stray worker and no new /dev/shm segment."""
     before = shm_segments()
     yield
-    wait_until(lambda: not stray_processes(), 10.0, "worker processes to exit")
+    wait_until(lambda: not stray_processes(), timeout=10.0, what="worker processes to exit")
     assert shm_segments() - before == set()
     assert shm_mappings() == []
 

@@ -25,8 +25,9 @@ from tensorline.server.runtime import ExecutionScope, SandboxRuntime, WorkerFail
 from tensorline.server.runtime.sandbox import SandboxInstance
 from tensorline.wire._values import Audio, Json, Tagged
 from tests.server.runtime import sandbox_nodes as nodes
-from tests.server.runtime.conftest import make_spec, wait_until
+from tests.server.runtime.conftest import make_spec
 from tests.support.polling import eventually
+from tests.support.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -491,7 +492,7 @@ def test_workers_die_with_a_killed_server(no_leaks: None) -> None:
         except psutil.NoSuchProcess:
             return True
 
-    wait_until(lambda: all(gone(p) for p in pids), 5.0, "workers to die with the server")
+    wait_until(lambda: all(gone(p) for p in pids), timeout=5.0, what="workers to die with the server")
 
 
 # --- under load -----------------------------------------------------------------------------

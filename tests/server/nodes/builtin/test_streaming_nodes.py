@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 
 from tensorline.client import AsyncClient, Audio, InvalidRequestError, StreamOutput, Tagged
+from tests.support.manifests import one_node
 
 RATE = 16000
-
-
-def one(node_type: str, **params: Any) -> dict[str, Any]:
-    return {"nodes": [{"id": "n", "node_type": node_type, "params": params}]}
-
 
 async def run(client: AsyncClient, manifest: dict[str, Any], values: list[Any]) -> list[StreamOutput]:
     async with client.stream(manifest) as s:
@@ -35,7 +31,7 @@ def pieces(samples: np.ndarray, sizes: list[int]) -> list[Audio]:
 
 async def test_audio_chunker_reframes_and_flushes(client: AsyncClient) -> None:
     samples = (np.arange(2000) % 3000).astype(np.int16)
-    outputs = await run(client, one("AudioChunker", frame_ms=20),
+    outputs = await run(client, one_node("AudioChunker", {"frame_ms": 20}),
                         pieces(samples, [100, 333, 7, 1000, 560]))
     frames = [o.value for o in outputs]
     assert [len(f.samples) for f in frames] == [320] * 6 + [80]
@@ -47,7 +43,7 @@ async def test_audio_chunker_reframes_and_flushes(client: AsyncClient) -> None:
 
 async def test_audio_chunker_pads_the_last_frame(client: AsyncClient) -> None:
     samples = np.ones((500, 2), dtype=np.float32)
-    outputs = await run(client, one("AudioChunker", frame_samples=320, pad_last=True),
+    outputs = await run(client, one_node("AudioChunker", {"frame_samples": 320, "pad_last": True}),
                         pieces(samples, [500]))
     assert [o.value.samples.shape for o in outputs] == [(320, 2), (320, 2)]
     assert outputs[1].value.samples[180:].sum() == 0
@@ -55,14 +51,14 @@ async def test_audio_chunker_pads_the_last_frame(client: AsyncClient) -> None:
 
 async def test_audio_chunker_params_are_validated(client: AsyncClient) -> None:
     with pytest.raises(InvalidRequestError) as caught:
-        async with client.stream(one("AudioChunker", frame_ms=20, frame_samples=5)):
+        async with client.stream(one_node("AudioChunker", {"frame_ms": 20, "frame_samples": 5})):
             pass
     assert "exactly one" in caught.value.violations[0].description
 
 
 async def test_accumulator_by_count(client: AsyncClient) -> None:
     values = [np.full((2, 3), i, dtype=np.float32) for i in range(7)]
-    outputs = await run(client, one("Accumulator", count=3), values)
+    outputs = await run(client, one_node("Accumulator", {"count": 3}), values)
     assert [o.value.shape for o in outputs] == [(6, 3), (6, 3), (2, 3)]
     assert [o.sequence for o in outputs] == [2, 5, -1]
     assert np.array_equal(np.concatenate([o.value for o in outputs]), np.concatenate(values))
@@ -70,7 +66,7 @@ async def test_accumulator_by_count(client: AsyncClient) -> None:
 
 async def test_accumulator_by_duration(client: AsyncClient) -> None:
     samples = np.arange(RATE, dtype=np.int16)  # 1 s
-    outputs = await run(client, one("Accumulator", duration_ms=250),
+    outputs = await run(client, one_node("Accumulator", {"duration_ms": 250}),
                         pieces(samples, [1600] * 10))  # 100 ms chunks
     assert [len(o.value.samples) for o in outputs] == [4800, 4800, 4800, 1600]
     assert np.array_equal(np.concatenate([o.value.samples for o in outputs]), samples)
@@ -91,7 +87,7 @@ def speech_fixture() -> tuple[np.ndarray, list[tuple[float, float]]]:
 async def test_voice_activity_gate_emits_speech_segments(client: AsyncClient) -> None:
     samples, spans = speech_fixture()
     chunk = RATE // 50  # 20 ms chunks, like a microphone
-    outputs = await run(client, one("VoiceActivityGate", hangover_ms=100),
+    outputs = await run(client, one_node("VoiceActivityGate", {"hangover_ms": 100}),
                         pieces(samples, [chunk] * (len(samples) // chunk)))
     assert len(outputs) == 2
     for out, (start, end) in zip(outputs, spans, strict=True):
@@ -105,6 +101,6 @@ async def test_voice_activity_gate_emits_speech_segments(client: AsyncClient) ->
 
 async def test_voice_activity_gate_flushes_an_open_segment(client: AsyncClient) -> None:
     samples = (0.5 * np.sin(np.arange(8000) / 5) * 32767).astype(np.int16)  # speech to the end
-    outputs = await run(client, one("VoiceActivityGate"), pieces(samples, [3000, 5000]))
+    outputs = await run(client, one_node("VoiceActivityGate"), pieces(samples, [3000, 5000]))
     assert len(outputs) == 1 and outputs[0].sequence == -1
     assert len(outputs[0].value.value.samples) == 8000

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tensorline.client import AsyncClient, ExecuteResult
+from tests.support.manifests import one_node
 
 ECOSYSTEM = "tensorline.server.nodes.ecosystem"
 RUNTIMES = ("inprocess", "sandbox")
@@ -26,14 +27,6 @@ async def eco_client(server_factory: Callable[..., Any]) -> AsyncIterator[AsyncC
     server = await server_factory(node_modules=["tests.nodes.basic", ECOSYSTEM])
     async with AsyncClient(f"127.0.0.1:{server.port}", timeout=120) as client:
         yield client
-
-
-def one_node(node_type: str, params: Mapping[str, Any], runtime: str | None) -> dict[str, Any]:
-    node: dict[str, Any] = {"id": "n", "node_type": node_type, "params": dict(params)}
-    if runtime is not None:
-        node["runtime_hint"] = runtime
-    return {"nodes": [node]}
-
 
 def check_runtime(result: ExecuteResult, runtime: str) -> None:
     """The node really ran in ``runtime`` (skip when this server has no sandbox), no fallback."""

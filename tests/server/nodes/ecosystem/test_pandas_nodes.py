@@ -10,10 +10,10 @@ from tensorline.client import AsyncClient, InvalidRequestError, Json, NodeError
 from tests.server.nodes.ecosystem.conftest import (
     RUNTIMES,
     assert_bit_exact,
-    one_node,
     run_both,
     run_node,
 )
+from tests.support.manifests import one_node
 
 pd = pytest.importorskip("pandas", reason="pandas is not installed (pip install pandas)")
 

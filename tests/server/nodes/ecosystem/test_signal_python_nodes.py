@@ -13,10 +13,10 @@ from tensorline.server.nodes.ecosystem.python_nodes import hash_chain
 from tests.server.nodes.ecosystem.conftest import (
     RUNTIMES,
     assert_bit_exact,
-    one_node,
     run_both,
     run_node,
 )
+from tests.support.manifests import one_node
 
 
 def tone_noise(rate: int, seconds: float, dtype: str, channels: int = 1) -> np.ndarray:

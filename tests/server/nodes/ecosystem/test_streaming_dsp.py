@@ -19,9 +19,9 @@ from tests.server.nodes.ecosystem.conftest import (
     RUNTIMES,
     SANDBOX_UNAVAILABLE,
     assert_bit_exact,
-    one_node,
     run_node,
 )
+from tests.support.manifests import one_node
 
 CHUNKINGS = {"1 sample": [1], "prime 37": [37], "uneven": [500, 1, 64, 3, 999, 2],
              "whole": [1_000_000]}

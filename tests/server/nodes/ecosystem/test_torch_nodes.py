@@ -17,10 +17,10 @@ from tensorline.client import AsyncClient, Audio, NodeError
 from tests.server.nodes.ecosystem.conftest import (
     RUNTIMES,
     assert_bit_exact,
-    one_node,
     run_both,
     run_node,
 )
+from tests.support.manifests import one_node
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
 
