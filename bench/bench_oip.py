@@ -52,7 +52,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -69,6 +68,7 @@ from _common import (
     cpu_seconds,
     latencies,
     percentile,
+    rotated,
     run_and_save,
     start_server,
     throughput,
@@ -304,12 +304,6 @@ def echo_call(rpc: grpc.aio.UnaryUnaryMultiCallable, model: str,
             tuple(reply.inputs[0].shape))
 
     return call
-
-
-def rotated(keys: list[Any], turn: int) -> Iterator[Any]:
-    """``keys`` starting at a different one each round, so no server always goes first."""
-    for index in range(len(keys)):
-        yield keys[(index + turn) % len(keys)]
 
 
 def ms(seconds: float) -> str:

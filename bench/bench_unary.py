@@ -1,22 +1,29 @@
-"""ExecutePipeline (one-node PassThrough) versus a bare grpc.aio echo of the same bytes.
+"""ExecutePipeline (one node: PassThrough, Scale, ...) versus a bare grpc.aio echo of the same
+bytes.
 
-Both servers run in their own processes; this process is the load generator. Rounds alternate
-(echo, tensorline, echo, tensorline, ...) so drift on a noisy machine hits both alike; the
-report gives medians over all calls and the ratios tensorline / echo.
+The servers run in their own processes; this process is the load generator. Rounds alternate
+between them (echo, tensorline[, tensorline "before"], then the same rotated by one, ...) so
+drift on a noisy machine hits all alike and none always follows the same one; the report gives
+medians over all calls and the ratios tensorline / echo.
 
-    python bench/bench_unary.py                # full run
-    python bench/bench_unary.py --quick        # fewer calls
-    python bench/bench_unary.py --runtime sandbox   # PassThrough in a sandboxed worker
-    python bench/bench_unary.py --loop asyncio      # tensorline on the standard asyncio loop
+    python bench/bench_unary.py                     # PassThrough in-process, full run
+    python bench/bench_unary.py --node Scale        # a sync node (numpy), in-process
+    python bench/bench_unary.py --runtime sandbox   # the node in a sandboxed worker
+    python bench/bench_unary.py --quick             # fewer calls
+    python bench/bench_unary.py --loop asyncio      # both servers on the standard asyncio loop
+    python bench/bench_unary.py --node Scale --before TENSORLINE_INLINE_SYNC_MAX_MS=0
+        # also a second tensorline server with that setting, in the same rounds (before/after)
     python bench/bench_unary.py --against DIR       # also another checkout's server, interleaved
 
 With ``--against DIR`` (a source tree of this repository, e.g. ``git archive REV | tar -x -C
-DIR``) a third server runs that tree's tensorline, in the same rounds (echo, tensorline, DIR's
-tensorline, ...), so a change is measured against its base under the same machine noise; the
-report adds that server's figures and the ratio this tree / DIR.
+DIR``) one more server runs that tree's tensorline, in the same rounds, so a change is measured
+against its base under the same machine noise; it is reported as "against".
 
-Both clients encode the same ExecuteRequest per call with the tensorline codec and parse the
-reply (zero-copy) so client-side work is identical; only the server differs.
+The echo runs on the same event loop as tensorline (``--loop``, resolved as ``tensorline
+serve`` resolves it) unless ``--echo-loop asyncio`` pins it to the standard loop. Both clients
+encode the same ExecuteRequest per call with the tensorline codec and parse the reply
+(zero-copy) so client-side work is identical; only the server differs. Every server runs the
+product's defaults (apart from the message limits the large payloads need).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,7 @@ from _common import (
     cpu_seconds,
     latencies,
     percentile,
+    rotated,
     run_and_save,
     start_server,
     throughput,
@@ -80,122 +89,146 @@ def shim_for(tree: Path, root: Path) -> str:
     return str(root)
 
 
+# Node types the benchmark can run: params, and what the output must be for an input x.
+NODES: dict[str, tuple[dict[str, Any], Any]] = {
+    "PassThrough": ({}, lambda x: x),
+    "Scale": ({"factor": 2.0}, lambda x: x * np.float32(2.0)),
+    "Add": ({}, lambda x: x),
+    "Cast": ({"dtype": "float32"}, lambda x: x),
+    "Reshape": ({"shape": [-1]}, lambda x: x),
+    "Normalize": ({"mean": 0.0, "std": 1.0}, lambda x: x),
+}
+
+
+def environment(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("TENSORLINE_"):
+            raise SystemExit(f"--before wants TENSORLINE_NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     scale = 0.3 if args.quick else 1.0
+    loop = resolve(args.loop)
+    echo_loop = loop if args.echo_loop == "same" else resolve(args.echo_loop)
+    before = environment(args.before)
 
-    echo_proc, echo_port = start_server(ECHO_SERVER)
-    tl_proc, tl_port = start_server(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": args.loop})
+    procs: dict[str, tuple[subprocess.Popen[str], int]] = {}
     shim = tempfile.TemporaryDirectory(prefix="bench-unary-")
-    procs = [echo_proc, tl_proc]
-    base_port = 0
-    if args.against:
-        base_proc, base_port = start_server(TENSORLINE_SERVER, {
-            "TENSORLINE_EVENT_LOOP": args.loop,
-            "PYTHONPATH": shim_for(Path(args.against), Path(shim.name))})
-        procs.append(base_proc)
-    manifest = json.dumps({"nodes": [{"id": "p", "node_type": "PassThrough",
-                                      "runtime_hint": args.runtime}]})
-    results: dict[str, Any] = {"runtime": args.runtime, "loop": resolve(args.loop),
-                               "latency": {}, "throughput": {}}
     try:
-        echo_ch = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
-        tl_ch = grpc.aio.insecure_channel(f"127.0.0.1:{tl_port}", options=OPTIONS)
-        echo_rpc = echo_ch.unary_unary(ECHO_METHOD, request_serializer=None,
-                                       response_deserializer=decode_execute_request)
-        tl_rpc = tl_ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
-                                   request_serializer=None,
-                                   response_deserializer=decode_execute_response)
-        base_ch = grpc.aio.insecure_channel(f"127.0.0.1:{base_port}", options=OPTIONS)
-        base_rpc = base_ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
-                                       request_serializer=None,
-                                       response_deserializer=decode_execute_response)
-
-        def calls(array: np.ndarray[Any, Any]) -> tuple[Call, Call, Call]:
-            items = [PortItem("p", "", array)]
-
-            async def echo() -> Any:
-                return await echo_rpc(encode_execute_request(manifest, items))
-
-            async def tensorline() -> Any:
-                return await tl_rpc(encode_execute_request(manifest, items))
-
-            async def base() -> Any:
-                return await base_rpc(encode_execute_request(manifest, items))
-
-            return echo, tensorline, base
-
-        # Check the pipeline works and is bit-exact before measuring.
-        probe = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
-        reply = await calls(probe)[1]()
-        assert np.array_equal(reply.outputs[0].value, probe), "PassThrough is not bit-exact"
-
-        sizes = [("1 KiB", 1024, 400), ("1 MiB", MiB, 60), ("64 MiB", 64 * MiB, 4)]
-        print(f"runtime={args.runtime}  loop={resolve(args.loop)}  rounds={args.rounds}  "
-              "(p50/p99 in ms; ratio = tensorline / echo)")
-        print(f"{'payload':>8} {'echo p50':>9} {'tl p50':>9} {'ratio':>6} "
-              f"{'echo p99':>9} {'tl p99':>9} {'ratio':>6}")
+        procs["echo"] = start_server(ECHO_SERVER, {"TENSORLINE_EVENT_LOOP": echo_loop})
+        procs["tl"] = start_server(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop})
+        if before:
+            procs["before"] = start_server(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop, **before})
         if args.against:
-            assert np.array_equal((await calls(probe)[2]()).outputs[0].value, probe)
-        for label, nbytes, count in sizes:
-            array = np.ones(nbytes // 4, dtype=np.float32)
-            echo, tensorline, base = calls(array)
-            await echo()
-            await tensorline()
-            samples: dict[str, list[float]] = {"echo": [], "tl": [], "base": []}
-            n = max(2, int(count * scale))
-            for _ in range(args.rounds):
-                samples["echo"] += await latencies(echo, n)
-                samples["tl"] += await latencies(tensorline, n)
-                if args.against:
-                    samples["base"] += await latencies(base, n)
-            e50, t50 = statistics.median(samples["echo"]), statistics.median(samples["tl"])
-            e99, t99 = percentile(samples["echo"], 0.99), percentile(samples["tl"], 0.99)
-            results["latency"][label] = {"echo_p50_ms": e50 * 1e3, "tl_p50_ms": t50 * 1e3,
-                                         "p50_ratio": t50 / e50, "echo_p99_ms": e99 * 1e3,
-                                         "tl_p99_ms": t99 * 1e3, "p99_ratio": t99 / e99}
-            print(f"{label:>8} {e50 * 1e3:9.3f} {t50 * 1e3:9.3f} {t50 / e50:6.2f} "
-                  f"{e99 * 1e3:9.3f} {t99 * 1e3:9.3f} {t99 / e99:6.2f}")
-            if args.against:
-                b50, b99 = statistics.median(samples["base"]), percentile(samples["base"], 0.99)
-                results["latency"][label].update(base_p50_ms=b50 * 1e3, base_p99_ms=b99 * 1e3,
-                                                 p50_vs_base=t50 / b50)
-                print(f"{'':>8} {args.against}: p50 {b50 * 1e3:.3f} p99 {b99 * 1e3:.3f} "
-                      f"(this tree / it: p50 {t50 / b50:.3f}, p99 {t99 / b99:.3f})")
-
-        echo, tensorline, base = calls(np.ones(256, dtype=np.float32))
-        total = int(3000 * scale)
-        rates: dict[str, list[float]] = {"echo": [], "tl": [], "base": []}
-        cpu: dict[str, list[float]] = {"echo": [], "tl": [], "base": []}
-        contenders = [("echo", echo, echo_proc), ("tl", tensorline, tl_proc)]
-        if args.against:
-            contenders.append(("base", base, procs[2]))
-        for _ in range(args.rounds):
-            for key, call, proc in contenders:
-                before = cpu_seconds(proc.pid)
-                rates[key].append((await throughput(call, total, 32))[0])
-                cpu[key].append((cpu_seconds(proc.pid) - before) / total * 1e6)
-        er, tr = statistics.median(rates["echo"]), statistics.median(rates["tl"])
-        ec, tc = statistics.median(cpu["echo"]), statistics.median(cpu["tl"])
-        results["throughput"] = {"echo_calls_s": er, "tl_calls_s": tr, "ratio": tr / er,
-                                 "echo_server_cpu_us_per_call": ec,
-                                 "tl_server_cpu_us_per_call": tc}
-        print(f"1 KiB at concurrency 32: echo {er:,.0f} calls/s, tensorline {tr:,.0f} calls/s, "
-              f"ratio {tr / er:.2f}")
-        print(f"server CPU per call: echo {ec:.0f} us, tensorline {tc:.0f} us "
-              f"(+{tc - ec:.0f} us)")
-        if args.against:
-            br, bc = statistics.median(rates["base"]), statistics.median(cpu["base"])
-            results["throughput"].update(base_calls_s=br, base_server_cpu_us_per_call=bc)
-            print(f"{args.against}: {br:,.0f} calls/s, server CPU {bc:.0f} us per call "
-                  f"(this tree / it: calls/s {tr / br:.3f}, CPU {tc / bc:.3f})")
-        await echo_ch.close()
-        await tl_ch.close()
-        await base_ch.close()
+            procs["against"] = start_server(TENSORLINE_SERVER, {
+                "TENSORLINE_EVENT_LOOP": loop,
+                "PYTHONPATH": shim_for(Path(args.against), Path(shim.name))})
+        return await measure(args, scale, procs, loop, echo_loop, before)
     finally:
-        for proc in procs:
+        for proc, _ in procs.values():
             proc.terminate()
             proc.wait(10)
         shim.cleanup()
+
+
+async def measure(args: argparse.Namespace, scale: float,
+                  procs: dict[str, tuple[subprocess.Popen[str], int]], loop: str,
+                  echo_loop: str, before: dict[str, str]) -> dict[str, Any]:
+    params, expected = NODES[args.node]
+    manifest = json.dumps({"nodes": [{"id": "p", "node_type": args.node, "params": params,
+                                      "runtime_hint": args.runtime}]})
+    keys = list(procs)  # echo, tl[, before]: the order of the first round
+    results: dict[str, Any] = {"node": args.node, "runtime": args.runtime, "loop": loop,
+                               "echo_loop": echo_loop, "before": before,
+                               "latency": {}, "throughput": {}}
+    channels = {key: grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
+                for key, (_, port) in procs.items()}
+    rpcs = {key: (ch.unary_unary(ECHO_METHOD, request_serializer=None,
+                                 response_deserializer=decode_execute_request)
+                  if key == "echo" else
+                  ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
+                                 request_serializer=None,
+                                 response_deserializer=decode_execute_response))
+            for key, ch in channels.items()}
+
+    def calls(array: np.ndarray[Any, Any]) -> dict[str, Call]:
+        items = [PortItem("p", "", array)]
+
+        def one(rpc: Any) -> Call:
+            async def call() -> Any:
+                return await rpc(encode_execute_request(manifest, items))
+            return call
+
+        return {key: one(rpc) for key, rpc in rpcs.items()}
+
+    # Check the pipeline works and is bit-exact before measuring.
+    probe = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    for key in keys[1:]:
+        reply = await calls(probe)[key]()
+        assert np.array_equal(reply.outputs[0].value, expected(probe)), \
+            f"{args.node} gave a wrong result"
+
+    sizes = [("1 KiB", 1024, 400), ("1 MiB", MiB, 60), ("64 MiB", 64 * MiB, 4)]
+    print(f"node={args.node}  runtime={args.runtime}  loop={loop}  echo loop={echo_loop}  "
+          f"rounds={args.rounds}" + (f"  before: {before}" if before else "")
+          + "  (p50/p99 in ms; ratio = tensorline / echo)")
+    others = keys[1:]
+    print(f"{'payload':>8} {'echo p50':>9} " + " ".join(
+        f"{k + ' p50':>10} {'ratio':>6}" for k in others) + f" {'echo p99':>9} " + " ".join(
+        f"{k + ' p99':>10} {'ratio':>6}" for k in others))
+    for label, nbytes, count in sizes:
+        if nbytes > args.max_bytes:
+            continue
+        each = calls(np.ones(nbytes // 4, dtype=np.float32))
+        for key in keys:
+            await each[key]()
+        samples: dict[str, list[float]] = {key: [] for key in keys}
+        n = max(2, int(count * scale))
+        for round_ in range(args.rounds):
+            for key in rotated(keys, round_):
+                samples[key] += await latencies(each[key], n)
+        p50 = {k: statistics.median(v) for k, v in samples.items()}
+        p99 = {k: percentile(v, 0.99) for k, v in samples.items()}
+        row: dict[str, float] = {"echo_p50_ms": p50["echo"] * 1e3,
+                                 "echo_p99_ms": p99["echo"] * 1e3}
+        for k in others:
+            row[f"{k}_p50_ms"] = p50[k] * 1e3
+            row[f"{k}_p50_ratio"] = p50[k] / p50["echo"]
+            row[f"{k}_p99_ms"] = p99[k] * 1e3
+            row[f"{k}_p99_ratio"] = p99[k] / p99["echo"]
+        results["latency"][label] = row
+        print(f"{label:>8} {p50['echo'] * 1e3:9.3f} " + " ".join(
+            f"{p50[k] * 1e3:10.3f} {p50[k] / p50['echo']:6.2f}" for k in others)
+            + f" {p99['echo'] * 1e3:9.3f} " + " ".join(
+            f"{p99[k] * 1e3:10.3f} {p99[k] / p99['echo']:6.2f}" for k in others))
+
+    each = calls(np.ones(256, dtype=np.float32))
+    total = int(3000 * scale)
+    rates: dict[str, list[float]] = {key: [] for key in keys}
+    cpu: dict[str, list[float]] = {key: [] for key in keys}
+    for round_ in range(args.rounds):
+        for key in rotated(keys, round_):
+            pid = procs[key][0].pid
+            cpu_before = cpu_seconds(pid)
+            rates[key].append((await throughput(each[key], total, 32))[0])
+            cpu[key].append((cpu_seconds(pid) - cpu_before) / total * 1e6)
+    rate = {k: statistics.median(v) for k, v in rates.items()}
+    used = {k: statistics.median(v) for k, v in cpu.items()}
+    results["throughput"] = {"echo_calls_s": rate["echo"],
+                             "echo_server_cpu_us_per_call": used["echo"]}
+    for k in others:
+        results["throughput"].update({f"{k}_calls_s": rate[k], f"{k}_ratio": rate[k] / rate["echo"],
+                                      f"{k}_server_cpu_us_per_call": used[k]})
+        print(f"1 KiB at concurrency 32: echo {rate['echo']:,.0f} calls/s, {k} "
+              f"{rate[k]:,.0f} calls/s, ratio {rate[k] / rate['echo']:.2f}; server CPU per "
+              f"call: echo {used['echo']:.0f} us, {k} {used[k]:.0f} us "
+              f"(+{used[k] - used['echo']:.0f} us)")
+    for ch in channels.values():
+        await ch.close()
     return results
 
 
@@ -204,9 +237,17 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runtime", default="inprocess", choices=["inprocess", "sandbox"])
+    parser.add_argument("--node", default="PassThrough", choices=sorted(NODES),
+                        help="the pipeline's one node (float32 tensor in, tensor out)")
     parser.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
-                        help="tensorline's event loop (the echo always runs grpc.aio on asyncio)")
+                        help="the servers' event loop (auto: what `tensorline serve` picks)")
+    parser.add_argument("--echo-loop", default="same", choices=["same", "asyncio", "uvloop"],
+                        help="the echo's loop: the same as tensorline's (default), or pinned")
+    parser.add_argument("--before", action="append", default=[], metavar="TENSORLINE_X=V",
+                        help="also measure a tensorline server with this setting (repeatable)")
     parser.add_argument("--against", metavar="DIR",
                         help="also measure the server of this checkout (a source tree of this "
                              "repository), interleaved round by round")
+    parser.add_argument("--max-bytes", type=int, default=64 * MiB,
+                        help="skip payloads larger than this")
     run_and_save(main, parser)

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     warm_instances: int = Field(32, ge=0,
                                 description="warm reusable node instances kept (LRU)")
     node_threads: int = Field(8, ge=1, description="threads running sync in-process nodes")
+    inline_sync_max_ms: float = Field(
+        1.0, ge=0, description="a sync in-process node type whose calls all take less than this "
+                               "runs on the event loop, without a thread hop; one slower call "
+                               "sends it back to the threads (0: always in the threads)")
     stream_queue_size: int = Field(16, ge=1, description="StreamPipeline: values buffered per "
                                                          "node before its producers wait")
     stream_buffer_bytes: int = Field(64 * MiB, gt=0, description="StreamPipeline: bytes "

@@ -82,7 +82,8 @@ def _describe_class(cls: type[Node]) -> dict[str, Any]:
         "traits": {"isolation": traits.isolation, "needs_gpu": bool(traits.needs_gpu),
                    "memory_mb": traits.memory_mb, "cpu_bound": bool(traits.cpu_bound),
                    "timeout_s": None if traits.timeout_s is None else float(traits.timeout_s),
-                   "libraries": [str(lib) for lib in traits.libraries]},
+                   "libraries": [str(lib) for lib in traits.libraries],
+                   "blocking": None if traits.blocking is None else bool(traits.blocking)},
         "reusable": bool(cls.reusable),
         "streaming": bool(cls.streaming),
         "async_process": is_async(cls, "process"),
@@ -130,11 +131,13 @@ class TraitsDescription(_Strict):
     cpu_bound: bool
     timeout_s: float | None = Field(gt=0, le=365 * 86400)
     libraries: list[_Name] = Field(max_length=MAX_LIBRARIES)
+    blocking: bool | None = None
 
     def traits(self) -> NodeTraits:
         return NodeTraits(isolation=self.isolation, needs_gpu=self.needs_gpu,
                           memory_mb=self.memory_mb, cpu_bound=self.cpu_bound,
-                          timeout_s=self.timeout_s, libraries=tuple(self.libraries))
+                          timeout_s=self.timeout_s, libraries=tuple(self.libraries),
+                          blocking=self.blocking)
 
 
 class NodeDescription(_Strict):

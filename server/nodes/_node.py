@@ -1,9 +1,12 @@
 """The node SDK: what a node author writes.
 
 A node is a class with a pydantic ``Params`` model, named input and output ports, optional
-``initialize()``/``cleanup()`` and a ``process()`` that may be sync or async. Sync methods never
-run on the event loop: the runtime calls them in a thread (in-process) or in a worker process
-(sandboxed). Traits describe the node to the selector; they never decide anything themselves.
+``initialize()``/``cleanup()`` and a ``process()`` that may be sync or async. Sync methods run in
+a thread (in-process) or in a worker process (sandboxed); an in-process sync ``process`` that
+has proved short (or declares ``NodeTraits(blocking=False)``) runs on the event loop instead,
+without the thread hop, until one call of it takes long (``runtime/_inline.py``). Traits
+describe the node to the selector (and ``blocking`` to the in-process runtime); they never
+decide anything themselves.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Port:
 
 @dataclass(frozen=True, slots=True)
 class NodeTraits:
-    """What a node needs; the selector reads these, nothing else does."""
+    """What a node needs; the selector reads these, and the in-process runtime ``blocking``."""
 
     # Where the author wants the node to run ("any" leaves it to the selector).
     isolation: Isolation = "any"
@@ -60,6 +63,11 @@ class NodeTraits:
     timeout_s: float | None = None
     # Heavy libraries the node imports (torch, pandas, ...), for auto-detection.
     libraries: tuple[str, ...] = ()
+    # How long a sync ``process`` runs in-process: True = it may block or run long (I/O, waits
+    # on other requests or locks, runs an event loop of its own): always in a thread, never on
+    # the server's event loop; False = always short (well under a millisecond): on the event
+    # loop from its first call; None = unknown: the runtime measures (see runtime/_inline.py).
+    blocking: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

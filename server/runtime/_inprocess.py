@@ -1,8 +1,13 @@
 """The in-process runtime: nodes run in the server's own interpreter, lowest latency.
 
-Async node methods run on the event loop; sync ones in a thread pool, never on the loop. A sync
+Async node methods run on the event loop; sync ones in a thread pool, except a sync ``process``
+that has proved short (``_inline``: every call of its type under ``inline_sync_max_ms``), which
+runs on the loop itself, without the thread hop, until one call of it takes long. A pooled sync
 ``process`` that is still running when its execution is abandoned (deadline, cancel) cannot be
-interrupted: its context's ``cancelled`` event is set and its cleanup runs when it returns.
+interrupted: its context's ``cancelled`` event is set and its cleanup runs when it returns. An
+inline call cannot be abandoned at all (nothing else runs until it returns), which is why types
+with a per-call timeout always run in the pool. ``initialize`` and ``cleanup`` always run in
+the pool (model loading and the like).
 Reusable nodes are kept warm, one shared instance per (type, params), in an LRU of bounded size
 whose eviction runs the instance's cleanup once nobody uses it.
 
@@ -21,6 +26,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, ClassVar
@@ -34,6 +40,7 @@ from tensorline.server.runtime._base import (
     Runtime,
     within_node_timeout,
 )
+from tensorline.server.runtime._inline import InlinePace, InlinePolicy
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,16 @@ async def _process_plain(spec: NodeSpec, node: Node, inputs: Mapping[str, Any]) 
         raise node_failed(spec, exc) from exc
 
 
+def _timed(pace: InlinePace, method: Callable[..., Any], *args: Any) -> Any:
+    """Call a sync method, telling its type's pace how long it took. Timed where it runs (on
+    the loop, or in its pool thread: waiting for a thread does not count)."""
+    started = time.perf_counter()
+    try:
+        return method(*args)
+    finally:
+        pace.ran(time.perf_counter() - started)
+
+
 class InProcessInstance(NodeInstance):
     can_stream: ClassVar[bool] = True
 
@@ -121,11 +138,17 @@ class InProcessInstance(NodeInstance):
         self.warm_task: asyncio.Task[InProcessInstance] | None = None
         self.retired = False
 
-    async def call(self, name: str, is_async: bool, *args: Any) -> Any:
+    async def call(self, name: str, is_async: bool, *args: Any,
+                   pace: InlinePace | None = None) -> Any:
         method: Callable[..., Any] = getattr(self.node, name)
         if is_async:
             return await method(*args)
-        future = self._runtime.pool.submit(method, *args)
+        if pace is None:
+            future = self._runtime.pool.submit(method, *args)
+        elif pace.inline:
+            return _timed(pace, method, *args)
+        else:
+            future = self._runtime.pool.submit(_timed, pace, method, *args)
         self.running.add(future)
         future.add_done_callback(self._call_done)
         try:
@@ -146,8 +169,10 @@ class InProcessInstance(NodeInstance):
             self.node.context.cancelled.clear()
 
     async def process(self, inputs: Mapping[str, Any]) -> Any:
+        pace = None if self.entry.async_process else self._runtime.inline.pace(
+            self.entry, self.spec.timeout_s)
         try:
-            return await self.call("process", self.entry.async_process, inputs)
+            return await self.call("process", self.entry.async_process, inputs, pace=pace)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -272,8 +297,9 @@ class InProcessRuntime(Runtime):
     name: ClassVar[str] = "inprocess"
 
     def __init__(self, *, threads: int = 8, warm_capacity: int = 32,
-                 shutdown_timeout_s: float = 5.0) -> None:
+                 shutdown_timeout_s: float = 5.0, inline_max_s: float = 0.001) -> None:
         self._shutdown_timeout_s = shutdown_timeout_s
+        self.inline = InlinePolicy(inline_max_s)
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix=NODE_THREAD_PREFIX
         )
@@ -289,13 +315,21 @@ class InProcessRuntime(Runtime):
     async def call(self, spec: NodeSpec, scope: ExecutionScope,
                    inputs: Mapping[str, Any]) -> Any:
         entry = spec.entry
-        if entry.async_process and not (entry.reusable or entry.has_initialize
-                                        or entry.has_cleanup):
+        if not (entry.reusable or entry.has_initialize or entry.has_cleanup):
             # A fresh instance with nothing to initialize or clean up, run on the loop: create
-            # it and await its process, without the instance bookkeeping acquire/release keep
-            # for the general case (a sync call that may outlive its request, a cleanup).
-            return await within_node_timeout(
-                spec, _process_plain(spec, self._new_node(spec, scope), inputs))
+            # it and await its process (or, for a sync one that runs inline, call it), without
+            # the instance bookkeeping acquire/release keep for the general case (a sync call
+            # that may outlive its request, a cleanup).
+            if entry.async_process:
+                return await within_node_timeout(
+                    spec, _process_plain(spec, self._new_node(spec, scope), inputs))
+            pace = self.inline.pace(entry, spec.timeout_s)
+            if pace.inline:  # no timeout: see InlinePolicy.pace
+                node = self._new_node(spec, scope)
+                try:
+                    return _timed(pace, node.process, inputs)
+                except Exception as exc:
+                    raise node_failed(spec, exc) from exc
         return await super().call(spec, scope, inputs)
 
     async def acquire(self, spec: NodeSpec, scope: ExecutionScope) -> InProcessInstance:
@@ -455,3 +489,6 @@ class InProcessRuntime(Runtime):
 
     def warm_instances(self) -> int:
         return len(self._warm)
+
+    def stats(self) -> dict[str, float]:
+        return self.inline.stats()

@@ -89,7 +89,8 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
     runtimes: dict[str, Runtime] = {
         INPROCESS: InProcessRuntime(threads=settings.node_threads,
                                     shutdown_timeout_s=max(1.0, settings.grace_s),
-                                    warm_capacity=settings.warm_instances),
+                                    warm_capacity=settings.warm_instances,
+                                    inline_max_s=settings.inline_sync_max_ms / 1000),
     }
     if settings.sandbox:
         runtimes[SANDBOX] = SandboxRuntime(

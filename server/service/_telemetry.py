@@ -48,6 +48,12 @@ class _RuntimeCollector(Collector):
                                     labels=["runtime"])
         layers = GaugeMetricFamily("tensorline_sandbox_layer_active",
                                    "1 when the isolation layer is in force", labels=["layer"])
+        inline = GaugeMetricFamily("tensorline_inline_node_types",
+                                   "sync in-process node types running on the event loop",
+                                   labels=["runtime"])
+        demotions = CounterMetricFamily(
+            "tensorline_inline_demotions", "times a sync node type running on the event loop "
+            "had a slow call and went back to the thread pool", labels=["runtime"])
         for name, runtime in self._engine.runtimes.items():
             stats = runtime.stats()
             if "worker_restarts" in stats:
@@ -56,12 +62,17 @@ class _RuntimeCollector(Collector):
                 recycles.add_metric([name], stats["worker_recycles"])
             if "workers" in stats:
                 workers.add_metric([name], stats["workers"])
+            if "inline_node_types" in stats:
+                inline.add_metric([name], stats["inline_node_types"])
+                demotions.add_metric([name], stats["inline_demotions"])
             for layer in runtime.layers():
                 layers.add_metric([layer.name], 1.0 if layer.active else 0.0)
         yield restarts
         yield recycles
         yield workers
         yield layers
+        yield inline
+        yield demotions
 
 
 class _Tally:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorline.server.nodes import Node, NodeParams, Port
+from tensorline.server.nodes import Node, NodeParams, NodeTraits, Port
 
 # Rendezvous name -> event, created on the loop that first asks for it.
 _EVENTS: dict[str, asyncio.Event] = {}
@@ -231,6 +231,8 @@ class SyncRendezvous(Node):
 
     Params = BarrierParams
     params: BarrierParams
+    # It waits for other requests: on the event loop it would wait for them forever.
+    traits = NodeTraits(blocking=True)
 
     def process(self, inputs: Mapping[str, Any]) -> Any:
         with SEEN_LOCK:

@@ -42,12 +42,15 @@ class Scale(Node):
     def process(self, inputs: Mapping[str, Any]) -> Any:
         array = inputs["in"]
         factor = self.params.factor
-        if np.issubdtype(array.dtype, np.integer) and float(factor).is_integer():
+        # dtype.kind rather than np.issubdtype: the same test ("iu": integer, "fc": inexact) at
+        # a fraction of the cost, which matters for a node this short.
+        kind = array.dtype.kind
+        if kind in "iu" and float(factor).is_integer():
             info = np.iinfo(array.dtype)
             if info.min <= int(factor) <= info.max:
                 return array * array.dtype.type(int(factor))
             return array * factor  # a whole factor the dtype cannot hold (-1 for uint8): float64
-        if np.issubdtype(array.dtype, np.inexact):
+        if kind in "fc":
             return array * array.dtype.type(factor)
         return array * factor
 
