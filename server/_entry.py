@@ -207,8 +207,16 @@ def check_manifest(data: Mapping[str, Any], *, node_modules: Sequence[str] = (),
             raise SetupError(_module_not_found(exc, node_modules)) from None
         except NodeModuleError as exc:
             raise SetupError(str(exc)) from None
+    # Model files (``ModelPath`` params) resolve against the roots a server started here would
+    # have (TENSORLINE_PIPELINES_DIR, TENSORLINE_MODEL_DIRS, the config file). A server's
+    # catalogue describes params by their JSON schema: its roots are its own.
     try:
-        plan = compile_manifest(data, registry, Selector(sandbox_available=True))
+        model_roots = () if catalogue is not None else Settings.load().model_roots
+    except ValueError as exc:
+        raise SetupError(f"the server settings of this environment are invalid: {exc}") from None
+    try:
+        plan = compile_manifest(data, registry, Selector(sandbox_available=True),
+                                model_roots=model_roots)
     except RequestInvalid as exc:
         return ManifestCheck(violations=tuple(exc.violations))
     except TensorlineServerError as exc:

@@ -16,6 +16,7 @@
     ├── DeadlineExceeded      DEADLINE_EXCEEDED  request deadline or node timeout
     ├── SessionCancelled      CANCELLED          the client cancelled its stream (StreamCancel)
     ├── ServiceUnavailable    UNAVAILABLE        draining / shutting down
+    │   └── PipelineNotReady  UNAVAILABLE        a named pipeline that failed to load or is unloaded
     └── PipelineNotFound      NOT_FOUND          no such named pipeline (or version) in the repository
 
 Anything else escaping a handler is a server bug and becomes INTERNAL.
@@ -48,6 +49,7 @@ __all__ = [
     "NodeFailed",
     "PermissionDenied",
     "PipelineNotFound",
+    "PipelineNotReady",
     "RequestInvalid",
     "RuntimeUnavailable",
     "SandboxFailure",
@@ -194,3 +196,10 @@ class PipelineNotFound(TensorlineServerError):
     """A request named a pipeline (or a version of one) the repository does not hold."""
 
     reason = "PIPELINE_NOT_FOUND"
+
+
+class PipelineNotReady(ServiceUnavailable):
+    """A named pipeline the repository knows but cannot run now (it failed to load, or was
+    unloaded): UNAVAILABLE, as Triton answers for a model that is not ready."""
+
+    reason = "PIPELINE_NOT_READY"

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
         True, description="with pipelines_dir: pick up new, changed and removed manifests "
                           "without a restart (each is compiled and warmed before it takes "
                           "calls; the version it replaces drains)")
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="directories model files named in node params may come from, besides "
+                    "pipelines_dir (comma-separated); sandboxed workers may read them")
 
     runtime: Literal["inprocess", "sandbox", "auto"] | None = Field(
         None, description="TENSORLINE_RUNTIME: runtime override for nodes without a hint")
@@ -189,7 +193,7 @@ class Settings(BaseSettings):
 
     @field_validator("node_modules", "untrusted_modules", "preload_modules", "warmup_nodes",
                      "auth_tokens", "sandbox_devices", "sandbox_read_paths", "sandbox_env",
-                     "sandbox_required_layers", mode="before")
+                     "sandbox_required_layers", "model_dirs", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -205,6 +209,14 @@ class Settings(BaseSettings):
         from tensorline.server.selector import normalize_hint
 
         return normalize_hint(value)
+
+    @property
+    def model_roots(self) -> tuple[str, ...]:
+        """Where model files named in params (``nodes.ModelPath``) may come from: the pipeline
+        repository, then ``model_dirs``, as absolute paths (each once)."""
+        roots = [self.pipelines_dir] if self.pipelines_dir is not None else []
+        roots += self.model_dirs
+        return tuple(dict.fromkeys(os.path.abspath(root) for root in roots))
 
     @model_validator(mode="after")
     def _preload_trusted(self) -> Settings:

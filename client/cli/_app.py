@@ -227,8 +227,9 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING")] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json")] = None,
     pipelines: Annotated[Path | None, typer.Option(
-        "--pipelines", help="directory of manifests served as named pipelines (run NAME); "
-                            "changes are picked up while serving (TENSORLINE_PIPELINES_WATCH)")
+        "--pipelines", help="directory of manifests served as named pipelines (run NAME; the "
+                            "models of the Open Inference Protocol); changes are picked up "
+                            "while serving (TENSORLINE_PIPELINES_WATCH)")
     ] = None,
 ) -> None:
     """Start the gRPC server (drains on SIGTERM/SIGINT). Every option also reads TENSORLINE_*."""

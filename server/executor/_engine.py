@@ -71,6 +71,7 @@ class PipelineEngine:
         plan_cache_size: int = 256,
         plan_cache_bytes: int = 0,
         limits: ManifestLimits | None = None,
+        model_roots: Sequence[str] = (),
     ) -> None:
         if INPROCESS not in runtimes:
             raise ValueError("the in-process runtime is required")
@@ -79,6 +80,8 @@ class PipelineEngine:
         self.runtimes = dict(runtimes)
         self.plans = PlanCache(plan_cache_size, plan_cache_bytes)
         self.limits = limits or ManifestLimits()
+        # Where model files named in params may come from (``nodes.ModelPath``).
+        self.model_roots = tuple(model_roots)
         self.executor = Executor(self.runtimes, selector)
         self.streaming = StreamingExecutor(self.runtimes, selector)
         self._started = False
@@ -172,7 +175,7 @@ class PipelineEngine:
         if plan is not None:
             return PlanLookup(plan, True)
         plan = compile_manifest(parse_manifest_json(manifest_json, self.limits), self.registry,
-                                self.selector)
+                                self.selector, model_roots=self.model_roots)
         self.plans.put(manifest_json, plan)
         _log_plan(plan)
         return PlanLookup(plan, False)
@@ -219,7 +222,8 @@ class PipelineEngine:
     def compile(self, manifest: Mapping[str, Any]) -> ExecutionPlan:
         """Validate and compile a manifest object outside the plan cache (the repository keeps
         its named pipelines' plans itself)."""
-        plan = compile_manifest(manifest, self.registry, self.selector)
+        plan = compile_manifest(manifest, self.registry, self.selector,
+                                model_roots=self.model_roots)
         _log_plan(plan)
         return plan
 

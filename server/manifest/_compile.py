@@ -40,6 +40,7 @@ from tensorline.server.nodes import (
     Port,
     SchemaViolation,
     UnknownNodeType,
+    model_roots_context,
     needs_message,
     schema_violations,
 )
@@ -97,9 +98,10 @@ def _pydantic_violations(
 
 
 def _validate(model: type[BaseModel], data: Any, prefix: str, known: Sequence[str],
-              out: list[Violation], hints: _Hints, who: str = "") -> Any:
+              out: list[Violation], hints: _Hints, who: str = "",
+              context: Mapping[str, Any] | None = None) -> Any:
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         out.extend(_pydantic_violations(prefix, exc, known, hints, who))
         return None
@@ -128,13 +130,16 @@ def _validate_rest(model: type[BaseModel], data: Mapping[str, Any], prefix: str,
 
 
 def _validate_params(entry: NodeEntry, data: dict[str, Any], prefix: str,
-                     out: list[Violation], hints: _Hints,
-                     who: str) -> tuple[NodeParams | None, str] | None:
+                     out: list[Violation], hints: _Hints, who: str,
+                     context: Mapping[str, Any]) -> tuple[NodeParams | None, str] | None:
     """The node's validated params and their canonical JSON (the key of warm instances and
-    what a sandbox worker builds the params from), or None after adding the violations."""
+    what a sandbox worker builds the params from), or None after adding the violations.
+    ``context``: the pydantic validation context (the model roots ``ModelPath`` params
+    resolve against; their canonical JSON holds the resolved path)."""
     if entry.cls is not None:
         model = entry.cls.Params
-        value = _validate(model, data, prefix, tuple(model.model_fields), out, hints, who)
+        value = _validate(model, data, prefix, tuple(model.model_fields), out, hints, who,
+                          context)
         return None if value is None else (value, value.model_dump_json())
     # An untrusted node: the server has its exported JSON schema, never its pydantic model.
     # Custom validators of its Params therefore run only in the sandbox, when the worker
@@ -196,10 +201,13 @@ def parse_manifest_json(text: str, limits: ManifestLimits = ManifestLimits()) ->
 
 
 def compile_manifest(
-    data: Mapping[str, Any], registry: NodeRegistry, selector: Selector
+    data: Mapping[str, Any], registry: NodeRegistry, selector: Selector, *,
+    model_roots: Sequence[str] = (),
 ) -> ExecutionPlan:
     """Validate a manifest completely and compile it. Raises RequestInvalid with every problem,
-    or PermissionDenied when the trust policy refuses a node's runtime hint.
+    or PermissionDenied when the trust policy refuses a node's runtime hint. ``model_roots``:
+    the directories model files named in params (``ModelPath``) may come from; a path that
+    leads out of them is a violation of that param.
 
     Four phases: parse the manifest's own fields, check the nodes (declarations, then params),
     wire the connections (then look for cycles), and, when nothing was found, decide each
@@ -208,7 +216,7 @@ def compile_manifest(
     hints = _Hints()
     manifest = _parse(data, problems, hints)
     declared = _check_nodes(manifest, registry, problems, hints)
-    params = _check_params(declared, problems, hints)
+    params = _check_params(declared, problems, hints, model_roots_context(model_roots))
     wiring, consumed = _wire_connections(manifest, declared, problems, hints)
     _check_cycles(wiring, problems)
     if problems:
@@ -267,8 +275,8 @@ def _check_nodes(manifest: ManifestDecl, registry: NodeRegistry, problems: list[
     return declared
 
 
-def _check_params(declared: _Declared, problems: list[Violation],
-                  hints: _Hints) -> dict[str, tuple[NodeParams | None, str]]:
+def _check_params(declared: _Declared, problems: list[Violation], hints: _Hints,
+                  context: Mapping[str, Any]) -> dict[str, tuple[NodeParams | None, str]]:
     """Each known node's params (node id -> (params, params key)), unless they may be under a
     misspelled field."""
     params: dict[str, tuple[NodeParams | None, str]] = {}
@@ -276,7 +284,7 @@ def _check_params(declared: _Declared, problems: list[Violation],
         if entry is None or node_id in declared.unchecked_params:
             continue
         value = _validate_params(entry, decl.params, f"nodes[{index}].params", problems,
-                                 hints, who=f"node '{node_id}': ")
+                                 hints, f"node '{node_id}': ", context)
         if value is not None:
             params[node_id] = value
     return params

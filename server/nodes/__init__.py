@@ -17,6 +17,9 @@
 Port values: ``tensor`` numpy arrays, ``audio`` ``Audio``, ``text`` str, ``binary`` bytes,
 ``json`` ``Json`` (a node may return a plain dict, list, str, number or bool for a json output:
 the executor wraps it), any of them wrapped in ``Tagged`` to carry metadata.
+
+A param naming a model file is a ``ModelPath``: the server resolves it against its model roots
+and refuses a path that leads out of them (see ``_model_files``).
 """
 
 from tensorline.server.nodes._catalogue import (
@@ -25,6 +28,14 @@ from tensorline.server.nodes._catalogue import (
     describe_module,
     entry_of,
     parse_catalogue,
+)
+from tensorline.server.nodes._model_files import (
+    MODEL_ROOTS,
+    ModelFileChanged,
+    ModelPath,
+    check_unchanged,
+    model_roots_context,
+    resolve_model_path,
 )
 from tensorline.server.nodes._node import (
     Isolation,
@@ -53,6 +64,7 @@ from tensorline.wire import Audio, Json, Tagged
 __all__ = [
     "END_OF_STREAM",
     "ENTRY_POINT_GROUP",
+    "MODEL_ROOTS",
     "Audio",
     "CatalogueInvalid",
     "Chunk",
@@ -60,6 +72,8 @@ __all__ = [
     "Isolation",
     "Json",
     "MissingDependency",
+    "ModelFileChanged",
+    "ModelPath",
     "NoParams",
     "Node",
     "NodeContext",
@@ -76,9 +90,12 @@ __all__ = [
     "Tagged",
     "UnknownNodeType",
     "WarmUp",
+    "check_unchanged",
     "describe_module",
     "entry_of",
+    "model_roots_context",
     "needs_message",
     "parse_catalogue",
+    "resolve_model_path",
     "schema_violations",
 ]

@@ -52,10 +52,11 @@ HINT_ALIASES: Mapping[str, str] = {
 }
 
 # Heavy libraries (from the reference design) whose presence in a node's type or module asks
-# for a process of its own: crash isolation, its own GIL, its own memory cap.
+# for a process of its own: crash isolation, its own GIL, its own memory cap. onnxruntime is
+# ours: a native runtime parsing model files, whose crash must not take the server with it.
 HEAVY_LIBRARIES: tuple[str, ...] = (
     "torch", "transformers", "tensorflow", "keras", "jax", "sklearn",
-    "cv2", "opencv", "pandas", "scipy", "pil", "pillow",
+    "cv2", "opencv", "pandas", "scipy", "pil", "pillow", "onnxruntime",
 )
 # Short names only match as whole words ("pil" must not match "compile").
 _SHORT = frozenset({"jax", "cv2", "pil"})

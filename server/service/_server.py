@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tensorline.oip.v2 import SERVICE_NAME as OIP_SERVICE_NAME
 from tensorline.server._logging import console_line
 from tensorline.server._preload import preload
 from tensorline.server._settings import Settings
@@ -33,6 +34,7 @@ from tensorline.server.runtime import InProcessRuntime, Runtime, SandboxRuntime
 from tensorline.server.selector import INPROCESS, SANDBOX, Selector
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._auth import BearerTokenInterceptor
+from tensorline.server.service._inference import InferenceService
 from tensorline.server.service._service import PipelineService
 from tensorline.server.service._telemetry import Telemetry
 from tensorline.server.service._warmup import warm_up
@@ -112,6 +114,7 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
             fsize_mb=settings.sandbox_file_mb,
             nofile=settings.sandbox_open_files,
             read_paths=settings.sandbox_read_paths,
+            model_paths=settings.model_roots,
             environment=settings.sandbox_env,
             separate_uids=settings.sandbox_separate_uids,
             max_calls=settings.sandbox_max_calls,
@@ -126,7 +129,8 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
     return PipelineEngine(registry, selector, runtimes, plan_cache_size=settings.plan_cache_size,
                           plan_cache_bytes=settings.plan_cache_bytes,
                           limits=ManifestLimits(max_manifest_bytes=settings.max_manifest_bytes,
-                                                max_json_depth=settings.max_json_depth))
+                                                max_json_depth=settings.max_json_depth),
+                          model_roots=settings.model_roots)
 
 
 class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
@@ -243,6 +247,11 @@ class TensorlineServer:
         """What health reports: every runtime can execute, and the warm-up is over."""
         return self.engine.healthy() and not self.warming
 
+    def ready(self) -> bool:
+        """Whether the server takes work now: ready as health reports it, and not draining
+        (the Open Inference Protocol's ServerReady)."""
+        return self._ready() and not self.draining
+
     async def _set_health(self, serving: bool) -> None:
         if serving == self._serving:
             return
@@ -335,12 +344,16 @@ async def create_server(
                                      warm_timeout_s=settings.warmup_timeout_s)
                   if settings.pipelines_dir is not None else None)
     service = PipelineService(engine, settings, admission, telemetry, repository)
-    server.add_generic_rpc_handlers((service.handler(),))
+    # The Open Inference Protocol on the same port, behind the same interceptors, admission
+    # and telemetry.
+    inference = InferenceService(engine, settings, admission, telemetry, repository)
+    server.add_generic_rpc_handlers((service.handler(), inference.handler()))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server)
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
     credentials = server_credentials(settings)
     address = f"{host}:{settings.port}"
@@ -352,8 +365,10 @@ async def create_server(
         port = 0
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    return TensorlineServer(settings, engine, server, health_servicer, port, telemetry,
-                            service, repository), port
+    tensorline_server = TensorlineServer(settings, engine, server, health_servicer, port,
+                                         telemetry, service, repository)
+    inference.is_server_ready = tensorline_server.ready
+    return tensorline_server, port
 
 
 _BIND_REASONS = {

@@ -34,17 +34,40 @@ from tests.support.processes import ServerProcess, wait_until
 SECRET = f"hunter2-{uuid.uuid4().hex}"
 
 
-def server_env(scratch: Path) -> dict[str, str]:
-    return {"TL_SECRET": SECRET, "TENSORLINE_SANDBOX_SCRATCH_DIR": str(scratch),
-            "TENSORLINE_SANDBOX_WORKERS": "2", "TENSORLINE_SANDBOX_CPU_SECONDS": "10",
-            "TENSORLINE_SANDBOX_MEMORY_MB": "1024", "TENSORLINE_NODE_MODULES": TRUSTED,
-            "TENSORLINE_UNTRUSTED_MODULES": UNTRUSTED}
+MODEL_BYTES = "model-bytes-under-the-root"
+
+
+def server_env(scratch: Path, models: Path | None = None) -> dict[str, str]:
+    env = {"TL_SECRET": SECRET, "TENSORLINE_SANDBOX_SCRATCH_DIR": str(scratch),
+           "TENSORLINE_SANDBOX_WORKERS": "2", "TENSORLINE_SANDBOX_CPU_SECONDS": "10",
+           "TENSORLINE_SANDBOX_MEMORY_MB": "1024", "TENSORLINE_NODE_MODULES": TRUSTED,
+           "TENSORLINE_UNTRUSTED_MODULES": UNTRUSTED}
+    if models is not None:
+        env["TENSORLINE_MODEL_DIRS"] = str(models)
+    return env
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Client]]:
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's model root (TENSORLINE_MODEL_DIRS) holding one file, with a secret beside
+    it, outside the root. Everything is readable by other users: only Landlock (or a worker's
+    mount namespace) keeps the secret out of reach."""
+    base = tmp_path_factory.mktemp("escape-models")
+    root = base / "root"
+    root.mkdir()
+    (root / "model.bin").write_text(MODEL_BYTES)
+    (base / "beside.bin").write_text(SECRET)
+    for path, mode in ((base, 0o755), (root, 0o755), (root / "model.bin", 0o644),
+                       (base / "beside.bin", 0o644)):
+        path.chmod(mode)
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory,
+           model_root: Path) -> Iterator[tuple[ServerProcess, Client]]:
     scratch = tmp_path_factory.mktemp("escape-scratch")
-    with ServerProcess.start(env=server_env(scratch), pythonpath_repo=True,
+    with ServerProcess.start(env=server_env(scratch, model_root), pythonpath_repo=True,
                              log_dir=tmp_path_factory.mktemp("escape-log")) as server, \
             Client(server.target, timeout=60) as client:
         yield server, client
@@ -127,6 +150,21 @@ def test_reads_outside_the_allow_list_are_refused(served: tuple[ServerProcess, C
                     grpc.StatusCode.UNKNOWN, path=path)
     if error.code == grpc.StatusCode.UNKNOWN:
         assert "FileNotFoundError" in error.message or "No such file" in error.message
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_the_model_root_is_readable_and_nothing_beside_it(served: tuple[ServerProcess, Client],
+                                                          layers: dict[str, bool],
+                                                          model_root: Path, domain: str) -> None:
+    """The model roots are in every worker's read allow-list (model nodes load their files in
+    the sandbox); a file beside a root, outside it, is not."""
+    require(layers, "landlock")
+    assert look(served, domain, "read", path=str(model_root / "model.bin")) == MODEL_BYTES
+    for path in (model_root.parent / "beside.bin", f"{model_root}/../beside.bin"):
+        error = blocked(served, domain, "read", grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.UNKNOWN, path=str(path))
+        if error.code == grpc.StatusCode.UNKNOWN:
+            assert "FileNotFoundError" in error.message or "No such file" in error.message
 
 
 def test_another_workers_scratch_is_out_of_reach(served: tuple[ServerProcess, Client],

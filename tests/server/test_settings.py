@@ -68,6 +68,19 @@ def test_environment_lists_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings.load(node_modules=["x"]).node_modules == ["x"]
 
 
+def test_model_roots_are_the_pipelines_dir_then_the_model_dirs(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TENSORLINE_MODEL_DIRS", f" {tmp_path / 'a'}, {tmp_path / 'b'} ,")
+    monkeypatch.setenv("TENSORLINE_PIPELINES_DIR", str(tmp_path / "pipelines"))
+    settings = Settings.load()
+    assert settings.model_dirs == [tmp_path / "a", tmp_path / "b"]
+    assert settings.model_roots == (str(tmp_path / "pipelines"), str(tmp_path / "a"),
+                                    str(tmp_path / "b"))
+    monkeypatch.delenv("TENSORLINE_PIPELINES_DIR")
+    monkeypatch.setenv("TENSORLINE_MODEL_DIRS", "")
+    assert Settings.load().model_roots == ()
+
+
 @pytest.mark.parametrize(("value", "runtime"), [
     ("cpython", "inprocess"), ("In_Process", "inprocess"), ("rust_python", "sandbox"),
     ("CPYTHON_WASM", "sandbox"), ("sandboxed", "sandbox"), ("auto", "auto"),

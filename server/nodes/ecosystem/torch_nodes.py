@@ -1,4 +1,5 @@
-"""torch (CPU) nodes: a seeded ``torch.nn`` MLP and STFT / log-mel features.
+"""torch (CPU) nodes: a seeded ``torch.nn`` MLP, STFT / log-mel features, and TorchScript models
+loaded from a file.
 
 numpy <-> torch without extra copies: ``torch.from_numpy`` shares the array's memory and
 ``Tensor.numpy()`` shares it back. Inputs arrive as read-only views over the request buffer (or a
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from functools import lru_cache
@@ -24,7 +26,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
+from tensorline.server.nodes._model_files import ModelPath, check_unchanged
 from tensorline.server.nodes._node import Node, NodeParams, NodeTraits, Port
+from tensorline.server.nodes.ecosystem._model_inputs import (
+    MODEL_INPUT,
+    MODEL_OUTPUT,
+    bind_model_inputs,
+)
 from tensorline.wire import Audio
 
 if TYPE_CHECKING:
@@ -266,4 +274,89 @@ def _window(name: str, length: int) -> torch.Tensor:
     return torch.ones(length, dtype=torch.float32)
 
 
-TENSORLINE_NODES = (TorchMLP, TorchSpectrogram)
+# ------------------------------------------------------------------------------------------------
+# TorchScript models
+
+
+class TorchScriptModelParams(NodeParams):
+    path: ModelPath
+    output: int | str | None = Field(
+        None, description="which part of a tuple/list (index) or dict (key) result port 'out' "
+                          "gives; unset: the result must be one tensor (or a 1-tuple)")
+
+
+class TorchScriptModel(Node):
+    """A TorchScript model file (``torch.jit.save``) run on the CPU: tensors in, a tensor out.
+
+    Port ``in`` takes one tensor per argument of the model's ``forward`` (a one-argument model:
+    one plain tensor; several: each tagged ``{"input": argument name}``, or untagged in argument
+    order), passed without conversion: dtypes are the model's to expect. Port ``out`` gives the
+    result, or the part of a tuple/list/dict result ``output`` selects. ``path`` names the file
+    below the server's model roots; it is loaded once per warm instance. torch's thread count is
+    per process (``torch.set_num_threads``), so this node leaves it as it is.
+    """
+
+    Params = TorchScriptModelParams
+    params: TorchScriptModelParams
+    inputs = (MODEL_INPUT,)
+    outputs = (MODEL_OUTPUT,)
+    traits = NodeTraits(libraries=("torch",))
+    reusable = True
+
+    def initialize(self) -> None:
+        import torch
+
+        path = self.params.path
+        name = os.path.basename(path)
+        try:
+            module = torch.jit.load(check_unchanged(path), map_location="cpu")
+        except Exception as exc:
+            reason = str(exc).replace(path, name).strip().splitlines()
+            raise ValueError(f"cannot load the TorchScript model {name!r}: "
+                             f"{reason[0] if reason else type(exc).__name__}") from None
+        module.eval()
+        self.module = module
+        # forward's schema names its arguments (the first is the module itself).
+        self.argument_names = [arg.name for arg in module.forward.schema.arguments[1:]]
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        import torch
+
+        feeds = bind_model_inputs(inputs["in"], self.argument_names)
+        # Shares the (read-only) input memory; the module docstring says why that is safe.
+        tensors = [torch.from_numpy(np.ascontiguousarray(array)) for array in feeds.values()]
+        with torch.inference_mode():
+            try:
+                result = self.module(*tensors)
+            except RuntimeError as exc:
+                # A TorchScript error message carries the model's source and traceback.
+                lines = [line for line in str(exc).splitlines() if line.strip()]
+                raise ValueError(f"the model failed: {lines[-1] if lines else exc}") from None
+            selected = self._select(result)
+            return to_numpy(selected)
+
+    def _select(self, result: Any) -> Any:
+        import torch
+
+        choice = self.params.output
+        if isinstance(result, dict):
+            if choice is None or choice not in result:
+                raise ValueError(f"the model returns a dict (keys: {', '.join(map(str, result))})"
+                                 f"; set output to one of its keys")
+            result = result[choice]
+        elif isinstance(result, tuple | list):
+            if choice is None and len(result) == 1:
+                choice = 0
+            if not isinstance(choice, int) or not -len(result) <= choice < len(result):
+                raise ValueError(f"the model returns {len(result)} values; set output to an "
+                                 f"index below {len(result)}")
+            result = result[choice]
+        elif choice is not None:
+            raise ValueError("the model returns one tensor: output must be unset")
+        if not isinstance(result, torch.Tensor):
+            raise ValueError(f"the selected model output is a {type(result).__name__}, "
+                             "not a tensor")
+        return result
+
+
+TENSORLINE_NODES = (TorchMLP, TorchSpectrogram, TorchScriptModel)

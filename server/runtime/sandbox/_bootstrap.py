@@ -37,9 +37,12 @@ def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) ->
     limits = config.limits
     mounted = False
     if config.namespaces and os.geteuid() == 0:
-        bridge = [*config.read_paths, *config.devices, config.scratch_dir] if config.uid else []
+        bridge = ([*config.read_paths, *config.model_paths, *config.devices, config.scratch_dir]
+                  if config.uid else [])
         mount_reports, mounted = _isolation.private_mount_namespace(bridge)
         reports.extend(mount_reports)
+    # Not the model roots: a model directory other users cannot read costs sandboxed model
+    # nodes their model (a permission error naming the file), never every worker its own uid.
     uid, why_not = _isolation.usable_uid(config.uid, config.read_paths)
     if mounted:
         reports.append(_isolation.mount_scratch(config.scratch_dir, limits.scratch_mb, uid))
@@ -61,7 +64,8 @@ def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) ->
     signal.signal(signal.SIGUSR1, worker.on_cancel_signal)
     if config.landlock:
         reports.extend(_isolation.apply_landlock(config.scratch_dir, config.devices,
-                                                 config.read_paths, config.list_paths))
+                                                 config.read_paths, config.list_paths,
+                                                 config.model_paths))
     else:
         reports.append(("landlock", False, "disabled by configuration"))
     if config.seccomp:

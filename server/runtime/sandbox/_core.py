@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from tensorline.server.runtime.sandbox._records import (
     _Waiters,
     _Worker,
 )
+from tensorline.server.runtime.sandbox._uids import WORKER_UID_BASE, WORKER_UID_COUNT, UidLeases
 
 if TYPE_CHECKING:
     from tensorline.server.runtime.sandbox._instances import SandboxInstance
@@ -66,6 +68,7 @@ class _Core(Runtime):
         threads: int = 64,
         scratch_mb: int = 512,
         read_paths: Sequence[str] = (),
+        model_paths: Sequence[str] = (),
         environment: Sequence[str] = (),
         separate_uids: bool = True,
         max_calls: int = 0,
@@ -100,6 +103,10 @@ class _Core(Runtime):
         self.scratch_mb = scratch_mb
         # Operator-named paths workers may read, and server environment variables they get.
         self.extra_read_paths = tuple(read_paths)
+        # The model roots (``Settings.model_roots``): readable, not executable, and unlike
+        # ``read_paths`` never a reason for a worker to keep the server's uid (see
+        # ``_bootstrap``). Real paths: Landlock and the mount bridging act on the real tree.
+        self.model_paths = tuple(dict.fromkeys(os.path.realpath(p) for p in model_paths))
         self.environment = tuple(environment)
         # Trusted modules the launcher imports before forking workers (``_zygote``).
         self.preload_modules = tuple(preload_modules)
@@ -135,6 +142,7 @@ class _Core(Runtime):
         self._owns_scratch_root = False
         self._workers: dict[int, _Worker] = {}
         self._wids = itertools.count(1)
+        self._uid_leases = UidLeases(WORKER_UID_BASE, WORKER_UID_COUNT)
         self._iids = itertools.count(1)
         self._class_ids = itertools.count(1)
         # By NodeEntry.class_ref: untrusted nodes have no class object in the server.

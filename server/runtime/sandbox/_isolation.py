@@ -481,9 +481,11 @@ def device_paths(patterns: Sequence[str]) -> list[str]:
 
 
 def apply_landlock(scratch_dir: str, devices: Sequence[str] = (), read_paths: Sequence[str] = (),
-                   list_paths: Sequence[str] = ()) -> list[LayerReport]:
+                   list_paths: Sequence[str] = (),
+                   model_paths: Sequence[str] = ()) -> list[LayerReport]:
     """Reads only below an allow-list (system libraries, ``read_paths``: the Python installation
-    and the node code; ``list_paths``: directories whose entries may be listed, not read),
+    and the node code; ``list_paths``: directories whose entries may be listed, not read;
+    ``model_paths``: the model roots, readable but not executable),
     writes only below ``scratch_dir``; ``devices`` (globs, e.g. ``Settings.sandbox_devices``)
     name device nodes the worker may also open read/write (a GPU node must, or sees no GPU)."""
     landlock = _landlock
@@ -511,6 +513,11 @@ def apply_landlock(scratch_dir: str, devices: Sequence[str] = (), read_paths: Se
                 ruleset.allow(path, rules=rights)
             except OSError:
                 continue  # absent on this machine
+        for path in model_paths:
+            # Model files are data: read them and list their directories, execute nothing.
+            with contextlib.suppress(OSError):  # absent on this machine
+                ruleset.allow(path, rules=fs.READ_FILE | (
+                    fs.READ_DIR if os.path.isdir(path) else 0))
         ruleset.allow(scratch_dir)
         granted = device_paths(devices)
         for path in granted:
@@ -524,8 +531,9 @@ def apply_landlock(scratch_dir: str, devices: Sequence[str] = (), read_paths: Se
         return [("landlock", False, f"filesystem rules failed: {exc}")]
     allowed = f"devices read/write: {', '.join(granted)}" if granted else "no device nodes"
     reports: list[LayerReport] = [
-        ("landlock", True, f"ABI {abi}: reads only the Python installation, node code and "
-                           f"system libraries, writes only below the worker's scratch dir; "
+        ("landlock", True, f"ABI {abi}: reads only the Python installation, node code, "
+                           f"system libraries and the model roots ({len(model_paths)}), "
+                           f"writes only below the worker's scratch dir; "
                            f"no /dev/shm, no other process's /proc; {allowed}")]
     reports.append(_landlock_net_and_scope(abi))
     return reports

@@ -34,14 +34,10 @@ from tensorline.server.runtime.sandbox._failures import _signal_name
 from tensorline.server.runtime.sandbox._messages import EXIT_REQUEST, PROBE_REQUEST
 from tensorline.server.runtime.sandbox._output import WorkerOutput
 from tensorline.server.runtime.sandbox._records import _current_node, _Group, _Worker
+from tensorline.server.runtime.sandbox._uids import UidLeases
 from tensorline.server.runtime.sandbox._worker import WorkerConfig
 
 log = logging.getLogger(__name__)
-
-# Workers get uids from this range when the server runs as root: one uid per worker, so file
-# permissions, signals and RLIMIT_NPROC separate workers from the server and from each other.
-WORKER_UID_BASE = 1_900_000
-WORKER_UID_COUNT = 65_536
 
 
 class _Pool(_Core):
@@ -72,9 +68,9 @@ class _Pool(_Core):
         os.makedirs(scratch, mode=0o700, exist_ok=True)
         # The worker takes this uid if it can still read what it needs as it (and then owns
         # its scratch dir); it reports the outcome as the "unprivileged uid" layer.
-        uid = WORKER_UID_BASE + wid % WORKER_UID_COUNT if self._uids_usable else None
+        uid, uid_lease = (self._uid_leases.acquire(wid) if self._uids_usable else (None, -1))
         worker = _Worker(wid=wid, cap_mb=cap_mb, domain=domain, scratch_dir=scratch,
-                         inline_max=self.inline_max_bytes, uid=uid)
+                         inline_max=self.inline_max_bytes, uid=uid, uid_lease=uid_lease)
         # Started for a streaming session (see ``_dedicated_worker``): promised from the
         # start, or another pick could take it between its "ready" and the session's turn.
         worker.reserved = int(reserved)
@@ -93,6 +89,7 @@ class _Pool(_Core):
             # Resolved here: the worker cannot look below a directory it cannot enter.
             devices=tuple(_isolation.device_paths(self.devices)),
             read_paths=self._read_paths,
+            model_paths=self.model_paths,
             list_paths=self._list_paths,
             uid=uid,
             recycle_rss_mb=(self.recycle_rss_mb if self.recycle_rss_mb is not None
@@ -226,6 +223,9 @@ class _Pool(_Core):
         if worker.state == "dead":
             self._workers.pop(worker.wid, None)
             shutil.rmtree(worker.scratch_dir, ignore_errors=True)
+            # Only now: the process is gone, so no other server's worker can meet it.
+            UidLeases.release(worker.uid_lease)
+            worker.uid_lease = -1
 
     def _replace(self, group: _Group) -> None:
         """Keep the groups started by ``start()`` at strength; others restart on demand."""

@@ -195,6 +195,8 @@ class _Worker:
     # A pidfd of the process: signals reach it, never a process that reused its pid.
     pidfd: int = -1
     uid: int | None = None
+    # The descriptor whose flock leases ``uid`` on this host (see ``_uids``), -1 when none.
+    uid_lease: int = -1
     output: WorkerOutput | None = None
     sock: socket.socket | None = None
     state: str = "starting"  # starting | ready | retiring | dead

@@ -84,6 +84,8 @@ class WorkerConfig:
     # What Landlock lets the worker read (hierarchies) and only list (directories).
     read_paths: tuple[str, ...] = ()
     list_paths: tuple[str, ...] = ()
+    # Model roots Landlock lets the worker read (not execute), bridged like ``read_paths``.
+    model_paths: tuple[str, ...] = ()
     # The worker's own uid (and gid; None: keep the server's).
     uid: int | None = None
     # Peak RSS past which the worker asks to be replaced (0: never).

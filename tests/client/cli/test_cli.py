@@ -131,6 +131,27 @@ async def test_validate_lists_every_problem(tmp_path: Path) -> None:
         assert text in result.stderr, text
 
 
+async def test_validate_resolves_model_paths_like_a_server_here(tmp_path: Path) -> None:
+    """Model paths resolve against the model roots of this environment's server settings."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.onnx").write_bytes(b"resolved only: validate loads no model")
+    path = tmp_path / "model.json"
+    for model, ok in (("m.onnx", True), ("../model.json", False)):
+        path.write_text(json.dumps({"nodes": [{"id": "m", "node_type": "OnnxModel",
+                                               "params": {"path": model}}]}))
+        result = await cli("validate", str(path),
+                           env={"TENSORLINE_MODEL_DIRS": str(tmp_path / "models")})
+        assert result.exit_code == (0 if ok else 1), result.output
+        if not ok:
+            assert "nodes[0].params.path" in result.stderr
+            assert "'..' is not allowed in a model path" in result.stderr
+    path.write_text(json.dumps({"nodes": [{"id": "m", "node_type": "OnnxModel",
+                                           "params": {"path": "m.onnx"}}]}))
+    result = await cli("validate", str(path))
+    assert result.exit_code == 1
+    assert "no model roots" in result.stderr
+
+
 async def test_validate_unreadable_manifest(tmp_path: Path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- a\n- b\n")

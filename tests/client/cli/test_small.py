@@ -84,8 +84,8 @@ def test_client_commands_do_not_log_the_skipped_optional_nodes(tmp_path: Path,
 
 def test_serve_logs_the_unavailable_optional_nodes_once(served: ServerProcess) -> None:
     logs = served.logs()
-    assert logs.count("node types TorchMLP, TorchSpectrogram not available: optional "
-                      "dependency torch not installed") == 1, logs
+    assert logs.count("node types TorchMLP, TorchScriptModel, TorchSpectrogram not available: "
+                      "optional dependency torch not installed") == 1, logs
     assert "skipping the nodes" not in logs
 
 
@@ -232,8 +232,8 @@ def test_nodes_never_cuts_a_type_name(served: ServerProcess, tmp_path: Path,
     assert set(types) <= words, set(types) - words
     # What the server cannot run is named with what it needs, after the listing.
     assert " ".join(result.stdout.split()).endswith(
-        "not available here: TorchMLP, TorchSpectrogram (optional dependency torch not "
-        "installed: pip install torch)")
+        "not available here: TorchMLP, TorchScriptModel, TorchSpectrogram (optional dependency "
+        "torch not installed: pip install torch)")
 
 
 def test_run_prints_values(served: ServerProcess, tmp_path: Path) -> None:

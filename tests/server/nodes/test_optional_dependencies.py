@@ -111,7 +111,30 @@ def test_without_torch_the_torch_nodes_are_skipped_and_the_rest_load() -> None:
         print(sorted(e.node_type for e in registry))
         print(sorted(registry.optional.items()))
     ''')
-    assert "['ButterLowpass', 'DataFrameAggregate', 'PyHashChain']" in out
-    assert "[('TorchMLP', ('torch',)), ('TorchSpectrogram', ('torch',))]" in out
+    assert "['ButterLowpass', 'DataFrameAggregate', 'OnnxModel', 'PyHashChain']" in out
+    assert ("[('TorchMLP', ('torch',)), ('TorchScriptModel', ('torch',)), "
+            "('TorchSpectrogram', ('torch',))]") in out
     assert "skipping the nodes of tensorline.server.nodes.ecosystem.torch_nodes: optional " \
            "dependency torch not installed" in out
+
+
+def test_without_onnxruntime_the_onnx_node_is_skipped_and_named() -> None:
+    out = run_python('''
+        import sys
+        sys.modules["onnxruntime"] = None  # as if onnxruntime were not installed
+        from tensorline.server.manifest import compile_manifest
+        from tensorline.server.nodes import NodeRegistry
+        from tensorline.server.selector import Selector
+        from tensorline.server import RequestInvalid
+        registry = NodeRegistry()
+        registry.load_module("tensorline.server.nodes.ecosystem")
+        print("OnnxModel" in registry, sorted(registry.optional.items()))
+        try:
+            compile_manifest({"nodes": [{"id": "m", "node_type": "OnnxModel",
+                                         "params": {"path": "m.onnx"}}]}, registry, Selector())
+        except RequestInvalid as exc:
+            print([(v.field, v.description, v.kind) for v in exc.violations])
+    ''')
+    assert "False [('OnnxModel', ('onnxruntime',))" in out
+    assert ("('nodes[0].node_type', \"node 'm': node type 'OnnxModel' needs the optional "
+            "dependency onnxruntime (pip install onnxruntime)\", 'precondition')") in out

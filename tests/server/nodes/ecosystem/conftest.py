@@ -9,6 +9,7 @@ reason instead of passing while testing the wrong runtime.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,3 +61,29 @@ def assert_bit_exact(a: Any, b: Any) -> None:
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
     assert a.tobytes() == b.tobytes(), f"max abs difference {np.nanmax(np.abs(a - b))}"
+
+
+@pytest.fixture
+def model_root(tmp_path: Path) -> Path:
+    """A model root (``TENSORLINE_MODEL_DIRS``) that a worker of its own uid can read: the
+    files the tests write there are 0644."""
+    root = tmp_path / "models"
+    root.mkdir()
+    root.chmod(0o755)
+    return root
+
+
+@pytest.fixture
+async def model_client(server_factory: Callable[..., Any],
+                       model_root: Path) -> AsyncIterator[AsyncClient]:
+    """A server with the ecosystem nodes whose model roots are ``model_root``."""
+    server = await server_factory(node_modules=["tests.nodes.basic", ECOSYSTEM],
+                                  model_dirs=[str(model_root)])
+    async with AsyncClient(f"127.0.0.1:{server.port}", timeout=120) as client:
+        yield client
+
+
+def readable(path: Path) -> Path:
+    """``path`` (a file a test wrote) readable by a worker of another uid."""
+    path.chmod(0o644)
+    return path
