@@ -12,7 +12,8 @@ Both take input ``INPUT0`` and answer ``OUTPUT0`` (FP32, shape [1, N]). Reported
 per call at 1 KiB and 1 MiB, one call at a time; calls/s at 1 KiB with 32 calls in flight, with
 the CPU time each server and this client spent per call; the ratios tensorline / MLServer (the
 median of each round's ratio); and for context a bare grpc.aio echo of the same
-ModelInferRequest bytes (bench/_common.py) called from the same client loop. Each round runs
+ModelInferRequest bytes (bench/_common.py; on the loop ``tensorline serve`` uses), called from
+the same client loop. Each round runs
 every server and model in turn (starting with a different one each round).
 
     python bench/bench_oip.py                       # full run (1-2 minutes)
