@@ -1,4 +1,5 @@
-"""Pieces the benchmark scripts share: message limits and the two load loops.
+"""Pieces the benchmark scripts share: message limits, the two load loops, the bare grpc.aio
+echo server that baselines are measured against, and the server-side CPU probe.
 
 The scripts run as ``python bench/<name>.py``, which puts this folder on ``sys.path``.
 """
@@ -7,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -17,6 +22,68 @@ LIMIT = 512 * MiB
 OPTIONS = [("grpc.max_send_message_length", LIMIT), ("grpc.max_receive_message_length", LIMIT)]
 
 Call = Callable[[], Awaitable[Any]]
+
+# A bare grpc.aio server whose generic handler returns the request bytes unchanged (identity
+# serializers): the floor any gRPC service on this machine pays. On the loop the environment
+# names (TENSORLINE_EVENT_LOOP), resolved like `tensorline serve`.
+ECHO_SERVER = """
+import asyncio, os, sys, grpc
+from tensorline.server._eventloop import run
+LIMIT = 512 * 1024 * 1024
+async def main():
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", LIMIT),
+                                      ("grpc.max_receive_message_length", LIMIT)])
+    async def echo(request, context):
+        return request
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
+"""
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def start_server(code: str, env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], int]:
+    """Run ``code`` (a server that prints its port as its first line) in a new interpreter
+    (``prefix``, e.g. ``taskset -c 0``, goes before it); the process and its port."""
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError("server process exited before reporting its port")
+    return proc, int(line)
+
+
+def rotated(keys: list[Any], round_: int) -> list[Any]:
+    """The servers' order in round ``round_``: each goes first in turn, so that no server
+    always follows the same one (measured: two identical servers differed by up to 10% when
+    one always ran right after the echo)."""
+    shift = round_ % len(keys)
+    return keys[shift:] + keys[:shift]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a server process and its children (sandbox or inference workers): unlike
+    wall time it barely moves with the load other processes put on the machine."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = sum(proc.cpu_times()[:2])
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += sum(child.cpu_times()[:2])
+    return total
 
 
 async def latencies(call: Call, count: int) -> list[float]:

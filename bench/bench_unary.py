@@ -29,19 +29,29 @@ product's defaults (apart from the message limits the large payloads need).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from _common import OPTIONS, Call, MiB, latencies, run_and_save, throughput
+from _common import (
+    ECHO_METHOD,
+    ECHO_SERVER,
+    OPTIONS,
+    Call,
+    MiB,
+    cpu_seconds,
+    latencies,
+    percentile,
+    rotated,
+    run_and_save,
+    start_server,
+    throughput,
+)
 
 from tensorline.server._eventloop import resolve
 from tensorline.wire import (
@@ -50,26 +60,6 @@ from tensorline.wire import (
     decode_execute_response,
     encode_execute_request,
 )
-
-# On the loop the environment names (TENSORLINE_EVENT_LOOP), resolved like `tensorline serve`.
-ECHO_SERVER = """
-import asyncio, os, sys, grpc
-from tensorline.server._eventloop import run
-LIMIT = 512 * 1024 * 1024
-async def main():
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", LIMIT),
-                                      ("grpc.max_receive_message_length", LIMIT)])
-    async def echo(request, context):
-        return request
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Echo": grpc.unary_unary_rpc_method_handler(echo)})
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    await server.wait_for_termination()
-run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
-"""
 
 # The same event loop `tensorline serve` runs on (Settings.event_loop, chosen by --loop).
 TENSORLINE_SERVER = """
@@ -84,16 +74,6 @@ async def main():
     await server.wait_for_termination()
 run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
 """
-
-
-def start(code: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError("server process exited before reporting its port")
-    return proc, int(line)
 
 
 def shim_for(tree: Path, root: Path) -> str:
@@ -130,32 +110,6 @@ def environment(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def rotated(keys: list[str], round_: int) -> list[str]:
-    """The servers' order in round ``round_``: each goes first in turn, so that no server
-    always follows the same one (measured: two identical servers differed by up to 10% when
-    one always ran right after the echo)."""
-    shift = round_ % len(keys)
-    return keys[shift:] + keys[:shift]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a server process and its children (sandbox workers): unlike wall time it
-    barely moves with the load other processes put on the machine."""
-    import psutil
-
-    proc = psutil.Process(pid)
-    total = sum(proc.cpu_times()[:2])
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += sum(child.cpu_times()[:2])
-    return total
-
-
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     scale = 0.3 if args.quick else 1.0
     loop = resolve(args.loop)
@@ -165,12 +119,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     procs: dict[str, tuple[subprocess.Popen[str], int]] = {}
     shim = tempfile.TemporaryDirectory(prefix="bench-unary-")
     try:
-        procs["echo"] = start(ECHO_SERVER, {"TENSORLINE_EVENT_LOOP": echo_loop})
-        procs["tl"] = start(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop})
+        procs["echo"] = start_server(ECHO_SERVER, {"TENSORLINE_EVENT_LOOP": echo_loop})
+        procs["tl"] = start_server(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop})
         if before:
-            procs["before"] = start(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop, **before})
+            procs["before"] = start_server(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop, **before})
         if args.against:
-            procs["against"] = start(TENSORLINE_SERVER, {
+            procs["against"] = start_server(TENSORLINE_SERVER, {
                 "TENSORLINE_EVENT_LOOP": loop,
                 "PYTHONPATH": shim_for(Path(args.against), Path(shim.name))})
         return await measure(args, scale, procs, loop, echo_loop, before)
@@ -193,7 +147,7 @@ async def measure(args: argparse.Namespace, scale: float,
                                "latency": {}, "throughput": {}}
     channels = {key: grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
                 for key, (_, port) in procs.items()}
-    rpcs = {key: (ch.unary_unary("/bench.Echo/Echo", request_serializer=None,
+    rpcs = {key: (ch.unary_unary(ECHO_METHOD, request_serializer=None,
                                  response_deserializer=decode_execute_request)
                   if key == "echo" else
                   ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
