@@ -254,6 +254,11 @@ def test_documented_manifests_are_valid(block: Block, tmp_path: Path) -> None:
     """Valid on a server whose model root holds the model files the manifest names."""
     data = json.loads(block.code) if block.lang == "json" else yaml.safe_load(block.code)
     registry = NodeRegistry.default()
+    missing = {node["node_type"]: registry.optional[node["node_type"]] for node in data["nodes"]
+               if node["node_type"] in registry.optional}
+    if missing:  # as the torch node tests do where torch is absent (CI installs it)
+        pytest.skip(f"node types {sorted(missing)} need {sorted(set().union(*missing.values()))}, "
+                    "not installed here")
     for node in data["nodes"]:
         if node["node_type"] in ("OnnxModel", "TorchScriptModel"):
             model = tmp_path / node["params"]["path"]
