@@ -9,6 +9,7 @@ from tensorline.server.repository._model import LoadedPipeline, PipelinePort, Pi
 from tensorline.server.repository._repository import (
     MANIFEST_SUFFIXES,
     WARM_TIMEOUT_S,
+    Lease,
     PipelineRepository,
 )
 from tensorline.server.repository._signature import DATATYPES
@@ -17,6 +18,7 @@ __all__ = [
     "DATATYPES",
     "MANIFEST_SUFFIXES",
     "WARM_TIMEOUT_S",
+    "Lease",
     "LoadedPipeline",
     "PipelinePort",
     "PipelineRepository",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +39,11 @@ class LoadedPipeline:
     inputs: tuple[PipelinePort, ...]
     outputs: tuple[PipelinePort, ...]
     source: Path | None = None
+    # ``inputs`` by name: what every inference request looks its tensors up in.
+    inputs_by_name: Mapping[str, PipelinePort] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs_by_name", {port.name: port for port in self.inputs})
 
 
 @dataclass(frozen=True, slots=True)

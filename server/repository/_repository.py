@@ -18,10 +18,9 @@ with what is loaded, which the file watcher (``_watch``) calls after each batch 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,18 +181,16 @@ class PipelineRepository:
         load."""
         return self._resolve(name, version).pipeline
 
-    @contextlib.contextmanager
-    def lease(self, name: str, version: int | None = None) -> Iterator[LoadedPipeline]:
-        """Resolve like ``get`` and hold that version until exit: a version replaced or
-        unloaded meanwhile keeps serving this call and is dropped after the last one."""
-        held = self._resolve(name, version)
-        held.leases += 1
-        try:
-            yield held.pipeline
-        finally:
-            held.leases -= 1
-            if held.retired and held.leases == 0:
-                self._drop(name, held)
+    def lease(self, name: str, version: int | None = None) -> Lease:
+        """Resolve like ``get`` (raising PipelineNotFound now, not on entry) and hold that
+        version for the ``with`` block: a version replaced or unloaded meanwhile keeps serving
+        this call and is dropped after the last one."""
+        return Lease(self, name, self._resolve(name, version))
+
+    def _released(self, name: str, held: _Version) -> None:
+        held.leases -= 1
+        if held.retired and held.leases == 0:
+            self._drop(name, held)
 
     def ready(self, name: str, version: int | None = None) -> bool:
         """Whether a call naming ``name`` (and ``version``) would get a compiled, warmed
@@ -386,3 +383,20 @@ class PipelineRepository:
         entry = self._names.get(name)
         if entry is not None and not entry.listed and not entry.versions:
             del self._names[name]
+
+
+class Lease:
+    """One call's hold on a resolved version (``PipelineRepository.lease``). A class rather
+    than a generator context manager: it is taken on every call of a named pipeline."""
+
+    __slots__ = ("_held", "_name", "_repository")
+
+    def __init__(self, repository: PipelineRepository, name: str, held: _Version) -> None:
+        self._repository, self._name, self._held = repository, name, held
+
+    def __enter__(self) -> LoadedPipeline:
+        self._held.leases += 1
+        return self._held.pipeline
+
+    def __exit__(self, *exc: object) -> None:
+        self._repository._released(self._name, self._held)

@@ -16,8 +16,7 @@ goes on, as Triton does.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -35,7 +34,12 @@ from tensorline.server._errors import (
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
 from tensorline.server.executor import PipelineEngine
-from tensorline.server.repository import LoadedPipeline, PipelinePort, PipelineRepository
+from tensorline.server.repository import (
+    Lease,
+    LoadedPipeline,
+    PipelinePort,
+    PipelineRepository,
+)
 from tensorline.server.service._admission import Admission
 from tensorline.server.service._inference_stream import (
     MalformedRequest,
@@ -51,7 +55,10 @@ from tensorline.server.service._v2tensors import (
     Raw,
     decode_tensor,
     encode_output,
+    frame_plain_response,
     frame_response,
+    plain_input,
+    response_head,
 )
 from tensorline.wire import Limits, PortItem
 
@@ -101,6 +108,7 @@ class InferenceService:
         # server sets it once it exists.
         self.is_server_ready: Callable[[], bool] = lambda: not admission.draining
         self._ids = 0
+        self._heads: dict[tuple[str, int], bytes] = {}
 
     # --- the repository -----------------------------------------------------------------------
 
@@ -121,18 +129,15 @@ class InferenceService:
                                         f"({state.state.lower()}){why}")
         return error
 
-    @contextlib.contextmanager
-    def pipeline(self, name: str, version: int | None) -> Iterator[LoadedPipeline]:
-        """The named pipeline for one call, leased from the repository until exit: a version
-        replaced or unloaded meanwhile finishes this call. NOT_FOUND / UNAVAILABLE as Triton
-        answers."""
+    def pipeline(self, name: str, version: int | None) -> Lease:
+        """The named pipeline for one call, leased from the repository for the ``with`` block:
+        a version replaced or unloaded meanwhile finishes this call. NOT_FOUND / UNAVAILABLE
+        as Triton answers."""
         repository = self._repository(name)
-        with contextlib.ExitStack() as stack:
-            try:
-                pipeline = stack.enter_context(repository.lease(name, version))
-            except PipelineNotFound as error:
-                raise self._not_found(name, error) from None
-            yield pipeline
+        try:
+            return repository.lease(name, version)
+        except PipelineNotFound as error:
+            raise self._not_found(name, error) from None
 
     # --- server and model state -----------------------------------------------------------------
 
@@ -230,8 +235,40 @@ class InferenceService:
     # --- inference ------------------------------------------------------------------------------
 
     def inputs_of(self, request: pb.ModelInferRequest,
-                pipeline: LoadedPipeline) -> list[PortItem]:
+                  pipeline: LoadedPipeline) -> list[PortItem]:
         """The request's tensors as port values; RequestInvalid lists every problem."""
+        plain = self._plain_inputs(request, pipeline)
+        return plain if plain is not None else self._inputs_in_full(request, pipeline)
+
+    def _plain_inputs(self, request: pb.ModelInferRequest,
+                      pipeline: LoadedPipeline) -> list[PortItem] | None:
+        """The commonest request in few steps: every input of the model given once, each a
+        numeric raw tensor its port takes (``plain_input``). None otherwise: the full decoding
+        then reads it, and reports every problem."""
+        tensors, contents = request.inputs, request.raw_input_contents
+        count = len(tensors)
+        if count != len(contents) or count != len(pipeline.inputs):
+            return None
+        ports = pipeline.inputs_by_name
+        max_bytes = self.limits.max_tensor_bytes
+        items: list[PortItem] = []
+        for index in range(count):
+            tensor = tensors[index]
+            port = ports.get(tensor.name)
+            if port is None or tensor.parameters or tensor.HasField("contents"):
+                return None
+            value = plain_input(tensor, contents[index], port.kind, port.datatype, port.shape,
+                                max_bytes)
+            if value is None:
+                return None
+            items.append(PortItem(port.node_id, port.port, value))
+        # As many as the model has inputs, each one of them: no name given twice, none missing.
+        if count > 1 and len({tensor.name for tensor in tensors}) != count:
+            return None
+        return items
+
+    def _inputs_in_full(self, request: pb.ModelInferRequest,
+                        pipeline: LoadedPipeline) -> list[PortItem]:
         model = clip(pipeline.name)
         problems: list[Violation] = []
         raw = list(request.raw_input_contents)
@@ -240,7 +277,7 @@ class InferenceService:
                                       f"{len(raw)} raw contents for {len(request.inputs)} "
                                       "input(s); send one per input, in order"))
             raw = []
-        ports = {port.name: port for port in pipeline.inputs}
+        ports = pipeline.inputs_by_name
         items: list[PortItem] = []
         seen: set[str] = set()
         for index, tensor in enumerate(request.inputs):
@@ -320,10 +357,10 @@ class InferenceService:
         self._ids += 1
         return f"oip-{self.settings.instance_id}-{self._ids}"
 
-    async def infer(self, request: pb.ModelInferRequest,
-                    context: Context) -> tuple[pb.ModelInferResponse, list[Raw]]:
-        """Run one inference request (ModelInfer, or one request of a stream): the response
-        without its raw contents, and the raw contents of its outputs, in order."""
+    async def run(self, request: pb.ModelInferRequest, context: Context,
+                  ) -> tuple[LoadedPipeline, Sequence[PipelinePort], dict[tuple[str, str], Any]]:
+        """Run one inference request: the pipeline version that ran it, the outputs the
+        request asked for, and the values the pipeline produced by (node, port)."""
         version = _version_of(request.model_version, "model_version")
         self.admission.enter_execution()
         try:
@@ -334,7 +371,18 @@ class InferenceService:
                     pipeline.plan, items, scope=scope_for(context, self._next_execution_id()))
         finally:
             self.admission.leave_execution()
-        produced = {(item.node_id, item.port): item.value for item in result.outputs}
+        return pipeline, requested, {(item.node_id, item.port): item.value
+                                     for item in result.outputs}
+
+    async def infer(self, request: pb.ModelInferRequest,
+                    context: Context) -> tuple[pb.ModelInferResponse, list[Raw]]:
+        """Run one inference request (one request of a stream): the response without its raw
+        contents, and the raw contents of its outputs, in order."""
+        return self.response(request, *await self.run(request, context))
+
+    def response(self, request: pb.ModelInferRequest, pipeline: LoadedPipeline,
+                 requested: Sequence[PipelinePort], produced: dict[tuple[str, str], Any],
+                 ) -> tuple[pb.ModelInferResponse, list[Raw]]:
         response = pb.ModelInferResponse(model_name=pipeline.name,
                                          model_version=str(pipeline.version), id=request.id)
         raws: list[Raw] = []
@@ -348,9 +396,26 @@ class InferenceService:
             raws.append(raw)
         return response, raws
 
+    def _head(self, pipeline: LoadedPipeline) -> bytes:
+        """The response's model name and version, serialized once per pipeline version."""
+        key = (pipeline.name, pipeline.version)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= 1024:  # bounded: versions come and go
+                self._heads.clear()
+            head = self._heads[key] = response_head(pipeline.name, str(pipeline.version))
+        return head
+
     @translate_errors("ModelInfer")
     async def model_infer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
-        return frame_response(*await self.infer(request, context))
+        pipeline, requested, produced = await self.run(request, context)
+        framed = frame_plain_response(
+            self._head(pipeline), request.id,
+            [(port.name, port.datatype, port.shape, produced[(port.node_id, port.port)])
+             for port in requested])
+        if framed is not None:
+            return framed
+        return frame_response(*self.response(request, pipeline, requested, produced))
 
     async def model_stream_infer(self, requests: Any, context: Context) -> None:
         """ModelStreamInfer (see ``_inference_stream``)."""

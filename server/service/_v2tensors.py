@@ -200,6 +200,36 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     return _port_value(array, datatype, tensor, target, field, where, limits)
 
 
+def plain_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes, kind: str,
+                datatype: str | None, shape: tuple[int, ...] | None,
+                max_bytes: int) -> npt.NDArray[Any] | None:
+    """The commonest input in few steps: a numeric raw tensor, of the datatype and shape its
+    tensor (or ``any``) port declares, within the limit, as a view over ``raw``. None for
+    anything else, which ``decode_tensor`` then decodes or reports on, so this never decides
+    what is wrong with a tensor."""
+    name = tensor.datatype
+    dtype = DTYPES.get(name)
+    if dtype is None or (datatype is not None and name != datatype) or (
+            kind != "tensor" and kind != "any"):
+        return None
+    dims = tensor.shape
+    if shape is not None:
+        if len(dims) != len(shape):
+            return None
+        for want, got in zip(shape, dims, strict=True):
+            if want != got and want != -1:
+                return None
+    count = 1
+    for dim in dims:
+        if dim < 0:
+            return None
+        count *= dim
+    if len(raw) != count * dtype.itemsize or (max_bytes and len(raw) > max_bytes):
+        return None
+    # Positional: numpy parses keyword arguments at several times the cost.
+    return np.frombuffer(raw, dtype).reshape(dims)
+
+
 def _port_value(array: npt.NDArray[Any], datatype: str,
                 tensor: pb.ModelInferRequest.InferInputTensor, target: InputTarget, field: str,
                 where: str, limits: Limits) -> tuple[Any, list[Violation]]:
@@ -299,6 +329,93 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SMALL_VARINTS = [bytes([value]) for value in range(128)]
+# ModelInferResponse / InferOutputTensor fields, tag bytes taken from the descriptors.
+_RESPONSE = pb.ModelInferResponse.DESCRIPTOR
+_OUTPUT = pb.ModelInferResponse.InferOutputTensor.DESCRIPTOR
+
+
+def _tag(descriptor: Any, name: str) -> bytes:
+    return bytes([descriptor.fields_by_name[name].number << 3 | 2])  # length-delimited
+
+
+_ID_TAG = _tag(_RESPONSE, "id")
+_OUTPUTS_TAG = _tag(_RESPONSE, "outputs")
+_SHAPE_TAG = _tag(_OUTPUT, "shape")  # packed
+
+
+def _length(value: int) -> bytes:
+    return _SMALL_VARINTS[value] if value < 128 else _varint(value)
+
+
+def _len_delimited(tag: bytes, body: bytes) -> bytes:
+    return tag + _length(len(body)) + body
+
+
+def response_head(model_name: str, model_version: str) -> bytes:
+    """A response's ``model_name`` and ``model_version`` fields, serialized (made once per
+    pipeline version by the caller)."""
+    return pb.ModelInferResponse(model_name=model_name,
+                                 model_version=model_version).SerializeToString()
+
+
+_OUTPUT_HEADS: dict[tuple[str, str], bytes] = {}
+
+
+def _output_head(name: str, datatype: str) -> bytes:
+    key = (name, datatype)
+    head = _OUTPUT_HEADS.get(key)
+    if head is None:
+        if len(_OUTPUT_HEADS) >= 4096:  # bounded: names come from manifests
+            _OUTPUT_HEADS.clear()
+        head = _OUTPUT_HEADS[key] = pb.ModelInferResponse.InferOutputTensor(
+            name=name, datatype=datatype).SerializeToString()
+    return head
+
+
+def frame_plain_response(head: bytes, request_id: str,
+                         outputs: list[tuple[str, str | None, tuple[int, ...] | None, Any]],
+                         ) -> bytes | None:
+    """The whole ModelInferResponse, framed by hand, when every output is a plain
+    array of a v2 datatype that matches what the manifest declares for it; None
+    otherwise (``encode_output`` and ``frame_response`` then encode it, or say why not).
+    The tensors are copied once, into the joined bytes.
+    ``outputs``: (name, declared datatype, declared shape, value). The bytes are those the
+    generated serializer plus ``frame_response`` would make (fields in number order)."""
+    tensors: list[bytes] = []
+    # One-dimensional C-contiguous arrays: b"".join takes their buffers as they are.
+    flat: list[npt.NDArray[Any]] = []
+    for name, declared, declared_shape, value in outputs:
+        if type(value) is not np.ndarray:
+            return None
+        datatype = _DATATYPE_OF.get(value.dtype)
+        if datatype is None or (declared is not None and datatype != declared):
+            return None
+        shape = value.shape
+        if declared_shape is not None:
+            if len(shape) != len(declared_shape):
+                return None
+            for want, got in zip(declared_shape, shape, strict=True):
+                if want != got and want != -1:
+                    return None
+        body = _output_head(name, datatype)
+        if shape:
+            packed = b"".join([_length(dim) for dim in shape])
+            body += _SHAPE_TAG + _length(len(packed)) + packed
+        tensors.append(_len_delimited(_OUTPUTS_TAG, body))
+        # Row-major, contiguous: a view of a C-contiguous array, a copy of any other (reshape
+        # alone leaves a strided one-dimensional array strided).
+        row = value.reshape(-1)
+        flat.append(row if row.flags.c_contiguous else row.copy())
+    parts: list[Any] = [head]
+    if request_id:
+        parts.append(_len_delimited(_ID_TAG, request_id.encode()))
+    parts += tensors
+    for array in flat:
+        parts += [_RAW_OUTPUT_TAG, _length(array.nbytes), array]
+    return b"".join(parts)
 
 
 def frame_response(response: pb.ModelInferResponse, raws: list[Raw]) -> bytes:

@@ -59,6 +59,14 @@ nodes:
 connections:
   - {from: each, to: check}
 """
+# Two numeric inputs: what the plain-request fast path takes, in any order, or refuses.
+PAIR = """\
+version: v1
+metadata: {name: pair}
+nodes:
+  - {id: left, node_type: Scale, params: {factor: 2}}
+  - {id: right, node_type: Scale, params: {factor: 3}}
+"""
 BROKEN = "version: v1\nnodes:\n  - {id: s, node_type: NoSuchNode}\n"
 
 
@@ -69,6 +77,7 @@ async def oip_server(server_factory: Callable[..., Any], tmp_path: Path) -> Tens
     (pipelines / "mixed.yaml").write_text(MIXED)
     (pipelines / "describe.yaml").write_text(DESCRIBE)
     (pipelines / "broken.yaml").write_text(BROKEN)
+    (pipelines / "pair.yaml").write_text(PAIR)
     (pipelines / "windows.yaml").write_text(WINDOWS)
     (pipelines / "fragile.yaml").write_text(FRAGILE)
     server: TensorlineServer = await server_factory(
@@ -272,6 +281,38 @@ async def test_bad_raw_contents_are_invalid_arguments(oip_server: TensorlineServ
                "BYTES" in await refusal("BYTES", [1], b"\x01\x00\x00\x00a")
         assert "element 0 declares 9 bytes but only 1 remain" in await refusal(
             "BYTES", [1], b"\x09\x00\x00\x00a")
+
+
+async def test_plain_inputs_in_any_order_and_one_given_twice(
+        oip_server: TensorlineServer) -> None:
+    """Raw numeric tensors, one per input of the model: the fast path's case. Given in either
+    order they reach their ports; one given twice (as many tensors as inputs, one missing) is
+    refused naming both problems, as the full decoding reports them."""
+    left, right = np.arange(4, dtype=np.float32), np.arange(3, dtype=np.float64)
+
+    def request(*tensors: tuple[str, np.ndarray[Any, Any]]) -> Any:
+        message = service_pb2.ModelInferRequest(model_name="pair", id="p")
+        for name, value in tensors:
+            message.inputs.add(name=name, datatype="FP32" if value.dtype == np.float32
+                               else "FP64", shape=list(value.shape))
+            message.raw_input_contents.append(value.tobytes())
+        return message
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{oip_server.port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for order in ((("left", left), ("right", right)), (("right", right), ("left", left))):
+            response = await stub.ModelInfer(request(*order))
+            outputs = dict(zip((o.name for o in response.outputs),
+                               response.raw_output_contents, strict=True))
+            assert outputs == {"left": (left * 2).tobytes(), "right": (right * 3).tobytes()}
+            assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+                ("left", "FP32", [4]), ("right", "FP64", [3])]
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ModelInfer(request(("left", left), ("left", left)))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details() or ""
+    assert "model 'pair' input 'left' is given twice" in details
+    assert "missing required input(s) right" in details
 
 
 async def test_single_element_kinds_and_an_output_without_a_datatype(
