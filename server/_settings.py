@@ -186,6 +186,12 @@ class Settings(BaseSettings):
         30.0, ge=0, description="time in-flight calls get after max connection age")
     health_interval_s: float = Field(
         1.0, gt=0, description="how often gRPC health is re-checked against the runtimes")
+    heap_buffer_bytes: int = Field(
+        32 * MiB, ge=0, description="glibc: allocations up to this size (at most 32 MiB) come "
+                                    "from the heap and freed ones are kept for reuse, so that "
+                                    "large messages do not page-fault on every call; the "
+                                    "process keeps up to twice this free per heap (0: the "
+                                    "allocator's defaults)")
     reflection: bool = Field(True, description="serve gRPC reflection")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="event loop of `tensorline serve`: uvloop (auto: when installed) "

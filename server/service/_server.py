@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tensorline.oip.v2 import SERVICE_NAME as OIP_SERVICE_NAME
 from tensorline.server._logging import console_line
+from tensorline.server._memory import keep_heap_buffers
 from tensorline.server._preload import preload
 from tensorline.server._settings import Settings
 from tensorline.server.executor import PipelineEngine
@@ -343,6 +344,8 @@ async def create_server(
 ) -> tuple[TensorlineServer, int]:
     """Build and bind a server (not started). Returns the server and its bound port."""
     settings = settings or Settings()
+    # Process-wide: a server is what this process is for (0 in the settings opts out).
+    keep_heap_buffers(settings.heap_buffer_bytes)
     engine = engine or build_engine(settings, registry)
     admission = Admission(settings.max_concurrent_executions, settings.max_concurrent_streams)
     telemetry = Telemetry(engine, admission)
