@@ -25,11 +25,15 @@ Call = Callable[[], Awaitable[Any]]
 
 # A bare grpc.aio server whose generic handler returns the request bytes unchanged (identity
 # serializers): the floor any gRPC service on this machine pays. On the loop the environment
-# names (TENSORLINE_EVENT_LOOP), resolved like `tensorline serve`.
+# names (TENSORLINE_EVENT_LOOP), resolved like `tensorline serve`; with BENCH_ECHO_HEAP_BUFFERS
+# set (bytes), with the allocator tuning tensorline's server applies (Settings.heap_buffer_bytes),
+# to tell that tuning's share of a large-payload figure from the rest.
 ECHO_SERVER = """
 import asyncio, os, sys, grpc
 from tensorline.server._eventloop import run
+from tensorline.server._memory import keep_heap_buffers
 LIMIT = 512 * 1024 * 1024
+keep_heap_buffers(int(os.environ.get("BENCH_ECHO_HEAP_BUFFERS", "0")))
 async def main():
     server = grpc.aio.server(options=[("grpc.max_send_message_length", LIMIT),
                                       ("grpc.max_receive_message_length", LIMIT)])

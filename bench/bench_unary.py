@@ -14,6 +14,7 @@ medians over all calls and the ratios tensorline / echo.
     python bench/bench_unary.py --node Scale --before TENSORLINE_INLINE_SYNC_MAX_MS=0
         # also a second tensorline server with that setting, in the same rounds (before/after)
     python bench/bench_unary.py --against DIR       # also another checkout's server, interleaved
+    python bench/bench_unary.py --tuned-echo        # also an echo with the allocator tuning
 
 With ``--against DIR`` (a source tree of this repository, e.g. ``git archive REV | tar -x -C
 DIR``) one more server runs that tree's tensorline, in the same rounds, so a change is measured
@@ -53,6 +54,7 @@ from _common import (
     throughput,
 )
 
+from tensorline.server import Settings
 from tensorline.server._eventloop import resolve
 from tensorline.wire import (
     PortItem,
@@ -120,6 +122,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     shim = tempfile.TemporaryDirectory(prefix="bench-unary-")
     try:
         procs["echo"] = start_server(ECHO_SERVER, {"TENSORLINE_EVENT_LOOP": echo_loop})
+        if args.tuned_echo:
+            procs["tuned echo"] = start_server(ECHO_SERVER, {
+                "TENSORLINE_EVENT_LOOP": echo_loop,
+                "BENCH_ECHO_HEAP_BUFFERS": str(Settings().heap_buffer_bytes)})
         procs["tl"] = start_server(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop})
         if before:
             procs["before"] = start_server(TENSORLINE_SERVER, {"TENSORLINE_EVENT_LOOP": loop, **before})
@@ -149,7 +155,7 @@ async def measure(args: argparse.Namespace, scale: float,
                 for key, (_, port) in procs.items()}
     rpcs = {key: (ch.unary_unary(ECHO_METHOD, request_serializer=None,
                                  response_deserializer=decode_execute_request)
-                  if key == "echo" else
+                  if key.endswith("echo") else
                   ch.unary_unary("/tensorline.v1.PipelineService/ExecutePipeline",
                                  request_serializer=None,
                                  response_deserializer=decode_execute_response))
@@ -168,6 +174,8 @@ async def measure(args: argparse.Namespace, scale: float,
     # Check the pipeline works and is bit-exact before measuring.
     probe = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     for key in keys[1:]:
+        if key.endswith("echo"):
+            continue
         reply = await calls(probe)[key]()
         assert np.array_equal(reply.outputs[0].value, expected(probe)), \
             f"{args.node} gave a wrong result"
@@ -241,6 +249,9 @@ if __name__ == "__main__":
                         help="the pipeline's one node (float32 tensor in, tensor out)")
     parser.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                         help="the servers' event loop (auto: what `tensorline serve` picks)")
+    parser.add_argument("--tuned-echo", action="store_true",
+                        help="also an echo with tensorline's allocator tuning (heap_buffer_bytes),"
+                             " reported like a tensorline server")
     parser.add_argument("--echo-loop", default="same", choices=["same", "asyncio", "uvloop"],
                         help="the echo's loop: the same as tensorline's (default), or pinned")
     parser.add_argument("--before", action="append", default=[], metavar="TENSORLINE_X=V",
