@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,16 @@ def _element_count(shape: list[int]) -> int:
     return math.prod(shape) if shape else 1
 
 
+def fits(declared: tuple[int, ...] | None, shape: Sequence[int]) -> bool:
+    """Whether ``shape`` is one the manifest's ``declared`` shape admits (-1: any size; None:
+    any shape)."""
+    if declared is None:
+        return True
+    if len(shape) != len(declared):
+        return False
+    return all(want in (-1, got) for want, got in zip(declared, shape, strict=True))
+
+
 def split_bytes_elements(raw: bytes, count: int) -> list[bytes] | str:
     """The elements of a raw BYTES tensor, or what is wrong with the framing."""
     elements: list[bytes] = []
@@ -165,10 +176,9 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
                                   f"got {datatype}"))
     if any(dim < 0 for dim in shape):
         problems.append(Violation(f"{field}.shape", f"{where}: negative dimension in {shape}"))
-    elif target.shape is not None and (len(shape) != len(target.shape) or any(
-            want not in (-1, got) for want, got in zip(target.shape, shape, strict=True))):
+    elif not fits(target.shape, shape):
         problems.append(Violation(f"{field}.shape", f"{where}: expects shape "
-                                  f"{list(target.shape)} (-1: any size), got {shape}"))
+                                  f"{list(target.shape or ())} (-1: any size), got {shape}"))
     if problems:
         return None, problems
     count = _element_count(shape)
@@ -213,12 +223,8 @@ def plain_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes, kind:
             kind != "tensor" and kind != "any"):
         return None
     dims = tensor.shape
-    if shape is not None:
-        if len(dims) != len(shape):
-            return None
-        for want, got in zip(shape, dims, strict=True):
-            if want != got and want != -1:
-                return None
+    if not fits(shape, dims):
+        return None
     count = 1
     for dim in dims:
         if dim < 0:
@@ -281,9 +287,7 @@ def encode_output(name: str, value: Any, datatype: str | None = None,
     declares for it."""
     tensor, raw = _encode(name, value)
     produced = list(tensor.shape)
-    if (datatype is not None and tensor.datatype != datatype) or (shape is not None and (
-            len(shape) != len(produced)
-            or any(want not in (-1, got) for want, got in zip(shape, produced, strict=True)))):
+    if (datatype is not None and tensor.datatype != datatype) or not fits(shape, produced):
         declared = " ".join(filter(None, (datatype, str(list(shape)) if shape is not None
                                           else None)))
         raise OutputNotEncodable(f"output {name!r} is {tensor.datatype} of shape {produced}; "
@@ -394,12 +398,8 @@ def frame_plain_response(head: bytes, request_id: str,
         if datatype is None or (declared is not None and datatype != declared):
             return None
         shape = value.shape
-        if declared_shape is not None:
-            if len(shape) != len(declared_shape):
-                return None
-            for want, got in zip(declared_shape, shape, strict=True):
-                if want != got and want != -1:
-                    return None
+        if not fits(declared_shape, shape):
+            return None
         body = _output_head(name, datatype)
         if shape:
             packed = b"".join([_length(dim) for dim in shape])
