@@ -77,7 +77,8 @@ def _version_of(text: str, field: str) -> int | None:
     """A request's version string as a repository version ("" = the newest)."""
     if not text:
         return None
-    if not text.isdigit():
+    # ASCII only: str.isdigit() admits "²" and other digits int() refuses.
+    if not (text.isascii() and text.isdigit()):
         raise RequestInvalid([Violation(field, f"a model version is a positive integer, got "
                                         f"{clip(text)!r}")], "invalid request")
     return int(text)

@@ -206,7 +206,10 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     if array is None:
         assert problem is not None
         return None, [Violation(field, f"{where}: {problem}")]
-    array = array.reshape(shape)
+    try:
+        array = array.reshape(shape)
+    except ValueError as exc:  # zero elements in a shape numpy refuses: too many or huge dims
+        return None, [Violation(f"{field}.shape", f"{where}: unsupported shape {shape}: {exc}")]
     return _port_value(array, datatype, tensor, target, field, where, limits)
 
 
@@ -232,8 +235,11 @@ def plain_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes, kind:
         count *= dim
     if len(raw) != count * dtype.itemsize or (max_bytes and len(raw) > max_bytes):
         return None
-    # Positional: numpy parses keyword arguments at several times the cost.
-    return np.frombuffer(raw, dtype).reshape(dims)
+    try:
+        # Positional: numpy parses keyword arguments at several times the cost.
+        return np.frombuffer(raw, dtype).reshape(dims)
+    except ValueError:  # a shape numpy refuses (too many dimensions, too large): reported there
+        return None
 
 
 def _port_value(array: npt.NDArray[Any], datatype: str,

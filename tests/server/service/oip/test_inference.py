@@ -315,6 +315,36 @@ async def test_plain_inputs_in_any_order_and_one_given_twice(
     assert "missing required input(s) right" in details
 
 
+async def test_shapes_and_versions_numpy_or_int_refuse_are_invalid_arguments(
+        oip_server: TensorlineServer) -> None:
+    """Zero elements in a shape numpy cannot make (more dimensions than it supports, a
+    dimension past its size limit), raw or typed, and a version of non-ASCII digits: the
+    client's error (INVALID_ARGUMENT naming the field), never INTERNAL."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{oip_server.port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        async def refusal(shape: list[int], raw: bool, version: str = "") -> str:
+            request = service_pb2.ModelInferRequest(model_name="pair", model_version=version)
+            left = request.inputs.add(name="left", datatype="FP32", shape=shape)
+            right = request.inputs.add(name="right", datatype="FP32", shape=[1])
+            if raw:
+                request.raw_input_contents.extend([b"", b"\x00" * 4])
+            else:
+                left.contents.fp32_contents.extend([])
+                right.contents.fp32_contents.extend([0.0])
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.ModelInfer(request)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value
+            return raised.value.details() or ""
+
+        for raw in (True, False):
+            for shape in ([0, 2**62], [0] * 70, [2**31, 2**31, 0]):
+                details = await refusal(shape, raw)
+                assert "inputs[0].shape" in details and "unsupported shape" in details, details
+        assert "a model version is a positive integer, got '²'" in await refusal(
+            [1], True, version="²")
+
+
 async def test_single_element_kinds_and_an_output_without_a_datatype(
         aio_client: triton_aio.InferenceServerClient) -> None:
     blob = triton_aio.InferInput("d.blob", [1], "BYTES")
