@@ -1,4 +1,5 @@
-"""Long fuzz run of ExecutePipeline and StreamPipeline against a real ``tensorline serve``.
+"""Long fuzz run of ExecutePipeline, StreamPipeline and ModelInfer against a real
+``tensorline serve``.
 
 The same seeded cases as ``tests/server/service/test_fuzz.py`` (``tests/support/fuzz.py``), at
 counts CI cannot afford. Reports, per RPC, the statuses seen, the rate and every case that got
@@ -7,6 +8,8 @@ INTERNAL or an UNKNOWN that names no node; exits 1 if there was any. Replay one 
 
     .venv/bin/python bench/fuzz.py --cases 50000            # per RPC
     .venv/bin/python bench/fuzz.py --target host:port ...   # an already running server
+                                                             # (ModelInfer: with --pipelines
+                                                             # holding tests.support.fuzz.MODELS)
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,9 +71,12 @@ def main() -> int:
         results = [run_rpc(args.target, rpc, args) for rpc in rpcs]
         server_errors = None
     else:
-        with ServerProcess.start(env=SERVER_ENV, pythonpath_repo=True) as server:
-            results = [run_rpc(server.target, rpc, args) for rpc in rpcs]
-            server_errors = server.logs().count("internal error")
+        with tempfile.TemporaryDirectory(prefix="fuzz-models-") as models:
+            fuzz.write_models(Path(models))
+            with ServerProcess.start(env={**SERVER_ENV, "TENSORLINE_PIPELINES_DIR": models},
+                                     pythonpath_repo=True) as server:
+                results = [run_rpc(server.target, rpc, args) for rpc in rpcs]
+                server_errors = server.logs().count("internal error")
     print(json.dumps({"seed": args.seed, "results": results,
                       "server_log_internal_errors": server_errors}, indent=2))
     return 1 if any(r["failures"] for r in results) or server_errors else 0

@@ -3,8 +3,12 @@
 Cases are raw request bytes, so nothing on the client side can refuse or repair them: manifests
 that are mutated, deep, huge-numbered, cyclic, long or wrong-typed; values of every kind with
 mismatched shapes, bad dtypes, invalid UTF-8 or JSON bombs; whole messages bit-flipped,
-truncated or replaced by garbage; stream sequences in any order. Case ``i`` of a seed is always
-the same (its own ``random.Random``), so a failure names a case that can be replayed.
+truncated or replaced by garbage; stream sequences in any order; and the Open Inference
+Protocol's ModelInfer against the models of ``MODELS`` (``write_models``: the fuzzed server's
+pipelines directory), with every datatype and junk ones, shapes past numpy's limits, raw and
+typed contents mixed and miscounted, parameters, versions and requested outputs. Case ``i`` of
+a seed is always the same (its own ``random.Random``), so a failure names a case that can be
+replayed.
 
 Streams are sent with the blocking grpc API: grpc.aio clients replace the server's status with
 INTERNAL when a write races the end of the call (grpc/grpc#36066), and what is judged here is the
@@ -19,16 +23,19 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from tensorline.client._exceptions import from_rpc_error
+from tensorline.oip.v2 import inference_pb2 as oip
 from tensorline.v1 import tensorline_pb2 as pb
 
 SERVICE = "/tensorline.v1.PipelineService/"
+OIP_SERVICE = "/inference.GRPCInferenceService/"
 # Node modules the fuzzed server loads (fast, sandbox-free test nodes beside the builtins).
-NODE_MODULES = "tests.nodes.basic,tests.nodes.streaming"
+NODE_MODULES = "tests.nodes.basic,tests.nodes.streaming,tests.nodes.oip"
 NODE_TYPES = ("Scale", "Add", "PassThrough", "Cast", "Reshape", "Normalize", "Calculator",
               "Concat", "Split", "Fail", "Expander", "Filter", "Counter", "AudioChunker",
               "AudioResample", "Accumulator", "Pair", "Gain", "Nope", "", "scale")
@@ -306,6 +313,125 @@ def stream_requests(rng: random.Random) -> list[bytes]:
     return messages
 
 
+# --- Open Inference Protocol ------------------------------------------------------------
+
+
+# The fuzzed server's models (its pipelines directory) and their input names: a declared
+# FP32 tensor, two undeclared tensors, binary and JSON inputs (with a complex output that has no
+# v2 datatype), one binary input.
+MODELS: dict[str, dict[str, Any]] = {
+    "identity": {"metadata": {"name": "identity",
+                              "inputs": [{"name": "INPUT0", "node": "p", "datatype": "FP32",
+                                          "shape": [1, -1]}],
+                              "outputs": [{"name": "OUTPUT0", "node": "p", "datatype": "FP32",
+                                           "shape": [1, -1]}]},
+                 "nodes": [{"id": "p", "node_type": "PassThrough"}]},
+    "pair": {"metadata": {"name": "pair"},
+             "nodes": [{"id": "left", "node_type": "Scale", "params": {"factor": 2}},
+                       {"id": "right", "node_type": "Scale", "params": {"factor": 3}}]},
+    "describe": {"metadata": {"name": "describe"},
+                 "nodes": [{"id": "d", "node_type": "Describe"}]},
+    "upper": {"metadata": {"name": "upper"}, "nodes": [{"id": "u", "node_type": "UpperBytes"}]},
+}
+MODEL_INPUTS = {"identity": ("INPUT0",), "pair": ("left", "right"),
+                "describe": ("d.blob", "d.doc"), "upper": ("u",)}
+MODEL_OUTPUTS = ("OUTPUT0", "left", "right", "d.summary", "d.spectrum", "u", "nope")
+V2_DATATYPES = ("BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+                "FP16", "FP32", "FP64", "BYTES")
+V2_ITEMSIZE = {"BOOL": 1, "INT8": 1, "INT16": 2, "INT32": 4, "INT64": 8, "UINT8": 1,
+               "UINT16": 2, "UINT32": 4, "UINT64": 8, "FP16": 2, "FP32": 4, "FP64": 8}
+CONTENTS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
+            "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
+
+
+def write_models(directory: Path) -> None:
+    """The fuzzed server's pipelines directory (``TENSORLINE_PIPELINES_DIR``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, manifest_object in MODELS.items():
+        (directory / f"{name}.json").write_text(json.dumps(manifest_object))
+
+
+def _v2_shape(rng: random.Random) -> list[int]:
+    if rng.random() < 0.75:
+        return rng.choice([[1, 4], [4], [1, 1], [1], [2, 2], [0], [1, 0]])
+    return [rng.choice([0, 1, 2, 3, -1, 255, 256, 2**31, 2**62, 2**63 - 1])
+            for _ in range(rng.choice([0, 1, 2, 3, 33, 65, 70]))]
+
+
+def _v2_count(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count if 0 <= count <= 64 else 1
+
+
+def _typed_contents(rng: random.Random, tensor: Any, count: int) -> None:
+    name = rng.choice(CONTENTS)
+    values: list[Any] = {
+        "bool_contents": [True], "int_contents": [2**31 - 1], "int64_contents": [-2**63],
+        "uint_contents": [2**32 - 1], "uint64_contents": [2**64 - 1],
+        "fp32_contents": [1.5], "fp64_contents": [float("nan")], "bytes_contents": [b"\xff{"],
+    }[name]
+    getattr(tensor.contents, name).extend(values * (count + rng.choice([0, 0, 0, 1, -1])))
+
+
+def _v2_parameter(rng: random.Random, parameters: Any) -> None:
+    parameter = parameters[rng.choice(["shared_memory_region", "sample_rate", "classification",
+                                       "x"])]
+    pick = rng.random()
+    if pick < 0.5:
+        parameter.int64_param = rng.choice([0, -1, 16000, 2**63 - 1])
+    elif pick < 0.8:
+        parameter.string_param = _text(rng)
+    else:
+        parameter.bool_param = True
+
+
+def infer_request(rng: random.Random) -> bytes:
+    pick = rng.random()
+    if pick < 0.05:
+        return garbage(rng)
+    model = rng.choice([*MODELS, *MODELS, "nope", _text(rng)])
+    request = oip.ModelInferRequest(model_name=model, id=_text(rng) if rng.random() < 0.3 else "")
+    if rng.random() < 0.1:
+        request.model_version = rng.choice(["1", "0", "2", "-1", "²", "1.0", "9" * 30, " 1"])
+    names = list(MODEL_INPUTS.get(model, ("x",)))
+    raw = rng.random() < 0.6
+    count = len(names) if rng.random() < 0.7 else rng.randrange(0, 4)
+    for index in range(count):
+        name = names[index % len(names)] if rng.random() < 0.85 else rng.choice(
+            [*names, "ghost", _text(rng)])
+        datatype = ("BYTES" if name in ("d.blob", "d.doc", "u") else "FP32") \
+            if rng.random() < 0.7 else rng.choice([*V2_DATATYPES, "", "fp32", "FP8"])
+        shape = _v2_shape(rng)
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        if rng.random() < 0.05:
+            _v2_parameter(rng, tensor.parameters)
+        elements = _v2_count(shape)
+        if raw:
+            if datatype == "BYTES":
+                element = rng.choice([b"abc", b'{"k": [1, 2]}', b"\xff\xfe", b"{nope"])
+                content = b"".join(struct.pack("<I", len(element)) + element
+                                   for _ in range(elements))
+            else:
+                content = rng.randbytes(elements * V2_ITEMSIZE.get(datatype, 1))
+            if rng.random() < 0.1:
+                content = content[:-1] if content and rng.random() < 0.5 else content + b"\x00"
+            request.raw_input_contents.append(content)
+        else:
+            _typed_contents(rng, tensor, elements)
+    if raw and rng.random() < 0.05:
+        request.raw_input_contents.append(b"extra")
+    if rng.random() < 0.15:
+        output = request.outputs.add(name=rng.choice(MODEL_OUTPUTS))
+        if rng.random() < 0.3:
+            _v2_parameter(rng, output.parameters)
+    if rng.random() < 0.05:
+        _v2_parameter(rng, request.parameters)
+    data = request.SerializeToString()
+    return mutate(rng, data) if rng.random() < 0.1 else data
+
+
 # --- running --------------------------------------------------------------------------------
 
 
@@ -361,10 +487,21 @@ def run_stream(channel: grpc.Channel, messages: list[bytes]) -> grpc.RpcError | 
     return None
 
 
+def run_infer(channel: grpc.Channel, raw: bytes) -> grpc.RpcError | None:
+    call = channel.unary_unary(OIP_SERVICE + "ModelInfer", request_serializer=None,
+                               response_deserializer=None)
+    try:
+        call(raw, timeout=CALL_TIMEOUT_S)
+    except grpc.RpcError as error:
+        return error
+    return None
+
+
 RPCS: dict[str, tuple[Callable[[random.Random], Any], Callable[[grpc.Channel, Any],
                                                                 grpc.RpcError | None]]] = {
     "ExecutePipeline": (execute_request, run_execute),
     "StreamPipeline": (stream_requests, run_stream),
+    "ModelInfer": (infer_request, run_infer),
 }
 
 

@@ -1,6 +1,7 @@
-"""Seeded fuzzing of ExecutePipeline and StreamPipeline through a real ``tensorline serve``:
-2,000 cases each (see ``tests.support.fuzz``), and no answer may be INTERNAL, or UNKNOWN
-without naming a node. ``bench/fuzz.py`` runs the same cases at larger counts."""
+"""Seeded fuzzing of ExecutePipeline, StreamPipeline and the Open Inference Protocol's
+ModelInfer through a real ``tensorline serve``: 2,000 cases each (see ``tests.support.fuzz``),
+and no answer may be INTERNAL, or UNKNOWN without naming a node. ``bench/fuzz.py`` runs the
+same cases at larger counts."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ CASES = 2000
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server() -> Iterator[ServerProcess]:
+def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    models = tmp_path_factory.mktemp("fuzz-models")
+    fuzz.write_models(models)
     env = {"TENSORLINE_NODE_MODULES": fuzz.NODE_MODULES, "TENSORLINE_SANDBOX": "false",
-           "TENSORLINE_LOAD_ENTRY_POINTS": "false"}
+           "TENSORLINE_LOAD_ENTRY_POINTS": "false", "TENSORLINE_PIPELINES_DIR": str(models)}
     with ServerProcess.start(env=env, pythonpath_repo=True) as server:
         yield server
 
