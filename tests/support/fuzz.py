@@ -466,14 +466,22 @@ def judge(error: grpc.RpcError) -> str:
     return ""
 
 
-def run_execute(channel: grpc.Channel, raw: bytes) -> grpc.RpcError | None:
-    call = channel.unary_unary(SERVICE + "ExecutePipeline", request_serializer=None,
-                               response_deserializer=None)
-    try:
-        call(raw, timeout=CALL_TIMEOUT_S)
-    except grpc.RpcError as error:
-        return error
-    return None
+def unary_runner(method: str) -> Callable[[grpc.Channel, bytes], grpc.RpcError | None]:
+    """Send one case's bytes to the unary ``method``; the error, or None when it succeeded."""
+
+    def run(channel: grpc.Channel, raw: bytes) -> grpc.RpcError | None:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        try:
+            call(raw, timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as error:
+            return error
+        return None
+
+    return run
+
+
+run_execute = unary_runner(SERVICE + "ExecutePipeline")
+run_infer = unary_runner(OIP_SERVICE + "ModelInfer")
 
 
 def run_stream(channel: grpc.Channel, messages: list[bytes]) -> grpc.RpcError | None:
@@ -482,16 +490,6 @@ def run_stream(channel: grpc.Channel, messages: list[bytes]) -> grpc.RpcError | 
     try:
         for _ in call(iter(messages), timeout=CALL_TIMEOUT_S):
             pass
-    except grpc.RpcError as error:
-        return error
-    return None
-
-
-def run_infer(channel: grpc.Channel, raw: bytes) -> grpc.RpcError | None:
-    call = channel.unary_unary(OIP_SERVICE + "ModelInfer", request_serializer=None,
-                               response_deserializer=None)
-    try:
-        call(raw, timeout=CALL_TIMEOUT_S)
     except grpc.RpcError as error:
         return error
     return None
