@@ -62,7 +62,8 @@ async def test_health_and_blocking_client(target: str) -> None:
     np.testing.assert_array_equal(scaled, [4.0, 4.0])
 
 
-async def test_reflection_lists_the_services(target: str) -> None:
+async def reflected_services(target: str) -> set[str]:
+    """The service names the server at ``target`` lists through gRPC reflection."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     async with grpc.aio.insecure_channel(target) as channel:
@@ -74,4 +75,9 @@ async def test_reflection_lists_the_services(target: str) -> None:
         names: set[str] = set()
         async for response in stub.ServerReflectionInfo(requests()):
             names |= {s.name for s in response.list_services_response.service}
-    assert {"tensorline.v1.PipelineService", "grpc.health.v1.Health"} <= names
+    return names
+
+
+async def test_reflection_lists_the_services(target: str) -> None:
+    assert {"tensorline.v1.PipelineService", "grpc.health.v1.Health"} <= \
+        await reflected_services(target)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_aio
@@ -18,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from tensorline.server import TensorlineServer
 from tests.nodes import spine
 from tests.server.service.test_observability import scrape
+from tests.server.service.test_service import reflected_services
 from tests.support.certs import make_certs
 from tests.support.polling import eventually
 
@@ -136,16 +136,6 @@ async def test_metrics_count_inference_calls(server_factory: Callable[..., Any],
 
 async def test_reflection_lists_the_inference_service(server_factory: Callable[..., Any],
                                                       tmp_path: Path) -> None:
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
     server = await server_factory(pipelines_dir=pipelines_dir(tmp_path), reflection=True)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-
-        async def requests() -> Any:
-            yield reflection_pb2.ServerReflectionRequest(list_services="")
-
-        names: set[str] = set()
-        async for response in stub.ServerReflectionInfo(requests()):
-            names |= {s.name for s in response.list_services_response.service}
-    assert {"inference.GRPCInferenceService", "tensorline.v1.PipelineService"} <= names
+    assert {"inference.GRPCInferenceService", "tensorline.v1.PipelineService"} <= \
+        await reflected_services(f"127.0.0.1:{server.port}")
