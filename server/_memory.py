@@ -5,9 +5,9 @@ the bytes the handler reads, the response it returns. glibc serves an allocation
 mmap threshold (128 KiB at first, raised as such blocks are freed) with fresh pages from the
 kernel, and gives a freed heap top back to the kernel above its trim threshold (twice the mmap
 threshold); either way the next buffer of that size starts on untouched pages and pays a page
-fault per 4 KiB page. Measured on a 1 MiB ModelInfer: 1,500 minor faults and ~1.5 ms of the
-event loop's CPU per call, more than all the rest of the call; with the thresholds pinned as
-below, 5 faults and ~0.95 ms (``docs/performance.md``). ``mallopt(3)`` documents both knobs.
+fault per 4 KiB page. Measured on a 1 MiB ModelInfer (``bench/bench_server_cost.py``): 1,500
+minor faults and 3 ms of the event loop's CPU per call; with the thresholds pinned as below, 1
+fault and 1 ms. ``mallopt(3)`` documents both knobs.
 
 The price is memory kept: freed buffers stay in the process (up to twice the threshold at the
 top of each heap) instead of going back to the kernel, i.e. a server's resident size stays near

@@ -1,0 +1,165 @@
+"""What one call costs the server process: CPU of its event-loop thread and of all its threads,
+minor page faults, and its resident size afterwards, for a bare grpc.aio echo and for
+tensorline's ExecutePipeline (one PassThrough node) and ModelInfer (the same node as a named
+pipeline), at 1 KiB with 32 calls in flight and at 1 MiB one call at a time.
+
+Wall-clock figures move with everything else on a shared machine; these barely do, which makes
+them the measure of where a server's time goes (``/proc/PID/task/*/stat`` and
+``/proc/PID/stat``; the event-loop thread is the one whose id is the process's).
+
+    python bench/bench_server_cost.py
+    python bench/bench_server_cost.py --before TENSORLINE_HEAP_BUFFER_BYTES=0   # and a server
+        # with that setting (here: without the allocator tuning), in the same run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from _common import (
+    ECHO_METHOD,
+    ECHO_SERVER,
+    OPTIONS,
+    Call,
+    MiB,
+    latencies,
+    run_and_save,
+    start_server,
+    throughput,
+)
+from bench_unary import TENSORLINE_SERVER, environment
+
+from tensorline.oip.v2 import inference_pb2 as oip
+from tensorline.wire import PortItem, encode_execute_request
+
+EXECUTE = "/tensorline.v1.PipelineService/ExecutePipeline"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+MANIFEST = json.dumps({"nodes": [{"id": "p", "node_type": "PassThrough"}]})
+# The pipelines directory of the tensorline servers: the same node as a model.
+IDENTITY = {"metadata": {"name": "identity",
+                         "inputs": [{"name": "INPUT0", "node": "p", "datatype": "FP32",
+                                     "shape": [1, -1]}],
+                         "outputs": [{"name": "OUTPUT0", "node": "p", "datatype": "FP32",
+                                      "shape": [1, -1]}]},
+            "nodes": [{"id": "p", "node_type": "PassThrough"}]}
+
+
+def write_pipelines(directory: str) -> None:
+    Path(directory, "identity.json").write_text(json.dumps(IDENTITY))
+
+
+def threads_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[7])
+
+
+def resident_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def requests(elements: int) -> dict[str, bytes]:
+    array = np.ones(elements, dtype=np.float32)
+    infer = oip.ModelInferRequest(model_name="identity", id="r", inputs=[
+        oip.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32",
+                                               shape=[1, elements])],
+        raw_input_contents=[array.tobytes()])
+    return {"ExecutePipeline": encode_execute_request(MANIFEST, [PortItem("p", "", array)]),
+            "ModelInfer": infer.SerializeToString()}
+
+
+async def measure(pid: int, call: Call, calls: int, in_flight: int) -> dict[str, float]:
+    # Warm: plans compiled, buffers sized.
+    await (throughput(call, 200, in_flight) if in_flight > 1 else latencies(call, 20))
+    cpu_before, faults_before = threads_cpu(pid), minor_faults(pid)
+    if in_flight > 1:
+        await throughput(call, calls, in_flight)
+    else:
+        await latencies(call, calls)
+    cpu_after, faults_after = threads_cpu(pid), minor_faults(pid)
+    spent = {tid: cpu_after[tid] - cpu_before.get(tid, 0.0) for tid in cpu_after}
+    return {"loop_us": spent.get(pid, 0.0) / calls * 1e6,
+            "total_us": sum(spent.values()) / calls * 1e6,
+            "faults": (faults_after - faults_before) / calls}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    before = environment(args.before)
+    procs: dict[str, tuple[subprocess.Popen[str], int]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-cost-") as pipelines:
+        write_pipelines(pipelines)
+        served = {"TENSORLINE_PIPELINES_DIR": pipelines,
+                  "TENSORLINE_EVENT_LOOP": os.environ.get("TENSORLINE_EVENT_LOOP", "auto")}
+        try:
+            procs["echo"] = start_server(ECHO_SERVER, served)
+            procs["tl"] = start_server(TENSORLINE_SERVER, served)
+            if before:
+                procs["before"] = start_server(TENSORLINE_SERVER, {**served, **before})
+            return await run(args, procs, before)
+        finally:
+            for proc, _ in procs.values():
+                proc.terminate()
+                proc.wait(10)
+
+
+async def run(args: argparse.Namespace, procs: dict[str, tuple[subprocess.Popen[str], int]],
+              before: dict[str, str]) -> dict[str, Any]:
+    results: dict[str, Any] = {"before": before, "rows": []}
+    print(f"{'server':>7} {'rpc':>16} {'payload':>22} {'loop us':>9} {'all us':>8} "
+          f"{'faults':>7} {'RSS MiB':>8}   (per call)")
+    for label, elements, calls, in_flight in (("1 KiB, 32 in flight", 256, args.calls, 32),
+                                               ("1 MiB, one at a time", MiB // 4,
+                                                max(20, args.calls // 50), 1)):
+        bodies = requests(elements)
+        for key, (proc, port) in procs.items():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as ch:
+                for rpc, body in bodies.items():
+                    method = ECHO_METHOD if key == "echo" else (
+                        EXECUTE if rpc == "ExecutePipeline" else INFER)
+                    stub = ch.unary_unary(method, request_serializer=None,
+                                          response_deserializer=None)
+
+                    async def call(stub: Any = stub, body: bytes = body) -> Any:
+                        return await stub(body)
+
+                    row = {"server": key, "rpc": rpc, "payload": label,
+                           **await measure(proc.pid, call, calls, in_flight),
+                           "rss_mib": resident_mib(proc.pid)}
+                    results["rows"].append(row)
+                    print(f"{key:>7} {rpc:>16} {label:>22} {row['loop_us']:9.0f} "
+                          f"{row['total_us']:8.0f} {row['faults']:7.1f} {row['rss_mib']:8.0f}")
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=10_000,
+                        help="calls per measure at 1 KiB (a fiftieth of it at 1 MiB)")
+    parser.add_argument("--before", action="append", default=[], metavar="TENSORLINE_X=V",
+                        help="also measure a tensorline server with this setting (repeatable)")
+    run_and_save(main, parser)
