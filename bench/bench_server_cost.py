@@ -10,6 +10,15 @@ them the measure of where a server's time goes (``/proc/PID/task/*/stat`` and
     python bench/bench_server_cost.py
     python bench/bench_server_cost.py --before TENSORLINE_HEAP_BUFFER_BYTES=0   # and a server
         # with that setting (here: without the allocator tuning), in the same run
+    python bench/bench_server_cost.py --floor     # where a 1 KiB call's event-loop CPU goes
+
+``--floor`` measures instead, at 1 KiB with 32 calls in flight and in interleaved rounds, the
+event-loop CPU per call of four handlers: the bare echo (its own process), the same echo method
+served by a tensorline server process (what the process, its settings and its other services
+cost), a handler that does only the unavoidable work of a PassThrough call (decode the request,
+run the node, encode the response and its metrics), and ExecutePipeline itself, in that same
+process. The differences tell the server's fixed cost, the codec and node's, and the cost of
+everything else (admission, the plan cache, the executor, the runtime, telemetry).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -31,6 +41,7 @@ from _common import (
     Call,
     MiB,
     latencies,
+    rotated,
     run_and_save,
     start_server,
     throughput,
@@ -50,6 +61,51 @@ IDENTITY = {"metadata": {"name": "identity",
                          "outputs": [{"name": "OUTPUT0", "node": "p", "datatype": "FP32",
                                       "shape": [1, -1]}]},
             "nodes": [{"id": "p", "node_type": "PassThrough"}]}
+
+
+# A tensorline server that also serves, on the same port and loop, the bare echo method and a
+# handler doing only what a PassThrough call cannot do without (``--floor``).
+FLOOR_SERVER = """
+import asyncio, os, time, grpc
+from tensorline.server import Settings, create_server
+from tensorline.server._eventloop import run
+from tensorline.server.nodes import NodeContext
+from tensorline.server.nodes.builtin import PassThrough
+from tensorline.wire import (PortItem, decode_execute_request, encode_execute_response,
+                             encode_execution_metrics)
+class Figures:
+    node_id, node_type, runtime, reason = "p", "PassThrough", "inprocess", "floor"
+    wall_ms, fallback, inputs_consumed, outputs_produced = 0.0, "", 0, 0
+async def main():
+    server, port = await create_server(Settings(host="127.0.0.1", port=0,
+        max_message_bytes=512 * 1024 * 1024, max_tensor_bytes=256 * 1024 * 1024))
+    async def echo(request, context):
+        return request
+    async def decode_node_encode(request, context):
+        started = time.perf_counter()
+        node = PassThrough(PassThrough.Params(),
+                           NodeContext(node_id="p", execution_id="floor", runtime="inprocess"))
+        value = await node.process({"in": request.inputs[0].value})
+        figures = Figures()
+        figures.wall_ms = (time.perf_counter() - started) * 1000.0
+        metrics = encode_execution_metrics(figures.wall_ms, [figures], True)
+        return encode_execute_response([PortItem("p", "out", value)], metrics)
+    server.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Floor", {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "DecodeNodeEncode": grpc.unary_unary_rpc_method_handler(
+            decode_node_encode, request_deserializer=decode_execute_request)}),))
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
+"""
+# --floor: label -> (server, method), in the order of the first round.
+FLOOR_HANDLERS = {
+    "bare echo": ("echo", ECHO_METHOD),
+    "echo method, tensorline process": ("floor", "/bench.Floor/Echo"),
+    "decode, node, encode": ("floor", "/bench.Floor/DecodeNodeEncode"),
+    "ExecutePipeline": ("floor", EXECUTE),
+}
 
 
 def write_pipelines(directory: str) -> None:
@@ -117,6 +173,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                   "TENSORLINE_EVENT_LOOP": os.environ.get("TENSORLINE_EVENT_LOOP", "auto")}
         try:
             procs["echo"] = start_server(ECHO_SERVER, served)
+            if args.floor:
+                procs["floor"] = start_server(FLOOR_SERVER, served)
+                return await floor(args, procs)
             procs["tl"] = start_server(TENSORLINE_SERVER, served)
             if before:
                 procs["before"] = start_server(TENSORLINE_SERVER, {**served, **before})
@@ -156,10 +215,46 @@ async def run(args: argparse.Namespace, procs: dict[str, tuple[subprocess.Popen[
     return results
 
 
+async def floor(args: argparse.Namespace,
+                procs: dict[str, tuple[subprocess.Popen[str], int]]) -> dict[str, Any]:
+    """``--floor``: event-loop CPU per 1 KiB call of the four handlers, in interleaved rounds
+    (each goes first in turn), medians over rounds."""
+    body = requests(256)["ExecutePipeline"]
+    channels = {key: grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
+                for key, (_, port) in procs.items()}
+    calls: dict[str, Call] = {}
+    for label, (key, method) in FLOOR_HANDLERS.items():
+        stub = channels[key].unary_unary(method, request_serializer=None,
+                                         response_deserializer=None)
+
+        async def call(stub: Any = stub) -> Any:
+            return await stub(body)
+
+        calls[label] = call
+    samples: dict[str, list[float]] = {label: [] for label in FLOOR_HANDLERS}
+    labels = list(FLOOR_HANDLERS)
+    for round_ in range(args.rounds):
+        for label in rotated(labels, round_):
+            pid = procs[FLOOR_HANDLERS[label][0]][0].pid
+            samples[label].append((await measure(pid, calls[label], args.calls // 2, 32))["loop_us"])
+    for channel in channels.values():
+        await channel.close()
+    medians = {label: statistics.median(values) for label, values in samples.items()}
+    print(f"event-loop CPU per 1 KiB call, 32 in flight, median of {args.rounds} interleaved "
+          f"rounds of {args.calls // 2} calls")
+    for label, value in medians.items():
+        print(f"{label:>32} {value:7.0f} us   (rounds: "
+              + ", ".join(f"{v:.0f}" for v in sorted(samples[label])) + ")")
+    return {"floor_loop_us": medians, "floor_rounds": samples}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=10_000,
                         help="calls per measure at 1 KiB (a fiftieth of it at 1 MiB)")
+    parser.add_argument("--floor", action="store_true",
+                        help="where a 1 KiB call's event-loop CPU goes (see the module docs)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of --floor")
     parser.add_argument("--before", action="append", default=[], metavar="TENSORLINE_X=V",
                         help="also measure a tensorline server with this setting (repeatable)")
     run_and_save(main, parser)
