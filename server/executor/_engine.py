@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,6 +180,16 @@ class PipelineEngine:
         _log_plan(plan)
         return PlanLookup(plan, False)
 
+    def lookup(self, manifest_json: str, prior: Sequence[Violation] = ()) -> PlanLookup:
+        """``plan_for``, with the request's earlier problems (``prior``) reported together with
+        the manifest's."""
+        try:
+            return self.plan_for(manifest_json)
+        except RequestInvalid as exc:
+            if not prior:
+                raise
+            raise RequestInvalid([*prior, *exc.violations], "invalid request") from None
+
     async def execute(
         self,
         manifest_json: str,
@@ -189,28 +199,25 @@ class PipelineEngine:
         scope: ExecutionScope | None = None,
     ) -> tuple[ExecutionResult, bool]:
         """Run a manifest once. Returns the result and whether the plan came from the cache."""
-        try:
-            lookup = self.plan_for(manifest_json)
-        except RequestInvalid as exc:
-            if not prior:
-                raise
-            raise RequestInvalid([*prior, *exc.violations], "invalid request") from None
+        lookup = self.lookup(manifest_json, prior)
         result = await self.execute_plan(lookup.plan, inputs, prior=prior, scope=scope)
         return result, lookup.cached
 
-    async def execute_plan(
+    def execute_plan(
         self,
         plan: ExecutionPlan,
         inputs: Sequence[PortItem],
         *,
         prior: Sequence[Violation] = (),
         scope: ExecutionScope | None = None,
-    ) -> ExecutionResult:
+    ) -> Awaitable[ExecutionResult]:
         """Run an already compiled plan once (a named pipeline of the repository, or a plan
-        ``plan_for`` returned)."""
+        ``plan_for`` returned): await the result. Not a coroutine itself: the inputs are bound
+        (and refused, raising here) before it returns the executor's run, which saves the
+        request path a coroutine frame of its own."""
         bound = bind_inputs(plan, inputs, prior)
-        scope = scope or ExecutionScope(execution_id=uuid.uuid4().hex)
-        return await self.executor.run(plan, bound, scope)
+        return self.executor.run(plan, bound, scope or ExecutionScope(
+            execution_id=uuid.uuid4().hex))
 
     async def warm_plan(self, plan: ExecutionPlan, scope: ExecutionScope | None = None) -> None:
         """Create ``plan``'s node instances in the runtimes that will run them (warm reusable

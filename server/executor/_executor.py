@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,11 +174,13 @@ class Executor:
         # Told about every finished node run (report, failed): metrics hook.
         self.observer: NodeObserver | None = None
 
-    async def run(self, plan: ExecutionPlan, inputs: BoundInputs,
-                  scope: ExecutionScope) -> ExecutionResult:
+    def run(self, plan: ExecutionPlan, inputs: BoundInputs,
+            scope: ExecutionScope) -> Coroutine[Any, Any, ExecutionResult]:
+        """Run ``plan`` once: await the result. The coroutine of the path that fits the plan
+        is returned as it is (no frame of its own on every request)."""
         if len(plan.order) == 1:
-            return await self._run_single(plan, inputs, scope)
-        return await self._run_dag(plan, inputs, scope)
+            return self._run_single(plan, inputs, scope)
+        return self._run_dag(plan, inputs, scope)
 
     async def _run_single(self, plan: ExecutionPlan, inputs: BoundInputs,
                           scope: ExecutionScope) -> ExecutionResult:
@@ -302,10 +304,11 @@ class Executor:
                 await runtime_for(self._runtimes, self._selector, spec, retry,
                                   report).prepare(spec, scope)
 
-    async def _call(self, spec: NodeSpec, decision: RuntimeDecision, node_inputs: dict[str, Any],
-                    scope: ExecutionScope, report: NodeReport) -> Any:
+    def _call(self, spec: NodeSpec, decision: RuntimeDecision, node_inputs: dict[str, Any],
+              scope: ExecutionScope, report: NodeReport) -> Awaitable[Any]:
+        """The runtime's call of the node, to await (a missing runtime raises here)."""
         runtime = runtime_for(self._runtimes, self._selector, spec, decision, report)
-        return await runtime.call(spec, scope, node_inputs)
+        return runtime.call(spec, scope, node_inputs)
 
 
 def runtime_for(runtimes: Mapping[str, Runtime], selector: Selector, spec: NodeSpec,

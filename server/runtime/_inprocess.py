@@ -321,6 +321,8 @@ class InProcessRuntime(Runtime):
             # the instance bookkeeping acquire/release keep for the general case (a sync call
             # that may outlive its request, a cleanup).
             if entry.async_process:
+                if spec.timeout_s is None:
+                    return await _process_plain(spec, self._new_node(spec, scope), inputs)
                 return await within_node_timeout(
                     spec, _process_plain(spec, self._new_node(spec, scope), inputs))
             pace = self.inline.pace(entry, spec.timeout_s)

@@ -80,8 +80,10 @@ class PipelineService:
                                   request.pipeline_version, self.repository,
                                   prior=request.violations)
             if named is None:
-                result, cached = await self.engine.execute(
-                    request.manifest_json, request.inputs, prior=request.violations, scope=scope)
+                lookup = self.engine.lookup(request.manifest_json, request.violations)
+                result = await self.engine.execute_plan(lookup.plan, request.inputs,
+                                                        prior=request.violations, scope=scope)
+                cached = lookup.cached
             else:
                 # Held for the whole call: a version replaced or unloaded meanwhile finishes it.
                 with named.repository.lease(named.name, named.version) as pipeline:

@@ -131,7 +131,7 @@ async def test_server_bug_is_internal(server: TensorlineServer, client: AsyncCli
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise AttributeError("a bug in the engine")
 
-    monkeypatch.setattr(server.engine, "execute", broken)
+    monkeypatch.setattr(server.engine, "execute_plan", broken)
     with pytest.raises(ServerError) as caught:
         await client.execute(one_node("p", "PassThrough"), {"p": np.zeros(1)})
     assert caught.value.code == grpc.StatusCode.INTERNAL
