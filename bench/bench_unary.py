@@ -80,12 +80,17 @@ run(main(), os.environ.get("TENSORLINE_EVENT_LOOP", "auto"))
 
 def shim_for(tree: Path, root: Path) -> str:
     """A directory that makes ``tree``'s packages importable as tensorline.* (pyproject's
-    package-dir, by symlinks), to put first on PYTHONPATH: it wins over the editable install."""
+    package-dir, by symlinks), to put first on PYTHONPATH: it wins over the editable install.
+    The wire and oip packages are optional: checkouts older than them had neither."""
     package = root / "tensorline"
     package.mkdir()
-    for name, source in (("server", "server"), ("client", "client"),
-                         ("wire", "protos/tensorline/wire"), ("v1", "protos/tensorline/v1")):
+    for name, source, required in (("server", "server", True), ("client", "client", True),
+                                   ("v1", "protos/tensorline/v1", True),
+                                   ("wire", "protos/tensorline/wire", False),
+                                   ("oip", "protos/tensorline/oip", False)):
         if not (tree / source).is_dir():
+            if not required:
+                continue
             raise SystemExit(f"--against {tree}: no {source}/ (not a checkout of this repository)")
         (package / name).symlink_to((tree / source).resolve())
     return str(root)

@@ -5,7 +5,7 @@
     ...
     await server.stop()
 
-The command line (``tensorline.client.cli``) uses ``run_server`` (serve, demo),
+The command line (the client package's ``cli``) uses ``run_server`` (serve, demo),
 ``check_manifest`` (validate) and ``local_catalogue`` (nodes), which raise ``SetupError``.
 
 Names are imported on first use (PEP 562): importing a submodule (the sandbox launcher imports

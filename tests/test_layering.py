@@ -95,3 +95,14 @@ def _public_name_of_server(target: str) -> bool:
     a name the package exports, not one of its modules."""
     name = target.removeprefix("tensorline.server.")
     return "." not in name and name in tensorline.server.__all__
+
+
+def test_the_server_source_never_names_the_client_package() -> None:
+    """The server knows nothing of the client: not in an import (import-linter), nor in a
+    string, a lazy import or a comment that would invite one (``grep -rn tensorline.client
+    server/`` finds nothing)."""
+    naming = [f"{path.relative_to(REPO_ROOT)}:{number}"
+              for path in sorted((REPO_ROOT / "server").rglob("*.py"))
+              for number, line in enumerate(path.read_text().splitlines(), 1)
+              if "tensorline.client" in line]
+    assert naming == []
