@@ -430,7 +430,8 @@ OTHER_OPTIONS = {**{option: REPO_ROOT / "bench" / "bench_unary.py"
                     for option in ("--loop", "--echo-loop", "--node", "--runtime", "--before",
                                    "--against", "--tuned-echo")},
                  **{option: REPO_ROOT / "bench" / "soak_streams.py"
-                    for option in ("--streams", "--clients", "--pipeline")}}
+                    for option in ("--streams", "--clients", "--pipeline")},
+                 "--floor": REPO_ROOT / "bench" / "bench_server_cost.py"}
 
 
 def test_options_in_code_spans_of_their_own_exist() -> None:
