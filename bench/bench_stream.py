@@ -1,6 +1,8 @@
 """StreamPipeline benchmark (run by hand): chunks/s and added latency versus a bare grpc.aio echo.
 
     python bench/bench_stream.py [--rounds 5] [--chunks 4000] [--streams 32] [--json FILE]
+    python bench/bench_stream.py --against DIR   # also DIR's server (a source tree of this
+        # repository, e.g. from ``git archive REV``), its variants in the same rounds
 
 A server process hosts both a tensorline server and a bare grpc.aio bidirectional echo (a generic
 handler with identity serializers that writes back every message it reads), on the event loop
@@ -35,7 +37,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -219,8 +223,10 @@ def cpu_seconds(pid: int) -> float:
     return float(total)
 
 
-async def bench(args: argparse.Namespace, port: int, echo_port: int,
-                server_pid: int) -> dict[str, float]:
+async def bench(args: argparse.Namespace, port: int, echo_port: int, server_pid: int,
+                against: tuple[int, int] | None = None) -> dict[str, float]:
+    """``against``: the port and pid of a second server (``--against``): its variants run in
+    the same rounds, labelled "... (against)"."""
     from tensorline.client import AsyncClient
 
     results: dict[str, list[float]] = {}
@@ -231,9 +237,17 @@ async def bench(args: argparse.Namespace, port: int, echo_port: int,
     per_stream = max(1, args.chunks // args.streams)
     total_n = per_stream * args.streams
     many = f"c={args.streams}"
-    variants = ["echo", *VARIANTS]
-    async with AsyncClient(f"127.0.0.1:{port}") as client, \
-            grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as echo:
+    async with contextlib.AsyncExitStack() as stack:
+        echo = await stack.enter_async_context(
+            grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}"))
+        # label -> (client, variant, server pid)
+        servers = [("", port, server_pid)] + ([(" (against)", *against)] if against else [])
+        targets: dict[str, tuple[Any, str, int]] = {}
+        for suffix, server_port, pid in servers:
+            client = await stack.enter_async_context(AsyncClient(f"127.0.0.1:{server_port}"))
+            for variant in VARIANTS:
+                targets[variant + suffix] = (client, variant, pid)
+        variants = ["echo", *targets]
         for round_ in range(args.rounds):
             # Interleaved: every variant of every test in each round, in an order that rotates
             # from round to round so that none always runs first (warm caches, drift).
@@ -247,25 +261,28 @@ async def bench(args: argparse.Namespace, port: int, echo_port: int,
                         args.streams, lambda g: echo_throughput(echo, per_stream, g)), total_n))
                     tests.append(("echo p50", lambda: echo_latency(echo, args.latency), 0))
                     continue
-                v = variant
-                tests.append((f"{v} c=1", lambda v=v: single(
-                    lambda: tl_throughput(client, v, args.chunks)), args.chunks))
-                tests.append((f"{v} {many}", lambda v=v: concurrent(
-                    args.streams, lambda g: tl_throughput(client, v, per_stream, g)), total_n))
-                tests.append((f"{v} p50", lambda v=v: tl_latency(client, v, args.latency), 0))
-                tests.append((f"{v} session", lambda v=v: sessions(client, v), 0))
+                label = variant
+                c, v, _ = targets[label]
+                tests.append((f"{label} c=1", lambda c=c, v=v: single(
+                    lambda: tl_throughput(c, v, args.chunks)), args.chunks))
+                tests.append((f"{label} {many}", lambda c=c, v=v: concurrent(
+                    args.streams, lambda g: tl_throughput(c, v, per_stream, g)), total_n))
+                tests.append((f"{label} p50", lambda c=c, v=v: tl_latency(c, v, args.latency),
+                              0))
+                tests.append((f"{label} session", lambda c=c, v=v: sessions(c, v), 0))
             for key, run, count in sorted(tests, key=lambda t: ("c=1" not in t[0],
                                                                 "p50" in t[0])):
-                cpu_before = cpu_seconds(server_pid)
+                pid = server_pid if key.startswith("echo") else targets[key.rsplit(" ", 1)[0]][2]
+                cpu_before = cpu_seconds(pid)
                 value = await run()
                 if key.endswith(many):
-                    add(key.replace(many, "cpu"), (cpu_seconds(server_pid) - cpu_before) / count)
+                    add(key.replace(many, "cpu"), (cpu_seconds(pid) - cpu_before) / count)
                 add(key, statistics.median(value) if count == 0 else count / value)
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
     figures: dict[str, float] = dict(med)
-    names = list(VARIANTS)
+    names = list(targets)
     print(f"\n1 KiB float32 chunks, {args.rounds} interleaved rounds, medians "
           f"(server in a separate process)\n")
     print(f"{'test':<24}{'echo':>10}" + "".join(f"{n:>16}{'ratio':>8}" for n in names))
@@ -306,6 +323,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile-server", metavar="FILE", help="cProfile the server into FILE")
+    parser.add_argument("--against", metavar="DIR",
+                        help="also measure DIR's server (a source tree of this repository)")
     args = parser.parse_args()
     if args.serve:
         from tensorline.server import Settings
@@ -316,20 +335,38 @@ def main() -> None:
         run_on_event_loop(serve(settings), settings.event_loop)
         return
     profile = ["-m", "cProfile", "-o", args.profile_server] if args.profile_server else []
-    server = subprocess.Popen([sys.executable, *profile, os.path.abspath(__file__), "--serve"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
+    servers: list[subprocess.Popen[str]] = []
+    shim = tempfile.TemporaryDirectory(prefix="bench-stream-")
+
+    def start(prefix: list[str], env: dict[str, str] | None = None) -> tuple[int, int, str]:
+        server = subprocess.Popen([sys.executable, *prefix, os.path.abspath(__file__), "--serve"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, **(env or {})})
+        servers.append(server)
         assert server.stdout is not None
         port, echo_port, loop = server.stdout.readline().split()
+        return int(port), int(echo_port), loop
+
+    try:
+        port, echo_port, loop = start(profile)
+        against = None
+        if args.against:
+            from bench_unary import shim_for
+
+            against_port, _, _ = start([], {"PYTHONPATH": shim_for(Path(args.against),
+                                                                   Path(shim.name))})
+            against = (against_port, servers[-1].pid)
         print(f"server and echo on {loop}", file=sys.stderr, flush=True)
-        figures = asyncio.run(bench(args, int(port), int(echo_port), server.pid))
+        figures = asyncio.run(bench(args, port, echo_port, servers[0].pid, against))
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump({"loop": loop, **figures}, handle, indent=2)
     finally:
-        assert server.stdin is not None
-        server.stdin.close()
-        server.wait(timeout=30)
+        for server in servers:
+            assert server.stdin is not None
+            server.stdin.close()
+            server.wait(timeout=30)
+        shim.cleanup()
 
 
 if __name__ == "__main__":

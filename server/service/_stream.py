@@ -11,9 +11,10 @@ tasks run until the session ends:
 * the session runs the nodes (``StreamSession.run``);
 * the writer drains the session's outbox into responses, coalescing results that are ready
   together into one ``StreamResults`` message. When the reader had to wait for a chunk (the
-  client is not ahead: ``DIRECT_WRITE_AFTER_S``), the writer is idle (parked on an empty
-  outbox) and the chunk's results are ready by the time the reader has handed it to the session
-  (its nodes ran in the reader's task: see the executor), the reader writes them itself, as a
+  client is not ahead: ``DIRECT_WRITE_AFTER_S``) while no other session's chunk came in, the
+  writer is idle (parked on an empty outbox) and the chunk's results are ready by the time the
+  reader has handed it to the session (its nodes ran in the reader's task: see the executor),
+  the reader writes them itself, as a
   plain echo would: the writer's wake-up per chunk is saved. Writes never overlap (one lock),
   and they stay in order: the reader only takes what the parked writer would have taken next.
 
@@ -79,8 +80,14 @@ COALESCE_COUNT = 64
 # result, or sending slower than the server runs), and writing at once saves the writer's
 # wake-up. A read that returns sooner had more chunks queued behind it: the reader keeps
 # reading and the writer, running alongside, coalesces results into fewer messages (measured on
-# 2 cores: always writing from the reader cut 1-stream throughput by a third).
+# 2 cores: always writing from the reader cut 1-stream throughput by a third). Not when another
+# session's chunk came in less than this before (``_Reads``): then the read waited for the loop,
+# busy with other streams, rather than for this client, and readers that write each result
+# themselves (a message each, waiting for each write) lose the writer's coalescing, which
+# counts most when many streams share the loop (bench/bench_stream.py --against,
+# docs/performance.md).
 DIRECT_WRITE_AFTER_S = 100e-6
+
 # Largest per-node queue a client may ask for in its init message.
 MAX_QUEUE_SIZE = 1024
 # After a failure, how long the client gets to stop sending before the call ends anyway.
@@ -91,6 +98,24 @@ ERROR_GRACE_S = 5.0
 # (haproxy/haproxy#1219): a stream that completed would fail at the client. Our client
 # half-closes right after its close message, so this is one round trip in practice.
 HALF_CLOSE_GRACE_S = 2.0
+
+
+class _Reads:
+    """When the last chunk of any session was read, and by which session's reader: whether the
+    loop is serving other streams right now."""
+
+    __slots__ = ("at", "by")
+
+    def __init__(self) -> None:
+        self.at = 0.0
+        self.by: object = None
+
+    def after_other(self, now: float, reader: object) -> bool:
+        """Record a chunk read by ``reader`` at ``now``: True when another reader's chunk came
+        in less than ``DIRECT_WRITE_AFTER_S`` before."""
+        other = self.by is not reader and now - self.at < DIRECT_WRITE_AFTER_S
+        self.at, self.by = now, reader
+        return other
 
 
 def _control(item: Any, plan_cached: bool) -> bytes:
@@ -144,8 +169,11 @@ class _Writer:
     flight and refuse the error status sent after it (TOO_MANY_OPERATIONS). ``stop`` lets a
     write in progress finish, then ends the loop."""
 
-    def __init__(self, session: StreamSession, context: Context, plan_cached: bool) -> None:
+    def __init__(self, session: StreamSession, context: Context, plan_cached: bool,
+                 reads: _Reads) -> None:
         self._session = session
+        # Every session's reads (see DIRECT_WRITE_AFTER_S).
+        self.reads = reads
         self._context = context
         self._plan_cached = plan_cached
         self._idle = asyncio.Event()
@@ -249,7 +277,8 @@ async def _read(session: StreamSession, context: Context,
     while True:
         started = clock()
         request: Any = await context.read()
-        waited = clock() - started > DIRECT_WRITE_AFTER_S
+        read_at = clock()
+        waited = read_at - started > DIRECT_WRITE_AFTER_S
         if request is grpc.aio.EOF:
             session.end_input()
             return "close"
@@ -259,7 +288,9 @@ async def _read(session: StreamSession, context: Context,
         if kind == "data":
             chunk = request.chunk
             item = chunk.item
-            if writing is None or not waited or writing.closing or not outbox.parked():
+            # Every chunk is recorded (``after_other``), whether or not it waited.
+            if (writing is None or writing.reads.after_other(read_at, writing) or not waited
+                    or writing.closing or not outbox.parked()):
                 await session.send(chunk.sequence, item.node_id, item.port, item.value)
                 continue
             outbox.hold()
@@ -336,6 +367,7 @@ class StreamHandler:
         self.admission = admission
         # Read by translate_errors (request counts and latencies by status).
         self.telemetry = telemetry
+        self.reads = _Reads()
 
     @translate_errors("StreamPipeline")
     async def stream_pipeline(self, requests: Any, context: Context) -> None:
@@ -381,7 +413,7 @@ class StreamHandler:
             or self.settings.stream_queue_size,
             buffer_bytes=self.settings.stream_buffer_bytes)
         tasks: list[asyncio.Task[Any]] = []
-        writing = _Writer(session, context, plan_cached)
+        writing = _Writer(session, context, plan_cached, self.reads)
         writer = asyncio.ensure_future(writing.run())
         reader: asyncio.Task[str] | None = None
         failure: TensorlineServerError | None = None

@@ -1,4 +1,5 @@
-"""StreamPipeline at the service boundary: auth on the streaming call, stream admission."""
+"""StreamPipeline at the service boundary: auth on the streaming call, stream admission, and
+when a reader writes its results itself."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from tensorline.client import AsyncClient, AuthenticationError, LimitExceededError, NodeError
+from tensorline.server.service._stream import DIRECT_WRITE_AFTER_S, _Reads
 
 MANIFEST = {"nodes": [{"id": "p", "node_type": "PassThrough"}]}
 
@@ -64,3 +66,16 @@ async def test_stream_metrics_are_exported(server_factory: Callable[..., Any]) -
     assert samples[("tensorline_node_errors_total",
                     (("node_type", "Fail"), ("runtime", "inprocess")))] == 1
     assert samples[("tensorline_inflight_streams", ())] == 0
+
+
+def test_a_read_right_after_another_sessions_is_not_taken_for_a_waiting_client() -> None:
+    """The reader writes results itself only when its read waited for its client; a chunk of
+    another session read just before means the loop was busy with that session instead."""
+    reads, one, two = _Reads(), object(), object()
+    assert not reads.after_other(1.0, one)
+    # The same session's own chunks never count, however close.
+    assert not reads.after_other(1.0 + DIRECT_WRITE_AFTER_S / 10, one)
+    assert reads.after_other(1.0 + DIRECT_WRITE_AFTER_S / 5, two)
+    assert reads.after_other(1.0 + DIRECT_WRITE_AFTER_S / 2, one)
+    # Long enough after the other session's last chunk: the loop had nothing else to do.
+    assert not reads.after_other(1.0 + DIRECT_WRITE_AFTER_S * 3, two)
