@@ -37,7 +37,6 @@ class ExecutionScope:
     """Identity of one execution (a unary call or a streaming session)."""
 
     execution_id: str
-    request_id: str = ""
     # Absolute loop time by which the execution must end (None = no deadline).
     deadline: float | None = None
     # Who asked (the peer, or the authenticated principal): the sandbox serves waiting callers

@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 
-from tensorline.server._logging import request_id_var
 from tensorline.server._settings import Settings
 from tensorline.server._version import __version__
 from tensorline.server.executor import PipelineEngine
@@ -48,8 +47,8 @@ def scope_for(context: Context, execution_id: str) -> ExecutionScope:
         # names the node that ran out of time, must reach the client before the client's
         # deadline turns it into a bare "Deadline Exceeded" (and gRPC cancels this handler).
         deadline = asyncio.get_running_loop().time() + remaining - min(0.2, remaining * 0.05)
-    return ExecutionScope(execution_id=execution_id, request_id=request_id_var.get(),
-                          deadline=deadline, caller=context.peer() or "")
+    return ExecutionScope(execution_id=execution_id, deadline=deadline,
+                          caller=context.peer() or "")
 
 
 class PipelineService:

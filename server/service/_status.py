@@ -35,7 +35,7 @@ from tensorline.server._errors import (
     Violation,
     clip,
 )
-from tensorline.server._logging import request_id_var
+from tensorline.server._logging import DeferredId, request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def translate_errors(name: str) -> Callable[[Handler], Handler]:
     def decorate(method: Handler) -> Handler:
         @functools.wraps(method)
         async def wrapper(self: Any, request: Any, context: Any) -> Any:
-            request_id_var.set(request_id_of(context))
+            request_id_var.set(DeferredId(request_id_of, context))
             telemetry: RequestObserver | None = getattr(self, "telemetry", None)
             started = time.perf_counter()
             code = "OK"

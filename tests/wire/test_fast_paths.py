@@ -5,11 +5,15 @@ Fast paths (each returns None, "not mine", whenever the general path must decide
 * ``_unary._decode_small_request``: small ExecuteRequests through the generated parser (its
   tensors made by the codec's ``_tensor``, which the one tensor decoder ``_decode_tensor`` ends
   in), versus the zero-copy scan of ``decode_execute_request``;
+* ``_unary.LAYOUTS`` (``_layouts``): an ExecuteRequest that repeats the layout of one decoded
+  before, its arrays made at the learned offsets without parsing; every request is decoded three
+  times (seen, learned, by its layout), then again with other tensor data;
 * ``_streams._fast_stream_chunk``: a chunk of one tensor scanned inline (the tensor by
   ``_decode_tensor``), versus the general walk of ``decode_stream_chunk`` (used by
   ``decode_stream_request`` and ``decode_stream_response``);
 * ``_unary._tensor_output``: an ExecuteResponse output framed flat (the tensor by the one
-  encoder ``_codec._encode_tensor``), versus ``encode_port_value``; ``_encode_tensor`` and
+  encoder ``_codec._encode_tensor``), then again from the head it kept, versus
+  ``encode_port_value``; ``_encode_tensor`` and
   ``encode_execution_metrics`` versus the generated serializer.
 
 Decoders are compared by running each public decoder twice on the same bytes, once as is and
@@ -43,6 +47,7 @@ from tensorline.wire import (
     PortItem,
     StreamItem,
     _codec,
+    _layouts,
     _streams,
     _unary,
     decode_execute_request,
@@ -90,10 +95,19 @@ def _outcome(decode: Callable[[], Any]) -> Any:
         return ("raised", type(exc).__name__, str(exc))
 
 
+class _NoLayouts(_layouts.RequestLayouts):
+    def decode(self, raw: bytes, limits: Limits) -> None:
+        return None
+
+    def learn(self, *args: Any) -> None:
+        return None
+
+
 @contextmanager
 def _general_only() -> Iterator[None]:
     """Switch every decoding fast path off: each says "not mine"."""
     with mock.patch.object(_unary, "_decode_small_request", lambda raw, limits: None), \
+            mock.patch.object(_unary, "LAYOUTS", _NoLayouts()), \
             mock.patch.object(_streams, "_fast_stream_chunk",
                               lambda raw, start, end, limits, out: None):
         yield
@@ -118,7 +132,11 @@ def _stream_response_summary(decoded: Any) -> Any:
 
 
 def assert_same_decoding(raw: bytes, limits: Limits) -> None:
-    fast_req = _outcome(lambda: _request_summary(decode_execute_request(raw, limits)))
+    # Seen, learned, then decoded by its layout (when it gets one): each the same.
+    fast_reqs = [_outcome(lambda: _request_summary(decode_execute_request(raw, limits)))
+                 for _ in range(3)]
+    assert fast_reqs[0] == fast_reqs[1] == fast_reqs[2]
+    fast_req = fast_reqs[0]
     fast_stream = _outcome(lambda: _stream_request_summary(decode_stream_request(raw, limits)))
     fast_resp = _outcome(lambda: _stream_response_summary(decode_stream_response(raw)))
     with _general_only():
@@ -344,6 +362,18 @@ def _execute_request(dims: list[int], dtype: int = pb.DTYPE_UINT8, data: bytes =
          limit=Limits())
 def test_fast_decoders_match_the_general_ones(raw: bytes, limit: Limits) -> None:
     assert_same_decoding(raw, limit)
+    for layout in _unary.LAYOUTS._by_size.get(len(raw), ()):
+        if layout.decode(raw) is not None:
+            # The same layout with other data (every data byte inverted) and with one fixed
+            # byte changed: still what the general path makes of them.
+            other = bytearray(raw)
+            for _, _, dtype, count, offset, _ in layout.tensors:
+                for i in range(offset, offset + count * dtype.itemsize):
+                    other[i] ^= 0xFF
+            assert_same_decoding(bytes(other), limit)
+            at, part = layout.fixed[-1]
+            other[at + len(part) - 1] ^= 0x01
+            assert_same_decoding(bytes(other), limit)
 
 
 def test_the_issues_hundred_dimensions_is_a_violation_with_its_path() -> None:
@@ -367,6 +397,10 @@ def test_the_fast_paths_are_taken() -> None:
     array = np.arange(6, dtype="<f4").reshape(2, 3)
     raw = join(encode_port_value(2, "n", "p", array))
     assert _unary._decode_small_request(raw, Limits()) is not None
+    request = join(encode_port_value(2, "n", "p", array) + encode_port_value(2, "m", "", array))
+    for _ in range(2):  # seen, then learned
+        decode_execute_request(request)
+    assert _unary.LAYOUTS.decode(request, _codec.DEFAULT_LIMITS) is not None
     chunk = join(_streams.encode_stream_item(2, 5, "n", "p", array))
     assert _streams._fast_stream_chunk(chunk, 2, len(chunk), Limits(), []) is not None
 
@@ -403,8 +437,10 @@ def test_fast_encoders_match_the_generated_serializer(array: np.ndarray, node: s
     ).SerializeToString()
     general = join(encode_port_value(1, node, port, array))
     assert general == expected
-    fast = _unary._tensor_output(PortItem(node, port, array))
-    assert fast is not None and join(fast) == general
+    # Twice: the first call frames it and keeps the head, the second reuses the head.
+    for _ in range(2):
+        fast = _unary._tensor_output(PortItem(node, port, array))
+        assert fast is not None and join(fast) == general
     # Stream results: the general framing of one and of several.
     one = encode_stream_results([StreamItem(3, node, port, array)])
     assert one == pb.StreamResponse(result=pb.StreamResult(

@@ -12,6 +12,7 @@ import numpy as np
 
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire._codec import (
+    _DTYPE_TO_WIRE,
     _F_METRICS_NODES,
     _F_REQUEST_INPUTS,
     _F_REQUEST_MANIFEST,
@@ -48,6 +49,7 @@ from tensorline.wire._codec import (
     encode_port_value,
     join,
 )
+from tensorline.wire._layouts import RequestLayouts
 
 # --- ExecuteRequest / ExecuteResponse ------------------------------------------------------------
 
@@ -56,11 +58,21 @@ def encode_execute_request(manifest_json: str, inputs: list[PortItem], pipeline:
                            pipeline_version: int = 0) -> bytes:
     """``manifest_json``, or the name of a pipeline of the server's repository (and a version
     of it, 0 = the newest)."""
+    return join(_request_pieces(manifest_json, inputs, pipeline, pipeline_version))
+
+
+def _request_pieces(manifest_json: str, inputs: list[PortItem], pipeline: str,
+                    pipeline_version: int) -> Pieces:
     pieces: Pieces = [pb.ExecuteRequest(manifest_json=manifest_json, pipeline=pipeline,
                                         pipeline_version=pipeline_version).SerializeToString()]
     for item in inputs:
         pieces += encode_port_value(_F_REQUEST_INPUTS, item.node_id, item.port, item.value)
-    return join(pieces)
+    return pieces
+
+
+def _pieces_of(request: DecodedExecuteRequest) -> Pieces:
+    return _request_pieces(request.manifest_json, request.inputs, request.pipeline,
+                           request.pipeline_version)
 
 
 # Below this size the C parser (upb) plus one small copy per tensor costs fewer Python-level
@@ -110,7 +122,19 @@ def _decode_small_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest |
     return request
 
 
+# The layouts of recent requests (``_layouts``): a request that repeats one is not parsed.
+LAYOUTS = RequestLayouts()
+
+
 def decode_execute_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedExecuteRequest:
+    request = LAYOUTS.decode(raw, limits)
+    if request is None:
+        request = _decode_request(raw, limits)
+        LAYOUTS.learn(raw, request, limits, _pieces_of)
+    return request
+
+
+def _decode_request(raw: bytes, limits: Limits) -> DecodedExecuteRequest:
     if len(raw) <= SMALL_MESSAGE_BYTES:
         fast = _decode_small_request(raw, limits)
         if fast is not None:
@@ -159,17 +183,37 @@ _VALUE_TAG = len(_T_PORT_VALUE)
 def _tensor_output(item: PortItem) -> Pieces | None:
     """One ``ExecuteResponse.outputs`` entry for a plain array: the tensor's pieces from the
     codec's encoder, framed flat with the (node, port) head made once per pair, without the
-    nested framing of ``encode_port_value``. None for anything else (the general framing)."""
-    if type(item.value) is not np.ndarray:
+    nested framing of ``encode_port_value``. None for anything else (the general framing).
+    A pipeline answers call after call with arrays of the same dtype and shape: everything
+    before the data is kept per (node, port, dtype, shape) and reused as one piece."""
+    value = item.value
+    if type(value) is not np.ndarray:
         return None
-    tensor, tensor_len = _encode_tensor(item.value)
+    key = (item.node_id, item.port, value.dtype, value.shape)
+    contiguous = value.flags.c_contiguous
+    if contiguous:
+        head = _OUTPUT_HEADS.get(key)
+        if head is not None:
+            return [head, memoryview(value if value.ndim == 1 else value.reshape(-1)).cast("B")]
+    tensor, tensor_len = _encode_tensor(value)
     tensor_len_bytes = _varint_bytes(tensor_len)
     value_len = _TENSOR_TAG + len(tensor_len_bytes) + tensor_len
     value_len_bytes = _varint_bytes(value_len)
     head = _port_head(item.node_id, item.port)
     port_len = len(head) + _VALUE_TAG + len(value_len_bytes) + value_len
-    return [_T_RESPONSE_OUTPUTS, _varint_bytes(port_len), head, _T_PORT_VALUE, value_len_bytes,
-            _T_VALUE_TENSOR, tensor_len_bytes, *tensor]
+    pieces: Pieces = [_T_RESPONSE_OUTPUTS, _varint_bytes(port_len), head, _T_PORT_VALUE,
+                      value_len_bytes, _T_VALUE_TENSOR, tensor_len_bytes, *tensor]
+    # Only arrays sent as they are (a wire dtype in native order, contiguous, not empty: the
+    # last piece is their data) have a head to keep; the rest were converted first.
+    if contiguous and value.dtype in _DTYPE_TO_WIRE and type(pieces[-1]) is memoryview:
+        if len(_OUTPUT_HEADS) >= 4096:  # bounded: names come from manifests
+            _OUTPUT_HEADS.clear()
+        _OUTPUT_HEADS[key] = b"".join(pieces[:-1])  # type: ignore[arg-type]
+    return pieces
+
+
+# Per (node, port, dtype, shape): an output entry's bytes up to its tensor's data.
+_OUTPUT_HEADS: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], bytes] = {}
 
 
 class NodeFigures(Protocol):
