@@ -186,7 +186,7 @@ def _tensor_output(item: PortItem) -> Pieces | None:
     nested framing of ``encode_port_value``. None for anything else (the general framing).
     A pipeline answers call after call with arrays of the same dtype and shape: everything
     before the data is kept per (node, port, dtype, shape) and reused as one piece."""
-    value = item.value
+    value: Any = item.value
     if type(value) is not np.ndarray:
         return None
     key = (item.node_id, item.port, value.dtype, value.shape)
