@@ -186,7 +186,7 @@ def _tensor_output(item: PortItem) -> Pieces | None:
     nested framing of ``encode_port_value``. None for anything else (the general framing).
     A pipeline answers call after call with arrays of the same dtype and shape: everything
     before the data is kept per (node, port, dtype, shape) and reused as one piece."""
-    value: Any = item.value
+    value = item.value
     if type(value) is not np.ndarray:
         return None
     key = (item.node_id, item.port, value.dtype, value.shape)
@@ -194,7 +194,8 @@ def _tensor_output(item: PortItem) -> Pieces | None:
     if contiguous:
         head = _OUTPUT_HEADS.get(key)
         if head is not None:
-            return [head, memoryview(value if value.ndim == 1 else value.reshape(-1)).cast("B")]
+            flat: Any = value if value.ndim == 1 else value.reshape(-1)
+            return [head, memoryview(flat).cast("B")]
     tensor, tensor_len = _encode_tensor(value)
     tensor_len_bytes = _varint_bytes(tensor_len)
     value_len = _TENSOR_TAG + len(tensor_len_bytes) + tensor_len
