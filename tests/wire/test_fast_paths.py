@@ -8,6 +8,8 @@ Fast paths (each returns None, "not mine", whenever the general path must decide
 * ``_unary.LAYOUTS`` (``_layouts``): an ExecuteRequest that repeats the layout of one decoded
   before, its arrays made at the learned offsets without parsing; every request is decoded three
   times (seen, learned, by its layout), then again with other tensor data;
+* ``_streams.CHUNK_LAYOUTS`` and ``RESULT_LAYOUTS``: the same for StreamRequest data chunks
+  and single StreamResponse results (everything after the sequence number compared);
 * ``_streams._fast_stream_chunk``: a chunk of one tensor scanned inline (the tensor by
   ``_decode_tensor``), versus the general walk of ``decode_stream_chunk`` (used by
   ``decode_stream_request`` and ``decode_stream_response``);
@@ -103,11 +105,21 @@ class _NoLayouts(_layouts.RequestLayouts):
         return None
 
 
+class _NoChunkLayouts(_layouts.ChunkLayouts):
+    def decode(self, raw: bytes, limits: Limits) -> None:
+        return None
+
+    def learn(self, *args: Any) -> None:
+        return None
+
+
 @contextmanager
 def _general_only() -> Iterator[None]:
     """Switch every decoding fast path off: each says "not mine"."""
     with mock.patch.object(_unary, "_decode_small_request", lambda raw, limits: None), \
             mock.patch.object(_unary, "LAYOUTS", _NoLayouts()), \
+            mock.patch.object(_streams, "CHUNK_LAYOUTS", _NoChunkLayouts(0, 0)), \
+            mock.patch.object(_streams, "RESULT_LAYOUTS", _NoChunkLayouts(0, 0)), \
             mock.patch.object(_streams, "_fast_stream_chunk",
                               lambda raw, start, end, limits, out: None):
         yield
@@ -137,8 +149,14 @@ def assert_same_decoding(raw: bytes, limits: Limits) -> None:
                  for _ in range(3)]
     assert fast_reqs[0] == fast_reqs[1] == fast_reqs[2]
     fast_req = fast_reqs[0]
-    fast_stream = _outcome(lambda: _stream_request_summary(decode_stream_request(raw, limits)))
-    fast_resp = _outcome(lambda: _stream_response_summary(decode_stream_response(raw)))
+    fast_streams = [_outcome(lambda: _stream_request_summary(decode_stream_request(raw, limits)))
+                    for _ in range(3)]
+    assert fast_streams[0] == fast_streams[1] == fast_streams[2]
+    fast_stream = fast_streams[0]
+    fast_resps = [_outcome(lambda: _stream_response_summary(decode_stream_response(raw)))
+                  for _ in range(3)]
+    assert fast_resps[0] == fast_resps[1] == fast_resps[2]
+    fast_resp = fast_resps[0]
     with _general_only():
         general_req = _outcome(lambda: _request_summary(decode_execute_request(raw, limits)))
         general_stream = _outcome(
@@ -374,6 +392,17 @@ def test_fast_decoders_match_the_general_ones(raw: bytes, limit: Limits) -> None
             at, part = layout.fixed[-1]
             other[at + len(part) - 1] ^= 0x01
             assert_same_decoding(bytes(other), limit)
+    repeated = _streams.CHUNK_LAYOUTS.decode(raw, limit) or _streams.RESULT_LAYOUTS.decode(
+        raw, _codec.DEFAULT_LIMITS)
+    if repeated is not None:
+        # Other data (the chunk's last bytes), and one byte before the data changed.
+        data = bytearray(raw)
+        nbytes = repeated[3].nbytes
+        for i in range(len(raw) - nbytes, len(raw)):
+            data[i] ^= 0xFF
+        assert_same_decoding(bytes(data), limit)
+        data[len(raw) - nbytes - 1] ^= 0x01
+        assert_same_decoding(bytes(data), limit)
 
 
 def test_the_issues_hundred_dimensions_is_a_violation_with_its_path() -> None:
@@ -403,6 +432,14 @@ def test_the_fast_paths_are_taken() -> None:
     assert _unary.LAYOUTS.decode(request, _codec.DEFAULT_LIMITS) is not None
     chunk = join(_streams.encode_stream_item(2, 5, "n", "p", array))
     assert _streams._fast_stream_chunk(chunk, 2, len(chunk), Limits(), []) is not None
+    for sequence in (6, 7):  # seen, then learned
+        decode_stream_request(join(_streams.encode_stream_item(2, sequence, "n", "p", array)))
+    again = join(_streams.encode_stream_item(2, 300, "n", "p", array))
+    assert _streams.CHUNK_LAYOUTS.decode(again, _codec.DEFAULT_LIMITS) is not None
+    for sequence in (6, 7):
+        decode_stream_response(encode_stream_results([StreamItem(sequence, "n", "p", array)]))
+    result = encode_stream_results([StreamItem(300, "n", "p", array)])
+    assert _streams.RESULT_LAYOUTS.decode(result, _codec.DEFAULT_LIMITS) is not None
 
 
 # --- encoders: the fast framing against the general one and the generated serializer ----------
@@ -442,10 +479,12 @@ def test_fast_encoders_match_the_generated_serializer(array: np.ndarray, node: s
         fast = _unary._tensor_output(PortItem(node, port, array))
         assert fast is not None and join(fast) == general
     # Stream results: the general framing of one and of several.
-    one = encode_stream_results([StreamItem(3, node, port, array)])
-    assert one == pb.StreamResponse(result=pb.StreamResult(
-        sequence=3, node_id=node, port=port,
-        value=pb.Value(tensor=pb.Tensor.FromString(expected_tensor)))).SerializeToString()
+    # Twice each (framed, then from the kept middle), at sequences of 0, 1 and 2 varint bytes.
+    for sequence in (3, 3, 0, 0, 300, 300):
+        one = encode_stream_results([StreamItem(sequence, node, port, array)])
+        assert one == pb.StreamResponse(result=pb.StreamResult(
+            sequence=sequence, node_id=node, port=port,
+            value=pb.Value(tensor=pb.Tensor.FromString(expected_tensor)))).SerializeToString()
 
 
 # Byte sizes around the points where a length's varint grows (1 -> 2 -> 3 -> 4 bytes), which

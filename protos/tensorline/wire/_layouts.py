@@ -1,4 +1,5 @@
-"""ExecuteRequests that repeat the layout of an earlier one, decoded without parsing them.
+"""Messages that repeat the layout of an earlier one, decoded without parsing them:
+ExecuteRequests (``RequestLayouts``) and stream chunks (``ChunkLayouts``).
 
 A client calling one pipeline sends, call after call, the same bytes but for its tensors' data:
 the same manifest (or pipeline name), node ids, ports, dtypes and shapes, hence the same tags and
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorline.wire._codec import DecodedExecuteRequest, Limits, Pieces, PortItem
+from tensorline.wire._codec import DecodedExecuteRequest, Limits, Pieces, PortItem, _read_varint
 
 MAX_SIZES = 256
 PER_SIZE = 4
@@ -148,6 +149,107 @@ class RequestLayouts:
                 or not all(raw.startswith(p, at) for at, p in fixed)):
             return None  # not the canonical encoding (or too large a manifest to keep)
         return RequestLayout(request, limits, tuple(fixed), tuple(tensors))
+
+    def clear(self) -> None:
+        self._by_size.clear()
+        self._seen.clear()
+        self._seen.clear()
+
+
+class ChunkLayout:
+    """A stream chunk's bytes after its sequence number (node id, port, the tensor's framing),
+    and its tensor."""
+
+    __slots__ = ("count", "dtype", "limits", "middle", "node_id", "port", "shape")
+
+    def __init__(self, node_id: str, port: str, array: np.ndarray[Any, Any], middle: bytes,
+                 limits: Limits) -> None:
+        self.node_id = node_id
+        self.port = port
+        self.dtype = array.dtype
+        self.count = int(array.size)
+        self.shape = None if array.ndim == 1 else tuple(array.shape)
+        self.middle = middle
+        self.limits = limits
+
+
+class ChunkLayouts:
+    """Stream chunks (a ``StreamChunk`` as field ``tag`` of the message, one tensor as its
+    value) that repeat an earlier chunk but for their sequence number and data, as
+    ``RequestLayouts`` does for whole requests. The sequence number changes with every chunk, so
+    it is read (one varint); everything after it up to the data is compared. Bounded and
+    learned as requests' layouts are (a size seen twice)."""
+
+    def __init__(self, tag: int, sequence_key: int) -> None:
+        self._tag = tag
+        self._sequence_key = sequence_key
+        # By the length of what follows the sequence number.
+        self._by_size: dict[int, tuple[ChunkLayout, ...]] = {}
+        self._seen: set[int] = set()
+
+    def _body(self, raw: bytes) -> tuple[int, int] | None:
+        """(sequence as read, the offset after it) of a chunk message, or None."""
+        if len(raw) < 2 or raw[0] != self._tag:
+            return None
+        length, pos = _read_varint(raw, 1)
+        if pos + length != len(raw):
+            return None  # more than the chunk (or less): the general path decides
+        sequence = 0
+        if pos < len(raw) and raw[pos] == self._sequence_key:
+            sequence, pos = _read_varint(raw, pos + 1)
+        return sequence, pos
+
+    def decode(self, raw: bytes,
+               limits: Limits) -> tuple[int, str, str, np.ndarray[Any, Any]] | None:
+        """(sequence as read, node id, port, array) of a chunk of a known layout, or None."""
+        try:
+            body = self._body(raw)
+        except (IndexError, ValueError):  # a varint cut short or too long
+            return None
+        if body is None:
+            return None
+        sequence, pos = body
+        for layout in self._by_size.get(len(raw) - pos, ()):
+            if ((layout.limits is limits or layout.limits == limits)
+                    and raw.startswith(layout.middle, pos)):
+                array = np.frombuffer(raw, layout.dtype, layout.count, pos + len(layout.middle))
+                return (sequence, layout.node_id, layout.port,
+                        array if layout.shape is None else array.reshape(layout.shape))
+        return None
+
+    def learn(self, raw: bytes, node_id: str, port: str, value: Any, limits: Limits,
+              encode: Callable[[], Pieces]) -> None:
+        """Keep the layout of chunk ``raw``, decoded cleanly to (``node_id``, ``port``,
+        ``value``), when the value is one plain tensor; ``encode`` re-encodes the chunk's body
+        without its sequence number, the tensor's data as the last piece."""
+        if type(value) is not np.ndarray or not value.nbytes:
+            return
+        try:
+            body = self._body(raw)
+        except (IndexError, ValueError):
+            return
+        if body is None:
+            return
+        pos = body[1]
+        rest = len(raw) - pos
+        if rest not in self._seen:
+            if len(self._seen) >= MAX_SEEN:
+                self._seen.clear()
+            self._seen.add(rest)
+            return
+        pieces = encode()
+        if type(pieces[-1]) is not memoryview or pieces[-1].nbytes != value.nbytes:
+            return
+        middle = b"".join(pieces[:-1])  # type: ignore[arg-type]
+        if rest != len(middle) + value.nbytes or not raw.startswith(middle, pos):
+            return  # not the canonical encoding
+        if len(middle) > MAX_FIXED_BYTES:
+            return
+        known = self._by_size.get(rest, ())
+        if rest not in self._by_size and len(self._by_size) >= MAX_SIZES:
+            self._by_size.clear()
+        self._by_size[rest] = (ChunkLayout(node_id, port, value, middle, limits),
+                               *known[:PER_SIZE - 1])
 
     def clear(self) -> None:
         self._by_size.clear()

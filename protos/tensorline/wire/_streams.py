@@ -7,8 +7,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire._codec import (
+    _DTYPE_TO_WIRE,
     _F_CHUNK_NODE_ID,
     _F_CHUNK_PORT,
     _F_CHUNK_SEQUENCE,
@@ -47,12 +50,14 @@ from tensorline.wire._codec import (
     _len_field,
     _read_varint,
     _string_field,
+    _tag,
     _to_int64,
     _utf8,
     _varint_bytes,
     encode_value,
     join,
 )
+from tensorline.wire._layouts import ChunkLayouts
 
 # --- streaming messages --------------------------------------------------------------------------
 
@@ -150,13 +155,38 @@ def decode_stream_chunk(
 
 
 def encode_stream_item(number: int, sequence: int, node_id: str, port: str, value: Any) -> Pieces:
-    """A StreamChunk/StreamResult body (they share field numbers) as field ``number``."""
+    """A StreamChunk/StreamResult body (they share field numbers) as field ``number``. A
+    stream sends arrays of one dtype and shape from one (node, port) chunk after chunk: for a
+    plain array, everything between the sequence number and the data is made once per
+    (node, port, dtype, shape) and reused as one piece."""
     head: Pieces = []
     if sequence:
         head += [_T_CHUNK_SEQUENCE, _varint_bytes(sequence & ((1 << 64) - 1))]
-    head += _string_field(_T_CHUNK_NODE_ID, node_id)
-    head += _string_field(_T_CHUNK_PORT, port)
-    return _len_field(number, [*head, *_len_field(_F_CHUNK_VALUE, encode_value(value))])
+    kept = None
+    if type(value) is np.ndarray and value.flags.c_contiguous:
+        kept = (node_id, port, value.dtype, value.shape)
+        middle = _ITEM_MIDDLES.get(kept)
+        if middle is not None:
+            flat: Any = value if value.ndim == 1 else value.reshape(-1)
+            return _len_field(number, [*head, middle, memoryview(flat).cast("B")])
+    rest = _item_rest(node_id, port, value)
+    # Only arrays sent as they are (a wire dtype in native order, not empty: the data is the
+    # last piece) have a middle to keep; the rest were converted first.
+    if kept is not None and value.dtype in _DTYPE_TO_WIRE and type(rest[-1]) is memoryview:
+        if len(_ITEM_MIDDLES) >= 4096:  # bounded: names come from manifests
+            _ITEM_MIDDLES.clear()
+        _ITEM_MIDDLES[kept] = join(rest[:-1])
+    return _len_field(number, [*head, *rest])
+
+
+def _item_rest(node_id: str, port: str, value: Any) -> Pieces:
+    """A chunk's body after its sequence number: node id, port, value."""
+    return [*_string_field(_T_CHUNK_NODE_ID, node_id), *_string_field(_T_CHUNK_PORT, port),
+            *_len_field(_F_CHUNK_VALUE, encode_value(value))]
+
+
+# Per (node, port, dtype, shape): a chunk's bytes between its sequence number and its data.
+_ITEM_MIDDLES: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], bytes] = {}
 
 
 def scan_top_level(raw: bytes) -> Iterator[tuple[int, int, int, int]]:
@@ -184,8 +214,28 @@ class DecodedStreamRequest:
     size: int = 0
 
 
+# The layouts of recent data chunks (``_layouts``): a chunk that repeats one is not scanned.
+CHUNK_LAYOUTS = ChunkLayouts(_tag(_F_SREQ_DATA, _LEN)[0], _K_CHUNK_SEQUENCE)
+
+
 def decode_stream_request(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedStreamRequest:
     """Decode a ``StreamRequest``; never raises (problems become ``violations``)."""
+    repeated = CHUNK_LAYOUTS.decode(raw, limits)
+    if repeated is not None:
+        sequence, node_id, port, array = repeated
+        return DecodedStreamRequest(
+            "data", None, DecodedStreamChunk(_to_int64(sequence), PortItem(node_id, port, array)),
+            "", [], len(raw))
+    request = _decode_stream_request(raw, limits)
+    chunk = request.chunk
+    if chunk is not None and not request.violations:
+        item = chunk.item
+        CHUNK_LAYOUTS.learn(raw, item.node_id, item.port, item.value, limits,
+                            lambda: _item_rest(item.node_id, item.port, item.value))
+    return request
+
+
+def _decode_stream_request(raw: bytes, limits: Limits) -> DecodedStreamRequest:
     request = DecodedStreamRequest(size=len(raw))
     try:
         for number, wire_type, a, b in scan_top_level(raw):
@@ -270,7 +320,25 @@ def _decode_stream_result(raw: bytes, start: int, end: int, problems: list[Viola
     return StreamItem(chunk.sequence, chunk.item.node_id, chunk.item.port, chunk.item.value)
 
 
+# The same for single results the server sends (decoded by the client).
+RESULT_LAYOUTS = ChunkLayouts(_tag(_F_SRESP_RESULT, _LEN)[0], _K_CHUNK_SEQUENCE)
+
+
 def decode_stream_response(raw: bytes) -> DecodedStreamResponse:
+    repeated = RESULT_LAYOUTS.decode(raw, DEFAULT_LIMITS)
+    if repeated is not None:
+        sequence, node_id, port, array = repeated
+        return DecodedStreamResponse("results", [StreamItem(_to_int64(sequence), node_id, port,
+                                                            array)])
+    response = _decode_stream_response(raw)
+    if len(response.results) == 1:
+        item = response.results[0]
+        RESULT_LAYOUTS.learn(raw, item.node_id, item.port, item.value, DEFAULT_LIMITS,
+                             lambda: _item_rest(item.node_id, item.port, item.value))
+    return response
+
+
+def _decode_stream_response(raw: bytes) -> DecodedStreamResponse:
     response = DecodedStreamResponse()
     problems: list[Violation] = []
     for number, wire_type, a, b in scan_top_level(raw):
