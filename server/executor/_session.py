@@ -64,6 +64,8 @@ from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tensorline.server._errors import (
     DeadlineExceeded,
     NodeFailed,
@@ -92,6 +94,9 @@ from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
 from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
 from tensorline.wire import StreamItem
+
+# Port kinds a plain array is delivered to as it is.
+_ARRAY_PORT_KINDS = frozenset({"tensor", "any"})
 
 
 class _Suspended:
@@ -331,17 +336,22 @@ class StreamSession:
         if route is None:
             route = self._route(node_id, port)
         stage, slot, port_info = route
-        # As for a unary request: an "any" port receives the value with its metadata.
-        value = value_for_port(port_info, value)
-        problem = check_value_kind(port_info, node_id, value, "data")
-        if problem is not None:
-            raise RequestInvalid([problem], f"invalid chunk (sequence {sequence})")
+        if type(value) is np.ndarray and port_info.kind in _ARRAY_PORT_KINDS:
+            # The commonest chunk, a plain array for a tensor (or any) port: nothing to unwrap
+            # or to refuse.
+            size = value.nbytes
+        else:
+            # As for a unary request: an "any" port receives the value with its metadata.
+            value = value_for_port(port_info, value)
+            problem = check_value_kind(port_info, node_id, value, "data")
+            if problem is not None:
+                raise RequestInvalid([problem], f"invalid chunk (sequence {sequence})")
+            size = size_of(value)
         self.chunks_received += 1
         if stage.inline and stage.inbox.parked():
             await self._run_inline(stage, sequence, stage.accept(slot, sequence, value))
             return
         item = (slot, sequence, (port_info.name, value) if slot == STICKY else value)
-        size = size_of(value)
         if not stage.inbox.try_put(item, size):
             await stage.inbox.put(item, size)
 
