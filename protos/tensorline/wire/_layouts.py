@@ -20,9 +20,12 @@ add up: the canonical encoding tensorline's client and protobuf serializers writ
 encoding (fields reordered, unknown fields, metadata, values that are not tensors) simply never
 gets a layout and keeps the general path.
 
-Bounded: layouts for at most ``MAX_SIZES`` request sizes, ``PER_SIZE`` per size, fixed parts
-of at most ``MAX_FIXED_BYTES`` each; a size is learned only when seen a second time, so a client
-whose requests change size every call pays for no layout it will not use.
+Bounded, whatever peers send: layouts for at most ``MAX_SIZES`` sizes, ``PER_SIZE`` per size,
+fixed parts of at most ``MAX_FIXED_BYTES`` per layout and ``MAX_TOTAL_BYTES`` in all (past
+either count, everything is forgotten and learned again). A size is learned only when seen a
+second time, so a client whose requests change size every call pays for no layout it will not
+use; a client that alternates layouts of one size makes each of its requests pay a
+re-encoding of its framing (no tensor data), about what decoding it costs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from tensorline.wire._codec import DecodedExecuteRequest, Limits, Pieces, PortIt
 MAX_SIZES = 256
 PER_SIZE = 4
 MAX_FIXED_BYTES = 64 * 1024
+MAX_TOTAL_BYTES = 4 * 1024 * 1024
 # Request sizes decoded once by the general path, remembered up to this many.
 MAX_SEEN = 4096
 
@@ -82,6 +86,8 @@ class RequestLayouts:
     def __init__(self) -> None:
         self._by_size: dict[int, tuple[RequestLayout, ...]] = {}
         self._seen: set[int] = set()
+        # Bytes of fixed parts kept.
+        self._bytes = 0
 
     def decode(self, raw: bytes, limits: Limits) -> DecodedExecuteRequest | None:
         """``raw`` decoded by a layout it repeats, or None (the general decoders' turn)."""
@@ -110,9 +116,14 @@ class RequestLayouts:
         layout = self._layout_of(raw, request, limits, encode)
         if layout is None:
             return
-        known = self._by_size.get(size, ())
-        if size not in self._by_size and len(self._by_size) >= MAX_SIZES:
+        kept = sum(len(part) for _, part in layout.fixed)
+        if ((size not in self._by_size and len(self._by_size) >= MAX_SIZES)
+                or self._bytes + kept > MAX_TOTAL_BYTES):
             self._by_size.clear()
+            self._bytes = 0
+        known = self._by_size.get(size, ())
+        dropped = known[PER_SIZE - 1:]
+        self._bytes += kept - sum(len(p) for old in dropped for _, p in old.fixed)
         self._by_size[size] = (layout, *known[:PER_SIZE - 1])
 
     @staticmethod
@@ -153,7 +164,11 @@ class RequestLayouts:
     def clear(self) -> None:
         self._by_size.clear()
         self._seen.clear()
-        self._seen.clear()
+        self._bytes = 0
+
+    def kept_bytes(self) -> int:
+        """Bytes of fixed parts kept (what ``MAX_TOTAL_BYTES`` bounds)."""
+        return self._bytes
 
 
 class ChunkLayout:
@@ -186,6 +201,7 @@ class ChunkLayouts:
         # By the length of what follows the sequence number.
         self._by_size: dict[int, tuple[ChunkLayout, ...]] = {}
         self._seen: set[int] = set()
+        self._bytes = 0
 
     def _body(self, raw: bytes) -> tuple[int, int] | None:
         """(sequence as read, the offset after it) of a chunk message, or None."""
@@ -245,12 +261,20 @@ class ChunkLayouts:
             return  # not the canonical encoding
         if len(middle) > MAX_FIXED_BYTES:
             return
-        known = self._by_size.get(rest, ())
-        if rest not in self._by_size and len(self._by_size) >= MAX_SIZES:
+        if ((rest not in self._by_size and len(self._by_size) >= MAX_SIZES)
+                or self._bytes + len(middle) > MAX_TOTAL_BYTES):
             self._by_size.clear()
+            self._bytes = 0
+        known = self._by_size.get(rest, ())
+        self._bytes += len(middle) - sum(len(old.middle) for old in known[PER_SIZE - 1:])
         self._by_size[rest] = (ChunkLayout(node_id, port, value, middle, limits),
                                *known[:PER_SIZE - 1])
 
     def clear(self) -> None:
         self._by_size.clear()
         self._seen.clear()
+        self._bytes = 0
+
+    def kept_bytes(self) -> int:
+        """Bytes of fixed parts kept (what ``MAX_TOTAL_BYTES`` bounds)."""
+        return self._bytes

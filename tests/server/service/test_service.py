@@ -81,3 +81,32 @@ async def reflected_services(target: str) -> set[str]:
 async def test_reflection_lists_the_services(target: str) -> None:
     assert {"tensorline.v1.PipelineService", "grpc.health.v1.Health"} <= \
         await reflected_services(target)
+
+
+async def test_requests_and_chunks_of_one_size_with_other_layouts_are_told_apart(
+        client: AsyncClient) -> None:
+    """Requests (and stream chunks) of the same byte size but another manifest, node id or
+    dtype, interleaved call after call: every answer is the one its own request asks for (the
+    codec's layout caches decode repeated requests without parsing them)."""
+    manifests = [{"nodes": [{"id": node, "node_type": "Scale", "params": {"factor": factor}}]}
+                 for node, factor in (("a", 2.0), ("b", 2.0), ("a", 3.0))]
+    arrays = [np.arange(8, dtype=np.float32), np.arange(8, dtype=np.int32)]
+    for _ in range(6):
+        for manifest in manifests:
+            node = manifest["nodes"][0]["id"]
+            factor = manifest["nodes"][0]["params"]["factor"]
+            for array in arrays:
+                result = await client.execute(manifest, {node: array})
+                assert result[node].dtype == (np.float32 if array.dtype == np.float32
+                                              else np.float64 if factor % 1 else np.int32)
+                np.testing.assert_array_equal(result[node], array * factor)
+    streams = [client.stream({"nodes": [{"id": node, "node_type": "PassThrough"}]})
+               for node in ("a", "b")]
+    async with streams[0] as first, streams[1] as second:
+        for index in range(20):
+            for session, node in ((first, "a"), (second, "b")):
+                array = arrays[index % 2] + index
+                await session.send(node, array)
+                out = await session.__anext__()
+                assert (out.node_id, out.sequence, out.value.dtype) == (node, index, array.dtype)
+                np.testing.assert_array_equal(out.value, array)
