@@ -7,7 +7,8 @@ import it; neither imports the other's modules.
 
 Modules: ``_values`` (the value types), ``_json`` (bounded JSON parsing), ``_codec`` (message
 framing, tensors and values on raw protobuf bytes), ``_unary`` (ExecutePipeline's messages),
-``_streams`` (StreamPipeline's messages).
+``_streams`` (StreamPipeline's messages), ``_layouts`` (messages that repeat an earlier one's
+layout, decoded without parsing).
 """
 
 from tensorline.wire._codec import (
