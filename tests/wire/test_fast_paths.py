@@ -10,6 +10,7 @@ Fast paths (each returns None, "not mine", whenever the general path must decide
   times (seen, learned, by its layout), then again with other tensor data;
 * ``_streams.CHUNK_LAYOUTS`` and ``RESULT_LAYOUTS``: the same for StreamRequest data chunks
   and single StreamResponse results (everything after the sequence number compared);
+* ``_unary.RESPONSE_LAYOUTS``: the same for ExecuteResponses (the metrics at the end parsed);
 * ``_streams._fast_stream_chunk``: a chunk of one tensor scanned inline (the tensor by
   ``_decode_tensor``), versus the general walk of ``decode_stream_chunk`` (used by
   ``decode_stream_request`` and ``decode_stream_response``);
@@ -53,6 +54,7 @@ from tensorline.wire import (
     _streams,
     _unary,
     decode_execute_request,
+    decode_execute_response,
     decode_stream_request,
     decode_stream_response,
     encode_execution_metrics,
@@ -105,6 +107,14 @@ class _NoLayouts(_layouts.RequestLayouts):
         return None
 
 
+class _NoResponseLayouts(_layouts.ResponseLayouts):
+    def decode(self, raw: bytes) -> None:
+        return None
+
+    def learn(self, *args: Any) -> None:
+        return None
+
+
 class _NoChunkLayouts(_layouts.ChunkLayouts):
     def decode(self, raw: bytes, limits: Limits) -> None:
         return None
@@ -118,6 +128,7 @@ def _general_only() -> Iterator[None]:
     """Switch every decoding fast path off: each says "not mine"."""
     with mock.patch.object(_unary, "_decode_small_request", lambda raw, limits: None), \
             mock.patch.object(_unary, "LAYOUTS", _NoLayouts()), \
+            mock.patch.object(_unary, "RESPONSE_LAYOUTS", _NoResponseLayouts(0)), \
             mock.patch.object(_streams, "CHUNK_LAYOUTS", _NoChunkLayouts(0, 0)), \
             mock.patch.object(_streams, "RESULT_LAYOUTS", _NoChunkLayouts(0, 0)), \
             mock.patch.object(_streams, "_fast_stream_chunk",
@@ -136,6 +147,10 @@ def _stream_request_summary(decoded: Any) -> Any:
     return (decoded.kind, decoded.size,
             None if chunk is None else (chunk.sequence, _normal(chunk.item)),
             [(v.field, v.description, v.kind) for v in decoded.violations])
+
+
+def _execute_response_summary(decoded: Any) -> Any:
+    return (_normal(decoded.outputs), decoded.metrics.SerializeToString())
 
 
 def _stream_response_summary(decoded: Any) -> Any:
@@ -157,7 +172,12 @@ def assert_same_decoding(raw: bytes, limits: Limits) -> None:
                   for _ in range(3)]
     assert fast_resps[0] == fast_resps[1] == fast_resps[2]
     fast_resp = fast_resps[0]
+    fast_executes = [_outcome(lambda: _execute_response_summary(decode_execute_response(raw)))
+                     for _ in range(3)]
+    assert fast_executes[0] == fast_executes[1] == fast_executes[2]
     with _general_only():
+        general_execute = _outcome(lambda: _execute_response_summary(
+            decode_execute_response(raw)))
         general_req = _outcome(lambda: _request_summary(decode_execute_request(raw, limits)))
         general_stream = _outcome(
             lambda: _stream_request_summary(decode_stream_request(raw, limits)))
@@ -165,6 +185,7 @@ def assert_same_decoding(raw: bytes, limits: Limits) -> None:
     assert fast_req == general_req, "ExecuteRequest: the small-message path differs"
     assert fast_stream == general_stream, "StreamRequest: the fast chunk path differs"
     assert fast_resp == general_resp, "StreamResponse: the fast chunk path differs"
+    assert fast_executes[0] == general_execute, "ExecuteResponse: the layout path differs"
     # The request decoders never raise, whichever path decodes.
     assert fast_req[0] == "ok" and fast_stream[0] == "ok"
 
@@ -286,8 +307,22 @@ def name_field(draw: st.DrawFn, number: int) -> bytes:
 def messages(draw: st.DrawFn) -> bytes:
     """An ExecuteRequest, a StreamRequest or a StreamResponse (each decoder gets every
     message: bytes meant for another are malformed input too)."""
-    kind = draw(st.sampled_from(["execute", "execute", "stream", "stream", "results"]))
-    if kind == "execute":
+    kind = draw(st.sampled_from(["execute", "execute", "stream", "stream", "results",
+                                 "response"]))
+    if kind == "response":
+        parts = []
+        for _ in range(draw(st.integers(0, 3))):
+            port_value = name_field(draw, 1) + name_field(draw, 2)
+            if draw(st.integers(0, 19)):
+                port_value += field(3, 2, draw(value_bodies()))
+            parts.append(field(1, 2, port_value))
+        if draw(st.integers(0, 5)):
+            parts.append(field(2, 2, pb.ExecutionMetrics(
+                total_ms=draw(st.floats(0, 1e6)), plan_cached=draw(st.booleans()),
+                nodes=[pb.NodeMetrics(node_id=draw(names), wall_ms=draw(st.floats(0, 1e3)))]
+            ).SerializeToString()))
+        raw = b"".join(parts)
+    elif kind == "execute":
         parts = [field(1, 2, b"{}")]
         for _ in range(draw(st.integers(0, 3))):
             port_value = name_field(draw, 1) + name_field(draw, 2)
@@ -314,7 +349,7 @@ def messages(draw: st.DrawFn) -> bytes:
         # Half the time the canonical encoding (what the generated serializer writes), which
         # the parser path accepts: hypothesis favours duplicated and empty fields otherwise.
         message_class = {"execute": pb.ExecuteRequest, "stream": pb.StreamRequest,
-                         "results": pb.StreamResponse}[kind]
+                         "results": pb.StreamResponse, "response": pb.ExecuteResponse}[kind]
         with contextlib.suppress(DecodeError):
             raw = message_class.FromString(raw).SerializeToString()
     mutation = draw(st.sampled_from(["none"] * 7 + ["truncate", "corrupt"]))
@@ -378,6 +413,14 @@ def _execute_request(dims: list[int], dtype: int = pb.DTYPE_UINT8, data: bytes =
 @example(raw=field(2, 2, field(3, 2, field(1, 2, field(1, 0, pb.DTYPE_UINT8)))
                    + field(3, 2, field(1, 2, field(2, 2, b"\x01") + field(3, 2, b"x")))),
          limit=Limits())
+# ExecuteResponses as the server frames them: one output, and two (one 2-D) with node metrics.
+@example(raw=_unary.encode_execute_response([PortItem("n", "p", np.arange(3, dtype="<f4"))],
+                                            pb.ExecutionMetrics(total_ms=3.0)), limit=Limits())
+@example(raw=_unary.encode_execute_response(
+    [PortItem("a", "out", np.arange(6, dtype="<i8").reshape(2, 3)),
+     PortItem("b", "", np.ones(2, dtype=bool))],
+    pb.ExecutionMetrics(total_ms=1.0, plan_cached=True,
+                        nodes=[pb.NodeMetrics(node_id="a", wall_ms=0.5)])), limit=Limits())
 def test_fast_decoders_match_the_general_ones(raw: bytes, limit: Limits) -> None:
     assert_same_decoding(raw, limit)
     for layout in _unary.LAYOUTS._by_size.get(len(raw), ()):
@@ -392,6 +435,19 @@ def test_fast_decoders_match_the_general_ones(raw: bytes, limit: Limits) -> None
             at, part = layout.fixed[-1]
             other[at + len(part) - 1] ^= 0x01
             assert_same_decoding(bytes(other), limit)
+    if _unary.RESPONSE_LAYOUTS.decode(raw) is not None:
+        layout = next(layout for layout in _unary.RESPONSE_LAYOUTS._by_size[len(raw)]
+                      if _layouts._matches(raw, layout.fixed))
+        # Other data and other metrics (their last byte), then one framing byte changed.
+        other = bytearray(raw)
+        for _, _, dtype, count, offset, _ in layout.tensors:
+            for i in range(offset, offset + count * dtype.itemsize):
+                other[i] ^= 0xFF
+        other[-1] ^= 0x01
+        assert_same_decoding(bytes(other), limit)
+        at, _ = layout.fixed[0]
+        other[at] ^= 0x01
+        assert_same_decoding(bytes(other), limit)
     repeated = _streams.CHUNK_LAYOUTS.decode(raw, limit) or _streams.RESULT_LAYOUTS.decode(
         raw, _codec.DEFAULT_LIMITS)
     if repeated is not None:
@@ -440,6 +496,16 @@ def test_the_fast_paths_are_taken() -> None:
         decode_stream_response(encode_stream_results([StreamItem(sequence, "n", "p", array)]))
     result = encode_stream_results([StreamItem(300, "n", "p", array)])
     assert _streams.RESULT_LAYOUTS.decode(result, _codec.DEFAULT_LIMITS) is not None
+    metrics = pb.ExecutionMetrics(total_ms=1.5, nodes=[pb.NodeMetrics(node_id="n")])
+    for _ in range(2):
+        decode_execute_response(_unary.encode_execute_response([PortItem("n", "p", array)],
+                                                               metrics))
+    response = _unary.encode_execute_response([PortItem("n", "p", array * 2)],
+                                              pb.ExecutionMetrics(total_ms=2.5))
+    assert _unary.RESPONSE_LAYOUTS.decode(response) is None  # other metrics size
+    metrics.total_ms = 7.0
+    response = _unary.encode_execute_response([PortItem("n", "p", array * 2)], metrics)
+    assert _unary.RESPONSE_LAYOUTS.decode(response) is not None
 
 
 # --- encoders: the fast framing against the general one and the generated serializer ----------

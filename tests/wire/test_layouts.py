@@ -1,6 +1,6 @@
-"""The layout caches of ``_layouts`` stay within their bounds whatever peers send: many sizes,
-many layouts of one size, large manifests (``test_fast_paths`` holds their decodings to the
-general decoders')."""
+"""The layout caches of ``_layouts`` (requests, chunks, responses) stay within their bounds
+whatever peers send: many sizes, many layouts of one size, large manifests and names
+(``test_fast_paths`` holds their decodings to the general decoders')."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 
 import numpy as np
 
-from tensorline.wire import PortItem, _layouts, _streams, encode_execute_request, join
+from tensorline.v1 import tensorline_pb2 as pb
+from tensorline.wire import PortItem, _layouts, _streams, _unary, encode_execute_request, join
 from tensorline.wire._codec import DEFAULT_LIMITS
 from tensorline.wire._unary import _pieces_of, decode_execute_request
 
@@ -77,5 +78,22 @@ def test_chunk_layouts_keep_at_most_their_byte_budget() -> None:
                               lambda node=node, array=array: _streams._item_rest(node, "",
                                                                                  array))
         assert layouts.decode(raw, DEFAULT_LIMITS) is not None
+        assert layouts.kept_bytes() <= _layouts.MAX_TOTAL_BYTES
+        assert len(layouts._by_size) <= _layouts.MAX_SIZES
+
+
+def test_response_layouts_keep_at_most_their_byte_budget() -> None:
+    layouts = _layouts.ResponseLayouts(_unary.RESPONSE_LAYOUTS._metrics_tag)
+    metrics = pb.ExecutionMetrics(total_ms=1.0)
+    for size in range(1, 400):
+        # Long node ids (30 KB) past the 60th response: more bytes than the budget.
+        item = PortItem("n" * (1 + size % 50 if size < 60 else 30_000), "",
+                        np.ones(size, np.uint8))
+        raw = _unary.encode_execute_response([item], metrics)
+        outputs = _unary.decode_execute_response(raw).outputs
+        for _ in range(2):  # as the decoder does: learn on a miss
+            if layouts.decode(raw) is None:
+                layouts.learn(raw, outputs, lambda outputs=outputs: _unary._output_pieces(outputs))
+        assert layouts.decode(raw) is not None
         assert layouts.kept_bytes() <= _layouts.MAX_TOTAL_BYTES
         assert len(layouts._by_size) <= _layouts.MAX_SIZES

@@ -44,21 +44,75 @@ MAX_TOTAL_BYTES = 4 * 1024 * 1024
 MAX_SEEN = 4096
 
 
+# Per tensor of a layout: node id, port, dtype, element count, data offset, shape (None: 1-d).
+_TensorAt = tuple[str, str, np.dtype[Any], int, int, tuple[int, ...] | None]
+
+
+def _arrays_at(raw: bytes, tensors: tuple[_TensorAt, ...]) -> list[PortItem]:
+    frombuffer = np.frombuffer
+    items = []
+    for node_id, port, dtype, count, offset, shape in tensors:
+        # Positional: numpy parses keyword arguments here at several times the cost.
+        array = frombuffer(raw, dtype, count, offset)
+        items.append(PortItem(node_id, port, array if shape is None else array.reshape(shape)))
+    return items
+
+
+def _matches(raw: bytes, fixed: tuple[tuple[int, bytes], ...]) -> bool:
+    # A loop, not all() over a generator: this runs on every call, and is short.
+    for offset, part in fixed:  # noqa: SIM110
+        if not raw.startswith(part, offset):
+            return False
+    return True
+
+
+def _split(pieces: Pieces, items: list[PortItem]
+           ) -> tuple[list[tuple[int, bytes]], list[_TensorAt], int] | None:
+    """A message re-encoded as ``pieces`` (each of ``items``' tensors' data one memoryview
+    piece, in order) as its fixed parts, its tensors and its length; None when ``items`` are not
+    all plain tensors with data."""
+    arrays = [item.value for item in items]
+    if not all(type(a) is np.ndarray and a.nbytes for a in arrays):
+        return None  # text, bytes, audio, JSON, tagged or empty values: the general path
+    fixed: list[tuple[int, bytes]] = []
+    tensors: list[_TensorAt] = []
+    offset = part_offset = index = 0
+    part: list[bytes] = []
+    for piece in pieces:
+        if type(piece) is memoryview:  # a tensor's data, in order
+            if part:
+                fixed.append((part_offset, b"".join(part)))
+                part = []
+            if index == len(arrays):
+                return None
+            item, array = items[index], arrays[index]
+            index += 1
+            tensors.append((item.node_id, item.port, array.dtype, int(array.size), offset,
+                            None if array.ndim == 1 else tuple(array.shape)))
+            offset += piece.nbytes
+            part_offset = offset
+        else:
+            part.append(bytes(piece))
+            offset += len(piece)
+    if part:
+        fixed.append((part_offset, b"".join(part)))
+    if index != len(arrays):
+        return None
+    return fixed, tensors, offset
+
+
 class RequestLayout:
     """The bytes of a request outside its tensors' data, and where each tensor's data lies."""
 
     __slots__ = ("fixed", "limits", "manifest_json", "pipeline", "pipeline_version", "tensors")
 
     def __init__(self, request: DecodedExecuteRequest, limits: Limits,
-                 fixed: tuple[tuple[int, bytes], ...],
-                 tensors: tuple[tuple[str, str, np.dtype[Any], int, int,
-                                      tuple[int, ...] | None], ...]) -> None:
+                 fixed: tuple[tuple[int, bytes], ...], tensors: tuple[_TensorAt, ...]) -> None:
         # The limits the learned request was checked against: every request of this layout has
         # the same tensor sizes, so it passes them too (under the same limits only).
         self.limits = limits
         # (offset, bytes) of every part outside the tensors' data.
         self.fixed = fixed
-        # Per input: node id, port, dtype, element count, data offset, shape (None: 1-d).
         self.tensors = tensors
         self.manifest_json = request.manifest_json
         self.pipeline = request.pipeline
@@ -66,27 +120,58 @@ class RequestLayout:
 
     def decode(self, raw: bytes) -> DecodedExecuteRequest | None:
         """``raw`` decoded, when its fixed parts are this layout's; otherwise None."""
-        for offset, part in self.fixed:
-            if not raw.startswith(part, offset):
-                return None
-        frombuffer = np.frombuffer
-        inputs = []
-        for node_id, port, dtype, count, offset, shape in self.tensors:
-            # Positional: numpy parses keyword arguments here at several times the cost.
-            array = frombuffer(raw, dtype, count, offset)
-            inputs.append(PortItem(node_id, port, array if shape is None else array.reshape(shape)))
-        return DecodedExecuteRequest(self.manifest_json, inputs, self.pipeline,
-                                     self.pipeline_version, [], len(raw))
+        if not _matches(raw, self.fixed):
+            return None
+        return DecodedExecuteRequest(self.manifest_json, _arrays_at(raw, self.tensors),
+                                     self.pipeline, self.pipeline_version, [], len(raw))
 
 
-class RequestLayouts:
-    """The layouts learned so far, by request size."""
+class _BySize:
+    """Layouts by message size, within the module's bounds."""
 
     def __init__(self) -> None:
-        self._by_size: dict[int, tuple[RequestLayout, ...]] = {}
+        self._by_size: dict[int, tuple[Any, ...]] = {}
         self._seen: set[int] = set()
         # Bytes of fixed parts kept.
         self._bytes = 0
+
+    def _first_sighting(self, size: int) -> bool:
+        """Whether ``size`` is seen for the first time (remembered: learned next time)."""
+        if size in self._seen:
+            return False
+        if len(self._seen) >= MAX_SEEN:
+            self._seen.clear()
+        self._seen.add(size)
+        return True
+
+    def _keep(self, size: int, layout: Any, kept: int) -> None:
+        """Keep ``layout`` (``kept`` bytes of fixed parts) first among ``size``'s."""
+        if ((size not in self._by_size and len(self._by_size) >= MAX_SIZES)
+                or self._bytes + kept > MAX_TOTAL_BYTES):
+            self._by_size.clear()
+            self._bytes = 0
+        known = self._by_size.get(size, ())
+        self._bytes += kept - sum(_fixed_bytes(old) for old in known[PER_SIZE - 1:])
+        self._by_size[size] = (layout, *known[:PER_SIZE - 1])
+
+    def clear(self) -> None:
+        self._by_size.clear()
+        self._seen.clear()
+        self._bytes = 0
+
+    def kept_bytes(self) -> int:
+        """Bytes of fixed parts kept (what ``MAX_TOTAL_BYTES`` bounds)."""
+        return self._bytes
+
+
+def _fixed_bytes(layout: Any) -> int:
+    if isinstance(layout, ChunkLayout):
+        return len(layout.middle)
+    return sum(len(part) for _, part in layout.fixed)
+
+
+class RequestLayouts(_BySize):
+    """The layouts of ExecuteRequests learned so far, by request size."""
 
     def decode(self, raw: bytes, limits: Limits) -> DecodedExecuteRequest | None:
         """``raw`` decoded by a layout it repeats, or None (the general decoders' turn)."""
@@ -97,77 +182,77 @@ class RequestLayouts:
             if layout.limits is limits or layout.limits == limits:
                 decoded = layout.decode(raw)
                 if decoded is not None:
-                    return decoded
+                    return decoded  # type: ignore[no-any-return]
         return None
 
     def learn(self, raw: bytes, request: DecodedExecuteRequest, limits: Limits,
               encode: Callable[[DecodedExecuteRequest], Pieces]) -> None:
         """Keep the layout of ``raw`` (decoded cleanly as ``request``; ``encode`` re-encodes it
         as pieces, each tensor's data one memoryview piece) when it qualifies."""
-        size = len(raw)
-        if request.violations or not request.inputs:
+        if request.violations or not request.inputs or self._first_sighting(len(raw)):
             return
-        if size not in self._seen:
-            if len(self._seen) >= MAX_SEEN:
-                self._seen.clear()
-            self._seen.add(size)
+        split = _split(encode(request), request.inputs)
+        if split is None:
             return
-        layout = self._layout_of(raw, request, limits, encode)
-        if layout is None:
+        fixed, tensors, length = split
+        kept = sum(len(p) for _, p in fixed)
+        if length != len(raw) or kept > MAX_FIXED_BYTES or not _matches(raw, tuple(fixed)):
+            return  # not the canonical encoding (or too large a manifest to keep)
+        self._keep(len(raw), RequestLayout(request, limits, tuple(fixed), tuple(tensors)), kept)
+
+
+class ResponseLayout:
+    """The bytes of an ExecuteResponse outside its outputs' data and its metrics (which end the
+    message: their figures change with every call, their size does not), and where the
+    outputs' data and the metrics lie."""
+
+    __slots__ = ("fixed", "metrics_at", "tensors")
+
+    def __init__(self, fixed: tuple[tuple[int, bytes], ...], tensors: tuple[_TensorAt, ...],
+                 metrics_at: int) -> None:
+        self.fixed = fixed
+        self.tensors = tensors
+        self.metrics_at = metrics_at
+
+
+class ResponseLayouts(_BySize):
+    """The layouts of ExecuteResponses learned so far (the client's side of
+    ``RequestLayouts``): the outputs as there, the metrics left to their parser."""
+
+    def __init__(self, metrics_tag: int) -> None:
+        super().__init__()
+        self._metrics_tag = metrics_tag
+
+    def decode(self, raw: bytes) -> tuple[list[PortItem], int] | None:
+        """The outputs of a response of a known layout and where its metrics start, or None."""
+        for layout in self._by_size.get(len(raw), ()):
+            if _matches(raw, layout.fixed):
+                return _arrays_at(raw, layout.tensors), layout.metrics_at
+        return None
+
+    def learn(self, raw: bytes, outputs: list[PortItem], encode: Callable[[], Pieces]) -> None:
+        """Keep the layout of response ``raw`` (decoded cleanly to ``outputs``; ``encode``
+        re-encodes the outputs alone) when its outputs are plain tensors in the canonical
+        encoding, followed by the metrics field to the end."""
+        if not outputs or self._first_sighting(len(raw)):
             return
-        kept = sum(len(part) for _, part in layout.fixed)
-        if ((size not in self._by_size and len(self._by_size) >= MAX_SIZES)
-                or self._bytes + kept > MAX_TOTAL_BYTES):
-            self._by_size.clear()
-            self._bytes = 0
-        known = self._by_size.get(size, ())
-        dropped = known[PER_SIZE - 1:]
-        self._bytes += kept - sum(len(p) for old in dropped for _, p in old.fixed)
-        self._by_size[size] = (layout, *known[:PER_SIZE - 1])
-
-    @staticmethod
-    def _layout_of(raw: bytes, request: DecodedExecuteRequest, limits: Limits,
-                   encode: Callable[[DecodedExecuteRequest], Pieces]) -> RequestLayout | None:
-        arrays = [item.value for item in request.inputs]
-        if not all(type(a) is np.ndarray and a.nbytes for a in arrays):
-            return None  # text, bytes, audio, JSON, tagged or empty values: the general path
-        fixed: list[tuple[int, bytes]] = []
-        tensors = []
-        offset = 0
-        part: list[bytes] = []
-        part_offset = 0
-        index = 0
-        for piece in encode(request):
-            if type(piece) is memoryview:  # a tensor's data, in input order
-                if part:
-                    fixed.append((part_offset, b"".join(part)))
-                    part = []
-                item = request.inputs[index]
-                array = arrays[index]
-                index += 1
-                tensors.append((item.node_id, item.port, array.dtype, int(array.size), offset,
-                                None if array.ndim == 1 else tuple(array.shape)))
-                offset += piece.nbytes
-                part_offset = offset
-            else:
-                part.append(bytes(piece))
-                offset += len(piece)
-        if part:
-            fixed.append((part_offset, b"".join(part)))
-        if (offset != len(raw) or index != len(arrays)
-                or sum(len(p) for _, p in fixed) > MAX_FIXED_BYTES
-                or not all(raw.startswith(p, at) for at, p in fixed)):
-            return None  # not the canonical encoding (or too large a manifest to keep)
-        return RequestLayout(request, limits, tuple(fixed), tuple(tensors))
-
-    def clear(self) -> None:
-        self._by_size.clear()
-        self._seen.clear()
-        self._bytes = 0
-
-    def kept_bytes(self) -> int:
-        """Bytes of fixed parts kept (what ``MAX_TOTAL_BYTES`` bounds)."""
-        return self._bytes
+        split = _split(encode(), outputs)
+        if split is None:
+            return
+        fixed, tensors, at = split
+        if at >= len(raw) or raw[at] != self._metrics_tag:
+            return
+        try:
+            length, metrics_at = _read_varint(raw, at + 1)
+        except (IndexError, ValueError):
+            return
+        if metrics_at + length != len(raw):
+            return
+        fixed.append((at, raw[at:metrics_at]))  # the metrics' tag and length
+        kept = sum(len(p) for _, p in fixed)
+        if kept > MAX_FIXED_BYTES or not _matches(raw, tuple(fixed)):
+            return
+        self._keep(len(raw), ResponseLayout(tuple(fixed), tuple(tensors), metrics_at), kept)
 
 
 class ChunkLayout:
@@ -187,7 +272,7 @@ class ChunkLayout:
         self.limits = limits
 
 
-class ChunkLayouts:
+class ChunkLayouts(_BySize):
     """Stream chunks (a ``StreamChunk`` as field ``tag`` of the message, one tensor as its
     value) that repeat an earlier chunk but for their sequence number and data, as
     ``RequestLayouts`` does for whole requests. The sequence number changes with every chunk, so
@@ -195,12 +280,10 @@ class ChunkLayouts:
     learned as requests' layouts are (a size seen twice)."""
 
     def __init__(self, tag: int, sequence_key: int) -> None:
+        # Sizes here: the length of what follows the sequence number.
+        super().__init__()
         self._tag = tag
         self._sequence_key = sequence_key
-        # By the length of what follows the sequence number.
-        self._by_size: dict[int, tuple[ChunkLayout, ...]] = {}
-        self._seen: set[int] = set()
-        self._bytes = 0
 
     def _body(self, raw: bytes) -> tuple[int, int] | None:
         """(sequence as read, the offset after it) of a chunk message, or None."""
@@ -247,10 +330,7 @@ class ChunkLayouts:
             return
         pos = body[1]
         rest = len(raw) - pos
-        if rest not in self._seen:
-            if len(self._seen) >= MAX_SEEN:
-                self._seen.clear()
-            self._seen.add(rest)
+        if self._first_sighting(rest):
             return
         pieces = encode()
         if type(pieces[-1]) is not memoryview or pieces[-1].nbytes != value.nbytes:
@@ -260,20 +340,4 @@ class ChunkLayouts:
             return  # not the canonical encoding
         if len(middle) > MAX_FIXED_BYTES:
             return
-        if ((rest not in self._by_size and len(self._by_size) >= MAX_SIZES)
-                or self._bytes + len(middle) > MAX_TOTAL_BYTES):
-            self._by_size.clear()
-            self._bytes = 0
-        known = self._by_size.get(rest, ())
-        self._bytes += len(middle) - sum(len(old.middle) for old in known[PER_SIZE - 1:])
-        self._by_size[rest] = (ChunkLayout(node_id, port, value, middle, limits),
-                               *known[:PER_SIZE - 1])
-
-    def clear(self) -> None:
-        self._by_size.clear()
-        self._seen.clear()
-        self._bytes = 0
-
-    def kept_bytes(self) -> int:
-        """Bytes of fixed parts kept (what ``MAX_TOTAL_BYTES`` bounds)."""
-        return self._bytes
+        self._keep(rest, ChunkLayout(node_id, port, value, middle, limits), len(middle))

@@ -42,6 +42,7 @@ from tensorline.wire._codec import (
     _encode_tensor,
     _fields,
     _len_field,
+    _tag,
     _tensor,
     _to_int64,
     _utf8,
@@ -49,7 +50,7 @@ from tensorline.wire._codec import (
     encode_port_value,
     join,
 )
-from tensorline.wire._layouts import RequestLayouts
+from tensorline.wire._layouts import RequestLayouts, ResponseLayouts
 
 # --- ExecuteRequest / ExecuteResponse ------------------------------------------------------------
 
@@ -295,7 +296,32 @@ def encode_execute_response(outputs: list[PortItem],
     return join(pieces)
 
 
+# The layouts of recent responses (the client's side): a response that repeats one is parsed
+# for its metrics only.
+RESPONSE_LAYOUTS = ResponseLayouts(_tag(_F_RESPONSE_METRICS, _LEN)[0])
+
+
 def decode_execute_response(raw: bytes) -> DecodedExecuteResponse:
+    repeated = RESPONSE_LAYOUTS.decode(raw)
+    if repeated is not None:
+        outputs, metrics_at = repeated
+        return DecodedExecuteResponse(outputs, pb.ExecutionMetrics.FromString(raw[metrics_at:]))
+    response = _decode_response(raw)
+    RESPONSE_LAYOUTS.learn(raw, response.outputs, lambda: _output_pieces(response.outputs))
+    return response
+
+
+def _output_pieces(outputs: list[PortItem]) -> Pieces:
+    pieces: Pieces = []
+    for item in outputs:
+        framed = _tensor_output(item)
+        if framed is None:
+            return []
+        pieces += framed
+    return pieces
+
+
+def _decode_response(raw: bytes) -> DecodedExecuteResponse:
     response = DecodedExecuteResponse()
     problems: list[Violation] = []
     for number, wire_type, a, b in _fields(raw, 0, len(raw)):
