@@ -382,11 +382,46 @@ def _encode_tensor(array: npt.ArrayLike) -> tuple[Pieces, int]:
         size = _DTYPE_HEAD + _SHAPE_TAG + len(dims_len) + len(dims)
     nbytes = arr.nbytes
     if nbytes:
-        flat: Any = arr if arr.ndim == 1 else arr.reshape(-1)
         data_len = _varint_bytes(nbytes)
-        pieces += [_T_TENSOR_DATA, data_len, memoryview(flat).cast("B")]
+        pieces += [_T_TENSOR_DATA, data_len, _data_view(arr)]
         size += _DATA_TAG + len(data_len) + nbytes
     return pieces, size
+
+
+def _data_view(arr: Any) -> memoryview:
+    """A C-contiguous array's data as a byte-format memoryview (not copied): the data piece
+    of every tensor encoding."""
+    return memoryview(arr if arr.ndim == 1 else arr.reshape(-1)).cast("B")
+
+
+class KeptHeads:
+    """An encoding's bytes up to a plain array's data, made once per (node, port, dtype,
+    shape) and then reused as one piece: a pipeline sends arrays of one dtype and shape from
+    one port call after call (or chunk after chunk). Bounded: names come from manifests."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._heads: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], bytes] = {}
+
+    def pieces(self, node_id: str, port: str, value: Any) -> Pieces | None:
+        """[head, data] for a value whose head is kept; None otherwise (encode it, then
+        ``keep``)."""
+        if type(value) is not np.ndarray or not value.flags.c_contiguous:
+            return None
+        head = self._heads.get((node_id, port, value.dtype, value.shape))
+        return None if head is None else [head, _data_view(value)]
+
+    def keep(self, node_id: str, port: str, value: Any, pieces: Pieces) -> None:
+        """Keep all of ``pieces`` but the last as ``value``'s head, when the last is its data:
+        only arrays sent as they are (contiguous, a wire dtype in native order, not empty);
+        others were converted first."""
+        if (type(value) is not np.ndarray or not value.flags.c_contiguous
+                or value.dtype not in _DTYPE_TO_WIRE or type(pieces[-1]) is not memoryview):
+            return
+        if len(self._heads) >= self._capacity:
+            self._heads.clear()
+        self._heads[(node_id, port, value.dtype, value.shape)] = b"".join(
+            pieces[:-1])  # type: ignore[arg-type]
 
 
 # A tag byte at or above this starts a multi-byte tag (or a non-minimal one).

@@ -104,15 +104,17 @@ def _split(pieces: Pieces, items: list[PortItem]
 class RequestLayout:
     """The bytes of a request outside its tensors' data, and where each tensor's data lies."""
 
-    __slots__ = ("fixed", "limits", "manifest_json", "pipeline", "pipeline_version", "tensors")
+    __slots__ = ("fixed", "kept", "limits", "manifest_json", "pipeline", "pipeline_version",
+                 "tensors")
 
     def __init__(self, request: DecodedExecuteRequest, limits: Limits,
                  fixed: tuple[tuple[int, bytes], ...], tensors: tuple[_TensorAt, ...]) -> None:
         # The limits the learned request was checked against: every request of this layout has
         # the same tensor sizes, so it passes them too (under the same limits only).
         self.limits = limits
-        # (offset, bytes) of every part outside the tensors' data.
+        # (offset, bytes) of every part outside the tensors' data, and their total size.
         self.fixed = fixed
+        self.kept = sum(len(part) for _, part in fixed)
         self.tensors = tensors
         self.manifest_json = request.manifest_json
         self.pipeline = request.pipeline
@@ -144,14 +146,14 @@ class _BySize:
         self._seen.add(size)
         return True
 
-    def _keep(self, size: int, layout: Any, kept: int) -> None:
-        """Keep ``layout`` (``kept`` bytes of fixed parts) first among ``size``'s."""
+    def _keep(self, size: int, layout: Any) -> None:
+        """Keep ``layout`` (``layout.kept``: bytes of its fixed parts) first among ``size``'s."""
         if ((size not in self._by_size and len(self._by_size) >= MAX_SIZES)
-                or self._bytes + kept > MAX_TOTAL_BYTES):
+                or self._bytes + layout.kept > MAX_TOTAL_BYTES):
             self._by_size.clear()
             self._bytes = 0
         known = self._by_size.get(size, ())
-        self._bytes += kept - sum(_fixed_bytes(old) for old in known[PER_SIZE - 1:])
+        self._bytes += layout.kept - sum(old.kept for old in known[PER_SIZE - 1:])
         self._by_size[size] = (layout, *known[:PER_SIZE - 1])
 
     def clear(self) -> None:
@@ -162,12 +164,6 @@ class _BySize:
     def kept_bytes(self) -> int:
         """Bytes of fixed parts kept (what ``MAX_TOTAL_BYTES`` bounds)."""
         return self._bytes
-
-
-def _fixed_bytes(layout: Any) -> int:
-    if isinstance(layout, ChunkLayout):
-        return len(layout.middle)
-    return sum(len(part) for _, part in layout.fixed)
 
 
 class RequestLayouts(_BySize):
@@ -195,10 +191,10 @@ class RequestLayouts(_BySize):
         if split is None:
             return
         fixed, tensors, length = split
-        kept = sum(len(p) for _, p in fixed)
-        if length != len(raw) or kept > MAX_FIXED_BYTES or not _matches(raw, tuple(fixed)):
+        layout = RequestLayout(request, limits, tuple(fixed), tuple(tensors))
+        if length != len(raw) or layout.kept > MAX_FIXED_BYTES or not _matches(raw, layout.fixed):
             return  # not the canonical encoding (or too large a manifest to keep)
-        self._keep(len(raw), RequestLayout(request, limits, tuple(fixed), tuple(tensors)), kept)
+        self._keep(len(raw), layout)
 
 
 class ResponseLayout:
@@ -206,11 +202,12 @@ class ResponseLayout:
     message: their figures change with every call, their size does not), and where the
     outputs' data and the metrics lie."""
 
-    __slots__ = ("fixed", "metrics_at", "tensors")
+    __slots__ = ("fixed", "kept", "metrics_at", "tensors")
 
     def __init__(self, fixed: tuple[tuple[int, bytes], ...], tensors: tuple[_TensorAt, ...],
                  metrics_at: int) -> None:
         self.fixed = fixed
+        self.kept = sum(len(part) for _, part in fixed)
         self.tensors = tensors
         self.metrics_at = metrics_at
 
@@ -249,17 +246,17 @@ class ResponseLayouts(_BySize):
         if metrics_at + length != len(raw):
             return
         fixed.append((at, raw[at:metrics_at]))  # the metrics' tag and length
-        kept = sum(len(p) for _, p in fixed)
-        if kept > MAX_FIXED_BYTES or not _matches(raw, tuple(fixed)):
+        layout = ResponseLayout(tuple(fixed), tuple(tensors), metrics_at)
+        if layout.kept > MAX_FIXED_BYTES or not _matches(raw, layout.fixed):
             return
-        self._keep(len(raw), ResponseLayout(tuple(fixed), tuple(tensors), metrics_at), kept)
+        self._keep(len(raw), layout)
 
 
 class ChunkLayout:
     """A stream chunk's bytes after its sequence number (node id, port, the tensor's framing),
     and its tensor."""
 
-    __slots__ = ("count", "dtype", "limits", "middle", "node_id", "port", "shape")
+    __slots__ = ("count", "dtype", "kept", "limits", "middle", "node_id", "port", "shape")
 
     def __init__(self, node_id: str, port: str, array: np.ndarray[Any, Any], middle: bytes,
                  limits: Limits) -> None:
@@ -269,6 +266,7 @@ class ChunkLayout:
         self.count = int(array.size)
         self.shape = None if array.ndim == 1 else tuple(array.shape)
         self.middle = middle
+        self.kept = len(middle)
         self.limits = limits
 
 
@@ -340,4 +338,4 @@ class ChunkLayouts(_BySize):
             return  # not the canonical encoding
         if len(middle) > MAX_FIXED_BYTES:
             return
-        self._keep(rest, ChunkLayout(node_id, port, value, middle, limits), len(middle))
+        self._keep(rest, ChunkLayout(node_id, port, value, middle, limits))

@@ -7,11 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire._codec import (
-    _DTYPE_TO_WIRE,
     _F_CHUNK_NODE_ID,
     _F_CHUNK_PORT,
     _F_CHUNK_SEQUENCE,
@@ -39,6 +36,7 @@ from tensorline.wire._codec import (
     _VARINT,
     BAD_CONTENT,
     DEFAULT_LIMITS,
+    KeptHeads,
     Limits,
     MalformedMessage,
     Pieces,
@@ -155,27 +153,16 @@ def decode_stream_chunk(
 
 
 def encode_stream_item(number: int, sequence: int, node_id: str, port: str, value: Any) -> Pieces:
-    """A StreamChunk/StreamResult body (they share field numbers) as field ``number``. A
-    stream sends arrays of one dtype and shape from one (node, port) chunk after chunk: for a
-    plain array, everything between the sequence number and the data is made once per
-    (node, port, dtype, shape) and reused as one piece."""
+    """A StreamChunk/StreamResult body (they share field numbers) as field ``number``; for a
+    plain array, everything between the sequence number and the data is kept
+    (``_ITEM_MIDDLES``)."""
     head: Pieces = []
     if sequence:
         head += [_T_CHUNK_SEQUENCE, _varint_bytes(sequence & ((1 << 64) - 1))]
-    kept = None
-    if type(value) is np.ndarray and value.flags.c_contiguous:
-        kept = (node_id, port, value.dtype, value.shape)
-        middle = _ITEM_MIDDLES.get(kept)
-        if middle is not None:
-            flat: Any = value if value.ndim == 1 else value.reshape(-1)
-            return _len_field(number, [*head, middle, memoryview(flat).cast("B")])
-    rest = _item_rest(node_id, port, value)
-    # Only arrays sent as they are (a wire dtype in native order, not empty: the data is the
-    # last piece) have a middle to keep; the rest were converted first.
-    if kept is not None and value.dtype in _DTYPE_TO_WIRE and type(rest[-1]) is memoryview:
-        if len(_ITEM_MIDDLES) >= 4096:  # bounded: names come from manifests
-            _ITEM_MIDDLES.clear()
-        _ITEM_MIDDLES[kept] = join(rest[:-1])
+    rest = _ITEM_MIDDLES.pieces(node_id, port, value)
+    if rest is None:
+        rest = _item_rest(node_id, port, value)
+        _ITEM_MIDDLES.keep(node_id, port, value, rest)
     return _len_field(number, [*head, *rest])
 
 
@@ -185,8 +172,8 @@ def _item_rest(node_id: str, port: str, value: Any) -> Pieces:
             *_len_field(_F_CHUNK_VALUE, encode_value(value))]
 
 
-# Per (node, port, dtype, shape): a chunk's bytes between its sequence number and its data.
-_ITEM_MIDDLES: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], bytes] = {}
+# A chunk's bytes between its sequence number and its data.
+_ITEM_MIDDLES = KeptHeads()
 
 
 def scan_top_level(raw: bytes) -> Iterator[tuple[int, int, int, int]]:

@@ -12,7 +12,6 @@ import numpy as np
 
 from tensorline.v1 import tensorline_pb2 as pb
 from tensorline.wire._codec import (
-    _DTYPE_TO_WIRE,
     _F_METRICS_NODES,
     _F_REQUEST_INPUTS,
     _F_REQUEST_MANIFEST,
@@ -33,6 +32,7 @@ from tensorline.wire._codec import (
     DEFAULT_LIMITS,
     DecodedExecuteRequest,
     DecodedExecuteResponse,
+    KeptHeads,
     Limits,
     MalformedMessage,
     Pieces,
@@ -184,19 +184,14 @@ _VALUE_TAG = len(_T_PORT_VALUE)
 def _tensor_output(item: PortItem) -> Pieces | None:
     """One ``ExecuteResponse.outputs`` entry for a plain array: the tensor's pieces from the
     codec's encoder, framed flat with the (node, port) head made once per pair, without the
-    nested framing of ``encode_port_value``. None for anything else (the general framing).
-    A pipeline answers call after call with arrays of the same dtype and shape: everything
-    before the data is kept per (node, port, dtype, shape) and reused as one piece."""
+    nested framing of ``encode_port_value``; everything before the data is kept
+    (``_OUTPUT_HEADS``). None for anything else (the general framing)."""
     value = item.value
     if type(value) is not np.ndarray:
         return None
-    key = (item.node_id, item.port, value.dtype, value.shape)
-    contiguous = value.flags.c_contiguous
-    if contiguous:
-        head = _OUTPUT_HEADS.get(key)
-        if head is not None:
-            flat: Any = value if value.ndim == 1 else value.reshape(-1)
-            return [head, memoryview(flat).cast("B")]
+    kept = _OUTPUT_HEADS.pieces(item.node_id, item.port, value)
+    if kept is not None:
+        return kept
     tensor, tensor_len = _encode_tensor(value)
     tensor_len_bytes = _varint_bytes(tensor_len)
     value_len = _TENSOR_TAG + len(tensor_len_bytes) + tensor_len
@@ -205,17 +200,12 @@ def _tensor_output(item: PortItem) -> Pieces | None:
     port_len = len(head) + _VALUE_TAG + len(value_len_bytes) + value_len
     pieces: Pieces = [_T_RESPONSE_OUTPUTS, _varint_bytes(port_len), head, _T_PORT_VALUE,
                       value_len_bytes, _T_VALUE_TENSOR, tensor_len_bytes, *tensor]
-    # Only arrays sent as they are (a wire dtype in native order, contiguous, not empty: the
-    # last piece is their data) have a head to keep; the rest were converted first.
-    if contiguous and value.dtype in _DTYPE_TO_WIRE and type(pieces[-1]) is memoryview:
-        if len(_OUTPUT_HEADS) >= 4096:  # bounded: names come from manifests
-            _OUTPUT_HEADS.clear()
-        _OUTPUT_HEADS[key] = b"".join(pieces[:-1])  # type: ignore[arg-type]
+    _OUTPUT_HEADS.keep(item.node_id, item.port, value, pieces)
     return pieces
 
 
-# Per (node, port, dtype, shape): an output entry's bytes up to its tensor's data.
-_OUTPUT_HEADS: dict[tuple[str, str, np.dtype[Any], tuple[int, ...]], bytes] = {}
+# An output entry's bytes up to its tensor's data.
+_OUTPUT_HEADS = KeptHeads()
 
 
 class NodeFigures(Protocol):
