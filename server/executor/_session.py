@@ -62,7 +62,7 @@ import types
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -91,12 +91,15 @@ from tensorline.server.manifest import (
     value_for_port,
 )
 from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
-from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
+from tensorline.server.runtime import BatchOutcome, ExecutionScope, NodeInstance, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
 from tensorline.wire import StreamItem
 
 # Port kinds a plain array is delivered to as it is.
 _ARRAY_PORT_KINDS = frozenset({"tensor", "any"})
+# Bytes of values one ``process_batch`` takes at most (a larger value goes alone): past this a
+# round trip's cost is the copying, which batching does not save.
+BATCH_BYTES = 1 << 20
 
 
 class _Suspended:
@@ -385,7 +388,12 @@ class StreamSession:
         The first stage failure cancels the others and propagates."""
         for node_id in self.plan.order:
             stage = self._stages[node_id]
-            body = self._run_streaming if stage.spec.entry.streaming else self._run_plain
+            if stage.spec.entry.streaming:
+                body = self._run_streaming
+            elif stage.instance.batches and stage.spec.timeout_s is None:
+                body = self._run_batched
+            else:
+                body = self._run_plain
             self._tasks.append(asyncio.ensure_future(body(stage)))
         pending: set[asyncio.Task[None]] = set(self._tasks)
         while pending:
@@ -516,16 +524,84 @@ class StreamSession:
                             f"node '{spec.node_id}' exceeded its timeout of {timeout:g} s "
                             f"at sequence {sequence}") from None
                 outputs = normalize_outputs(spec, raw)
-            except NodeFailed as error:
-                raise self._sequenced(error, sequence) from error.__cause__
-            except SandboxFailure as error:
-                # No fallback mid-stream (the node's state would be lost); say where.
-                raise SandboxFailure(error.node_id, error.cause,
-                                     during=f"{error.during} of sequence {sequence}") from error
+            except (NodeFailed, SandboxFailure) as error:
+                self._raise_at(error, sequence)
             stage.busy_s += time.perf_counter() - started
             stage.report.inputs_consumed += 1
             await self._emit(stage, sequence, outputs)
         self._finish(stage)
+
+    async def _run_batched(self, stage: _Stage) -> None:
+        """``_run_plain`` for a node whose instance runs several input sets per call
+        (``NodeInstance.batches``: a one-shot node in the sandbox). The input sets that queued
+        up while the node was busy go in one ``process_batch`` (up to ``BATCH_BYTES`` of
+        values), so one round trip to a worker serves many chunks; order, outputs and failures
+        are those of one call after another."""
+        inbox = stage.inbox
+        waiting = stage.producers
+        while waiting:
+            pending: list[tuple[int, Any]] = []
+            pending_bytes = 0
+            for (slot, sequence, value), size in await inbox.get_sized_batch():
+                if slot == EOS:
+                    waiting -= 1
+                    continue
+                if slot == HANDOFF or pending_bytes + size > BATCH_BYTES:
+                    await self._run_sets(stage, pending)
+                    pending, pending_bytes = [], 0
+                if slot == HANDOFF:  # a call its producer started (see _run_inline)
+                    await self._run_sets(stage, [(sequence, value)])
+                    continue
+                inputs = stage.accept(slot, sequence, value)
+                if inputs is not None:
+                    pending.append((sequence, inputs))
+                    pending_bytes += size
+            await self._run_sets(stage, pending)
+        self._finish(stage)
+
+    async def _run_sets(self, stage: _Stage, pending: list[tuple[int, Any]]) -> None:
+        """Run the node on ``pending`` (sequence, input set) in order and emit the outputs; a
+        single ``_Suspended`` is a call already started."""
+        if not pending:
+            return
+        started = time.perf_counter()
+        if type(pending[0][1]) is _Suspended:
+            started = pending[0][1].started
+            try:
+                outcome = BatchOutcome([await pending[0][1]], None)
+            except Exception as error:
+                outcome = BatchOutcome([], error)
+        else:
+            outcome = await stage.instance.process_batch([i for _, i in pending])
+        stage.busy_s += time.perf_counter() - started
+        for (sequence, _), raw in zip(pending, outcome.values, strict=False):
+            stage.current = sequence
+            try:
+                outputs = normalize_outputs(stage.spec, raw)
+            except NodeFailed as error:
+                self._raise_at(error, sequence)
+            stage.report.inputs_consumed += 1
+            await self._emit(stage, sequence, outputs)
+        failure = outcome.failure
+        if failure is not None:
+            ran = len(outcome.values)
+            sequence = stage.current = pending[ran][0]
+            if isinstance(failure, NodeFailed | SandboxFailure):
+                self._raise_at(failure, sequence,
+                               pending[min(ran + outcome.span, len(pending)) - 1][0])
+            raise failure
+
+    def _raise_at(self, error: NodeFailed | SandboxFailure, sequence: int,
+                  last: int | None = None) -> NoReturn:
+        """Raise a node's failure on input ``sequence`` (or on one of those up to ``last``:
+        see ``BatchOutcome.span``), saying so; a sandbox failure gets no fallback mid-stream
+        (the node's state would be lost)."""
+        if isinstance(error, NodeFailed):
+            raise self._sequenced(error, sequence) from error.__cause__
+        where = (f"sequence {sequence}" if last is None or last == sequence
+                 else f"one of sequences {sequence}-{last} (run as a batch)")
+        raise SandboxFailure(error.node_id, error.cause,
+                             during=f"{error.during} of {where}") from error
 
     async def _chunks(self, stage: _Stage) -> AsyncIterator[Chunk]:
         async for sequence, inputs in self._accepted(stage):
@@ -622,3 +698,4 @@ class StreamingExecutor:
         scope = scope or ExecutionScope(execution_id=uuid.uuid4().hex)
         return StreamSession(self, plan, scope, queue_size or DEFAULT_QUEUE_SIZE,
                              buffer_bytes if buffer_bytes > 0 else DEFAULT_BUFFER_BYTES)
+

@@ -4,6 +4,7 @@ They never decide where a node runs; ``tensorline.server.selector`` does.
 """
 
 from tensorline.server.runtime._base import (
+    BatchOutcome,
     ExecutionScope,
     LayerStatus,
     NodeInstance,
@@ -24,6 +25,7 @@ from tensorline.server.runtime.sandbox import (
 
 __all__ = [
     "NODE_THREAD_PREFIX",
+    "BatchOutcome",
     "ExecutionScope",
     "InProcessInstance",
     "InProcessRuntime",

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from tensorline.server._errors import DeadlineExceeded
 from tensorline.server.manifest import NodeSpec
@@ -47,6 +47,18 @@ class ExecutionScope:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class BatchOutcome(NamedTuple):
+    """What running a node on a batch of input sets came to: the values of those that ran, in
+    order, and the failure that ended the batch early (None: every input set ran). The failure
+    is that of the input set after the last value, or, when ``span`` > 1, of one of the
+    ``span`` input sets from there: a sandbox worker that dies in the middle of a batch takes
+    with it the values it had not reported yet, and which input set was running."""
+
+    values: list[Any]
+    failure: Exception | None
+    span: int = 1
+
+
 class NodeInstance(ABC):
     """An initialized node, ready to process."""
 
@@ -57,6 +69,21 @@ class NodeInstance(ABC):
     @abstractmethod
     async def process(self, inputs: Mapping[str, Any]) -> Any:
         """Run the node once; returns what the node's ``process`` returned."""
+
+    # Whether ``process_batch`` does better than one ``process`` after another (a stream
+    # session hands a batch only to such instances).
+    batches: ClassVar[bool] = False
+
+    async def process_batch(self, batch: Sequence[Mapping[str, Any]]) -> BatchOutcome:
+        """``process`` on each input set of ``batch`` in order, up to the first failure. Each
+        input set gets the deadline a ``process`` call would have."""
+        values: list[Any] = []
+        for inputs in batch:
+            try:
+                values.append(await self.process(inputs))
+            except Exception as exc:
+                return BatchOutcome(values, exc)
+        return BatchOutcome(values, None)
 
     def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """Run a streaming node's ``stream`` generator over ``chunks`` (``nodes.Chunk``).
@@ -97,6 +124,17 @@ class Runtime(ABC):
             return await within_node_timeout(spec, instance.process(inputs))
         finally:
             await self.release(instance)
+
+    async def call_batch(self, spec: NodeSpec, scope: ExecutionScope,
+                         batch: Sequence[Mapping[str, Any]]) -> BatchOutcome:
+        """``call`` on each input set of ``batch`` in order, up to the first failure."""
+        values: list[Any] = []
+        for inputs in batch:
+            try:
+                values.append(await self.call(spec, scope, inputs))
+            except Exception as exc:
+                return BatchOutcome(values, exc)
+        return BatchOutcome(values, None)
 
     async def prepare(self, spec: NodeSpec, scope: ExecutionScope) -> None:
         """Create what a call of ``spec`` needs before the first call arrives (a named

@@ -3,12 +3,14 @@ once per chunk in a worker next to in-process and streaming nodes; streaming nod
 generator in a worker with the same results as in-process, separate state per session, in
 order under backpressure; a worker crash mid-stream ends the session with a sandbox error naming
 the node (and the sequence) while the server keeps serving; a cancelled session leaves nothing
-behind."""
+behind. Chunks that queue up for a busy sandboxed one-shot node run as batches (several per
+round trip to a worker), with the outputs and failures of one call after another."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tensorline.client import AsyncClient, SandboxError
+from tensorline.client import AsyncClient, NodeError, SandboxError
 from tensorline.server import TensorlineServer
 from tests.server.conftest import UNTRUSTED
 from tests.support.polling import eventually
@@ -218,3 +220,71 @@ async def check_plain_and_streaming(client: AsyncClient, order: str) -> None:
     else:
         expected = [2.0 * (i + d) for i in range(40) for d in (0, 1)]
     assert [value[0] for _, _, value in outputs] == expected
+
+
+def step_chain(sandboxed_hint: str = "sandbox") -> dict[str, Any]:
+    return {"nodes": [{"id": "p", "node_type": "PassThrough", "runtime_hint": "inprocess"},
+                      {"id": "s", "node_type": "Step", "runtime_hint": sandboxed_hint},
+                      {"id": "q", "node_type": "PassThrough", "runtime_hint": "inprocess"}],
+            "connections": [{"from": "p", "to": "s"}, {"from": "s", "to": "q"}]}
+
+
+async def test_queued_chunks_run_as_batches_in_order(
+        sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
+    server, client = sandboxed
+    stats = server.engine.runtimes["sandbox"].stats
+    before = stats()
+    # The first chunk holds the node while the rest queue up behind it.
+    sent = ["nap:0.3"] + [f"c{i}" for i in range(120)]
+    async with client.stream(step_chain()) as s:
+        for value in sent:
+            await s.send("p", value)
+        metrics = await s.close()
+        outputs = [(o.node_id, o.sequence, o.value.value["in"]) async for o in s]
+    assert outputs == [("q", i, value) for i, value in enumerate(sent)]
+    assert {n.node_id: n.inputs_consumed for n in metrics.nodes} == {"p": 121, "s": 121,
+                                                                   "q": 121}
+    after = stats()
+    batches = after["batches"] - before["batches"]
+    batched = after["batched_inputs"] - before["batched_inputs"]
+    assert batches >= 1 and batched >= 2 * batches and batched <= 120
+
+
+async def test_a_failure_in_a_batch_names_its_own_sequence(
+        sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
+    server, client = sandboxed
+    before = server.engine.runtimes["sandbox"].stats()["batches"]
+    received = []
+    with pytest.raises(NodeError) as caught:
+        async with client.stream(step_chain()) as s:
+            for value in ["nap:0.3", "a", "b", "fail", "c", "d"]:
+                await s.send("p", value)
+            async for out in s:
+                received.append((out.sequence, out.value.value["in"]))
+    assert caught.value.node_id == "s"
+    assert caught.value.metadata["sequence"] == "3"
+    assert caught.value.exception_type == "ValueError"
+    assert received == [(0, "nap:0.3"), (1, "a"), (2, "b")]
+    assert server.engine.runtimes["sandbox"].stats()["batches"] > before
+
+
+async def test_a_crash_in_a_batch_names_the_sequences_it_may_belong_to(
+        sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
+    """A dying worker takes the values it had not reported with it: the error names every
+    sequence from the first without an output to the last it may have reached, never fewer."""
+    _, client = sandboxed
+    received = []
+    with pytest.raises(SandboxError) as caught:
+        async with client.stream(step_chain()) as s:
+            for value in ["nap:0.3", "a", "b", "crash", "c"]:
+                await s.send("p", value)
+            async for out in s:
+                received.append(out.sequence)
+    assert caught.value.node_id == "s"
+    assert received == list(range(len(received))) and len(received) <= 3
+    during = caught.value.metadata["during"]
+    if during != "process of sequence 3":
+        match = re.fullmatch(r"process of one of sequences (\d+)-(\d+) \(run as a batch\)",
+                             during)
+        assert match, during
+        assert int(match[1]) == len(received) and 3 <= int(match[2]) <= 4

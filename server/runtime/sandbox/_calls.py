@@ -20,16 +20,17 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from tensorline.server._errors import DeadlineExceeded, NodeFailed
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import NodeEntry
-from tensorline.server.runtime._base import ExecutionScope
+from tensorline.server.runtime._base import BatchOutcome, ExecutionScope
 from tensorline.server.runtime.sandbox import _shm
 from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
 from tensorline.server.runtime.sandbox._messages import (
+    BATCH_FLUSH_S,
     CARRIES_RELEASES,
     ERROR,
     EVENT,
@@ -49,6 +50,7 @@ from tensorline.server.runtime.sandbox._messages import (
     READY,
     RELEASE,
     RUN,
+    RUNS,
     SEGMENT,
     SEGMENT_GRANTED,
     SEGMENT_REFUSED,
@@ -61,6 +63,7 @@ from tensorline.server.runtime.sandbox._pool import _expire, _Pool
 from tensorline.server.runtime.sandbox._records import (
     _NO_SPEC,
     MIN_MEMORY_MB,
+    _Batch,
     _Call,
     _ClassKey,
     _ClassPlan,
@@ -115,6 +118,20 @@ class _Calls(_Pool):
                 and type(message[2]) is float and call is not None and not call.streaming):
             # The usual reply, checked first: ("ok", value, cpu_used) to a call.
             worker.cpu_used = message[2]
+            batch = call.batch
+            if batch is not None:
+                values = message[1]
+                ran = len(batch.values) + len(values) if type(values) is list else -1
+                if not len(batch.values) < ran <= batch.size:
+                    self._misbehaved(worker, "malformed batch reply")
+                    return
+                worker.calls += len(values) - (ran == batch.size)  # _finish counts one
+                if ran < batch.size:
+                    # Input sets of a batch ran: the next has a deadline of its own from now
+                    # (the watchdog finds it moved when it fires).
+                    batch.values += values
+                    call.deadline = self._deadline(call.spec, batch.scope, None) + BATCH_FLUSH_S
+                    return
             self._finish(worker, call)
             if not call.future.done():
                 call.future.set_result(message)
@@ -235,8 +252,8 @@ class _Calls(_Pool):
     async def _request(self, worker: _Worker, request: tuple[Any, ...], spec: NodeSpec | None,
                        during: str, iid: int, deadline: float,
                        on_abandoned: Callable[[tuple[Any, ...]], None] | None = None,
-                       ) -> tuple[Any, ...]:
-        """Send one request to ``worker`` and await its reply (calls are serialized).
+                       batch: _Batch | None = None) -> tuple[Any, ...]:
+        """Send one request to ``worker`` and await its (last) reply (calls are serialized).
 
         The worker's lock is held until the worker has answered (or died), even when the caller
         is cancelled first: ``_finish`` releases it, from the reply or death callbacks.
@@ -248,20 +265,21 @@ class _Calls(_Pool):
             except BaseException:
                 worker.queued -= 1
                 raise
-        sent = self._send(worker, request, spec, during, iid, deadline, on_abandoned)
+        sent = self._send(worker, request, spec, during, iid, deadline, on_abandoned, batch)
         if isinstance(sent, tuple):
             return sent
         return await self._reply(worker, sent, on_abandoned)
 
     def _send(self, worker: _Worker, request: tuple[Any, ...], spec: NodeSpec | None,
               during: str, iid: int, deadline: float,
-              on_abandoned: Callable[[tuple[Any, ...]], None] | None) -> _Call | tuple[Any, ...]:
+              on_abandoned: Callable[[tuple[Any, ...]], None] | None,
+              batch: _Batch | None = None) -> _Call | tuple[Any, ...]:
         """(The caller counted itself in ``queued`` and holds the worker's turn.) Send
         ``request``: the call in flight, or the reply itself when there was nothing to send."""
         loop = self._loop
         assert loop is not None
         call = _Call(loop.create_future(), spec if spec is not None else _NO_SPEC, during, iid,
-                     deadline, on_abandoned=on_abandoned)
+                     deadline, on_abandoned=on_abandoned, batch=batch)
         op = request[0]
         if not worker.alive or worker.sock is None or worker.killed or (
                 worker.exiting and op != EXIT):
@@ -285,6 +303,9 @@ class _Calls(_Pool):
             self._finish(worker, call)
             raise
         worker.inflight = call
+        if batch is not None:
+            self._batches += 1
+            self._batched_inputs += batch.size
         try:
             _shm.send(worker.sock, message, fresh)
         except OSError as exc:
@@ -414,7 +435,8 @@ class _Calls(_Pool):
     # --- one-shot run requests ----------------------------------------------------------------
 
     async def _wait_for_run(self, plan: _ClassPlan, spec: NodeSpec, scope: ExecutionScope,
-                            inputs: Mapping[str, Any], again: bool = False) -> _Started | None:
+                            inputs: Mapping[str, Any] | list[Mapping[str, Any]],
+                            again: bool = False) -> _Started | None:
         """Wait for an idle worker like ``_pool_change`` (in the caller's line, round robin
         with the other callers; bounded by the call's deadline: then ``LimitExceeded``). The
         reply callback that frees a worker sends this call's request at once when its turn has
@@ -474,8 +496,11 @@ class _Calls(_Pool):
         worker.queued += 1
         request, key, class_id, define = self._run_request(worker, spec, scope, inputs)
         try:
-            sent = self._send(worker, request, spec, "process", 0,
-                              self._deadline(spec, scope, None), None)
+            batch = _batch_of(inputs, scope)
+            deadline = self._deadline(spec, scope, None)
+            if batch is not None:
+                deadline += BATCH_FLUSH_S  # (see _run_batch_once)
+            sent = self._send(worker, request, spec, "process", 0, deadline, None, batch)
         except Exception as exc:  # _WorkerGone, or inputs that cannot be sent: the caller's
             waiter.set_exception(exc)
             return True
@@ -512,19 +537,65 @@ class _Calls(_Pool):
                                     self._deadline(spec, scope, None))
         return self._run_reply(worker, spec, reply, key, class_id, define)
 
+    async def _run_batch_once(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope,
+                              batch: list[Mapping[str, Any]]) -> BatchOutcome:
+        """``_run_once`` for several input sets in one ``runs`` request. A ``_WorkerGone``
+        failure means nothing ran (the worker did not know the class, or is being replaced):
+        the batch is safe to send elsewhere."""
+        request, key, class_id, define = self._run_request(worker, spec, scope, batch)
+        tracked = _Batch(len(batch), scope)
+        # The worker reports what ran every BATCH_FLUSH_S at most: so much later than the
+        # deadline of the input set running, the one after it has had its due.
+        reply = self._request(worker, request, spec, "process", 0,
+                              self._deadline(spec, scope, None) + BATCH_FLUSH_S, batch=tracked)
+        return await self._batch_result(worker, spec, tracked, reply, key, class_id, define)
+
+    async def _run_batch_dispatched(self, started: _Started, spec: NodeSpec) -> BatchOutcome:
+        """``_run_batch_once`` for a batch ``_dispatch`` sent."""
+        worker, call, key, class_id, define = started
+        assert call.batch is not None
+        return await self._batch_result(worker, spec, call.batch, self._reply(worker, call, None),
+                                        key, class_id, define)
+
+    async def _batch_result(self, worker: _Worker, spec: NodeSpec, tracked: _Batch,
+                            reply: Coroutine[Any, Any, tuple[Any, ...]], key: _ClassKey,
+                            class_id: int, define: tuple[str, str, str] | None) -> BatchOutcome:
+        try:
+            answer = await reply
+        except Exception as exc:
+            # The worker died (or never got the request): what ran since its last report, and
+            # which input set it was running, died with it.
+            return BatchOutcome(tracked.values, exc, tracked.size - len(tracked.values))
+        try:
+            last = self._run_reply(worker, spec, answer, key, class_id, define)
+        except Exception as exc:
+            return BatchOutcome(tracked.values, exc)
+        if type(last) is not list or len(tracked.values) + len(last) != tracked.size:
+            self._misbehaved(worker, "malformed batch reply")
+            return BatchOutcome(tracked.values, WorkerFailure(
+                spec.node_id, "worker broke the control protocol", during="process",
+                kind="protocol"), tracked.size - len(tracked.values))
+        tracked.values += last
+        return BatchOutcome(tracked.values, None)
+
     def _run_request(self, worker: _Worker, spec: NodeSpec, scope: ExecutionScope,
-                     inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], _ClassKey, int,
-                                                         tuple[str, str, str] | None]:
-        """The ``run`` request for ``worker``: with the class id it knows, else a new one and
-        the class's definition."""
+                     inputs: Mapping[str, Any] | list[Mapping[str, Any]],
+                     ) -> tuple[tuple[Any, ...], _ClassKey, int, tuple[str, str, str] | None]:
+        """The ``run`` request for ``worker`` (``runs`` for a list of input sets): with the
+        class id it knows, else a new one and the class's definition."""
         key = (spec.entry.class_ref, spec.params_key)
         class_id = worker.class_ids.get(key)
         define: tuple[str, str, str] | None = None
         if class_id is None:
             class_id = next(self._class_ids)
             define = (*spec.entry.class_ref, spec.params_key)
-        request = (RUN, class_id, inputs if type(inputs) is dict else dict(inputs), spec.node_id,
-                   scope.execution_id, define, None)
+        request: tuple[Any, ...]
+        if isinstance(inputs, list):  # a batch: one "runs" request
+            request = (RUNS, class_id, [i if type(i) is dict else dict(i) for i in inputs],
+                       spec.node_id, scope.execution_id, define, None)
+        else:
+            request = (RUN, class_id, inputs if type(inputs) is dict else dict(inputs),
+                       spec.node_id, scope.execution_id, define, None)
         return request, key, class_id, define
 
     def _run_reply(self, worker: _Worker, spec: NodeSpec, reply: tuple[Any, ...],
@@ -537,3 +608,9 @@ class _Calls(_Pool):
                 worker.class_ids.clear()
             worker.class_ids[key] = class_id
         return self._check_reply(worker, reply, spec, "process")
+
+
+def _batch_of(inputs: Mapping[str, Any] | list[Mapping[str, Any]],
+              scope: ExecutionScope) -> _Batch | None:
+    """What a ``runs`` request tracks (None for a single ``run``)."""
+    return _Batch(len(inputs), scope) if type(inputs) is list else None

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar
 
 from tensorline.server._errors import LimitExceeded, ServiceUnavailable
 from tensorline.server.manifest import NodeSpec
-from tensorline.server.runtime._base import ExecutionScope, NodeInstance
+from tensorline.server.runtime._base import BatchOutcome, ExecutionScope, NodeInstance
 from tensorline.server.runtime.sandbox._calls import _Calls
 from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
 from tensorline.server.runtime.sandbox._messages import (
@@ -83,6 +83,11 @@ class OneShotInstance(NodeInstance):
 
     def process(self, inputs: Mapping[str, Any]) -> Coroutine[Any, Any, Any]:
         return self._runtime.call(self.spec, self.scope, inputs)
+
+    batches: ClassVar[bool] = True
+
+    async def process_batch(self, batch: Sequence[Mapping[str, Any]]) -> BatchOutcome:
+        return await self._runtime.call_batch(self.spec, self.scope, batch)
 
 
 def _init_request(instance: SandboxInstance) -> Init | None:

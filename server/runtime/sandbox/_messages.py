@@ -14,6 +14,7 @@ Requests (server -> worker), one at a time; the worker answers each with one rep
     ("init", iid, module, qualname, params_json, node_id, execution_id)   warm instances
     ("call", iid, inputs, init, releases)
     ("run", class_id, inputs, node_id, execution_id, define, releases)    one-shot nodes
+    ("runs", class_id, batch, node_id, execution_id, define, releases)    several in order
     ("stream", iid, init, releases)                                        streaming session
     ("release", iids)
     ("describe", module)                                                   untrusted catalogue
@@ -22,7 +23,13 @@ Requests (server -> worker), one at a time; the worker answers each with one rep
 
 ``init`` is ``(module, qualname, params_json, node_id, execution_id)`` or None; ``define`` is
 ``(module, qualname, params_json)`` or None; ``releases`` (always the last field of ``call``,
-``run`` and ``release``) lists instances whose cleanup runs first, None when there are none.
+``run``, ``runs`` and ``release``) lists instances whose cleanup runs first, None when there are
+none. ``batch`` is a list of input sets: ``runs`` is that many ``run`` requests in one message.
+Its replies are ``("ok", values, cpu_used)``, ``values`` those of the input sets that ran since
+the last reply, in order: one when the batch ends, and one whenever ``BATCH_FLUSH_S`` has passed
+since the last, so that the server can give the next input set a deadline of its own. The first
+failure ends the batch: the values before it, then its ``error`` reply; a cancellation ends it
+before the next input set.
 
 Replies (worker -> server):
 
@@ -55,6 +62,7 @@ from typing import Any
 INIT = "init"
 CALL = "call"
 RUN = "run"
+RUNS = "runs"
 STREAM = "stream"
 RELEASE = "release"
 DESCRIBE = "describe"
@@ -98,12 +106,16 @@ PROCESS = "process"
 SEGMENT_GRANTED = b"segment"
 SEGMENT_REFUSED = b"refused"
 
+# A batch (``runs``) reports the values of the input sets that ran at least this often (seconds);
+# the server allows each input set this much more than its deadline.
+BATCH_FLUSH_S = 0.001
+
 # Class ids (``run`` requests) a worker keeps; past this it forgets them all, and answers
 # ``gone`` for an id it no longer knows (the server then starts over for that node).
 MAX_CLASS_IDS = 1024
 
 # Requests whose last field is the list of released instances (see ``with_releases``).
-CARRIES_RELEASES = frozenset({RUN, CALL, RELEASE})
+CARRIES_RELEASES = frozenset({RUN, RUNS, CALL, RELEASE})
 
 PROBE_REQUEST: tuple[str] = (PROBE,)
 EXIT_REQUEST: tuple[str] = (EXIT,)

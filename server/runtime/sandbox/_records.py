@@ -23,6 +23,7 @@ from typing import Any
 
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import NodeEntry
+from tensorline.server.runtime._base import ExecutionScope
 from tensorline.server.runtime.sandbox import _isolation, _shm
 from tensorline.server.runtime.sandbox._output import WorkerOutput
 
@@ -157,6 +158,16 @@ class _Waiters:
 
 
 @dataclass(slots=True)
+class _Batch:
+    """A ``runs`` request in flight: the values of the input sets answered so far (``size`` in
+    all), and the scope each next input set's deadline is drawn from."""
+
+    size: int
+    scope: ExecutionScope
+    values: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class _Call:
     future: asyncio.Future[tuple[Any, ...]]
     spec: NodeSpec
@@ -174,6 +185,8 @@ class _Call:
     # A streaming session: "need"/"out" messages resolve ``future`` without ending the call.
     streaming: bool = False
     on_event: Callable[[str, str, float], None] | None = None
+    # A ``runs`` request: its replies up to the last one resolve nothing but this.
+    batch: _Batch | None = None
 
 
 # A one-shot call sent by ``_dispatch``: (worker, call, class key, class id, definition).

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from tensorline.server._errors import (
@@ -27,6 +27,7 @@ from tensorline.server._errors import (
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import CatalogueInvalid, NodeDescription, parse_catalogue
 from tensorline.server.runtime._base import (
+    BatchOutcome,
     ExecutionScope,
     LayerStatus,
     NodeInstance,
@@ -166,7 +167,8 @@ class SandboxRuntime(_Streaming):
     def stats(self) -> dict[str, float]:
         return {"worker_restarts": float(self._restarts),
                 "worker_recycles": float(self._recycles),
-                "workers": float(sum(1 for w in self._workers.values() if w.alive))}
+                "workers": float(sum(1 for w in self._workers.values() if w.alive)),
+                "batches": float(self._batches), "batched_inputs": float(self._batched_inputs)}
 
     @property
     def launcher_pid(self) -> int | None:
@@ -311,6 +313,49 @@ class SandboxRuntime(_Streaming):
             return await within_node_timeout(spec, self._process(instance, inputs))
         finally:
             self._release_now(instance)
+
+    async def call_batch(self, spec: NodeSpec, scope: ExecutionScope,
+                         batch: Sequence[Mapping[str, Any]]) -> BatchOutcome:
+        """``call`` on each input set of ``batch`` in order, up to the first failure. A
+        one-shot node runs several input sets per round trip: one ``runs`` request, whose
+        replies report the values of what ran (see ``_messages``), each input set with the
+        deadline a call would have. Not for a node with a timeout of its own, whose expiry a
+        stream session reports per input set. A batch no worker took (it did not know the
+        class, or it is being replaced) goes on as single calls, which deal with that."""
+        plan = self._class_plan(spec.entry)
+        values: list[Any] = []
+        try:
+            if plan.oneshot and spec.timeout_s is None:
+                self._check_open()
+                self._require_layers(plan.group[1], f"node '{spec.node_id}' ({spec.node_type})")
+                again = False
+                while len(values) < len(batch) - 1:  # the last one alone goes through call
+                    rest = list(batch[len(values):])
+                    worker = self._idle(plan.group)
+                    if worker is None:
+                        if not self._serving(plan):
+                            break
+                        self._grow(plan.group)
+                        started = await self._wait_for_run(plan, spec, scope, rest, again)
+                        if started is None:
+                            self._check_open()
+                            again = True
+                            continue
+                        outcome = await self._run_batch_dispatched(started, spec)
+                    elif plan.module not in worker.modules:
+                        break
+                    else:
+                        outcome = await self._run_batch_once(worker, spec, scope, rest)
+                    values += outcome.values
+                    if isinstance(outcome.failure, _WorkerGone):
+                        break  # nothing ran (no such class there, or it is being replaced)
+                    if outcome.failure is not None:
+                        return BatchOutcome(values, outcome.failure, outcome.span)
+            for inputs in batch[len(values):]:
+                values.append(await self.call(spec, scope, inputs))
+        except Exception as exc:
+            return BatchOutcome(values, exc)
+        return BatchOutcome(values, None)
 
     async def _call_general(self, spec: NodeSpec, scope: ExecutionScope,
                             inputs: Mapping[str, Any]) -> Any:

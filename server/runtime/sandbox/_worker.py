@@ -18,6 +18,7 @@ import resource
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import CoroutineType
@@ -26,6 +27,7 @@ from typing import Any
 from tensorline.server.nodes import Chunk, Emit, Node, NodeContext
 from tensorline.server.runtime.sandbox import _isolation, _shm
 from tensorline.server.runtime.sandbox._messages import (
+    BATCH_FLUSH_S,
     CALL,
     CHUNK,
     DESCRIBE,
@@ -45,6 +47,7 @@ from tensorline.server.runtime.sandbox._messages import (
     PROCESS,
     RELEASE,
     RUN,
+    RUNS,
     SEGMENT_GRANTED,
     SEGMENT_REFUSED,
     STREAM,
@@ -135,6 +138,9 @@ class _Worker:
         os.set_blocking(self.cancel_w, False)
         # Told the server it should be replaced (see ``_check_health``).
         self.unhealthy = False
+        # The generation of the last request the server cancelled: a ``runs`` batch stops
+        # before its next input set (the signal may land between two of them).
+        self.stopped = -1
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -162,13 +168,15 @@ class _Worker:
                 self.generation += 1
                 if op in PER_INSTANCE and request[1] in self.instances:  # [1]: the iid
                     self.instances[request[1]].context.cancelled.clear()
-            if op == RUN:
+            if op in (RUN, RUNS):
                 if self.unhealthy:
                     # Sent before the server read our "unhealthy": it tries another worker.
-                    self._reply(error(GONE, "", "worker is being replaced",
-                                      _isolation.cpu_used(), PROCESS))
+                    self._reply(_being_replaced())
                     continue
-                self._reply(await self._run_once(request))
+                if op == RUN:
+                    self._reply(await self._run_once(request))
+                else:
+                    await self._run_batch(request, budget)
                 continue
             try:
                 reply = await self._handle(op, request)
@@ -202,22 +210,41 @@ class _Worker:
             self.unhealthy = True
             self._send(unhealthy_message(reason))
 
-    def _reply(self, reply: tuple[Any, ...]) -> None:
+    def _reply(self, reply: tuple[Any, ...], health: bool = True) -> bool:
+        """Send ``reply``, or the error that explains why it cannot be sent (False); then,
+        unless told not to, check this worker's health."""
+        message, fresh, sent = self._pack(reply)
+        _shm.send(self.sock, message, fresh)
+        if health and reply[0] != "ready":
+            self._check_health()
+        return sent is reply
+
+    def _pack(self, reply: tuple[Any, ...],
+              ) -> tuple[bytes, _shm.Segment | None, tuple[Any, ...]]:
+        """``reply`` packed, or (when it cannot be) the error reply saying why; and which."""
         try:
             message, fresh = _shm.pack(reply, self.outbox, self.inbox.segment)
+            return message, fresh, reply
         except TypeError as exc:
             reply = error(NODE, "TypeError", str(exc), _isolation.cpu_used(), PROCESS)
-            message, fresh = _shm.pack(reply, self.outbox)
         except MemoryError as exc:
             reply = error(MEMORY, "MemoryError", str(exc), _isolation.cpu_used(), PROCESS)
-            message, fresh = _shm.pack(reply, self.outbox)
         except OSError as exc:
             reply = error(classify(exc), type(exc).__name__,
                           f"the output could not be sent: {exc}", _isolation.cpu_used(), PROCESS)
-            message, fresh = _shm.pack(reply, self.outbox)
-        _shm.send(self.sock, message, fresh)
-        if reply[0] != "ready":
-            self._check_health()
+        message, fresh = _shm.pack(reply, self.outbox)
+        return message, fresh, reply
+
+    def _send_values(self, values: list[Any]) -> bool:
+        """(A ``runs`` batch.) The values of input sets that ran, in one reply; when that
+        cannot be sent, one reply per value up to the one that cannot, whose error ends the
+        batch (False), so that the failure names its own input set."""
+        reply = (OK, values, _isolation.cpu_used_recent())
+        message, fresh, packed = self._pack(reply)
+        if packed is reply or len(values) == 1:
+            _shm.send(self.sock, message, fresh)
+            return packed is reply
+        return all(self._reply((OK, [value], reply[2]), health=False) for value in values)
 
     async def _handle(self, op: str, request: tuple[Any, ...]) -> tuple[Any, ...]:
         """The reply to one request: ``("ok", value, cpu)`` or ``("error", kind, type,
@@ -290,15 +317,81 @@ class _Worker:
         if releases:
             await self._release(releases)
         try:
-            defined = self.defined.get(class_id)
-            if defined is None:
-                if define is None:
-                    return error(GONE, "", "unknown node class id", _isolation.cpu_used(),
-                                 INITIALIZE)
-                defined = self._class_and_params(*define)
-                if len(self.defined) >= MAX_CLASS_IDS:
-                    self.defined.clear()
-                self.defined[class_id] = defined
+            defined = self._defined(class_id, define)
+        except BaseException as exc:
+            return _failure(exc, INITIALIZE)
+        if defined is None:
+            return error(GONE, "", "unknown node class id", _isolation.cpu_used(), INITIALIZE)
+        return await self._run_defined(defined, inputs, node_id, execution_id)
+
+    async def _run_batch(self, request: tuple[Any, ...], budget: float) -> None:
+        """``("runs", class_id, batch, node_id, execution_id, define, releases)``: ``run`` on
+        each input set of ``batch`` in order, each with the CPU budget of a call. The values go
+        back in ``("ok", values, cpu)`` replies: one at the end, and one whenever
+        ``BATCH_FLUSH_S`` has passed since the last (the server draws the next input set's
+        deadline from it). The first failure ends the batch (after the values before it), and
+        so does a cancellation, before the next input set. Health is checked once, at the
+        end."""
+        _, class_id, batch, node_id, execution_id, define, releases = request
+        generation = self.generation
+        if releases:
+            await self._release(releases)
+        try:
+            defined = self._defined(class_id, define)
+        except BaseException as exc:
+            self._reply(_failure(exc, INITIALIZE))
+            return
+        if defined is None:
+            self._reply(error(GONE, "", "unknown node class id", _isolation.cpu_used(),
+                              INITIALIZE))
+            return
+        values: list[Any] = []
+        last = len(batch) - 1
+        flushed = time.monotonic()
+        for index, inputs in enumerate(batch):
+            if index:
+                if self.stopped == generation:
+                    failed = error(NODE, "CancelledError", "the call was cancelled",
+                                   _isolation.cpu_used(), PROCESS)
+                    break
+                _isolation.set_call_cpu_budget(budget)
+            reply = await self._run_defined(defined, inputs, node_id, execution_id)
+            if reply[0] != OK:
+                failed = reply
+                break
+            values.append(reply[1])
+            if index < last and time.monotonic() - flushed >= BATCH_FLUSH_S:
+                if not self._send_values(values):
+                    self._check_health()
+                    return
+                values = []
+                flushed = time.monotonic()
+        else:
+            self._send_values(values)
+            self._check_health()
+            return
+        if not values or self._send_values(values):
+            self._reply(failed, health=False)
+        self._check_health()
+
+    def _defined(self, class_id: int, define: tuple[str, str, str] | None,
+                 ) -> tuple[Any, Any] | None:
+        """The (class, params) of class id ``class_id``, defined now when ``define`` comes
+        with it; None when the id is unknown here (the server starts over)."""
+        defined = self.defined.get(class_id)
+        if defined is None:
+            if define is None:
+                return None
+            defined = self._class_and_params(*define)
+            if len(self.defined) >= MAX_CLASS_IDS:
+                self.defined.clear()
+            self.defined[class_id] = defined
+        return defined
+
+    async def _run_defined(self, defined: tuple[Any, Any], inputs: Any, node_id: str,
+                           execution_id: str) -> tuple[Any, ...]:
+        """Create an instance of a defined class, run its ``process`` on ``inputs``, drop it."""
+        try:
             context = NodeContext(node_id=node_id, execution_id=execution_id,
                                   runtime=RUNTIME_NAME, scratch_dir=self.config.scratch_dir)
             node = defined[0](defined[1], context)
@@ -583,6 +676,7 @@ class _Worker:
         """(Cancel thread, generation lock held.) Sets ``context.cancelled`` now; the serving
         task is cancelled when the loop next runs, i.e. once the node's coroutine suspends,
         provided the same request is still current then."""
+        self.stopped = self.generation
         hosted = self.current
         if hosted is not None:
             hosted.context.cancelled.set()
@@ -596,6 +690,11 @@ class _Worker:
     async def _cleanup_all(self) -> None:
         for iid in list(self.instances):
             await self._cleanup(self.instances.pop(iid))
+
+
+def _being_replaced() -> tuple[Any, ...]:
+    """The answer to a one-shot request a worker that said it is unhealthy cannot take."""
+    return error(GONE, "", "worker is being replaced", _isolation.cpu_used(), PROCESS)
 
 
 # The base class's initialize and cleanup do nothing: not calling them saves a call per request.

@@ -64,6 +64,7 @@ class AsyncDouble(Node):
 class _Counts:
     inits = 0
     calls = 0
+    steps = 0
 
 
 class WarmCounter(Node):
@@ -477,3 +478,33 @@ class Gate(Node):
             if self.context.cancelled.wait(0.01):
                 return None
         return inputs["in"]
+
+
+class Step(Node):
+    """One-shot; counts its runs in its worker and returns ``{"step", "pid", "in"}``. Its input
+    says what to do first: ``"fail"`` raises, ``"crash"`` kills the worker, ``"nap:S"`` sleeps
+    S seconds, ``"wait"`` marks ``<scratch>/<execution>.process`` and waits for
+    ``context.cancelled``; ``"forge:N"`` sends the server a reply of its own on the control
+    socket (fd 3), an "ok" with N values, before its real reply (batch tests)."""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        _Counts.steps += 1
+        action = str(inputs["in"])
+        if action == "fail":
+            raise ValueError(f"step {_Counts.steps} failed")
+        if action == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action.startswith("nap:"):
+            time.sleep(float(action[4:]))
+        if action == "wait":
+            assert self.context.scratch_dir is not None
+            Path(self.context.scratch_dir, f"{self.context.execution_id}.process").write_text("")
+            while not self.context.cancelled.wait(0.01):
+                pass
+        if action.startswith("forge:"):
+            from tensorline.server.runtime.sandbox import _shm
+
+            forged, _ = _shm.pack(("ok", [0] * int(action[6:]), 0.0),
+                                  _shm.Outbox(inline_max=1024, name="forged"))
+            socket.socket(fileno=os.dup(3)).send(forged)
+        return Json({"step": _Counts.steps, "pid": os.getpid(), "in": action})
