@@ -91,7 +91,7 @@ from tensorline.server.manifest import (
     value_for_port,
 )
 from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
-from tensorline.server.runtime import BatchOutcome, ExecutionScope, NodeInstance, Runtime
+from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
 from tensorline.wire import StreamItem
 
@@ -325,8 +325,10 @@ class StreamSession:
             stage.producers = len(upstream) + (1 if fed_by_client else 0)
             if len(stage.slots) != 1 or optional:
                 stage.join = Join(node_id, stage.slots, optional, limit)
+            # A batching node is not started by its producer: its calls suspend at once (a
+            # round trip), and what queues behind an inline call would wait for the next batch.
             stage.inline = (stage.join is None and not spec.entry.streaming
-                            and spec.timeout_s is None)
+                            and spec.timeout_s is None and not stage.instance.batches)
         for node_id, sink_port in self.plan.sinks:
             stage = self._stages[node_id]
             stage.sinks = stage.sinks | {sink_port}
@@ -542,16 +544,14 @@ class StreamSession:
         while waiting:
             pending: list[tuple[int, Any]] = []
             pending_bytes = 0
+            # (No HANDOFF: producers do not run a batching node inline, see _wire.)
             for (slot, sequence, value), size in await inbox.get_sized_batch():
                 if slot == EOS:
                     waiting -= 1
                     continue
-                if slot == HANDOFF or pending_bytes + size > BATCH_BYTES:
+                if pending_bytes + size > BATCH_BYTES:
                     await self._run_sets(stage, pending)
                     pending, pending_bytes = [], 0
-                if slot == HANDOFF:  # a call its producer started (see _run_inline)
-                    await self._run_sets(stage, [(sequence, value)])
-                    continue
                 inputs = stage.accept(slot, sequence, value)
                 if inputs is not None:
                     pending.append((sequence, inputs))
@@ -560,19 +560,11 @@ class StreamSession:
         self._finish(stage)
 
     async def _run_sets(self, stage: _Stage, pending: list[tuple[int, Any]]) -> None:
-        """Run the node on ``pending`` (sequence, input set) in order and emit the outputs; a
-        single ``_Suspended`` is a call already started."""
+        """Run the node on ``pending`` (sequence, input set) in order and emit the outputs."""
         if not pending:
             return
         started = time.perf_counter()
-        if type(pending[0][1]) is _Suspended:
-            started = pending[0][1].started
-            try:
-                outcome = BatchOutcome([await pending[0][1]], None)
-            except Exception as error:
-                outcome = BatchOutcome([], error)
-        else:
-            outcome = await stage.instance.process_batch([i for _, i in pending])
+        outcome = await stage.instance.process_batch([i for _, i in pending])
         stage.busy_s += time.perf_counter() - started
         for (sequence, _), raw in zip(pending, outcome.values, strict=False):
             stage.current = sequence
