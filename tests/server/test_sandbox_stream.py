@@ -222,21 +222,22 @@ async def check_plain_and_streaming(client: AsyncClient, order: str) -> None:
     assert [value[0] for _, _, value in outputs] == expected
 
 
-def step_chain(sandboxed_hint: str = "sandbox") -> dict[str, Any]:
+def step_chain(node_type: str = "Step") -> dict[str, Any]:
     return {"nodes": [{"id": "p", "node_type": "PassThrough", "runtime_hint": "inprocess"},
-                      {"id": "s", "node_type": "Step", "runtime_hint": sandboxed_hint},
+                      {"id": "s", "node_type": node_type, "runtime_hint": "sandbox"},
                       {"id": "q", "node_type": "PassThrough", "runtime_hint": "inprocess"}],
             "connections": [{"from": "p", "to": "s"}, {"from": "s", "to": "q"}]}
 
 
+@pytest.mark.parametrize("node_type", ["Step", "HostedStep"])  # one-shot, hosted instance
 async def test_queued_chunks_run_as_batches_in_order(
-        sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
+        sandboxed: tuple[TensorlineServer, AsyncClient], node_type: str) -> None:
     server, client = sandboxed
     stats = server.engine.runtimes["sandbox"].stats
     before = stats()
     # The first chunk holds the node while the rest queue up behind it.
     sent = ["nap:0.3"] + [f"c{i}" for i in range(120)]
-    async with client.stream(step_chain()) as s:
+    async with client.stream(step_chain(node_type)) as s:
         for value in sent:
             await s.send("p", value)
         metrics = await s.close()
@@ -250,13 +251,14 @@ async def test_queued_chunks_run_as_batches_in_order(
     assert batches >= 1 and batched >= 2 * batches and batched <= 120
 
 
+@pytest.mark.parametrize("node_type", ["Step", "HostedStep"])
 async def test_a_failure_in_a_batch_names_its_own_sequence(
-        sandboxed: tuple[TensorlineServer, AsyncClient]) -> None:
+        sandboxed: tuple[TensorlineServer, AsyncClient], node_type: str) -> None:
     server, client = sandboxed
     before = server.engine.runtimes["sandbox"].stats()["batches"]
     received = []
     with pytest.raises(NodeError) as caught:
-        async with client.stream(step_chain()) as s:
+        async with client.stream(step_chain(node_type)) as s:
             for value in ["nap:0.3", "a", "b", "fail", "c", "d"]:
                 await s.send("p", value)
             async for out in s:

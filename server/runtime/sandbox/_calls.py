@@ -548,18 +548,23 @@ class _Calls(_Pool):
         # deadline of the input set running, the one after it has had its due.
         reply = self._request(worker, request, spec, "process", 0,
                               self._deadline(spec, scope, None) + BATCH_FLUSH_S, batch=tracked)
-        return await self._batch_result(worker, spec, tracked, reply, key, class_id, define)
+        return await self._batch_result(
+            worker, spec, tracked, reply,
+            lambda answer: self._run_reply(worker, spec, answer, key, class_id, define))
 
     async def _run_batch_dispatched(self, started: _Started, spec: NodeSpec) -> BatchOutcome:
         """``_run_batch_once`` for a batch ``_dispatch`` sent."""
         worker, call, key, class_id, define = started
         assert call.batch is not None
-        return await self._batch_result(worker, spec, call.batch, self._reply(worker, call, None),
-                                        key, class_id, define)
+        return await self._batch_result(
+            worker, spec, call.batch, self._reply(worker, call, None),
+            lambda answer: self._run_reply(worker, spec, answer, key, class_id, define))
 
     async def _batch_result(self, worker: _Worker, spec: NodeSpec, tracked: _Batch,
-                            reply: Coroutine[Any, Any, tuple[Any, ...]], key: _ClassKey,
-                            class_id: int, define: tuple[str, str, str] | None) -> BatchOutcome:
+                            reply: Coroutine[Any, Any, tuple[Any, ...]],
+                            check: Callable[[tuple[Any, ...]], Any]) -> BatchOutcome:
+        """What a batch came to, from its last reply (``check`` turns it into the values it
+        carries, or raises the failure it reports)."""
         try:
             answer = await reply
         except Exception as exc:
@@ -567,7 +572,7 @@ class _Calls(_Pool):
             # which input set it was running, died with it.
             return BatchOutcome(tracked.values, exc, tracked.size - len(tracked.values))
         try:
-            last = self._run_reply(worker, spec, answer, key, class_id, define)
+            last = check(answer)
         except Exception as exc:
             return BatchOutcome(tracked.values, exc)
         if type(last) is not list or len(tracked.values) + len(last) != tracked.size:

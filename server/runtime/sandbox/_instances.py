@@ -26,6 +26,8 @@ from tensorline.server.runtime._base import BatchOutcome, ExecutionScope, NodeIn
 from tensorline.server.runtime.sandbox._calls import _Calls
 from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
 from tensorline.server.runtime.sandbox._messages import (
+    BATCH_FLUSH_S,
+    CALLS,
     OK,
     Init,
     call_request,
@@ -33,7 +35,7 @@ from tensorline.server.runtime.sandbox._messages import (
     reached_process,
     release_request,
 )
-from tensorline.server.runtime.sandbox._records import _ATTEMPTS, _Worker
+from tensorline.server.runtime.sandbox._records import _ATTEMPTS, _Batch, _Worker
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,13 @@ class SandboxInstance(NodeInstance):
     def process(self, inputs: Mapping[str, Any]) -> Coroutine[Any, Any, Any]:
         # The runtime's coroutine itself: no wrapper coroutine per call.
         return self._runtime._process(self, inputs)
+
+    batches: ClassVar[bool] = True
+
+    async def process_batch(self, batch: Sequence[Mapping[str, Any]]) -> BatchOutcome:
+        if len(batch) < 2 or self.spec.timeout_s is not None:
+            return await super().process_batch(batch)
+        return await self._runtime._process_batch(self, list(batch))
 
     def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         return self._runtime._stream(self, chunks)
@@ -309,6 +318,45 @@ class _Instances(_Calls):
                 continue
         raise WorkerFailure(spec.node_id, "sandbox workers kept dying before it could run",
                             during="process", kind="crash")
+
+    async def _process_batch(self, instance: SandboxInstance,
+                             batch: list[Mapping[str, Any]]) -> BatchOutcome:
+        """``_process`` on several input sets with one ``calls`` request (see
+        ``SandboxRuntime.call_batch``)."""
+        spec = instance.spec
+        for attempt in range(_ATTEMPTS):
+            worker = instance.worker
+            if attempt or not worker.alive:
+                try:
+                    await self._recreate(instance)
+                except Exception as exc:
+                    return BatchOutcome([], exc)
+                worker = instance.worker
+            instance.unreserve()
+            init = _init_request(instance)
+            tracked = _Batch(len(batch), instance.scope)
+            request = (CALLS, instance.iid, [i if type(i) is dict else dict(i) for i in batch],
+                       init, None)
+            # (The deadline's slack: see _Calls._run_batch_once.)
+            reply = self._request(worker, request, spec, "process", instance.iid,
+                                  self._deadline(spec, instance.scope, None) + BATCH_FLUSH_S,
+                                  batch=tracked)
+
+            def check(answer: tuple[Any, ...], worker: _Worker = worker,
+                      init: Init | None = init) -> Any:
+                if init is not None and reached_process(answer):
+                    instance.initialized = True
+                return self._check_reply(worker, answer, spec, "process")
+
+            outcome = await self._batch_result(worker, spec, tracked, reply, check)
+            if not isinstance(outcome.failure, _WorkerGone):
+                return outcome
+            # Nothing ran: the worker died before it took the request, or does not host the
+            # instance (any more): create it again.
+            instance.initialized = False
+        return BatchOutcome([], WorkerFailure(
+            spec.node_id, "sandbox workers kept dying before it could run", during="process",
+            kind="crash"))
 
     async def _recreate(self, instance: SandboxInstance) -> None:
         """The instance's worker died (or evicted it) while it was idle: create it again."""

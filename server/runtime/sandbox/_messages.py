@@ -9,10 +9,12 @@ sent, so that neither side spells a position by hand. The hottest spots (the one
 request, the ``("ok", value, cpu)`` reply and its check) build and test the tuple inline with
 these constants, without a function call.
 
-Requests (server -> worker), one at a time; the worker answers each with one reply:
+Requests (server -> worker), one at a time; the worker answers each with one reply (a batch
+with several, see below):
 
     ("init", iid, module, qualname, params_json, node_id, execution_id)   warm instances
     ("call", iid, inputs, init, releases)
+    ("calls", iid, batch, init, releases)                                  several in order
     ("run", class_id, inputs, node_id, execution_id, define, releases)    one-shot nodes
     ("runs", class_id, batch, node_id, execution_id, define, releases)    several in order
     ("stream", iid, init, releases)                                        streaming session
@@ -23,13 +25,15 @@ Requests (server -> worker), one at a time; the worker answers each with one rep
 
 ``init`` is ``(module, qualname, params_json, node_id, execution_id)`` or None; ``define`` is
 ``(module, qualname, params_json)`` or None; ``releases`` (always the last field of ``call``,
-``run``, ``runs`` and ``release``) lists instances whose cleanup runs first, None when there are
-none. ``batch`` is a list of input sets: ``runs`` is that many ``run`` requests in one message.
-Its replies are ``("ok", values, cpu_used)``, ``values`` those of the input sets that ran since
-the last reply, in order: one when the batch ends, and one whenever ``BATCH_FLUSH_S`` has passed
-since the last, so that the server can give the next input set a deadline of its own. The first
-failure ends the batch: the values before it, then its ``error`` reply; a cancellation ends it
-before the next input set.
+``calls``, ``run``, ``runs`` and ``release``) lists instances whose cleanup runs first, None
+when there are none.
+
+``batch`` is a list of input sets: ``runs`` (``calls``) is that many ``run`` (``call``) requests
+in one message. Its replies are ``("ok", values, cpu_used)``, ``values`` those of the input sets
+that ran since the last reply, in order: one when the batch ends, and one whenever
+``BATCH_FLUSH_S`` has passed since the last, so that the server can give the next input set a
+deadline of its own. The first failure ends the batch: the values before it, then its ``error``
+reply; a cancellation ends it before the next input set.
 
 Replies (worker -> server):
 
@@ -61,6 +65,7 @@ from typing import Any
 
 INIT = "init"
 CALL = "call"
+CALLS = "calls"
 RUN = "run"
 RUNS = "runs"
 STREAM = "stream"
@@ -115,7 +120,7 @@ BATCH_FLUSH_S = 0.001
 MAX_CLASS_IDS = 1024
 
 # Requests whose last field is the list of released instances (see ``with_releases``).
-CARRIES_RELEASES = frozenset({RUN, RUNS, CALL, RELEASE})
+CARRIES_RELEASES = frozenset({RUN, RUNS, CALL, CALLS, RELEASE})
 
 PROBE_REQUEST: tuple[str] = (PROBE,)
 EXIT_REQUEST: tuple[str] = (EXIT,)
@@ -201,7 +206,7 @@ def event_message(kind: str, message: str, progress: float) -> tuple[Any, ...]:
 # --- reading (worker) -----------------------------------------------------------------------
 
 # Requests that name a hosted instance by its iid (their second field).
-PER_INSTANCE = frozenset({CALL, STREAM})
+PER_INSTANCE = frozenset({CALL, CALLS, STREAM})
 
 
 def chunk_fields(message: tuple[Any, ...]) -> tuple[int, Any]:

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any
@@ -29,6 +29,7 @@ from tensorline.server.runtime.sandbox import _isolation, _shm
 from tensorline.server.runtime.sandbox._messages import (
     BATCH_FLUSH_S,
     CALL,
+    CALLS,
     CHUNK,
     DESCRIBE,
     END,
@@ -178,6 +179,9 @@ class _Worker:
                 else:
                     await self._run_batch(request, budget)
                 continue
+            if op == CALLS:
+                await self._run_batch(request, budget)
+                continue
             try:
                 reply = await self._handle(op, request)
             except _ServerGone:
@@ -255,11 +259,7 @@ class _Worker:
             if type(hosted) is tuple:
                 return hosted
             assert isinstance(hosted, _Hosted)
-            try:
-                value = await self._run(hosted, "process", inputs)
-            except BaseException as exc:
-                return _failure(exc, PROCESS)
-            return (OK, value, _isolation.cpu_used())  # ok(), inline: per request
+            return await self._call(hosted, inputs)
         if op == STREAM:
             _, iid, init, releases = request
             hosted = await self._prepare(iid, init, releases)
@@ -291,6 +291,14 @@ class _Worker:
             # The health check runs before this reply is sent (``_check_health``).
             return ok(None, _isolation.cpu_used())
         return error(NODE, "ValueError", f"unknown op {op!r}", _isolation.cpu_used(), PROCESS)
+
+    async def _call(self, hosted: _Hosted, inputs: Any) -> tuple[Any, ...]:
+        """``process`` of a hosted instance: the reply."""
+        try:
+            value = await self._run(hosted, "process", inputs)
+        except BaseException as exc:
+            return _failure(exc, PROCESS)
+        return (OK, value, _isolation.cpu_used())  # ok(), inline: per request
 
     def _describe(self, module: str) -> tuple[Any, ...]:
         """``("describe", module)``: import an untrusted module here, where its top-level code
@@ -325,26 +333,41 @@ class _Worker:
         return await self._run_defined(defined, inputs, node_id, execution_id)
 
     async def _run_batch(self, request: tuple[Any, ...], budget: float) -> None:
-        """``("runs", class_id, batch, node_id, execution_id, define, releases)``: ``run`` on
-        each input set of ``batch`` in order, each with the CPU budget of a call. The values go
-        back in ``("ok", values, cpu)`` replies: one at the end, and one whenever
-        ``BATCH_FLUSH_S`` has passed since the last (the server draws the next input set's
-        deadline from it). The first failure ends the batch (after the values before it), and
-        so does a cancellation, before the next input set. Health is checked once, at the
-        end."""
-        _, class_id, batch, node_id, execution_id, define, releases = request
+        """``("runs", class_id, batch, node_id, execution_id, define, releases)`` or
+        ``("calls", iid, batch, init, releases)``: ``run`` or ``call`` on each input set of
+        ``batch`` in order, each with the CPU budget of a call. The values go back in ``("ok",
+        values, cpu)`` replies: one at the end, and one whenever ``BATCH_FLUSH_S`` has passed
+        since the last (the server draws the next input set's deadline from it). The first
+        failure ends the batch (after the values before it), and so does a cancellation,
+        before the next input set. Health is checked once, at the end."""
         generation = self.generation
-        if releases:
-            await self._release(releases)
-        try:
-            defined = self._defined(class_id, define)
-        except BaseException as exc:
-            self._reply(_failure(exc, INITIALIZE))
-            return
-        if defined is None:
-            self._reply(error(GONE, "", "unknown node class id", _isolation.cpu_used(),
-                              INITIALIZE))
-            return
+        run: Callable[[Any], Coroutine[Any, Any, tuple[Any, ...]]]
+        if request[0] == RUNS:
+            _, class_id, batch, node_id, execution_id, define, releases = request
+            if releases:
+                await self._release(releases)
+            try:
+                defined = self._defined(class_id, define)
+            except BaseException as exc:
+                self._reply(_failure(exc, INITIALIZE))
+                return
+            if defined is None:
+                self._reply(error(GONE, "", "unknown node class id", _isolation.cpu_used(),
+                                  INITIALIZE))
+                return
+
+            def run(inputs: Any) -> Coroutine[Any, Any, tuple[Any, ...]]:
+                return self._run_defined(defined, inputs, node_id, execution_id)
+        else:
+            _, iid, batch, init, releases = request
+            hosted = await self._prepare(iid, init, releases)
+            if type(hosted) is tuple:
+                self._reply(hosted)
+                return
+            assert isinstance(hosted, _Hosted)
+
+            def run(inputs: Any) -> Coroutine[Any, Any, tuple[Any, ...]]:
+                return self._call(hosted, inputs)
         values: list[Any] = []
         last = len(batch) - 1
         flushed = time.monotonic()
@@ -355,7 +378,7 @@ class _Worker:
                                    _isolation.cpu_used(), PROCESS)
                     break
                 _isolation.set_call_cpu_budget(budget)
-            reply = await self._run_defined(defined, inputs, node_id, execution_id)
+            reply = await run(inputs)
             if reply[0] != OK:
                 failed = reply
                 break

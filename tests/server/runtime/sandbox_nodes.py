@@ -508,3 +508,11 @@ class Step(Node):
                                   _shm.Outbox(inline_max=1024, name="forged"))
             socket.socket(fileno=os.dup(3)).send(forged)
         return Json({"step": _Counts.steps, "pid": os.getpid(), "in": action})
+
+
+class HostedStep(Step):
+    """``Step`` with an ``initialize``: a stream session hosts an instance of it in a worker
+    (``calls`` batches) instead of running it one-shot."""
+
+    def initialize(self) -> None:
+        self.ready = True

@@ -154,3 +154,29 @@ async def test_a_single_input_set_and_a_node_with_a_timeout_take_single_calls(
                                                  [{"in": "a"}, {"in": "b"}])
     assert failure is None and [v for _, v in steps(values)] == ["a", "b"]
     assert single.stats()["batches"] == before
+
+
+async def test_a_hosted_instance_runs_batches_and_comes_back_after_a_crash(
+        single: SandboxRuntime) -> None:
+    """An instance with an ``initialize`` lives in its worker: a batch is one ``calls``
+    request to it; after its worker died, the next batch creates it again elsewhere."""
+    spec = make_spec(nodes.HostedStep)
+    instance = await single.acquire(spec, ExecutionScope("hosted"))
+    try:
+        assert instance.batches
+        before = single.stats()
+        values, failure, _ = await instance.process_batch([{"in": a} for a in "abc"])
+        assert failure is None and [v for _, v in steps(values)] == ["a", "b", "c"]
+        assert single.stats()["batches"] == before["batches"] + 1
+        values, failure, span = await instance.process_batch(
+            [{"in": a} for a in ("x", "nap:0.05", "fail", "never")])
+        assert [v for _, v in steps(values)] == ["x", "nap:0.05"]
+        assert isinstance(failure, NodeFailed) and span == 1
+        values, failure, span = await instance.process_batch(
+            [{"in": a} for a in ("nap:0.05", "crash", "never")])
+        assert [v for _, v in steps(values)] == ["nap:0.05"]
+        assert isinstance(failure, WorkerFailure) and failure.kind == "crash" and span == 2
+        values, failure, _ = await instance.process_batch([{"in": a} for a in "de"])
+        assert failure is None and [v for _, v in steps(values)] == ["d", "e"]
+    finally:
+        await single.release(instance)
