@@ -17,10 +17,15 @@ a streaming node), the producer calls the node's ``process`` itself, in its own 
 that returns without suspending (an async node that awaits nothing, PassThrough) is done
 there, and its outputs go on the same way, so a chain of such nodes costs one task for the
 whole chain. A node that suspends (a thread-pool call, a sandbox round trip, I/O) is handed,
-at its first suspension point, to its own stage task (``_Suspended``), which finishes it before
+at its first suspension point, to its own stage task (``Suspended``), which finishes it before
 anything queued after it: order is kept, and a failure is raised by the node's own stage as
 before. The producer meanwhile does the node's work instead of producing, so backpressure still
 reaches the client, and nothing is buffered for an inline value.
+
+Batches. A node whose instance runs several input sets per call (``NodeInstance.batches``: a
+sandboxed node, whose call is a round trip to a worker) is never run inline; its stage hands
+everything queued in its inbox (up to ``BATCH_BYTES``) to one ``process_batch``, and emits the
+outputs and raises the failure as one call after another would (``BatchOutcome``).
 
 Backpressure. Inboxes and the outbox are ``Channel``s bounded by a number of values
 (``queue_size``) and by bytes (``buffer_bytes``; a value larger than that still passes alone so
@@ -60,7 +65,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -82,6 +87,7 @@ from tensorline.server.executor._channels import (
 )
 from tensorline.server.executor._events import SessionClosed, SessionEvent, SessionReady
 from tensorline.server.executor._executor import NodeReport, normalize_outputs, runtime_for
+from tensorline.server.executor._handoff import Suspended, awaiting, raising, returning
 from tensorline.server.executor._join import EOS, HANDOFF, STICKY, Join, Slot
 from tensorline.server.manifest import (
     ExecutionPlan,
@@ -100,72 +106,6 @@ _ARRAY_PORT_KINDS = frozenset({"tensor", "any"})
 # Bytes of values one ``process_batch`` takes at most (a larger value goes alone): past this a
 # round trip's cost is the copying, which batching does not save.
 BATCH_BYTES = 1 << 20
-
-
-class _Suspended:
-    """A node's ``process`` that a producer started (see "Running a node in its producer's
-    task") and that suspended: awaiting this continues the coroutine exactly where it stopped,
-    as ``await coro`` would have (sent values, thrown exceptions and the return value pass
-    through), so its stage task finishes it with the same timing, cancellation and errors."""
-
-    __slots__ = ("_coro", "_pending", "started")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any, started: float) -> None:
-        self._coro = coro
-        self._pending = pending  # what the coroutine yielded to the event loop when it stopped
-        self.started = started
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, yielded = self._coro, self._pending
-        while True:
-            try:
-                sent = yield yielded
-            except BaseException as exc:  # a cancellation is the node's to handle, as usual
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    yielded = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-    def abandon(self) -> asyncio.Future[Any]:
-        """Its stage stopped before awaiting it: cancel the call as a cancelled stage would (the
-        node's ``except CancelledError``/``finally`` run; a sandbox call is cancelled in its
-        worker). Returns what to wait for if the node awaits while it cancels."""
-        try:
-            yielded = self._coro.throw(asyncio.CancelledError())
-        except BaseException:
-            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
-        self._pending = yielded
-        return asyncio.ensure_future(self._rest())
-
-    async def _rest(self) -> Any:
-        return await self
-
-
-@types.coroutine
-def _raising(error: BaseException) -> Generator[Any, Any, Any]:
-    """An awaitable that raises ``error``: a failure the producer met, raised by the stage."""
-    raise error
-    yield  # a generator, so that it raises when awaited, not when created
-
-
-@types.coroutine
-def _await(awaitable: Any) -> Generator[Any, Any, Any]:
-    """Any awaitable as a coroutine (a runtime whose ``process`` returns a future, say)."""
-    return (yield from awaitable.__await__())
-
-
-@types.coroutine
-def _returning(value: Any) -> Generator[Any, Any, Any]:
-    """An awaitable that returns ``value`` at once."""
-    return value
-    yield  # a generator: see _raising
 
 
 @dataclass(slots=True)
@@ -450,7 +390,7 @@ class StreamSession:
         started = time.perf_counter()
         awaitable = stage.instance.process(inputs)
         if type(awaitable) is not types.CoroutineType:
-            stage.inbox.force_put((HANDOFF, sequence, _Suspended(_await(awaitable), None,
+            stage.inbox.force_put((HANDOFF, sequence, Suspended(awaiting(awaitable), None,
                                                                  started)))
             return
         try:
@@ -458,17 +398,17 @@ class StreamSession:
         except StopIteration as stop:
             raw = stop.value
         except BaseException as error:  # the node's failure: raised by its own stage
-            stage.inbox.force_put((HANDOFF, sequence, _Suspended(_raising(error), None,
+            stage.inbox.force_put((HANDOFF, sequence, Suspended(raising(error), None,
                                                                  started)))
             return
         else:
-            stage.inbox.force_put((HANDOFF, sequence, _Suspended(awaitable, pending, started)))
+            stage.inbox.force_put((HANDOFF, sequence, Suspended(awaitable, pending, started)))
             return
         try:
             outputs = normalize_outputs(stage.spec, raw)
         except NodeFailed:
             # Its stage normalizes again and raises, with the sequence, as for any failure.
-            stage.inbox.force_put((HANDOFF, sequence, _Suspended(_returning(raw), None,
+            stage.inbox.force_put((HANDOFF, sequence, Suspended(returning(raw), None,
                                                                  started)))
             return
         stage.busy_s += time.perf_counter() - started
@@ -512,7 +452,7 @@ class StreamSession:
         async for sequence, inputs in self._accepted(stage):
             started = time.perf_counter()
             try:
-                if type(inputs) is _Suspended:
+                if type(inputs) is Suspended:
                     started = inputs.started
                     raw = await inputs
                 elif timeout is None:

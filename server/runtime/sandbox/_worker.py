@@ -324,12 +324,9 @@ class _Worker:
         _, class_id, inputs, node_id, execution_id, define, releases = request
         if releases:
             await self._release(releases)
-        try:
-            defined = self._defined(class_id, define)
-        except BaseException as exc:
-            return _failure(exc, INITIALIZE)
-        if defined is None:
-            return error(GONE, "", "unknown node class id", _isolation.cpu_used(), INITIALIZE)
+        defined, failure = self._defined(class_id, define)
+        if failure is not None:
+            return failure
         return await self._run_defined(defined, inputs, node_id, execution_id)
 
     async def _run_batch(self, request: tuple[Any, ...], budget: float) -> None:
@@ -346,14 +343,9 @@ class _Worker:
             _, class_id, batch, node_id, execution_id, define, releases = request
             if releases:
                 await self._release(releases)
-            try:
-                defined = self._defined(class_id, define)
-            except BaseException as exc:
-                self._reply(_failure(exc, INITIALIZE))
-                return
-            if defined is None:
-                self._reply(error(GONE, "", "unknown node class id", _isolation.cpu_used(),
-                                  INITIALIZE))
+            defined, failure = self._defined(class_id, define)
+            if failure is not None:
+                self._reply(failure)
                 return
 
             def run(inputs: Any) -> Coroutine[Any, Any, tuple[Any, ...]]:
@@ -398,18 +390,23 @@ class _Worker:
         self._check_health()
 
     def _defined(self, class_id: int, define: tuple[str, str, str] | None,
-                 ) -> tuple[Any, Any] | None:
-        """The (class, params) of class id ``class_id``, defined now when ``define`` comes
-        with it; None when the id is unknown here (the server starts over)."""
+                 ) -> tuple[Any, tuple[Any, ...] | None]:
+        """``((class, params), None)`` for class id ``class_id``, defined now when ``define``
+        comes with it; ``(None, error reply)`` when it cannot be loaded, or when the id is
+        unknown here (``gone``: the server starts over)."""
         defined = self.defined.get(class_id)
         if defined is None:
             if define is None:
-                return None
-            defined = self._class_and_params(*define)
+                return None, error(GONE, "", "unknown node class id", _isolation.cpu_used(),
+                                   INITIALIZE)
+            try:
+                defined = self._class_and_params(*define)
+            except BaseException as exc:
+                return None, _failure(exc, INITIALIZE)
             if len(self.defined) >= MAX_CLASS_IDS:
                 self.defined.clear()
             self.defined[class_id] = defined
-        return defined
+        return defined, None
 
     async def _run_defined(self, defined: tuple[Any, Any], inputs: Any, node_id: str,
                            execution_id: str) -> tuple[Any, ...]:
