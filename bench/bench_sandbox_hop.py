@@ -12,13 +12,16 @@ show per-call medians over all rounds:
 
 "direct" is a plain call of the node's method, for scale. ``--io`` also measures the bare
 wake-up floor of the two ways the event loop can wait for a worker's reply (why the runtime
-uses ``loop.add_reader`` rather than a reader thread). Not run in CI.
+uses ``loop.add_reader`` rather than a reader thread). ``--batches 1,4,16`` also times a one-shot
+node's ``call_batch`` (what a stream session sends for the chunks queued for a sandboxed node)
+per input set. Not run in CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -173,6 +176,8 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sizes", default="1KiB,1MiB,64MiB")
     parser.add_argument("--io", action="store_true", help="also measure the wake-up floor")
+    parser.add_argument("--batches", default="", metavar="K,K,...",
+                        help="also time call_batch of K input sets (e.g. 1,4,16)")
     args = parser.parse_args()
     if args.io:
         await io_floor()
@@ -214,9 +219,73 @@ async def main() -> None:
             widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
             for row in [header, tuple("-" * w for w in widths), *rows]:
                 print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if args.batches:
+            await batch_table(sandbox, fresh, [int(k) for k in args.batches.split(",")],
+                              args.rounds)
     finally:
         await sandbox.shutdown()
         await inprocess.shutdown()
+
+
+async def batch_table(runtime: SandboxRuntime, spec: NodeSpec, sizes: list[int],
+                      rounds: int) -> None:
+    """A one-shot node on 1 KiB input sets, ``k`` per ``call_batch`` (k = 1 is a plain
+    ``call``), as a stream session's stage sends what queued in its inbox: time per input set
+    with one caller, and with 32 callers at once the input sets per second and the CPU each
+    costs (this process and the workers together)."""
+    import psutil
+
+    data = np.random.default_rng(0).random(256, dtype=np.float32)
+    me = psutil.Process()
+
+    def cpu() -> float:
+        total = sum(me.cpu_times()[:2])
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += sum(child.cpu_times()[:2])
+        return total
+
+    async def one_caller(k: int, n: int) -> list[float]:
+        scope, out = ExecutionScope("bench"), []
+        for _ in range(n):
+            start = time.perf_counter()
+            values, failure, _ = await runtime.call_batch(spec, scope, [{"in": data}] * k)
+            assert failure is None and len(values) == k
+            out.append((time.perf_counter() - start) / k)
+        return out
+
+    async def callers(k: int, seconds: float) -> tuple[float, float]:
+        done = [0]
+
+        async def caller() -> None:
+            scope, stop = ExecutionScope("bench"), time.perf_counter() + seconds
+            while time.perf_counter() < stop:
+                values, failure, _ = await runtime.call_batch(spec, scope, [{"in": data}] * k)
+                assert failure is None and len(values) == k
+                done[0] += k
+
+        before, start = cpu(), time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(32)))
+        return done[0] / (time.perf_counter() - start), (cpu() - before) / done[0]
+
+    rows: dict[int, tuple[list[float], list[float], list[float]]] = {k: ([], [], []) for k in sizes}
+    for k in sizes:  # warm-up
+        await one_caller(k, 20)
+    for _ in range(rounds):
+        for k in sizes:
+            latency, rate, cost = rows[k]
+            latency += await one_caller(k, max(20, 2000 // k))
+            per_second, per_set = await callers(k, 1.0)
+            rate.append(per_second)
+            cost.append(per_set)
+    header = ("input sets per call", "1 caller: per input set", "32 callers: input sets/s",
+              "CPU per input set")
+    table = [(str(k), fmt(statistics.median(a)), f"{statistics.median(b):,.0f}",
+              fmt(statistics.median(c))) for k, (a, b, c) in rows.items()]
+    print("\nbatches of a one-shot node, 1 KiB input sets (medians over rounds)")
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *table]:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -431,7 +431,8 @@ OTHER_OPTIONS = {**{option: REPO_ROOT / "bench" / "bench_unary.py"
                                    "--against", "--tuned-echo", "--max-bytes")},
                  **{option: REPO_ROOT / "bench" / "soak_streams.py"
                     for option in ("--streams", "--clients", "--pipeline")},
-                 "--floor": REPO_ROOT / "bench" / "bench_server_cost.py"}
+                 "--floor": REPO_ROOT / "bench" / "bench_server_cost.py",
+                 "--batches": REPO_ROOT / "bench" / "bench_sandbox_hop.py"}
 
 
 def test_options_in_code_spans_of_their_own_exist() -> None:
