@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import socket
 import statistics
@@ -233,17 +232,12 @@ async def batch_table(runtime: SandboxRuntime, spec: NodeSpec, sizes: list[int],
     ``call``), as a stream session's stage sends what queued in its inbox: time per input set
     with one caller, and with 32 callers at once the input sets per second and the CPU each
     costs (this process and the workers together)."""
-    import psutil
+    from _common import cpu_seconds
 
     data = np.random.default_rng(0).random(256, dtype=np.float32)
-    me = psutil.Process()
 
     def cpu() -> float:
-        total = sum(me.cpu_times()[:2])
-        for child in me.children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += sum(child.cpu_times()[:2])
-        return total
+        return cpu_seconds(os.getpid())
 
     async def one_caller(k: int, n: int) -> list[float]:
         scope, out = ExecutionScope("bench"), []
