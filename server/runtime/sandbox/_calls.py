@@ -122,16 +122,19 @@ class _Calls(_Pool):
             if batch is not None:
                 values = message[1]
                 ran = len(batch.values) + len(values) if type(values) is list else -1
-                if not len(batch.values) < ran <= batch.size:
+                # A report runs at least one input set and no more than the batch has; an
+                # empty one ends the batch (the rest is handed back), after at least one.
+                if not (0 < ran <= batch.size and (values or batch.values)):
                     self._misbehaved(worker, "malformed batch reply")
                     return
-                worker.calls += len(values) - (ran == batch.size)  # _finish counts one
-                if ran < batch.size:
+                if values and ran < batch.size:
                     # Input sets of a batch ran: the next has a deadline of its own from now
                     # (the watchdog finds it moved when it fires).
+                    worker.calls += len(values)
                     batch.values += values
                     call.deadline = self._deadline(call.spec, batch.scope, None) + BATCH_FLUSH_S
                     return
+                worker.calls += len(values) - 1  # the last report's; _finish counts one
             self._finish(worker, call)
             if not call.future.done():
                 call.future.set_result(message)
@@ -564,7 +567,8 @@ class _Calls(_Pool):
                             reply: Coroutine[Any, Any, tuple[Any, ...]],
                             check: Callable[[tuple[Any, ...]], Any]) -> BatchOutcome:
         """What a batch came to, from its last reply (``check`` turns it into the values it
-        carries, or raises the failure it reports)."""
+        carries, or raises the failure it reports). Fewer values than input sets and no
+        failure: the worker's turn ended first, the rest did not run."""
         try:
             answer = await reply
         except Exception as exc:
@@ -575,7 +579,8 @@ class _Calls(_Pool):
             last = check(answer)
         except Exception as exc:
             return BatchOutcome(tracked.values, exc)
-        if type(last) is not list or len(tracked.values) + len(last) != tracked.size:
+        if type(last) is not list or len(tracked.values) + len(last) > tracked.size or not (
+                tracked.values or last):
             self._misbehaved(worker, "malformed batch reply")
             return BatchOutcome(tracked.values, WorkerFailure(
                 spec.node_id, "worker broke the control protocol", during="process",

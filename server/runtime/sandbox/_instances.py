@@ -321,21 +321,25 @@ class _Instances(_Calls):
 
     async def _process_batch(self, instance: SandboxInstance,
                              batch: list[Mapping[str, Any]]) -> BatchOutcome:
-        """``_process`` on several input sets with one ``calls`` request (see
-        ``SandboxRuntime.call_batch``)."""
+        """``_process`` on several input sets with ``calls`` requests (see
+        ``SandboxRuntime.call_batch``): what one turn of the worker did not run goes in the
+        next."""
         spec = instance.spec
-        for attempt in range(_ATTEMPTS):
+        values: list[Any] = []
+        attempt = 0
+        while len(values) < len(batch):
             worker = instance.worker
             if attempt or not worker.alive:
                 try:
                     await self._recreate(instance)
                 except Exception as exc:
-                    return BatchOutcome([], exc)
+                    return BatchOutcome(values, exc)
                 worker = instance.worker
             instance.unreserve()
             init = _init_request(instance)
-            tracked = _Batch(len(batch), instance.scope)
-            request = (CALLS, instance.iid, [i if type(i) is dict else dict(i) for i in batch],
+            rest = batch[len(values):]
+            tracked = _Batch(len(rest), instance.scope)
+            request = (CALLS, instance.iid, [i if type(i) is dict else dict(i) for i in rest],
                        init, None)
             # (The deadline's slack: see _Calls._run_batch_once.)
             reply = self._request(worker, request, spec, "process", instance.iid,
@@ -349,14 +353,21 @@ class _Instances(_Calls):
                 return self._check_reply(worker, answer, spec, "process")
 
             outcome = await self._batch_result(worker, spec, tracked, reply, check)
-            if not isinstance(outcome.failure, _WorkerGone):
-                return outcome
-            # Nothing ran: the worker died before it took the request, or does not host the
-            # instance (any more): create it again.
-            instance.initialized = False
-        return BatchOutcome([], WorkerFailure(
-            spec.node_id, "sandbox workers kept dying before it could run", during="process",
-            kind="crash"))
+            values += outcome.values
+            if isinstance(outcome.failure, _WorkerGone):
+                # Nothing ran: the worker died before it took the request, or does not host
+                # the instance (any more): create it again.
+                instance.initialized = False
+                attempt += 1
+                if attempt >= _ATTEMPTS:
+                    return BatchOutcome(values, WorkerFailure(
+                        spec.node_id, "sandbox workers kept dying before it could run",
+                        during="process", kind="crash"))
+                continue
+            if outcome.failure is not None:
+                return BatchOutcome(values, outcome.failure, outcome.span)
+            attempt = 0
+        return BatchOutcome(values, None)
 
     async def _recreate(self, instance: SandboxInstance) -> None:
         """The instance's worker died (or evicted it) while it was idle: create it again."""

@@ -33,7 +33,10 @@ in one message. Its replies are ``("ok", values, cpu_used)``, ``values`` those o
 that ran since the last reply, in order: one when the batch ends, and one whenever
 ``BATCH_FLUSH_S`` has passed since the last, so that the server can give the next input set a
 deadline of its own. The first failure ends the batch: the values before it, then its ``error``
-reply; a cancellation ends it before the next input set.
+reply; a cancellation ends it before the next input set. A batch holds the worker for
+``BATCH_TURN_S`` at most (or one input set): past it no input set starts, and an empty report
+``("ok", [], cpu_used)`` ends the batch, handing the rest back to the server, which sends it
+again when the worker's next turn comes.
 
 Replies (worker -> server):
 
@@ -114,6 +117,9 @@ SEGMENT_REFUSED = b"refused"
 # A batch (``runs``) reports the values of the input sets that ran at least this often (seconds);
 # the server allows each input set this much more than its deadline.
 BATCH_FLUSH_S = 0.001
+# How long a batch may hold its worker (beyond its first input set), so that other callers of
+# the worker's pool get their turn as they would between single calls.
+BATCH_TURN_S = 0.005
 
 # Class ids (``run`` requests) a worker keeps; past this it forgets them all, and answers
 # ``gone`` for an id it no longer knows (the server then starts over for that node).

@@ -319,9 +319,11 @@ class SandboxRuntime(_Streaming):
         """``call`` on each input set of ``batch`` in order, up to the first failure. A
         one-shot node runs several input sets per round trip: one ``runs`` request, whose
         replies report the values of what ran (see ``_messages``), each input set with the
-        deadline a call would have. Not for a node with a timeout of its own, whose expiry a
-        stream session reports per input set. A batch no worker took (it did not know the
-        class, or it is being replaced) goes on as single calls, which deal with that."""
+        deadline a call would have; what one turn of the worker did not run
+        (``BATCH_TURN_S``) waits for the next, in line with other callers. Not for a node with
+        a timeout of its own, whose expiry a stream session reports per input set. A batch no
+        worker took (it did not know the class, or it is being replaced) goes on as single
+        calls, which deal with that."""
         plan = self._class_plan(spec.entry)
         values: list[Any] = []
         try:

@@ -27,6 +27,7 @@ from tensorline.server.nodes import Chunk, Emit, Node, NodeContext
 from tensorline.server.runtime.sandbox import _isolation, _shm
 from tensorline.server.runtime.sandbox._messages import (
     BATCH_FLUSH_S,
+    BATCH_TURN_S,
     CALL,
     CALLS,
     CHUNK,
@@ -256,7 +257,9 @@ class _Worker(WorkerChannel):
         values, cpu)`` replies: one at the end, and one whenever ``BATCH_FLUSH_S`` has passed
         since the last (the server draws the next input set's deadline from it). The first
         failure ends the batch (after the values before it), and so does a cancellation,
-        before the next input set. Health is checked once, at the end."""
+        before the next input set. Past ``BATCH_TURN_S`` no input set starts: an empty report
+        hands the rest back, for the worker's next turn. Health is checked once, at the
+        end."""
         generation = self.generation
         run: Callable[[Any], Coroutine[Any, Any, tuple[Any, ...]]]
         if request[0] == RUNS:
@@ -282,12 +285,17 @@ class _Worker(WorkerChannel):
                 return self._call(hosted, inputs)
         values: list[Any] = []
         last = len(batch) - 1
-        flushed = time.monotonic()
+        began = flushed = time.monotonic()
+        failed: tuple[Any, ...] | None = None
         for index, inputs in enumerate(batch):
             if index:
                 if self.stopped == generation:
                     failed = error(NODE, "CancelledError", "the call was cancelled",
                                    _isolation.cpu_used(), PROCESS)
+                    break
+                if time.monotonic() - began >= BATCH_TURN_S:
+                    # The turn is over: the rest waits for another (an empty report says so).
+                    failed = (OK, [], _isolation.cpu_used_recent())
                     break
                 _isolation.set_call_cpu_budget(budget)
             reply = await run(inputs)
@@ -301,11 +309,9 @@ class _Worker(WorkerChannel):
                     return
                 values = []
                 flushed = time.monotonic()
-        else:
+        if failed is None:
             self._send_values(values)
-            self._check_health()
-            return
-        if not values or self._send_values(values):
+        elif not values or self._send_values(values):
             self._reply(failed, health=False)
         self._check_health()
 

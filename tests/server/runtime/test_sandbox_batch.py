@@ -2,8 +2,9 @@
 request, in order, on one worker; a failure or a cancellation ends the batch at its own input
 set with the values before it, and nothing after it runs; a worker that dies in a batch loses
 the values it had not reported, and the failure says how many input sets it may belong to; each
-input set has its own deadline; a worker that answers a batch with more values than are left,
-or with none, is killed."""
+input set has its own deadline; a batch holds its worker for one turn, the rest waits for the
+next; a worker that reports more values than are left, or ends a batch before anything ran, is
+killed."""
 
 from __future__ import annotations
 
@@ -132,14 +133,19 @@ async def test_a_cancelled_batch_stops_before_its_next_input_set(single: Sandbox
     assert single.stats()["worker_restarts"] == restarts
 
 
-@pytest.mark.parametrize("forged", [0, 9])
-async def test_a_batch_reply_with_other_than_what_ran_kills_the_worker(
-        single: SandboxRuntime, forged: int) -> None:
-    """A reply must carry at least one value and no more than the batch has left."""
+@pytest.mark.parametrize(("actions", "reported"), [
+    (("forge:0", "never"), []),  # an empty report before anything ran
+    (("nap:0.05", "forge:9", "never"), ["nap:0.05"]),  # more values than the batch has left
+])
+async def test_a_batch_report_with_other_than_what_ran_kills_the_worker(
+        single: SandboxRuntime, actions: tuple[str, ...], reported: list[str]) -> None:
+    """A report carries no more values than the batch has left, and the batch's last one
+    follows at least one value (an empty report ends a batch's turn, see below)."""
     restarts = single.stats()["worker_restarts"]
-    values, failure, span = await batch(single, "nap:0.05", f"forge:{forged}", "never")
-    assert [v for _, v in steps(values)] == ["nap:0.05"]
-    assert isinstance(failure, WorkerFailure) and failure.kind == "protocol" and span == 2
+    values, failure, span = await batch(single, *actions)
+    assert [v for _, v in steps(values)] == reported
+    assert isinstance(failure, WorkerFailure) and failure.kind == "protocol"
+    assert span == len(actions) - len(reported)
     await eventually(lambda: single.stats()["worker_restarts"] == restarts + 1,
                      what="the worker to be replaced")
 
@@ -180,3 +186,27 @@ async def test_a_hosted_instance_runs_batches_and_comes_back_after_a_crash(
         assert failure is None and [v for _, v in steps(values)] == ["d", "e"]
     finally:
         await single.release(instance)
+
+
+@pytest.mark.parametrize("hosted", [False, True])
+async def test_a_batch_holds_its_worker_for_one_turn(single: SandboxRuntime,
+                                                     hosted: bool) -> None:
+    """Past BATCH_TURN_S (5 ms) no input set starts: the worker hands the rest back and it
+    runs in later turns, in order, with nothing lost or run twice (a one-shot node's ``runs``
+    and a hosted instance's ``calls`` alike)."""
+    actions = ["nap:0.01"] * 4 + ["a", "b"]
+    batch = [{"in": a} for a in actions]
+    start = await last_step(single)
+    before = single.stats()["batches"]
+    if hosted:
+        instance = await single.acquire(make_spec(nodes.HostedStep), ExecutionScope("turns"))
+        try:
+            values, failure, _ = await instance.process_batch(batch)
+        finally:
+            await single.release(instance)
+    else:
+        values, failure, _ = await single.call_batch(STEP, ExecutionScope("turns"), batch)
+    assert failure is None
+    assert steps(values) == [(start + 1 + i, a) for i, a in enumerate(actions)]
+    # 10 ms each: one nap per turn, then the quick ones together.
+    assert single.stats()["batches"] - before >= 4
