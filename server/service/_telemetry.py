@@ -54,8 +54,17 @@ class _RuntimeCollector(Collector):
         demotions = CounterMetricFamily(
             "tensorline_inline_demotions", "times a sync node type running on the event loop "
             "had a slow call and went back to the thread pool", labels=["runtime"])
+        batches = CounterMetricFamily(
+            "tensorline_sandbox_batches", "requests that carried several of a stream's queued "
+            "chunks to a sandbox worker at once", labels=["runtime"])
+        batched = CounterMetricFamily(
+            "tensorline_sandbox_batched_inputs", "input sets those requests carried",
+            labels=["runtime"])
         for name, runtime in self._engine.runtimes.items():
             stats = runtime.stats()
+            if "batches" in stats:
+                batches.add_metric([name], stats["batches"])
+                batched.add_metric([name], stats["batched_inputs"])
             if "worker_restarts" in stats:
                 restarts.add_metric([name], stats["worker_restarts"])
             if "worker_recycles" in stats:
@@ -73,6 +82,8 @@ class _RuntimeCollector(Collector):
         yield layers
         yield inline
         yield demotions
+        yield batches
+        yield batched
 
 
 class _Tally:

@@ -290,3 +290,19 @@ async def test_a_crash_in_a_batch_names_the_sequences_it_may_belong_to(
                              during)
         assert match, during
         assert int(match[1]) == len(received) and 3 <= int(match[2]) <= 4
+
+
+async def test_batches_are_counted_on_the_metrics_endpoint(
+        server_factory: Callable[..., Any], tmp_path: Path) -> None:
+    from tests.server.service.test_observability import scrape
+
+    server = await server_factory(untrusted_modules=[UNTRUSTED], sandbox_workers=1,
+                                  sandbox_scratch_dir=tmp_path, metrics_port=0,
+                                  metrics_host="127.0.0.1")
+    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
+        _, outputs = await run_stream(client, step_chain(), ["nap:0.3", *"abcdefgh"])
+    assert len(outputs) == 9
+    samples = await asyncio.to_thread(scrape, server.metrics_port)
+    batches = samples[("tensorline_sandbox_batches_total", (("runtime", "sandbox"),))]
+    inputs = samples[("tensorline_sandbox_batched_inputs_total", (("runtime", "sandbox"),))]
+    assert batches >= 1 and 2 * batches <= inputs <= 8
