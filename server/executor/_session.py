@@ -97,7 +97,7 @@ from tensorline.server.manifest import (
     value_for_port,
 )
 from tensorline.server.nodes import END_OF_STREAM, Chunk, Emit
-from tensorline.server.runtime import ExecutionScope, NodeInstance, Runtime
+from tensorline.server.runtime import BatchOutcome, ExecutionScope, NodeInstance, Runtime
 from tensorline.server.selector import RuntimeDecision, Selector
 from tensorline.wire import StreamItem
 
@@ -504,7 +504,13 @@ class StreamSession:
         if not pending:
             return
         started = time.perf_counter()
-        outcome = await stage.instance.process_batch([i for _, i in pending])
+        if len(pending) == 1:  # the usual lone chunk: a plain call, without the batch's frames
+            try:
+                outcome = BatchOutcome([await stage.instance.process(pending[0][1])], None)
+            except Exception as error:
+                outcome = BatchOutcome([], error)
+        else:
+            outcome = await stage.instance.process_batch([i for _, i in pending])
         stage.busy_s += time.perf_counter() - started
         for (sequence, _), raw in zip(pending, outcome.values, strict=False):
             stage.current = sequence
