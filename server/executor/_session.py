@@ -23,9 +23,10 @@ before. The producer meanwhile does the node's work instead of producing, so bac
 reaches the client, and nothing is buffered for an inline value.
 
 Batches. A node whose instance runs several input sets per call (``NodeInstance.batches``: a
-sandboxed node, whose call is a round trip to a worker) is never run inline; its stage hands
-everything queued in its inbox (up to ``BATCH_BYTES``) to one ``process_batch``, and emits the
-outputs and raises the failure as one call after another would (``BatchOutcome``).
+sandboxed node, whose call is a round trip to a worker) is started inline like any other when
+its stage is parked; what queues up behind that call (or any call) goes in one
+``process_batch`` (up to ``BATCH_BYTES``), whose outputs and failure are emitted and raised as
+one call after another would (``BatchOutcome``).
 
 Backpressure. Inboxes and the outbox are ``Channel``s bounded by a number of values
 (``queue_size``) and by bytes (``buffer_bytes``; a value larger than that still passes alone so
@@ -265,10 +266,8 @@ class StreamSession:
             stage.producers = len(upstream) + (1 if fed_by_client else 0)
             if len(stage.slots) != 1 or optional:
                 stage.join = Join(node_id, stage.slots, optional, limit)
-            # A batching node is not started by its producer: its calls suspend at once (a
-            # round trip), and what queues behind an inline call would wait for the next batch.
             stage.inline = (stage.join is None and not spec.entry.streaming
-                            and spec.timeout_s is None and not stage.instance.batches)
+                            and spec.timeout_s is None)
         for node_id, sink_port in self.plan.sinks:
             stage = self._stages[node_id]
             stage.sinks = stage.sinks | {sink_port}
@@ -484,14 +483,16 @@ class StreamSession:
         while waiting:
             pending: list[tuple[int, Any]] = []
             pending_bytes = 0
-            # (No HANDOFF: producers do not run a batching node inline, see _wire.)
             for (slot, sequence, value), size in await inbox.get_sized_batch():
                 if slot == EOS:
                     waiting -= 1
                     continue
-                if pending_bytes + size > BATCH_BYTES:
+                if slot == HANDOFF or pending_bytes + size > BATCH_BYTES:
                     await self._run_sets(stage, pending)
                     pending, pending_bytes = [], 0
+                if slot == HANDOFF:  # a call its producer started (see _run_inline)
+                    await self._run_sets(stage, [(sequence, value)])
+                    continue
                 inputs = stage.accept(slot, sequence, value)
                 if inputs is not None:
                     pending.append((sequence, inputs))
@@ -500,13 +501,19 @@ class StreamSession:
         self._finish(stage)
 
     async def _run_sets(self, stage: _Stage, pending: list[tuple[int, Any]]) -> None:
-        """Run the node on ``pending`` (sequence, input set) in order and emit the outputs."""
+        """Run the node on ``pending`` (sequence, input set) in order and emit the outputs; a
+        lone ``Suspended`` is a call its producer started."""
         if not pending:
             return
         started = time.perf_counter()
         if len(pending) == 1:  # the usual lone chunk: a plain call, without the batch's frames
             try:
-                outcome = BatchOutcome([await stage.instance.process(pending[0][1])], None)
+                item = pending[0][1]
+                if type(item) is Suspended:
+                    started = item.started
+                    outcome = BatchOutcome([await item], None)
+                else:
+                    outcome = BatchOutcome([await stage.instance.process(item)], None)
             except Exception as error:
                 outcome = BatchOutcome([], error)
         else:
