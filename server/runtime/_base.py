@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -77,13 +77,7 @@ class NodeInstance(ABC):
     async def process_batch(self, batch: Sequence[Mapping[str, Any]]) -> BatchOutcome:
         """``process`` on each input set of ``batch`` in order, up to the first failure. Each
         input set gets the deadline a ``process`` call would have."""
-        values: list[Any] = []
-        for inputs in batch:
-            try:
-                values.append(await self.process(inputs))
-            except Exception as exc:
-                return BatchOutcome(values, exc)
-        return BatchOutcome(values, None)
+        return await one_by_one(self.process, batch)
 
     def stream(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """Run a streaming node's ``stream`` generator over ``chunks`` (``nodes.Chunk``).
@@ -128,13 +122,7 @@ class Runtime(ABC):
     async def call_batch(self, spec: NodeSpec, scope: ExecutionScope,
                          batch: Sequence[Mapping[str, Any]]) -> BatchOutcome:
         """``call`` on each input set of ``batch`` in order, up to the first failure."""
-        values: list[Any] = []
-        for inputs in batch:
-            try:
-                values.append(await self.call(spec, scope, inputs))
-            except Exception as exc:
-                return BatchOutcome(values, exc)
-        return BatchOutcome(values, None)
+        return await one_by_one(lambda inputs: self.call(spec, scope, inputs), batch)
 
     async def prepare(self, spec: NodeSpec, scope: ExecutionScope) -> None:
         """Create what a call of ``spec`` needs before the first call arrives (a named
@@ -153,6 +141,19 @@ class Runtime(ABC):
     def stats(self) -> dict[str, float]:
         """Counters for the metrics endpoint, e.g. {"worker_restarts": 3, "workers": 2}."""
         return {}
+
+
+async def one_by_one(run: Callable[[Mapping[str, Any]], Awaitable[Any]],
+                     batch: Sequence[Mapping[str, Any]]) -> BatchOutcome:
+    """``run`` on each input set of ``batch`` in order, up to the first failure: a batch
+    without batching."""
+    values: list[Any] = []
+    for inputs in batch:
+        try:
+            values.append(await run(inputs))
+        except Exception as exc:
+            return BatchOutcome(values, exc)
+    return BatchOutcome(values, None)
 
 
 async def within_node_timeout(spec: NodeSpec, call: Awaitable[Any]) -> Any:

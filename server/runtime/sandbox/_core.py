@@ -168,12 +168,12 @@ class _Core(Runtime):
         # served round robin by caller; those of one-shot calls are in ``_runs`` with what
         # ``_dispatch`` needs to send their request.
         self._waiters: dict[_Group, _Waiters] = {}
-        # (A list of input sets is a batch: ``runs``.)
+        # (A list of input sets is a ``runs`` batch.)
         self._runs: dict[asyncio.Future[Any], tuple[_ClassPlan, NodeSpec, ExecutionScope,
                                                     Mapping[str, Any] | list[Mapping[str, Any]]]
                          ] = {}
         self._restarts = 0
-        # ``runs`` requests sent, and the input sets they carried.
+        # Batches sent (``runs`` and ``calls`` requests), and the input sets they carried.
         self._batches = 0
         self._batched_inputs = 0
 

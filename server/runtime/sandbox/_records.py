@@ -159,8 +159,8 @@ class _Waiters:
 
 @dataclass(slots=True)
 class _Batch:
-    """A ``runs`` request in flight: the values of the input sets answered so far (``size`` in
-    all), and the scope each next input set's deadline is drawn from."""
+    """A batch in flight (``runs`` or ``calls``): the values of the input sets reported so far
+    (``size`` in all), and the scope each next input set's deadline is drawn from."""
 
     size: int
     scope: ExecutionScope
@@ -185,7 +185,7 @@ class _Call:
     # A streaming session: "need"/"out" messages resolve ``future`` without ending the call.
     streaming: bool = False
     on_event: Callable[[str, str, float], None] | None = None
-    # A ``runs`` request: its replies up to the last one resolve nothing but this.
+    # A batch: its reports up to the last one resolve nothing but this.
     batch: _Batch | None = None
 
 

@@ -31,6 +31,7 @@ from tensorline.server.runtime._base import (
     ExecutionScope,
     LayerStatus,
     NodeInstance,
+    one_by_one,
     within_node_timeout,
 )
 from tensorline.server.runtime.sandbox import _paths
@@ -353,11 +354,11 @@ class SandboxRuntime(_Streaming):
                         break  # nothing ran (no such class there, or it is being replaced)
                     if outcome.failure is not None:
                         return BatchOutcome(values, outcome.failure, outcome.span)
-            for inputs in batch[len(values):]:
-                values.append(await self.call(spec, scope, inputs))
         except Exception as exc:
             return BatchOutcome(values, exc)
-        return BatchOutcome(values, None)
+        singles = await one_by_one(lambda inputs: self.call(spec, scope, inputs),
+                                   batch[len(values):])
+        return BatchOutcome(values + singles.values, singles.failure)
 
     async def _call_general(self, spec: NodeSpec, scope: ExecutionScope,
                             inputs: Mapping[str, Any]) -> Any:
