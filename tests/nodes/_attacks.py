@@ -212,6 +212,21 @@ def leak_fds(node: Attacker) -> Any:
     return Json({"leaked": len(_LEAKED)})
 
 
+def leak_fds_blinded(node: Attacker) -> Any:
+    """``leak_fds``, after pointing every descriptor of a ``/proc/<pid>/fd`` directory (what
+    the worker counts its descriptors through) at /dev/null: the count must not be fooled."""
+    null = os.open("/dev/null", os.O_RDONLY)
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("/proc/") and target.endswith("/fd"):
+            os.dup2(null, int(name))
+    os.close(null)
+    return leak_fds(node)
+
+
 def fork(node: Attacker) -> Any:
     pid = os.fork()
     if pid == 0:
@@ -223,7 +238,7 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
     fn.__name__: fn for fn in (
         environ, read, listdir, fds, write_fds, forge_log, flood_output, garbage_on_control_socket,
         mmap_shared, memfds, sysv_shm, private_memory, dev_shm, fill_scratch,
-        fill_scratch_small_files, threads, leak_fds, fork)
+        fill_scratch_small_files, threads, leak_fds, leak_fds_blinded, fork)
 }
 
 

@@ -49,21 +49,19 @@ class WorkerChannel:
                                   allocate=self._allocate, pickler_class=_shm.WorkerPickler)
         # Told the server it should be replaced (see ``_check_health``).
         self.unhealthy = False
+        self._fd_dir = _open_fd_dir()
 
     def _check_health(self) -> None:
         """After each reply (off the caller's path): a worker close to running out of
         descriptors, or whose peak RSS passed the recycling threshold, says so (once), and the
         server retires it. A one-shot request the server sent before it read that is answered
         ``gone``, which sends the call to another worker, so the next call does not fail here.
-        Two syscalls: ``stat`` of ``/proc/self/fd`` counts open fds (Linux 6.2+; a listing
-        before), ``getrusage`` has the peak RSS."""
+        Two syscalls: ``fstat`` of ``/proc/self/fd`` counts open fds (``_open_fds``),
+        ``getrusage`` has the peak RSS."""
         if self.unhealthy:
             return
         limits = self.config.limits
-        try:
-            fds = os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
-        except OSError:
-            fds = limits.nofile  # no descriptor left even to list them
+        fds = self._open_fds()
         reason = ""
         if fds > limits.nofile - FD_RESERVE:
             reason = f"{fds} of {limits.nofile} file descriptors in use"
@@ -75,6 +73,27 @@ class WorkerChannel:
         if reason:
             self.unhealthy = True
             self._send(unhealthy_message(reason))
+
+    def _open_fds(self) -> int:
+        """How many descriptors are open. The size of ``/proc/self/fd`` is that count (Linux
+        6.2+; a listing before). ``fstat`` of the directory opened once skips the path walk
+        that a ``stat`` repeats after every reply (1.0 µs against 3.7 µs, measured outside the
+        sandbox, where no Landlock hook runs on the walk). A descriptor a node closed or
+        pointed elsewhere no longer names that directory: then the path is walked."""
+        kept = self._fd_dir
+        if kept is not None:
+            fd, identity = kept
+            try:
+                status = os.fstat(fd)
+            except OSError:
+                pass
+            else:
+                if status.st_size and (status.st_dev, status.st_ino) == identity:
+                    return status.st_size
+        try:
+            return os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
+        except OSError:
+            return self.config.limits.nofile  # no descriptor left even to list them
 
     def _reply(self, reply: tuple[Any, ...], health: bool = True) -> bool:
         """Send ``reply``, or the error that explains why it cannot be sent (False); then,
@@ -155,3 +174,13 @@ class WorkerChannel:
                 return None
             return _shm.unpack(data, fds, self.inbox, safe=False,  # type: ignore[no-any-return]
                                copy=copy)
+
+
+def _open_fd_dir() -> tuple[int, tuple[int, int]] | None:
+    """``/proc/self/fd`` opened, with its identity (device, inode); None when it cannot be."""
+    try:
+        fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    status = os.fstat(fd)
+    return fd, (status.st_dev, status.st_ino)
