@@ -11,10 +11,11 @@ show per-call medians over all rounds:
   which is what the executor does for each request.
 
 "direct" is a plain call of the node's method, for scale. ``--io`` also measures the bare
-wake-up floor of the two ways the event loop can wait for a worker's reply (why the runtime
-uses ``loop.add_reader`` rather than a reader thread). ``--batches 1,4,16`` also times a one-shot
-node's ``call_batch`` (what a stream session sends for the chunks queued for a sandboxed node)
-per input set. Not run in CI.
+wake-up floor: a ping-pong with a child that sleeps, polls or shares one CPU (what the
+wake-ups of a round trip cost on this machine), and the two ways the event loop can wait for a
+worker's reply (why the runtime uses ``loop.add_reader`` rather than a reader thread).
+``--batches 1,4,16`` also times a one-shot node's ``call_batch`` (what a stream session sends
+for the chunks queued for a sandboxed node) per input set. Not run in CI.
 """
 
 from __future__ import annotations
@@ -161,6 +162,54 @@ async def io_floor(n: int = 5000) -> None:
           f"reader thread + call_soon_threadsafe {fmt(statistics.median(b))}")
 
 
+def wake_floor(n: int = 5000) -> None:
+    """(``--io``) What the wake-ups of a round trip cost on this machine: a bare 1 KiB ping-pong
+    with a forked child (no event loop), p50 of ``n``, when the child sleeps in ``recv`` (as a
+    worker does), when it polls instead (never asleep: no wake-up to pay for it), and when
+    both sleep but share one CPU (a wake-up with no other CPU to interrupt)."""
+
+    def trips(mode: str) -> float:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        allowed = os.sched_getaffinity(0)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            if mode == "one CPU":
+                os.sched_setaffinity(0, {min(allowed)})
+            while True:
+                if mode == "polls":
+                    try:
+                        data = child.recv(1 << 17, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                else:
+                    data = child.recv(1 << 17)
+                if not data:
+                    os._exit(0)
+                child.send(data)
+        child.close()
+        if mode == "one CPU":
+            os.sched_setaffinity(0, {min(allowed)})
+        payload = b"x" * 1024
+        each = []
+        try:
+            for _ in range(n):
+                start = time.perf_counter()
+                parent.send(payload)
+                parent.recv(1 << 17)
+                each.append(time.perf_counter() - start)
+        finally:
+            parent.close()
+            os.waitpid(pid, 0)
+            os.sched_setaffinity(0, allowed)
+        return statistics.median(each)
+
+    modes = ("sleeps", "polls", "one CPU")
+    figures = {mode: statistics.median(trips(mode) for _ in range(3)) for mode in modes}
+    print("bare 1 KiB round trip, no event loop (p50): the child "
+          + ", ".join(f"{mode} {fmt(value)}" for mode, value in figures.items()))
+
+
 def calls_for(nbytes: int) -> int:
     return max(5, min(2000, (256 << 20) // max(nbytes, 1)))
 
@@ -179,6 +228,7 @@ async def main() -> None:
                         help="also time call_batch of K input sets (e.g. 1,4,16)")
     args = parser.parse_args()
     if args.io:
+        wake_floor()
         await io_floor()
     # Import by module name (not __main__) so the worker can load the node classes.
     from bench_sandbox_hop import BenchFresh, BenchPassThrough

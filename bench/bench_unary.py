@@ -234,11 +234,16 @@ async def measure(args: argparse.Namespace, scale: float,
     results["throughput"] = {"echo_calls_s": rate["echo"],
                              "echo_server_cpu_us_per_call": used["echo"]}
     for k in others:
+        # Each round's ratio to the echo of the same round: drift between rounds (the machine's
+        # other load) cancels out of these, which the ratio of the medians does not.
+        paired = sorted(mine / echo for mine, echo in zip(rates[k], rates["echo"], strict=True))
         results["throughput"].update({f"{k}_calls_s": rate[k], f"{k}_ratio": rate[k] / rate["echo"],
+                                      f"{k}_round_ratios": paired,
                                       f"{k}_server_cpu_us_per_call": used[k]})
         print(f"1 KiB at concurrency 32: echo {rate['echo']:,.0f} calls/s, {k} "
-              f"{rate[k]:,.0f} calls/s, ratio {rate[k] / rate['echo']:.2f}; server CPU per "
-              f"call: echo {used['echo']:.0f} us, {k} {used[k]:.0f} us "
+              f"{rate[k]:,.0f} calls/s, ratio {rate[k] / rate['echo']:.2f} (per round: median "
+              f"{statistics.median(paired):.2f}, {paired[0]:.2f}-{paired[-1]:.2f}); server CPU "
+              f"per call: echo {used['echo']:.0f} us, {k} {used[k]:.0f} us "
               f"(+{used[k] - used['echo']:.0f} us)")
     for ch in channels.values():
         await ch.close()
