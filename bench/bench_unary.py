@@ -4,7 +4,9 @@ bytes.
 The servers run in their own processes; this process is the load generator. Rounds alternate
 between them (echo, tensorline[, tensorline "before"], then the same rotated by one, ...) so
 drift on a noisy machine hits all alike and none always follows the same one; the report gives
-medians over all calls and the ratios tensorline / echo.
+medians over all calls and the ratios tensorline / echo. For calls/s at 32 in flight it also
+gives each round's ratio to the echo of that same round (median and range): their spread is
+the machine's noise.
 
     python bench/bench_unary.py                     # PassThrough in-process, full run
     python bench/bench_unary.py --node Scale        # a sync node (numpy), in-process
