@@ -16,8 +16,9 @@ Fast paths (each returns None, "not mine", whenever the general path must decide
   ``decode_stream_request`` and ``decode_stream_response``);
 * ``_unary._tensor_output``: an ExecuteResponse output framed flat (the tensor by the one
   encoder ``_codec._encode_tensor``), then again from the head it kept, versus
-  ``encode_port_value``; ``_encode_tensor`` and
-  ``encode_execution_metrics`` versus the generated serializer.
+  ``encode_port_value``; ``_encode_tensor``, ``encode_execution_metrics`` and
+  ``encode_execute_request`` (the client's side: its manifest fields and its inputs' heads
+  kept and reused) versus the generated serializer.
 
 Decoders are compared by running each public decoder twice on the same bytes, once as is and
 once with the fast path switched off: same values (bit-exact arrays, dtype, shape), same
@@ -57,6 +58,7 @@ from tensorline.wire import (
     decode_execute_response,
     decode_stream_request,
     decode_stream_response,
+    encode_execute_request,
     encode_execution_metrics,
     encode_port_value,
     encode_stream_results,
@@ -544,6 +546,18 @@ def test_fast_encoders_match_the_generated_serializer(array: np.ndarray, node: s
     for _ in range(2):
         fast = _unary._tensor_output(PortItem(node, port, array))
         assert fast is not None and join(fast) == general
+    # ExecuteRequest (the client's side): the manifest's fields and the input's head are kept
+    # on the first call and reused on the next ones, with other data of the same layout too.
+    other = np.ascontiguousarray(np.flip(array)) if array.ndim else array.copy()
+    for value in (array, other, array):
+        wire = value.astype(value.dtype.newbyteorder("<")) if value.dtype.byteorder == ">" \
+            else value
+        expected_request = pb.ExecuteRequest(manifest_json='{"nodes": []}', inputs=[
+            pb.PortValue(node_id=node, port=port, value=pb.Value(tensor=pb.Tensor(
+                dtype=wire_dtype(value.dtype), shape=list(value.shape),
+                data=np.ascontiguousarray(wire).tobytes())))]).SerializeToString()
+        assert encode_execute_request('{"nodes": []}', [PortItem(node, port, value)]) == \
+            expected_request
     # Stream results: the general framing of one and of several.
     # Twice each (framed, then from the kept middle), at sequences of 0, 1 and 2 varint bytes.
     for sequence in (3, 3, 0, 0, 300, 300):
@@ -566,6 +580,24 @@ def test_output_framing_at_varint_boundaries(nbytes: int) -> None:
         fast = _unary._tensor_output(PortItem("node", "out", array))
         assert fast is not None and join(fast) == expected
         assert join(encode_port_value(1, "node", "out", array)) == expected
+
+
+def test_request_heads_are_kept_per_manifest_and_bounded() -> None:
+    """The kept request heads follow the manifest, pipeline and version they were made for; a
+    manifest past the size bound is encoded every time (and still right)."""
+    array = np.arange(6, dtype=np.float32)
+    large = '{"nodes": [], "metadata": {"notes": "' + "x" * (70 * 1024) + '"}}'
+    for manifest, pipeline, version in [("{}", "", 0), ('{"a": 1}', "", 0), ("", "p", 0),
+                                        ("", "p", 2), (large, "", 0), ("{}", "", 0)]:
+        for _ in range(2):
+            decoded = decode_execute_request(encode_execute_request(
+                manifest, [PortItem("n", "in", array)], pipeline, version))
+            assert decoded.violations == []
+            assert (decoded.manifest_json, decoded.pipeline) == (manifest, pipeline)
+            assert decoded.pipeline_version == version
+            np.testing.assert_array_equal(decoded.inputs[0].value, array)
+    assert all(len(key[0]) <= _unary._KEPT_MANIFEST_CHARS for key in _unary._REQUEST_HEADS)
+    assert len(_unary._REQUEST_HEADS) <= _unary._KEPT_REQUEST_HEADS
 
 
 class _Node:

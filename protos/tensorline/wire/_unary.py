@@ -64,11 +64,35 @@ def encode_execute_request(manifest_json: str, inputs: list[PortItem], pipeline:
 
 def _request_pieces(manifest_json: str, inputs: list[PortItem], pipeline: str,
                     pipeline_version: int) -> Pieces:
-    pieces: Pieces = [pb.ExecuteRequest(manifest_json=manifest_json, pipeline=pipeline,
-                                        pipeline_version=pipeline_version).SerializeToString()]
+    """A client sends one pipeline call after call: the fields before the inputs are made once
+    per (manifest, pipeline, version), and each plain array input's bytes up to its data once
+    per (node, port, dtype, shape), as for responses and stream chunks."""
+    key = (manifest_json, pipeline, pipeline_version)
+    head = _REQUEST_HEADS.get(key)
+    if head is None:
+        head = pb.ExecuteRequest(manifest_json=manifest_json, pipeline=pipeline,
+                                 pipeline_version=pipeline_version).SerializeToString()
+        if len(manifest_json) <= _KEPT_MANIFEST_CHARS:
+            if len(_REQUEST_HEADS) >= _KEPT_REQUEST_HEADS:
+                _REQUEST_HEADS.clear()
+            _REQUEST_HEADS[key] = head
+    pieces: Pieces = [head]
     for item in inputs:
-        pieces += encode_port_value(_F_REQUEST_INPUTS, item.node_id, item.port, item.value)
+        kept = _INPUT_HEADS.pieces(item.node_id, item.port, item.value)
+        if kept is None:
+            kept = encode_port_value(_F_REQUEST_INPUTS, item.node_id, item.port, item.value)
+            _INPUT_HEADS.keep(item.node_id, item.port, item.value, kept)
+        pieces += kept
     return pieces
+
+
+# An ExecuteRequest's fields before its inputs, for recent (manifest, pipeline, version) keys;
+# bounded in number and in size (a large manifest costs its copy whatever is kept).
+_REQUEST_HEADS: dict[tuple[str, str, int], bytes] = {}
+_KEPT_REQUEST_HEADS = 64
+_KEPT_MANIFEST_CHARS = 64 * 1024
+# An input entry's bytes up to its tensor's data.
+_INPUT_HEADS = KeptHeads()
 
 
 def _pieces_of(request: DecodedExecuteRequest) -> Pieces:
