@@ -643,4 +643,3 @@ class StreamingExecutor:
         scope = scope or ExecutionScope(execution_id=uuid.uuid4().hex)
         return StreamSession(self, plan, scope, queue_size or DEFAULT_QUEUE_SIZE,
                              buffer_bytes if buffer_bytes > 0 else DEFAULT_BUFFER_BYTES)
-

@@ -132,7 +132,7 @@ class _Calls(_Pool):
                     # (the watchdog finds it moved when it fires).
                     worker.calls += len(values)
                     batch.values += values
-                    call.deadline = self._deadline(call.spec, batch.scope, None) + BATCH_FLUSH_S
+                    call.deadline = self._batch_deadline(call.spec, batch.scope)
                     return
                 worker.calls += len(values) - 1  # the last report's; _finish counts one
             self._finish(worker, call)
@@ -251,6 +251,12 @@ class _Calls(_Pool):
         if scope.deadline is not None:
             deadline = min(deadline, scope.deadline)
         return deadline
+
+    def _batch_deadline(self, spec: NodeSpec, scope: ExecutionScope) -> float:
+        """The deadline of a batch's next input set, from now: a call's, plus ``BATCH_FLUSH_S``,
+        since the worker reports what ran that much later at most (so the input set running at
+        a call's deadline has had its due before the watchdog fires)."""
+        return self._deadline(spec, scope, None) + BATCH_FLUSH_S
 
     async def _request(self, worker: _Worker, request: tuple[Any, ...], spec: NodeSpec | None,
                        during: str, iid: int, deadline: float,
@@ -500,9 +506,8 @@ class _Calls(_Pool):
         request, key, class_id, define = self._run_request(worker, spec, scope, inputs)
         try:
             batch = _batch_of(inputs, scope)
-            deadline = self._deadline(spec, scope, None)
-            if batch is not None:
-                deadline += BATCH_FLUSH_S  # (see _run_batch_once)
+            deadline = (self._deadline(spec, scope, None) if batch is None
+                        else self._batch_deadline(spec, scope))
             sent = self._send(worker, request, spec, "process", 0, deadline, None, batch)
         except Exception as exc:  # _WorkerGone, or inputs that cannot be sent: the caller's
             waiter.set_exception(exc)
@@ -547,10 +552,8 @@ class _Calls(_Pool):
         the batch is safe to send elsewhere."""
         request, key, class_id, define = self._run_request(worker, spec, scope, batch)
         tracked = _Batch(len(batch), scope)
-        # The worker reports what ran every BATCH_FLUSH_S at most: so much later than the
-        # deadline of the input set running, the one after it has had its due.
         reply = self._request(worker, request, spec, "process", 0,
-                              self._deadline(spec, scope, None) + BATCH_FLUSH_S, batch=tracked)
+                              self._batch_deadline(spec, scope), batch=tracked)
         return await self._batch_result(
             worker, spec, tracked, reply,
             lambda answer: self._run_reply(worker, spec, answer, key, class_id, define))

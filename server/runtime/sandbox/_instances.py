@@ -26,7 +26,6 @@ from tensorline.server.runtime._base import BatchOutcome, ExecutionScope, NodeIn
 from tensorline.server.runtime.sandbox._calls import _Calls
 from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
 from tensorline.server.runtime.sandbox._messages import (
-    BATCH_FLUSH_S,
     CALLS,
     OK,
     Init,
@@ -341,10 +340,8 @@ class _Instances(_Calls):
             tracked = _Batch(len(rest), instance.scope)
             request = (CALLS, instance.iid, [i if type(i) is dict else dict(i) for i in rest],
                        init, None)
-            # (The deadline's slack: see _Calls._run_batch_once.)
             reply = self._request(worker, request, spec, "process", instance.iid,
-                                  self._deadline(spec, instance.scope, None) + BATCH_FLUSH_S,
-                                  batch=tracked)
+                                  self._batch_deadline(spec, instance.scope), batch=tracked)
 
             def check(answer: tuple[Any, ...], worker: _Worker = worker,
                       init: Init | None = init) -> Any:

@@ -31,7 +31,6 @@ from tensorline.server.runtime._base import (
     ExecutionScope,
     LayerStatus,
     NodeInstance,
-    one_by_one,
     within_node_timeout,
 )
 from tensorline.server.runtime.sandbox import _paths
@@ -356,8 +355,7 @@ class SandboxRuntime(_Streaming):
                         return BatchOutcome(values, outcome.failure, outcome.span)
         except Exception as exc:
             return BatchOutcome(values, exc)
-        singles = await one_by_one(lambda inputs: self.call(spec, scope, inputs),
-                                   batch[len(values):])
+        singles = await super().call_batch(spec, scope, batch[len(values):])
         return BatchOutcome(values + singles.values, singles.failure)
 
     async def _call_general(self, spec: NodeSpec, scope: ExecutionScope,
