@@ -177,10 +177,15 @@ class WorkerChannel:
 
 
 def _open_fd_dir() -> tuple[int, tuple[int, int]] | None:
-    """``/proc/self/fd`` opened, with its identity (device, inode); None when it cannot be."""
+    """``/proc/self/fd`` opened, with its identity (device, inode); None when it cannot be, or
+    when its size is not the count (before Linux 6.2: every check would then pay the ``fstat``
+    before the listing)."""
     try:
         fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     status = os.fstat(fd)
+    if not status.st_size:
+        os.close(fd)
+        return None
     return fd, (status.st_dev, status.st_ino)
