@@ -190,6 +190,11 @@ def escape_suite_core(client: Client, target: str, secret: str) -> None:
         escape.refused(client, domain, "fork", (grpc.StatusCode.PERMISSION_DENIED,),
                        secret=secret)
         still_serving(client, target)
+        # The workers share the server's uid here, and neither holds a capability: only the
+        # sandbox keeps a worker from renicing, idling or pinning the server.
+        seen = escape.look(client, domain, "slow_down_others", pid=1).value
+        assert seen["worked"] == [], seen
+        still_serving(client, target)
         check_descriptors(client, domain)
         still_serving(client, target)
         # A worker out of descriptors is replaced before the next call of its domain.

@@ -9,6 +9,7 @@ to the sandbox) define the nodes that run them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -30,6 +31,7 @@ class AttackParams(NodeParams):
     what: str
     path: str = Field("", description="a file or directory to read or list")
     count: int = Field(0, description="how many (threads, GiB, files)")
+    pid: int = Field(0, description="a process of the server's uid to slow down")
 
 
 def _read(path: str) -> str:
@@ -150,6 +152,17 @@ def sysv_shm(node: Attacker) -> Any:
     return shmid
 
 
+def sysv_semaphores(node: Attacker) -> Any:
+    """A SysV semaphore set: an object of the IPC namespace, outside any memory cap."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    semid = libc.semget(0, 1, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+    if semid < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    libc.semctl(semid, 0, 0)  # IPC_RMID
+    return semid
+
+
 def private_memory(node: Attacker) -> Any:
     return len(bytearray(node.params.count << 30))
 
@@ -227,6 +240,68 @@ def leak_fds_blinded(node: Attacker) -> Any:
     return leak_fds(node)
 
 
+def realtime(node: Attacker) -> Any:
+    """Take a CPU from the server: real-time scheduling (SCHED_FIFO, then SCHED_RR), or at
+    least a nice value below the server's. Each must fail (the first refusal is raised)."""
+    gained: list[str] = []
+    refused: list[PermissionError] = []
+    for policy in (os.SCHED_FIFO, os.SCHED_RR):
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(1))
+            gained.append(f"policy {policy}")
+        except PermissionError as exc:
+            refused.append(exc)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) - 1)
+        gained.append("nice")
+    except PermissionError as exc:
+        refused.append(exc)
+    if gained:
+        return Json({"gained": gained})
+    raise refused[0]
+
+
+def _ioprio_set(which: int, who: int, ioprio: int) -> None:
+    """ioprio_set(2), which the os module lacks (x86-64 and arm64 numbers)."""
+    number = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)
+    if number is None:
+        raise PermissionError(errno.ENOSYS, "ioprio_set: unknown syscall number here")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, which, who, ioprio) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def slow_down_others(node: Attacker) -> Any:
+    """Slow down another process of the server's uid (``pid``, the launcher and the server
+    alike) without a signal: nice 19, the idle scheduling policy, one CPU, idle I/O priority;
+    and every process of the uid or of the process group at once. Those wide ones ask for what
+    a process usually has anyway (nice 0, best-effort I/O at level 4), so that a regression
+    cannot disturb the machine running the test. What worked, and what was refused."""
+    pid = node.params.pid
+    best_effort = (2 << 13) | 4  # IOPRIO_CLASS_BE, level 4
+    tries: dict[str, Callable[[], Any]] = {
+        "nice": lambda: os.setpriority(os.PRIO_PROCESS, pid, 19),
+        "nice process group": lambda: os.setpriority(os.PRIO_PGRP, 0, 0),
+        "nice uid": lambda: os.setpriority(os.PRIO_USER, 0, 0),
+        "idle policy": lambda: os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0)),
+        "param": lambda: os.sched_setparam(pid, os.sched_param(0)),
+        "one CPU": lambda: os.sched_setaffinity(pid, {0}),
+        # ioprio_set(which, who, ioprio): IOPRIO_WHO_PROCESS, _PGRP, _USER; class 3 is idle.
+        "idle I/O": lambda: _ioprio_set(1, pid, 3 << 13),
+        "I/O process group": lambda: _ioprio_set(2, 0, best_effort),
+        "I/O uid": lambda: _ioprio_set(3, os.getuid(), best_effort),
+    }
+    worked, refused = [], []
+    for name, attempt in tries.items():
+        try:
+            attempt()
+            worked.append(name)
+        except OSError:
+            refused.append(name)
+    return Json({"worked": worked, "refused": refused})
+
+
 def fork(node: Attacker) -> Any:
     pid = os.fork()
     if pid == 0:
@@ -237,8 +312,9 @@ def fork(node: Attacker) -> Any:
 ATTACKS: dict[str, Callable[[Attacker], Any]] = {
     fn.__name__: fn for fn in (
         environ, read, listdir, fds, write_fds, forge_log, flood_output, garbage_on_control_socket,
-        mmap_shared, memfds, sysv_shm, private_memory, dev_shm, fill_scratch,
-        fill_scratch_small_files, threads, leak_fds, leak_fds_blinded, fork)
+        mmap_shared, memfds, sysv_shm, sysv_semaphores, private_memory, dev_shm, fill_scratch,
+        fill_scratch_small_files, threads, leak_fds, leak_fds_blinded, realtime, slow_down_others,
+        fork)
 }
 
 

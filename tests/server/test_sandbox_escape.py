@@ -13,8 +13,12 @@ old kernel) is skipped, naming the layer; GetServerInfo says which layers are ac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,13 +67,36 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# What a host set up for audio grants (limits.conf ``@audio - rtprio 95``, ``nice -19``): the
+# server runs with these where this process may raise its own, so that only the worker's limits
+# stand between a node and real-time priority (``test_no_realtime_or_raised_priority``).
+PRIORITY_LIMITS = ((resource.RLIMIT_RTPRIO, 95), (resource.RLIMIT_NICE, 39))
+
+
+@contextlib.contextmanager
+def priority_limits_granted() -> Iterator[None]:
+    """Raise this process's real-time and nice limits (inherited by what it starts meanwhile)
+    as far as it may, and restore them afterwards."""
+    saved = [(res, resource.getrlimit(res)) for res, _ in PRIORITY_LIMITS]
+    for res, value in PRIORITY_LIMITS:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(res, (value, max(value, resource.getrlimit(res)[1])))
+    try:
+        yield
+    finally:
+        for res, limit in saved:
+            with contextlib.suppress(OSError, ValueError):
+                resource.setrlimit(res, limit)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory,
            model_root: Path) -> Iterator[tuple[ServerProcess, Client]]:
     scratch = tmp_path_factory.mktemp("escape-scratch")
-    with ServerProcess.start(env=server_env(scratch, model_root), pythonpath_repo=True,
-                             log_dir=tmp_path_factory.mktemp("escape-log")) as server, \
-            Client(server.target, timeout=60) as client:
+    with priority_limits_granted():
+        server = ServerProcess.start(env=server_env(scratch, model_root), pythonpath_repo=True,
+                                     log_dir=tmp_path_factory.mktemp("escape-log"))
+    with server, Client(server.target, timeout=60) as client:
         yield server, client
 
 
@@ -301,6 +328,25 @@ def test_scratch_has_a_quota(served: tuple[ServerProcess, Client], layers: dict[
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
+def test_no_realtime_or_raised_priority(served: tuple[ServerProcess, Client],
+                                        layers: dict[str, bool], domain: str) -> None:
+    """SCHED_FIFO, SCHED_RR or a lower nice value, on a server that may use them itself."""
+    require(layers, "rlimits")
+    server, _ = served
+    if psutil.Process(server.pid).rlimit(psutil.RLIMIT_RTPRIO)[0] == 0:
+        pytest.skip("this process may not grant the server real-time priority, so a worker "
+                    "could not have it either")
+    blocked(served, domain, "realtime", grpc.StatusCode.PERMISSION_DENIED)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_sysv_semaphores_are_refused(served: tuple[ServerProcess, Client],
+                                     layers: dict[str, bool], domain: str) -> None:
+    require(layers, "seccomp")
+    blocked(served, domain, "sysv_semaphores", grpc.StatusCode.PERMISSION_DENIED)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
 def test_fork_is_refused(served: tuple[ServerProcess, Client], layers: dict[str, bool],
                          domain: str) -> None:
     require(layers, "seccomp")
@@ -322,6 +368,47 @@ def test_a_worker_out_of_descriptors_is_replaced_before_the_next_call(
 
 
 # --- the server's state afterwards ---------------------------------------------------------
+
+
+# A process of this uid with no capabilities, as the server and its launcher are when they run
+# as a non-root user (the image): the kernel lets a process of the same uid change the
+# scheduling of another only when it holds every capability that one has.
+BYSTANDER = """
+import ctypes, time
+header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none
+assert ctypes.CDLL(None).capset(header, data) == 0
+time.sleep(600)
+"""
+
+
+def scheduling_of(pid: int) -> tuple[Any, ...]:
+    """What ``slow_down_others`` would change about a process."""
+    process = psutil.Process(pid)
+    return (process.nice(), os.sched_getscheduler(pid), process.cpu_affinity(),
+            tuple(process.ionice()))
+
+
+def test_other_processes_of_the_uid_cannot_be_slowed_down(tmp_path: Path) -> None:
+    """Workers that share the server's uid (the non-root image, or separate uids off) may not
+    renice, reschedule, pin or I/O-deprioritize any other process of that uid: not one by pid
+    (here a bystander standing in for the server and the launcher), nor its process group, nor
+    the whole uid."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**server_env(scratch), "TENSORLINE_SANDBOX_SEPARATE_UIDS": "false"}
+    with subprocess.Popen([sys.executable, "-c", BYSTANDER]) as bystander, \
+            ServerProcess.start(env=env, pythonpath_repo=True, log_dir=tmp_path / "log") as server, \
+            Client(server.target, timeout=60) as client:
+        try:
+            before = scheduling_of(bystander.pid), scheduling_of(server.pid)
+            for domain in DOMAINS:
+                seen = look((server, client), domain, "slow_down_others", pid=bystander.pid).value
+                assert seen["worked"] == [], seen
+                assert len(seen["refused"]) == 9, seen
+            assert (scheduling_of(bystander.pid), scheduling_of(server.pid)) == before
+        finally:
+            bystander.kill()
 
 
 def test_sigterm_leaves_no_worker_scratch_or_segment(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ Runs inside the worker process (imports nothing gRPC). The order matters and is 
 
 1. rlimits: memory (RLIMIT_DATA and RLIMIT_AS, which counts shared mappings too), CPU, open
    files, file size, threads (RLIMIT_NPROC, when the worker has a uid of its own), no POSIX
-   message queues, no core dumps;
+   message queues, no core dumps, no real-time or raised scheduling priority;
 2. an unprivileged uid of the worker's own, when the server runs as root and the worker can
    still read what it needs (before the namespaces: the kernel checks the real uid);
 3. user + network + IPC + mount namespaces (must happen while the process has a single thread),
@@ -126,9 +126,16 @@ def apply_rlimits(limits: Limits) -> LayerReport:
     fsize = limits.fsize_mb * 1024 * 1024
     setl("FSIZE", resource.RLIMIT_FSIZE, fsize, fsize)
     setl("CORE", resource.RLIMIT_CORE, 0, 0)
+    # No real-time scheduling and no nice value below the one inherited, whatever limits the
+    # server was given (hosts set up for audio often grant rtprio 95): a worker spinning under
+    # SCHED_FIFO would starve the server's threads on its CPU, watchdog included. Without
+    # CAP_SYS_NICE in the initial user namespace, these limits are all that allow either.
+    setl("RTPRIO", resource.RLIMIT_RTPRIO, 0, 0)
+    setl("NICE", resource.RLIMIT_NICE, 0, 0)
     detail = (f"memory {limits.memory_mb} MiB (RLIMIT_DATA, and RLIMIT_AS over every mapping), "
               f"CPU {limits.cpu_seconds:g} s per call, {limits.nofile} files, "
-              f"file size {limits.fsize_mb} MiB, no core dumps")
+              f"file size {limits.fsize_mb} MiB, no core dumps, no real-time or raised "
+              "scheduling priority")
     if failed:
         detail += "; failed: " + ", ".join(failed)
     return ("rlimits", not failed, detail)
@@ -585,7 +592,15 @@ _DENY = (
     # a worker needs), and a way to compare other processes' kernel objects.
     "memfd_create", "memfd_secret", "shmget", "shmat", "shmctl", "mq_open", "msgget",
     "process_madvise", "kcmp",
+    # The rest of SysV IPC: objects of the IPC namespace (the host's or container's, where a
+    # worker cannot have its own) that other processes of its uid may be using, or that it
+    # could create until the namespace's limits are reached for everyone.
+    "msgsnd", "msgrcv", "msgctl", "semget", "semop", "semtimedop", "semctl",
 )
+
+
+# ioprio_set's ``which`` for one process (linux/ioprio.h).
+_IOPRIO_WHO_PROCESS = 1
 
 
 def apply_seccomp() -> LayerReport:
@@ -610,17 +625,29 @@ def apply_seccomp() -> LayerReport:
         # Signals only to ourselves.
         for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
             f.add_rule(eperm, name, sc.Arg(0, sc.NE, pid))
-        # Limits can be read, and only the CPU soft limit (moved per call) can be changed.
-        f.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0), sc.Arg(1, sc.NE, resource.RLIMIT_CPU))
-        f.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0), sc.Arg(0, sc.NE, 0))
-        # The parent-death signal must stay set.
-        f.add_rule(eperm, "prctl", sc.Arg(0, sc.EQ, PR_SET_PDEATHSIG))
+        # Scheduling, CPU placement, I/O priority and memory placement of the calling thread
+        # or process only, named by 0: where workers share the server's uid (a non-root
+        # server), the kernel would let one renice, idle, pin or I/O-starve the server, the
+        # launcher and other trust domains' workers, none of which holds a capability the
+        # worker lacks. (Seccomp cannot also allow the worker's own pid: this libseccomp takes
+        # one comparison per argument, and a pid compared alone is a 64-bit register whose
+        # upper half the kernel ignores.) A node that names itself by pid gets EPERM.
+        for name in ("sched_setscheduler", "sched_setparam", "sched_setattr",
+                     "sched_setaffinity", "migrate_pages", "move_pages"):
+            f.add_rule(eperm, name, sc.Arg(0, sc.NE, 0))
+        # setpriority(which, who, prio) and ioprio_set(which, who, ioprio): not a process
+        # group or a whole uid (PRIO_PROCESS is 0, IOPRIO_WHO_PROCESS 1), only the caller.
+        for name, one_process in (("setpriority", os.PRIO_PROCESS),
+                                  ("ioprio_set", _IOPRIO_WHO_PROCESS)):
+            f.add_rule(eperm, name, sc.Arg(0, sc.NE, one_process))
+            f.add_rule(eperm, name, sc.Arg(1, sc.NE, 0))
         f.load()
     except Exception as exc:
         return ("seccomp", False, f"filter not loaded: {exc}")
     detail = ("denylist: sockets, exec, fork (threads allowed), ptrace, process_vm, io_uring, "
               "namespaces/mounts, bpf, keyrings, modules, signals to other processes, rlimit "
-              "raises, memfd and SysV/POSIX IPC memory")
+              "raises, memfd, SysV IPC and POSIX message queues, scheduling and I/O priority "
+              "but the caller's")
     if skipped:
         detail += f"; unknown here: {', '.join(skipped)}"
     return ("seccomp", True, detail)
