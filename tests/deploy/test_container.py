@@ -191,9 +191,14 @@ def escape_suite_core(client: Client, target: str, secret: str) -> None:
                        secret=secret)
         still_serving(client, target)
         # The workers share the server's uid here, and neither holds a capability: only the
-        # sandbox keeps a worker from renicing, idling or pinning the server.
-        seen = escape.look(client, domain, "slow_down_others", pid=1).value
-        assert seen["worked"] == [], seen
+        # sandbox keeps a worker from renicing, idling, pinning, limiting or SIGIO-signalling
+        # the server.
+        for what in ("slow_down_others", "sigio_signal"):
+            seen = escape.look(client, domain, what, pid=1).value
+            assert seen["worked"] == [], (what, seen)
+            still_serving(client, target)
+        seen = escape.look(client, domain, "outlive_the_launcher").value
+        assert seen == {"worked": [], "pdeathsig": 9}, seen
         still_serving(client, target)
         check_descriptors(client, domain)
         still_serving(client, target)

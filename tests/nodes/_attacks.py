@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
+import resource
+import termios
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -261,21 +264,52 @@ def realtime(node: Attacker) -> Any:
     raise refused[0]
 
 
-def _ioprio_set(which: int, who: int, ioprio: int) -> None:
-    """ioprio_set(2), which the os module lacks (x86-64 and arm64 numbers)."""
-    number = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)
+# Syscall numbers the os module has no wrapper for: name -> (x86-64, arm64).
+_SYSCALLS = {"ioprio_set": (251, 30), "prctl": (157, 167)}
+
+
+def _syscall(name: str, *args: int) -> int:
+    """A raw syscall with 64-bit arguments (so that a test can fill the upper half of one the
+    kernel reads as an int); OSError on failure."""
+    numbers = _SYSCALLS[name]
+    number = {"x86_64": numbers[0], "aarch64": numbers[1]}.get(os.uname().machine)
     if number is None:
-        raise PermissionError(errno.ENOSYS, "ioprio_set: unknown syscall number here")
+        raise OSError(errno.ENOSYS, f"{name}: unknown syscall number here")
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(number, which, who, ioprio) != 0:
+    libc.syscall.restype = ctypes.c_long
+    result = int(libc.syscall(ctypes.c_long(number), *(ctypes.c_ulong(a) for a in args)))
+    if result < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+    return result
+
+
+def _ioprio_set(which: int, who: int, ioprio: int) -> None:
+    _syscall("ioprio_set", which, who, ioprio)
+
+
+def outlive_the_launcher(node: Attacker) -> Any:
+    """Clear the parent-death signal (SIGKILL when the launcher dies), plainly and with the
+    upper half of the option's register filled (the kernel reads an int); then read it."""
+    set_pdeathsig, get_pdeathsig = 1, 2
+    worked = []
+    for name, option in (("plain", set_pdeathsig), ("upper half", (1 << 32) | set_pdeathsig)):
+        try:
+            _syscall("prctl", option, 0, 0, 0, 0)
+            worked.append(name)
+        except OSError:
+            pass
+    current = ctypes.c_int(-1)
+    _syscall("prctl", get_pdeathsig, ctypes.addressof(current), 0, 0, 0)
+    return Json({"worked": worked, "pdeathsig": current.value})
 
 
 def slow_down_others(node: Attacker) -> Any:
     """Slow down another process of the server's uid (``pid``, the launcher and the server
-    alike) without a signal: nice 19, the idle scheduling policy, one CPU, idle I/O priority;
-    and every process of the uid or of the process group at once. Those wide ones ask for what
+    alike) without a signal: nice 19, the idle scheduling policy, one CPU, idle I/O priority
+    (also with the upper half of ``which`` filled), 16 descriptors at most, an hour of CPU at
+    most (the limit a worker may move, its own); and every process
+    of the uid or of the process group at once. Those wide ones ask for what
     a process usually has anyway (nice 0, best-effort I/O at level 4), so that a regression
     cannot disturb the machine running the test. What worked, and what was refused."""
     pid = node.params.pid
@@ -291,11 +325,52 @@ def slow_down_others(node: Attacker) -> Any:
         "idle I/O": lambda: _ioprio_set(1, pid, 3 << 13),
         "I/O process group": lambda: _ioprio_set(2, 0, best_effort),
         "I/O uid": lambda: _ioprio_set(3, os.getuid(), best_effort),
+        "fewer files": lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, (16, 16)),
+        "CPU limit": lambda: resource.prlimit(pid, resource.RLIMIT_CPU, (3600, 3600)),
+        "upper half": lambda: _syscall("ioprio_set", (1 << 32) | 1, pid, 3 << 13),
     }
     worked, refused = [], []
     for name, attempt in tries.items():
         try:
             attempt()
+            worked.append(name)
+        except OSError:
+            refused.append(name)
+    return Json({"worked": worked, "refused": refused})
+
+
+def _ioctl_int(fd: int, request: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    arg = ctypes.c_int(value)
+    if libc.ioctl(fd, ctypes.c_ulong(request), ctypes.byref(arg)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def sigio_signal(node: Attacker) -> Any:
+    """Signal another process without kill(2): make it the owner of a descriptor with
+    asynchronous I/O on, so that the kernel sends it SIGIO (whose default action is to
+    terminate) when the descriptor is ready: a pipe by fcntl(F_SETOWN), then written to; the
+    control socket by ioctl(FIOSETOWN), ready when the next request arrives. The kernel checks
+    only the uids (any target at all for euid 0), and only Landlock's signal scope (Linux 6.12+)
+    stands in the way. What worked, and what was refused."""
+    pid = node.params.pid
+    worked, refused = [], []
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(read_end, fcntl.F_SETOWN, pid)
+        fcntl.fcntl(read_end, fcntl.F_SETFL, fcntl.fcntl(read_end, fcntl.F_GETFL) | os.O_ASYNC)
+        os.write(write_end, b"x")
+        worked.append("F_SETOWN")
+    except OSError:
+        refused.append("F_SETOWN")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    for name, request in (("FIOSETOWN", 0x8901), ("SIOCSPGRP", 0x8902)):
+        try:
+            _ioctl_int(3, request, pid)  # fd 3: the worker's control socket
+            _ioctl_int(3, termios.FIOASYNC, 1)
             worked.append(name)
         except OSError:
             refused.append(name)
@@ -314,7 +389,7 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
         environ, read, listdir, fds, write_fds, forge_log, flood_output, garbage_on_control_socket,
         mmap_shared, memfds, sysv_shm, sysv_semaphores, private_memory, dev_shm, fill_scratch,
         fill_scratch_small_files, threads, leak_fds, leak_fds_blinded, realtime, slow_down_others,
-        fork)
+        sigio_signal, outlive_the_launcher, fork)
 }
 
 

@@ -347,6 +347,15 @@ def test_sysv_semaphores_are_refused(served: tuple[ServerProcess, Client],
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
+def test_the_parent_death_signal_stays_set(served: tuple[ServerProcess, Client],
+                                           layers: dict[str, bool], domain: str) -> None:
+    """Cleared plainly, or with the upper half of prctl's option filled."""
+    require(layers, "seccomp")
+    seen = look(served, domain, "outlive_the_launcher").value
+    assert seen == {"worked": [], "pdeathsig": 9}, seen
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
 def test_fork_is_refused(served: tuple[ServerProcess, Client], layers: dict[str, bool],
                          domain: str) -> None:
     require(layers, "seccomp")
@@ -386,12 +395,13 @@ def scheduling_of(pid: int) -> tuple[Any, ...]:
     """What ``slow_down_others`` would change about a process."""
     process = psutil.Process(pid)
     return (process.nice(), os.sched_getscheduler(pid), process.cpu_affinity(),
-            tuple(process.ionice()))
+            tuple(process.ionice()), process.rlimit(psutil.RLIMIT_NOFILE),
+            process.rlimit(psutil.RLIMIT_CPU))
 
 
 def test_other_processes_of_the_uid_cannot_be_slowed_down(tmp_path: Path) -> None:
     """Workers that share the server's uid (the non-root image, or separate uids off) may not
-    renice, reschedule, pin or I/O-deprioritize any other process of that uid: not one by pid
+    renice, reschedule, pin, I/O-deprioritize or limit any other process of that uid: not one by pid
     (here a bystander standing in for the server and the launcher), nor its process group, nor
     the whole uid."""
     scratch = tmp_path / "scratch"
@@ -405,8 +415,31 @@ def test_other_processes_of_the_uid_cannot_be_slowed_down(tmp_path: Path) -> Non
             for domain in DOMAINS:
                 seen = look((server, client), domain, "slow_down_others", pid=bystander.pid).value
                 assert seen["worked"] == [], seen
-                assert len(seen["refused"]) == 9, seen
+                assert len(seen["refused"]) == 12, seen
             assert (scheduling_of(bystander.pid), scheduling_of(server.pid)) == before
+        finally:
+            bystander.kill()
+
+
+def test_other_processes_cannot_be_signalled_through_sigio(tmp_path: Path) -> None:
+    """The same workers (and without Landlock, as on kernels before 6.12, whose Landlock cannot
+    scope signals) may not make another process the owner of a descriptor's SIGIO: the
+    bystander survives the attack and the next call, which makes the control socket ready."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**server_env(scratch), "TENSORLINE_SANDBOX_SEPARATE_UIDS": "false",
+           "TENSORLINE_SANDBOX_LANDLOCK": "false",
+           "TENSORLINE_SANDBOX_REQUIRED_LAYERS": "rlimits,environment,descriptors,seccomp"}
+    with subprocess.Popen([sys.executable, "-c", BYSTANDER]) as bystander, \
+            ServerProcess.start(env=env, pythonpath_repo=True, log_dir=tmp_path / "log") as server, \
+            Client(server.target, timeout=60) as client:
+        try:
+            for domain in DOMAINS:
+                seen = look((server, client), domain, "sigio_signal", pid=bystander.pid).value
+                assert seen["worked"] == [], seen
+                assert len(seen["refused"]) == 3, seen
+                look((server, client), domain, "fds")  # a request on the same control socket
+            assert bystander.poll() is None, "the bystander was signalled"
         finally:
             bystander.kill()
 

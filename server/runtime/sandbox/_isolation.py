@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import glob
 import importlib
 import os
@@ -599,8 +600,19 @@ _DENY = (
 )
 
 
-# ioprio_set's ``which`` for one process (linux/ioprio.h).
+# ioprio_set's ``which`` for one process (linux/ioprio.h); fcntl and ioctl commands that make
+# another process the owner of a descriptor's signals (asm-generic/fcntl.h, sockios.h).
 _IOPRIO_WHO_PROCESS = 1
+_F_SETOWN_EX = 15
+_FIOSETOWN = 0x8901
+_SIOCSPGRP = 0x8902
+
+
+def _int_arg(sc: Any, index: int, value: int) -> Any:
+    """``argument == value`` for an ``int`` or ``unsigned int`` argument: seccomp sees the
+    whole 64-bit register, the kernel only its lower half, so a denial on equality must ignore
+    the upper half (a caller may fill it to slip past a plain comparison)."""
+    return sc.Arg(index, sc.MASKED_EQ, 0xFFFFFFFF, value)
 
 
 def apply_seccomp() -> LayerReport:
@@ -641,6 +653,20 @@ def apply_seccomp() -> LayerReport:
                                   ("ioprio_set", _IOPRIO_WHO_PROCESS)):
             f.add_rule(eperm, name, sc.Arg(0, sc.NE, one_process))
             f.add_rule(eperm, name, sc.Arg(1, sc.NE, 0))
+        # Signals through I/O ownership: the owner of a descriptor with O_ASYNC gets SIGIO
+        # (whose default action is to terminate), checked against uids only, and against
+        # nothing at all for euid 0. Only Landlock's signal scope (Linux 6.12+) stops that
+        # otherwise; a worker keeps the SIGIO of its own descriptors (the default owner).
+        for name, commands in (("fcntl", (fcntl.F_SETOWN, _F_SETOWN_EX)),
+                               ("ioctl", (_FIOSETOWN, _SIOCSPGRP))):
+            for command in commands:
+                f.add_rule(eperm, name, _int_arg(sc, 1, command))
+        # Limits can be read, and only the CPU soft limit (moved per call) can be changed, and
+        # only this process's: a non-root server's limits would be within reach otherwise.
+        f.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0), sc.Arg(1, sc.NE, resource.RLIMIT_CPU))
+        f.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0), sc.Arg(0, sc.NE, 0))
+        # The parent-death signal must stay set.
+        f.add_rule(eperm, "prctl", _int_arg(sc, 0, PR_SET_PDEATHSIG))
         f.load()
     except Exception as exc:
         return ("seccomp", False, f"filter not loaded: {exc}")
