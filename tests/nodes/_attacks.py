@@ -288,6 +288,19 @@ def _ioprio_set(which: int, who: int, ioprio: int) -> None:
     _syscall("ioprio_set", which, who, ioprio)
 
 
+def _lease_on_a_file_of_the_uid() -> None:
+    """A read lease on a file of this uid (a lease then stalls whoever opens it to write),
+    released at once if it was granted."""
+    fd = os.open(os.__file__, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise PermissionError(errno.EPERM, "not a file of this uid: the kernel refuses")
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
+
+
 def outlive_the_launcher(node: Attacker) -> Any:
     """Clear the parent-death signal (SIGKILL when the launcher dies), plainly and with the
     upper half of the option's register filled (the kernel reads an int); then read it."""
@@ -308,7 +321,8 @@ def slow_down_others(node: Attacker) -> Any:
     """Slow down another process of the server's uid (``pid``, the launcher and the server
     alike) without a signal: nice 19, the idle scheduling policy, one CPU, idle I/O priority
     (also with the upper half of ``which`` filled), 16 descriptors at most, an hour of CPU at
-    most (the limit a worker may move, its own); and every process
+    most (the limit a worker may move, its own), a read lease on a file of the uid (stalling
+    its writers); and every process
     of the uid or of the process group at once. Those wide ones ask for what
     a process usually has anyway (nice 0, best-effort I/O at level 4), so that a regression
     cannot disturb the machine running the test. What worked, and what was refused."""
@@ -328,6 +342,7 @@ def slow_down_others(node: Attacker) -> Any:
         "fewer files": lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, (16, 16)),
         "CPU limit": lambda: resource.prlimit(pid, resource.RLIMIT_CPU, (3600, 3600)),
         "upper half": lambda: _syscall("ioprio_set", (1 << 32) | 1, pid, 3 << 13),
+        "lease": _lease_on_a_file_of_the_uid,
     }
     worked, refused = [], []
     for name, attempt in tries.items():

@@ -415,7 +415,7 @@ def test_other_processes_of_the_uid_cannot_be_slowed_down(tmp_path: Path) -> Non
             for domain in DOMAINS:
                 seen = look((server, client), domain, "slow_down_others", pid=bystander.pid).value
                 assert seen["worked"] == [], seen
-                assert len(seen["refused"]) == 12, seen
+                assert len(seen["refused"]) == 13, seen
             assert (scheduling_of(bystander.pid), scheduling_of(server.pid)) == before
         finally:
             bystander.kill()

@@ -597,6 +597,11 @@ _DENY = (
     # worker cannot have its own) that other processes of its uid may be using, or that it
     # could create until the namespace's limits are reached for everyone.
     "msgsnd", "msgrcv", "msgctl", "semget", "semop", "semtimedop", "semctl",
+    # The rest of the mount and quota families above, the kernel log (readable by anyone
+    # where dmesg_restrict is 0: other tenants' OOM kills, process names), and obsolete or
+    # rarely used calls whose only use here would be the kernel's attack surface.
+    "mount_setattr", "quotactl_fd", "syslog", "uselib", "lookup_dcookie", "sysfs", "ustat",
+    "_sysctl", "modify_ldt", "nfsservctl",
 )
 
 
@@ -657,7 +662,10 @@ def apply_seccomp() -> LayerReport:
         # (whose default action is to terminate), checked against uids only, and against
         # nothing at all for euid 0. Only Landlock's signal scope (Linux 6.12+) stops that
         # otherwise; a worker keeps the SIGIO of its own descriptors (the default owner).
-        for name, commands in (("fcntl", (fcntl.F_SETOWN, _F_SETOWN_EX)),
+        # And no lease: one on a file of the worker's uid it may read (a model, the node code,
+        # a pipeline file of a non-root server) stalls whoever opens it for writing, for up to
+        # lease-break-time (45 s by default).
+        for name, commands in (("fcntl", (fcntl.F_SETOWN, _F_SETOWN_EX, fcntl.F_SETLEASE)),
                                ("ioctl", (_FIOSETOWN, _SIOCSPGRP))):
             for command in commands:
                 f.add_rule(eperm, name, _int_arg(sc, 1, command))
