@@ -131,7 +131,8 @@ class Settings(BaseSettings):
         description="device nodes workers may open read/write (comma-separated globs; "
                     "default: the GPU devices)")
     sandbox_threads: int = Field(64, ge=4, description="threads a worker may run (RLIMIT_NPROC; "
-                                                       "enforced when workers get uids of their own)")
+                                                       "enforced under a uid of the worker's own or "
+                                                       "in its own user namespace)")
     sandbox_scratch_mb: int = Field(512, ge=1, description="disk quota of a worker's scratch "
                                                            "dir (a private tmpfs), MiB")
     sandbox_file_mb: int = Field(256, ge=1, description="largest file a worker may write, MiB")

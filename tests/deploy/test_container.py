@@ -190,6 +190,12 @@ def escape_suite_core(client: Client, target: str, secret: str) -> None:
         escape.refused(client, domain, "fork", (grpc.StatusCode.PERMISSION_DENIED,),
                        secret=secret)
         still_serving(client, target)
+        # Threads with small stacks (64 MiB for 1,000): the per-worker thread cap holds though
+        # the worker shares the server's uid.
+        error = escape.refused(client, domain, "small_stack_threads",
+                               (grpc.StatusCode.RESOURCE_EXHAUSTED,), secret=secret, count=1000)
+        assert "thread" in error.message, error.message
+        still_serving(client, target)
         # The workers share the server's uid here, and neither holds a capability: only the
         # sandbox keeps a worker from renicing, idling, pinning, limiting or SIGIO-signalling
         # the server.

@@ -212,6 +212,16 @@ def threads(node: Attacker) -> Any:
     return len(started)
 
 
+def small_stack_threads(node: Attacker) -> Any:
+    """``threads`` with 64 KiB stacks: thousands fit in the address-space cap, and each is a
+    task of the uid (a pid, kernel memory), shared with the server where it is not root."""
+    previous = threading.stack_size(64 * 1024)
+    try:
+        return threads(node)
+    finally:
+        threading.stack_size(previous)
+
+
 _LEAKED: list[int] = []
 
 
@@ -403,8 +413,6 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
     fn.__name__: fn for fn in (
         environ, read, listdir, fds, write_fds, forge_log, flood_output, garbage_on_control_socket,
         mmap_shared, memfds, sysv_shm, sysv_semaphores, private_memory, dev_shm, fill_scratch,
-        fill_scratch_small_files, threads, leak_fds, leak_fds_blinded, realtime, slow_down_others,
-        sigio_signal, outlive_the_launcher, fork)
+        fill_scratch_small_files, threads, small_stack_threads, leak_fds, leak_fds_blinded,
+        realtime, slow_down_others, sigio_signal, outlive_the_launcher, fork)
 }
-
-

@@ -51,7 +51,8 @@ def worker_main(config: WorkerConfig, sock: socket.socket, launcher_pid: int) ->
     reports.append(_isolation.switch_user(uid, limits.threads, config.devices, why_not))
     if config.namespaces:
         reports.extend(_isolation.apply_namespaces(config.scratch_dir, limits.scratch_mb,
-                                                   mounted=mounted))
+                                                   mounted=mounted,
+                                                   thread_cap=limits.threads))
     else:
         reports.append(("network namespace", False, "disabled by configuration"))
         reports.append(("scratch quota", False, "needs the namespaces (disabled)"))

@@ -350,11 +350,12 @@ def switch_user(uid: int | None, threads: int, devices: Sequence[str] = (),
 NAMESPACE_UID = 1000
 
 
-def apply_namespaces(scratch_dir: str, scratch_mb: int, *,
-                     mounted: bool) -> list[LayerReport]:
+def apply_namespaces(scratch_dir: str, scratch_mb: int, *, mounted: bool,
+                     thread_cap: int) -> list[LayerReport]:
     """User, network and IPC namespaces: no network interface but a down loopback, a private
     IPC space. Without ``mounted`` (``private_mounts`` could not run: not root) a mount
-    namespace too, owned by the new user namespace, with the scratch tmpfs in it."""
+    namespace too, owned by the new user namespace, with the scratch tmpfs in it. And
+    ``thread_cap`` tasks at most, counted in the new user namespace (see below)."""
     threads = _thread_count()
     quota = [] if mounted else [("scratch quota", False, "needs a mount namespace")]
     if threads != 1:
@@ -378,8 +379,19 @@ def apply_namespaces(scratch_dir: str, scratch_mb: int, *,
     except OSError as exc:
         return [("network namespace", True,
                  f"user+net+ipc namespaces created; id maps not written ({exc})"), *quota]
-    reports: list[LayerReport] = [("network namespace", True,
-                                   "user+net+ipc namespaces: no network interfaces")]
+    detail = "user+net+ipc namespaces: no network interfaces"
+    # The kernel counts RLIMIT_NPROC per user namespace: set now, in the worker's own, it caps
+    # the worker's threads alone, even where it shares the server's uid (a non-root server,
+    # which otherwise leaves it bounded by nothing but the address-space cap: thousands of
+    # small-stack threads, each a pid and kernel memory). Not before the unshare: the new
+    # namespace would then cap every task of the uid, server included, at ``thread_cap``. (For
+    # uid 0 the kernel enforces no RLIMIT_NPROC at all.)
+    try:
+        resource.setrlimit(resource.RLIMIT_NPROC, (thread_cap, thread_cap))
+        detail += f"; at most {thread_cap} threads (RLIMIT_NPROC, counted in the namespace)"
+    except (OSError, ValueError) as exc:
+        detail += f"; thread cap failed: {exc}"
+    reports: list[LayerReport] = [("network namespace", True, detail)]
     if not mounted:
         try:
             _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
