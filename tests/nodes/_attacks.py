@@ -402,6 +402,29 @@ def sigio_signal(node: Attacker) -> Any:
     return Json({"worked": worked, "refused": refused})
 
 
+def json_bomb(node: Attacker) -> Any:
+    """A JSON value of ``count`` nested pairs that all share one child: ``count`` lists in the
+    worker and in the message (pickle keeps the sharing), 2 ** ``count`` leaves once written
+    out as JSON."""
+    value: Any = [0]
+    for _ in range(node.params.count):
+        value = [value, value]
+    return Json(value)
+
+
+def json_bomb_raw(node: Attacker) -> Any:
+    """``json_bomb``, after taking the worker's own JSON encoding out of its pickler (node code
+    may rewrite anything in its process), so that the server gets the shared objects as they
+    are and would have to expand them itself."""
+    from tensorline.server.runtime.sandbox import _shm
+
+    # The table the worker's picklers hold (changed in place), and the allow-list its own
+    # pickler checks the classes it names against.
+    _shm._Pickler.dispatch_table.pop(Json, None)
+    _shm.SafeUnpickler.ALLOWED = _shm.SafeUnpickler.ALLOWED | {(Json.__module__, "Json")}
+    return json_bomb(node)
+
+
 def fork(node: Attacker) -> Any:
     pid = os.fork()
     if pid == 0:
@@ -414,5 +437,6 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
         environ, read, listdir, fds, write_fds, forge_log, flood_output, garbage_on_control_socket,
         mmap_shared, memfds, sysv_shm, sysv_semaphores, private_memory, dev_shm, fill_scratch,
         fill_scratch_small_files, threads, small_stack_threads, leak_fds, leak_fds_blinded,
-        realtime, slow_down_others, sigio_signal, outlive_the_launcher, fork)
+        realtime, slow_down_others, sigio_signal, outlive_the_launcher, json_bomb,
+        json_bomb_raw, fork)
 }

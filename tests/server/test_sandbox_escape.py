@@ -3,10 +3,11 @@
 Each attack runs as a node in a real worker, twice: from an untrusted module (its own trust
 domain) and as trusted code sent to the sandbox by ``runtime_hint`` with fallback on (a call the
 sandbox denied must never be retried in the server); and all of that twice again, against
-workers under uids of their own and against workers that keep the server's uid (``UID_MODES``). Every attack must be blocked with a status
-naming the node, or, for the ones that look around, see nothing of the server's; after each, the
-server still serves a normal sandboxed call and answers SERVING. A separate server shows that
-SIGTERM leaves no worker, launcher, scratch dir or /dev/shm name behind.
+workers under uids of their own and against workers that keep the server's uid
+(``UID_MODES``). Every attack must be blocked with a status naming the node, or, for the ones
+that look around, see nothing of the server's; after each, the server still serves a normal
+sandboxed call and answers SERVING. A separate server shows that SIGTERM leaves no worker,
+launcher, scratch dir or /dev/shm name behind.
 
 An assertion that depends on a layer the host lacks (namespaces in a container, Landlock on an
 old kernel) is skipped, naming the layer; GetServerInfo says which layers are active.
@@ -389,6 +390,23 @@ def test_the_parent_death_signal_stays_set(served: tuple[ServerProcess, Client],
     require(layers, "seccomp")
     seen = look(served, domain, "outlive_the_launcher").value
     assert seen == {"worked": [], "pdeathsig": 9}, seen
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_a_json_value_that_expands_costs_only_its_worker(
+        served: tuple[ServerProcess, Client], domain: str) -> None:
+    """A JSON value of 40 nested pairs sharing one child (2**40 leaves once written out):
+    written out by its own worker, until the node's timeout; and, with the worker's encoding
+    taken out of its pickler by the node, refused by the server as it arrives (it would expand
+    it on its event loop otherwise, and stop serving everyone)."""
+    server, client = served
+    with pytest.raises(TensorlineError) as caught:
+        client.execute({"nodes": [{**manifest(domain, "json_bomb", count=40)["nodes"][0],
+                                   "timeout_s": 1.0}]})
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
+    still_serving(server, client)
+    error = blocked(served, domain, "json_bomb_raw", grpc.StatusCode.ABORTED, count=40)
+    assert "forbidden object" in error.message and "Json" in error.message, error.message
 
 
 @pytest.mark.parametrize("domain", DOMAINS)

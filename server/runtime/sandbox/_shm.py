@@ -41,6 +41,7 @@ import array
 import contextlib
 import fcntl
 import io
+import json
 import mmap
 import os
 import pickle
@@ -53,7 +54,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from tensorline.wire import Audio, Json, Tagged
+from tensorline.wire import Audio, Json, JsonRejected, Tagged, json_depth, loads
 
 # Keep well below the default SO_SNDBUF (208 KiB): a SEQPACKET message must fit in it whole.
 MAX_MESSAGE = 128 * 1024
@@ -265,8 +266,36 @@ def _reduce_array(value: Any) -> Any:
     return value.__reduce_ex__(5)
 
 
+# The deepest JSON value that crosses the sandbox boundary (far below the recursion limit of
+# the encoder that writes it into a response).
+MAX_JSON_DEPTH = 256
+
+
+def _reduce_json(value: Json) -> Any:
+    """A ``Json`` crosses as its JSON text, encoded by the sender: a value whose objects are
+    shared (``[x, x]`` nested 40 deep is 40 lists) pickles small but expands to 2**40 leaves
+    when written out, so a hostile worker's would hang the server's encoder. Its text is
+    what it is: the receiver parses it in time linear in its size (``_json_from_text``)."""
+    text = json.dumps(value.value, separators=(",", ":"), allow_nan=False)
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and (
+            json_depth(text) > MAX_JSON_DEPTH):
+        raise ValueError(f"a JSON value nested more than {MAX_JSON_DEPTH} levels deep cannot "
+                         "leave the sandbox")
+    return (_json_from_text, (text,))
+
+
+def _json_from_text(text: Any) -> Json:
+    """The receiving end of ``_reduce_json`` (nothing else builds a ``Json`` from a message)."""
+    if type(text) is not str:
+        raise ProtocolError("a JSON value must come as its text")
+    try:
+        return Json(loads(text, max_depth=MAX_JSON_DEPTH))
+    except JsonRejected as exc:
+        raise ProtocolError(f"bad JSON value: {exc.reason}") from None
+
+
 class _Pickler(pickle.Pickler):
-    dispatch_table = {np.ndarray: _reduce_array}
+    dispatch_table = {np.ndarray: _reduce_array, Json: _reduce_json}
 
 
 class WorkerPickler(_Pickler):
@@ -480,8 +509,8 @@ class SafeUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.multiarray", "scalar"),
         ("tensorline.wire._values", "Audio"),
-        ("tensorline.wire._values", "Json"),
         ("tensorline.wire._values", "Tagged"),
+        (__name__, "_json_from_text"),
         (__name__, "ShmArray"),
         (__name__, "ShmBytes"),
         (__name__, "_inline_array"),

@@ -110,8 +110,10 @@ class WorkerChannel:
         try:
             message, fresh = _shm.pack(reply, self.outbox, self.inbox.segment)
             return message, fresh, reply
-        except TypeError as exc:
-            reply = error(NODE, "TypeError", str(exc), _isolation.cpu_used(), PROCESS)
+        except (TypeError, ValueError, RecursionError) as exc:
+            # Not a value that can leave the sandbox (a JSON value that is not JSON, NaN in
+            # one, nested too deep): the node's error, not the protocol's.
+            reply = error(NODE, type(exc).__name__, str(exc), _isolation.cpu_used(), PROCESS)
         except MemoryError as exc:
             reply = error(MEMORY, "MemoryError", str(exc), _isolation.cpu_used(), PROCESS)
         except OSError as exc:
