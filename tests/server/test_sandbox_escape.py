@@ -406,7 +406,27 @@ def test_a_json_value_that_expands_costs_only_its_worker(
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
     still_serving(server, client)
     error = blocked(served, domain, "json_bomb_raw", grpc.StatusCode.ABORTED, count=40)
-    assert "forbidden object" in error.message and "Json" in error.message, error.message
+    assert "used twice" in error.message, error.message
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_a_tag_map_that_expands_costs_only_its_worker(served: tuple[ServerProcess, Client],
+                                                      domain: str) -> None:
+    """A tensor tagged with 20,000 entries sharing one 1 MB string (20 GB written out): its
+    worker runs out of memory writing it; sent shared, the server refuses it as it arrives."""
+    blocked(served, domain, "metadata_bomb", grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.ABORTED, count=20)
+    error = blocked(served, domain, "metadata_bomb_raw", grpc.StatusCode.ABORTED, count=20)
+    assert "used twice" in error.message, error.message
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_no_array_of_the_servers_unwritten_memory(served: tuple[ServerProcess, Client],
+                                                   domain: str) -> None:
+    """A reply that names ``numpy.ndarray`` to build an array of 65,536 floats the server
+    never wrote (its earlier contents would go to the caller) is refused."""
+    error = blocked(served, domain, "uninitialized_array", grpc.StatusCode.ABORTED)
+    assert "forbidden object" in error.message and "ndarray" in error.message, error.message
 
 
 @pytest.mark.parametrize("domain", DOMAINS)

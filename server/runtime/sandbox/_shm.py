@@ -23,7 +23,14 @@ docs/performance-runtimes.md, ``bench/bench_sandbox_hop.py`` measures them):
   ``MAX_MESSAGE`` is spilled into the segment, so there is no message size cap below the
   server's own tensor limit.
 * What the worker sends is untrusted: the server decodes it with ``SafeUnpickler``, which only
-  resolves the handful of globals that values are made of (never arbitrary callables).
+  resolves the handful of globals that values are made of (never arbitrary callables), and
+  those are functions that check what they are given (``_json_from_text``, ``_audio_from``,
+  ``_tagged_from``, ``_inline_array``), never a class that a message could fill with anything
+  (``numpy.ndarray`` would make an array of memory the server never wrote). Before that,
+  ``refuse_sharing`` makes sure the pickle builds each object once: shared objects make a
+  small message that expands exponentially for whatever walks it (hashing tuples while
+  unpickling included). Honest senders pickle in fast mode (no memo), and a ``Json`` value
+  crosses as its JSON text, so that expanding one costs its sender.
 * The common message (a request or reply of small values: str, int, float, None, bytes and small
   C-contiguous numeric arrays in tuples, lists and dicts) is "direct": ``pack`` only checks its
   shape (no rebuilt copy) and pickles it as it is, flagged ``FLAG_DIRECT``, and ``unpack`` then
@@ -45,6 +52,7 @@ import json
 import mmap
 import os
 import pickle
+import pickletools
 import socket
 import struct
 from collections.abc import Callable, Mapping
@@ -294,8 +302,48 @@ def _json_from_text(text: Any) -> Json:
         raise ProtocolError(f"bad JSON value: {exc.reason}") from None
 
 
+def _reduce_audio(value: Audio) -> Any:
+    samples = value.samples  # an array, or its place in the segment (``pack`` put it there)
+    if type(samples) not in (np.ndarray, ShmArray):
+        samples = np.asarray(samples)
+    return (_audio_from, (samples, int(value.sample_rate)))
+
+
+def _audio_from(samples: Any, sample_rate: Any) -> Audio:
+    """The receiving end of ``_reduce_audio``: an array (or its place in the segment) and an
+    int, nothing else (an ``Audio`` made by its class from a message could hold anything)."""
+    if type(samples) not in (np.ndarray, ShmArray) or type(sample_rate) is not int:
+        raise ProtocolError("audio must be an array of samples and an int sample rate")
+    return Audio(samples, sample_rate)
+
+
+def _reduce_tagged(value: Tagged) -> Any:
+    # The executor's rules for a node's tagged output (``wire_problem``), so that breaking
+    # one is the node's error (TypeError), not a message the server refuses.
+    metadata = value.metadata
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict of strings, got {type(metadata).__name__}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("metadata keys and values must be strings")
+    if isinstance(value.value, Tagged):
+        raise TypeError("a Tagged value cannot hold another Tagged value")
+    return (_tagged_from, (value.value, {str(k): str(v) for k, v in metadata.items()}))
+
+
+def _tagged_from(value: Any, metadata: Any) -> Tagged:
+    """The receiving end of ``_reduce_tagged``: a value that is not tagged itself, and a dict of
+    strings."""
+    if type(value) is Tagged or type(metadata) is not dict or not all(
+            type(k) is str and type(v) is str for k, v in metadata.items()):
+        raise ProtocolError("a tagged value must be an untagged value and a dict of strings")
+    return Tagged(value, metadata)
+
+
 class _Pickler(pickle.Pickler):
-    dispatch_table = {np.ndarray: _reduce_array, Json: _reduce_json}
+    # Values are built on the other side by functions that check what they get, never by
+    # their classes (which a message could fill with anything, or leave empty).
+    dispatch_table = {np.ndarray: _reduce_array, Json: _reduce_json, Audio: _reduce_audio,
+                      Tagged: _reduce_tagged}
 
 
 class WorkerPickler(_Pickler):
@@ -317,7 +365,9 @@ class WorkerPickler(_Pickler):
 def _dumps(value: Any, header: bytes = b"", pickler: type[_Pickler] = _Pickler) -> bytes:
     buffer = io.BytesIO()
     buffer.write(header)
-    pickler(buffer, protocol=5).dump(value)
+    writer = pickler(buffer, protocol=5)
+    writer.fast = True  # no memo: the peer accepts trees only (``refuse_sharing``)
+    writer.dump(value)
     return buffer.getvalue()
 
 
@@ -328,6 +378,7 @@ def _dumps_direct(value: Any, outbox: Outbox) -> bytes:
     if buffer is None or pickler is None:
         buffer = outbox.buffer = io.BytesIO()
         pickler = outbox.pickler = outbox.pickler_class(buffer, protocol=5)
+        pickler.fast = True  # no memo: the peer accepts trees only (``refuse_sharing``)
     else:
         buffer.seek(0)
         buffer.truncate()
@@ -502,15 +553,14 @@ class SafeUnpickler(pickle.Unpickler):
 
     ALLOWED: frozenset[tuple[str, str]] = frozenset({
         ("numpy", "dtype"),
-        ("numpy", "ndarray"),
         ("numpy", "frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.multiarray", "scalar"),
-        ("tensorline.wire._values", "Audio"),
-        ("tensorline.wire._values", "Tagged"),
         (__name__, "_json_from_text"),
+        (__name__, "_audio_from"),
+        (__name__, "_tagged_from"),
         (__name__, "ShmArray"),
         (__name__, "ShmBytes"),
         (__name__, "_inline_array"),
@@ -543,8 +593,72 @@ class DirectUnpickler(SafeUnpickler):
     ALLOWED = SafeUnpickler.ALLOWED - {(__name__, "ShmArray"), (__name__, "ShmBytes")}
 
 
+def _argument_sizes() -> list[int | None]:
+    """What follows each opcode byte of a pickle (pickletools' ``ArgumentDescriptor.n``): 0
+    nothing, n > 0 that many bytes, -1 a line, -2/-3/-4/-5 a length of 1 byte, 4 bytes
+    (signed), 4 or 8 bytes, then that many bytes; -6 two lines (GLOBAL and INST, whose
+    descriptor says one); None: not an opcode."""
+    sizes: list[int | None] = [None] * 256
+    for op in pickletools.opcodes:
+        sizes[ord(op.code)] = (-6 if op.name in ("GLOBAL", "INST")
+                               else _SHARES if op.name in _SHARING_OPCODES
+                               else 0 if op.arg is None else op.arg.n)
+    return sizes
+
+
+# GET, BINGET, LONG_BINGET and DUP: the only ways a pickle uses one object twice (marked
+# ``_SHARES`` in ``_ARGUMENT_SIZES``).
+_SHARING_OPCODES = frozenset({"GET", "BINGET", "LONG_BINGET", "DUP"})
+_SHARES = -9
+_ARGUMENT_SIZES = _argument_sizes()
+_STOP = ord(".")
+
+
+def refuse_sharing(buf: bytes | mmap.mmap, start: int, end: int) -> None:
+    """ProtocolError unless the pickle in ``buf[start:end]`` builds every object once (a tree).
+
+    A pickle from an untrusted peer may use one object many times (memo gets, DUP): 40 nested
+    pairs sharing one child are 40 objects, and 2**40 to anything that walks them as a tree:
+    the unpickler itself when such a tuple is a dict key or a set element (hashing a tuple
+    hashes its items, again for every use), ``_decode``, every reader of the value after it.
+    Honest senders pickle in fast mode (no memo), so a tree is all they send; checking that
+    needs no more than stepping over each opcode's argument, and refuses before unpickling."""
+    sizes = _ARGUMENT_SIZES
+    pos = start
+    while pos < end:
+        op = buf[pos]
+        pos += 1
+        size = sizes[op]
+        if size == 0:
+            if op == _STOP:
+                return
+            continue
+        if size is None:
+            raise ProtocolError(f"not a pickle opcode: {op:#04x}")
+        if size == _SHARES:
+            raise ProtocolError("an object used twice in a sandbox message")
+        if size > 0:
+            pos += size
+        elif size == -2:
+            pos += 1 + buf[pos]
+        elif size == -1 or size == -6:
+            for _ in range(1 if size == -1 else 2):
+                newline = buf.find(b"\n", pos, end)
+                if newline < 0:
+                    raise ProtocolError("truncated pickle")
+                pos = newline + 1
+        else:
+            width = 8 if size == -5 else 4
+            length = int.from_bytes(buf[pos:pos + width], "little", signed=size == -3)
+            if length < 0:
+                raise ProtocolError("negative length in a pickle")
+            pos += width + length
+    raise ProtocolError("truncated pickle")
+
+
 def _loads(body: bytes | memoryview, safe: bool, direct: bool = False, start: int = 0) -> Any:
-    """Unpickle ``body[start:]`` (restricted when ``safe``)."""
+    """Unpickle ``body[start:]`` (restricted when ``safe``: the caller checked it with
+    ``refuse_sharing``)."""
     if safe:
         file = io.BytesIO(body)  # shares a bytes body, no copy
         file.seek(start)
@@ -564,6 +678,8 @@ def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
         raise ProtocolError("short control message")
     flags, new_size, spill_offset, spill_len = _HEADER.unpack_from(data)
     if flags == FLAG_DIRECT and not fds:
+        if safe:
+            refuse_sharing(data, _HEADER.size, len(data))
         return _loads(data, safe, True, _HEADER.size)
     if flags & FLAG_NEW_SEGMENT:
         if len(fds) != 1:
@@ -585,12 +701,20 @@ def unpack(data: bytes, fds: list[int], inbox: Inbox, *, safe: bool, copy: bool,
     if flags & FLAG_SPILLED:
         if segment is None or spill_offset + spill_len > segment.size:
             raise ProtocolError("spilled body outside the segment")
-        body: bytes | memoryview = memoryview(segment.map)[spill_offset:spill_offset + spill_len]
-        try:
-            encoded = _loads(body, safe, bool(flags & FLAG_DIRECT))
-        finally:
-            body.release()  # type: ignore[union-attr]
+        if safe:
+            # A copy: the peer could rewrite its segment between the check and the unpickling.
+            spilled = segment.map[spill_offset:spill_offset + spill_len]
+            refuse_sharing(spilled, 0, len(spilled))
+            encoded = _loads(spilled, safe, bool(flags & FLAG_DIRECT))
+        else:
+            body = memoryview(segment.map)[spill_offset:spill_offset + spill_len]
+            try:
+                encoded = _loads(body, safe, bool(flags & FLAG_DIRECT))
+            finally:
+                body.release()
     else:
+        if safe:
+            refuse_sharing(data, _HEADER.size, len(data))
         encoded = _loads(data, safe, bool(flags & FLAG_DIRECT), _HEADER.size)
     if flags & FLAG_DIRECT:
         return encoded

@@ -103,11 +103,15 @@ async def test_unencodable_output_is_the_nodes_error(client: AsyncClient, what: 
         assert text in caught.value.message
 
 
-# What a worker says of outputs it cannot send (the server's check never sees them).
+# What a worker says of outputs it cannot send (the server's check never sees them): a JSON
+# value crosses as its text, written by the worker, and a tag map is checked as it is sent.
 SANDBOX_SAYS = {
-    "json_object": "TypeError: cannot send a value of type object out of the sandbox",
+    "json_nan": "ValueError: Out of range float values",
+    "json_object": "TypeError: Object of type object is not JSON serializable",
+    "metadata": "TypeError: metadata keys and values must be strings",
     "metadata_none": "TypeError: metadata must be a dict of strings, got NoneType",
     "metadata_pairs": "TypeError: metadata must be a dict of strings, got list",
+    "nested_tagged": "TypeError: a Tagged value cannot hold another Tagged value",
 }
 
 

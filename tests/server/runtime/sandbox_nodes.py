@@ -135,7 +135,8 @@ class OneShot(Node):
             return None
         return Json({"node_id": context.node_id, "execution_id": context.execution_id,
                      "scratch_dir": context.scratch_dir, "runtime": context.runtime,
-                     "tag": self.params.tag, "in": inputs["in"], "pid": os.getpid()})
+                     "tag": self.params.tag, "in": np.asarray(inputs["in"]).tolist(),
+                     "pid": os.getpid()})
 
 
 class CleanupOnly(Node):

@@ -211,3 +211,79 @@ def test_small_arrays_keep_dtype_shape_and_writability() -> None:
         assert out.dtype == value.dtype and out.shape == value.shape
         assert np.array_equal(out, value)
         assert out.flags.writeable == value.flags.writeable
+
+
+def nested_pairs(depth: int) -> tuple[object, ...]:
+    """``depth`` nested pairs whose two items are one object: 2**depth leaves as a tree."""
+    pair: tuple[object, ...] = (0,)
+    for _ in range(depth):
+        pair = (pair, pair)
+    return pair
+
+
+def direct_message(body: bytes) -> bytes:
+    return _shm._HEADER.pack(_shm.FLAG_DIRECT, 0, 0, 0) + body
+
+
+def frame_free(value: object) -> bytes:
+    """``value``'s pickle (protocol 5, memo on) without PROTO, FRAME and STOP, to splice."""
+    body = pickle.dumps(value, protocol=5)
+    start = 2 + (9 if body[2] == 0x95 else 0)
+    return body[start:-1]
+
+
+@pytest.mark.parametrize("body", [
+    # Shared objects by memo: a list holding nested pairs, and (hashed while unpickling, so
+    # refused before) a dict keyed by them.
+    pickle.dumps(("ok", {"out": [nested_pairs(20)]}, 0.0), protocol=5),
+    b"\x80\x05}" + frame_free(nested_pairs(20)) + b"K\x01s.",
+    # A shared string, and DUP: the other ways of using one object twice.
+    pickle.dumps(("ok", {"a": "x" * 100, "b": None}, 0.0), protocol=5).replace(
+        b"N", b"h\x02", 1),
+    b"\x80\x05K\x012\x86.",
+], ids=["memo", "dict key", "string", "dup"])
+def test_a_message_that_uses_one_object_twice_is_refused(body: bytes) -> None:
+    """An untrusted peer's pickle must build every object once: a tree is linear to walk and
+    hash; 20 nested pairs sharing one child are 2**20 leaves to whatever walks them."""
+    for message in (direct_message(body), _shm._HEADER.pack(0, 0, 0, 0) + body):
+        with pytest.raises(_shm.ProtocolError, match="used twice"):
+            _shm.unpack(message, [], _shm.Inbox(), safe=True, copy=True)
+
+
+def test_an_honest_sender_sends_trees() -> None:
+    """Fast mode: a value used twice (one array in two outputs, repeated strings) is written
+    twice, and accepted."""
+    array = np.arange(6.0)
+    value = ("ok", {"a": array, "b": array, "c": ["same", "same"], "d": Tagged("t", {"k": "t"})},
+             0.0)
+    out = transfer(value)
+    assert isinstance(out, tuple)
+    assert np.array_equal(out[1]["a"], array) and np.array_equal(out[1]["b"], array)
+    assert out[1]["c"] == ["same", "same"] and out[1]["d"] == Tagged("t", {"k": "t"})
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    # numpy.ndarray((65536,)): memory the server never wrote.
+    (b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x01\x00\x85\x85\x81.", "forbidden object"),
+    # The value classes themselves, which a message could fill with anything.
+    (b"\x80\x02ctensorline.wire._values\nAudio\n)\x81.", "forbidden object"),
+    (b"\x80\x02ctensorline.wire._values\nJson\n)\x81.", "forbidden object"),
+    # What builds them checks what it gets.
+    (b"\x80\x02c" + _shm.__name__.encode() + b"\n_audio_from\nX\x01\x00\x00\x00xK\x01\x86R.",
+     "audio must be"),
+    (b"\x80\x02c" + _shm.__name__.encode() + b"\n_json_from_text\n]\x85R.", "its text"),
+    (b"\x80\x02c" + _shm.__name__.encode() + b"\n_tagged_from\nN}K\x01K\x02s\x86R.",
+     "dict of strings"),
+], ids=["ndarray", "Audio", "Json", "audio samples", "json text", "tag map"])
+def test_values_are_built_only_by_functions_that_check_them(body: bytes, match: str) -> None:
+    with pytest.raises(_shm.ProtocolError, match=match):
+        _shm.unpack(direct_message(body), [], _shm.Inbox(), safe=True, copy=True)
+
+
+def test_json_crosses_as_text_within_its_depth() -> None:
+    deep: object = 0
+    for _ in range(_shm.MAX_JSON_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested more than"):
+        _shm.pack(Json(deep), _shm.Outbox())
+    assert transfer(Json({"a": [1, 2.5, None, "x"]})) == Json({"a": [1, 2.5, None, "x"]})
