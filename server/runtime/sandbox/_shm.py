@@ -611,6 +611,8 @@ def _argument_sizes() -> list[int | None]:
 _SHARING_OPCODES = frozenset({"GET", "BINGET", "LONG_BINGET", "DUP"})
 _SHARES = -9
 _ARGUMENT_SIZES = _argument_sizes()
+# Opcodes a message from an untrusted peer may hold (see ``refuse_sharing``).
+MAX_OPCODES = 1 << 20
 _STOP = ord(".")
 
 
@@ -622,10 +624,16 @@ def refuse_sharing(buf: bytes | mmap.mmap, start: int, end: int) -> None:
     the unpickler itself when such a tuple is a dict key or a set element (hashing a tuple
     hashes its items, again for every use), ``_decode``, every reader of the value after it.
     Honest senders pickle in fast mode (no memo), so a tree is all they send; checking that
-    needs no more than stepping over each opcode's argument, and refuses before unpickling."""
+    needs no more than stepping over each opcode's argument, and refuses before unpickling.
+
+    At most ``MAX_OPCODES`` opcodes: a message the size of a segment made of one-byte opcodes
+    would hold the event loop for seconds here and make the unpickler build as many objects
+    (an honest message has a few per value; its bulk is in long arguments)."""
     sizes = _ARGUMENT_SIZES
     pos = start
-    while pos < end:
+    for _ in range(MAX_OPCODES):
+        if pos >= end:
+            break
         op = buf[pos]
         pos += 1
         size = sizes[op]
@@ -653,6 +661,8 @@ def refuse_sharing(buf: bytes | mmap.mmap, start: int, end: int) -> None:
             if length < 0:
                 raise ProtocolError("negative length in a pickle")
             pos += width + length
+    else:
+        raise ProtocolError(f"more than {MAX_OPCODES} opcodes in a sandbox message")
     raise ProtocolError("truncated pickle")
 
 

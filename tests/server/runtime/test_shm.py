@@ -287,3 +287,11 @@ def test_json_crosses_as_text_within_its_depth() -> None:
     with pytest.raises(ValueError, match="nested more than"):
         _shm.pack(Json(deep), _shm.Outbox())
     assert transfer(Json({"a": [1, 2.5, None, "x"]})) == Json({"a": [1, 2.5, None, "x"]})
+
+
+def test_a_message_of_too_many_opcodes_is_refused() -> None:
+    """A segment's worth of one-byte opcodes would hold the server's loop for seconds in the
+    check and make the unpickler build as many objects."""
+    body = b"\x80\x05" + b"N0" * _shm.MAX_OPCODES + b"N."
+    with pytest.raises(_shm.ProtocolError, match="opcodes"):
+        _shm.unpack(direct_message(body), [], _shm.Inbox(), safe=True, copy=True)
