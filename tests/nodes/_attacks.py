@@ -480,6 +480,33 @@ def port_bomb(node: Attacker) -> Any:
     return {"out": "ok", **{f"p{i}": shared for i in range(node.params.count * 1000)}}
 
 
+_HOARD: list[int] = []
+
+
+def hoard_segments(node: Attacker) -> Any:
+    """Ask the server for reply segments of 65, 66, 67, ... MiB (each larger than the last, as
+    the server requires) and keep every fd: each one could be filled with ``write()``, memory
+    no rlimit counts while it is not mapped. How many segments, and how many bytes, it got."""
+    from tensorline.server.runtime.sandbox import _shm
+    from tensorline.server.runtime.sandbox._messages import granted_size, segment_message
+
+    control = socket.socket(fileno=os.dup(3))
+    outbox = _shm.Outbox(name="hoard")
+    total = 0
+    for step in range(node.params.count):
+        message, fresh = _shm.pack(segment_message((65 + step) << 20), outbox)
+        _shm.send(control, message, fresh)
+        try:
+            data, fds = _shm.recv_raw(control)
+        except _shm.ProtocolError:  # out of descriptors: the fd did not fit
+            break
+        if granted_size(data) is None:
+            break
+        _HOARD.extend(fds)
+        total += os.fstat(fds[0]).st_size
+    return Json({"segments": len(_HOARD), "bytes": total})
+
+
 def fork(node: Attacker) -> Any:
     pid = os.fork()
     if pid == 0:
@@ -493,5 +520,6 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
         mmap_shared, memfds, sysv_shm, sysv_semaphores, private_memory, dev_shm, fill_scratch,
         fill_scratch_small_files, threads, small_stack_threads, leak_fds, leak_fds_blinded,
         realtime, slow_down_others, sigio_signal, outlive_the_launcher, json_bomb,
-        json_bomb_raw, metadata_bomb, metadata_bomb_raw, port_bomb, uninitialized_array, fork)
+        json_bomb_raw, metadata_bomb, metadata_bomb_raw, port_bomb, uninitialized_array,
+        hoard_segments, fork)
 }

@@ -430,6 +430,17 @@ def test_no_array_of_the_servers_unwritten_memory(served: tuple[ServerProcess, C
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
+def test_reply_segments_granted_add_up_to_less_than_twice_the_limit(
+        served: tuple[ServerProcess, Client], domain: str) -> None:
+    """A worker that asks for ever so slightly larger reply segments and keeps them all: the
+    server at least doubles each grant, so a few segments of at most twice its message limit
+    in all (not hundreds of up to the limit each)."""
+    seen = look(served, domain, "hoard_segments", count=500).value
+    limit = 2 * (256 << 20)  # twice the default message limit: the largest segment granted
+    assert 0 < seen["segments"] <= 12 and seen["bytes"] <= 2 * limit, seen
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
 def test_fork_is_refused(served: tuple[ServerProcess, Client], layers: dict[str, bool],
                          domain: str) -> None:
     require(layers, "seccomp")

@@ -52,10 +52,10 @@ from tensorline.server.runtime.sandbox._messages import (
     RUN,
     RUNS,
     SEGMENT,
-    SEGMENT_GRANTED,
     SEGMENT_REFUSED,
     UNHEALTHY,
     error_fields,
+    granted_message,
     reached_process,
     with_releases,
 )
@@ -188,22 +188,26 @@ class _Calls(_Pool):
             call.on_abandoned(message)
 
     def _grant_segment(self, worker: _Worker, size: int) -> None:
-        """A worker's reply needs a larger segment; it may not make memfds itself. Grants only
-        grow (as a worker's own segment does): a worker that keeps the fds of earlier grants and
-        writes into them unmapped (memory no rlimit counts) holds less than twice the largest
-        message in all."""
+        """A worker's reply needs a larger segment; it may not make memfds itself. Each grant
+        at least doubles the last one (up to the limit), whatever the worker asked for, and
+        the reply says the size it got: a worker keeps the fds of earlier grants and can write
+        into them unmapped (memory no rlimit counts), so the grants must add up to less than
+        twice the largest (asked for in steps of 1 MiB, they were hundreds of segments of up to
+        the limit each)."""
         sock = worker.sock
         if sock is None:
             return
-        if not worker.granted < size <= self.max_message_bytes * 2:
+        limit = self.max_message_bytes * 2
+        if not worker.granted < size <= limit:
             with contextlib.suppress(OSError):
                 sock.send(SEGMENT_REFUSED)
             return
+        size = max(size, min(worker.granted * 2, limit))
         worker.granted = size
         fd = _shm.new_segment_fd(size, f"tensorline-w{worker.wid}-out")
         try:
-            sock.sendmsg([SEGMENT_GRANTED], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              array.array("i", [fd]))])
+            sock.sendmsg([granted_message(size)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                    array.array("i", [fd]))])
         except OSError as exc:
             self._misbehaved(worker, f"segment could not be sent ({exc})")
         finally:

@@ -55,7 +55,8 @@ A stream session is a conversation inside one ``stream`` request, ending with th
 
 At any time, worker -> server: ``("ready", layer_reports, cpu_used)`` once after start,
 ``("unhealthy", reason)``, ``("segment", size)`` (answered by the raw bytes
-``SEGMENT_GRANTED`` with the segment's fd, or ``SEGMENT_REFUSED``) and, during a stream,
+``SEGMENT_GRANTED`` and the size granted, with the segment's fd, or ``SEGMENT_REFUSED``) and,
+during a stream,
 ``("event", kind, message, progress)``.
 """
 
@@ -110,7 +111,9 @@ ERROR_KINDS = frozenset({NODE, MEMORY, PERMISSION, LIMIT, IMPORT, GONE})
 INITIALIZE = "initialize"
 PROCESS = "process"
 
-# The server's answers to a worker's ``("segment", size)`` (raw bytes, not pickled).
+# The server's answers to a worker's ``("segment", size)`` (raw bytes, not pickled): granted,
+# followed by the segment's size (8 bytes, little-endian; at least what was asked), with its
+# fd; or refused.
 SEGMENT_GRANTED = b"segment"
 SEGMENT_REFUSED = b"refused"
 
@@ -195,6 +198,18 @@ def unhealthy_message(reason: str) -> tuple[Any, ...]:
 
 def segment_message(size: int) -> tuple[Any, ...]:
     return (SEGMENT, size)
+
+
+def granted_message(size: int) -> bytes:
+    """``SEGMENT_GRANTED`` for a segment of ``size`` bytes (its fd travels with it)."""
+    return SEGMENT_GRANTED + size.to_bytes(8, "little")
+
+
+def granted_size(data: bytes) -> int | None:
+    """The size in a ``granted_message``, or None when ``data`` is not one."""
+    if len(data) != len(SEGMENT_GRANTED) + 8 or not data.startswith(SEGMENT_GRANTED):
+        return None
+    return int.from_bytes(data[len(SEGMENT_GRANTED):], "little")
 
 
 def need_message(cpu_used: float) -> tuple[Any, ...]:

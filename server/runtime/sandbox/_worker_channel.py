@@ -18,9 +18,9 @@ from tensorline.server.runtime.sandbox._messages import (
     NODE,
     OK,
     PROCESS,
-    SEGMENT_GRANTED,
     SEGMENT_REFUSED,
     error,
+    granted_size,
     segment_message,
     unhealthy_message,
 )
@@ -135,7 +135,8 @@ class WorkerChannel:
 
     def _allocate(self, size: int) -> _shm.Segment:
         """A reply segment of ``size`` bytes, made by the server (seccomp denies memfd_create
-        here): ``("segment", size)`` is answered by ``SEGMENT_GRANTED`` with the fd, or
+        here): ``("segment", size)`` is answered by ``SEGMENT_GRANTED`` with the fd and its
+        size (at least ``size``: the server at least doubles each grant), or
         ``SEGMENT_REFUSED`` past the server's message limit."""
         self._send(segment_message(size))
         while True:
@@ -144,8 +145,9 @@ class WorkerChannel:
             except InterruptedError:
                 continue
             break
-        if data == SEGMENT_GRANTED and len(fds) == 1:
-            return _shm.Segment.adopt(fds[0], size, verify=True)
+        granted = granted_size(data)
+        if granted is not None and granted >= size and len(fds) == 1:
+            return _shm.Segment.adopt(fds[0], granted, verify=True)
         for fd in fds:
             os.close(fd)
         if data == SEGMENT_REFUSED:
