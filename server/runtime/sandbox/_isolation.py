@@ -9,7 +9,8 @@ Runs inside the worker process (imports nothing gRPC). The order matters and is 
 2. an unprivileged uid of the worker's own, when the server runs as root and the worker can
    still read what it needs (before the namespaces: the kernel checks the real uid);
 3. user + network + IPC + mount namespaces (must happen while the process has a single thread),
-   and a size-limited tmpfs on the scratch dir (its disk quota);
+   a size-limited tmpfs on the scratch dir (its disk quota), and the thread cap (RLIMIT_NPROC)
+   again, now counted in the worker's own user namespace (so also under a shared uid);
 4. every capability dropped, no_new_privs;
 5. parent-death signal (after the credential changes, which clear it);
 6. Landlock: reads only below an allow-list (system libraries, the Python installation, the node

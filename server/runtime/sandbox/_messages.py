@@ -56,8 +56,7 @@ A stream session is a conversation inside one ``stream`` request, ending with th
 At any time, worker -> server: ``("ready", layer_reports, cpu_used)`` once after start,
 ``("unhealthy", reason)``, ``("segment", size)`` (answered by the raw bytes
 ``SEGMENT_GRANTED`` and the size granted, with the segment's fd, or ``SEGMENT_REFUSED``) and,
-during a stream,
-``("event", kind, message, progress)``.
+during a stream, ``("event", kind, message, progress)``.
 """
 
 from __future__ import annotations
