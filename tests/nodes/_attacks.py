@@ -8,6 +8,7 @@ to the sandbox) define the nodes that run them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -18,6 +19,7 @@ import resource
 import socket
 import termios
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -507,6 +509,84 @@ def hoard_segments(node: Attacker) -> Any:
     return Json({"segments": len(_HOARD), "bytes": total})
 
 
+def segment_requests(node: Attacker) -> Any:
+    """For ``count`` ms, ask for a reply segment no larger than the one granted, again and
+    again, each refused (or, the first, granted): how many the server answered, and in how
+    long. Each costs the server's event loop a read, a check and an answer."""
+    from tensorline.server.runtime.sandbox import _shm
+    from tensorline.server.runtime.sandbox._messages import segment_message
+
+    control = socket.socket(fileno=os.dup(3))
+    message, fresh = _shm.pack(segment_message(1), _shm.Outbox(name="ask"))
+    answered = 0
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < node.params.count / 1000:
+        _shm.send(control, message, fresh)
+        _, fds = _shm.recv_raw(control)
+        for fd in fds:
+            os.close(fd)
+        answered += 1
+    return Json({"answered": answered, "seconds": elapsed})
+
+
+def events_after_reply(node: Attacker) -> Any:
+    """Return at once, leaving a thread that sends stream events on the control socket, as
+    fast as it can, once the worker is idle: nobody asked for them, and each costs the
+    server's event loop a read and a check."""
+    from tensorline.server.runtime.sandbox import _shm
+    from tensorline.server.runtime.sandbox._messages import event_message
+
+    control = socket.socket(fileno=os.dup(3))
+    message, fresh = _shm.pack(event_message("progress", "x", 0.5), _shm.Outbox(name="chat"))
+
+    def chatter() -> None:
+        time.sleep(0.2)
+        with contextlib.suppress(OSError):
+            while True:
+                _shm.send(control, message, fresh)
+
+    threading.Thread(target=chatter, daemon=True).start()
+    return "started"
+
+
+# i386 socket(AF_INET, SOCK_STREAM, 0) through ``int 0x80``, from x86-64 code: numbered 359 in
+# that ABI, a number the x86-64 denylist does not know (rbx saved: the i386 ABI's first argument
+# register is callee-saved in the x86-64 one).
+_I386_SOCKET = bytes([0x53, 0xB8, 0x67, 0x01, 0, 0, 0xBB, 2, 0, 0, 0, 0xB9, 1, 0, 0, 0,
+                      0x31, 0xD2, 0xCD, 0x80, 0x5B, 0xC3])
+
+
+def foreign_abi(node: Attacker) -> Any:
+    """Open a socket with a system call of the i386 ABI, which x86-64 processes may still make:
+    a denylist written for x86-64 numbers would not see it."""
+    if os.uname().machine != "x86_64":
+        raise PermissionError("only x86-64 can make i386 system calls")
+    code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    code.write(_I386_SOCKET)
+    call = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(code)))
+    return int(call())
+
+
+def peek_at_others(node: Attacker) -> Any:
+    """Open every other process's memory for writing, and its environment, through /proc: the
+    server's, the launcher's and other workers' where they share this worker's uid. Which
+    opened, and which processes were tried."""
+    me = os.getpid()
+    tried: list[int] = []
+    opened: list[str] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        tried.append(int(entry))
+        for what, mode in (("mem", "r+b"), ("environ", "rb")):
+            try:
+                with open(f"/proc/{entry}/{what}", mode):
+                    opened.append(f"/proc/{entry}/{what}")
+            except OSError:
+                pass
+    return Json({"me": me, "tried": tried, "opened": opened})
+
+
 def fork(node: Attacker) -> Any:
     pid = os.fork()
     if pid == 0:
@@ -521,5 +601,6 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
         fill_scratch_small_files, threads, small_stack_threads, leak_fds, leak_fds_blinded,
         realtime, slow_down_others, sigio_signal, outlive_the_launcher, json_bomb,
         json_bomb_raw, metadata_bomb, metadata_bomb_raw, port_bomb, uninitialized_array,
-        hoard_segments, fork)
+        hoard_segments, segment_requests, events_after_reply, foreign_abi, peek_at_others,
+        fork)
 }

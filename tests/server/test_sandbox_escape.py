@@ -34,6 +34,7 @@ import psutil
 import pytest
 
 from tensorline.client import Client, TensorlineError
+from tensorline.server.runtime.sandbox._messages import CHATTER_BURST, CHATTER_RATE
 from tests.server.runtime.conftest import shm_segments
 from tests.support import escape
 from tests.support.escape import DOMAINS, TRUSTED, UNTRUSTED, WORKER_ENVIRONMENT, manifest
@@ -448,6 +449,16 @@ def test_fork_is_refused(served: tuple[ServerProcess, Client], layers: dict[str,
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
+def test_system_calls_of_another_abi_end_the_worker(served: tuple[ServerProcess, Client],
+                                                     layers: dict[str, bool], domain: str) -> None:
+    """An i386 system call (``int 0x80``) from the x86-64 worker: seccomp ends the process
+    (not only the calling thread, which would leave the call to its deadline)."""
+    require(layers, "seccomp")
+    error = blocked(served, domain, "foreign_abi", grpc.StatusCode.ABORTED)
+    assert "SIGSYS" in error.message, error.message
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
 @pytest.mark.parametrize("hole", [0, 1])
 @pytest.mark.parametrize("leak", ["leak_fds", "leak_fds_blinded"])
 def test_a_worker_out_of_descriptors_is_replaced_before_the_next_call(
@@ -527,6 +538,86 @@ def test_other_processes_cannot_be_signalled_through_sigio(tmp_path: Path) -> No
             assert bystander.poll() is None, "the bystander was signalled"
         finally:
             bystander.kill()
+
+
+# --- the server's event loop ----------------------------------------------------------------
+
+# A bound on what a worker gets the server to read beyond its replies in ``seconds``: the burst,
+# the rate, and what its socket holds (unix datagram queues hold at most max_dgram_qlen, 512 by
+# default). Unbounded, each of these floods had over ten times as many read.
+def most_read(seconds: float) -> float:
+    return CHATTER_BURST + CHATTER_RATE * seconds + 600
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_segment_requests_are_answered_at_a_bounded_rate(
+        served: tuple[ServerProcess, Client], domain: str) -> None:
+    seen = look(served, domain, "segment_requests", count=1500).value
+    assert 0 < seen["answered"] <= most_read(seen["seconds"]), seen
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_events_from_an_idle_worker_end_it(served: tuple[ServerProcess, Client],
+                                           domain: str) -> None:
+    """Messages nobody asked for, sent after the reply: the worker is killed for them."""
+    server = served[0]
+    complaint = "broke the protocol: event outside a stream"
+    before = server.log_path.read_text().count(complaint)
+    assert look(served, domain, "events_after_reply") == "started"
+    wait_until(lambda: server.log_path.read_text().count(complaint) > before, timeout=30,
+               what="the chattering worker killed")
+    still_serving(*served)
+
+
+def test_events_in_a_stream_are_read_at_a_bounded_rate(
+        served: tuple[ServerProcess, Client]) -> None:
+    """Events are a stream's to send, as many as it likes: the server reads them at a bounded
+    rate, and the reports of a node that sends more wait (here, the worker's whole loop)."""
+    manifest = {"nodes": [{"id": "flood", "node_type": "EventFlood",
+                           "params": {"what": "", "count": 1500}}]}
+    with served[1].stream(manifest) as stream:
+        stream.send("flood", np.zeros(1))
+        first = next(iter(stream)).value.value
+        stream.close()
+    assert 0 < first["sent"] <= most_read(first["seconds"]), first
+    still_serving(*served)
+
+
+def test_stream_steps_out_of_turn_end_the_worker(served: tuple[ServerProcess, Client]) -> None:
+    """A stream step is one message each way: outputs sent without waiting for the server's
+    answer (which it would read, and drop, as fast as they came) break the protocol."""
+    manifest = {"nodes": [{"id": "flood", "node_type": "EventFlood",
+                           "params": {"what": "steps", "count": 1000}}]}
+    with pytest.raises(TensorlineError) as caught, served[1].stream(manifest) as stream:
+        stream.send("flood", np.zeros(1))
+        list(stream)
+    assert "out of turn" in caught.value.message, caught.value.message
+    still_serving(*served)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_no_process_of_the_uid_can_open_anothers_memory(tmp_path: Path) -> None:
+    """Workers that share the server's uid, with neither user namespaces (a default container
+    profile refuses them) nor Landlock (an older kernel): a capability-less server (as a
+    non-root one is) stands in for the image's. No worker opens the memory or environment of
+    the server, the launcher or another worker, though it tries every process there is."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**server_env(scratch), "TENSORLINE_SANDBOX_SEPARATE_UIDS": "false",
+           "TENSORLINE_SANDBOX_LANDLOCK": "false", "TENSORLINE_SANDBOX_NAMESPACES": "false",
+           "TENSORLINE_SANDBOX_REQUIRED_LAYERS": "rlimits,environment,descriptors,seccomp"}
+    capless = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+    with ServerProcess.start(env=env, pythonpath_repo=True, log_dir=tmp_path / "log",
+                             prefix=capless) as server, \
+            Client(server.target, timeout=60) as client:
+        escape.sandboxed_call_works(client)
+        for domain in DOMAINS:
+            seen = look((server, client), domain, "peek_at_others").value
+            sandbox = {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
+            others = sandbox - {seen["me"]}
+            assert len(others) >= 2, others  # the launcher and another worker at least
+            assert {server.pid, *others} <= set(seen["tried"]), seen["tried"]
+            assert seen["opened"] == [], seen["opened"]
 
 
 def test_sigterm_leaves_no_worker_scratch_or_segment(tmp_path: Path) -> None:

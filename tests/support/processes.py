@@ -146,12 +146,14 @@ class ServerProcess:
         ready_timeout: float = 60.0,
         attempts: int = 3,
         pythonpath_repo: bool = False,
+        prefix: Sequence[str] = (),
     ) -> ServerProcess:
         """Start ``tensorline serve --host 127.0.0.1 --port P [args]`` and wait until SERVING.
 
         ``env`` adds to (and overrides) the current environment, e.g. ``TENSORLINE_INSTANCE_ID``.
         ``pythonpath_repo`` puts the repository root on PYTHONPATH so the server can import
         test-only node modules (``TENSORLINE_NODE_MODULES=tests.support.nodes``).
+        ``prefix`` goes before the command (e.g. ``setpriv`` options the server runs under).
         A process that exits before it is ready (port taken meanwhile) is retried on a new port.
         """
         if log_dir is not None:
@@ -172,7 +174,7 @@ class ServerProcess:
         for _attempt in range(attempts):
             port = free_port()
             log_path = log_root / f"{name}-{port}.log"
-            command = [*tensorline_command(), "serve", "--host", LOOPBACK, "--port", str(port),
+            command = [*prefix, *tensorline_command(), "serve", "--host", LOOPBACK, "--port", str(port),
                        *args]
             with log_path.open("wb") as log_file:
                 proc = subprocess.Popen(

@@ -32,6 +32,9 @@ from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGo
 from tensorline.server.runtime.sandbox._messages import (
     BATCH_FLUSH_S,
     CARRIES_RELEASES,
+    CHATTER_BURST,
+    CHATTER_PAUSE_S,
+    CHATTER_RATE,
     ERROR,
     EVENT,
     EXIT,
@@ -161,12 +164,22 @@ class _Calls(_Pool):
             self._recycle(worker, str(reason)[:300])
             return
         if message[0] == SEGMENT and len(message) == 2 and type(message[1]) is int:
+            # A worker needs a larger segment only for the reply it owes.
+            if call is None:
+                self._misbehaved(worker, "segment request without a request")
+                return
+            self._charge(worker)
             _, size = message
             self._grant_segment(worker, size)
             return
         if message[0] == EVENT:
-            # NodeContext.report during a stream; dropped when nobody listens any more.
-            if call is not None and call.on_event is not None and len(message) == 4:
+            # NodeContext.report during a stream (and only then: the worker sends none once
+            # the stream's generator is closed); dropped when nobody listens any more.
+            if call is None or not call.streaming:
+                self._misbehaved(worker, "event outside a stream")
+                return
+            self._charge(worker)
+            if call.on_event is not None and len(message) == 4:
                 _, kind, text, progress = message
                 with contextlib.suppress(Exception):
                     call.on_event(str(kind)[:100], str(text)[:4000], float(progress))
@@ -186,6 +199,25 @@ class _Calls(_Pool):
             call.future.set_result(message)
         elif call.on_abandoned is not None:
             call.on_abandoned(message)
+
+    def _charge(self, worker: _Worker) -> None:
+        """One message beyond a reply from ``worker``: charged to its budget; once that is
+        spent its socket goes unread for ``CHATTER_PAUSE_S`` (a flood of events or segment
+        requests would otherwise hold the event loop every other call needs)."""
+        now = self._now()
+        worker.chatter = min(float(CHATTER_BURST),
+                             worker.chatter + (now - worker.chatter_at) * CHATTER_RATE) - 1
+        worker.chatter_at = now
+        loop = self._loop
+        if worker.chatter < 0 and worker.paused is None and worker.sock is not None and loop:
+            loop.remove_reader(worker.sock.fileno())
+            worker.paused = loop.call_later(CHATTER_PAUSE_S, self._read_again, worker)
+
+    def _read_again(self, worker: _Worker) -> None:
+        worker.paused = None
+        if (worker.sock is not None and self._loop is not None and not worker.eof
+                and not worker.killed and worker.state != "dead"):
+            self._loop.add_reader(worker.sock.fileno(), self._on_readable, worker)
 
     def _grant_segment(self, worker: _Worker, size: int) -> None:
         """A worker's reply needs a larger segment; it may not make memfds itself. Each grant

@@ -335,8 +335,6 @@ def switch_user(uid: int | None, threads: int, devices: Sequence[str] = (),
         os.setresuid(uid, uid, uid)
     except OSError as exc:
         return ("unprivileged uid", False, f"could not switch to uid {uid}: {exc}")
-    # A uid change makes the process non-dumpable, which hands its /proc entries to root.
-    libc().prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
     detail = f"uid {uid}, gid {uid}, " + (
         f"device groups {groups}" if groups else "no supplementary groups")
     try:
@@ -370,6 +368,10 @@ def apply_namespaces(scratch_dir: str, scratch_mb: int, *, mounted: bool,
         return [("network namespace", False,
                  f"unshare(user|net|ipc) refused: {errno.errorcode.get(err, err)} "
                  f"({os.strerror(err)}); typical inside a default container profile"), *quota]
+    # The id maps belong to root while the process is not dumpable (a uid change, or the
+    # launcher's own setting, inherited): dumpable again until ``drop_capabilities``, which
+    # ends that. Only a process of the uid outside this new namespace could reach it meanwhile.
+    libc().prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
@@ -425,7 +427,8 @@ class _CapData(ctypes.Structure):
 
 def drop_capabilities() -> LayerReport:
     """No capabilities left in any set (in the worker's namespace or outside it), and
-    no_new_privs: nothing the worker does can gain privileges again."""
+    no_new_privs: nothing the worker does can gain privileges again. And not dumpable
+    (``forbid_inspection``): the id maps, the last /proc files it writes, are written."""
     lib = libc()
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
@@ -439,11 +442,22 @@ def drop_capabilities() -> LayerReport:
     data = (_CapData * 2)()
     capset = lib.capset(ctypes.byref(header), ctypes.byref(data)) == 0
     nnp = lib.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    hidden = forbid_inspection()
     effective = _status_field("CapEff")
-    ok = capset and nnp and effective is not None and int(effective, 16) == 0
+    ok = capset and nnp and hidden and effective is not None and int(effective, 16) == 0
     return ("capabilities", ok,
             f"effective capabilities {effective}, bounding set dropped, no_new_privs "
-            f"{'set' if nnp else 'NOT set'}")
+            f"{'set' if nnp else 'NOT set'}, {'not ' if hidden else 'STILL '}dumpable")
+
+
+def forbid_inspection() -> bool:
+    """Make this process non-dumpable (True when that took): another process of its uid then
+    needs ``CAP_SYS_PTRACE`` to open its ``/proc/<pid>/mem``, ``environ``, ``maps``, ``fd/``
+    or ``root``. The server, the launcher and every worker do this. Without it, a worker that
+    shares their uid and has neither a user namespace of its own nor Landlock (both up to the
+    host) could write into the server's memory, or another trust domain's worker's. The
+    price: no core dumps of these processes, and a debugger or ``py-spy`` needs root."""
+    return bool(libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
 
 
 def _status_field(name: str) -> str | None:
@@ -641,6 +655,11 @@ def apply_seccomp() -> LayerReport:
     eperm = sc.ERRNO(errno.EPERM)
     try:
         f = sc.SyscallFilter(sc.ALLOW)
+        # A call of another ABI (x86-64 code can still make i386 calls with ``int 0x80``,
+        # numbered otherwise, which this list does not name) ends the whole process, not only
+        # its thread (libseccomp's default): a worker whose main thread was gone would hold
+        # its call until the deadline.
+        f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
         skipped = []
         for name in _DENY:
             try:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tensorline.server._prestart import adopt, minimal_environment, spawn
+from tensorline.server.runtime.sandbox._isolation import forbid_inspection
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class Launcher:
 
     async def _start(self) -> None:
         self._close_socket()
+        # The server is out of reach of workers that share its uid from now on (see
+        # ``forbid_inspection``): before any worker exists.
+        forbid_inspection()
         loop = asyncio.get_running_loop()
         self._loop = loop
         # The one `tensorline serve`/`demo` started before importing the server, if it is

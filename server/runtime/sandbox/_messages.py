@@ -116,6 +116,14 @@ PROCESS = "process"
 SEGMENT_GRANTED = b"segment"
 SEGMENT_REFUSED = b"refused"
 
+# What a worker may send beyond its replies (a stream's events, requests for a larger reply
+# segment) costs the server's event loop a read and a check each: a token bucket per worker, a
+# burst of CHATTER_BURST then CHATTER_RATE a second. Past it the worker's socket goes unread
+# for CHATTER_PAUSE_S, so that only the worker waits, on its full socket.
+CHATTER_BURST = 1000
+CHATTER_RATE = 1000.0
+CHATTER_PAUSE_S = 0.1
+
 # A batch (``runs``) reports the values of the input sets that ran at least this often (seconds);
 # the server allows each input set this much more than its deadline.
 BATCH_FLUSH_S = 0.001

@@ -196,6 +196,8 @@ class _Pool(_Core):
             if sig == signal.SIGXCPU:
                 return (f"CPU time limit exceeded (SIGXCPU): more than {self.cpu_seconds:g} s "
                         "of CPU in one call")
+            if sig == signal.SIGSYS:
+                return "worker killed by seccomp (SIGSYS): a system call of another ABI"
             return f"worker killed by signal {sig} ({_signal_name(sig)})"
         if code == 70:
             return "worker exited: the server went away"
@@ -206,6 +208,10 @@ class _Pool(_Core):
         if worker.watchdog is not None:
             worker.watchdog.cancel()
             worker.watchdog = None
+        if worker.paused is not None:
+            # Before the socket closes: its fd number could name another socket by then.
+            worker.paused.cancel()
+            worker.paused = None
         if worker.sock is not None:
             if loop is not None and not worker.eof:
                 with contextlib.suppress(Exception):

@@ -25,6 +25,7 @@ from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import NodeEntry
 from tensorline.server.runtime._base import ExecutionScope
 from tensorline.server.runtime.sandbox import _isolation, _shm
+from tensorline.server.runtime.sandbox._messages import CHATTER_BURST
 from tensorline.server.runtime.sandbox._output import WorkerOutput
 
 # A worker's interpreter, numpy and pydantic already use ~80 MiB of RLIMIT_DATA: a smaller
@@ -184,6 +185,9 @@ class _Call:
     on_abandoned: Callable[[tuple[Any, ...]], None] | None = None
     # A streaming session: "need"/"out" messages resolve ``future`` without ending the call.
     streaming: bool = False
+    # The session stopped while the worker ran a step: its next "need" or "out" is answered
+    # with the one "cancel" (set once that is sent).
+    cancel_sent: bool = False
     on_event: Callable[[str, str, float], None] | None = None
     # A batch: its reports up to the last one resolve nothing but this.
     batch: _Batch | None = None
@@ -234,6 +238,11 @@ class _Worker:
     calls: int = 0
     # The largest reply segment granted to the worker so far (see ``_Calls._grant_segment``).
     granted: int = 0
+    # Its budget of messages beyond replies, when it was last charged, and the timer that
+    # reads its socket again once the budget is spent (see ``_Calls._charge``).
+    chatter: float = float(CHATTER_BURST)
+    chatter_at: float = 0.0
+    paused: asyncio.TimerHandle | None = None
     # Sent "exit": nothing else may follow (the request would go to a worker that is leaving).
     exiting: bool = False
     cause: str = ""

@@ -44,9 +44,15 @@ class _Streaming(_Instances):
                     message[2] is None or type(message[2]) is int))):
             self._misbehaved(worker, f"malformed {message[0]!r} message")
             return
+        if call.future.done() and not (call.abandoned and not call.cancel_sent):
+            # Each step is one message each way: the worker waits for ours before its next
+            # (else a worker could send steps nobody reads at the rate it likes).
+            self._misbehaved(worker, f"{message[0]!r} out of turn")
+            return
         with contextlib.suppress(TypeError, ValueError):
             worker.cpu_used = float(message[-1])
         if call.abandoned:
+            call.cancel_sent = True
             self._send_stream(worker, call, CANCEL_MESSAGE)
             return
         if call.timer is not None:
@@ -148,6 +154,7 @@ class _Streaming(_Instances):
                 # Its final reply (or death) frees the worker, without holding the caller.
                 if our_turn:
                     call.abandoned = True
+                    call.cancel_sent = True
                     call.abandoned_at = self._now()
                     if self._send_stream(worker, call, CANCEL_MESSAGE):
                         # From now: the step deadline did not run while the worker waited.

@@ -403,11 +403,17 @@ class _Worker(WorkerChannel):
         events_lock = threading.Lock()
         events = _shm.Outbox(inline_max=0, name="tensorline-event",
                              pickler_class=_shm.WorkerPickler)
+        # Cleared under the lock when the generator ends: no event (from a thread of the
+        # node's) can follow the stream's last reply, which the server would take for a
+        # broken protocol.
+        streaming = [True]
 
         def on_event(kind: str, message: str, progress: float) -> None:
             # Any thread; small messages, inline: they never touch the data segment.
             event = event_message(str(kind)[:100], str(message)[:4000], float(progress))
             with events_lock, contextlib.suppress(Exception):
+                if not streaming[0]:
+                    return
                 packed, fresh = _shm.pack(event, events)
                 if fresh is None:
                     _shm.send(self.sock, packed, None)
@@ -445,6 +451,8 @@ class _Worker(WorkerChannel):
                 if self._receive()[0] != NEXT:
                     return
         finally:
+            with events_lock:
+                streaming[0] = False
             hosted.context.on_event = None
             try:
                 if is_async:

@@ -148,6 +148,11 @@ def main(control_fd: int, preload: list[str] | None = None) -> None:
     # A session of our own: a terminal's Ctrl-C goes to the server, which then shuts the pool
     # down in order, not to the launcher and every worker at once.
     os.setsid()
+    # Out of reach of the workers it forks, where they share its uid (``forbid_inspection``);
+    # each worker is forked non-dumpable and stays so once its id maps are written.
+    from tensorline.server.runtime.sandbox._isolation import forbid_inspection
+
+    forbid_inspection()
     # The server's Ctrl-C or SIGTERM is for the server, which then closes our socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
