@@ -469,6 +469,25 @@ def uninitialized_array(node: Attacker) -> Any:
     return "sent"
 
 
+def deep_key(node: Attacker) -> Any:
+    """Reply ``("ok", {key: 1}, 0.0)`` whose key is ``count`` thousand nested 1-tuples: a
+    pickle of as many bytes, through the worker's own reply path (spilled into its segment).
+    Unpickling it hashes the key, which recurses in C once per level."""
+    from tensorline.server.runtime.sandbox import _shm
+
+    key = b")" + b"\x85" * (node.params.count * 1000)
+    body = b"\x80\x04\x8c\x02ok}" + key + b"K\x01sG" + bytes(8) + b"\x87."
+    honest = _shm._dumps
+
+    def dumps(value: Any, header: bytes = b"", pickler: Any = _shm._Pickler) -> bytes:
+        if type(value) is tuple and value[:1] == ("ok",):
+            return header + body
+        return honest(value, header, pickler)
+
+    _shm._dumps = dumps
+    return np.zeros(1 << 16)  # too large for a direct message: the reply goes through _dumps
+
+
 def metadata_bomb(node: Attacker) -> Any:
     """A tensor tagged with ``count`` thousand metadata entries that all share one 1 MB string:
     a small message, gigabytes once the entries are written out one by one."""
@@ -486,38 +505,45 @@ _HOARD: list[int] = []
 
 
 def hoard_segments(node: Attacker) -> Any:
-    """Ask the server for reply segments of 65, 66, 67, ... MiB (each larger than the last, as
-    the server requires) and keep every fd: each one could be filled with ``write()``, memory
-    no rlimit counts while it is not mapped. How many segments, and how many bytes, it got."""
+    """Ask the server for reply segments of 65 MiB, then each 1 MiB larger than the last one
+    granted (the least the server takes), and keep every fd: each one could be filled with
+    ``write()``, memory no rlimit counts while it is not mapped. How many segments, and how
+    many bytes, it got."""
     from tensorline.server.runtime.sandbox import _shm
     from tensorline.server.runtime.sandbox._messages import granted_size, segment_message
 
     control = socket.socket(fileno=os.dup(3))
     outbox = _shm.Outbox(name="hoard")
     total = 0
-    for step in range(node.params.count):
-        message, fresh = _shm.pack(segment_message((65 + step) << 20), outbox)
+    ask = 65 << 20
+    for _ in range(node.params.count):
+        message, fresh = _shm.pack(segment_message(ask), outbox)
         _shm.send(control, message, fresh)
         try:
             data, fds = _shm.recv_raw(control)
         except _shm.ProtocolError:  # out of descriptors: the fd did not fit
             break
-        if granted_size(data) is None:
+        granted = granted_size(data)
+        if granted is None:
             break
         _HOARD.extend(fds)
         total += os.fstat(fds[0]).st_size
+        ask = granted + (1 << 20)
+    # Replaced after this call: the server would kill this worker at its next honest request
+    # for a segment (no larger than the grants it hoarded), failing a later attack of the suite.
+    _shm.send(control, *_shm.pack(("unhealthy", "hoarded its segments"), outbox))
     return Json({"segments": len(_HOARD), "bytes": total})
 
 
 def segment_requests(node: Attacker) -> Any:
-    """For ``count`` ms, ask for a reply segment no larger than the one granted, again and
-    again, each refused (or, the first, granted): how many the server answered, and in how
-    long. Each costs the server's event loop a read, a check and an answer."""
+    """For ``count`` ms, ask for a reply segment larger than the server ever grants, again and
+    again, each refused: how many the server answered, and in how long. Each costs the
+    server's event loop a read, a check and an answer."""
     from tensorline.server.runtime.sandbox import _shm
     from tensorline.server.runtime.sandbox._messages import segment_message
 
     control = socket.socket(fileno=os.dup(3))
-    message, fresh = _shm.pack(segment_message(1), _shm.Outbox(name="ask"))
+    message, fresh = _shm.pack(segment_message(1 << 62), _shm.Outbox(name="ask"))
     answered = 0
     start = time.monotonic()
     while (elapsed := time.monotonic() - start) < node.params.count / 1000:
@@ -567,6 +593,21 @@ def foreign_abi(node: Attacker) -> Any:
     return int(call())
 
 
+def claim_import_failures(node: Attacker) -> Any:
+    """From now on, this worker answers every class it is asked to load with "cannot load":
+    a trusted node the server then runs itself (the fallback) would run on the server's side
+    with whatever input comes next, the worker's takeover complete."""
+    from tensorline.server.runtime.sandbox import _worker, _worker_errors
+    from tensorline.server.runtime.sandbox._messages import IMPORT
+
+    def refuse(self: Any, module: str, qualname: str, params_json: str) -> Any:
+        raise _worker_errors._LoadFailed(IMPORT, "ModuleNotFoundError",
+                                         f"cannot load {module}.{qualname} in the worker")
+
+    _worker._Worker._class_and_params = refuse  # type: ignore[method-assign]
+    return "armed"
+
+
 def peek_at_others(node: Attacker) -> Any:
     """Open every other process's memory for writing, and its environment, through /proc: the
     server's, the launcher's and other workers' where they share this worker's uid. Which
@@ -600,7 +641,7 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
         mmap_shared, memfds, sysv_shm, sysv_semaphores, private_memory, dev_shm, fill_scratch,
         fill_scratch_small_files, threads, small_stack_threads, leak_fds, leak_fds_blinded,
         realtime, slow_down_others, sigio_signal, outlive_the_launcher, json_bomb,
-        json_bomb_raw, metadata_bomb, metadata_bomb_raw, port_bomb, uninitialized_array,
+        json_bomb_raw, metadata_bomb, metadata_bomb_raw, port_bomb, uninitialized_array, deep_key,
         hoard_segments, segment_requests, events_after_reply, foreign_abi, peek_at_others,
-        fork)
+        claim_import_failures, fork)
 }

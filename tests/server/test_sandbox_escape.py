@@ -449,6 +449,15 @@ def test_fork_is_refused(served: tuple[ServerProcess, Client], layers: dict[str,
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
+def test_a_deeply_nested_reply_costs_only_its_worker(served: tuple[ServerProcess, Client],
+                                                      domain: str) -> None:
+    """A reply whose dict key is 400,000 nested tuples (a 400 KB pickle) is refused before
+    it is unpickled: hashing it overflowed the server's stack, and the server died."""
+    error = blocked(served, domain, "deep_key", grpc.StatusCode.ABORTED, count=400)
+    assert "nested more than" in error.message, error.message
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
 def test_system_calls_of_another_abi_end_the_worker(served: tuple[ServerProcess, Client],
                                                      layers: dict[str, bool], domain: str) -> None:
     """An i386 system call (``int 0x80``) from the x86-64 worker: seccomp ends the process
@@ -593,6 +602,35 @@ def test_stream_steps_out_of_turn_end_the_worker(served: tuple[ServerProcess, Cl
         list(stream)
     assert "out of turn" in caught.value.message, caught.value.message
     still_serving(*served)
+
+
+def test_a_worker_cannot_send_a_trusted_node_back_to_the_server(tmp_path: Path) -> None:
+    """A trusted node sent to the sandbox, with fallback on, falls back to the server only when
+    the sandbox cannot load its class. A worker taken over by its inputs could claim that for
+    the next node it is given (whose input would then run in the server), or a node could make
+    its own worker claim it once loaded. Neither runs in the server: the first worker is not
+    taken at its word (it ran node code; a fresh one loads the class and runs it), the second
+    broke the protocol (it said it had loaded the class)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**server_env(scratch), "TENSORLINE_SANDBOX_WORKERS": "1",
+           "TENSORLINE_SANDBOX_MAX_WORKERS": "1"}
+    with ServerProcess.start(env=env, pythonpath_repo=True, log_dir=tmp_path / "log") as server, \
+            Client(server.target, timeout=60) as client:
+        assert escape.look(client, "trusted", "claim_import_failures") == "armed"
+        x = np.arange(4.0)
+        result = client.execute({"nodes": [{"id": "s", "node_type": "Scale",
+                                            "params": {"factor": 2.0},
+                                            "runtime_hint": "sandbox"}]}, {"s": x})
+        node = result.metrics.nodes[0]
+        assert (node.runtime, node.fallback) == ("sandbox", ""), node
+        np.testing.assert_array_equal(result["s"], 2 * x)
+        with pytest.raises(TensorlineError) as caught:
+            client.execute({"nodes": [{"id": "liar", "node_type": "ImportLiar",
+                                       "runtime_hint": "sandbox"}]})
+        assert caught.value.code == grpc.StatusCode.ABORTED, caught.value
+        assert "control protocol" in caught.value.message, caught.value.message
+        still_serving(server, client)
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")

@@ -42,6 +42,7 @@ from tensorline.server.runtime.sandbox._messages import (
     IMPORT,
     INITIALIZE,
     LIMIT,
+    LOADED,
     MAX_CLASS_IDS,
     MEMORY,
     NEED,
@@ -54,6 +55,7 @@ from tensorline.server.runtime.sandbox._messages import (
     RELEASE,
     RUN,
     RUNS,
+    RUNS_NODE_CODE,
     SEGMENT,
     SEGMENT_REFUSED,
     UNHEALTHY,
@@ -163,6 +165,13 @@ class _Calls(_Pool):
             _, reason = message
             self._recycle(worker, str(reason)[:300])
             return
+        if message[0] == LOADED and len(message) == 1:
+            if call is None:
+                self._misbehaved(worker, "a class loaded without a request")
+                return
+            self._charge(worker)
+            worker.loaded = True
+            return
         if message[0] == SEGMENT and len(message) == 2 and type(message[1]) is int:
             # A worker needs a larger segment only for the reply it owes.
             if call is None:
@@ -225,15 +234,19 @@ class _Calls(_Pool):
         the reply says the size it got: a worker keeps the fds of earlier grants and can write
         into them unmapped (memory no rlimit counts), so the grants must add up to less than
         twice the largest (asked for in steps of 1 MiB, they were hundreds of segments of up to
-        the limit each)."""
+        the limit each). An honest worker's segment is the last one granted, and it asks for
+        more than that holds: one asking for no more has kept earlier grants, and is killed."""
         sock = worker.sock
         if sock is None:
             return
-        limit = self.max_message_bytes * 2
-        if not worker.granted < size <= limit:
+        if size <= worker.granted:
+            self._misbehaved(worker, "asked for a segment no larger than one it was granted")
+            return
+        if size > self.max_message_bytes * 2:
             with contextlib.suppress(OSError):
                 sock.send(SEGMENT_REFUSED)
             return
+        limit = self.max_message_bytes * 2
         size = max(size, min(worker.granted * 2, limit))
         worker.granted = size
         fd = _shm.new_segment_fd(size, f"tensorline-w{worker.wid}-out")
@@ -333,6 +346,12 @@ class _Calls(_Pool):
         if op == EXIT:
             # Whatever comes after this would reach a worker that has left its loop.
             worker.exiting = True
+        # Whether the worker may still be taken at its word on an import failure (see
+        # ``_check_reply``).
+        worker.untouched = not worker.ran_node_code
+        worker.loaded = False
+        if op in RUNS_NODE_CODE:
+            worker.ran_node_code = True
         if op in CARRIES_RELEASES:
             # Piggyback the cleanups released since the last request (the last field, None
             # when there are none).
@@ -452,6 +471,7 @@ class _Calls(_Pool):
             self._misbehaved(worker, f"unexpected reply {status!r}")
             raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
                                 kind="protocol")
+        asked = during  # what the request was for; the reply says where the worker failed
         kind, exc_type, message, during = error_fields(reply)
         # Whatever the worker says goes into statuses and logs: keep it bounded.
         exc_type, message = str(exc_type)[:200], str(message)[:4000]
@@ -469,6 +489,7 @@ class _Calls(_Pool):
             raise WorkerFailure(spec.node_id, f"a sandbox limit was hit: {exc_type}: {message}",
                                 during=during, kind="limit")
         if kind == IMPORT:
+            self._check_import_failure(worker, spec, asked)
             raise WorkerFailure(spec.node_id, f"{exc_type}: {message}", during="initialize",
                                 kind="import")
         if kind == GONE:
@@ -476,6 +497,24 @@ class _Calls(_Pool):
         self._misbehaved(worker, f"unknown error kind {kind!r}")
         raise WorkerFailure(spec.node_id, "worker broke the control protocol", during=during,
                             kind="protocol")
+
+    def _check_import_failure(self, worker: _Worker, spec: NodeSpec, asked: str) -> None:
+        """Whether a worker's "I cannot load this class" may stand: it sends a trusted node
+        back to the server (the fallback), so a worker taken over by the inputs it was given
+        would say it to have the next call's inputs run there. Taken only in answer to an
+        ``init`` (a class is loaded nowhere else: the others need its module loaded), from a
+        worker that had run no node code before and did not say it loaded the class meanwhile.
+        Otherwise a worker that loaded the class and then denied it is killed, and one that
+        ran node code before is retired and ``_WorkerGone`` raised: the caller asks a fresh
+        worker, whose word counts."""
+        if asked != "initialize" or worker.loaded:
+            self._misbehaved(worker, "an import failure for a class it had loaded")
+            raise WorkerFailure(spec.node_id, "worker broke the control protocol",
+                                during=asked, kind="protocol")
+        if not worker.untouched:
+            self._retire(worker, "an import failure after node code ran in it: a fresh worker "
+                                 "is asked instead")
+            raise _WorkerGone("import failure not taken from a worker that ran node code")
 
     # --- one-shot run requests ----------------------------------------------------------------
 

@@ -45,6 +45,11 @@ Replies (worker -> server):
 
 ``during`` is ``initialize`` or ``process``; ``kind`` is one of ``ERROR_KINDS``.
 
+Before it runs anything of a node class it has just loaded, the worker says so: ``("loaded",)``.
+The server then takes no ``import`` error for that request (the class loaded; its code ran), and
+takes one at all only from a worker in which no node code has run yet (see
+``_Calls._check_reply``): only such a failure may send a trusted node back to the server.
+
 A stream session is a conversation inside one ``stream`` request, ending with the usual reply:
 
     worker -> server   ("need", cpu_used)                  the generator pulls
@@ -91,6 +96,8 @@ READY = "ready"
 UNHEALTHY = "unhealthy"
 SEGMENT = "segment"
 EVENT = "event"
+LOADED = "loaded"
+LOADED_MESSAGE: tuple[str] = (LOADED,)
 NEED = "need"
 OUT = "out"
 
@@ -137,6 +144,8 @@ MAX_CLASS_IDS = 1024
 
 # Requests whose last field is the list of released instances (see ``with_releases``).
 CARRIES_RELEASES = frozenset({RUN, RUNS, CALL, CALLS, RELEASE})
+# Requests that run node code: create or run an instance, or import an untrusted module.
+RUNS_NODE_CODE = frozenset({INIT, CALL, CALLS, RUN, RUNS, STREAM, DESCRIBE})
 
 PROBE_REQUEST: tuple[str] = (PROBE,)
 EXIT_REQUEST: tuple[str] = (EXIT,)

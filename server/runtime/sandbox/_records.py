@@ -243,6 +243,12 @@ class _Worker:
     chatter: float = float(CHATTER_BURST)
     chatter_at: float = 0.0
     paused: asyncio.TimerHandle | None = None
+    # Node code has run here (a request that creates an instance, runs one or imports an
+    # untrusted module was sent); whether none had before the request in flight, and whether
+    # the worker said it loaded a class during it (see ``_Calls._check_reply``, on ``import``).
+    ran_node_code: bool = False
+    untouched: bool = True
+    loaded: bool = False
     # Sent "exit": nothing else may follow (the request would go to a worker that is leaving).
     exiting: bool = False
     cause: str = ""

@@ -593,27 +593,67 @@ class DirectUnpickler(SafeUnpickler):
     ALLOWED = SafeUnpickler.ALLOWED - {(__name__, "ShmArray"), (__name__, "ShmBytes")}
 
 
-def _argument_sizes() -> list[int | None]:
-    """What follows each opcode byte of a pickle (pickletools' ``ArgumentDescriptor.n``): 0
-    nothing, n > 0 that many bytes, -1 a line, -2/-3/-4/-5 a length of 1 byte, 4 bytes
-    (signed), 4 or 8 bytes, then that many bytes; -6 two lines (GLOBAL and INST, whose
-    descriptor says one); None: not an opcode."""
-    sizes: list[int | None] = [None] * 256
-    for op in pickletools.opcodes:
-        sizes[ord(op.code)] = (-6 if op.name in ("GLOBAL", "INST")
-                               else _SHARES if op.name in _SHARING_OPCODES
-                               else 0 if op.arg is None else op.arg.n)
-    return sizes
-
-
 # GET, BINGET, LONG_BINGET and DUP: the only ways a pickle uses one object twice (marked
 # ``_SHARES`` in ``_ARGUMENT_SIZES``).
 _SHARING_OPCODES = frozenset({"GET", "BINGET", "LONG_BINGET", "DUP"})
 _SHARES = -9
-_ARGUMENT_SIZES = _argument_sizes()
-# Opcodes a message from an untrusted peer may hold (see ``refuse_sharing``).
+# Opcodes that put what they pop into the container below it (the container stays).
+_INTO_CONTAINER = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+# Opcodes a message from an untrusted peer may hold, and how deep its values may nest (see
+# ``refuse_sharing``; an honest message nests a handful of levels).
 MAX_OPCODES = 1 << 20
+MAX_NESTING = 100
 _STOP = ord(".")
+_MARK = ord("(")
+
+
+def _stack_effects() -> list[tuple[int, bool, int, bool] | None]:
+    """Each opcode's effect on the unpickler's stack (from pickletools' descriptions): how
+    many items it pops, whether it pops down to the last mark, how many it pushes (MARK
+    pushes a mark, counted apart), and whether it fills the container left on top instead of
+    pushing. None: no effect."""
+    mark = pickletools.markobject
+    effects: list[tuple[int, bool, int, bool] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        before, after = op.stack_before, op.stack_after
+        if op.name == "MARK" or before == after:  # MARK; MEMOIZE, READONLY_BUFFER
+            continue
+        into = op.name in _INTO_CONTAINER
+        fixed = [item for item in before if item is not mark and item is not
+                 pickletools.stackslice]
+        pops = len(fixed) - (1 if into else 0)
+        effects[ord(op.code)] = (pops, mark in before, 0 if into else len(after), into)
+    return effects
+
+
+_STACK_EFFECTS = _stack_effects()
+# An opcode that nests what it pops in what it leaves (a tuple of its items, a list filled, a
+# call on its arguments): each deepens the deepest value by one at most, so a pickle with no
+# more of them than MAX_NESTING needs no closer look (``_check_nesting``).
+_NESTING = frozenset(code for code, effect in enumerate(_STACK_EFFECTS)
+                     if effect is not None and (effect[0] or effect[1])
+                     and (effect[2] or effect[3]))
+
+
+def _argument_sizes() -> list[int | None]:
+    """What follows each opcode byte of a pickle (pickletools' ``ArgumentDescriptor.n``): 0
+    nothing, n > 0 that many bytes, -1 a line, -2/-3/-4/-5 a length of 1 byte, 4 bytes
+    (signed), 4 or 8 bytes, then that many bytes; -6 two lines (GLOBAL and INST, whose
+    descriptor says one); ``_SHARES`` a memo get or DUP; ``_NESTS`` nothing, and it nests
+    (``_NESTING``; INST, the one with an argument, is counted apart); None: not an opcode."""
+    sizes: list[int | None] = [None] * 256
+    for op in pickletools.opcodes:
+        code = ord(op.code)
+        sizes[code] = (-6 if op.name in ("GLOBAL", "INST")
+                       else _SHARES if op.name in _SHARING_OPCODES
+                       else (_NESTS if code in _NESTING else 0) if op.arg is None
+                       else op.arg.n)
+    return sizes
+
+
+_NESTS = -10
+_INST = ord("i")
+_ARGUMENT_SIZES = _argument_sizes()
 
 
 def refuse_sharing(buf: bytes | mmap.mmap, start: int, end: int) -> None:
@@ -628,8 +668,14 @@ def refuse_sharing(buf: bytes | mmap.mmap, start: int, end: int) -> None:
 
     At most ``MAX_OPCODES`` opcodes: a message the size of a segment made of one-byte opcodes
     would hold the event loop for seconds here and make the unpickler build as many objects
-    (an honest message has a few per value; its bulk is in long arguments)."""
+    (an honest message has a few per value; its bulk is in long arguments).
+
+    And values nested at most ``MAX_NESTING`` deep: hashing a tuple recurses in C through its
+    items with no guard, so a dict key of 300,000 nested 1-tuples (a 300 KB message)
+    overflowed the server's stack while unpickling. Only a pickle with more nesting opcodes
+    than that could, and only it gets the closer look (``_check_nesting``)."""
     sizes = _ARGUMENT_SIZES
+    nests = 0
     pos = start
     for _ in range(MAX_OPCODES):
         if pos >= end:
@@ -639,31 +685,98 @@ def refuse_sharing(buf: bytes | mmap.mmap, start: int, end: int) -> None:
         size = sizes[op]
         if size == 0:
             if op == _STOP:
+                if nests > MAX_NESTING:
+                    _check_nesting(buf, start, pos)
                 return
+            continue
+        if size == _NESTS:
+            nests += 1
             continue
         if size is None:
             raise ProtocolError(f"not a pickle opcode: {op:#04x}")
         if size == _SHARES:
             raise ProtocolError("an object used twice in a sandbox message")
-        if size > 0:
-            pos += size
-        elif size == -2:
-            pos += 1 + buf[pos]
-        elif size == -1 or size == -6:
-            for _ in range(1 if size == -1 else 2):
-                newline = buf.find(b"\n", pos, end)
-                if newline < 0:
-                    raise ProtocolError("truncated pickle")
-                pos = newline + 1
-        else:
-            width = 8 if size == -5 else 4
-            length = int.from_bytes(buf[pos:pos + width], "little", signed=size == -3)
-            if length < 0:
-                raise ProtocolError("negative length in a pickle")
-            pos += width + length
+        pos = _skip_argument(buf, pos, end, size)
+        if op == _INST:
+            nests += 1
     else:
         raise ProtocolError(f"more than {MAX_OPCODES} opcodes in a sandbox message")
     raise ProtocolError("truncated pickle")
+
+
+def _skip_argument(buf: bytes | mmap.mmap, pos: int, end: int, size: int) -> int:
+    """Where the opcode whose argument starts at ``pos`` ends (``size``: see
+    ``_argument_sizes``; not 0)."""
+    if size > 0:
+        return pos + size
+    if size == -2:
+        return pos + 1 + buf[pos]
+    if size == -1 or size == -6:
+        for _ in range(1 if size == -1 else 2):
+            newline = buf.find(b"\n", pos, end)
+            if newline < 0:
+                raise ProtocolError("truncated pickle")
+            pos = newline + 1
+        return pos
+    width = 8 if size == -5 else 4
+    length = int.from_bytes(buf[pos:pos + width], "little", signed=size == -3)
+    if length < 0:
+        raise ProtocolError("negative length in a pickle")
+    return pos + width + length
+
+
+def _check_nesting(buf: bytes | mmap.mmap, start: int, end: int) -> None:
+    """ProtocolError if a value of the pickle in ``buf[start:end]`` (checked by
+    ``refuse_sharing`` otherwise) nests more than ``MAX_NESTING`` deep: the depth of each item
+    on a model of the unpickler's stack, and where its marks are."""
+    sizes, effects = _ARGUMENT_SIZES, _STACK_EFFECTS
+    depths: list[int] = []
+    marks: list[int] = []
+    pos = start
+    while pos < end:
+        op = buf[pos]
+        pos += 1
+        effect = effects[op]
+        if effect is not None:
+            _follow(effect, depths, marks)
+        elif op == _MARK:
+            marks.append(len(depths))
+        size = sizes[op]
+        if size and size != _NESTS:
+            pos = _skip_argument(buf, pos, end, size)
+
+
+def _follow(effect: tuple[int, bool, int, bool], depths: list[int], marks: list[int]) -> None:
+    """Apply one opcode's stack effect (see ``_stack_effects``) to the depths of ``refuse_sharing``.
+    What the unpickler would refuse (popping past a mark, or an empty stack) is refused here."""
+    pops, to_mark, pushes, into = effect
+    fence = marks[-1] if marks else 0
+    deepest = -1
+    if pops:
+        if len(depths) - pops < fence:
+            raise ProtocolError("malformed pickle: stack underflow")
+        deepest = max(depths[-pops:])
+        del depths[-pops:]
+    if to_mark:
+        if not marks:
+            raise ProtocolError("malformed pickle: no mark")
+        at = marks.pop()
+        if at < len(depths):
+            deepest = max(deepest, max(depths[at:]))
+            del depths[at:]
+        fence = marks[-1] if marks else 0
+    if not (into or pushes):  # POP, POP_MARK, STOP
+        return
+    depth = deepest + 1
+    if depth > MAX_NESTING:
+        raise ProtocolError(f"values nested more than {MAX_NESTING} deep in a sandbox message")
+    if into:
+        if len(depths) <= fence:
+            raise ProtocolError("malformed pickle: no container")
+        if depth > depths[-1]:
+            depths[-1] = depth
+    else:
+        depths.extend([depth] * pushes)
 
 
 def _loads(body: bytes | memoryview, safe: bool, direct: bool = False, start: int = 0) -> Any:

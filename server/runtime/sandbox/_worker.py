@@ -38,6 +38,7 @@ from tensorline.server.runtime.sandbox._messages import (
     IMPORT,
     INIT,
     INITIALIZE,
+    LOADED_MESSAGE,
     MAX_CLASS_IDS,
     MEMORY,
     NEXT,
@@ -500,6 +501,8 @@ class _Worker(WorkerChannel):
                                   type(exc).__name__,
                                   f"cannot load {module}.{qualname} in the worker: "
                                   f"{describe(exc)}") from exc
+            # Before any of the class's code runs (see ``LOADED`` in ``_messages``).
+            self._reply(LOADED_MESSAGE, health=False)
             self.classes[(module, qualname)] = cls
         key = (module, qualname, params_json)
         params = self.params.get(key)

@@ -295,3 +295,48 @@ def test_a_message_of_too_many_opcodes_is_refused() -> None:
     body = b"\x80\x05" + b"N0" * _shm.MAX_OPCODES + b"N."
     with pytest.raises(_shm.ProtocolError, match="opcodes"):
         _shm.unpack(direct_message(body), [], _shm.Inbox(), safe=True, copy=True)
+
+
+def nested(levels: int, leaf: object = 1) -> object:
+    value: object = leaf
+    for level in range(levels):
+        value = [value] if level % 2 else (value,)
+    return value
+
+
+def test_values_nest_at_most_max_nesting_deep() -> None:
+    """Hashing a tuple recurses in C through its items, unguarded: a dict key of 300,000 nested
+    1-tuples overflowed the server's stack while it unpickled. The check follows the depth of
+    every item on the unpickler's stack, whatever the opcodes that build it."""
+    deepest = nested(_shm.MAX_NESTING)
+    assert transfer(deepest) == deepest
+    wide = [nested(3, leaf) for leaf in range(1000)]  # many nesting opcodes, all shallow
+    assert transfer(wide) == wide
+    with pytest.raises(_shm.ProtocolError, match="nested more than"):
+        transfer(nested(_shm.MAX_NESTING + 1))
+    # The crash's shape: 1-tuples by TUPLE1, then used as a key (SETITEM).
+    key = b")" + b"\x85" * (_shm.MAX_NESTING + 1)
+    with pytest.raises(_shm.ProtocolError, match="nested more than"):
+        _shm.unpack(direct_message(b"\x80\x05}" + key + b"K\x01s."), [], _shm.Inbox(),
+                    safe=True, copy=True)
+    # Lists filled in place (APPEND), and tuples made from a mark (MARK ... TUPLE).
+    for level in (b"]\x94(", b"("):
+        closing = b"e" if level.startswith(b"]") else b"t"
+        body = (b"\x80\x05" + level * (_shm.MAX_NESTING + 1) + b"K\x01"
+                + closing * (_shm.MAX_NESTING + 1) + b".")
+        with pytest.raises(_shm.ProtocolError, match="nested more than"):
+            _shm.unpack(direct_message(body), [], _shm.Inbox(), safe=True, copy=True)
+
+
+# Over MAX_NESTING 1-tuples side by side (shallow: each is one deep), then a tail.
+MANY_TUPLES = b"\x80\x05" + b"N\x85" * (_shm.MAX_NESTING + 1)
+
+
+@pytest.mark.parametrize("tail", [b"(\x85.", b"K\x01\x85(a.", b"e."])
+def test_a_pickle_that_pops_what_it_never_pushed_is_refused(tail: bytes) -> None:
+    """Past a mark, or with no container to fill, as the unpickler would refuse it. (A pickle
+    with more nesting opcodes than MAX_NESTING is followed on the model of the stack.)"""
+    assert _shm.unpack(direct_message(MANY_TUPLES + b"."), [], _shm.Inbox(), safe=True,
+                       copy=True) == (None,)
+    with pytest.raises(_shm.ProtocolError, match="malformed"):
+        _shm.unpack(direct_message(MANY_TUPLES + tail), [], _shm.Inbox(), safe=True, copy=True)
