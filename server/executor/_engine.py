@@ -140,13 +140,16 @@ class PipelineEngine:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                self._register_untrusted(module, result)
+                self._register_untrusted(module, result, sandbox)
 
-    def _register_untrusted(self, module: str, descriptions: list[NodeDescription]) -> None:
+    def _register_untrusted(self, module: str, descriptions: list[NodeDescription],
+                            sandbox: SandboxRuntime) -> None:
         added = []
         for description in descriptions:
             try:
-                self.registry.add(entry_of(description, module))
+                self.registry.add(entry_of(description, module,
+                                           memory_mb_max=sandbox.memory_mb_default,
+                                           timeout_s_max=sandbox.call_timeout_s))
             except ValueError as exc:
                 log.error("untrusted module %s: node type %r rejected: %s", module,
                           description.node_type, exc)

@@ -12,6 +12,7 @@ JSON schema), drops a malformed one with a log line, and ``entry_of`` turns a va
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -212,14 +213,23 @@ def _claimed_type(raw: Any) -> str | None:
     return claimed[:MAX_NAME] if isinstance(claimed, str) else None
 
 
-def entry_of(description: NodeDescription, module: str) -> NodeEntry:
-    """The registry entry of an untrusted node: everything but its class."""
+def entry_of(description: NodeDescription, module: str, *, memory_mb_max: int | None = None,
+             timeout_s_max: float | None = None) -> NodeEntry:
+    """The registry entry of an untrusted node: everything but its class. The traits that
+    would widen its sandbox are the module's own say: its memory cap and its time per call are
+    held to ``memory_mb_max`` and ``timeout_s_max`` (the sandbox's limits), less if it says
+    less (declared, they were its worker's cap and deadline: a terabyte, a year)."""
     d = description
+    traits = d.traits.traits()
+    if memory_mb_max is not None and (traits.memory_mb or memory_mb_max) > memory_mb_max:
+        traits = dataclasses.replace(traits, memory_mb=memory_mb_max)
+    if timeout_s_max is not None and (traits.timeout_s or 0.0) > timeout_s_max:
+        traits = dataclasses.replace(traits, timeout_s=timeout_s_max)
     return NodeEntry(
         node_type=d.node_type, module=module, trusted=False,
         class_ref=(d.class_module, d.qualname), description=d.description,
         inputs=tuple(p.port() for p in d.inputs), outputs=tuple(p.port() for p in d.outputs),
-        traits=d.traits.traits(), reusable=d.reusable, streaming=d.streaming,
+        traits=traits, reusable=d.reusable, streaming=d.streaming,
         async_process=d.async_process, async_initialize=d.async_initialize,
         async_cleanup=d.async_cleanup, has_initialize=d.has_initialize,
         has_cleanup=d.has_cleanup, cls=None, schema_json=d.params_schema,

@@ -10,7 +10,12 @@ module a lever on the server:
   violation of the params, never a server error;
 * regular expressions (``pattern``, ``patternProperties``) are not run here: ``re`` has no
   timeout, and a catastrophically backtracking pattern would hold the event loop. Properties a
-  ``patternProperties`` would have admitted count as unknown (the module only hurts itself).
+  ``patternProperties`` would have admitted count as unknown (the module only hurts itself);
+* nor ``uniqueItems``, quadratic in the array's length when its items do not sort;
+* each params object has a budget of keyword evaluations (``MIN_STEPS``, and
+  ``STEPS_PER_VALUE`` per value in it): references can fan out (an ``anyOf`` of two references
+  to an ``anyOf`` of two references, and so on: 2**depth evaluations of the smallest params,
+  which held the event loop for good). Past the budget the params are refused, naming the node.
 
 What is skipped here, and every custom validator of the node's ``Params`` model, runs in the
 sandbox only: the worker validates the params with the model when it creates the node
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +41,18 @@ if TYPE_CHECKING:
 
 # Keeps a hostile schema or a huge params object from producing unbounded work and reports.
 MAX_ERRORS = 32
+# Keyword evaluations one params object may cost: the floor, and this many per value in it (a
+# union tries each of its branches on a value; pydantic's schemas need a few per value).
+MIN_STEPS = 1000
+STEPS_PER_VALUE = 100
+
+
+class _TooCostly(Exception):
+    """The schema asked for more evaluations than the params object's budget."""
+
+
+# The budget left to the validation running in this thread (None: none is metered).
+_budget = threading.local()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +96,34 @@ def _skipped(validator: Validator, value: Any, instance: Any,
     return iter(())
 
 
+def _metered(check: Any) -> Any:
+    """``check`` (a keyword's validator) charged one step of the running budget."""
+    def run(validator: Validator, value: Any, instance: Any,
+            schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+        left = getattr(_budget, "left", None)
+        if left is not None:
+            if left <= 0:
+                raise _TooCostly
+            _budget.left = left - 1
+        errors = check(validator, value, instance, schema)
+        if errors is not None:
+            yield from errors
+    return run
+
+
+def _values(instance: Any) -> int:
+    """How many values ``instance`` (parsed JSON) holds, itself included."""
+    count, stack = 0, [instance]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
 def _jsonschema() -> Any:
     import jsonschema
     import jsonschema.exceptions
@@ -89,15 +135,19 @@ def _jsonschema() -> Any:
 @functools.cache
 def _validator_class() -> Any:
     jsonschema = _jsonschema()
+    draft = jsonschema.Draft202012Validator
+    keywords = {
+        **draft.VALIDATORS,
+        "required": _required,
+        "additionalProperties": _additional_properties,
+        "pattern": _skipped,
+        "patternProperties": _skipped,
+        # Evaluated properties are worked out with patternProperties' regular expressions.
+        "unevaluatedProperties": _skipped,
+        "uniqueItems": _skipped,
+    }
     return jsonschema.validators.extend(
-        jsonschema.Draft202012Validator, {
-            "required": _required,
-            "additionalProperties": _additional_properties,
-            "pattern": _skipped,
-            "patternProperties": _skipped,
-            # Evaluated properties are worked out with patternProperties' regular expressions.
-            "unevaluatedProperties": _skipped,
-        })
+        draft, {name: _metered(check) for name, check in keywords.items()})
 
 
 def check_schema(text: str) -> str:
@@ -127,6 +177,8 @@ def _validator(schema_json: str) -> Validator:
 def schema_violations(schema_json: str, params: Any) -> list[SchemaViolation]:
     """How ``params`` breaks the schema (at most ``MAX_ERRORS`` ways; empty: valid)."""
     found: list[SchemaViolation] = []
+    steps = MIN_STEPS + STEPS_PER_VALUE * _values(params)
+    _budget.left = steps
     try:
         for error in _validator(schema_json).iter_errors(params):
             kind = ("missing" if error.validator == "required" else
@@ -134,8 +186,14 @@ def schema_violations(schema_json: str, params: Any) -> list[SchemaViolation]:
             found.append(SchemaViolation(tuple(error.absolute_path), kind, error.message))
             if len(found) >= MAX_ERRORS:
                 break
+    except _TooCostly:
+        return [SchemaViolation((), "invalid",
+                                f"the node's params schema cannot be applied: checking these "
+                                f"params takes more than {steps} steps")]
     except Exception as exc:  # an unresolvable $ref, a recursion: the schema's fault
         return [SchemaViolation((), "invalid",
                                 f"the node's params schema cannot be applied "
                                 f"({type(exc).__name__})")]
+    finally:
+        _budget.left = None
     return sorted(found, key=lambda v: [str(part) for part in v.loc])

@@ -628,6 +628,11 @@ def peek_at_others(node: Attacker) -> Any:
     return Json({"me": me, "tried": tried, "opened": opened})
 
 
+def sleep(node: Attacker) -> Any:
+    time.sleep(node.params.count)
+    return "woke"
+
+
 def fork(node: Attacker) -> Any:
     pid = os.fork()
     if pid == 0:
@@ -643,5 +648,5 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
         realtime, slow_down_others, sigio_signal, outlive_the_launcher, json_bomb,
         json_bomb_raw, metadata_bomb, metadata_bomb_raw, port_bomb, uninitialized_array, deep_key,
         hoard_segments, segment_requests, events_after_reply, foreign_abi, peek_at_others,
-        claim_import_failures, fork)
+        claim_import_failures, sleep, fork)
 }

@@ -593,15 +593,55 @@ def test_events_in_a_stream_are_read_at_a_bounded_rate(
 
 
 def test_stream_steps_out_of_turn_end_the_worker(served: tuple[ServerProcess, Client]) -> None:
-    """A stream step is one message each way: outputs sent without waiting for the server's
-    answer (which it would read, and drop, as fast as they came) break the protocol."""
+    """A stream step is one message each way: an output sent while the server waits for the
+    client's next chunk (which it dropped, one read each, as many as came) breaks the
+    protocol."""
+    server = served[0]
+    complaint = "broke the protocol: 'out' out of turn"
+    before = server.log_path.read_text().count(complaint)
     manifest = {"nodes": [{"id": "flood", "node_type": "EventFlood",
-                           "params": {"what": "steps", "count": 1000}}]}
+                           "params": {"what": "steps"}}]}
     with pytest.raises(TensorlineError) as caught, served[1].stream(manifest) as stream:
         stream.send("flood", np.zeros(1))
+        wait_until(lambda: server.log_path.read_text().count(complaint) > before, timeout=30,
+                   what="the worker killed")
+        stream.send("flood", np.zeros(1))  # the session learns of it at its next step
         list(stream)
     assert "out of turn" in caught.value.message, caught.value.message
     still_serving(*served)
+
+
+def test_an_untrusted_node_cannot_declare_itself_more_memory(
+        served: tuple[ServerProcess, Client]) -> None:
+    """It declares a terabyte (``traits.memory_mb``): its worker's cap stays the sandbox's."""
+    blocked(served, "untrusted", "private_memory", grpc.StatusCode.RESOURCE_EXHAUSTED,
+            count=3, node_type="GreedyAttack")
+
+
+def test_an_untrusted_node_cannot_declare_itself_more_time(tmp_path: Path) -> None:
+    """It declares a year per call (``traits.timeout_s``): the sandbox's limit still ends it."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**server_env(scratch), "TENSORLINE_SANDBOX_CALL_TIMEOUT_S": "1"}
+    with ServerProcess.start(env=env, pythonpath_repo=True, log_dir=tmp_path / "log") as server, \
+            Client(server.target, timeout=60) as client:
+        error = escape.refused(client, "untrusted", "sleep", [grpc.StatusCode.DEADLINE_EXCEEDED],
+                               secret=SECRET, count=30, node_type="GreedyAttack")
+        assert "timeout of 1 s" in error.message, error.message
+        still_serving(server, client)
+
+
+def test_an_untrusted_params_schema_that_fans_out_is_refused_in_bounded_time(
+        served: tuple[ServerProcess, Client]) -> None:
+    """2**40 evaluations for one field: the server held its event loop (health stopped
+    answering) until its budget of steps per params object."""
+    server, client = served
+    with pytest.raises(TensorlineError) as caught:
+        client.execute({"nodes": [{"id": "costly", "node_type": "CostlySchema",
+                                   "params": {"x": 1}}]})
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert "'costly'" in caught.value.message and "steps" in caught.value.message
+    still_serving(server, client)
 
 
 def test_a_worker_cannot_send_a_trusted_node_back_to_the_server(tmp_path: Path) -> None:

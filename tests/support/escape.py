@@ -39,10 +39,12 @@ class Layer(Protocol):
     def detail(self) -> str: ...
 
 
-def manifest(domain: str, what: str, **params: Any) -> dict[str, Any]:
-    """One node ``bad`` running the attack ``what`` in ``domain`` ("untrusted" or "trusted")."""
-    node_type, hint = DOMAINS[domain]
-    node: dict[str, Any] = {"id": "bad", "node_type": node_type,
+def manifest(domain: str, what: str, *, node_type: str | None = None,
+             **params: Any) -> dict[str, Any]:
+    """One node ``bad`` running the attack ``what`` in ``domain`` ("untrusted" or "trusted"),
+    as the domain's attack node or as ``node_type``."""
+    default_type, hint = DOMAINS[domain]
+    node: dict[str, Any] = {"id": "bad", "node_type": node_type or default_type,
                             "params": {"what": what, **params}}
     if hint:
         node["runtime_hint"] = hint

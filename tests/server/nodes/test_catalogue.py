@@ -60,6 +60,22 @@ def test_entries_round_trip_without_the_class() -> None:
     assert json.loads(remote.params_schema_json()) == json.loads(local.params_schema_json())
 
 
+@pytest.mark.parametrize(("declared", "held"), [
+    ((1 << 20, 365 * 86400.0), (2048, 300.0)),  # more than the sandbox's: its cap and limit
+    ((512, 5.0), (512, 5.0)),  # less: as declared
+    ((None, None), (None, None)),  # nothing: the sandbox's defaults apply later
+])
+def test_an_untrusted_nodes_traits_stay_within_the_sandboxs_limits(
+        declared: tuple[int | None, float | None], held: tuple[int | None, float | None]) -> None:
+    memory_mb, timeout_s = declared
+    traits = {"isolation": "any", "needs_gpu": False, "memory_mb": memory_mb,
+              "cpu_bound": False, "timeout_s": timeout_s, "libraries": []}
+    (description,) = parse_catalogue(MODULE, {"nodes": [described(Split, traits=traits)],
+                                              "errors": []})
+    entry = entry_of(description, MODULE, memory_mb_max=2048, timeout_s_max=300.0)
+    assert (entry.traits.memory_mb, entry.traits.timeout_s) == held
+
+
 @pytest.mark.parametrize(("changes", "problem"), [
     ({"node_type": "A\nB"}, "node_type"),
     ({"node_type": "x" * 201}, "node_type"),
@@ -162,3 +178,34 @@ async def test_a_class_less_entry_never_runs_in_process() -> None:
             await runtime.call(spec, ExecutionScope("x"), {"in": 1})
     finally:
         await runtime.shutdown()
+
+
+def fanning_out(depth: int) -> str:
+    """An ``anyOf`` of two references to an ``anyOf`` of two references ... ``depth`` deep."""
+    levels: dict[str, Any] = {}
+    for level in range(depth):
+        below = {"$ref": f"#/$defs/l{level + 1}"} if level < depth - 1 else {"type": "string"}
+        levels[f"l{level}"] = {"anyOf": [below, below]}
+    return check_schema(json.dumps({"type": "object", "$defs": levels,
+                                    "properties": {"x": {"$ref": "#/$defs/l0"}}}))
+
+
+def test_a_schema_that_fans_out_is_refused_within_the_params_budget() -> None:
+    """2**40 evaluations of one field held the event loop for good; the params get a budget of
+    steps for their size, and past it a violation says so."""
+    (violation,) = schema_violations(fanning_out(40), {"x": 1})
+    assert violation.kind == "invalid" and "steps" in violation.message, violation
+    # Within the budget, the same schema still says what is wrong (and what is right).
+    assert [v.message for v in schema_violations(fanning_out(3), {"x": 1})] == [
+        "1 is not valid under any of the given schemas"]
+    assert schema_violations(fanning_out(3), {"x": "a"}) == []
+
+
+def test_large_params_keep_a_budget_that_fits_them() -> None:
+    """A budget per value: thousands of items of a union, unique or not (``uniqueItems`` is
+    the sandbox's to check: quadratic here when the items do not sort)."""
+    schema = check_schema(json.dumps({"type": "object", "properties": {"xs": {
+        "type": "array", "uniqueItems": True,
+        "items": {"anyOf": [{"type": "integer"}, {"type": "object"}]}}}}))
+    assert schema_violations(schema, {"xs": [{"k": i} for i in range(3000)]}) == []
+    assert schema_violations(schema, {"xs": [1, 1, *range(2, 5000)]}) == []
