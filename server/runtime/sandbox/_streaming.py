@@ -62,8 +62,9 @@ class _Streaming(_Instances):
             call.future.set_result(message)
 
     def _send_stream(self, worker: _Worker, call: _Call, message: tuple[Any, ...]) -> bool:
-        """Send the session's next message to the worker; False when the worker is gone."""
-        if call.finished or worker.sock is None:
+        """Send the session's next message to the worker; False when the worker is gone (or
+        condemned: its kill's reason, not a failed send, is what the session reports)."""
+        if call.finished or worker.sock is None or worker.killed:
             return False
         try:
             packed, fresh = _shm.pack(message, worker.outbox)
@@ -111,12 +112,14 @@ class _Streaming(_Instances):
         async def exchange(message: tuple[Any, ...]) -> tuple[Any, ...]:
             nonlocal our_turn
             if call.finished:
-                raise self._death_error(call, worker.cause or "sandbox worker gone")
+                raise self._death_error(call, worker.cause or worker.kill_reason
+                                        or "sandbox worker gone")
             call.future = loop.create_future()
             call.deadline = self._deadline(spec, instance.scope, None)
             our_turn = False
             if not self._send_stream(worker, call, message):
-                raise self._death_error(call, worker.cause or "control channel failed")
+                raise self._death_error(call, worker.cause or worker.kill_reason
+                                        or "control channel failed")
             call.timer = loop.call_at(call.deadline, self._on_deadline, worker, call)
             reply = await call.future
             our_turn = call.streaming and not call.finished
