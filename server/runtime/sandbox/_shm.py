@@ -747,7 +747,7 @@ def _check_nesting(buf: bytes | mmap.mmap, start: int, end: int) -> None:
 
 
 def _follow(effect: tuple[int, bool, int, bool], depths: list[int], marks: list[int]) -> None:
-    """Apply one opcode's stack effect (see ``_stack_effects``) to the depths of ``refuse_sharing``.
+    """Apply one opcode's stack effect (see ``_stack_effects``) to the depths of ``_check_nesting``.
     What the unpickler would refuse (popping past a mark, or an empty stack) is refused here."""
     pops, to_mark, pushes, into = effect
     fence = marks[-1] if marks else 0
