@@ -242,11 +242,11 @@ class _Calls(_Pool):
         if size <= worker.granted:
             self._misbehaved(worker, "asked for a segment no larger than one it was granted")
             return
-        if size > self.max_message_bytes * 2:
+        limit = self.max_message_bytes * 2
+        if size > limit:
             with contextlib.suppress(OSError):
                 sock.send(SEGMENT_REFUSED)
             return
-        limit = self.max_message_bytes * 2
         size = max(size, min(worker.granted * 2, limit))
         worker.granted = size
         fd = _shm.new_segment_fd(size, f"tensorline-w{worker.wid}-out")
