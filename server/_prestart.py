@@ -40,7 +40,12 @@ BASE_ENVIRONMENT = {
 
 BOOT = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
         "from tensorline.server.runtime.sandbox._zygote import main; "
-        "main(int(sys.argv[2]), json.loads(sys.argv[3]))")
+        "main(int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4]))")
+
+# The CPUs the server may run on, as it was started (before the sandbox's placement binds any
+# of its threads to one, see ``runtime.sandbox._placement``): a launcher started while a thread
+# is bound runs, and forks its workers, on all of them.
+SERVER_CPUS = sorted(os.sched_getaffinity(0))
 
 Launched = tuple["subprocess.Popen[bytes]", socket.socket]
 _Key = tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[str, ...]]
@@ -73,7 +78,7 @@ def spawn(env: Mapping[str, str], preload: list[str]) -> Launched:
         # a process full of gRPC threads (uvloop does).
         process = subprocess.Popen(
             [sys.executable, "-I", "-c", BOOT, json.dumps(import_path()),
-             str(theirs.fileno()), json.dumps(preload)],
+             str(theirs.fileno()), json.dumps(preload), json.dumps(SERVER_CPUS)],
             env=dict(env), pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, close_fds=True, cwd="/")
     except BaseException:

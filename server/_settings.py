@@ -152,6 +152,9 @@ class Settings(BaseSettings):
                                 "3/4 of its memory cap; 0 = never)")
     sandbox_probe_interval_s: float = Field(
         30.0, ge=0, description="health-probe workers idle this long (0 = never)")
+    sandbox_co_locate: bool = Field(
+        True, description="run the worker of a short sandboxed call on the event loop's CPU "
+                          "while calls do not overlap (saves two cross-CPU wake-ups)")
     sandbox_required_layers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_REQUIRED_LAYERS),
         description="sandbox layers untrusted code requires (comma-separated); missing = "

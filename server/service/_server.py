@@ -124,6 +124,7 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
             idle_s=settings.sandbox_idle_s,
             required_layers=settings.sandbox_required_layers,
             preload_modules=settings.preload_modules,
+            co_locate=settings.sandbox_co_locate,
         )
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
                         sandbox_available="sandbox" in runtimes)

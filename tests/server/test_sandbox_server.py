@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import urllib.request
 from collections.abc import Callable
@@ -16,14 +17,16 @@ from typing import Any
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 
-from tensorline.client import AsyncClient, DeadlineExceededError, TensorlineError
+from tensorline.client import AsyncClient, Client, DeadlineExceededError, TensorlineError
 from tensorline.server import TensorlineServer
 from tensorline.server.nodes import NodeRegistry
 from tests.nodes.server_only import ServerOnlyScale
 from tests.server.conftest import UNTRUSTED
 from tests.support.manifests import one_node
+from tests.support.processes import ServerProcess, wait_until
 
 MIXED = {"nodes": [
     {"id": "a", "node_type": "PassThrough", "runtime_hint": "inprocess"},
@@ -254,3 +257,44 @@ async def test_a_server_without_its_sandbox_refuses_sandbox_nodes_without_fallba
     assert caught.value.message.startswith(
         "node 'bad' (PassThrough) must run in the sandbox runtime, which is not available")
     assert info.worker_pool_size == 0
+
+
+def sandbox_workers(server_pid: int) -> list[psutil.Process]:
+    """The server's workers: the children of its launcher (the server's one child)."""
+    return [worker for launcher in psutil.Process(server_pid).children()
+            for worker in launcher.children()]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding needs two CPUs or more")
+@pytest.mark.parametrize("co_locate", [True, False])
+def test_a_quiet_servers_sandboxed_calls_share_its_cpu_with_their_worker(
+        co_locate: bool) -> None:
+    manifest = one_node("Scale", {"factor": 2.0}, "sandbox", node_id="s")
+    x = np.arange(256, dtype=np.float32)
+    env = {"TENSORLINE_SANDBOX_CO_LOCATE": str(co_locate).lower()}
+    with ServerProcess.start(env=env) as server, Client(server.target, timeout=60) as client:
+        everywhere = os.sched_getaffinity(server.pid)
+        assert len(everywhere) > 1
+
+        def call() -> None:
+            result = client.execute(manifest, {"s": x})
+            np.testing.assert_array_equal(result.outputs["s"], x * 2)
+            assert result.metrics.nodes[0].runtime == "sandbox"
+
+        def bound_worker() -> int | None:
+            # Calls one at a time, a poll interval apart: a quiet server.
+            call()
+            cpus = os.sched_getaffinity(server.pid)
+            if len(cpus) != 1:
+                return None
+            return next((w.pid for w in sandbox_workers(server.pid)
+                         if os.sched_getaffinity(w.pid) == cpus), None)
+
+        if co_locate:
+            assert wait_until(bound_worker, timeout=30, what="a worker bound to the loop's CPU")
+        else:
+            for _ in range(20):
+                call()
+            assert os.sched_getaffinity(server.pid) == everywhere
+            assert all(os.sched_getaffinity(w.pid) == everywhere
+                       for w in sandbox_workers(server.pid))

@@ -58,6 +58,7 @@ from tensorline.server.runtime.sandbox._messages import (
     RUNS_NODE_CODE,
     SEGMENT,
     SEGMENT_REFUSED,
+    TIMED,
     UNHEALTHY,
     error_fields,
     granted_message,
@@ -366,7 +367,17 @@ class _Calls(_Pool):
         except BaseException:
             self._finish(worker, call)
             raise
+        placement = self._placement
+        if placement.enabled and worker.process_id is not None:
+            timed = op in TIMED
+            now = loop.time()
+            if timed:
+                call.sent_at = now
+            placement.before_send(worker.process_id,
+                                  timed and placement.is_short(call.spec.node_type),
+                                  self._busy > 0, now)
         worker.inflight = call
+        self._busy += 1
         if batch is not None:
             self._batches += 1
             self._batched_inputs += batch.size
@@ -401,9 +412,12 @@ class _Calls(_Pool):
             call.timer.cancel()
         if worker.inflight is call:
             worker.inflight = None
+            self._busy -= 1
         worker.queued -= 1
         if self._loop is not None:
             worker.last_used = self._loop.time()
+            if call.sent_at:
+                self._placement.record(call.spec.node_type, worker.last_used - call.sent_at)
         worker.calls += 1
         if self.max_calls and worker.calls >= self.max_calls:
             self._recycle(worker, f"served {worker.calls} calls")

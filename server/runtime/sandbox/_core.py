@@ -24,6 +24,7 @@ from tensorline.server.manifest import NodeSpec
 from tensorline.server.runtime._base import ExecutionScope, LayerStatus, Runtime
 from tensorline.server.runtime.sandbox import _shm
 from tensorline.server.runtime.sandbox._launcher import Launcher
+from tensorline.server.runtime.sandbox._placement import CpuPlacement
 from tensorline.server.runtime.sandbox._records import (
     MIN_MEMORY_MB,
     _Call,
@@ -77,6 +78,7 @@ class _Core(Runtime):
         idle_s: float = 60.0,
         required_layers: Sequence[str] = (),
         preload_modules: Sequence[str] = (),
+        co_locate: bool = True,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -141,6 +143,10 @@ class _Core(Runtime):
         self._scratch_root = ""
         self._owns_scratch_root = False
         self._workers: dict[int, _Worker] = {}
+        # Workers with a call in flight (``_Call`` set as their ``inflight``), and where the
+        # worker of a short call runs while they do not overlap (see ``_placement``).
+        self._busy = 0
+        self._placement = CpuPlacement(co_locate)
         self._wids = itertools.count(1)
         self._uid_leases = UidLeases(WORKER_UID_BASE, WORKER_UID_COUNT)
         self._iids = itertools.count(1)

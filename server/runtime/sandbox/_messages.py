@@ -146,6 +146,8 @@ MAX_CLASS_IDS = 1024
 CARRIES_RELEASES = frozenset({RUN, RUNS, CALL, CALLS, RELEASE})
 # Requests that run node code: create or run an instance, or import an untrusted module.
 RUNS_NODE_CODE = frozenset({INIT, CALL, CALLS, RUN, RUNS, STREAM, DESCRIBE})
+# Requests that are one call of a node: their duration is the node's (see ``_placement``).
+TIMED = frozenset({CALL, RUN})
 
 PROBE_REQUEST: tuple[str] = (PROBE,)
 EXIT_REQUEST: tuple[str] = (EXIT,)

@@ -160,6 +160,7 @@ class _Pool(_Core):
         worker = self._by_pid.pop(pid, None)
         if worker is None or worker.state == "dead":
             return
+        self._placement.forget(pid)
         cause = self._cause(worker, code)
         was_starting = worker.state == "starting"
         worker.state = "dead"

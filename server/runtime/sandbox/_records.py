@@ -191,6 +191,9 @@ class _Call:
     on_event: Callable[[str, str, float], None] | None = None
     # A batch: its reports up to the last one resolve nothing but this.
     batch: _Batch | None = None
+    # Loop time a node's single call was sent (0.0 for other requests): its duration tells
+    # the placement whether the node's calls are short (see ``_placement``).
+    sent_at: float = 0.0
 
 
 # A one-shot call sent by ``_dispatch``: (worker, call, class key, class id, definition).

@@ -120,6 +120,9 @@ class SandboxRuntime(_Streaming):
         if self._closed:
             return
         self._closed = True
+        # The server's threads bound with a worker run on all its CPUs again.
+        self._placement.release_all()
+        self._placement.enabled = False
         for task in (self._prober, self._shrinker):
             if task is not None:
                 task.cancel()

@@ -107,6 +107,7 @@ class _Streaming(_Instances):
                                 during="process", kind="crash")
         releases, worker.releases = worker.releases, []
         worker.inflight = call
+        self._busy += 1
         our_turn = False  # True while the worker waits for our next message
 
         async def exchange(message: tuple[Any, ...]) -> tuple[Any, ...]:

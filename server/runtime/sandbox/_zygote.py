@@ -141,8 +141,13 @@ def _kill_all(children: set[int]) -> None:
     children.clear()
 
 
-def main(control_fd: int, preload: list[str] | None = None) -> None:
-    """Serve spawn requests until the server goes away; ``preload``: the operator's modules."""
+def main(control_fd: int, preload: list[str] | None = None,
+         cpus: list[int] | None = None) -> None:
+    """Serve spawn requests until the server goes away; ``preload``: the operator's modules;
+    ``cpus``: the server's CPUs (it may have been started from a thread bound to one)."""
+    if cpus:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpus)
     ctl = socket.socket(fileno=control_fd)
     ctl.setblocking(True)
     # A session of our own: a terminal's Ctrl-C goes to the server, which then shuts the pool

@@ -1,0 +1,211 @@
+"""Which CPUs the server and a worker run on: one CPU for both while the sandbox is quiet.
+
+A sandboxed call wakes its worker with the request, and the reply wakes the event loop. When
+the woken thread lands on an idle CPU, the wake-up costs what waking that CPU costs. On a
+virtual machine whose idle vCPUs halt at once (the guest kernel's ``haltpoll`` with
+``guest_halt_poll_ns=0``, as on the machines the benchmarks ran on) that is a VM exit, ~40 µs
+each way, against ~10 µs for a whole round trip between two processes on one CPU
+(``python bench/bench_sandbox_hop.py --io``). So while the sandbox is quiet, the server's
+threads and the worker of a short call are bound to the CPU the event loop sends the request
+from: the worker runs there as soon as the loop waits, and its reply finds the loop's CPU
+awake. The server's threads too, not only the loop's: a reply would otherwise wake the loop on
+the other, idle, CPU (the worker still runs on this one when it sends it), and gRPC's own
+threads hand each request and response to the loop.
+
+Quiet means three things, and binding ends as soon as one fails:
+
+* The call is of a node whose last call took less than ``SHORT_S``; no other request
+  (initialization, streams, batches) is bound: the wake-up is noise against a longer call, and
+  a node's code could start threads, which inherit its binding.
+* No two calls overlapped for ``QUIET_S``: when a call starts while another is in flight,
+  everything is let go to all the server's CPUs, and stays so until ``QUIET_S`` has passed
+  without an overlap, so that a loaded sandbox does not flap between the two.
+* The server's threads used less than ``BIND_BELOW`` of a CPU over the last ``QUIET_S`` or so
+  (``RELEASE_ABOVE`` once bound): one CPU is not enough for a busy server and a worker both
+  (in-process nodes, many clients).
+
+Letting go is thread by thread (``/proc/<pid>/task``): threads started while bound (a thread
+pool's, a worker node's) inherited the binding. A thread bound otherwise (by the operator, a
+library) is left alone. Processes the server starts while bound inherit it too; the sandbox's
+launcher, which forks the workers, puts itself back on the server's CPUs when it starts
+(``_prestart.SERVER_CPUS``).
+
+Binding changes nothing a worker can do: its seccomp filter refuses ``sched_setaffinity``, so
+only the server places it. The server places a worker by pid; a worker that has died is
+forgotten before its pid can be reused (the launcher reaps it first, and the server forgets it
+when it learns of its death), and a placement that fails is only skipped. If the server may not
+place its workers (no ``CAP_SYS_NICE`` over workers of another uid), binding turns itself off.
+``Settings.sandbox_co_locate`` turns it off by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from tensorline.server._prestart import SERVER_CPUS
+
+log = logging.getLogger(__name__)
+
+# No two calls overlapped for this long: the sandbox is quiet again and binds.
+QUIET_S = 0.01
+# A node whose last call took longer than this (wall time, request to reply) is not bound.
+SHORT_S = 0.002
+# The server's threads used more than this share of one CPU: one CPU is not enough for them
+# and a worker both, and they are let go; they are bound again below the second share.
+RELEASE_ABOVE = 0.85
+BIND_BELOW = 0.7
+# Node types whose last call time is kept; past this many the record starts over.
+MAX_NODE_TYPES = 4096
+
+
+def _current_cpu_function() -> Callable[[], int] | None:
+    """glibc's ``sched_getcpu`` (a vDSO read, no system call), or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = []
+    return function  # type: ignore[no-any-return]
+
+
+class CpuPlacement:
+    """Binds the event loop and the worker of a short call to one CPU while the sandbox is
+    quiet (see the module's docstring). Called on the event loop's thread only."""
+
+    def __init__(self, enabled: bool) -> None:
+        # The server's CPUs as it started (not its thread's: another runtime may bind it).
+        self._cpus = frozenset(SERVER_CPUS)
+        self._current_cpu = _current_cpu_function()
+        self.enabled = enabled and len(self._cpus) > 1 and self._current_cpu is not None
+        # Bound workers (pid -> CPU), and the CPU the loop's thread is bound to.
+        self._bound: dict[int, int] = {}
+        self._loop_cpu: int | None = None
+        self._overlapped_at = float("-inf")
+        self._durations: dict[str, float] = {}
+        # The server's CPU time and the loop time of the last look at them (``_busy``).
+        self._sampled_at = float("-inf")
+        self._cpu_at = 0.0
+        self._server_busy = False
+
+    @property
+    def bound(self) -> dict[int, int]:
+        """Bound workers: pid -> CPU."""
+        return dict(self._bound)
+
+    @property
+    def loop_cpu(self) -> int | None:
+        """The CPU the event loop's thread is bound to, if it is."""
+        return self._loop_cpu
+
+    def is_short(self, node_type: str) -> bool:
+        """Whether ``node_type``'s last call was short (a node never called is not)."""
+        return self._durations.get(node_type, SHORT_S) < SHORT_S
+
+    def record(self, node_type: str, seconds: float) -> None:
+        """A call of ``node_type`` took ``seconds``, request to reply."""
+        if len(self._durations) >= MAX_NODE_TYPES and node_type not in self._durations:
+            self._durations.clear()
+        self._durations[node_type] = seconds
+
+    def before_send(self, pid: int, short: bool, overlapping: bool, now: float) -> None:
+        """Place the worker ``pid`` before a request wakes it: ``short`` is a call of a node
+        whose last call was short, ``overlapping`` that other calls are in flight."""
+        if not self.enabled:
+            return
+        if overlapping or self._busy(now):
+            if overlapping:
+                self._overlapped_at = now
+            if self._bound or self._loop_cpu is not None:
+                self.release_all()
+            return
+        if not short or now - self._overlapped_at < QUIET_S:
+            if pid in self._bound:
+                self.release(pid)
+            return
+        assert self._current_cpu is not None
+        cpu = self._loop_cpu if self._loop_cpu is not None else self._current_cpu()
+        if cpu < 0 or self._bound.get(pid) == cpu:
+            return
+        try:
+            if self._loop_cpu is None:
+                # The server's threads too: a reply would otherwise wake the loop on another,
+                # idle, CPU (the worker still runs on this one when its reply is sent), and
+                # gRPC's own threads hand each request and response to the loop.
+                os.sched_setaffinity(0, (cpu,))
+                self._loop_cpu = cpu
+                _bind_threads("/proc/self/task", self._cpus, cpu)
+            os.sched_setaffinity(pid, (cpu,))
+        except OSError as exc:
+            self._bound.pop(pid, None)
+            if exc.errno != errno.ESRCH:
+                # Not allowed here (EPERM: workers of another uid and no CAP_SYS_NICE; EINVAL:
+                # the CPU left the server's cpuset): stop trying.
+                log.info("sandbox workers stay where the scheduler puts them: %s", exc)
+                self.release_all()
+                self.enabled = False
+            return
+        self._bound[pid] = cpu
+
+    def _busy(self, now: float) -> bool:
+        """Whether the server's threads used too much of a CPU (``RELEASE_ABOVE`` when bound,
+        ``BIND_BELOW`` when not) over the last ``QUIET_S`` or so to share one with a worker."""
+        if now - self._sampled_at >= QUIET_S:
+            cpu = time.process_time()
+            if self._sampled_at > float("-inf"):
+                # Bound, the server shares one CPU with its worker: let go when it nears that
+                # CPU's whole; bind again only well below (no flapping at the edge).
+                share = RELEASE_ABOVE if self._loop_cpu is not None else BIND_BELOW
+                self._server_busy = cpu - self._cpu_at > share * (now - self._sampled_at)
+            self._sampled_at, self._cpu_at = now, cpu
+        return self._server_busy
+
+    def release(self, pid: int) -> None:
+        """Let the worker ``pid`` and every thread of it run on all the server's CPUs."""
+        cpu = self._bound.pop(pid, None)
+        if cpu is not None:
+            _release_threads(f"/proc/{pid}/task", cpu, self._cpus)
+
+    def release_all(self) -> None:
+        """Let every bound worker go, and the loop's thread with the threads it started while
+        bound (they inherited its binding: a thread pool's, say)."""
+        for pid in list(self._bound):
+            self.release(pid)
+        if self._loop_cpu is not None:
+            cpu, self._loop_cpu = self._loop_cpu, None
+            _release_threads("/proc/self/task", cpu, self._cpus)
+
+    def forget(self, pid: int) -> None:
+        """The worker ``pid`` is gone: its pid may name another process from now on."""
+        self._bound.pop(pid, None)
+
+
+def _release_threads(tasks: str, cpu: int, cpus: frozenset[int]) -> None:
+    """Threads under ``tasks`` bound to ``cpu`` alone may run on ``cpus`` again (a thread bound
+    otherwise was bound by someone else, and stays)."""
+    try:
+        threads = [int(tid) for tid in os.listdir(tasks)]
+    except OSError:
+        return
+    for tid in threads:
+        with contextlib.suppress(OSError):
+            if os.sched_getaffinity(tid) == {cpu}:
+                os.sched_setaffinity(tid, cpus)
+
+
+def _bind_threads(tasks: str, cpus: frozenset[int], cpu: int) -> None:
+    """Threads under ``tasks`` free to run on ``cpus`` run on ``cpu`` alone."""
+    try:
+        threads = [int(tid) for tid in os.listdir(tasks)]
+    except OSError:
+        return
+    for tid in threads:
+        with contextlib.suppress(OSError):
+            if os.sched_getaffinity(tid) == cpus:
+                os.sched_setaffinity(tid, (cpu,))
