@@ -27,7 +27,7 @@ from tensorline.server._errors import DeadlineExceeded, NodeFailed
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.nodes import NodeEntry
 from tensorline.server.runtime._base import BatchOutcome, ExecutionScope
-from tensorline.server.runtime.sandbox import _shm
+from tensorline.server.runtime.sandbox import _placement, _shm
 from tensorline.server.runtime.sandbox._failures import WorkerFailure, _WorkerGone
 from tensorline.server.runtime.sandbox._messages import (
     BATCH_FLUSH_S,
@@ -373,9 +373,10 @@ class _Calls(_Pool):
             now = loop.time()
             if timed:
                 call.sent_at = now
-            placement.before_send(worker.process_id,
-                                  timed and placement.is_short(call.spec.node_type),
-                                  self._busy > 0, now)
+            if placement.before_send(worker.process_id,
+                                     timed and placement.is_short(call.spec.node_type),
+                                     self._busy > 0, now):
+                call.overrun = loop.call_at(now + _placement.SHORT_S, self._overran, worker, call)
         worker.inflight = call
         self._busy += 1
         if batch is not None:
@@ -410,6 +411,8 @@ class _Calls(_Pool):
         call.finished = True
         if call.timer is not None:
             call.timer.cancel()
+        if call.overrun is not None:
+            call.overrun.cancel()
         if worker.inflight is call:
             worker.inflight = None
             self._busy -= 1
@@ -446,6 +449,10 @@ class _Calls(_Pool):
             self._on_deadline(worker, call)
         else:
             self._watch(worker, call.deadline)
+
+    def _overran(self, worker: _Worker, call: _Call) -> None:
+        if worker.inflight is call:
+            self._placement.overran(call.spec.node_type)
 
     def _on_deadline(self, worker: _Worker, call: _Call) -> None:
         if worker.inflight is not call:

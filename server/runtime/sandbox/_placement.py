@@ -16,7 +16,9 @@ Quiet means three things, and binding ends as soon as one fails:
 
 * The call is of a node whose last call took less than ``SHORT_S``; no other request
   (initialization, streams, batches) is bound: the wake-up is noise against a longer call, and
-  a node's code could start threads, which inherit its binding.
+  a node's code could start threads, which inherit its binding. A bound call still running
+  ``SHORT_S`` after it was sent lets everything go at once (``overran``), so the event loop
+  never shares its CPU for longer with a node that turned slow (or pretended to be quick).
 * No two calls overlapped for ``QUIET_S``: when a call starts while another is in flight,
   everything is let go to all the server's CPUs, and stays so until ``QUIET_S`` has passed
   without an overlap, so that a loaded sandbox does not flap between the two.
@@ -31,11 +33,12 @@ launcher, which forks the workers, puts itself back on the server's CPUs when it
 (``_prestart.SERVER_CPUS``).
 
 Binding changes nothing a worker can do: its seccomp filter refuses ``sched_setaffinity``, so
-only the server places it. The server places a worker by pid; a worker that has died is
-forgotten before its pid can be reused (the launcher reaps it first, and the server forgets it
-when it learns of its death), and a placement that fails is only skipped. If the server may not
-place its workers (no ``CAP_SYS_NICE`` over workers of another uid), binding turns itself off.
-``Settings.sandbox_co_locate`` turns it off by hand.
+only the server places it. The server places a worker by pid, only while it holds it alive;
+but one that died unseen could have its pid reused before the server learns of its death (the
+launcher reaps, then reports): that process would only be moved between the server's CPUs. A
+placement that fails is skipped. If the server may not place its workers (no ``CAP_SYS_NICE``
+over workers of another uid), binding turns itself off. ``Settings.sandbox_co_locate`` turns
+it off by hand.
 """
 
 from __future__ import annotations
@@ -114,25 +117,28 @@ class CpuPlacement:
             self._durations.clear()
         self._durations[node_type] = seconds
 
-    def before_send(self, pid: int, short: bool, overlapping: bool, now: float) -> None:
+    def before_send(self, pid: int, short: bool, overlapping: bool, now: float) -> bool:
         """Place the worker ``pid`` before a request wakes it: ``short`` is a call of a node
-        whose last call was short, ``overlapping`` that other calls are in flight."""
+        whose last call was short, ``overlapping`` that other calls are in flight. True when
+        the call runs bound: past ``SHORT_S`` the caller lets everything go (``overran``)."""
         if not self.enabled:
-            return
+            return False
         if overlapping or self._busy(now):
             if overlapping:
                 self._overlapped_at = now
             if self._bound or self._loop_cpu is not None:
                 self.release_all()
-            return
+            return False
         if not short or now - self._overlapped_at < QUIET_S:
             if pid in self._bound:
                 self.release(pid)
-            return
+            return False
         assert self._current_cpu is not None
         cpu = self._loop_cpu if self._loop_cpu is not None else self._current_cpu()
-        if cpu < 0 or self._bound.get(pid) == cpu:
-            return
+        if cpu < 0:
+            return False
+        if self._bound.get(pid) == cpu:
+            return True
         try:
             if self._loop_cpu is None:
                 # The server's threads too: a reply would otherwise wake the loop on another,
@@ -150,8 +156,16 @@ class CpuPlacement:
                 log.info("sandbox workers stay where the scheduler puts them: %s", exc)
                 self.release_all()
                 self.enabled = False
-            return
+            return False
         self._bound[pid] = cpu
+        return True
+
+    def overran(self, node_type: str) -> None:
+        """A bound call of ``node_type`` is still running ``SHORT_S`` after it was sent: let
+        everything go (the loop must not share its CPU with a node that turned slow), and the
+        node's calls count as long from now on."""
+        self.record(node_type, SHORT_S)
+        self.release_all()
 
     def _busy(self, now: float) -> bool:
         """Whether the server's threads used too much of a CPU (``RELEASE_ABOVE`` when bound,

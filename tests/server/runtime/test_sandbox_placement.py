@@ -1,6 +1,7 @@
 """Where the sandbox's processes run (``_placement``): while the sandbox is quiet, the worker of a
 short call and the server's threads share the event loop's CPU; an overlap of calls, a long
-node, a busy server or the runtime's shutdown lets every one of them go to all the server's
+node, a bound call that turns slow, a busy server or the runtime's shutdown lets every one of
+them go to all the server's
 CPUs, threads started while bound included; a launcher started from a bound thread forks its
 workers onto all of them; ``co_locate=False`` binds nothing."""
 
@@ -222,3 +223,36 @@ def test_only_a_node_whose_last_call_was_short_is_short() -> None:
     assert placement.is_short("Quick") and not placement.is_short("Slow")
     placement.record("Quick", _placement.SHORT_S * 2)
     assert not placement.is_short("Quick")
+
+
+@needs_two_cpus
+async def test_a_bound_call_that_turns_slow_lets_everything_go(
+        lenient: None, monkeypatch: pytest.MonkeyPatch, sandbox: SandboxRuntime) -> None:
+    await echo_calls(sandbox, 3)
+    assert sandbox._placement.loop_cpu is not None
+    # Gate has been quick so far; this call holds its worker until the test opens it.
+    monkeypatch.setattr(_placement, "SHORT_S", 0.05)
+    gate = make_spec(nodes.Gate, trusted=True)
+    sandbox._placement.record(gate.node_type, 0.0)
+    await echo_calls(sandbox, 1)  # bound again, and Gate's class loaded in no worker yet
+    held = asyncio.ensure_future(sandbox.call(gate, ExecutionScope("held"), {"in": 7}))
+    try:
+        # Past SHORT_S the loop does not share its CPU with it any longer, while it still runs.
+        await eventually(lambda: sandbox._placement.loop_cpu is None
+                         and any(Path(view, "held.process").exists()
+                                 for view in sandbox.scratch_views()), 30.0,
+                         "the held call to let the loop's CPU go")
+        assert not held.done()
+        assert sandbox._placement.bound == {}
+        assert os.sched_getaffinity(0) == ALL
+        assert all(os.sched_getaffinity(p) == ALL for p in sandbox.worker_pids())
+        assert not sandbox._placement.is_short(gate.node_type)
+    finally:
+        open_gate(sandbox, "held")
+    assert await held == 7
+
+
+def open_gate(runtime: SandboxRuntime, execution: str) -> None:
+    """Let the ``Gate`` call of ``execution`` end (an empty file in each worker's tmpfs)."""
+    for view in runtime.scratch_views():
+        Path(view, f"{execution}.go").write_text("")
