@@ -99,3 +99,7 @@ async def sandbox(no_leaks: None, tmp_path: Path) -> AsyncIterator[SandboxRuntim
         yield runtime
     finally:
         await runtime.shutdown()
+    # Every call ended (answered, or its worker died): none counts as in flight any more (the
+    # count decides whether calls overlap, see ``_placement``).
+    assert runtime._busy == 0
+    assert runtime._placement.bound == {} and runtime._placement.loop_cpu is None
