@@ -16,6 +16,7 @@ import io
 import mmap
 import os
 import resource
+import signal
 import socket
 import termios
 import threading
@@ -633,6 +634,30 @@ def sleep(node: Attacker) -> Any:
     return "woke"
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+def spin_beside_the_loop(node: Attacker) -> Any:
+    """A quick call that leaves a thread spinning: where the worker was bound to the server's
+    CPU, the thread is too (it inherits the binding), beside the server's event loop."""
+    thread = threading.Thread(target=_spin, daemon=True)
+    thread.start()
+    return "spinning"
+
+
+def spin_later(node: Attacker) -> Any:
+    """``spin_beside_the_loop`` with the thread started after the reply, from a signal handler
+    that runs while the worker waits for its next request."""
+    def start(signum: int, frame: Any) -> None:
+        threading.Thread(target=_spin, daemon=True).start()
+
+    signal.signal(signal.SIGALRM, start)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    return "armed"
+
+
 def fork(node: Attacker) -> Any:
     pid = os.fork()
     if pid == 0:
@@ -648,5 +673,5 @@ ATTACKS: dict[str, Callable[[Attacker], Any]] = {
         realtime, slow_down_others, sigio_signal, outlive_the_launcher, json_bomb,
         json_bomb_raw, metadata_bomb, metadata_bomb_raw, port_bomb, uninitialized_array, deep_key,
         hoard_segments, segment_requests, events_after_reply, foreign_abi, peek_at_others,
-        claim_import_failures, sleep, fork)
+        claim_import_failures, sleep, spin_beside_the_loop, spin_later, fork)
 }

@@ -511,7 +511,10 @@ def test_other_processes_of_the_uid_cannot_be_slowed_down(tmp_path: Path) -> Non
     the whole uid."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    env = {**server_env(scratch), "TENSORLINE_SANDBOX_SEPARATE_UIDS": "false"}
+    # The server binds its own threads to one CPU while the sandbox is quiet (``_placement``):
+    # off here, so that any change to its CPUs would be the attack's.
+    env = {**server_env(scratch), "TENSORLINE_SANDBOX_SEPARATE_UIDS": "false",
+           "TENSORLINE_SANDBOX_CO_LOCATE": "false"}
     with subprocess.Popen([sys.executable, "-c", BYSTANDER]) as bystander, \
             ServerProcess.start(env=env, pythonpath_repo=True, log_dir=tmp_path / "log") as server, \
             Client(server.target, timeout=60) as client:
@@ -735,4 +738,49 @@ def test_untrusted_code_is_refused_without_a_required_layer(tmp_path: Path) -> N
         assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "seccomp" in caught.value.message and "'bad'" in caught.value.message
         assert "required sandbox layer(s) seccomp not active" in server.logs()
+        still_serving(server, client)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding needs two CPUs or more")
+@pytest.mark.parametrize("what", ["spin_beside_the_loop", "spin_later"])
+def test_a_thread_left_spinning_on_the_loops_cpu_does_not_keep_the_loop_there(
+        tmp_path: Path, what: str) -> None:
+    """While the sandbox is quiet the server binds its threads and the worker of a short call
+    to one CPU (``_placement``). A quick call of a hostile node that leaves a thread spinning
+    there (started in the call, or later from a signal handler) must not keep the event loop
+    on that CPU once the loop has work: it lets go while the thread still spins."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with ServerProcess.start(env=server_env(scratch), pythonpath_repo=True,
+                             log_dir=tmp_path / "log") as server, \
+            Client(server.target, timeout=60) as client:
+        everywhere = os.sched_getaffinity(server.pid)
+
+        def bound() -> bool:
+            # Quick calls of the attack node, one at a time: its calls are short, and the
+            # loop and the node's worker get bound.
+            assert escape.look(client, "untrusted", "sleep", count=0) == "woke"
+            return len(os.sched_getaffinity(server.pid)) == 1
+
+        wait_until(bound, timeout=30, what="the server's loop bound to one CPU")
+        escape.look(client, "untrusted", what)
+
+        def spinning() -> list[int]:
+            """Workers' threads other than their main thread, busy on a CPU."""
+            return [thread.id for worker in psutil.Process(server.pid).children(recursive=True)
+                    for thread in worker.threads() if thread.id != worker.pid
+                    and psutil.Process(thread.id).status() == psutil.STATUS_RUNNING]
+
+        wait_until(spinning, timeout=30, what="the hostile thread to spin")
+        x = np.arange(1024, dtype=np.float32)
+        work = {"nodes": [{"id": "p", "node_type": "PassThrough", "runtime_hint": "inprocess"}]}
+
+        def let_go() -> bool:
+            # In-process calls: the loop has work, and waits for the CPU it shares.
+            for _ in range(20):
+                np.testing.assert_array_equal(client.execute(work, {"p": x})["p"], x)
+            return os.sched_getaffinity(server.pid) == everywhere
+
+        wait_until(let_go, timeout=30, what="the loop to leave the spinning thread's CPU")
+        assert spinning(), "the loop let go only once the thread stopped"
         still_serving(server, client)

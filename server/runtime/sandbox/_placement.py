@@ -12,7 +12,7 @@ awake. The server's threads too, not only the loop's: a reply would otherwise wa
 the other, idle, CPU (the worker still runs on this one when it sends it), and gRPC's own
 threads hand each request and response to the loop.
 
-Quiet means three things, and binding ends as soon as one fails:
+Quiet means four things, and binding ends as soon as one fails:
 
 * The call is of a node whose last call took less than ``SHORT_S``; no other request
   (initialization, streams, batches) is bound: the wake-up is noise against a longer call, and
@@ -25,6 +25,12 @@ Quiet means three things, and binding ends as soon as one fails:
 * The server's threads used less than ``BIND_BELOW`` of a CPU over the last ``QUIET_S`` or so
   (``RELEASE_ABOVE`` once bound): one CPU is not enough for a busy server and a worker both
   (in-process nodes, many clients).
+* Bound, the loop's thread waited for its CPU less than ``CONTENDED_SHARE`` of the time (its
+  run delay, which the kernel keeps per thread). Something else on that CPU, which the loop
+  cannot leave while bound, would show there: a thread a node left spinning (it inherited the
+  binding), whenever and however it was started. Then everything is let go and nothing bound
+  for ``BACKOFF_S``. A bound loop looks every ``WATCH_S`` even when no call comes, and an idle
+  loop loses nothing meanwhile (a woken thread preempts a spinning one).
 
 Letting go is thread by thread (``/proc/<pid>/task``): threads started while bound (a thread
 pool's, a worker node's) inherited the binding. A thread bound otherwise (by the operator, a
@@ -43,6 +49,7 @@ it off by hand.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -63,6 +70,13 @@ SHORT_S = 0.002
 # and a worker both, and they are let go; they are bound again below the second share.
 RELEASE_ABOVE = 0.85
 BIND_BELOW = 0.7
+# Bound, the loop's thread waited for its CPU more than this share of the time (its run delay,
+# ``/proc/thread-self/schedstat``): something it cannot leave shares that CPU (a thread a node
+# started while bound, say). Everything is let go, and nothing bound for ``BACKOFF_S``.
+CONTENDED_SHARE = 0.3
+BACKOFF_S = 1.0
+# How often a bound loop looks at its run delay when no call comes to make it look.
+WATCH_S = 0.05
 # Node types whose last call time is kept; past this many the record starts over.
 MAX_NODE_TYPES = 4096
 
@@ -92,10 +106,18 @@ class CpuPlacement:
         self._loop_cpu: int | None = None
         self._overlapped_at = float("-inf")
         self._durations: dict[str, float] = {}
-        # The server's CPU time and the loop time of the last look at them (``_busy``).
+        # The server's CPU time, the loop's run delay and the loop time of the last look at
+        # them (``_busy``); no binding before ``_backoff_until``.
         self._sampled_at = float("-inf")
         self._cpu_at = 0.0
+        self._delay_at = 0
         self._server_busy = False
+        self._backoff_until = float("-inf")
+        self._watch: asyncio.TimerHandle | None = None
+        if self.enabled and _run_delay() is None:
+            # Without it a thread that shares the loop's CPU could go unseen: bind nothing.
+            log.info("sandbox workers stay where the scheduler puts them: no schedstat")
+            self.enabled = False
 
     @property
     def bound(self) -> dict[int, int]:
@@ -129,7 +151,7 @@ class CpuPlacement:
             if self._bound or self._loop_cpu is not None:
                 self.release_all()
             return False
-        if not short or now - self._overlapped_at < QUIET_S:
+        if not short or now - self._overlapped_at < QUIET_S or now < self._backoff_until:
             if pid in self._bound:
                 self.release(pid)
             return False
@@ -147,6 +169,7 @@ class CpuPlacement:
                 os.sched_setaffinity(0, (cpu,))
                 self._loop_cpu = cpu
                 _bind_threads("/proc/self/task", self._cpus, cpu)
+                self._watch = asyncio.get_running_loop().call_later(WATCH_S, self._look)
             os.sched_setaffinity(pid, (cpu,))
         except OSError as exc:
             self._bound.pop(pid, None)
@@ -168,17 +191,36 @@ class CpuPlacement:
         self.release_all()
 
     def _busy(self, now: float) -> bool:
-        """Whether the server's threads used too much of a CPU (``RELEASE_ABOVE`` when bound,
-        ``BIND_BELOW`` when not) over the last ``QUIET_S`` or so to share one with a worker."""
+        """Whether one CPU is not enough for the server and a worker, over the last
+        ``QUIET_S`` or so: the server's threads used too much of a CPU (``RELEASE_ABOVE`` when
+        bound, ``BIND_BELOW`` when not), or, bound, the loop waited for its CPU too long."""
         if now - self._sampled_at >= QUIET_S:
             cpu = time.process_time()
+            delay = _run_delay() or 0
             if self._sampled_at > float("-inf"):
+                window = now - self._sampled_at
                 # Bound, the server shares one CPU with its worker: let go when it nears that
                 # CPU's whole; bind again only well below (no flapping at the edge).
                 share = RELEASE_ABOVE if self._loop_cpu is not None else BIND_BELOW
-                self._server_busy = cpu - self._cpu_at > share * (now - self._sampled_at)
-            self._sampled_at, self._cpu_at = now, cpu
+                self._server_busy = cpu - self._cpu_at > share * window
+                if self._loop_cpu is not None and (
+                        (delay - self._delay_at) / 1e9 > CONTENDED_SHARE * window):
+                    self._server_busy = True
+                    self._backoff_until = now + BACKOFF_S
+            self._sampled_at, self._cpu_at, self._delay_at = now, cpu, delay
         return self._server_busy
+
+    def _look(self) -> None:
+        """Every ``WATCH_S`` while the loop is bound: let go if one CPU is no longer enough,
+        even when no call comes to look."""
+        self._watch = None
+        if self._loop_cpu is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._busy(loop.time()):
+            self.release_all()
+        else:
+            self._watch = loop.call_later(WATCH_S, self._look)
 
     def release(self, pid: int) -> None:
         """Let the worker ``pid`` and every thread of it run on all the server's CPUs."""
@@ -191,6 +233,9 @@ class CpuPlacement:
         bound (they inherited its binding: a thread pool's, say)."""
         for pid in list(self._bound):
             self.release(pid)
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._loop_cpu is not None:
             cpu, self._loop_cpu = self._loop_cpu, None
             _release_threads("/proc/self/task", cpu, self._cpus)
@@ -211,6 +256,16 @@ def _release_threads(tasks: str, cpu: int, cpus: frozenset[int]) -> None:
         with contextlib.suppress(OSError):
             if os.sched_getaffinity(tid) == {cpu}:
                 os.sched_setaffinity(tid, cpus)
+
+
+def _run_delay() -> int | None:
+    """Nanoseconds the calling thread has spent waiting for a CPU (None where the kernel does
+    not say)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as stat:
+            return int(stat.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _bind_threads(tasks: str, cpus: frozenset[int], cpu: int) -> None:

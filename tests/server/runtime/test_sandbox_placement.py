@@ -256,3 +256,37 @@ def open_gate(runtime: SandboxRuntime, execution: str) -> None:
     """Let the ``Gate`` call of ``execution`` end (an empty file in each worker's tmpfs)."""
     for view in runtime.scratch_views():
         Path(view, f"{execution}.go").write_text("")
+
+
+@needs_two_cpus
+async def test_a_bound_loop_kept_waiting_for_its_cpu_lets_go_and_backs_off(
+        lenient: None, monkeypatch: pytest.MonkeyPatch, sandbox: SandboxRuntime) -> None:
+    await echo_calls(sandbox, 3)
+    assert sandbox._placement.loop_cpu is not None
+    # Any wait for the CPU now counts as contention: the next look (every WATCH_S, no call
+    # needed) lets go, and nothing is bound again for BACKOFF_S.
+    monkeypatch.setattr(_placement, "CONTENDED_SHARE", -1.0)
+    await eventually(lambda: sandbox._placement.loop_cpu is None, 30.0,
+                     "the loop to let go of its CPU")
+    assert sandbox._placement.bound == {}
+    assert os.sched_getaffinity(0) == ALL
+    monkeypatch.setattr(_placement, "CONTENDED_SHARE", 100.0)
+    await echo_calls(sandbox, 3)
+    assert sandbox._placement.loop_cpu is None
+
+
+def test_contention_counts_only_while_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    delay = [0]
+    monkeypatch.setattr(_placement.time, "process_time", lambda: 0.0)
+    monkeypatch.setattr(_placement, "_run_delay", lambda: delay[0])
+    placement = CpuPlacement(enabled=False)
+    window = 1.0  # seconds between looks (more than QUIET_S: each look takes a sample)
+    assert placement._busy(0.0) is False
+    delay[0] += int(window * 1e9)  # waited the whole window: unbound, it does not count
+    assert placement._busy(window) is False
+    placement._loop_cpu = 0
+    delay[0] += int((_placement.CONTENDED_SHARE - 0.05) * window * 1e9)
+    assert placement._busy(2 * window) is False
+    delay[0] += int((_placement.CONTENDED_SHARE + 0.05) * window * 1e9)
+    assert placement._busy(3 * window) is True
+    assert placement._backoff_until == 3 * window + _placement.BACKOFF_S
