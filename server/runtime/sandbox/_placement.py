@@ -38,8 +38,10 @@ library) is left alone. Processes the server starts while bound inherit it too; 
 launcher, which forks the workers, puts itself back on the server's CPUs when it starts
 (``_prestart.SERVER_CPUS``).
 
-Binding changes nothing a worker can do: its seccomp filter refuses ``sched_setaffinity``, so
-only the server places it. The server places a worker by pid, only while it holds it alive;
+Binding gives a worker nothing it did not have: its seccomp filter lets it place only its own
+threads (``sched_setaffinity`` of 0), never the server's. It may leave the loop's CPU (its
+loss), or put its threads on it at any time, bound or not (the run delay rule above lets the
+loop go then; an unbound loop moves away by itself). The server places a worker by pid, only while it holds it alive;
 but one that died unseen could have its pid reused before the server learns of its death (the
 launcher reaps, then reports): that process would only be moved between the server's CPUs. A
 placement that fails is skipped. If the server may not place its workers (no ``CAP_SYS_NICE``
