@@ -41,12 +41,12 @@ launcher, which forks the workers, puts itself back on the server's CPUs when it
 Binding gives a worker nothing it did not have: its seccomp filter lets it place only its own
 threads (``sched_setaffinity`` of 0), never the server's. It may leave the loop's CPU (its
 loss), or put its threads on it at any time, bound or not (the run delay rule above lets the
-loop go then; an unbound loop moves away by itself). The server places a worker by pid, only while it holds it alive;
-but one that died unseen could have its pid reused before the server learns of its death (the
-launcher reaps, then reports): that process would only be moved between the server's CPUs. A
-placement that fails is skipped. If the server may not place its workers (no ``CAP_SYS_NICE``
-over workers of another uid), binding turns itself off. ``Settings.sandbox_co_locate`` turns
-it off by hand.
+loop go then; an unbound loop moves away by itself). The server places a worker by pid, only
+while it holds it alive; but one that died unseen could have its pid reused before the server
+learns of its death (the launcher reaps, then reports): that process would only be moved
+between the server's CPUs. A placement that fails is skipped. If the server may not place its
+workers (no ``CAP_SYS_NICE`` over workers of another uid), binding turns itself off.
+``Settings.sandbox_co_locate`` turns it off by hand.
 """
 
 from __future__ import annotations
