@@ -170,7 +170,7 @@ class CpuPlacement:
                 # gRPC's own threads hand each request and response to the loop.
                 os.sched_setaffinity(0, (cpu,))
                 self._loop_cpu = cpu
-                _bind_threads("/proc/self/task", self._cpus, cpu)
+                _move_threads("/proc/self/task", self._cpus, frozenset((cpu,)))
                 self._watch = asyncio.get_running_loop().call_later(WATCH_S, self._look)
             os.sched_setaffinity(pid, (cpu,))
         except OSError as exc:
@@ -228,7 +228,7 @@ class CpuPlacement:
         """Let the worker ``pid`` and every thread of it run on all the server's CPUs."""
         cpu = self._bound.pop(pid, None)
         if cpu is not None:
-            _release_threads(f"/proc/{pid}/task", cpu, self._cpus)
+            _move_threads(f"/proc/{pid}/task", frozenset((cpu,)), self._cpus)
 
     def release_all(self) -> None:
         """Let every bound worker go, and the loop's thread with the threads it started while
@@ -240,24 +240,24 @@ class CpuPlacement:
             self._watch = None
         if self._loop_cpu is not None:
             cpu, self._loop_cpu = self._loop_cpu, None
-            _release_threads("/proc/self/task", cpu, self._cpus)
+            _move_threads("/proc/self/task", frozenset((cpu,)), self._cpus)
 
     def forget(self, pid: int) -> None:
         """The worker ``pid`` is gone: its pid may name another process from now on."""
         self._bound.pop(pid, None)
 
 
-def _release_threads(tasks: str, cpu: int, cpus: frozenset[int]) -> None:
-    """Threads under ``tasks`` bound to ``cpu`` alone may run on ``cpus`` again (a thread bound
-    otherwise was bound by someone else, and stays)."""
+def _move_threads(tasks: str, before: frozenset[int], after: frozenset[int]) -> None:
+    """Threads under ``tasks`` that may run on exactly ``before`` may run on ``after`` instead
+    (a thread placed otherwise was placed by someone else, and stays)."""
     try:
         threads = [int(tid) for tid in os.listdir(tasks)]
     except OSError:
         return
     for tid in threads:
         with contextlib.suppress(OSError):
-            if os.sched_getaffinity(tid) == {cpu}:
-                os.sched_setaffinity(tid, cpus)
+            if os.sched_getaffinity(tid) == before:
+                os.sched_setaffinity(tid, after)
 
 
 def _run_delay() -> int | None:
@@ -268,15 +268,3 @@ def _run_delay() -> int | None:
             return int(stat.read().split()[1])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _bind_threads(tasks: str, cpus: frozenset[int], cpu: int) -> None:
-    """Threads under ``tasks`` free to run on ``cpus`` run on ``cpu`` alone."""
-    try:
-        threads = [int(tid) for tid in os.listdir(tasks)]
-    except OSError:
-        return
-    for tid in threads:
-        with contextlib.suppress(OSError):
-            if os.sched_getaffinity(tid) == cpus:
-                os.sched_setaffinity(tid, (cpu,))
