@@ -30,7 +30,8 @@ Quiet means four things, and binding ends as soon as one fails:
   cannot leave while bound, would show there: a thread a node left spinning (it inherited the
   binding), whenever and however it was started. Then everything is let go and nothing bound
   for ``BACKOFF_S``. A bound loop looks every ``WATCH_S`` even when no call comes, and an idle
-  loop loses nothing meanwhile (a woken thread preempts a spinning one).
+  loop loses nothing meanwhile (a woken thread preempts a spinning one). After ``IDLE_S``
+  without a sandboxed call it lets everything go and stops looking.
 
 Letting go is thread by thread (``/proc/<pid>/task``): threads started while bound (a thread
 pool's, a worker node's) inherited the binding. A thread bound otherwise (by the operator, a
@@ -77,8 +78,10 @@ BIND_BELOW = 0.7
 # started while bound, say). Everything is let go, and nothing bound for ``BACKOFF_S``.
 CONTENDED_SHARE = 0.3
 BACKOFF_S = 1.0
-# How often a bound loop looks at its run delay when no call comes to make it look.
+# How often a bound loop looks at its run delay when no call comes to make it look; after
+# ``IDLE_S`` without a sandboxed call it lets everything go and stops looking.
 WATCH_S = 0.05
+IDLE_S = 1.0
 # Node types whose last call time is kept; past this many the record starts over.
 MAX_NODE_TYPES = 4096
 
@@ -116,6 +119,7 @@ class CpuPlacement:
         self._server_busy = False
         self._backoff_until = float("-inf")
         self._watch: asyncio.TimerHandle | None = None
+        self._sent_at = float("-inf")
         if self.enabled and _run_delay() is None:
             # Without it a thread that shares the loop's CPU could go unseen: bind nothing.
             log.info("sandbox workers stay where the scheduler puts them: no schedstat")
@@ -147,6 +151,7 @@ class CpuPlacement:
         the call runs bound: past ``SHORT_S`` the caller lets everything go (``overran``)."""
         if not self.enabled:
             return False
+        self._sent_at = now
         if overlapping or self._busy(now):
             if overlapping:
                 self._overlapped_at = now
@@ -214,12 +219,14 @@ class CpuPlacement:
 
     def _look(self) -> None:
         """Every ``WATCH_S`` while the loop is bound: let go if one CPU is no longer enough,
-        even when no call comes to look."""
+        even when no call comes to look, or once the sandbox has been idle ``IDLE_S`` (an idle
+        server keeps no timer, and its other work runs unbound)."""
         self._watch = None
         if self._loop_cpu is None:
             return
         loop = asyncio.get_running_loop()
-        if self._busy(loop.time()):
+        now = loop.time()
+        if self._busy(now) or now - self._sent_at > IDLE_S:
             self.release_all()
         else:
             self._watch = loop.call_later(WATCH_S, self._look)

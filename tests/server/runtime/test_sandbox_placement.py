@@ -290,3 +290,19 @@ def test_contention_counts_only_while_bound(monkeypatch: pytest.MonkeyPatch) -> 
     delay[0] += int((_placement.CONTENDED_SHARE + 0.05) * window * 1e9)
     assert placement._busy(3 * window) is True
     assert placement._backoff_until == 3 * window + _placement.BACKOFF_S
+
+
+@needs_two_cpus
+async def test_an_idle_sandbox_lets_everything_go(lenient: None, monkeypatch: pytest.MonkeyPatch,
+                                                  sandbox: SandboxRuntime) -> None:
+    monkeypatch.setattr(_placement, "IDLE_S", 0.2)
+    await echo_calls(sandbox, 3)
+    assert sandbox._placement.loop_cpu is not None
+    await eventually(lambda: sandbox._placement.loop_cpu is None, 30.0,
+                     "the idle loop to let go of its CPU")
+    assert sandbox._placement.bound == {}
+    assert sandbox._placement._watch is None
+    assert os.sched_getaffinity(0) == ALL
+    # The next calls bind again.
+    await echo_calls(sandbox, 2)
+    assert sandbox._placement.loop_cpu is not None
