@@ -1,9 +1,9 @@
 """Where the sandbox's processes run (``_placement``): while the sandbox is quiet, the worker of a
 short call and the server's threads share the event loop's CPU; an overlap of calls, a long
-node, a bound call that turns slow, a busy server or the runtime's shutdown lets every one of
-them go to all the server's
-CPUs, threads started while bound included; a launcher started from a bound thread forks its
-workers onto all of them; ``co_locate=False`` binds nothing."""
+node, a bound call that turns slow, a busy server, a loop kept waiting for its CPU, an idle
+second or the runtime's shutdown lets every one of them go to all the server's CPUs, threads
+started while bound included; a launcher started from a bound thread forks its workers onto
+all of them; ``co_locate=False`` binds nothing."""
 
 from __future__ import annotations
 
