@@ -15,7 +15,9 @@ wake-up floor: a ping-pong with a child that sleeps, polls or shares one CPU (wh
 wake-ups of a round trip cost on this machine), and the two ways the event loop can wait for a
 worker's reply (why the runtime uses ``loop.add_reader`` rather than a reader thread).
 ``--batches 1,4,16`` also times a one-shot node's ``call_batch`` (what a stream session sends
-for the chunks queued for a sandboxed node) per input set. Not run in CI.
+for the chunks queued for a sandboxed node) per input set. ``--no-co-locate`` turns off the
+runtime's CPU placement (``sandbox._placement``), to measure the hop with its two cross-CPU
+wake-ups. Not run in CI.
 """
 
 from __future__ import annotations
@@ -224,6 +226,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sizes", default="1KiB,1MiB,64MiB")
     parser.add_argument("--io", action="store_true", help="also measure the wake-up floor")
+    parser.add_argument("--no-co-locate", action="store_true",
+                        help="leave workers where the scheduler puts them (the sandbox's "
+                             "co_locate off: two cross-CPU wake-ups a call)")
     parser.add_argument("--batches", default="", metavar="K,K,...",
                         help="also time call_batch of K input sets (e.g. 1,4,16)")
     args = parser.parse_args()
@@ -238,7 +243,7 @@ async def main() -> None:
     warm, fresh = spec_for(BenchPassThrough), spec_for(BenchFresh)
     direct = BenchPassThrough(BenchPassThrough.Params(), NodeContext("d", "d", "direct"))
     inprocess = InProcessRuntime()
-    sandbox = SandboxRuntime(workers=1)
+    sandbox = SandboxRuntime(workers=1, co_locate=not args.no_co_locate)
     await inprocess.start()
     await sandbox.start()
     try:

@@ -452,7 +452,7 @@ class _Calls(_Pool):
 
     def _overran(self, worker: _Worker, call: _Call) -> None:
         if worker.inflight is call:
-            self._placement.overran(call.spec.node_type)
+            self._placement.overran(call.spec.node_type if call.sent_at else None)
 
     def _on_deadline(self, worker: _Worker, call: _Call) -> None:
         if worker.inflight is not call:

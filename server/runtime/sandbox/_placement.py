@@ -15,10 +15,12 @@ threads hand each request and response to the loop.
 Quiet means four things, and binding ends as soon as one fails:
 
 * The call is of a node whose last call took less than ``SHORT_S``; no other request
-  (initialization, streams, batches) is bound: the wake-up is noise against a longer call, and
-  a node's code could start threads, which inherit its binding. A bound call still running
-  ``SHORT_S`` after it was sent lets everything go at once (``overran``), so the event loop
-  never shares its CPU for longer with a node that turned slow (or pretended to be quick).
+  (initialization, cleanup, batches) binds a worker: the wake-up is noise against a longer
+  call, and a node's code could start threads, which inherit its binding. Such a request
+  leaves a worker already bound where it is (a stateful node's initialize, call and cleanup
+  do not move it back and forth). A bound request still running ``SHORT_S`` after it was sent
+  lets everything go at once (``overran``), so the event loop never shares its CPU for longer
+  with a node that turned slow (or pretended to be quick).
 * No two calls overlapped for ``QUIET_S``: when a call starts while another is in flight,
   everything is let go to all the server's CPUs, and stays so until ``QUIET_S`` has passed
   without an overlap, so that a loaded sandbox does not flap between the two.
@@ -148,7 +150,10 @@ class CpuPlacement:
     def before_send(self, pid: int, short: bool, overlapping: bool, now: float) -> bool:
         """Place the worker ``pid`` before a request wakes it: ``short`` is a call of a node
         whose last call was short, ``overlapping`` that other calls are in flight. True when
-        the call runs bound: past ``SHORT_S`` the caller lets everything go (``overran``)."""
+        the request runs bound: past ``SHORT_S`` the caller lets everything go (``overran``).
+        Only a short call binds a worker; another request (an initialize, a cleanup) leaves a
+        bound worker where it is, under the same ``SHORT_S`` watch, rather than moving it and
+        back for every request of a stateful node."""
         if not self.enabled:
             return False
         self._sent_at = now
@@ -158,10 +163,12 @@ class CpuPlacement:
             if self._bound or self._loop_cpu is not None:
                 self.release_all()
             return False
-        if not short or now - self._overlapped_at < QUIET_S or now < self._backoff_until:
+        if now - self._overlapped_at < QUIET_S or now < self._backoff_until:
             if pid in self._bound:
                 self.release(pid)
             return False
+        if not short:
+            return pid in self._bound
         assert self._current_cpu is not None
         cpu = self._loop_cpu if self._loop_cpu is not None else self._current_cpu()
         if cpu < 0:
@@ -190,11 +197,12 @@ class CpuPlacement:
         self._bound[pid] = cpu
         return True
 
-    def overran(self, node_type: str) -> None:
-        """A bound call of ``node_type`` is still running ``SHORT_S`` after it was sent: let
-        everything go (the loop must not share its CPU with a node that turned slow), and the
-        node's calls count as long from now on."""
-        self.record(node_type, SHORT_S)
+    def overran(self, node_type: str | None) -> None:
+        """A bound request is still running ``SHORT_S`` after it was sent: let everything go
+        (the loop must not share its CPU with a node that turned slow). If it was a call of
+        ``node_type``, the node's calls count as long from now on."""
+        if node_type is not None:
+            self.record(node_type, SHORT_S)
         self.release_all()
 
     def _busy(self, now: float) -> bool:

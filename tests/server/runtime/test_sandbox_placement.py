@@ -306,3 +306,41 @@ async def test_an_idle_sandbox_lets_everything_go(lenient: None, monkeypatch: py
     # The next calls bind again.
     await echo_calls(sandbox, 2)
     assert sandbox._placement.loop_cpu is not None
+
+
+@needs_two_cpus
+async def test_a_stateful_node_keeps_its_binding_across_its_requests(
+        lenient: None, monkeypatch: pytest.MonkeyPatch, sandbox: SandboxRuntime) -> None:
+    # Each call of Marker sends three requests (initialize, process, and its cleanup with the
+    # next); only "process" is a timed call. Once bound, none of them moves anything.
+    marker = make_spec(nodes.Marker, trusted=True)
+
+    async def calls(count: int) -> None:
+        for i in range(count):
+            assert await sandbox.call(marker, ExecutionScope(f"m{i}"), {"in": i}) == i
+
+    await calls(3)
+    assert sandbox._placement.loop_cpu is not None and sandbox._placement.bound
+    moves: list[int] = []
+    place = os.sched_setaffinity
+    monkeypatch.setattr(_placement.os, "sched_setaffinity",
+                        lambda tid, cpus: (moves.append(tid), place(tid, cpus)))
+    await calls(5)
+    assert moves == []
+    assert sandbox._placement.loop_cpu is not None
+
+
+@needs_two_cpus
+async def test_a_long_initialize_on_a_bound_worker_lets_everything_go(
+        lenient: None, monkeypatch: pytest.MonkeyPatch, sandbox: SandboxRuntime) -> None:
+    await echo_calls(sandbox, 3)
+    assert sandbox._placement.loop_cpu is not None
+    monkeypatch.setattr(_placement, "SHORT_S", 0.05)
+    # SlowInit's initialize sleeps 0.5 s on the worker the echoes left bound.
+    slow = asyncio.ensure_future(sandbox.call(make_spec(nodes.SlowInit, trusted=True),
+                                              ExecutionScope("slow"), {"in": 3}))
+    await eventually(lambda: sandbox._placement.loop_cpu is None, 30.0,
+                     "the initialize to let the loop's CPU go")
+    assert not slow.done()
+    assert sandbox._placement.bound == {}
+    assert await slow == 3
