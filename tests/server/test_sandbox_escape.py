@@ -776,9 +776,12 @@ def test_a_thread_left_spinning_on_the_loops_cpu_does_not_keep_the_loop_there(
         work = {"nodes": [{"id": "p", "node_type": "PassThrough", "runtime_hint": "inprocess"}]}
 
         def let_go() -> bool:
-            # In-process calls: the loop has work, and waits for the CPU it shares.
+            # In-process calls: the loop has work, and waits for the CPU it shares. A sandboxed
+            # call of a trusted node too (another worker, bound as well): the sandbox is never
+            # idle long enough for that alone to let go.
             for _ in range(20):
                 np.testing.assert_array_equal(client.execute(work, {"p": x})["p"], x)
+            escape.sandboxed_call_works(client)
             return os.sched_getaffinity(server.pid) == everywhere
 
         wait_until(let_go, timeout=30, what="the loop to leave the spinning thread's CPU")

@@ -377,6 +377,7 @@ class _Calls(_Pool):
                                      timed and placement.is_short(call.spec.node_type),
                                      self._busy > 0, now):
                 call.overrun = loop.call_at(now + _placement.SHORT_S, self._overran, worker, call)
+                call.bound_at = now
         worker.inflight = call
         self._busy += 1
         if batch is not None:
@@ -411,14 +412,15 @@ class _Calls(_Pool):
         call.finished = True
         if call.timer is not None:
             call.timer.cancel()
-        if call.overrun is not None:
-            call.overrun.cancel()
         if worker.inflight is call:
             worker.inflight = None
             self._busy -= 1
         worker.queued -= 1
         if self._loop is not None:
             worker.last_used = self._loop.time()
+            if call.overrun is not None:
+                call.overrun.cancel()
+                self._placement.bound_request_ended(worker.last_used - call.bound_at)
             if call.sent_at:
                 self._placement.record(call.spec.node_type, worker.last_used - call.sent_at)
         worker.calls += 1

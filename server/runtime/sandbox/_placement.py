@@ -28,7 +28,8 @@ Quiet means four things, and binding ends as soon as one fails:
   (``RELEASE_ABOVE`` once bound): one CPU is not enough for a busy server and a worker both
   (in-process nodes, many clients).
 * Bound, the loop's thread waited for its CPU less than ``CONTENDED_SHARE`` of the time (its
-  run delay, which the kernel keeps per thread). Something else on that CPU, which the loop
+  run delay, which the kernel keeps per thread), less the time its bound requests took (the
+  loop waits while its own worker answers: that is the point). Something else on that CPU, which the loop
   cannot leave while bound, would show there: a thread a node left spinning (it inherited the
   binding), whenever and however it was started. Then everything is let go and nothing bound
   for ``BACKOFF_S``. A bound loop looks every ``WATCH_S`` even when no call comes, and an idle
@@ -118,6 +119,10 @@ class CpuPlacement:
         self._sampled_at = float("-inf")
         self._cpu_at = 0.0
         self._delay_at = 0
+        # Seconds bound requests took, in all and at the last look: the loop waits for its CPU
+        # while its own worker runs one, which is no contention.
+        self._bound_time = 0.0
+        self._bound_time_at = 0.0
         self._server_busy = False
         self._backoff_until = float("-inf")
         self._watch: asyncio.TimerHandle | None = None
@@ -197,6 +202,10 @@ class CpuPlacement:
         self._bound[pid] = cpu
         return True
 
+    def bound_request_ended(self, seconds: float) -> None:
+        """A request sent bound got its reply ``seconds`` after it was sent."""
+        self._bound_time += seconds
+
     def overran(self, node_type: str | None) -> None:
         """A bound request is still running ``SHORT_S`` after it was sent: let everything go
         (the loop must not share its CPU with a node that turned slow). If it was a call of
@@ -218,11 +227,14 @@ class CpuPlacement:
                 # CPU's whole; bind again only well below (no flapping at the edge).
                 share = RELEASE_ABOVE if self._loop_cpu is not None else BIND_BELOW
                 self._server_busy = cpu - self._cpu_at > share * window
-                if self._loop_cpu is not None and (
-                        (delay - self._delay_at) / 1e9 > CONTENDED_SHARE * window):
+                # Waiting while its own bound worker answers is the point of binding: only the
+                # rest of the wait is contention.
+                waited = (delay - self._delay_at) / 1e9 - (self._bound_time - self._bound_time_at)
+                if self._loop_cpu is not None and waited > CONTENDED_SHARE * window:
                     self._server_busy = True
                     self._backoff_until = now + BACKOFF_S
             self._sampled_at, self._cpu_at, self._delay_at = now, cpu, delay
+            self._bound_time_at = self._bound_time
         return self._server_busy
 
     def _look(self) -> None:

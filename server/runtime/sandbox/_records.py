@@ -194,8 +194,10 @@ class _Call:
     # Loop time a node's single call was sent (0.0 for other requests): its duration tells
     # the placement whether the node's calls are short (see ``_placement``).
     sent_at: float = 0.0
-    # Set while the call runs bound to the loop's CPU: what lets go if it turns slow.
+    # Set while the call runs bound to the loop's CPU: what lets go if it turns slow, and
+    # when it was sent bound.
     overrun: asyncio.TimerHandle | None = None
+    bound_at: float = 0.0
 
 
 # A one-shot call sent by ``_dispatch``: (worker, call, class key, class id, definition).

@@ -344,3 +344,20 @@ async def test_a_long_initialize_on_a_bound_worker_lets_everything_go(
     assert not slow.done()
     assert sandbox._placement.bound == {}
     assert await slow == 3
+
+
+def test_waiting_for_the_loops_own_bound_worker_is_no_contention(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    delay = [0]
+    monkeypatch.setattr(_placement.time, "process_time", lambda: 0.0)
+    monkeypatch.setattr(_placement, "_run_delay", lambda: delay[0])
+    placement = CpuPlacement(enabled=False)
+    placement._loop_cpu = 0
+    assert placement._busy(0.0) is False
+    # The loop waited 90% of the window, while its bound requests ran for 80% of it.
+    delay[0] += int(0.9e9)
+    placement.bound_request_ended(0.8)
+    assert placement._busy(1.0) is False
+    # The same wait with no bound request in flight is contention.
+    delay[0] += int(0.9e9)
+    assert placement._busy(2.0) is True
