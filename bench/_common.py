@@ -90,6 +90,35 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def cpu_split(pid: int) -> dict[str, float]:
+    """CPU seconds of a server process by where they were spent: its event loop's thread (the
+    main thread: both servers run their loop there), its other threads (gRPC's own, thread
+    pools) and its children (sandbox workers). Threads and children that ended meanwhile are
+    not counted, so compare splits over spans in which none did."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    loop = other = 0.0
+    for thread in proc.threads():
+        if thread.id == pid:
+            loop += thread.user_time + thread.system_time
+        else:
+            other += thread.user_time + thread.system_time
+    children = 0.0
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children += sum(child.cpu_times()[:2])
+    return {"event loop": loop, "other threads": other, "workers": children}
+
+
+def machine_ticks() -> tuple[int, int, int]:
+    """The machine's CPU time so far, in clock ticks (``/proc/stat``): idle (idle and iowait),
+    steal (taken by the hypervisor for other guests) and the total."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:9]]
+    return fields[3] + fields[4], fields[7], sum(fields)
+
+
 async def latencies(call: Call, count: int) -> list[float]:
     """Seconds per call for ``count`` calls made one after another."""
     out = []

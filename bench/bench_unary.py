@@ -17,6 +17,7 @@ the machine's noise.
         # also a second tensorline server with that setting, in the same rounds (before/after)
     python bench/bench_unary.py --against DIR       # also another checkout's server, interleaved
     python bench/bench_unary.py --tuned-echo        # also an echo with the allocator tuning
+    python bench/bench_unary.py --cpu-detail        # where each server's CPU goes at 32 in flight
 
 With ``--against DIR`` (a source tree of this repository, e.g. ``git archive REV | tar -x -C
 DIR``) one more server runs that tree's tensorline, in the same rounds, so a change is measured
@@ -48,7 +49,9 @@ from _common import (
     Call,
     MiB,
     cpu_seconds,
+    cpu_split,
     latencies,
+    machine_ticks,
     percentile,
     rotated,
     run_and_save,
@@ -225,12 +228,24 @@ async def measure(args: argparse.Namespace, scale: float,
     total = int(3000 * scale)
     rates: dict[str, list[float]] = {key: [] for key in keys}
     cpu: dict[str, list[float]] = {key: [] for key in keys}
+    # --cpu-detail: per round, µs per call by part of the server, and the machine's shares.
+    parts: dict[str, list[dict[str, float]]] = {key: [] for key in keys}
     for round_ in range(args.rounds):
         for key in rotated(keys, round_):
             pid = procs[key][0].pid
             cpu_before = cpu_seconds(pid)
+            if args.cpu_detail:
+                split_before, ticks_before = cpu_split(pid), machine_ticks()
             rates[key].append((await throughput(each[key], total, 32))[0])
             cpu[key].append((cpu_seconds(pid) - cpu_before) / total * 1e6)
+            if args.cpu_detail:
+                split, ticks = cpu_split(pid), machine_ticks()
+                spent = {part: (split[part] - split_before[part]) / total * 1e6
+                         for part in split}
+                elapsed = ticks[2] - ticks_before[2]
+                spent["machine idle %"] = 100 * (ticks[0] - ticks_before[0]) / elapsed
+                spent["machine steal %"] = 100 * (ticks[1] - ticks_before[1]) / elapsed
+                parts[key].append(spent)
     rate = {k: statistics.median(v) for k, v in rates.items()}
     used = {k: statistics.median(v) for k, v in cpu.items()}
     results["throughput"] = {"echo_calls_s": rate["echo"],
@@ -247,6 +262,16 @@ async def measure(args: argparse.Namespace, scale: float,
               f"{statistics.median(paired):.2f}, {paired[0]:.2f}-{paired[-1]:.2f}); server CPU "
               f"per call: echo {used['echo']:.0f} us, {k} {used[k]:.0f} us "
               f"(+{used[k] - used['echo']:.0f} us)")
+    if args.cpu_detail:
+        detail = {key: {part: statistics.median(r[part] for r in rounds) for part in rounds[0]}
+                  for key, rounds in parts.items()}
+        results["throughput"]["cpu_detail"] = detail
+        print("server CPU per call at concurrency 32 by part, µs (medians over rounds); the "
+              "machine's idle and steal shares in the same spans:")
+        for key, row in detail.items():
+            print(f"  {key:>8}: " + ", ".join(
+                f"{part} {value:.0f}" + ("" if part.endswith("%") else " us")
+                for part, value in row.items()))
     for ch in channels.values():
         await ch.close()
     return results
@@ -273,4 +298,8 @@ if __name__ == "__main__":
                              "repository), interleaved round by round")
     parser.add_argument("--max-bytes", type=int, default=64 * MiB,
                         help="skip payloads larger than this")
+    parser.add_argument("--cpu-detail", action="store_true",
+                        help="at 32 in flight, also split each server's CPU per call (event "
+                             "loop thread, other threads, sandbox workers) and give the "
+                             "machine's idle and steal shares")
     run_and_save(main, parser)
