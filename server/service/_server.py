@@ -125,6 +125,7 @@ def build_engine(settings: Settings, registry: NodeRegistry | None = None) -> Pi
             required_layers=settings.sandbox_required_layers,
             preload_modules=settings.preload_modules,
             co_locate=settings.sandbox_co_locate,
+            batch_wait_s=settings.sandbox_batch_wait_ms / 1000.0,
         )
     selector = Selector(env_runtime=settings.runtime, fallback_enabled=settings.enable_fallback,
                         sandbox_available="sandbox" in runtimes)

@@ -55,16 +55,21 @@ class _RuntimeCollector(Collector):
             "tensorline_inline_demotions", "times a sync node type running on the event loop "
             "had a slow call and went back to the thread pool", labels=["runtime"])
         batches = CounterMetricFamily(
-            "tensorline_sandbox_batches", "requests that carried several of a stream's queued "
-            "chunks to a sandbox worker at once", labels=["runtime"])
+            "tensorline_sandbox_batches", "requests that carried several input sets to a sandbox "
+            "worker at once (a stream's queued chunks, or gathered calls)", labels=["runtime"])
         batched = CounterMetricFamily(
             "tensorline_sandbox_batched_inputs", "input sets those requests carried",
             labels=["runtime"])
+        gathered = CounterMetricFamily(
+            "tensorline_sandbox_gathered_calls", "short one-shot calls that waited, under load, "
+            "to share a worker round trip with calls of the same node", labels=["runtime"])
         for name, runtime in self._engine.runtimes.items():
             stats = runtime.stats()
             if "batches" in stats:
                 batches.add_metric([name], stats["batches"])
                 batched.add_metric([name], stats["batched_inputs"])
+            if "gathered_calls" in stats:
+                gathered.add_metric([name], stats["gathered_calls"])
             if "worker_restarts" in stats:
                 restarts.add_metric([name], stats["worker_restarts"])
             if "worker_recycles" in stats:
@@ -84,6 +89,7 @@ class _RuntimeCollector(Collector):
         yield demotions
         yield batches
         yield batched
+        yield gathered
 
 
 class _Tally:

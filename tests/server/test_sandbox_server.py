@@ -298,3 +298,41 @@ def test_a_quiet_servers_sandboxed_calls_share_its_cpu_with_their_worker(
             assert os.sched_getaffinity(server.pid) == everywhere
             assert all(os.sched_getaffinity(w.pid) == everywhere
                        for w in sandbox_workers(server.pid))
+
+
+async def scrape(server: TensorlineServer, name: str) -> float:
+    """The value of the metric ``name`` (one sample, the sandbox runtime's) from /metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+    for line in text.decode().splitlines():
+        if line.startswith(name + "{") and 'runtime="sandbox"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
+async def test_overlapping_callers_each_get_their_own_value_when_gathered(
+        server_factory: Callable[..., Any], leak_check: None, tmp_path: Path) -> None:
+    """32 clients at once through the service, one worker: their sandboxed calls overlap and
+    are gathered into shared requests (counted on /metrics), and each client gets its own
+    input scaled, never another's."""
+    server = await server_factory(sandbox_workers=1, sandbox_max_workers=1,
+                                  sandbox_batch_wait_ms=20, sandbox_scratch_dir=tmp_path,
+                                  metrics_port=0, metrics_host="127.0.0.1")
+    manifest = one_node("Scale", {"factor": 3.0}, "sandbox", node_id="s")
+    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
+
+        async def one(i: int) -> None:
+            x = np.full(64, i, dtype=np.float32)
+            result = await client.execute(manifest, {"s": x}, timeout=60)
+            np.testing.assert_array_equal(result["s"], x * 3)
+            assert result.metrics.nodes[0].runtime == "sandbox"
+
+        # Calls one at a time first: the node's calls are then known to be short.
+        for i in range(3):
+            await one(i)
+        rounds = 0
+        while await scrape(server, "tensorline_sandbox_gathered_calls_total") == 0:
+            rounds += 1
+            assert rounds <= 20, "no call was gathered"
+            await asyncio.gather(*(one(i) for i in range(32)))
+        assert await scrape(server, "tensorline_sandbox_batches_total") > 0

@@ -139,6 +139,8 @@ class _Calls(_Pool):
                     worker.calls += len(values)
                     batch.values += values
                     call.deadline = self._batch_deadline(call.spec, batch.scope)
+                    if batch.on_report is not None:
+                        batch.on_report(values)
                     return
                 worker.calls += len(values) - 1  # the last report's; _finish counts one
             self._finish(worker, call)
@@ -367,17 +369,20 @@ class _Calls(_Pool):
         except BaseException:
             self._finish(worker, call)
             raise
+        now = loop.time()
+        timed = op in TIMED
+        if timed:
+            # Its duration tells the placement and the gathering whether the node's calls are
+            # short.
+            call.sent_at = now
+        if self._busy:
+            self._overlapped_at = now
         placement = self._placement
-        if placement.enabled and worker.process_id is not None:
-            timed = op in TIMED
-            now = loop.time()
-            if timed:
-                call.sent_at = now
-            if placement.before_send(worker.process_id,
-                                     timed and placement.is_short(call.spec.node_type),
-                                     self._busy > 0, now):
-                call.overrun = loop.call_at(now + _placement.SHORT_S, self._overran, worker, call)
-                call.bound_at = now
+        if placement.enabled and worker.process_id is not None and placement.before_send(
+                worker.process_id, timed and placement.is_short(call.spec.node_type),
+                self._busy > 0, now):
+            call.overrun = loop.call_at(now + _placement.SHORT_S, self._overran, worker, call)
+            call.bound_at = now
         worker.inflight = call
         self._busy += 1
         if batch is not None:
@@ -649,7 +654,8 @@ class _Calls(_Pool):
         failure means nothing ran (the worker did not know the class, or is being replaced):
         the batch is safe to send elsewhere."""
         request, key, class_id, define = self._run_request(worker, spec, scope, batch)
-        tracked = _Batch(len(batch), scope)
+        tracked = _batch_of(batch, scope)
+        assert tracked is not None
         reply = self._request(worker, request, spec, "process", 0,
                               self._batch_deadline(spec, scope), batch=tracked)
         return await self._batch_result(
@@ -702,8 +708,12 @@ class _Calls(_Pool):
             define = (*spec.entry.class_ref, spec.params_key)
         request: tuple[Any, ...]
         if isinstance(inputs, list):  # a batch: one "runs" request
+            # Input sets of several calls (``_gather``) each name their own node and execution.
+            contexts = scope.extra.get(PER_INPUT_CONTEXTS)
+            node_ids, execution_ids = ((spec.node_id, scope.execution_id) if contexts is None
+                                       else ([c[0] for c in contexts], [c[1] for c in contexts]))
             request = (RUNS, class_id, [i if type(i) is dict else dict(i) for i in inputs],
-                       spec.node_id, scope.execution_id, define, None)
+                       node_ids, execution_ids, define, None)
         else:
             request = (RUN, class_id, inputs if type(inputs) is dict else dict(inputs),
                        spec.node_id, scope.execution_id, define, None)
@@ -721,7 +731,15 @@ class _Calls(_Pool):
         return self._check_reply(worker, reply, spec, "process")
 
 
+# ``ExecutionScope.extra`` keys of a gathered batch's scope: the (node_id, execution_id) of each
+# of its input sets, in order, and what is told the values of each report but the last.
+PER_INPUT_CONTEXTS = "tensorline.sandbox.per_input_contexts"
+ON_REPORT = "tensorline.sandbox.on_report"
+
+
 def _batch_of(inputs: Mapping[str, Any] | list[Mapping[str, Any]],
               scope: ExecutionScope) -> _Batch | None:
     """What a ``runs`` request tracks (None for a single ``run``)."""
-    return _Batch(len(inputs), scope) if type(inputs) is list else None
+    if type(inputs) is not list:
+        return None
+    return _Batch(len(inputs), scope, on_report=scope.extra.get(ON_REPORT))

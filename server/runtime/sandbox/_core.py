@@ -20,6 +20,7 @@ import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from tensorline.server._errors import ServiceUnavailable
 from tensorline.server.manifest import NodeSpec
 from tensorline.server.runtime._base import ExecutionScope, LayerStatus, Runtime
 from tensorline.server.runtime.sandbox import _shm
@@ -79,6 +80,7 @@ class _Core(Runtime):
         required_layers: Sequence[str] = (),
         preload_modules: Sequence[str] = (),
         co_locate: bool = True,
+        batch_wait_s: float = 0.001,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -147,6 +149,15 @@ class _Core(Runtime):
         # worker of a short call runs while they do not overlap (see ``_placement``).
         self._busy = 0
         self._placement = CpuPlacement(co_locate)
+        # Loop time a call was last sent while another was in flight: the sandbox is loaded,
+        # and a short one-shot call waits up to ``batch_wait_s`` to share a round trip (see
+        # ``_gather``). 0 turns that off.
+        self._overlapped_at = float("-inf")
+        self.batch_wait_s = max(0.0, batch_wait_s)
+        # Calls waiting to share a round trip, by what they share (``_gather._Gathered``),
+        # and how many calls have waited so.
+        self._gathering: dict[tuple[Any, ...], Any] = {}
+        self._gathered_calls = 0
         self._wids = itertools.count(1)
         self._uid_leases = UidLeases(WORKER_UID_BASE, WORKER_UID_COUNT)
         self._iids = itertools.count(1)
@@ -184,6 +195,12 @@ class _Core(Runtime):
         self._batched_inputs = 0
 
     # --- shared helpers -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._started:
+            raise RuntimeError("SandboxRuntime.start() was not awaited")
+        if self._closed:
+            raise ServiceUnavailable("the sandbox runtime is shut down")
 
     def _now(self) -> float:
         assert self._loop is not None

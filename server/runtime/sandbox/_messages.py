@@ -29,14 +29,16 @@ with several, see below):
 when there are none.
 
 ``batch`` is a list of input sets: ``runs`` (``calls``) is that many ``run`` (``call``) requests
-in one message. Its replies are ``("ok", values, cpu_used)``, ``values`` those of the input sets
-that ran since the last reply, in order: one when the batch ends, and one whenever
-``BATCH_FLUSH_S`` has passed since the last, so that the server can give the next input set a
-deadline of its own. The first failure ends the batch: the values before it, then its ``error``
-reply; a cancellation ends it before the next input set. A batch holds the worker for
-``BATCH_TURN_S`` at most (or one input set): past it no input set starts, and an empty report
-``("ok", [], cpu_used)`` ends the batch, handing the rest back to the server, which sends it
-again when the worker's next turn comes.
+in one message. In ``runs``, ``node_id`` and ``execution_id`` are either one string for every
+input set (a stream's queued chunks) or lists of one string per input set (calls of several
+executions gathered into one request). Its replies are ``("ok", values, cpu_used)``, ``values``
+those of the input sets that ran since the last reply, in order: one when the batch ends, and
+one whenever ``BATCH_FLUSH_S`` has passed since the last, so that the server can give the next
+input set a deadline of its own. The first failure ends the batch: the values before it, then
+its ``error`` reply; a cancellation ends it before the next input set. A batch holds the worker
+for ``BATCH_TURN_S`` at most (or one input set): past it no input set starts, and an empty
+report ``("ok", [], cpu_used)`` ends the batch, handing the rest back to the server, which sends
+it again when the worker's next turn comes.
 
 Replies (worker -> server):
 

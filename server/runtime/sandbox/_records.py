@@ -166,6 +166,8 @@ class _Batch:
     size: int
     scope: ExecutionScope
     values: list[Any] = field(default_factory=list)
+    # Told the values of each report but the last (gathered calls: ``_gather``).
+    on_report: Callable[[list[Any]], None] | None = None
 
 
 @dataclass(slots=True)

@@ -35,6 +35,7 @@ from tensorline.server.runtime._base import (
 )
 from tensorline.server.runtime.sandbox import _paths
 from tensorline.server.runtime.sandbox._failures import ModuleUnavailable, _WorkerGone
+from tensorline.server.runtime.sandbox._gather import _Gathering
 from tensorline.server.runtime.sandbox._instances import OneShotInstance, SandboxInstance
 from tensorline.server.runtime.sandbox._launcher import Launcher, minimal_environment
 from tensorline.server.runtime.sandbox._messages import (
@@ -45,13 +46,12 @@ from tensorline.server.runtime.sandbox._messages import (
     is_error,
     is_ok,
 )
-from tensorline.server.runtime.sandbox._records import _ATTEMPTS, _Group, _Worker
-from tensorline.server.runtime.sandbox._streaming import _Streaming
+from tensorline.server.runtime.sandbox._records import _ATTEMPTS, _ClassPlan, _Group, _Worker
 
 log = logging.getLogger(__name__)
 
 
-class SandboxRuntime(_Streaming):
+class SandboxRuntime(_Gathering):
     """Nodes run in isolated worker processes; see docs/architecture.md ("Sandbox runtime
     design")."""
 
@@ -120,6 +120,7 @@ class SandboxRuntime(_Streaming):
         if self._closed:
             return
         self._closed = True
+        self._drop_gathered()
         # The server's threads bound with a worker run on all its CPUs again.
         self._placement.release_all()
         self._placement.enabled = False
@@ -171,7 +172,8 @@ class SandboxRuntime(_Streaming):
         return {"worker_restarts": float(self._restarts),
                 "worker_recycles": float(self._recycles),
                 "workers": float(sum(1 for w in self._workers.values() if w.alive)),
-                "batches": float(self._batches), "batched_inputs": float(self._batched_inputs)}
+                "batches": float(self._batches), "batched_inputs": float(self._batched_inputs),
+                "gathered_calls": float(self._gathered_calls)}
 
     @property
     def launcher_pid(self) -> int | None:
@@ -260,17 +262,21 @@ class SandboxRuntime(_Streaming):
 
     # --- the Runtime interface ----------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if not self._started:
-            raise RuntimeError("SandboxRuntime.start() was not awaited")
-        if self._closed:
-            raise ServiceUnavailable("the sandbox runtime is shut down")
-
     async def call(self, spec: NodeSpec, scope: ExecutionScope,
                    inputs: Mapping[str, Any]) -> Any:
         self._check_open()
         plan = self._class_plan(spec.entry)
         self._require_layers(plan.group[1], f"node '{spec.node_id}' ({spec.node_type})")
+        if plan.oneshot and self._gathers(spec):
+            return await self._gathered_call(plan, spec, scope, inputs)
+        return await self._call_now(spec, scope, inputs, plan)
+
+    async def _call_now(self, spec: NodeSpec, scope: ExecutionScope,
+                        inputs: Mapping[str, Any], plan: _ClassPlan | None = None) -> Any:
+        """``call`` without waiting to share a round trip (``_gather``)."""
+        if plan is None:
+            self._check_open()
+            plan = self._class_plan(spec.entry)
         if plan.oneshot:
             again = False
             while True:

@@ -271,9 +271,15 @@ class _Worker(WorkerChannel):
             if failure is not None:
                 self._reply(failure)
                 return
+            if type(node_id) is list:  # one per input set: calls of several executions
+                contexts = iter(zip(node_id, execution_id, strict=True))
 
-            def run(inputs: Any) -> Coroutine[Any, Any, tuple[Any, ...]]:
-                return self._run_defined(defined, inputs, node_id, execution_id)
+                def run(inputs: Any) -> Coroutine[Any, Any, tuple[Any, ...]]:
+                    own_node_id, own_execution_id = next(contexts)
+                    return self._run_defined(defined, inputs, own_node_id, own_execution_id)
+            else:
+                def run(inputs: Any) -> Coroutine[Any, Any, tuple[Any, ...]]:
+                    return self._run_defined(defined, inputs, node_id, execution_id)
         else:
             _, iid, batch, init, releases = request
             hosted = await self._prepare(iid, init, releases)

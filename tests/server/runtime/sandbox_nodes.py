@@ -517,3 +517,13 @@ class HostedStep(Step):
 
     def initialize(self) -> None:
         self.ready = True
+
+
+class WhoseStep(Step):
+    """``Step`` that also says which node and execution its context names (gathered calls each
+    carry their own)."""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        out = super().process(inputs)
+        return Json({**out.value, "node": self.context.node_id,
+                     "execution": self.context.execution_id})
