@@ -26,7 +26,7 @@ from tensorline.server.nodes import NodeRegistry
 from tests.nodes.server_only import ServerOnlyScale
 from tests.server.conftest import UNTRUSTED
 from tests.support.manifests import one_node
-from tests.support.processes import ServerProcess, wait_until
+from tests.support.processes import ServerProcess, free_port, wait_until
 
 MIXED = {"nodes": [
     {"id": "a", "node_type": "PassThrough", "runtime_hint": "inprocess"},
@@ -300,39 +300,61 @@ def test_a_quiet_servers_sandboxed_calls_share_its_cpu_with_their_worker(
                        for w in sandbox_workers(server.pid))
 
 
-async def scrape(server: TensorlineServer, name: str) -> float:
+def scrape(metrics_port: int, name: str) -> float:
     """The value of the metric ``name`` (one sample, the sandbox runtime's) from /metrics."""
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
-    for line in text.decode().splitlines():
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for line in text.splitlines():
         if line.startswith(name + "{") and 'runtime="sandbox"' in line:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not on /metrics")
 
 
+def one_worker_server(tmp_path: Path) -> tuple[ServerProcess, int]:
+    """``tensorline serve`` with one sandbox worker and a long gathering wait (20 ms), and
+    its metrics port."""
+    metrics_port = free_port()
+    server = ServerProcess.start(env={
+        "TENSORLINE_SANDBOX_WORKERS": "1", "TENSORLINE_SANDBOX_MAX_WORKERS": "1",
+        "TENSORLINE_SANDBOX_BATCH_WAIT_MS": "20", "TENSORLINE_METRICS_PORT": str(metrics_port),
+        "TENSORLINE_METRICS_HOST": "127.0.0.1"}, log_dir=tmp_path)
+    return server, metrics_port
+
+
+async def scaled_by_three(client: AsyncClient, i: int) -> None:
+    """One sandboxed Scale call whose input is ``i``'s own: the reply must be that input x3."""
+    x = np.full(64, i, dtype=np.float32)
+    result = await client.execute(one_node("Scale", {"factor": 3.0}, "sandbox", node_id="s"),
+                                  {"s": x}, timeout=60)
+    np.testing.assert_array_equal(result["s"], x * 3)
+    assert result.metrics.nodes[0].runtime == "sandbox"
+
+
 async def test_overlapping_callers_each_get_their_own_value_when_gathered(
-        server_factory: Callable[..., Any], leak_check: None, tmp_path: Path) -> None:
-    """32 clients at once through the service, one worker: their sandboxed calls overlap and
-    are gathered into shared requests (counted on /metrics), and each client gets its own
+        tmp_path: Path) -> None:
+    """32 clients at once through a real server with one worker: their sandboxed calls overlap
+    and are gathered into shared requests (counted on /metrics), and each client gets its own
     input scaled, never another's."""
-    server = await server_factory(sandbox_workers=1, sandbox_max_workers=1,
-                                  sandbox_batch_wait_ms=20, sandbox_scratch_dir=tmp_path,
-                                  metrics_port=0, metrics_host="127.0.0.1")
-    manifest = one_node("Scale", {"factor": 3.0}, "sandbox", node_id="s")
-    async with AsyncClient(f"127.0.0.1:{server.port}", retry_unavailable=False) as client:
+    server, metrics = one_worker_server(tmp_path)
+    with server:
+        async with AsyncClient(server.target, retry_unavailable=False) as client:
+            # Calls one at a time first: the node's calls are then known to be short.
+            for i in range(3):
+                await scaled_by_three(client, i)
+            rounds = 0
+            while scrape(metrics, "tensorline_sandbox_gathered_calls_total") == 0:
+                rounds += 1
+                assert rounds <= 20, "no call was gathered"
+                await asyncio.gather(*(scaled_by_three(client, i) for i in range(32)))
+            assert scrape(metrics, "tensorline_sandbox_batches_total") > 0
 
-        async def one(i: int) -> None:
-            x = np.full(64, i, dtype=np.float32)
-            result = await client.execute(manifest, {"s": x}, timeout=60)
-            np.testing.assert_array_equal(result["s"], x * 3)
-            assert result.metrics.nodes[0].runtime == "sandbox"
 
-        # Calls one at a time first: the node's calls are then known to be short.
-        for i in range(3):
-            await one(i)
-        rounds = 0
-        while await scrape(server, "tensorline_sandbox_gathered_calls_total") == 0:
-            rounds += 1
-            assert rounds <= 20, "no call was gathered"
-            await asyncio.gather(*(one(i) for i in range(32)))
-        assert await scrape(server, "tensorline_sandbox_batches_total") > 0
+async def test_a_few_callers_at_once_are_never_gathered(tmp_path: Path) -> None:
+    """4 clients at once, one worker: their sandboxed calls overlap, but a server running fewer
+    than 8 executions has CPU to spare, and none of them waits to be gathered."""
+    server, metrics = one_worker_server(tmp_path)
+    with server:
+        async with AsyncClient(server.target, retry_unavailable=False) as client:
+            for _ in range(10):
+                await asyncio.gather(*(scaled_by_three(client, i) for i in range(4)))
+        assert scrape(metrics, "tensorline_sandbox_gathered_calls_total") == 0

@@ -80,7 +80,7 @@ class _Core(Runtime):
         required_layers: Sequence[str] = (),
         preload_modules: Sequence[str] = (),
         co_locate: bool = True,
-        batch_wait_s: float = 0.001,
+        batch_wait_s: float = 0.002,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
