@@ -236,7 +236,7 @@ async def measure(args: argparse.Namespace, scale: float,
             cpu_before = cpu_seconds(pid)
             if args.cpu_detail:
                 split_before, ticks_before = cpu_split(pid), machine_ticks()
-            rates[key].append((await throughput(each[key], total, 32))[0])
+            rates[key].append((await throughput(each[key], total, args.in_flight))[0])
             cpu[key].append((cpu_seconds(pid) - cpu_before) / total * 1e6)
             if args.cpu_detail:
                 split, ticks = cpu_split(pid), machine_ticks()
@@ -248,7 +248,7 @@ async def measure(args: argparse.Namespace, scale: float,
                 parts[key].append(spent)
     rate = {k: statistics.median(v) for k, v in rates.items()}
     used = {k: statistics.median(v) for k, v in cpu.items()}
-    results["throughput"] = {"echo_calls_s": rate["echo"],
+    results["throughput"] = {"in_flight": args.in_flight, "echo_calls_s": rate["echo"],
                              "echo_server_cpu_us_per_call": used["echo"]}
     for k in others:
         # Each round's ratio to the echo of the same round: drift between rounds (the machine's
@@ -257,7 +257,7 @@ async def measure(args: argparse.Namespace, scale: float,
         results["throughput"].update({f"{k}_calls_s": rate[k], f"{k}_ratio": rate[k] / rate["echo"],
                                       f"{k}_round_ratios": paired,
                                       f"{k}_server_cpu_us_per_call": used[k]})
-        print(f"1 KiB at concurrency 32: echo {rate['echo']:,.0f} calls/s, {k} "
+        print(f"1 KiB at concurrency {args.in_flight}: echo {rate['echo']:,.0f} calls/s, {k} "
               f"{rate[k]:,.0f} calls/s, ratio {rate[k] / rate['echo']:.2f} (per round: median "
               f"{statistics.median(paired):.2f}, {paired[0]:.2f}-{paired[-1]:.2f}); server CPU "
               f"per call: echo {used['echo']:.0f} us, {k} {used[k]:.0f} us "
@@ -266,7 +266,7 @@ async def measure(args: argparse.Namespace, scale: float,
         detail = {key: {part: statistics.median(r[part] for r in rounds) for part in rounds[0]}
                   for key, rounds in parts.items()}
         results["throughput"]["cpu_detail"] = detail
-        print("server CPU per call at concurrency 32 by part, µs (medians over rounds); the "
+        print(f"server CPU per call at concurrency {args.in_flight} by part, µs (medians over rounds); the "
               "machine's idle and steal shares in the same spans:")
         for key, row in detail.items():
             print(f"  {key:>8}: " + ", ".join(
@@ -298,6 +298,8 @@ if __name__ == "__main__":
                              "repository), interleaved round by round")
     parser.add_argument("--max-bytes", type=int, default=64 * MiB,
                         help="skip payloads larger than this")
+    parser.add_argument("--in-flight", type=int, default=32,
+                        help="calls in flight in the throughput test (default 32)")
     parser.add_argument("--cpu-detail", action="store_true",
                         help="at 32 in flight, also split each server's CPU per call (event "
                              "loop thread, other threads, sandbox workers) and give the "

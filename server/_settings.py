@@ -156,10 +156,10 @@ class Settings(BaseSettings):
         True, description="run the worker of a short sandboxed call on the event loop's CPU "
                           "while calls do not overlap (saves two cross-CPU wake-ups)")
     sandbox_batch_wait_ms: float = Field(
-        2.0, ge=0, le=100, description="while sandboxed calls overlap and the server runs 8 "
-                                       "executions or more, how long a call of a short one-shot "
-                                       "node may wait to share its worker round trip with calls "
-                                       "of the same node (0: never)")
+        0.0, ge=0, le=100, description="while sandboxed calls overlap, how long a call of a "
+                                       "short one-shot node may wait to share its worker round "
+                                       "trip with calls of the same node (0: never; pays with "
+                                       "many callers at once, costs with a few)")
     sandbox_required_layers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_REQUIRED_LAYERS),
         description="sandbox layers untrusted code requires (comma-separated); missing = "

@@ -93,9 +93,6 @@ class NodeInstance(ABC):
 
 class Runtime(ABC):
     name: ClassVar[str]
-    # How many executions (unary calls and stream sessions) the server runs at this moment, when
-    # the service says (it sets this); a runtime may trade latency for CPU only under load.
-    concurrency: Callable[[], int] | None = None
 
     async def start(self) -> None:
         """Prepare (e.g. start workers) before requests arrive."""

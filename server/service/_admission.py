@@ -53,10 +53,6 @@ class Admission:
             return False
         return True
 
-    def in_flight(self) -> int:
-        """Unary executions and stream sessions running now."""
-        return self.executions + self.streams
-
     def enter_execution(self) -> None:
         """Admit one unary execution (pair with ``leave_execution``); a plain method rather
         than a context manager because it runs on every call."""

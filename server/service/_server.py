@@ -350,8 +350,6 @@ async def create_server(
     keep_heap_buffers(settings.heap_buffer_bytes)
     engine = engine or build_engine(settings, registry)
     admission = Admission(settings.max_concurrent_executions, settings.max_concurrent_streams)
-    for runtime in engine.runtimes.values():
-        runtime.concurrency = admission.in_flight
     telemetry = Telemetry(engine, admission)
     engine.executor.observer = telemetry.observe_node
     interceptors = [BearerTokenInterceptor(settings.auth_tokens)] if settings.auth_tokens else []

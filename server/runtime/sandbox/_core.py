@@ -80,7 +80,7 @@ class _Core(Runtime):
         required_layers: Sequence[str] = (),
         preload_modules: Sequence[str] = (),
         co_locate: bool = True,
-        batch_wait_s: float = 0.002,
+        batch_wait_s: float = 0.0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -151,7 +151,7 @@ class _Core(Runtime):
         self._placement = CpuPlacement(co_locate)
         # Loop time a call was last sent while another was in flight: the sandbox is loaded,
         # and a short one-shot call waits up to ``batch_wait_s`` to share a round trip (see
-        # ``_gather``). 0 turns that off.
+        # ``_gather``; 0, the default, turns that off).
         self._overlapped_at = float("-inf")
         self.batch_wait_s = max(0.0, batch_wait_s)
         # Calls waiting to share a round trip, by what they share (``_gather._Gathered``),

@@ -5,16 +5,21 @@ receive and a loop callback: ~90 µs of CPU in all when calls come one at a time
 (32 calls in flight through the server) calls reach the sandbox a few hundred µs apart, each
 finds its worker asleep, and the round trip costs twice that (``python bench/bench_unary.py
 --runtime sandbox --cpu-detail``). So while the sandbox is loaded, a call of a short one-shot
-node waits up to ``batch_wait_s`` (2 ms by default) for other calls of the same node and
+node waits up to ``batch_wait_s`` for other calls of the same node and
 parameters, and they go to one worker as one ``runs`` request, each input set with its own node
 id and execution id (``PER_INPUT_CONTEXTS``); the worker runs them in order, as it runs a
 stream's queued chunks.
 
-Loaded means that a call was sent while another was in flight within ``LOADED_S``, and that the
-server runs ``MIN_CONCURRENCY`` executions or more at once (``Runtime.concurrency``, which the
-service sets): a client that waits for each reply before its next request never waits here, nor
-do a few clients at once, whose calls would only be slower for it. A batch that holds as many
-calls as the server runs executions is sent at once (no other call can come). Short means that the node's
+Loaded means that a call was sent while another was in flight within ``LOADED_S``: a client
+that waits for each reply before its next request never waits here.
+
+Off by default (``batch_wait_s`` 0; ``TENSORLINE_SANDBOX_BATCH_WAIT_MS`` turns it on): it pays
+with many callers at once, and costs with a few. Measured with 1 KiB Scale calls (figures in
+docs/performance.md, "Gathering"): at 32 calls in flight a 2 ms wait raised calls/s from
+0.54-0.59x to 0.77-0.79x of the echo, but at 4 in flight it lowered them from 0.55x to 0.35x,
+each caller waiting for the others' calls to come. A rule that tells the two apart from inside
+the server is not known yet: the executions the service runs at once are a handful in both
+cases, the rest of the 32 waiting in gRPC's queue. Short means that the node's
 last call took under ``_placement.SHORT_S`` (request to reply): a slow node gains nothing from sharing a
 round trip, and would hold the others. A node with a ``timeout_s`` of its own is never gathered
 (its expiry is reported per call).
@@ -64,9 +69,6 @@ from tensorline.server.runtime.sandbox._streaming import _Streaming
 
 # A call sent while another was in flight this recently: the sandbox is loaded.
 LOADED_S = 0.05
-# With fewer executions than this in the server (``Runtime.concurrency``), nothing waits: the
-# machine has CPU to spare, and a wait would only add latency.
-MIN_CONCURRENCY = 8
 # Calls in one batch at most (a full batch is sent at once).
 MAX_GATHERED = 16
 # A gathered batch whose worker has answered nothing for this long (ten times what a short
@@ -117,11 +119,9 @@ class _Gathering(_Streaming):
     def _gathers(self, spec: NodeSpec) -> bool:
         """Whether a one-shot call of ``spec`` waits to share a round trip (see the module's
         docstring)."""
-        concurrency = self.concurrency
         return bool(self.batch_wait_s and spec.timeout_s is None
                     and (self._busy or self._now() - self._overlapped_at < LOADED_S)
-                    and self._placement.is_short(spec.node_type)
-                    and (concurrency is None or concurrency() >= MIN_CONCURRENCY))
+                    and self._placement.is_short(spec.node_type))
 
     async def _gathered_call(self, plan: _ClassPlan, spec: NodeSpec, scope: ExecutionScope,
                              inputs: Mapping[str, Any]) -> Any:
@@ -136,10 +136,7 @@ class _Gathering(_Streaming):
         member = _Member(spec, scope, inputs, loop.create_future())
         gathered.members.append(member)
         self._gathered_calls += 1
-        # Full, or every execution the server runs is in it (no other call can come).
-        concurrency = self.concurrency
-        if len(gathered.members) >= MAX_GATHERED or (
-                concurrency is not None and len(gathered.members) >= concurrency()):
+        if len(gathered.members) >= MAX_GATHERED:
             self._send_gathered(key, gathered)
         try:
             value = await member.future
