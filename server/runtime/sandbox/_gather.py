@@ -13,13 +13,18 @@ stream's queued chunks.
 Loaded means that a call was sent while another was in flight within ``LOADED_S``: a client
 that waits for each reply before its next request never waits here.
 
+The wait ends early when the event loop idles: looked at every ``LOOK_S``, a loop thread that
+worked less than ``IDLE_SHARE`` of the time since the last look is handling no request that
+could bring another call (the callers are all waiting here, say), and the calls are sent.
+
 Off by default (``batch_wait_s`` 0; ``TENSORLINE_SANDBOX_BATCH_WAIT_MS`` turns it on): it pays
-with many callers at once, and costs with a few. Measured with 1 KiB Scale calls (figures in
-docs/performance.md, "Gathering"): at 32 calls in flight a 2 ms wait raised calls/s from
-0.54-0.59x to 0.77-0.79x of the echo, but at 4 in flight it lowered them from 0.55x to 0.35x,
-each caller waiting for the others' calls to come. A rule that tells the two apart from inside
-the server is not known yet: the executions the service runs at once are a handful in both
-cases, the rest of the 32 waiting in gRPC's queue. Short means that the node's
+with many callers at once and costs with a few, and no rule seen from inside the server tells
+the two apart well enough yet (the executions the service runs at once are a handful in both
+cases: the rest of 32 calls in flight wait in gRPC's queue). Measured with 1 KiB calls, calls/s
+against the echo, on against off in the same run (docs/performance.md, "Gathering"): a plain
+2 ms wait gave 0.78-0.93x against 0.49-0.60x at 32 in flight, but 0.37x against 0.59x at 4;
+with the idle rule, 0.66x against 0.54x at 32, 0.63x against 0.59x at 8, 0.51x against 0.56x
+at 4. Short means that the node's
 last call took under ``_placement.SHORT_S`` (request to reply): a slow node gains nothing from sharing a
 round trip, and would hold the others. A node with a ``timeout_s`` of its own is never gathered
 (its expiry is reported per call).
@@ -55,6 +60,7 @@ about half the CPU per call (figures in docs/performance.md, "Gathering").
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +77,10 @@ from tensorline.server.runtime.sandbox._streaming import _Streaming
 LOADED_S = 0.05
 # Calls in one batch at most (a full batch is sent at once).
 MAX_GATHERED = 16
+# While calls wait, how often the loop's work is looked at, and the share of that time the
+# loop's thread must have worked for them to wait on (see ``_look_gathered``).
+LOOK_S = 0.0001
+IDLE_SHARE = 0.5
 # A gathered batch whose worker has answered nothing for this long (ten times what a short
 # node's call may take) is stalled on one input set: the calls it has not answered run alone.
 STALL_S = 0.02
@@ -109,8 +119,13 @@ class _Member:
 @dataclass(slots=True)
 class _Gathered:
     plan: _ClassPlan
+    # Loop time by which it is sent whatever happens (``batch_wait_s`` after the first call).
+    deadline: float
     members: list[_Member] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    # The event loop thread's CPU time and the loop time at the last look (``_look_gathered``).
+    cpu_at: float = 0.0
+    looked_at: float = 0.0
 
 
 class _Gathering(_Streaming):
@@ -130,9 +145,11 @@ class _Gathering(_Streaming):
         key = (plan.group, spec.entry.class_ref, spec.params_key, spec.node_id)
         gathered = self._gathering.get(key)
         if gathered is None:
-            gathered = self._gathering[key] = _Gathered(plan)
-            gathered.timer = loop.call_later(self.batch_wait_s, self._send_gathered, key,
-                                             gathered)
+            now = loop.time()
+            gathered = self._gathering[key] = _Gathered(plan, now + self.batch_wait_s,
+                                                        cpu_at=time.thread_time(),
+                                                        looked_at=now)
+            gathered.timer = loop.call_later(LOOK_S, self._look_gathered, key, gathered)
         member = _Member(spec, scope, inputs, loop.create_future())
         gathered.members.append(member)
         self._gathered_calls += 1
@@ -168,6 +185,21 @@ class _Gathering(_Streaming):
                 and call.batch.scope is batch.scope and not call.abandoned):
             batch.stopped = True
             self._abandon(worker, call)
+
+    def _look_gathered(self, key: _GatherKey, gathered: _Gathered) -> None:
+        """Every ``LOOK_S`` while calls wait: send them once the wait is over, or as soon as
+        the event loop's thread spent less than ``IDLE_SHARE`` of the time since the last look
+        working. An idle loop is handling no request that could bring another call (the callers
+        are all waiting here, say): waiting on would only make them later."""
+        loop = self._loop
+        assert loop is not None
+        now, cpu = loop.time(), time.thread_time()
+        idle = cpu - gathered.cpu_at < IDLE_SHARE * (now - gathered.looked_at)
+        if idle or now >= gathered.deadline:
+            self._send_gathered(key, gathered)
+            return
+        gathered.cpu_at, gathered.looked_at = cpu, now
+        gathered.timer = loop.call_later(LOOK_S, self._look_gathered, key, gathered)
 
     def _send_gathered(self, key: _GatherKey, gathered: _Gathered) -> None:
         """The wait is over (or the batch is full): send what was gathered."""

@@ -41,6 +41,12 @@ def short(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls wait the whole wait, even while the event loop idles."""
+    monkeypatch.setattr(_gather, "IDLE_SHARE", 0.0)
+
+
+@pytest.fixture
 async def gathering(no_leaks: None, short: None, tmp_path: Path
                     ) -> AsyncIterator[SandboxRuntime]:
     runtime = runtime_with(tmp_path, WAIT_S)
@@ -112,7 +118,7 @@ async def test_a_call_that_kills_the_worker_fails_alone(gathering: SandboxRuntim
 
 
 async def test_a_call_cancelled_while_it_waits_leaves_the_batch(
-        gathering: SandboxRuntime) -> None:
+        gathering: SandboxRuntime, patient: None) -> None:
     before = gathering.stats()
     holder, calls = await behind_a_busy_worker(gathering, ["a", "b", "c"])
     await asyncio.sleep(0)
@@ -151,6 +157,7 @@ async def test_a_wait_of_zero_never_gathers(no_leaks: None, short: None,
 
 
 async def test_calls_still_waiting_at_shutdown_are_refused(no_leaks: None, short: None,
+                                                           patient: None,
                                                            tmp_path: Path) -> None:
     runtime = runtime_with(tmp_path, 30.0)
     await runtime.start()
@@ -210,3 +217,22 @@ async def test_cancelling_the_call_a_batch_runs_reaches_the_node_and_the_rest_st
     with pytest.raises(asyncio.CancelledError):
         await calls[1]
     assert gathering.stats()["worker_restarts"] == restarts
+
+
+async def test_calls_are_sent_once_the_event_loop_idles_not_after_the_whole_wait(
+        no_leaks: None, short: None, tmp_path: Path) -> None:
+    """Nothing else runs on the loop while the calls wait (no request could bring another call):
+    they are sent then, not after the 30 s wait."""
+    runtime = runtime_with(tmp_path, 30.0)
+    await runtime.start()
+    try:
+        await runtime.call(WHOSE, ExecutionScope("warm"), {"in": "warm"})
+        before = runtime.stats()
+        holder, calls = await behind_a_busy_worker(runtime, list("abc"))
+        done, _ = await asyncio.wait(calls, timeout=10)
+        assert done == set(calls)
+        assert [whose(t.result())[2] for t in calls] == list("abc")
+        assert runtime.stats()["batched_inputs"] - before["batched_inputs"] == 3
+        await holder
+    finally:
+        await runtime.shutdown()
