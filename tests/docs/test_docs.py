@@ -428,7 +428,8 @@ def test_every_documented_command_and_option_exists() -> None:
 # Options in code spans of their own that belong to another program, and the file that has them.
 OTHER_OPTIONS = {**{option: REPO_ROOT / "bench" / "bench_unary.py"
                     for option in ("--loop", "--echo-loop", "--node", "--runtime", "--before",
-                                   "--against", "--tuned-echo", "--max-bytes", "--cpu-detail")},
+                                   "--against", "--tuned-echo", "--max-bytes", "--cpu-detail",
+                                   "--in-flight")},
                  **{option: REPO_ROOT / "bench" / "soak_streams.py"
                     for option in ("--streams", "--clients", "--pipeline")},
                  "--floor": REPO_ROOT / "bench" / "bench_server_cost.py",
