@@ -1,17 +1,20 @@
 """Gathering: under concurrent load, short one-shot calls of one node share a worker round trip.
 
-A sandboxed call costs its worker a wake-up, a request and a reply, and the server a send, a
-receive and a loop callback: ~90 µs of CPU in all when calls come one at a time. Under load
-(32 calls in flight through the server) calls reach the sandbox a few hundred µs apart, each
-finds its worker asleep, and the round trip costs twice that (``python bench/bench_unary.py
---runtime sandbox --cpu-detail``). So while the sandbox is loaded, a call of a short one-shot
-node waits up to ``batch_wait_s`` for other calls of the same node and
-parameters, and they go to one worker as one ``runs`` request, each input set with its own node
-id and execution id (``PER_INPUT_CONTEXTS``); the worker runs them in order, as it runs a
-stream's queued chunks.
+A sandboxed call costs its worker a request and a reply, and the server a send, a receive and a
+loop callback: ~90 µs of CPU in all while callers keep the workers busy (``python
+bench/bench_sandbox_hop.py --batches 1``). Behind the service, with 32 calls in flight, calls
+reach the sandbox a few hundred µs apart, each finds its worker asleep, and the round trip costs
+twice that (``python bench/bench_unary.py --runtime sandbox --cpu-detail``). So while the
+sandbox is loaded, a call of a short one-shot node waits up to ``batch_wait_s`` for other calls
+of the same node and parameters, and they go to one worker as one ``runs`` request, each input
+set with its own node id and execution id (``PER_INPUT_CONTEXTS``); the worker runs them in
+order, as it runs a stream's queued chunks.
 
 Loaded means that a call was sent while another was in flight within ``LOADED_S``: a client
-that waits for each reply before its next request never waits here.
+that waits for each reply before its next request never waits here. Short means that the node's
+last call took under ``_placement.SHORT_S`` (request to reply): a slow node gains nothing from
+sharing a round trip, and would hold the others. A node with a ``timeout_s`` of its own is never
+gathered (its expiry is reported per call).
 
 The wait ends early when the event loop idles: looked at every ``LOOK_S``, a loop thread that
 worked less than ``IDLE_SHARE`` of the time since the last look is handling no request that
@@ -24,10 +27,7 @@ cases: the rest of 32 calls in flight wait in gRPC's queue). Measured with 1 KiB
 against the echo, on against off in the same run (docs/performance.md, "Gathering"): a plain
 2 ms wait gave 0.78-0.93x against 0.49-0.60x at 32 in flight, but 0.37x against 0.59x at 4;
 with the idle rule, 0.66x against 0.54x at 32, 0.63x against 0.59x at 8, 0.51x against 0.56x
-at 4. Short means that the node's
-last call took under ``_placement.SHORT_S`` (request to reply): a slow node gains nothing from sharing a
-round trip, and would hold the others. A node with a ``timeout_s`` of its own is never gathered
-(its expiry is reported per call).
+at 4.
 
 What a call guarantees holds for each gathered call, apart from that wait:
 
@@ -165,6 +165,7 @@ class _Gathering(_Streaming):
         if value is _ALONE:
             # Alone after all (the only one, or taken from a batch): the caller's own call,
             # whose cancellation reaches the worker as any call's does.
+            self._check_open()
             return await self._call_now(spec, scope, inputs, plan)
         return value
 
@@ -341,7 +342,7 @@ class _Gathering(_Streaming):
         self._gathering.clear()
 
     async def _call_now(self, spec: NodeSpec, scope: ExecutionScope,
-                        inputs: Mapping[str, Any], plan: _ClassPlan | None = None) -> Any:
+                        inputs: Mapping[str, Any], plan: _ClassPlan) -> Any:
         """``call`` without gathering (defined by ``SandboxRuntime``)."""
         raise NotImplementedError
 

@@ -272,11 +272,9 @@ class SandboxRuntime(_Gathering):
         return await self._call_now(spec, scope, inputs, plan)
 
     async def _call_now(self, spec: NodeSpec, scope: ExecutionScope,
-                        inputs: Mapping[str, Any], plan: _ClassPlan | None = None) -> Any:
-        """``call`` without waiting to share a round trip (``_gather``)."""
-        if plan is None:
-            self._check_open()
-            plan = self._class_plan(spec.entry)
+                        inputs: Mapping[str, Any], plan: _ClassPlan) -> Any:
+        """``call`` (its checks done, ``plan`` its node's) without waiting to share a round
+        trip (``_gather``)."""
         if plan.oneshot:
             again = False
             while True:
